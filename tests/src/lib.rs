@@ -1,0 +1,1 @@
+//! Scenario and end-to-end tests for nsm-rs.
