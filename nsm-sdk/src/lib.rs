@@ -1,1 +1,23 @@
-//! nsm-sdk
+//! # nsm-sdk
+//!
+//! A Rust SDK for Network Service Mesh: every component (client, endpoint, manager,
+//! forwarder, registry) is a chain of small composable [`Handler`]s that an application
+//! picks and orders. The wire protocol is NSM API v1 ([`nsm_proto`]), so the parts built
+//! here interoperate with other NSM implementations.
+//!
+//! Floors, from the ground up: [`error`], [`core`] (the handler trait, chains, context,
+//! per-connection handles, tower adapters), [`registry`], [`transport`], [`handlers`],
+//! [`chains`], and `sandbox` (feature `sandbox`). A floor uses only the floors below it.
+
+#![deny(missing_docs)]
+#![warn(rust_2018_idioms, unreachable_pub)]
+
+pub mod core;
+pub mod error;
+pub mod handlers;
+pub mod registry;
+pub mod transport;
+
+pub use crate::core::{Chain, ChainBuilder, ConnHandle, Cx, Handler, Next, Side};
+pub use crate::error::{Error, Result};
+pub use nsm_proto as proto;

@@ -1,0 +1,255 @@
+//! Per-connection handles: typed state, owned tasks and events that re-enter a chain.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use nsm_proto::connection::Connection;
+use nsm_proto::networkservice::NetworkServiceRequest;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Error, Result};
+
+/// Something that happens to a connection from inside: a timer, a monitor, the endpoint.
+#[derive(Debug, Clone)]
+pub enum ConnEvent {
+    /// Request the connection again: with the given request, or with the last one that
+    /// succeeded.
+    Request(Option<NetworkServiceRequest>),
+    /// Close the connection.
+    Close,
+}
+
+/// What an event produced: the connection after a Request, `None` after a Close.
+pub type EventOutcome = Result<Option<Connection>>;
+
+/// Accepts events for connections; implemented by `begin`, which runs them in order with
+/// the connection's other operations.
+pub trait EventSink: Send + Sync + 'static {
+    /// Queues `event` for the connection `id`; the receiver gets its outcome.
+    fn send(&self, id: &str, event: ConnEvent) -> oneshot::Receiver<EventOutcome>;
+}
+
+/// The waiting side of an event: resolves to its outcome once the chain has run it.
+#[derive(Debug)]
+#[must_use = "an event runs whether or not its outcome is awaited; drop it to ignore the outcome"]
+pub struct EventReceipt(oneshot::Receiver<EventOutcome>);
+
+impl Future for EventReceipt {
+    type Output = EventOutcome;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| {
+            r.unwrap_or_else(|_| Err(Error::Cancelled("the connection's owner is gone".into())))
+        })
+    }
+}
+
+struct Shared {
+    id: String,
+    state: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+    cancel: CancellationToken,
+    sink: Weak<dyn EventSink>,
+}
+
+/// A connection as one hop knows it, shared by every handler of that hop's chain.
+///
+/// Made by `begin`. It carries typed per-connection state ([`ConnHandle::state`]), a
+/// cancellation token that fires when the connection ends (every timer, monitor or watch
+/// the connection starts listens to it), and the way back into the chain for events
+/// ([`ConnHandle::request_event`], [`ConnHandle::close_event`]).
+#[derive(Clone)]
+pub struct ConnHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for ConnHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnHandle")
+            .field("id", &self.shared.id)
+            .field("cancelled", &self.shared.cancel.is_cancelled())
+            .finish()
+    }
+}
+
+impl ConnHandle {
+    /// A handle for connection `id` whose lifetime is a child of `parent`, with events
+    /// going to `sink`.
+    pub fn new(id: impl Into<String>, parent: &CancellationToken, sink: Weak<dyn EventSink>) -> Self {
+        ConnHandle {
+            shared: Arc::new(Shared {
+                id: id.into(),
+                state: Mutex::new(HashMap::new()),
+                cancel: parent.child_token(),
+                sink,
+            }),
+        }
+    }
+
+    /// The connection id at this hop.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// The state of type `T` of this connection, created with `T::default()` on first use.
+    /// Handlers keep their per-connection state here, with interior mutability inside `T`.
+    pub fn state<T: Default + Send + Sync + 'static>(&self) -> Arc<T> {
+        let mut map = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Arc::new(T::default()) as Arc<dyn Any + Send + Sync>);
+        entry
+            .clone()
+            .downcast::<T>()
+            .unwrap_or_else(|_| unreachable!("entries are keyed by their TypeId"))
+    }
+
+    /// The state of type `T`, if any handler created it.
+    pub fn get_state<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        let map = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&TypeId::of::<T>())
+            .and_then(|v| v.clone().downcast::<T>().ok())
+    }
+
+    /// Removes the state of type `T`.
+    pub fn remove_state<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        let mut map = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&TypeId::of::<T>())
+            .and_then(|v| v.downcast::<T>().ok())
+    }
+
+    /// Fires when the connection ends at this hop (closed, or forgotten after a failed
+    /// first request). Child tokens of it bound timers and monitors.
+    pub fn cancel_token(&self) -> &CancellationToken {
+        &self.shared.cancel
+    }
+
+    /// Whether the connection has ended at this hop.
+    pub fn is_closed(&self) -> bool {
+        self.shared.cancel.is_cancelled()
+    }
+
+    /// Ends the connection's lifetime: every task it owns stops. Done by `begin`.
+    pub fn end(&self) {
+        self.shared.cancel.cancel();
+    }
+
+    /// Runs `fut` as a task owned by this connection: it stops when the connection ends,
+    /// and is counted by [`live_tasks`].
+    pub fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        spawn_owned(self.shared.cancel.child_token(), fut)
+    }
+
+    /// Queues a Request for this connection (with `req`, or the last good request); it
+    /// re-enters the chain after `begin`, in order with the connection's other
+    /// operations. Never await the receipt from inside an operation on the same
+    /// connection: it runs after that operation.
+    pub fn request_event(&self, req: Option<NetworkServiceRequest>) -> EventReceipt {
+        self.send(ConnEvent::Request(req))
+    }
+
+    /// Queues a Close for this connection; see [`ConnHandle::request_event`].
+    pub fn close_event(&self) -> EventReceipt {
+        self.send(ConnEvent::Close)
+    }
+
+    fn send(&self, event: ConnEvent) -> EventReceipt {
+        match self.shared.sink.upgrade() {
+            Some(sink) => EventReceipt(sink.send(&self.shared.id, event)),
+            None => {
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(Err(Error::Cancelled("the chain is gone".into())));
+                EventReceipt(rx)
+            }
+        }
+    }
+}
+
+static LIVE_TASKS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many tasks started through [`spawn_owned`] (timers, monitors, watches of
+/// connections and hops) are running in this process. Tests use it to prove that
+/// nothing is left running after Close.
+pub fn live_tasks() -> usize {
+    LIVE_TASKS.load(Ordering::SeqCst)
+}
+
+struct LiveGuard;
+
+impl LiveGuard {
+    fn new() -> Self {
+        LIVE_TASKS.fetch_add(1, Ordering::SeqCst);
+        LiveGuard
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        LIVE_TASKS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Spawns `fut` so that it stops when `token` is cancelled; counted by [`live_tasks`].
+pub fn spawn_owned<F>(token: CancellationToken, fut: F) -> tokio::task::JoinHandle<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let guard = LiveGuard::new();
+    tokio::spawn(async move {
+        let _guard = guard;
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = fut => {}
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Counter(std::sync::atomic::AtomicU32);
+
+    #[test]
+    fn state_is_typed_and_created_once() {
+        let root = CancellationToken::new();
+        let h = ConnHandle::new("id", &root, Weak::<NoSink>::new());
+        assert!(h.get_state::<Counter>().is_none());
+        h.state::<Counter>().0.fetch_add(1, Ordering::SeqCst);
+        h.state::<Counter>().0.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(h.get_state::<Counter>().unwrap().0.load(Ordering::SeqCst), 2);
+        assert!(h.remove_state::<Counter>().is_some());
+        assert!(h.get_state::<Counter>().is_none());
+    }
+
+    struct NoSink;
+    impl EventSink for NoSink {
+        fn send(&self, _: &str, _: ConnEvent) -> oneshot::Receiver<EventOutcome> {
+            oneshot::channel().1
+        }
+    }
+
+    #[tokio::test]
+    async fn owned_tasks_end_with_the_connection_and_events_without_a_chain_fail() {
+        let root = CancellationToken::new();
+        let h = ConnHandle::new("id", &root, Weak::<NoSink>::new());
+        let before = live_tasks();
+        let task = h.spawn(futures::future::pending());
+        assert_eq!(live_tasks(), before + 1);
+        root.cancel();
+        task.await.unwrap();
+        assert_eq!(live_tasks(), before);
+        assert!(h.is_closed());
+        assert!(matches!(h.close_event().await, Err(Error::Cancelled(_))));
+    }
+}

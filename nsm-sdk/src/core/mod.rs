@@ -1,0 +1,15 @@
+//! The chain core: the [`Handler`] trait, [`Next`], [`Chain`], the per-call context
+//! [`Cx`], per-connection handles and the tower adapters. The core knows no handler.
+
+pub mod conn;
+pub mod cx;
+pub mod extensions;
+pub mod handler;
+pub mod monitor;
+pub mod tower;
+
+pub use conn::{live_tasks, spawn_owned, ConnEvent, ConnHandle, EventOutcome, EventReceipt, EventSink};
+pub use cx::{Cx, Peer, Side};
+pub use extensions::Extensions;
+pub use handler::{Chain, ChainBuilder, Cursor, Handler, Next};
+pub use monitor::MonitorSource;

@@ -1,0 +1,375 @@
+//! `begin`: one operation at a time per connection, in order, and events from inside.
+//!
+//! What it does, per connection id (the id this hop sees, so it sits after
+//! `update_path`):
+//! 1. **Exclusivity and FIFO order**: one operation at a time, in arrival order (a
+//!    tokio `Mutex` per id, which is fair).
+//! 2. **Close uses the last good connection** the chain returned, not what the caller
+//!    passed, so every later handler tears down exactly what it built. Close of an
+//!    unknown id returns Ok without going down the chain. A failed first Request
+//!    forgets the id; a failed refresh keeps the established connection.
+//! 3. **Events from inside**: handlers queue a Request or Close through
+//!    [`ConnHandle::request_event`](crate::core::ConnHandle::request_event); it re-enters
+//!    the chain just after `begin`, under the same ordering, with the context and request
+//!    of the last good operation.
+//! 4. **Cancellation safety**: the operation runs in a spawned task that `begin` awaits;
+//!    a caller that hangs up mid-request does not leave the operation half done. The
+//!    task ends on its own deadline (the call's, or the default timeout).
+//! 5. **Owned lifetimes**: the connection's [`ConnHandle`](crate::core::ConnHandle)
+//!    token is cancelled when the connection ends, which stops every task it owns.
+//! 6. **RESELECT_REQUESTED**: a Request in that state for an established connection
+//!    first closes the old downstream (with the stored connection), then proceeds.
+//!
+//! On the server side a successful Request returns the connection in state UP.
+//!
+//! State: a slot per connection id (last good connection, request, context and the
+//! rest of the chain), removed when the connection ends.
+//!
+//! Failure handled: a panicking or timed-out operation does not wedge the id; a Close
+//! whose downstream fails still forgets the connection (and returns the error).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nsm_proto::connection::{Connection, State};
+use nsm_proto::networkservice::NetworkServiceRequest;
+use tokio::sync::{oneshot, OwnedMutexGuard};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::core::{ConnEvent, ConnHandle, Cx, EventOutcome, EventSink, Handler, Next, Side};
+use crate::{Error, Result};
+
+/// Default time an operation may take when the caller gave no deadline.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// See the [module docs](self).
+#[derive(Clone)]
+pub struct Begin {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Begin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Begin").field("connections", &self.len()).finish()
+    }
+}
+
+/// The `begin` handler with the default timeout, owning its connections' tasks through
+/// a fresh root token.
+pub fn begin() -> Begin {
+    Begin::new(CancellationToken::new(), DEFAULT_TIMEOUT)
+}
+
+struct Inner {
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    root: CancellationToken,
+    default_timeout: Duration,
+    me: Weak<Inner>,
+}
+
+struct Slot {
+    handle: ConnHandle,
+    lock: Arc<tokio::sync::Mutex<Established>>,
+}
+
+#[derive(Default)]
+struct Established {
+    /// The slot was removed from the map; a waiter must look the id up again.
+    dead: bool,
+    /// The last connection the chain returned (as this hop sees it).
+    conn: Option<Connection>,
+    /// The last good request, for events.
+    req: Option<NetworkServiceRequest>,
+    /// The context and rest of the chain of the last good operation, for events.
+    cx: Option<Cx>,
+    next: Option<Next>,
+    /// How long the first request was given; events get the same.
+    timeout: Duration,
+}
+
+impl Begin {
+    /// A `begin` whose connections' tasks are children of `root` and whose operations
+    /// get `default_timeout` when the caller set no deadline.
+    pub fn new(root: CancellationToken, default_timeout: Duration) -> Self {
+        let inner = Arc::new_cyclic(|me| Inner {
+            slots: Mutex::new(HashMap::new()),
+            root,
+            default_timeout,
+            me: me.clone(),
+        });
+        Begin { inner }
+    }
+
+    /// How many connections this hop holds (established or being established).
+    pub fn len(&self) -> usize {
+        self.inner.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether this hop holds no connection.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The ids of the connections this hop holds.
+    pub fn ids(&self) -> Vec<String> {
+        self.inner.slots.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+}
+
+impl Inner {
+    fn sink(&self) -> Weak<dyn EventSink> {
+        let weak: Weak<dyn EventSink> = self.me.clone();
+        weak
+    }
+
+    fn slot(&self, id: &str, create: bool) -> Option<Arc<Slot>> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = slots.get(id) {
+            return Some(s.clone());
+        }
+        if !create {
+            return None;
+        }
+        let slot = Arc::new(Slot {
+            handle: ConnHandle::new(id, &self.root, self.sink()),
+            lock: Arc::new(tokio::sync::Mutex::new(Established::default())),
+        });
+        slots.insert(id.to_string(), slot.clone());
+        Some(slot)
+    }
+
+    /// Waits for the connection's turn. `None`: the id is unknown and `create` is false.
+    async fn acquire(&self, id: &str, create: bool) -> Option<(Arc<Slot>, OwnedMutexGuard<Established>)> {
+        loop {
+            let slot = self.slot(id, create)?;
+            let guard = slot.lock.clone().lock_owned().await;
+            if !guard.dead {
+                return Some((slot, guard));
+            }
+        }
+    }
+
+    fn forget(&self, id: &str, slot: &Arc<Slot>, guard: &mut Established) {
+        guard.dead = true;
+        guard.conn = None;
+        guard.req = None;
+        guard.cx = None;
+        guard.next = None;
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.get(id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            slots.remove(id);
+        }
+        drop(slots);
+        slot.handle.end();
+    }
+
+    /// Runs a Request for an acquired slot in its own task.
+    async fn run_request(
+        self: Arc<Self>,
+        slot: Arc<Slot>,
+        mut guard: OwnedMutexGuard<Established>,
+        mut cx: Cx,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> (Cx, Result<Connection>) {
+        let id = slot.handle.id().to_string();
+        let timeout = cx.remaining().unwrap_or(self.default_timeout);
+        if guard.conn.is_none() {
+            guard.timeout = timeout;
+        }
+        cx.set_deadline(Some(tokio::time::Instant::now() + timeout));
+        cx.set_conn(Some(slot.handle.clone()));
+
+        let conn = req.connection.get_or_insert_with(Default::default);
+        if let Some(stored) = guard.conn.as_ref() {
+            if conn.state == State::ReselectRequested as i32 {
+                tracing::debug!("reselect requested: closing the old downstream first");
+                let mut close_cx = cx.clone();
+                let old = stored.clone();
+                if let Err(e) = next.clone().close(&mut close_cx, old).await {
+                    tracing::debug!(error = %e, "closing the old downstream before reselect failed");
+                }
+                guard.conn = None;
+            } else if cx.side() == Side::Client {
+                *conn = merge(stored, conn);
+            }
+        }
+
+        let result = match tokio::time::timeout(timeout, next.clone().request(&mut cx, req.clone())).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::DeadlineExceeded(format!("request of connection {id} timed out after {timeout:?}"))),
+        };
+        match result {
+            Ok(mut conn) => {
+                if cx.side() == Side::Server {
+                    conn.state = State::Up as i32;
+                }
+                req.connection = Some(conn.clone());
+                guard.conn = Some(conn.clone());
+                guard.req = Some(req);
+                guard.cx = Some(cx.fork(None));
+                guard.next = Some(next);
+                (cx, Ok(conn))
+            }
+            Err(e) => {
+                if guard.conn.is_none() {
+                    self.forget(&id, &slot, &mut guard);
+                }
+                (cx, Err(e))
+            }
+        }
+    }
+
+    async fn run_close(
+        self: Arc<Self>,
+        slot: Arc<Slot>,
+        mut guard: OwnedMutexGuard<Established>,
+        mut cx: Cx,
+        next: Next,
+    ) -> (Cx, Result<()>) {
+        let id = slot.handle.id().to_string();
+        let Some(conn) = guard.conn.clone() else {
+            self.forget(&id, &slot, &mut guard);
+            return (cx, Ok(()));
+        };
+        let timeout = cx.remaining().unwrap_or(guard.timeout.max(Duration::from_millis(1)));
+        cx.set_deadline(Some(tokio::time::Instant::now() + timeout));
+        cx.set_conn(Some(slot.handle.clone()));
+        let result = match tokio::time::timeout(timeout, next.close(&mut cx, conn)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::DeadlineExceeded(format!("close of connection {id} timed out"))),
+        };
+        self.forget(&id, &slot, &mut guard);
+        (cx, result)
+    }
+}
+
+/// A re-request on the client side starts from what the chain last returned (so the
+/// whole path and mechanism come along) and takes from the caller what the caller
+/// changed.
+fn merge(returned: &Connection, requested: &Connection) -> Connection {
+    let mut out = returned.clone();
+    if requested.context != returned.context {
+        out.context = requested.context.clone();
+    }
+    if requested.labels != returned.labels {
+        out.labels = requested.labels.clone();
+    }
+    if requested.state != returned.state {
+        out.state = requested.state;
+    }
+    if requested.network_service_endpoint_name != returned.network_service_endpoint_name {
+        out.network_service_endpoint_name = requested.network_service_endpoint_name.clone();
+    }
+    if requested.mechanism != returned.mechanism {
+        out.mechanism = requested.mechanism.clone();
+    }
+    if requested.path != returned.path && requested.path.is_some() {
+        out.path = requested.path.clone();
+    }
+    out
+}
+
+fn connection_id(conn: Option<&Connection>) -> Result<String> {
+    match conn.map(|c| c.id.as_str()) {
+        Some(id) if !id.is_empty() => Ok(id.to_string()),
+        _ => Err(Error::invalid("connection has no id (begin must follow update_path)")),
+    }
+}
+
+async fn join<T>(handle: tokio::task::JoinHandle<(Cx, Result<T>)>, cx: &mut Cx) -> Result<T> {
+    match handle.await {
+        Ok((back, result)) => {
+            let conn = cx.conn().cloned();
+            *cx = back;
+            // The caller's view keeps the handle set by this begin.
+            if cx.conn().is_none() {
+                cx.set_conn(conn);
+            }
+            result
+        }
+        Err(e) => Err(Error::internal(format!("connection operation failed: {e}"))),
+    }
+}
+
+#[async_trait]
+impl Handler for Begin {
+    async fn request(&self, cx: &mut Cx, req: NetworkServiceRequest, next: Next) -> Result<Connection> {
+        let id = connection_id(req.connection.as_ref())?;
+        let span = tracing::debug_span!(parent: cx.span(), "begin", connection.id = %id, side = ?cx.side());
+        let (slot, guard) = self
+            .inner
+            .acquire(&id, true)
+            .instrument(span.clone())
+            .await
+            .ok_or_else(|| Error::internal("slot vanished"))?;
+        let task_cx = std::mem::take(cx).with_span(span.clone());
+        let inner = self.inner.clone();
+        let handle = tokio::spawn(
+            inner
+                .run_request(slot, guard, task_cx, req, next)
+                .instrument(span),
+        );
+        join(handle, cx).await
+    }
+
+    async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
+        let id = connection_id(Some(&conn))?;
+        let span = tracing::debug_span!(parent: cx.span(), "begin", connection.id = %id, side = ?cx.side());
+        let Some((slot, guard)) = self.inner.acquire(&id, false).instrument(span.clone()).await else {
+            tracing::debug!(parent: &span, "close of an unknown connection: nothing to do");
+            return Ok(());
+        };
+        let task_cx = std::mem::take(cx).with_span(span.clone());
+        let inner = self.inner.clone();
+        let handle = tokio::spawn(inner.run_close(slot, guard, task_cx, next).instrument(span));
+        join(handle, cx).await
+    }
+}
+
+impl EventSink for Inner {
+    fn send(&self, id: &str, event: ConnEvent) -> oneshot::Receiver<EventOutcome> {
+        let (tx, rx) = oneshot::channel();
+        let Some(me) = self.me.upgrade() else {
+            let _ = tx.send(Err(Error::Cancelled("begin is gone".into())));
+            return rx;
+        };
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let outcome = me.clone().run_event(&id, event).await;
+            let _ = tx.send(outcome);
+        });
+        rx
+    }
+}
+
+impl Inner {
+    async fn run_event(self: Arc<Self>, id: &str, event: ConnEvent) -> EventOutcome {
+        let Some((slot, guard)) = self.acquire(id, false).await else {
+            return Err(Error::not_found(format!("connection {id} is not known here")));
+        };
+        let (Some(cx), Some(next), Some(last_req)) = (guard.cx.clone(), guard.next.clone(), guard.req.clone()) else {
+            // Not established: there is nothing to re-run.
+            return Err(Error::not_found(format!("connection {id} is not established")));
+        };
+        let cx = cx.fork(Some(guard.timeout));
+        let span = cx.span().clone();
+        match event {
+            ConnEvent::Request(req) => {
+                let req = req.unwrap_or(last_req);
+                let (_, r) = self.run_request(slot, guard, cx, req, next).instrument(span).await;
+                r.map(Some)
+            }
+            ConnEvent::Close => {
+                let (_, r) = self.run_close(slot, guard, cx, next).instrument(span).await;
+                r.map(|()| None)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

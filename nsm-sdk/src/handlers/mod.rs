@@ -1,0 +1,8 @@
+//! The handlers, one module each. Each says what it does, what state it keeps and which
+//! failure it handles, and has its unit tests beside it.
+
+pub mod begin;
+pub mod update_path;
+
+pub use begin::{begin, Begin};
+pub use update_path::{update_path, UpdatePath};
