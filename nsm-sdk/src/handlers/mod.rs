@@ -6,3 +6,7 @@ pub mod update_path;
 
 pub use begin::{begin, Begin};
 pub use update_path::{update_path, UpdatePath};
+pub mod connect;
+pub use connect::{client_url, connect, ClientUrlHandler, Connect};
+pub mod passthrough;
+pub use passthrough::{passthrough, Passthrough};
