@@ -16,6 +16,8 @@ pub mod core;
 pub mod error;
 pub mod handlers;
 pub mod registry;
+#[cfg(feature = "sandbox")]
+pub mod sandbox;
 pub mod transport;
 
 pub use crate::core::{Chain, ChainBuilder, ConnHandle, Cx, Handler, Next, Side};

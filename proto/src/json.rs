@@ -51,7 +51,8 @@ pub fn from_json<M: Message + Default>(full_name: &str, json: &str) -> Result<M,
         .get_message_by_name(full_name)
         .ok_or_else(|| JsonError(format!("unknown message type {full_name}")))?;
     let mut de = serde_json::Deserializer::from_str(json);
-    let dynamic = DynamicMessage::deserialize(desc, &mut de).map_err(|e| JsonError(e.to_string()))?;
+    let dynamic =
+        DynamicMessage::deserialize(desc, &mut de).map_err(|e| JsonError(e.to_string()))?;
     de.end().map_err(|e| JsonError(e.to_string()))?;
     M::decode(dynamic.encode_to_vec().as_slice()).map_err(|e| JsonError(e.to_string()))
 }

@@ -35,4 +35,5 @@ pub mod registry {
 pub mod json;
 
 /// The encoded `FileDescriptorSet` of every proto file of this crate.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nsm_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/nsm_descriptor.bin"));

@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{Error, Result};
 
 /// Something that happens to a connection from inside: a timer, a monitor, the endpoint.
+// A request is as large as the connection it carries; events are rare, boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ConnEvent {
     /// Request the connection again: with the given request, or with the last one that
@@ -81,7 +83,11 @@ impl fmt::Debug for ConnHandle {
 impl ConnHandle {
     /// A handle for connection `id` whose lifetime is a child of `parent`, with events
     /// going to `sink`.
-    pub fn new(id: impl Into<String>, parent: &CancellationToken, sink: Weak<dyn EventSink>) -> Self {
+    pub fn new(
+        id: impl Into<String>,
+        parent: &CancellationToken,
+        sink: Weak<dyn EventSink>,
+    ) -> Self {
         ConnHandle {
             shared: Arc::new(Shared {
                 id: id.into(),
@@ -227,7 +233,10 @@ mod tests {
         assert!(h.get_state::<Counter>().is_none());
         h.state::<Counter>().0.fetch_add(1, Ordering::SeqCst);
         h.state::<Counter>().0.fetch_add(1, Ordering::SeqCst);
-        assert_eq!(h.get_state::<Counter>().unwrap().0.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            h.get_state::<Counter>().unwrap().0.load(Ordering::SeqCst),
+            2
+        );
         assert!(h.remove_state::<Counter>().is_some());
         assert!(h.get_state::<Counter>().is_none());
     }

@@ -77,14 +77,20 @@ impl Extensions {
 impl Clone for Extensions {
     fn clone(&self) -> Self {
         Self {
-            map: self.map.iter().map(|(k, v)| (*k, (**v).clone_box())).collect(),
+            map: self
+                .map
+                .iter()
+                .map(|(k, v)| (*k, (**v).clone_box()))
+                .collect(),
         }
     }
 }
 
 impl fmt::Debug for Extensions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Extensions").field("len", &self.map.len()).finish()
+        f.debug_struct("Extensions")
+            .field("len", &self.map.len())
+            .finish()
     }
 }
 

@@ -8,7 +8,9 @@ pub mod handler;
 pub mod monitor;
 pub mod tower;
 
-pub use conn::{live_tasks, spawn_owned, ConnEvent, ConnHandle, EventOutcome, EventReceipt, EventSink};
+pub use conn::{
+    live_tasks, spawn_owned, ConnEvent, ConnHandle, EventOutcome, EventReceipt, EventSink,
+};
 pub use cx::{Cx, Peer, Side};
 pub use extensions::Extensions;
 pub use handler::{Chain, ChainBuilder, Cursor, Handler, Next};

@@ -11,5 +11,8 @@ use crate::Result;
 /// the `MonitorConnection` gRPC service.
 pub trait MonitorSource: Send + Sync + 'static {
     /// Subscribes with `selector`.
-    fn subscribe(&self, selector: MonitorScopeSelector) -> BoxStream<'static, Result<ConnectionEvent>>;
+    fn subscribe(
+        &self,
+        selector: MonitorScopeSelector,
+    ) -> BoxStream<'static, Result<ConnectionEvent>>;
 }

@@ -39,6 +39,8 @@ pub struct Call {
 }
 
 /// The operation of a [`Call`].
+// Calls are moved, not stored; boxing the request would cost an allocation per call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Op {
     /// A Request.
@@ -66,6 +68,7 @@ impl Call {
 }
 
 /// The answer to a [`Call`].
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Reply {
     /// The connection a Request produced.
@@ -130,7 +133,9 @@ impl Service<Call> for NextService {
 fn reply_connection(reply: Reply) -> Result<Connection> {
     match reply {
         Reply::Connection(c) => Ok(c),
-        Reply::Closed => Err(Error::internal("tower service answered a Request with Closed")),
+        Reply::Closed => Err(Error::internal(
+            "tower service answered a Request with Closed",
+        )),
     }
 }
 
@@ -138,7 +143,9 @@ fn reply_connection(reply: Reply) -> Result<Connection> {
 fn from_box_error(e: tower::BoxError) -> Error {
     match e.downcast::<Error>() {
         Ok(e) => *e,
-        Err(e) if e.is::<tower::timeout::error::Elapsed>() => Error::DeadlineExceeded(e.to_string()),
+        Err(e) if e.is::<tower::timeout::error::Elapsed>() => {
+            Error::DeadlineExceeded(e.to_string())
+        }
         Err(e) => Error::Unavailable(e.to_string()),
     }
 }
@@ -163,17 +170,33 @@ where
     S::Error: Into<tower::BoxError>,
     S::Future: Send,
 {
-    async fn request(&self, cx: &mut Cx, req: NetworkServiceRequest, next: Next) -> Result<Connection> {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection> {
         let svc = self.0.layer(NextService(Some(next)));
-        let call = Call { cx: cx.clone(), op: Op::Request(req) };
-        let reply = svc.oneshot(call).await.map_err(|e| from_box_error(e.into()))?;
+        let call = Call {
+            cx: cx.clone(),
+            op: Op::Request(req),
+        };
+        let reply = svc
+            .oneshot(call)
+            .await
+            .map_err(|e| from_box_error(e.into()))?;
         reply_connection(reply)
     }
 
     async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
         let svc = self.0.layer(NextService(Some(next)));
-        let call = Call { cx: cx.clone(), op: Op::Close(conn) };
-        svc.oneshot(call).await.map_err(|e| from_box_error(e.into()))?;
+        let call = Call {
+            cx: cx.clone(),
+            op: Op::Close(conn),
+        };
+        svc.oneshot(call)
+            .await
+            .map_err(|e| from_box_error(e.into()))?;
         Ok(())
     }
 }
@@ -196,15 +219,35 @@ where
     S::Error: Into<tower::BoxError>,
     S::Future: Send,
 {
-    async fn request(&self, cx: &mut Cx, req: NetworkServiceRequest, _next: Next) -> Result<Connection> {
-        let call = Call { cx: cx.clone(), op: Op::Request(req) };
-        let reply = self.0.clone().oneshot(call).await.map_err(|e| from_box_error(e.into()))?;
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        req: NetworkServiceRequest,
+        _next: Next,
+    ) -> Result<Connection> {
+        let call = Call {
+            cx: cx.clone(),
+            op: Op::Request(req),
+        };
+        let reply = self
+            .0
+            .clone()
+            .oneshot(call)
+            .await
+            .map_err(|e| from_box_error(e.into()))?;
         reply_connection(reply)
     }
 
     async fn close(&self, cx: &mut Cx, conn: Connection, _next: Next) -> Result<()> {
-        let call = Call { cx: cx.clone(), op: Op::Close(conn) };
-        self.0.clone().oneshot(call).await.map_err(|e| from_box_error(e.into()))?;
+        let call = Call {
+            cx: cx.clone(),
+            op: Op::Close(conn),
+        };
+        self.0
+            .clone()
+            .oneshot(call)
+            .await
+            .map_err(|e| from_box_error(e.into()))?;
         Ok(())
     }
 }
@@ -217,7 +260,12 @@ mod tests {
     struct Slow;
     #[async_trait]
     impl Handler for Slow {
-        async fn request(&self, cx: &mut Cx, req: NetworkServiceRequest, next: Next) -> Result<Connection> {
+        async fn request(
+            &self,
+            cx: &mut Cx,
+            req: NetworkServiceRequest,
+            next: Next,
+        ) -> Result<Connection> {
             tokio::time::sleep(Duration::from_secs(10)).await;
             next.request(cx, req).await
         }
@@ -226,10 +274,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_tower_timeout_inside_a_chain_ends_a_slow_call_with_deadline_exceeded() {
         let chain = Chain::builder()
-            .push(layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(1))))
+            .push(layer(tower::timeout::TimeoutLayer::new(
+                Duration::from_secs(1),
+            )))
             .push(Slow)
             .build();
-        let err = chain.request(&mut Cx::server(), Default::default()).await.unwrap_err();
+        let err = chain
+            .request(&mut Cx::server(), Default::default())
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
     }
 
@@ -237,12 +290,19 @@ mod tests {
     async fn a_chain_is_a_tower_service_and_a_service_can_end_a_chain() {
         let inner = Chain::builder().build();
         let chain = Chain::builder()
-            .push(service(tower::ServiceBuilder::new().concurrency_limit(1).service(inner)))
+            .push(service(
+                tower::ServiceBuilder::new()
+                    .concurrency_limit(1)
+                    .service(inner),
+            ))
             .push(Slow) // never reached: the service answers
             .build();
         let reply = chain
             .oneshot(Call::request(NetworkServiceRequest {
-                connection: Some(Connection { id: "z".into(), ..Default::default() }),
+                connection: Some(Connection {
+                    id: "z".into(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }))
             .await

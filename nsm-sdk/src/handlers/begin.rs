@@ -9,13 +9,13 @@
 //!    unknown id returns Ok without going down the chain. A failed first Request
 //!    forgets the id; a failed refresh keeps the established connection.
 //! 3. **Events from inside**: handlers queue a Request or Close through
-//!    [`ConnHandle::request_event`](crate::core::ConnHandle::request_event); it re-enters
+//!    [`ConnHandle::request_event`]; it re-enters
 //!    the chain just after `begin`, under the same ordering, with the context and request
 //!    of the last good operation.
 //! 4. **Cancellation safety**: the operation runs in a spawned task that `begin` awaits;
 //!    a caller that hangs up mid-request does not leave the operation half done. The
 //!    task ends on its own deadline (the call's, or the default timeout).
-//! 5. **Owned lifetimes**: the connection's [`ConnHandle`](crate::core::ConnHandle)
+//! 5. **Owned lifetimes**: the connection's [`ConnHandle`]
 //!    token is cancelled when the connection ends, which stops every task it owns.
 //! 6. **RESELECT_REQUESTED**: a Request in that state for an established connection
 //!    first closes the old downstream (with the stored connection), then proceeds.
@@ -53,7 +53,9 @@ pub struct Begin {
 
 impl std::fmt::Debug for Begin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Begin").field("connections", &self.len()).finish()
+        f.debug_struct("Begin")
+            .field("connections", &self.len())
+            .finish()
     }
 }
 
@@ -105,7 +107,11 @@ impl Begin {
 
     /// How many connections this hop holds (established or being established).
     pub fn len(&self) -> usize {
-        self.inner.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.inner
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// Whether this hop holds no connection.
@@ -115,7 +121,13 @@ impl Begin {
 
     /// The ids of the connections this hop holds.
     pub fn ids(&self) -> Vec<String> {
-        self.inner.slots.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+        self.inner
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 }
 
@@ -142,7 +154,11 @@ impl Inner {
     }
 
     /// Waits for the connection's turn. `None`: the id is unknown and `create` is false.
-    async fn acquire(&self, id: &str, create: bool) -> Option<(Arc<Slot>, OwnedMutexGuard<Established>)> {
+    async fn acquire(
+        &self,
+        id: &str,
+        create: bool,
+    ) -> Option<(Arc<Slot>, OwnedMutexGuard<Established>)> {
         loop {
             let slot = self.slot(id, create)?;
             let guard = slot.lock.clone().lock_owned().await;
@@ -198,10 +214,13 @@ impl Inner {
             }
         }
 
-        let result = match tokio::time::timeout(timeout, next.clone().request(&mut cx, req.clone())).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::DeadlineExceeded(format!("request of connection {id} timed out after {timeout:?}"))),
-        };
+        let result =
+            match tokio::time::timeout(timeout, next.clone().request(&mut cx, req.clone())).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::DeadlineExceeded(format!(
+                    "request of connection {id} timed out after {timeout:?}"
+                ))),
+            };
         match result {
             Ok(mut conn) => {
                 if cx.side() == Side::Server {
@@ -235,12 +254,16 @@ impl Inner {
             self.forget(&id, &slot, &mut guard);
             return (cx, Ok(()));
         };
-        let timeout = cx.remaining().unwrap_or(guard.timeout.max(Duration::from_millis(1)));
+        let timeout = cx
+            .remaining()
+            .unwrap_or(guard.timeout.max(Duration::from_millis(1)));
         cx.set_deadline(Some(tokio::time::Instant::now() + timeout));
         cx.set_conn(Some(slot.handle.clone()));
         let result = match tokio::time::timeout(timeout, next.close(&mut cx, conn)).await {
             Ok(r) => r,
-            Err(_) => Err(Error::DeadlineExceeded(format!("close of connection {id} timed out"))),
+            Err(_) => Err(Error::DeadlineExceeded(format!(
+                "close of connection {id} timed out"
+            ))),
         };
         self.forget(&id, &slot, &mut guard);
         (cx, result)
@@ -276,7 +299,9 @@ fn merge(returned: &Connection, requested: &Connection) -> Connection {
 fn connection_id(conn: Option<&Connection>) -> Result<String> {
     match conn.map(|c| c.id.as_str()) {
         Some(id) if !id.is_empty() => Ok(id.to_string()),
-        _ => Err(Error::invalid("connection has no id (begin must follow update_path)")),
+        _ => Err(Error::invalid(
+            "connection has no id (begin must follow update_path)",
+        )),
     }
 }
 
@@ -297,7 +322,12 @@ async fn join<T>(handle: tokio::task::JoinHandle<(Cx, Result<T>)>, cx: &mut Cx) 
 
 #[async_trait]
 impl Handler for Begin {
-    async fn request(&self, cx: &mut Cx, req: NetworkServiceRequest, next: Next) -> Result<Connection> {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection> {
         let id = connection_id(req.connection.as_ref())?;
         let span = tracing::debug_span!(parent: cx.span(), "begin", connection.id = %id, side = ?cx.side());
         let (slot, guard) = self
@@ -319,7 +349,12 @@ impl Handler for Begin {
     async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
         let id = connection_id(Some(&conn))?;
         let span = tracing::debug_span!(parent: cx.span(), "begin", connection.id = %id, side = ?cx.side());
-        let Some((slot, guard)) = self.inner.acquire(&id, false).instrument(span.clone()).await else {
+        let Some((slot, guard)) = self
+            .inner
+            .acquire(&id, false)
+            .instrument(span.clone())
+            .await
+        else {
             tracing::debug!(parent: &span, "close of an unknown connection: nothing to do");
             return Ok(());
         };
@@ -349,18 +384,27 @@ impl EventSink for Inner {
 impl Inner {
     async fn run_event(self: Arc<Self>, id: &str, event: ConnEvent) -> EventOutcome {
         let Some((slot, guard)) = self.acquire(id, false).await else {
-            return Err(Error::not_found(format!("connection {id} is not known here")));
+            return Err(Error::not_found(format!(
+                "connection {id} is not known here"
+            )));
         };
-        let (Some(cx), Some(next), Some(last_req)) = (guard.cx.clone(), guard.next.clone(), guard.req.clone()) else {
+        let (Some(cx), Some(next), Some(last_req)) =
+            (guard.cx.clone(), guard.next.clone(), guard.req.clone())
+        else {
             // Not established: there is nothing to re-run.
-            return Err(Error::not_found(format!("connection {id} is not established")));
+            return Err(Error::not_found(format!(
+                "connection {id} is not established"
+            )));
         };
         let cx = cx.fork(Some(guard.timeout));
         let span = cx.span().clone();
         match event {
             ConnEvent::Request(req) => {
                 let req = req.unwrap_or(last_req);
-                let (_, r) = self.run_request(slot, guard, cx, req, next).instrument(span).await;
+                let (_, r) = self
+                    .run_request(slot, guard, cx, req, next)
+                    .instrument(span)
+                    .await;
                 r.map(Some)
             }
             ConnEvent::Close => {

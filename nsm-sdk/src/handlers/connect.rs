@@ -41,7 +41,12 @@ fn client_cx(cx: &Cx) -> Cx {
 
 #[async_trait]
 impl Handler for Connect {
-    async fn request(&self, cx: &mut Cx, mut req: NetworkServiceRequest, next: Next) -> Result<Connection> {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection> {
         let mut ccx = client_cx(cx);
         let downstream = self.client.request(&mut ccx, req.clone()).await?;
         cx.ext_mut().insert(PathContinues);
@@ -81,13 +86,20 @@ pub fn client_url(url: crate::transport::Url) -> ClientUrlHandler {
 
 #[async_trait]
 impl Handler for ClientUrlHandler {
-    async fn request(&self, cx: &mut Cx, req: NetworkServiceRequest, next: Next) -> Result<Connection> {
-        cx.ext_mut().insert(crate::transport::ClientUrl(self.0.clone()));
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection> {
+        cx.ext_mut()
+            .insert(crate::transport::ClientUrl(self.0.clone()));
         next.request(cx, req).await
     }
 
     async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
-        cx.ext_mut().insert(crate::transport::ClientUrl(self.0.clone()));
+        cx.ext_mut()
+            .insert(crate::transport::ClientUrl(self.0.clone()));
         next.close(cx, conn).await
     }
 }
@@ -108,7 +120,12 @@ mod tests {
 
     #[async_trait]
     impl Handler for Arc<Downstream> {
-        async fn request(&self, cx: &mut Cx, req: NetworkServiceRequest, next: Next) -> Result<Connection> {
+        async fn request(
+            &self,
+            cx: &mut Cx,
+            req: NetworkServiceRequest,
+            next: Next,
+        ) -> Result<Connection> {
             assert_eq!(cx.side(), Side::Client);
             self.requests.fetch_add(1, Ordering::SeqCst);
             let mut c = next.request(cx, req).await?;
@@ -124,7 +141,12 @@ mod tests {
     struct FailAfter;
     #[async_trait]
     impl Handler for FailAfter {
-        async fn request(&self, _: &mut Cx, _: NetworkServiceRequest, _: Next) -> Result<Connection> {
+        async fn request(
+            &self,
+            _: &mut Cx,
+            _: NetworkServiceRequest,
+            _: Next,
+        ) -> Result<Connection> {
             Err(Error::unavailable("after connect"))
         }
     }
@@ -138,7 +160,10 @@ mod tests {
             .push(begin())
             .push(connect(client))
             .build();
-        let conn = chain.request(&mut Cx::server(), Default::default()).await.unwrap();
+        let conn = chain
+            .request(&mut Cx::server(), Default::default())
+            .await
+            .unwrap();
         assert_eq!(conn.labels["downstream"], "yes");
         chain.close(&mut Cx::server(), conn).await.unwrap();
         assert_eq!(down.closes.load(Ordering::SeqCst), 1);
@@ -153,7 +178,10 @@ mod tests {
             .push(connect(client))
             .push(FailAfter)
             .build();
-        let err = chain.request(&mut Cx::server(), Default::default()).await.unwrap_err();
+        let err = chain
+            .request(&mut Cx::server(), Default::default())
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert_eq!(down.requests.load(Ordering::SeqCst), 1);
         assert_eq!(down.closes.load(Ordering::SeqCst), 1);

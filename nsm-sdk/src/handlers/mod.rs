@@ -2,9 +2,17 @@
 //! failure it handles, and has its unit tests beside it.
 
 pub mod begin;
+pub mod discover;
+pub mod discover_forwarder;
+pub mod monitor;
+pub mod round_robin;
 pub mod update_path;
 
 pub use begin::{begin, Begin};
+pub use discover::{discover, Candidates, Discover};
+pub use discover_forwarder::{discover_forwarder, DiscoverForwarder};
+pub use monitor::{monitor, Monitor, MonitorBuilder};
+pub use round_robin::{round_robin, RoundRobin};
 pub use update_path::{update_path, UpdatePath};
 pub mod connect;
 pub use connect::{client_url, connect, ClientUrlHandler, Connect};

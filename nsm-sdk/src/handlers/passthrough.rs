@@ -81,7 +81,12 @@ fn restore(out: &mut Connection, caller: &Connection) {
 
 #[async_trait]
 impl Handler for Passthrough {
-    async fn request(&self, cx: &mut Cx, mut req: NetworkServiceRequest, next: Next) -> Result<Connection> {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection> {
         let caller = req.connection.clone().unwrap_or_default();
         let chosen = cx.conn().map(|c| c.state::<Chosen>());
         if caller.state == State::ReselectRequested as i32 {
@@ -100,7 +105,11 @@ impl Handler for Passthrough {
     }
 
     async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
-        let chosen = cx.conn().and_then(|c| c.get_state::<Chosen>()).map(|c| c.get()).unwrap_or_default();
+        let chosen = cx
+            .conn()
+            .and_then(|c| c.get_state::<Chosen>())
+            .map(|c| c.get())
+            .unwrap_or_default();
         let down = self.downstream(&conn, chosen);
         next.close(cx, down).await
     }
@@ -119,7 +128,12 @@ mod tests {
 
     #[async_trait]
     impl Handler for Arc<Next2> {
-        async fn request(&self, _: &mut Cx, req: NetworkServiceRequest, _: Next) -> Result<Connection> {
+        async fn request(
+            &self,
+            _: &mut Cx,
+            req: NetworkServiceRequest,
+            _: Next,
+        ) -> Result<Connection> {
             let mut c = req.connection.unwrap_or_default();
             self.0.lock().unwrap().push(c.clone());
             c.network_service_endpoint_name = "nse-b".into();
@@ -146,22 +160,33 @@ mod tests {
             labels: HashMap::from([("step".into(), "0".into())]),
             ..Default::default()
         };
-        let req = |c: Connection| NetworkServiceRequest { connection: Some(c), ..Default::default() };
+        let req = |c: Connection| NetworkServiceRequest {
+            connection: Some(c),
+            ..Default::default()
+        };
         conn = chain.request(&mut Cx::server(), req(conn)).await.unwrap();
         assert_eq!(conn.network_service_endpoint_name, "nse-a");
         assert_eq!(conn.labels["step"], "0");
         conn = chain.request(&mut Cx::server(), req(conn)).await.unwrap();
         chain.close(&mut Cx::server(), conn.clone()).await.unwrap();
-        let seen = down.0.lock().unwrap();
+        let seen = down.0.lock().unwrap().clone();
         assert_eq!(seen[0].labels["step"], "1");
-        assert_eq!(seen[0].network_service_endpoint_name, "", "first request must let the mesh select");
-        assert_eq!(seen[1].network_service_endpoint_name, "nse-b", "refresh must keep the downstream endpoint");
-        assert_eq!(seen[2].network_service_endpoint_name, "nse-b", "close must reach the downstream endpoint");
+        assert_eq!(
+            seen[0].network_service_endpoint_name, "",
+            "first request must let the mesh select"
+        );
+        assert_eq!(
+            seen[1].network_service_endpoint_name, "nse-b",
+            "refresh must keep the downstream endpoint"
+        );
+        assert_eq!(
+            seen[2].network_service_endpoint_name, "nse-b",
+            "close must reach the downstream endpoint"
+        );
 
         // A reselect forgets the downstream endpoint.
         let mut again = conn.clone();
         again.state = State::ReselectRequested as i32;
-        drop(seen);
         chain.request(&mut Cx::server(), req(again)).await.unwrap();
         let seen = down.0.lock().unwrap();
         assert_eq!(seen.last().unwrap().network_service_endpoint_name, "");

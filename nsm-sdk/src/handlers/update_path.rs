@@ -68,7 +68,11 @@ fn apply(name: &str, conn: &mut Connection) -> Result<Caller> {
     };
     let path = conn.path.get_or_insert_with(Path::default);
     if path.path_segments.is_empty() {
-        let id = if conn.id.is_empty() { new_id() } else { conn.id.clone() };
+        let id = if conn.id.is_empty() {
+            new_id()
+        } else {
+            conn.id.clone()
+        };
         path.index = 0;
         path.path_segments.push(PathSegment {
             name: name.to_string(),
@@ -125,7 +129,12 @@ fn restore(conn: &mut Connection, caller: &Caller) {
 
 #[async_trait]
 impl Handler for UpdatePath {
-    async fn request(&self, cx: &mut Cx, mut req: NetworkServiceRequest, next: Next) -> Result<Connection> {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection> {
         let conn = req.connection.get_or_insert_with(Default::default);
         let caller = apply(&self.name, conn)?;
         let own_index = conn.path.as_ref().map_or(0, |p| p.index) as usize;
@@ -137,7 +146,10 @@ impl Handler for UpdatePath {
         }
         // The first hop (empty path) keeps the id it generated: the caller did not have one.
         let caller = if caller.id.is_empty() && own_index == 0 {
-            Caller { id: out.id.clone(), index: 0 }
+            Caller {
+                id: out.id.clone(),
+                index: 0,
+            }
         } else {
             caller
         };
@@ -157,13 +169,20 @@ mod tests {
     use crate::core::Chain;
 
     fn seg(name: &str, id: &str) -> PathSegment {
-        PathSegment { name: name.into(), id: id.into(), ..Default::default() }
+        PathSegment {
+            name: name.into(),
+            id: id.into(),
+            ..Default::default()
+        }
     }
 
     fn conn(id: &str, index: u32, segs: Vec<PathSegment>) -> Connection {
         Connection {
             id: id.into(),
-            path: Some(Path { index, path_segments: segs }),
+            path: Some(Path {
+                index,
+                path_segments: segs,
+            }),
             ..Default::default()
         }
     }
@@ -178,7 +197,10 @@ mod tests {
         assert_eq!(p.path_segments[0].id, c.id);
         assert_eq!(c.id.len(), 36);
 
-        let mut c = Connection { id: "given".into(), ..Default::default() };
+        let mut c = Connection {
+            id: "given".into(),
+            ..Default::default()
+        };
         apply("nsc", &mut c).unwrap();
         assert_eq!(c.id, "given");
     }
@@ -231,7 +253,16 @@ mod tests {
             .push(update_path("nse").trim_tail(true))
             .build();
         let req = NetworkServiceRequest {
-            connection: Some(conn("a", 0, vec![seg("nsc", "a"), seg("nsmgr", "b"), seg("nse", "c"), seg("stale", "d")])),
+            connection: Some(conn(
+                "a",
+                0,
+                vec![
+                    seg("nsc", "a"),
+                    seg("nsmgr", "b"),
+                    seg("nse", "c"),
+                    seg("stale", "d"),
+                ],
+            )),
             ..Default::default()
         };
         let out = chain.request(&mut Cx::client(), req).await.unwrap();

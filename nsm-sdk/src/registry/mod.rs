@@ -18,7 +18,9 @@ use crate::core::{Cursor, Cx};
 use crate::Result;
 
 /// A registry entry: a network service or an endpoint.
-pub trait Resource: prost::Message + Clone + Default + PartialEq + fmt::Debug + Send + Sync + 'static {
+pub trait Resource:
+    prost::Message + Clone + Default + PartialEq + fmt::Debug + Send + Sync + 'static
+{
     /// "network service" or "network service endpoint", for messages.
     const KIND: &'static str;
     /// The entry's name (its key in a registry).
@@ -76,7 +78,12 @@ pub trait RegistryHandler<R: Resource>: Send + Sync + 'static {
         next.register(cx, r).await
     }
     /// Finds the entries matching the query.
-    async fn find(&self, cx: &mut Cx, query: Query<R>, next: RegistryNext<R>) -> Result<FindStream<R>> {
+    async fn find(
+        &self,
+        cx: &mut Cx,
+        query: Query<R>,
+        next: RegistryNext<R>,
+    ) -> Result<FindStream<R>> {
         next.find(cx, query).await
     }
     /// Removes `r`.
@@ -119,7 +126,9 @@ pub struct RegistryChain<R: Resource> {
 
 impl<R: Resource> Clone for RegistryChain<R> {
     fn clone(&self) -> Self {
-        RegistryChain { handlers: self.handlers.clone() }
+        RegistryChain {
+            handlers: self.handlers.clone(),
+        }
     }
 }
 
@@ -135,7 +144,9 @@ impl<R: Resource> fmt::Debug for RegistryChain<R> {
 impl<R: Resource> RegistryChain<R> {
     /// Starts building a chain.
     pub fn builder() -> RegistryChainBuilder<R> {
-        RegistryChainBuilder { handlers: Vec::new() }
+        RegistryChainBuilder {
+            handlers: Vec::new(),
+        }
     }
 
     fn cursor(&self) -> RegistryNext<R> {
@@ -160,7 +171,15 @@ impl<R: Resource> RegistryChain<R> {
     /// Finds without watching and collects the entries that are not deleted.
     pub async fn list(&self, cx: &mut Cx, template: R) -> Result<Vec<R>> {
         use futures::StreamExt;
-        let mut stream = self.find(cx, Query { template, watch: false }).await?;
+        let mut stream = self
+            .find(
+                cx,
+                Query {
+                    template,
+                    watch: false,
+                },
+            )
+            .await?;
         let mut out = Vec::new();
         while let Some(item) = stream.next().await {
             let item = item?;
@@ -175,13 +194,24 @@ impl<R: Resource> RegistryChain<R> {
 #[async_trait]
 impl<R: Resource> RegistryHandler<R> for RegistryChain<R> {
     async fn register(&self, cx: &mut Cx, r: R, next: RegistryNext<R>) -> Result<R> {
-        Cursor::new(self.handlers.clone(), Some(next)).register(cx, r).await
+        Cursor::new(self.handlers.clone(), Some(next))
+            .register(cx, r)
+            .await
     }
-    async fn find(&self, cx: &mut Cx, query: Query<R>, next: RegistryNext<R>) -> Result<FindStream<R>> {
-        Cursor::new(self.handlers.clone(), Some(next)).find(cx, query).await
+    async fn find(
+        &self,
+        cx: &mut Cx,
+        query: Query<R>,
+        next: RegistryNext<R>,
+    ) -> Result<FindStream<R>> {
+        Cursor::new(self.handlers.clone(), Some(next))
+            .find(cx, query)
+            .await
     }
     async fn unregister(&self, cx: &mut Cx, r: R, next: RegistryNext<R>) -> Result<()> {
-        Cursor::new(self.handlers.clone(), Some(next)).unregister(cx, r).await
+        Cursor::new(self.handlers.clone(), Some(next))
+            .unregister(cx, r)
+            .await
     }
 }
 
@@ -193,7 +223,9 @@ pub struct RegistryChainBuilder<R: Resource> {
 
 impl<R: Resource> fmt::Debug for RegistryChainBuilder<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RegistryChainBuilder").field("len", &self.handlers.len()).finish()
+        f.debug_struct("RegistryChainBuilder")
+            .field("len", &self.handlers.len())
+            .finish()
     }
 }
 
@@ -210,7 +242,9 @@ impl<R: Resource> RegistryChainBuilder<R> {
     }
     /// The chain.
     pub fn build(self) -> RegistryChain<R> {
-        RegistryChain { handlers: self.handlers.into() }
+        RegistryChain {
+            handlers: self.handlers.into(),
+        }
     }
 }
 
@@ -222,3 +256,5 @@ pub struct Registries {
     /// The endpoint registry chain.
     pub nse: RegistryChain<NetworkServiceEndpoint>,
 }
+
+pub mod select;

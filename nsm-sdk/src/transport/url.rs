@@ -40,8 +40,13 @@ impl FromStr for Url {
                 if host.is_empty() {
                     return Err(bad("empty host"));
                 }
-                let port = port.parse().map_err(|_| bad("port is not a number from 0 to 65535"))?;
-                Ok(Url::Tcp { host: host.to_string(), port })
+                let port = port
+                    .parse()
+                    .map_err(|_| bad("port is not a number from 0 to 65535"))?;
+                Ok(Url::Tcp {
+                    host: host.to_string(),
+                    port,
+                })
             }
             "unix" => {
                 if !rest.starts_with('/') {
@@ -55,7 +60,9 @@ impl FromStr for Url {
                 }
                 Ok(Url::Memory(rest.to_string()))
             }
-            other => Err(bad(&format!("unknown scheme {other:?}, expected tcp, unix or inmem"))),
+            other => Err(bad(&format!(
+                "unknown scheme {other:?}, expected tcp, unix or inmem"
+            ))),
         }
     }
 }
@@ -83,19 +90,36 @@ mod tests {
 
     #[test]
     fn parses_and_prints_every_scheme() {
-        for s in ["tcp://127.0.0.1:5001", "tcp://[::1]:80", "unix:///run/nsm/nsm.io.sock", "inmem://nsmgr-1"] {
+        for s in [
+            "tcp://127.0.0.1:5001",
+            "tcp://[::1]:80",
+            "unix:///run/nsm/nsm.io.sock",
+            "inmem://nsmgr-1",
+        ] {
             let u: Url = s.parse().unwrap();
             assert_eq!(u.to_string(), s);
         }
         assert_eq!(
             "tcp://localhost:0".parse::<Url>().unwrap(),
-            Url::Tcp { host: "localhost".into(), port: 0 }
+            Url::Tcp {
+                host: "localhost".into(),
+                port: 0
+            }
         );
     }
 
     #[test]
     fn rejects_bad_urls_with_a_reason() {
-        for s in ["", "127.0.0.1:80", "tcp://:80", "tcp://host", "tcp://h:99999", "unix://rel/path", "http://x:1", "inmem://"] {
+        for s in [
+            "",
+            "127.0.0.1:80",
+            "tcp://:80",
+            "tcp://host",
+            "tcp://h:99999",
+            "unix://rel/path",
+            "http://x:1",
+            "inmem://",
+        ] {
             let e = s.parse::<Url>().unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{s}: {e}");
         }

@@ -28,15 +28,26 @@ struct Probe {
 
 #[async_trait]
 impl Handler for Arc<Probe> {
-    async fn request(&self, cx: &mut Cx, req: NetworkServiceRequest, next: Next) -> Result<Connection> {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection> {
         if cx.conn().is_some() {
             self.seen_conn_handle.fetch_add(1, Ordering::SeqCst);
         }
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
         let conn = req.connection.clone().unwrap_or_default();
-        self.services.lock().unwrap().push(conn.network_service.clone());
-        self.log.lock().unwrap().push(format!("req:{}", conn.labels.get("n").cloned().unwrap_or_default()));
+        self.services
+            .lock()
+            .unwrap()
+            .push(conn.network_service.clone());
+        self.log.lock().unwrap().push(format!(
+            "req:{}",
+            conn.labels.get("n").cloned().unwrap_or_default()
+        ));
         let delay = self.delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay as u64)).await;
@@ -67,7 +78,12 @@ struct Count(AtomicUsize);
 
 #[async_trait]
 impl Handler for Arc<Count> {
-    async fn request(&self, cx: &mut Cx, req: NetworkServiceRequest, next: Next) -> Result<Connection> {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection> {
         self.0.fetch_add(1, Ordering::SeqCst);
         next.request(cx, req).await
     }
@@ -103,13 +119,18 @@ fn req(id: &str, n: &str) -> NetworkServiceRequest {
 async fn operations_on_one_id_run_one_at_a_time_in_arrival_order() {
     let (chain, _b, probe, _) = setup();
     probe.delay_ms.store(10, Ordering::SeqCst);
-    chain.request(&mut Cx::server(), req("c1", "0")).await.unwrap();
+    chain
+        .request(&mut Cx::server(), req("c1", "0"))
+        .await
+        .unwrap();
     probe.log.lock().unwrap().clear();
     let mut tasks = Vec::new();
     for i in 1..=20 {
         let chain = chain.clone();
         tasks.push(tokio::spawn(async move {
-            chain.request(&mut Cx::server(), req("c1", &i.to_string())).await
+            chain
+                .request(&mut Cx::server(), req("c1", &i.to_string()))
+                .await
         }));
         // Let the task reach begin's queue before the next one arrives.
         for _ in 0..5 {
@@ -119,7 +140,11 @@ async fn operations_on_one_id_run_one_at_a_time_in_arrival_order() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    assert_eq!(probe.max_running.load(Ordering::SeqCst), 1, "two operations overlapped");
+    assert_eq!(
+        probe.max_running.load(Ordering::SeqCst),
+        1,
+        "two operations overlapped"
+    );
     let expected: Vec<String> = (1..=20).map(|i| format!("req:{i}")).collect();
     assert_eq!(*probe.log.lock().unwrap(), expected);
 }
@@ -132,7 +157,9 @@ async fn different_ids_run_concurrently() {
     for i in 0..10 {
         let chain = chain.clone();
         tasks.push(tokio::spawn(async move {
-            chain.request(&mut Cx::server(), req(&format!("c{i}"), "x")).await
+            chain
+                .request(&mut Cx::server(), req(&format!("c{i}"), "x"))
+                .await
         }));
     }
     for t in tasks {
@@ -145,7 +172,10 @@ async fn different_ids_run_concurrently() {
 #[tokio::test]
 async fn close_uses_the_stored_connection_not_the_one_passed() {
     let (chain, b, probe, _) = setup();
-    let conn = chain.request(&mut Cx::server(), req("c1", "a")).await.unwrap();
+    let conn = chain
+        .request(&mut Cx::server(), req("c1", "a"))
+        .await
+        .unwrap();
     assert_eq!(conn.labels["built-by"], "probe");
     assert_eq!(probe.seen_conn_handle.load(Ordering::SeqCst), 1);
     // The caller closes with a bare connection: only the id and path.
@@ -157,7 +187,10 @@ async fn close_uses_the_stored_connection_not_the_one_passed() {
     chain.close(&mut Cx::server(), bare).await.unwrap();
     let closes = probe.closes.lock().unwrap();
     assert_eq!(closes.len(), 1);
-    assert_eq!(closes[0].labels["built-by"], "probe", "close got the caller's copy");
+    assert_eq!(
+        closes[0].labels["built-by"], "probe",
+        "close got the caller's copy"
+    );
     assert!(b.is_empty());
 }
 
@@ -170,7 +203,10 @@ async fn close_of_an_unknown_id_is_ok_and_goes_nowhere() {
         .unwrap();
     assert!(probe.closes.lock().unwrap().is_empty());
     // A second close of a closed connection is also a no-op.
-    let conn = chain.request(&mut Cx::server(), req("c1", "a")).await.unwrap();
+    let conn = chain
+        .request(&mut Cx::server(), req("c1", "a"))
+        .await
+        .unwrap();
     chain.close(&mut Cx::server(), conn.clone()).await.unwrap();
     chain.close(&mut Cx::server(), conn).await.unwrap();
     assert_eq!(probe.closes.lock().unwrap().len(), 1);
@@ -180,7 +216,10 @@ async fn close_of_an_unknown_id_is_ok_and_goes_nowhere() {
 async fn a_failed_first_request_forgets_but_a_failed_refresh_keeps() {
     let (chain, b, probe, _) = setup();
     probe.fail_requests.store(1, Ordering::SeqCst);
-    let err = chain.request(&mut Cx::server(), req("c1", "a")).await.unwrap_err();
+    let err = chain
+        .request(&mut Cx::server(), req("c1", "a"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert!(b.is_empty(), "failed first request left state");
     chain
@@ -189,7 +228,10 @@ async fn a_failed_first_request_forgets_but_a_failed_refresh_keeps() {
         .unwrap();
     assert!(probe.closes.lock().unwrap().is_empty());
 
-    let conn = chain.request(&mut Cx::server(), req("c2", "a")).await.unwrap();
+    let conn = chain
+        .request(&mut Cx::server(), req("c2", "a"))
+        .await
+        .unwrap();
     probe.fail_requests.store(1, Ordering::SeqCst);
     chain
         .request(
@@ -201,7 +243,11 @@ async fn a_failed_first_request_forgets_but_a_failed_refresh_keeps() {
         )
         .await
         .unwrap_err();
-    assert_eq!(b.len(), 1, "a failed refresh dropped the established connection");
+    assert_eq!(
+        b.len(),
+        1,
+        "a failed refresh dropped the established connection"
+    );
     chain.close(&mut Cx::server(), conn).await.unwrap();
     assert_eq!(probe.closes.lock().unwrap().len(), 1);
 }
@@ -218,7 +264,11 @@ async fn a_caller_that_hangs_up_does_not_leave_the_operation_half_done() {
     assert!(hung_up.is_err(), "the call should have been abandoned");
     assert_eq!(probe.done.load(Ordering::SeqCst), 0);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(probe.done.load(Ordering::SeqCst), 1, "the operation did not finish");
+    assert_eq!(
+        probe.done.load(Ordering::SeqCst),
+        1,
+        "the operation did not finish"
+    );
     assert_eq!(b.len(), 1, "the finished operation was not recorded");
     chain
         .close(&mut Cx::server(), req("c1", "").connection.unwrap())
@@ -242,12 +292,19 @@ async fn events_re_enter_after_begin_in_order_and_close_ends_the_connection() {
     let (chain, b, probe, before) = setup();
     let mut cx = Cx::server();
     let conn = chain.request(&mut cx, req("c1", "a")).await.unwrap();
-    let handle = cx.conn().cloned().expect("begin sets the connection handle");
+    let handle = cx
+        .conn()
+        .cloned()
+        .expect("begin sets the connection handle");
     assert_eq!(before.0.load(Ordering::SeqCst), 1);
 
     let refreshed = handle.request_event(None).await.unwrap().unwrap();
     assert_eq!(refreshed.id, conn.id);
-    assert_eq!(before.0.load(Ordering::SeqCst), 1, "an event ran the handlers before begin");
+    assert_eq!(
+        before.0.load(Ordering::SeqCst),
+        1,
+        "an event ran the handlers before begin"
+    );
     assert_eq!(probe.log.lock().unwrap().len(), 2);
 
     // Two events queued together run one after the other.
@@ -264,13 +321,19 @@ async fn events_re_enter_after_begin_in_order_and_close_ends_the_connection() {
     assert!(b.is_empty());
     assert_eq!(probe.closes.lock().unwrap().len(), 1);
     // After close the connection is unknown to events.
-    assert_eq!(handle.request_event(None).await.unwrap_err().code(), tonic::Code::NotFound);
+    assert_eq!(
+        handle.request_event(None).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
 }
 
 #[tokio::test]
 async fn reselect_requested_closes_the_old_downstream_first() {
     let (chain, _b, probe, _) = setup();
-    let conn = chain.request(&mut Cx::server(), req("c1", "a")).await.unwrap();
+    let conn = chain
+        .request(&mut Cx::server(), req("c1", "a"))
+        .await
+        .unwrap();
     let mut again = conn.clone();
     again.state = State::ReselectRequested as i32;
     again.labels.insert("n".into(), "b".into());
@@ -286,7 +349,10 @@ async fn reselect_requested_closes_the_old_downstream_first() {
         .unwrap();
     let closes = probe.closes.lock().unwrap();
     assert_eq!(closes.len(), 1, "the old downstream was not closed");
-    assert_eq!(closes[0].labels["n"], "a", "close did not use the old connection");
+    assert_eq!(
+        closes[0].labels["n"], "a",
+        "close did not use the old connection"
+    );
     assert_eq!(*probe.log.lock().unwrap(), ["req:a", "req:b"]);
     assert_eq!(out.state, State::Up as i32);
 }
@@ -299,7 +365,10 @@ async fn a_client_re_request_merges_what_the_caller_changed_into_what_was_return
         .push(begin())
         .push(probe.clone())
         .build();
-    let conn = chain.request(&mut Cx::client(), req("", "a")).await.unwrap();
+    let conn = chain
+        .request(&mut Cx::client(), req("", "a"))
+        .await
+        .unwrap();
     assert!(!conn.id.is_empty());
     // The caller sends only id and changed labels; the rest comes from what was returned.
     let mut changed = Connection {
@@ -320,5 +389,9 @@ async fn a_client_re_request_merges_what_the_caller_changed_into_what_was_return
         .await
         .unwrap();
     let services = probe.services.lock().unwrap();
-    assert_eq!(*services, ["ns", "ns"], "the re-request lost what was returned");
+    assert_eq!(
+        *services,
+        ["ns", "ns"],
+        "the re-request lost what was returned"
+    );
 }

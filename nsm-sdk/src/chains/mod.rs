@@ -1,0 +1,20 @@
+//! Assembled chains: the client, the endpoint, the node manager, the forwarder and the
+//! registry server. Only assembly lives here: every behaviour is a handler.
+//!
+//! Paths: local = `[nsc, nsmgr, forwarder, nse]` (4 segments); remote =
+//! `[nsc, nsmgr1, fwd1, nsmgr2, fwd2, nse]` (6). The manager picks only a forwarder; the
+//! forwarder picks the endpoint (discover + select) and connects to it directly (local)
+//! or to the endpoint's manager (remote: the registry hands out the manager's URL for
+//! endpoints registered through it).
+
+pub mod client;
+pub mod endpoint;
+pub mod forwarder;
+pub mod nsmgr;
+pub mod registry_server;
+
+pub use client::{client, ClientOptions};
+pub use endpoint::{endpoint, Endpoint, EndpointOptions};
+pub use forwarder::{forwarder, Forwarder, ForwarderOptions};
+pub use nsmgr::{nsmgr, Nsmgr, NsmgrOptions};
+pub use registry_server::{registry_server, RegistryServer};

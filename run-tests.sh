@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The project's test command: installs what the build and tests need on a fresh
+# machine, then checks formatting and lints and runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need_apt=()
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
+if [ ${#need_apt[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
+  echo "installing: ${need_apt[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "installing cargo-nextest"
+  cargo install cargo-nextest --locked
+fi
+rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy || true
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+# nextest runs each test in its own process, so process-wide counters (live tasks)
+# and kernel state of one test never disturb another.
+cargo nextest run --workspace --all-features --no-fail-fast
+cargo test --workspace --all-features --doc
