@@ -18,6 +18,7 @@ pub mod handlers;
 pub mod registry;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
+pub mod tools;
 pub mod transport;
 
 pub use crate::core::{Chain, ChainBuilder, ConnHandle, Cx, Handler, Next, Side};

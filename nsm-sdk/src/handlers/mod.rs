@@ -4,14 +4,25 @@
 pub mod begin;
 pub mod discover;
 pub mod discover_forwarder;
+pub mod ipam;
+pub mod mechanisms;
 pub mod monitor;
+pub mod noop;
+pub mod retry;
 pub mod round_robin;
 pub mod update_path;
 
 pub use begin::{begin, Begin};
 pub use discover::{discover, Candidates, Discover};
 pub use discover_forwarder::{discover_forwarder, DiscoverForwarder};
+pub use ipam::{point_to_point, PointToPoint};
+pub use mechanisms::{
+    mechanism_preferences, mechanism_translation, mechanisms, MechanismPreferences,
+    MechanismTranslation, Mechanisms,
+};
 pub use monitor::{monitor, Monitor, MonitorBuilder};
+pub use noop::{noop_client, noop_mechanism, noop_server, NoopServer};
+pub use retry::{retry, Retry};
 pub use round_robin::{round_robin, RoundRobin};
 pub use update_path::{update_path, UpdatePath};
 pub mod connect;
