@@ -122,6 +122,59 @@ impl<H: ?Sized> Cursor<H> {
     }
 }
 
+impl<H: ?Sized> Cursor<H> {
+    /// A cursor that does not keep the chains alive, for a task a handler leaves
+    /// running (an expiry timer): a strong cursor held by such a task would keep the
+    /// handler that owns the task alive, so the handler could never stop it on drop.
+    pub fn downgrade(&self) -> WeakCursor<H> {
+        WeakCursor {
+            handlers: Arc::downgrade(&self.handlers),
+            pos: self.pos,
+            outer: self.outer.as_ref().map(|o| Box::new(o.downgrade())),
+        }
+    }
+}
+
+/// A [`Cursor`] that does not keep its chains alive; see [`Cursor::downgrade`].
+pub struct WeakCursor<H: ?Sized> {
+    handlers: std::sync::Weak<[Arc<H>]>,
+    pos: usize,
+    outer: Option<Box<WeakCursor<H>>>,
+}
+
+impl<H: ?Sized> Clone for WeakCursor<H> {
+    fn clone(&self) -> Self {
+        WeakCursor {
+            handlers: self.handlers.clone(),
+            pos: self.pos,
+            outer: self.outer.clone(),
+        }
+    }
+}
+
+impl<H: ?Sized> fmt::Debug for WeakCursor<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakCursor")
+            .field("alive", &(self.handlers.strong_count() > 0))
+            .finish()
+    }
+}
+
+impl<H: ?Sized> WeakCursor<H> {
+    /// The cursor again, if every chain it runs through still exists.
+    pub fn upgrade(&self) -> Option<Cursor<H>> {
+        let outer = match &self.outer {
+            Some(o) => Some(Arc::new(o.upgrade()?)),
+            None => None,
+        };
+        Some(Cursor {
+            handlers: self.handlers.upgrade()?,
+            pos: self.pos,
+            outer,
+        })
+    }
+}
+
 /// The rest of a NetworkService chain, handed to each handler.
 pub type Next = Cursor<dyn Handler>;
 
@@ -350,6 +403,23 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(conn.id, "x");
+    }
+
+    #[test]
+    fn a_weak_cursor_upgrades_only_while_its_chains_live() {
+        let h: Arc<dyn Handler> = Arc::new(Chain::builder().build());
+        let inner: Arc<[Arc<dyn Handler>]> = vec![h.clone()].into();
+        let outer: Arc<[Arc<dyn Handler>]> = vec![h.clone(), h].into();
+        let (_, c) = Cursor::new(inner.clone(), Some(Cursor::new(outer.clone(), None)))
+            .step()
+            .unwrap();
+        let weak = c.downgrade();
+        drop(c);
+        assert_eq!(weak.upgrade().map(|c| c.remaining()), Some(2));
+        drop(outer);
+        assert!(weak.upgrade().is_none(), "the enclosing chain is gone");
+        drop(inner);
+        assert!(weak.upgrade().is_none());
     }
 
     #[test]

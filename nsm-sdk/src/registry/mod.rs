@@ -258,3 +258,15 @@ pub struct Registries {
 }
 
 pub mod select;
+
+pub mod expire;
+pub mod local_bypass;
+pub mod memory;
+pub mod query;
+pub mod validate;
+
+pub use expire::{expire, Expire, DEFAULT_EXPIRATION};
+pub use local_bypass::{local_bypass, LocalBypass};
+pub use memory::{memory, Memory, Stored};
+pub use query::Matches;
+pub use validate::{validate, Validate};

@@ -1,0 +1,265 @@
+//! `local_bypass`: the node manager's front of the endpoint registry.
+//!
+//! What it does: an endpoint on this node registers through its node manager, and the
+//! registry behind it must send other nodes' traffic to the manager, not to the
+//! endpoint's node-local URL. So a Register remembers the endpoint's own URL, passes
+//! the entry on with `url` replaced by the manager's URL, and answers the registrant
+//! with its original URL. A Find passes on; in its results (a watch stream included),
+//! an entry that carries the manager's URL and is one of the endpoints registered here
+//! gets its local URL back, so this node reaches its own endpoints directly. An
+//! Unregister forgets the endpoint and passes on with the manager's URL.
+//!
+//! State: endpoint name -> its local URL, for the endpoints registered through this
+//! handler.
+//!
+//! Failure handled: a Register that fails downstream leaves the map as it was (a first
+//! registration is not remembered).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use nsm_proto::registry::NetworkServiceEndpoint;
+
+use super::{FindStream, Query, RegistryHandler, RegistryNext};
+use crate::core::Cx;
+use crate::transport::Url;
+use crate::Result;
+
+/// See the [module docs](self).
+#[derive(Clone)]
+#[must_use]
+pub struct LocalBypass {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    own_url: String,
+    local: Mutex<HashMap<String, String>>,
+}
+
+/// The `local_bypass` handler of the node manager listening on `own_url`.
+pub fn local_bypass(own_url: Url) -> LocalBypass {
+    LocalBypass {
+        inner: Arc::new(Inner {
+            own_url: own_url.to_string(),
+            local: Mutex::new(HashMap::new()),
+        }),
+    }
+}
+
+impl LocalBypass {
+    fn local(&self) -> MutexGuard<'_, HashMap<String, String>> {
+        self.inner.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The local URL of the endpoint `name`, if it registered through this handler.
+    pub fn local_url(&self, name: &str) -> Option<String> {
+        self.local().get(name).cloned()
+    }
+
+    /// How many local endpoints this handler knows.
+    pub fn len(&self) -> usize {
+        self.local().len()
+    }
+
+    /// Whether no local endpoint is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for LocalBypass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalBypass")
+            .field("own_url", &self.inner.own_url)
+            .field("local", &self.len())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl RegistryHandler<NetworkServiceEndpoint> for LocalBypass {
+    async fn register(
+        &self,
+        cx: &mut Cx,
+        mut r: NetworkServiceEndpoint,
+        next: RegistryNext<NetworkServiceEndpoint>,
+    ) -> Result<NetworkServiceEndpoint> {
+        let original = std::mem::replace(&mut r.url, self.inner.own_url.clone());
+        let mut out = next.register(cx, r).await?;
+        self.local().insert(out.name.clone(), original.clone());
+        out.url = original;
+        Ok(out)
+    }
+
+    async fn find(
+        &self,
+        cx: &mut Cx,
+        query: Query<NetworkServiceEndpoint>,
+        next: RegistryNext<NetworkServiceEndpoint>,
+    ) -> Result<FindStream<NetworkServiceEndpoint>> {
+        let stream = next.find(cx, query).await?;
+        let inner = self.inner.clone();
+        Ok(Box::pin(stream.map(move |item| {
+            item.map(|mut found| {
+                let r = &mut found.resource;
+                if r.url == inner.own_url {
+                    let local = inner.local.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(url) = local.get(&r.name) {
+                        r.url = url.clone();
+                    }
+                }
+                found
+            })
+        })))
+    }
+
+    async fn unregister(
+        &self,
+        cx: &mut Cx,
+        mut r: NetworkServiceEndpoint,
+        next: RegistryNext<NetworkServiceEndpoint>,
+    ) -> Result<()> {
+        self.local().remove(&r.name);
+        r.url = self.inner.own_url.clone();
+        next.unregister(cx, r).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::memory::memory;
+    use crate::registry::RegistryChain;
+    use std::time::Duration;
+
+    const NSMGR: &str = "tcp://10.0.0.1:5001";
+
+    fn nse(name: &str, url: &str) -> NetworkServiceEndpoint {
+        NetworkServiceEndpoint {
+            name: name.into(),
+            network_service_names: vec!["svc".into()],
+            url: url.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_local_endpoint_is_stored_with_the_manager_url_and_found_with_its_own() {
+        let bypass = local_bypass(NSMGR.parse().unwrap());
+        let store = memory();
+        let front = RegistryChain::builder()
+            .push(bypass.clone())
+            .push(store.clone())
+            .build();
+        let central = RegistryChain::builder().push(store.clone()).build();
+        let cx = &mut Cx::server();
+
+        let out = front
+            .register(cx, nse("local", "unix:///nse.sock"))
+            .await
+            .unwrap();
+        assert_eq!(
+            out.url, "unix:///nse.sock",
+            "the registrant gets its own URL back"
+        );
+        assert_eq!(
+            store.get("local").unwrap().url,
+            NSMGR,
+            "other nodes reach it through the manager"
+        );
+        assert_eq!(
+            bypass.local_url("local").as_deref(),
+            Some("unix:///nse.sock")
+        );
+
+        // A remote endpoint, and one that carries the manager URL without being local.
+        central
+            .register(cx, nse("remote", "tcp://10.0.0.2:5001"))
+            .await
+            .unwrap();
+        central.register(cx, nse("stranger", NSMGR)).await.unwrap();
+
+        let mut found: Vec<_> = front
+            .list(cx, nse("", ""))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.url))
+            .collect();
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                ("local".to_string(), "unix:///nse.sock".to_string()),
+                ("remote".to_string(), "tcp://10.0.0.2:5001".to_string()),
+                ("stranger".to_string(), NSMGR.to_string()),
+            ]
+        );
+        let central_view = central.list(cx, nse("local", "")).await.unwrap();
+        assert_eq!(central_view[0].url, NSMGR);
+    }
+
+    #[tokio::test]
+    async fn watch_streams_are_mapped_item_by_item() {
+        let bypass = local_bypass(NSMGR.parse().unwrap());
+        let store = memory();
+        let front = RegistryChain::builder().push(bypass).push(store).build();
+        let cx = &mut Cx::server();
+        let mut w = front
+            .find(
+                cx,
+                Query {
+                    template: nse("", ""),
+                    watch: true,
+                },
+            )
+            .await
+            .unwrap();
+        front
+            .register(cx, nse("local", "unix:///a.sock"))
+            .await
+            .unwrap();
+        let item = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (item.resource.url.as_str(), item.deleted),
+            ("unix:///a.sock", false)
+        );
+    }
+
+    #[tokio::test]
+    async fn unregister_forgets_the_endpoint_and_removes_it_centrally() {
+        let bypass = local_bypass(NSMGR.parse().unwrap());
+        let store = memory();
+        let front = RegistryChain::builder()
+            .push(bypass.clone())
+            .push(store.clone())
+            .build();
+        let cx = &mut Cx::server();
+        front
+            .register(cx, nse("local", "unix:///a.sock"))
+            .await
+            .unwrap();
+        front
+            .unregister(cx, nse("local", "unix:///a.sock"))
+            .await
+            .unwrap();
+        assert!(store.is_empty());
+        assert!(bypass.is_empty());
+
+        // Registered again centrally by someone else with the manager URL: not ours now.
+        let central = RegistryChain::builder().push(store.clone()).build();
+        central.register(cx, nse("local", NSMGR)).await.unwrap();
+        assert_eq!(
+            front.list(cx, nse("local", "")).await.unwrap()[0].url,
+            NSMGR
+        );
+    }
+}
