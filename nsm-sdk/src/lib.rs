@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
+pub mod chains;
 pub mod core;
 pub mod error;
 pub mod handlers;

@@ -1,0 +1,108 @@
+//! The client chain: what an NSC (or the client half of a passthrough NSE) uses to ask
+//! its node's manager for a network service.
+//!
+//! `update_path(name)`, `begin`, `retry`, the application's handlers, mechanism
+//! preferences, the manager's URL, and the gRPC client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nsm_proto::connection::Mechanism;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{Chain, Handler};
+use crate::handlers::{begin::Begin, client_url, mechanism_preferences, retry, update_path};
+use crate::handlers::noop_mechanism;
+use crate::transport::{grpc_client, Channels, Url};
+
+/// What a client chain is made of.
+#[derive(Clone)]
+#[must_use]
+pub struct ClientOptions {
+    name: String,
+    connect_to: Url,
+    channels: Channels,
+    mechanisms: Vec<Mechanism>,
+    retry: Option<Duration>,
+    timeout: Duration,
+    handlers: Vec<Arc<dyn Handler>>,
+    root: CancellationToken,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("name", &self.name)
+            .field("connect_to", &self.connect_to)
+            .field("mechanisms", &self.mechanisms)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+impl ClientOptions {
+    /// A client called `name` that talks to the manager at `connect_to`, offering the
+    /// NOOP mechanism, retrying for 15 s.
+    pub fn new(name: impl Into<String>, connect_to: Url) -> Self {
+        ClientOptions {
+            name: name.into(),
+            connect_to,
+            channels: Channels::new(),
+            mechanisms: vec![noop_mechanism()],
+            retry: Some(Duration::from_secs(15)),
+            timeout: crate::handlers::begin::DEFAULT_TIMEOUT,
+            handlers: Vec::new(),
+            root: CancellationToken::new(),
+        }
+    }
+
+    /// Shares this channel pool (one gRPC channel per peer in the process).
+    pub fn channels(mut self, channels: Channels) -> Self {
+        self.channels = channels;
+        self
+    }
+
+    /// The mechanisms offered, in order of preference.
+    pub fn mechanisms(mut self, mechanisms: Vec<Mechanism>) -> Self {
+        self.mechanisms = mechanisms;
+        self
+    }
+
+    /// Retry retryable failures for up to `try_timeout` (`None`: no retry).
+    pub fn retry(mut self, try_timeout: Option<Duration>) -> Self {
+        self.retry = try_timeout;
+        self
+    }
+
+    /// How long one operation may take when the caller gives no deadline.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Adds an application handler (after `begin`, before the mechanisms).
+    pub fn handler(mut self, handler: impl Handler) -> Self {
+        self.handlers.push(Arc::new(handler));
+        self
+    }
+
+    /// Owns every task of the client's connections under this token.
+    pub fn root(mut self, root: CancellationToken) -> Self {
+        self.root = root;
+        self
+    }
+}
+
+/// The client chain.
+pub fn client(opts: ClientOptions) -> Chain {
+    let retry = opts.retry.map(|t| retry().try_timeout(t));
+    Chain::builder()
+        .push(update_path(opts.name))
+        .push(Begin::new(opts.root, opts.timeout))
+        .push_opt(retry)
+        .extend(opts.handlers)
+        .push(mechanism_preferences(opts.mechanisms))
+        .push(client_url(opts.connect_to))
+        .push(grpc_client(opts.channels))
+        .build()
+}

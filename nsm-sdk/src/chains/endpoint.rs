@@ -1,0 +1,105 @@
+//! The endpoint chain: what an NSE serves.
+//!
+//! `update_path(name)` (trimming a stale tail), `begin`, `monitor`, then the
+//! application's handlers (IPAM, mechanisms, its own logic).
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{Chain, Handler, MonitorSource};
+use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
+use crate::handlers::{update_path, Monitor};
+use crate::transport::Services;
+
+/// What an endpoint chain is made of.
+#[derive(Clone, Default)]
+#[must_use]
+pub struct EndpointOptions {
+    handlers: Vec<Arc<dyn Handler>>,
+    root: CancellationToken,
+}
+
+impl std::fmt::Debug for EndpointOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointOptions")
+            .field("handlers", &self.handlers.len())
+            .finish()
+    }
+}
+
+impl EndpointOptions {
+    /// No handlers yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends an application handler.
+    pub fn handler(mut self, handler: impl Handler) -> Self {
+        self.handlers.push(Arc::new(handler));
+        self
+    }
+
+    /// Appends a shared application handler.
+    pub fn handler_arc(mut self, handler: Arc<dyn Handler>) -> Self {
+        self.handlers.push(handler);
+        self
+    }
+
+    /// Owns every task of the endpoint's connections under this token.
+    pub fn root(mut self, root: CancellationToken) -> Self {
+        self.root = root;
+        self
+    }
+}
+
+/// An assembled endpoint: its chain and the monitor that feeds its MonitorConnection
+/// service.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    name: String,
+    chain: Chain,
+    monitor: Monitor,
+}
+
+impl Endpoint {
+    /// The endpoint's name (its path segment name and registered name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The NetworkService chain.
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+
+    /// The monitor of the endpoint's connections.
+    pub fn monitor(&self) -> &Monitor {
+        &self.monitor
+    }
+
+    /// The gRPC services to serve: NetworkService and MonitorConnection.
+    pub fn services(&self) -> Services {
+        let source: Arc<dyn MonitorSource> = self.monitor.source();
+        Services::new()
+            .network_service(self.chain.clone())
+            .monitor(source)
+    }
+}
+
+/// The endpoint chain for the NSE called `name`.
+pub fn endpoint(name: impl Into<String>, opts: EndpointOptions) -> Endpoint {
+    let name = name.into();
+    let monitor = Monitor::builder().shutdown(opts.root.clone()).build();
+    let chain = Chain::builder()
+        .push(update_path(name.clone()).trim_tail(true))
+        .push(Begin::new(opts.root, DEFAULT_TIMEOUT))
+        .push(monitor.clone())
+        .extend(opts.handlers)
+        .build();
+    Endpoint {
+        name,
+        chain,
+        monitor,
+    }
+}

@@ -1,0 +1,179 @@
+//! The forwarder: the data plane of a node. It makes the client's side of the
+//! connection (the server-side mechanism), picks the endpoint, and connects to it (a
+//! local NSE, or the manager of the NSE's node).
+//!
+//! NetworkService chain: `update_path(name)`, `begin`, `monitor`, `mechanisms`
+//! (server side, pluggable; NOOP by default), `discover`, `round_robin`, `connect` (a
+//! client chain of `begin`, `mechanism_translation`, client-side mechanisms, the gRPC
+//! client).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{Chain, Handler, MonitorSource};
+use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
+use crate::handlers::{
+    connect, discover, mechanism_translation, mechanisms, noop_client, noop_server, round_robin,
+    update_path, Mechanisms, Monitor,
+};
+use crate::registry::select::FORWARDER_SERVICE;
+use crate::registry::{Registries, RegistryChain};
+use crate::tools::types;
+use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
+
+/// What a forwarder is made of.
+#[must_use]
+pub struct ForwarderOptions {
+    name: String,
+    nsmgr_url: Url,
+    channels: Channels,
+    root: CancellationToken,
+    server_mechanisms: Mechanisms,
+    client_mechanisms: Vec<Arc<dyn Handler>>,
+    labels: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for ForwarderOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwarderOptions")
+            .field("name", &self.name)
+            .field("nsmgr_url", &self.nsmgr_url)
+            .field("labels", &self.labels)
+            .finish()
+    }
+}
+
+impl ForwarderOptions {
+    /// A forwarder called `name` serving the manager at `nsmgr_url`, with the NOOP
+    /// mechanism and the label `p2p=true`.
+    pub fn new(name: impl Into<String>, nsmgr_url: Url) -> Self {
+        ForwarderOptions {
+            name: name.into(),
+            nsmgr_url,
+            channels: Channels::new(),
+            root: CancellationToken::new(),
+            server_mechanisms: mechanisms().with(types::NOOP, noop_server()),
+            client_mechanisms: vec![Arc::new(noop_client())],
+            labels: HashMap::from([("p2p".to_string(), "true".to_string())]),
+        }
+    }
+
+    /// Shares this channel pool.
+    pub fn channels(mut self, channels: Channels) -> Self {
+        self.channels = channels;
+        self
+    }
+
+    /// Owns every task of the forwarder under this token.
+    pub fn root(mut self, root: CancellationToken) -> Self {
+        self.root = root;
+        self
+    }
+
+    /// The server-side mechanisms (what the forwarder can make for its caller).
+    pub fn server_mechanisms(mut self, m: Mechanisms) -> Self {
+        self.server_mechanisms = m;
+        self
+    }
+
+    /// The client-side mechanism handlers (what it offers the next hop).
+    pub fn client_mechanisms(mut self, handlers: Vec<Arc<dyn Handler>>) -> Self {
+        self.client_mechanisms = handlers;
+        self
+    }
+
+    /// The labels it registers with (managers select forwarders by them).
+    pub fn labels(mut self, labels: HashMap<String, String>) -> Self {
+        self.labels = labels;
+        self
+    }
+}
+
+/// An assembled forwarder.
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    name: String,
+    chain: Chain,
+    monitor: Monitor,
+    registries: Registries,
+    labels: HashMap<String, String>,
+}
+
+impl Forwarder {
+    /// The forwarder's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The NetworkService chain.
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+
+    /// The registries it uses (its manager's front).
+    pub fn registries(&self) -> &Registries {
+        &self.registries
+    }
+
+    /// Its registration as an endpoint of the `forwarder` service at `url`.
+    pub fn registration(&self, url: &Url) -> NetworkServiceEndpoint {
+        NetworkServiceEndpoint {
+            name: self.name.clone(),
+            network_service_names: vec![FORWARDER_SERVICE.to_string()],
+            network_service_labels: HashMap::from([(
+                FORWARDER_SERVICE.to_string(),
+                NetworkServiceLabels {
+                    labels: self.labels.clone(),
+                },
+            )]),
+            url: url.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// The gRPC services to serve: NetworkService and MonitorConnection.
+    pub fn services(&self) -> Services {
+        let source: Arc<dyn MonitorSource> = self.monitor.source();
+        Services::new()
+            .network_service(self.chain.clone())
+            .monitor(source)
+    }
+}
+
+/// The forwarder.
+pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
+    let registries = Registries {
+        ns: RegistryChain::<NetworkService>::builder()
+            .push(grpc_registry(opts.channels.clone(), opts.nsmgr_url.clone()))
+            .build(),
+        nse: RegistryChain::<NetworkServiceEndpoint>::builder()
+            .push(grpc_registry(opts.channels.clone(), opts.nsmgr_url.clone()))
+            .build(),
+    };
+    let monitor = Monitor::builder().shutdown(opts.root.clone()).build();
+    let client = Chain::builder()
+        .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
+        .push(mechanism_translation())
+        .extend(opts.client_mechanisms)
+        .push(grpc_client(opts.channels.clone()))
+        .build();
+    let chain = Chain::builder()
+        .push(update_path(opts.name.clone()))
+        .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
+        .push(monitor.clone())
+        .push(opts.server_mechanisms)
+        .push(discover(registries.clone()))
+        .push(round_robin())
+        .push(connect(client))
+        .build();
+    Forwarder {
+        name: opts.name,
+        chain,
+        monitor,
+        registries,
+        labels: opts.labels,
+    }
+}

@@ -1,0 +1,133 @@
+//! The node manager: picks a local forwarder for each connection and is its node's
+//! registry front.
+//!
+//! NetworkService chain: `update_path(name)`, `begin`, `monitor`,
+//! `discover_forwarder`, `connect` (a client chain of `begin` and the gRPC client).
+//! Registry: endpoints registered through it (local NSEs and forwarders) are stored
+//! upstream under the manager's own URL (`local_bypass`) and resolved back to their
+//! local URL for local use; network services pass through.
+
+use std::sync::Arc;
+
+use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{Chain, MonitorSource};
+use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
+use crate::handlers::{connect, discover_forwarder, update_path, Monitor};
+use crate::registry::{local_bypass, validate, Registries, RegistryChain};
+use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
+
+/// What a manager is made of.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct NsmgrOptions {
+    name: String,
+    url: Url,
+    registry_url: Url,
+    channels: Channels,
+    root: CancellationToken,
+}
+
+impl NsmgrOptions {
+    /// A manager called `name`, reachable at `url` (what it registers upstream), using the
+    /// registry at `registry_url`.
+    pub fn new(name: impl Into<String>, url: Url, registry_url: Url) -> Self {
+        NsmgrOptions {
+            name: name.into(),
+            url,
+            registry_url,
+            channels: Channels::new(),
+            root: CancellationToken::new(),
+        }
+    }
+
+    /// Shares this channel pool.
+    pub fn channels(mut self, channels: Channels) -> Self {
+        self.channels = channels;
+        self
+    }
+
+    /// Owns every task of the manager under this token.
+    pub fn root(mut self, root: CancellationToken) -> Self {
+        self.root = root;
+        self
+    }
+}
+
+/// An assembled manager.
+#[derive(Debug, Clone)]
+pub struct Nsmgr {
+    name: String,
+    url: Url,
+    chain: Chain,
+    monitor: Monitor,
+    registries: Registries,
+}
+
+impl Nsmgr {
+    /// The manager's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The URL the manager is reachable at.
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// The NetworkService chain.
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+
+    /// The node's registry front (what local NSEs and forwarders register with).
+    pub fn registries(&self) -> &Registries {
+        &self.registries
+    }
+
+    /// The gRPC services to serve: NetworkService, MonitorConnection and both
+    /// registries.
+    pub fn services(&self) -> Services {
+        let source: Arc<dyn MonitorSource> = self.monitor.source();
+        Services::new()
+            .network_service(self.chain.clone())
+            .monitor(source)
+            .ns_registry(self.registries.ns.clone())
+            .nse_registry(self.registries.nse.clone())
+    }
+}
+
+/// The manager.
+pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
+    let registries = Registries {
+        ns: RegistryChain::<NetworkService>::builder()
+            .push(validate())
+            .push(grpc_registry(opts.channels.clone(), opts.registry_url.clone()))
+            .build(),
+        nse: RegistryChain::<NetworkServiceEndpoint>::builder()
+            .push(validate())
+            .push(local_bypass(opts.url.clone()))
+            .push(grpc_registry(opts.channels.clone(), opts.registry_url.clone()))
+            .build(),
+    };
+    let monitor = Monitor::builder().shutdown(opts.root.clone()).build();
+    let client = Chain::builder()
+        .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
+        .push(grpc_client(opts.channels.clone()))
+        .build();
+    let chain = Chain::builder()
+        .push(update_path(opts.name.clone()))
+        .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
+        .push(monitor.clone())
+        .push(discover_forwarder(registries.clone(), opts.url.clone()))
+        .push(connect(client))
+        .build();
+    Nsmgr {
+        name: opts.name,
+        url: opts.url,
+        chain,
+        monitor,
+        registries,
+    }
+}

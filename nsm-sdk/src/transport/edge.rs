@@ -1,0 +1,297 @@
+//! The tonic service implementations of the server: each call becomes a server-side
+//! [`Cx`] (peer address and token, deadline, span) and runs through its chain; errors
+//! go back as statuses with their codes.
+
+use std::sync::Arc;
+
+use futures::stream::{self, BoxStream, StreamExt};
+use nsm_proto::connection::monitor_connection_server::MonitorConnection;
+use nsm_proto::connection::{Connection, ConnectionEvent, MonitorScopeSelector};
+use nsm_proto::networkservice::network_service_server::NetworkService as NetworkServiceRpc;
+use nsm_proto::networkservice::NetworkServiceRequest;
+use nsm_proto::registry::network_service_endpoint_registry_server::NetworkServiceEndpointRegistry;
+use nsm_proto::registry::network_service_registry_server::NetworkServiceRegistry;
+use nsm_proto::registry::{
+    NetworkService, NetworkServiceEndpoint, NetworkServiceEndpointQuery,
+    NetworkServiceEndpointResponse, NetworkServiceQuery, NetworkServiceResponse,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::{debug, Instrument};
+
+use super::listener::ConnInfo;
+use super::metadata;
+use crate::core::{Chain, Cx, MonitorSource, Peer};
+use crate::registry::{Query, RegistryChain, Resource};
+use crate::Result;
+
+/// The server-side context of a call: peer (address, token), deadline and span.
+fn server_cx<T>(request: &Request<T>, method: &'static str, id: &str) -> Result<Cx, Status> {
+    let info = request.extensions().get::<ConnInfo>();
+    let span = tracing::info_span!(
+        "rpc",
+        rpc = method,
+        connection.id = id,
+        transport.conn = info.map(|i| i.id),
+    );
+    let (token, token_expires) = metadata::read_token(request.metadata()).map_err(|e| {
+        debug!(parent: &span, error = %e, "rejected call");
+        Status::from(e)
+    })?;
+    let peer = Peer {
+        addr: info.and_then(|i| i.remote.clone()),
+        token,
+        token_expires,
+    };
+    let deadline = metadata::read_timeout(request.metadata())
+        .and_then(|t| tokio::time::Instant::now().checked_add(t));
+    Ok(Cx::server()
+        .with_peer(peer)
+        .with_deadline(deadline)
+        .with_span(span))
+}
+
+fn respond<T>(cx: &Cx, out: Result<T>) -> Result<Response<T>, Status> {
+    match out {
+        Ok(v) => Ok(Response::new(v)),
+        Err(e) => {
+            debug!(parent: cx.span(), error = %e, "call failed");
+            Err(Status::from(e))
+        }
+    }
+}
+
+/// Ends `s` with `Unavailable` when the server shuts down gracefully, so the graceful
+/// shutdown does not wait forever for endless streams.
+fn until_shutdown<T: Send + 'static>(
+    s: BoxStream<'static, Result<T, Status>>,
+    graceful: CancellationToken,
+) -> BoxStream<'static, Result<T, Status>> {
+    Box::pin(stream::unfold(Some((s, graceful)), |state| async move {
+        let (mut s, graceful) = state?;
+        tokio::select! {
+            biased;
+            _ = graceful.cancelled() => {
+                Some((Err(Status::unavailable("the server is shutting down")), None))
+            }
+            item = s.next() => item.map(|item| (item, Some((s, graceful)))),
+        }
+    }))
+}
+
+pub(crate) struct NetworkServiceEdge {
+    pub(crate) chain: Chain,
+}
+
+#[tonic::async_trait]
+impl NetworkServiceRpc for NetworkServiceEdge {
+    async fn request(
+        &self,
+        request: Request<NetworkServiceRequest>,
+    ) -> Result<Response<Connection>, Status> {
+        let id = request
+            .get_ref()
+            .connection
+            .as_ref()
+            .map(|c| c.id.clone())
+            .unwrap_or_default();
+        let mut cx = server_cx(&request, "/networkservice.NetworkService/Request", &id)?;
+        let span = cx.span().clone();
+        let out = self
+            .chain
+            .request(&mut cx, request.into_inner())
+            .instrument(span)
+            .await;
+        respond(&cx, out)
+    }
+
+    async fn close(&self, request: Request<Connection>) -> Result<Response<()>, Status> {
+        let id = request.get_ref().id.clone();
+        let mut cx = server_cx(&request, "/networkservice.NetworkService/Close", &id)?;
+        let span = cx.span().clone();
+        let out = self
+            .chain
+            .close(&mut cx, request.into_inner())
+            .instrument(span)
+            .await;
+        respond(&cx, out)
+    }
+}
+
+pub(crate) struct MonitorEdge {
+    pub(crate) source: Arc<dyn MonitorSource>,
+    pub(crate) graceful: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl MonitorConnection for MonitorEdge {
+    type MonitorConnectionsStream = BoxStream<'static, Result<ConnectionEvent, Status>>;
+
+    async fn monitor_connections(
+        &self,
+        request: Request<MonitorScopeSelector>,
+    ) -> Result<Response<Self::MonitorConnectionsStream>, Status> {
+        let cx = server_cx(
+            &request,
+            "/connection.MonitorConnection/MonitorConnections",
+            "",
+        )?;
+        debug!(parent: cx.span(), "monitor subscribed");
+        let events = self
+            .source
+            .subscribe(request.into_inner())
+            .map(|r| r.map_err(Status::from))
+            .boxed();
+        Ok(Response::new(until_shutdown(events, self.graceful.clone())))
+    }
+}
+
+pub(crate) struct RegistryEdge<R: Resource> {
+    pub(crate) chain: RegistryChain<R>,
+    pub(crate) graceful: CancellationToken,
+}
+
+impl<R: Resource> RegistryEdge<R> {
+    async fn register(
+        &self,
+        request: Request<R>,
+        method: &'static str,
+    ) -> Result<Response<R>, Status> {
+        let mut cx = server_cx(&request, method, request.get_ref().name())?;
+        let span = cx.span().clone();
+        let out = self
+            .chain
+            .register(&mut cx, request.into_inner())
+            .instrument(span)
+            .await;
+        respond(&cx, out)
+    }
+
+    async fn unregister(
+        &self,
+        request: Request<R>,
+        method: &'static str,
+    ) -> Result<Response<()>, Status> {
+        let mut cx = server_cx(&request, method, request.get_ref().name())?;
+        let span = cx.span().clone();
+        let out = self
+            .chain
+            .unregister(&mut cx, request.into_inner())
+            .instrument(span)
+            .await;
+        respond(&cx, out)
+    }
+
+    /// Runs a Find; `to_wire` makes each item a response message.
+    async fn find<Q, W>(
+        &self,
+        request: Request<Q>,
+        query: Query<R>,
+        method: &'static str,
+        to_wire: fn(R, bool) -> W,
+    ) -> Result<Response<BoxStream<'static, Result<W, Status>>>, Status>
+    where
+        W: Send + 'static,
+    {
+        let mut cx = server_cx(&request, method, query.template.name())?;
+        let span = cx.span().clone();
+        let found = self.chain.find(&mut cx, query).instrument(span).await;
+        let found = respond(&cx, found)?.into_inner();
+        let items = found
+            .map(move |item| {
+                item.map(|f| to_wire(f.resource, f.deleted))
+                    .map_err(Status::from)
+            })
+            .boxed();
+        Ok(Response::new(until_shutdown(items, self.graceful.clone())))
+    }
+}
+
+#[tonic::async_trait]
+impl NetworkServiceRegistry for RegistryEdge<NetworkService> {
+    async fn register(
+        &self,
+        request: Request<NetworkService>,
+    ) -> Result<Response<NetworkService>, Status> {
+        RegistryEdge::register(self, request, "/registry.NetworkServiceRegistry/Register").await
+    }
+
+    type FindStream = BoxStream<'static, Result<NetworkServiceResponse, Status>>;
+
+    async fn find(
+        &self,
+        request: Request<NetworkServiceQuery>,
+    ) -> Result<Response<Self::FindStream>, Status> {
+        let q = request.get_ref();
+        let query = Query {
+            template: q.network_service.clone().unwrap_or_default(),
+            watch: q.watch,
+        };
+        RegistryEdge::find(
+            self,
+            request,
+            query,
+            "/registry.NetworkServiceRegistry/Find",
+            |r, deleted| NetworkServiceResponse {
+                network_service: Some(r),
+                deleted,
+            },
+        )
+        .await
+    }
+
+    async fn unregister(&self, request: Request<NetworkService>) -> Result<Response<()>, Status> {
+        RegistryEdge::unregister(self, request, "/registry.NetworkServiceRegistry/Unregister").await
+    }
+}
+
+#[tonic::async_trait]
+impl NetworkServiceEndpointRegistry for RegistryEdge<NetworkServiceEndpoint> {
+    async fn register(
+        &self,
+        request: Request<NetworkServiceEndpoint>,
+    ) -> Result<Response<NetworkServiceEndpoint>, Status> {
+        RegistryEdge::register(
+            self,
+            request,
+            "/registry.NetworkServiceEndpointRegistry/Register",
+        )
+        .await
+    }
+
+    type FindStream = BoxStream<'static, Result<NetworkServiceEndpointResponse, Status>>;
+
+    async fn find(
+        &self,
+        request: Request<NetworkServiceEndpointQuery>,
+    ) -> Result<Response<Self::FindStream>, Status> {
+        let q = request.get_ref();
+        let query = Query {
+            template: q.network_service_endpoint.clone().unwrap_or_default(),
+            watch: q.watch,
+        };
+        RegistryEdge::find(
+            self,
+            request,
+            query,
+            "/registry.NetworkServiceEndpointRegistry/Find",
+            |r, deleted| NetworkServiceEndpointResponse {
+                network_service_endpoint: Some(r),
+                deleted,
+            },
+        )
+        .await
+    }
+
+    async fn unregister(
+        &self,
+        request: Request<NetworkServiceEndpoint>,
+    ) -> Result<Response<()>, Status> {
+        RegistryEdge::unregister(
+            self,
+            request,
+            "/registry.NetworkServiceEndpointRegistry/Unregister",
+        )
+        .await
+    }
+}

@@ -1,0 +1,317 @@
+//! Listening for the server: binding a [`Url`], the accept stream tonic serves, and
+//! the wrapper that breaks every accepted connection when the server is killed.
+//!
+//! State: the listener lives in a slot shared by the accept stream and the
+//! [`Server`](super::Server), so `kill` closes it synchronously (the URL is free when
+//! `kill` returns). A unix socket file is removed with its listener.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::stream::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::Connected;
+use tracing::{debug, warn};
+
+use super::memory::{self, MemoryListener};
+use super::url::Url;
+use crate::{Error, Result};
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) enum Listener {
+    Tcp(TcpListener),
+    Unix {
+        listener: UnixListener,
+        /// Removed when the listener goes.
+        _file: SocketFile,
+    },
+    Memory(MemoryListener),
+}
+
+/// A unix socket file this server created; removed when the listener goes, unless
+/// another server has replaced it meanwhile.
+pub(crate) struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino);
+        if ours {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                debug!(path = %self.path.display(), error = %e, "cannot remove socket file");
+            }
+        }
+    }
+}
+
+pub(crate) async fn bind(url: &Url) -> Result<(Listener, Url)> {
+    let fail = |e: &dyn fmt::Display| Error::unavailable(format!("cannot listen on {url}: {e}"));
+    match url {
+        Url::Tcp { host, port } => {
+            let l = TcpListener::bind((host.as_str(), *port))
+                .await
+                .map_err(|e| fail(&e))?;
+            let port = l.local_addr().map_err(|e| fail(&e))?.port();
+            let actual = Url::Tcp {
+                host: host.clone(),
+                port,
+            };
+            Ok((Listener::Tcp(l), actual))
+        }
+        Url::Unix(path) => {
+            prepare_socket_path(path).await.map_err(|e| fail(&e))?;
+            let l = UnixListener::bind(path).map_err(|e| fail(&e))?;
+            let meta = std::fs::symlink_metadata(path).map_err(|e| fail(&e))?;
+            let file = SocketFile {
+                path: path.clone(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+            };
+            Ok((
+                Listener::Unix {
+                    listener: l,
+                    _file: file,
+                },
+                url.clone(),
+            ))
+        }
+        Url::Memory(name) => Ok((Listener::Memory(memory::listen(name)?), url.clone())),
+    }
+}
+
+/// Creates the parent directories and removes a stale socket file; refuses to remove
+/// anything that is not a socket.
+async fn prepare_socket_path(path: &Path) -> io::Result<()> {
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    match tokio::fs::symlink_metadata(path).await {
+        Ok(meta) if meta.file_type().is_socket() => {
+            debug!(path = %path.display(), "removing stale socket file");
+            tokio::fs::remove_file(path).await
+        }
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the path exists and is not a socket",
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The accept loop's stream of connections, each wrapped so the kill token breaks it.
+pub(crate) struct Incoming {
+    listener: Arc<Mutex<Option<Listener>>>,
+    killed: CancellationToken,
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Incoming {
+    /// The accept stream over the listener in `listener`; connections break when
+    /// `killed` fires.
+    pub(crate) fn new(listener: Arc<Mutex<Option<Listener>>>, killed: CancellationToken) -> Self {
+        Incoming {
+            listener,
+            killed,
+            backoff: None,
+        }
+    }
+}
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+impl Stream for Incoming {
+    type Item = io::Result<ServerIo>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(sleep) = &mut this.backoff {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.backoff = None;
+        }
+        let mut slot = lock(&this.listener);
+        let Some(listener) = slot.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let accepted: io::Result<(Box<dyn Io>, Option<String>)> = match listener {
+            Listener::Tcp(l) => match l.poll_accept(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok((s, addr))) => {
+                    if let Err(e) = s.set_nodelay(true) {
+                        debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                    Ok((Box::new(s), Some(addr.to_string())))
+                }
+                Poll::Ready(Err(e)) => Err(e),
+            },
+            Listener::Unix { listener: l, .. } => match l.poll_accept(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok((s, addr))) => {
+                    let remote = addr
+                        .as_pathname()
+                        .map(|p| format!("unix://{}", p.display()));
+                    Ok((Box::new(s), remote))
+                }
+                Poll::Ready(Err(e)) => Err(e),
+            },
+            Listener::Memory(l) => match l.poll_accept(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(s)) => Ok((Box::new(s), None)),
+                Poll::Ready(None) => return Poll::Ready(None),
+            },
+        };
+        drop(slot);
+        match accepted {
+            Ok((io, remote)) => {
+                let info = ConnInfo {
+                    id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+                    remote,
+                };
+                debug!(conn = info.id, remote = ?info.remote, "connection accepted");
+                Poll::Ready(Some(Ok(ServerIo::new(io, info, &this.killed))))
+            }
+            Err(e) => {
+                // Out of descriptors and the like: wait a little instead of spinning.
+                warn!(error = %e, "accept failed");
+                let mut sleep = Box::pin(tokio::time::sleep(Duration::from_millis(50)));
+                let _ = sleep.as_mut().poll(cx);
+                this.backoff = Some(sleep);
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        // Tonic drops the stream when it stops accepting: close the listener then.
+        drop(lock(&self.listener).take());
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// What tonic puts in each request's extensions about the transport connection.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnInfo {
+    pub(crate) id: u64,
+    pub(crate) remote: Option<String>,
+}
+
+/// An accepted connection that fails every read and write once the server is killed,
+/// waking whoever waits on it, so tonic's connection task ends at once.
+pub(crate) struct ServerIo {
+    io: Box<dyn Io>,
+    info: ConnInfo,
+    killed: CancellationToken,
+    read_kill: Pin<Box<WaitForCancellationFutureOwned>>,
+    write_kill: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl ServerIo {
+    fn new(io: Box<dyn Io>, info: ConnInfo, killed: &CancellationToken) -> Self {
+        ServerIo {
+            io,
+            info,
+            killed: killed.clone(),
+            read_kill: Box::pin(killed.clone().cancelled_owned()),
+            write_kill: Box::pin(killed.clone().cancelled_owned()),
+        }
+    }
+
+    fn broken() -> io::Error {
+        io::Error::new(io::ErrorKind::ConnectionReset, "server killed")
+    }
+}
+
+fn fired(
+    token: &CancellationToken,
+    wait: &mut Pin<Box<WaitForCancellationFutureOwned>>,
+    cx: &mut Context<'_>,
+) -> bool {
+    token.is_cancelled() || wait.as_mut().poll(cx).is_ready()
+}
+
+impl AsyncRead for ServerIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if fired(&this.killed, &mut this.read_kill, cx) {
+            return Poll::Ready(Err(Self::broken()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ServerIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if fired(&this.killed, &mut this.write_kill, cx) {
+            return Poll::Ready(Err(Self::broken()));
+        }
+        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if fired(&this.killed, &mut this.write_kill, cx) {
+            return Poll::Ready(Err(Self::broken()));
+        }
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.killed.is_cancelled() {
+            return Poll::Ready(Err(Self::broken()));
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl Connected for ServerIo {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}

@@ -1,0 +1,259 @@
+//! The registry client edge: [`grpc_registry`], the registry handler that ends a
+//! registry client chain by calling a remote registry, for network services and
+//! endpoints alike.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::stream::StreamExt;
+use nsm_proto::registry::network_service_endpoint_registry_client::NetworkServiceEndpointRegistryClient;
+use nsm_proto::registry::network_service_registry_client::NetworkServiceRegistryClient;
+use nsm_proto::registry::{
+    NetworkService, NetworkServiceEndpoint, NetworkServiceEndpointQuery,
+    NetworkServiceEndpointResponse, NetworkServiceQuery, NetworkServiceResponse,
+};
+use tonic::codec::Streaming;
+use tonic::transport::Channel;
+use tonic::Status;
+
+use super::client::{answer, from_status, outgoing, Channels};
+use super::url::Url;
+use crate::core::Cx;
+use crate::registry::{FindStream, Found, Query, RegistryHandler, RegistryNext, Resource};
+use crate::{Error, Result};
+
+/// See [`grpc_registry`].
+pub struct GrpcRegistry<R> {
+    channels: Channels,
+    url: Url,
+    _resource: PhantomData<fn() -> R>,
+}
+
+impl<R> Clone for GrpcRegistry<R> {
+    fn clone(&self) -> Self {
+        GrpcRegistry {
+            channels: self.channels.clone(),
+            url: self.url.clone(),
+            _resource: PhantomData,
+        }
+    }
+}
+
+impl<R: Resource> fmt::Debug for GrpcRegistry<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcRegistry")
+            .field("kind", &R::KIND)
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+/// The registry handler at the end of a registry client chain: sends Register, Find and
+/// Unregister to the registry at `url` and answers with its replies (it does not call
+/// `next`). A handler for both `NetworkService` and `NetworkServiceEndpoint`.
+///
+/// Find streams the registry's responses as [`Found`] items; a response without its
+/// resource is an [`Error::InvalidArgument`] item. Errors map as for [`grpc_client`](super::grpc_client).
+pub fn grpc_registry<R: Resource>(channels: Channels, url: Url) -> GrpcRegistry<R> {
+    GrpcRegistry {
+        channels,
+        url,
+        _resource: PhantomData,
+    }
+}
+
+/// Binds a resource to its generated gRPC client and messages.
+trait RegistryWire: Resource {
+    type Query: Send + 'static;
+    type Response: Send + 'static;
+    const SERVICE: &'static str;
+    fn query(q: Query<Self>) -> Self::Query;
+    fn found(r: Self::Response) -> (Option<Self>, bool);
+    fn register(
+        ch: Channel,
+        r: tonic::Request<Self>,
+    ) -> BoxFuture<'static, Result<tonic::Response<Self>, Status>>;
+    #[allow(clippy::type_complexity)]
+    fn find(
+        ch: Channel,
+        q: tonic::Request<Self::Query>,
+    ) -> BoxFuture<'static, Result<tonic::Response<Streaming<Self::Response>>, Status>>;
+    fn unregister(
+        ch: Channel,
+        r: tonic::Request<Self>,
+    ) -> BoxFuture<'static, Result<tonic::Response<()>, Status>>;
+}
+
+impl RegistryWire for NetworkService {
+    type Query = NetworkServiceQuery;
+    type Response = NetworkServiceResponse;
+    const SERVICE: &'static str = "NetworkServiceRegistry";
+    fn query(q: Query<Self>) -> NetworkServiceQuery {
+        NetworkServiceQuery {
+            network_service: Some(q.template),
+            watch: q.watch,
+        }
+    }
+    fn found(r: NetworkServiceResponse) -> (Option<Self>, bool) {
+        (r.network_service, r.deleted)
+    }
+    fn register(
+        ch: Channel,
+        r: tonic::Request<Self>,
+    ) -> BoxFuture<'static, Result<tonic::Response<Self>, Status>> {
+        Box::pin(async move { NetworkServiceRegistryClient::new(ch).register(r).await })
+    }
+    fn find(
+        ch: Channel,
+        q: tonic::Request<NetworkServiceQuery>,
+    ) -> BoxFuture<'static, Result<tonic::Response<Streaming<NetworkServiceResponse>>, Status>>
+    {
+        Box::pin(async move { NetworkServiceRegistryClient::new(ch).find(q).await })
+    }
+    fn unregister(
+        ch: Channel,
+        r: tonic::Request<Self>,
+    ) -> BoxFuture<'static, Result<tonic::Response<()>, Status>> {
+        Box::pin(async move { NetworkServiceRegistryClient::new(ch).unregister(r).await })
+    }
+}
+
+impl RegistryWire for NetworkServiceEndpoint {
+    type Query = NetworkServiceEndpointQuery;
+    type Response = NetworkServiceEndpointResponse;
+    const SERVICE: &'static str = "NetworkServiceEndpointRegistry";
+    fn query(q: Query<Self>) -> NetworkServiceEndpointQuery {
+        NetworkServiceEndpointQuery {
+            network_service_endpoint: Some(q.template),
+            watch: q.watch,
+        }
+    }
+    fn found(r: NetworkServiceEndpointResponse) -> (Option<Self>, bool) {
+        (r.network_service_endpoint, r.deleted)
+    }
+    fn register(
+        ch: Channel,
+        r: tonic::Request<Self>,
+    ) -> BoxFuture<'static, Result<tonic::Response<Self>, Status>> {
+        Box::pin(async move {
+            NetworkServiceEndpointRegistryClient::new(ch)
+                .register(r)
+                .await
+        })
+    }
+    fn find(
+        ch: Channel,
+        q: tonic::Request<NetworkServiceEndpointQuery>,
+    ) -> BoxFuture<
+        'static,
+        Result<tonic::Response<Streaming<NetworkServiceEndpointResponse>>, Status>,
+    > {
+        Box::pin(async move { NetworkServiceEndpointRegistryClient::new(ch).find(q).await })
+    }
+    fn unregister(
+        ch: Channel,
+        r: tonic::Request<Self>,
+    ) -> BoxFuture<'static, Result<tonic::Response<()>, Status>> {
+        Box::pin(async move {
+            NetworkServiceEndpointRegistryClient::new(ch)
+                .unregister(r)
+                .await
+        })
+    }
+}
+
+async fn registry_register<R: RegistryWire>(reg: &GrpcRegistry<R>, cx: &Cx, r: R) -> Result<R> {
+    let what = format!("{}/Register", R::SERVICE);
+    let channel = reg.channels.channel(&reg.url)?;
+    let request = outgoing(cx, &reg.url, &what, r)?;
+    answer(cx, &reg.url, &what, R::register(channel, request)).await
+}
+
+async fn registry_find<R: RegistryWire>(
+    reg: &GrpcRegistry<R>,
+    cx: &Cx,
+    query: Query<R>,
+) -> Result<FindStream<R>> {
+    let what = format!("{}/Find", R::SERVICE);
+    let channel = reg.channels.channel(&reg.url)?;
+    let request = outgoing(cx, &reg.url, &what, R::query(query))?;
+    let responses = answer(cx, &reg.url, &what, R::find(channel, request)).await?;
+    let url = reg.url.clone();
+    Ok(responses
+        .map(move |item| match item {
+            Ok(resp) => match R::found(resp) {
+                (Some(resource), deleted) => Ok(Found { resource, deleted }),
+                (None, _) => Err(Error::invalid(format!(
+                    "a Find response from {url} has no {}",
+                    R::KIND
+                ))),
+            },
+            Err(s) => Err(from_status(&url, s)),
+        })
+        .boxed())
+}
+
+async fn registry_unregister<R: RegistryWire>(reg: &GrpcRegistry<R>, cx: &Cx, r: R) -> Result<()> {
+    let what = format!("{}/Unregister", R::SERVICE);
+    let channel = reg.channels.channel(&reg.url)?;
+    let request = outgoing(cx, &reg.url, &what, r)?;
+    answer(cx, &reg.url, &what, R::unregister(channel, request)).await
+}
+
+#[async_trait]
+impl RegistryHandler<NetworkService> for GrpcRegistry<NetworkService> {
+    async fn register(
+        &self,
+        cx: &mut Cx,
+        r: NetworkService,
+        _next: RegistryNext<NetworkService>,
+    ) -> Result<NetworkService> {
+        registry_register(self, cx, r).await
+    }
+    async fn find(
+        &self,
+        cx: &mut Cx,
+        query: Query<NetworkService>,
+        _next: RegistryNext<NetworkService>,
+    ) -> Result<FindStream<NetworkService>> {
+        registry_find(self, cx, query).await
+    }
+    async fn unregister(
+        &self,
+        cx: &mut Cx,
+        r: NetworkService,
+        _next: RegistryNext<NetworkService>,
+    ) -> Result<()> {
+        registry_unregister(self, cx, r).await
+    }
+}
+
+#[async_trait]
+impl RegistryHandler<NetworkServiceEndpoint> for GrpcRegistry<NetworkServiceEndpoint> {
+    async fn register(
+        &self,
+        cx: &mut Cx,
+        r: NetworkServiceEndpoint,
+        _next: RegistryNext<NetworkServiceEndpoint>,
+    ) -> Result<NetworkServiceEndpoint> {
+        registry_register(self, cx, r).await
+    }
+    async fn find(
+        &self,
+        cx: &mut Cx,
+        query: Query<NetworkServiceEndpoint>,
+        _next: RegistryNext<NetworkServiceEndpoint>,
+    ) -> Result<FindStream<NetworkServiceEndpoint>> {
+        registry_find(self, cx, query).await
+    }
+    async fn unregister(
+        &self,
+        cx: &mut Cx,
+        r: NetworkServiceEndpoint,
+        _next: RegistryNext<NetworkServiceEndpoint>,
+    ) -> Result<()> {
+        registry_unregister(self, cx, r).await
+    }
+}
