@@ -11,8 +11,8 @@ use nsm_proto::connection::Mechanism;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{Chain, Handler};
-use crate::handlers::{begin::Begin, client_url, mechanism_preferences, retry, update_path};
 use crate::handlers::noop_mechanism;
+use crate::handlers::{begin::Begin, client_url, mechanism_preferences, retry, update_path};
 use crate::transport::{grpc_client, Channels, Url};
 
 /// What a client chain is made of.

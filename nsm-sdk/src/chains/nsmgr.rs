@@ -103,12 +103,18 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
     let registries = Registries {
         ns: RegistryChain::<NetworkService>::builder()
             .push(validate())
-            .push(grpc_registry(opts.channels.clone(), opts.registry_url.clone()))
+            .push(grpc_registry(
+                opts.channels.clone(),
+                opts.registry_url.clone(),
+            ))
             .build(),
         nse: RegistryChain::<NetworkServiceEndpoint>::builder()
             .push(validate())
             .push(local_bypass(opts.url.clone()))
-            .push(grpc_registry(opts.channels.clone(), opts.registry_url.clone()))
+            .push(grpc_registry(
+                opts.channels.clone(),
+                opts.registry_url.clone(),
+            ))
             .build(),
     };
     let monitor = Monitor::builder().shutdown(opts.root.clone()).build();

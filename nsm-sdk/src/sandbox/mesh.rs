@@ -1,0 +1,701 @@
+//! The sandbox mesh: a registry and N nodes (a manager and forwarders each), with
+//! endpoints and clients, all served over real gRPC in one process.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
+use tokio_util::sync::CancellationToken;
+
+use super::testing::{counter, inject, Counter, Inject};
+use crate::chains::{
+    client, endpoint, forwarder, nsmgr, registry_server, ClientOptions, Endpoint, EndpointOptions,
+    ForwarderOptions, NsmgrOptions,
+};
+use crate::core::{Chain, Cx, Handler};
+use crate::handlers::{connect, mechanisms, noop_server, passthrough, point_to_point};
+use crate::registry::{Registries, RegistryChain};
+use crate::tools::types;
+use crate::transport::{grpc_registry, serve, Channels, Server, Url};
+use crate::{Error, Result};
+
+static NEXT_SANDBOX: AtomicUsize = AtomicUsize::new(0);
+
+/// How the sandbox's components talk to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `inmem://` URLs: no sockets, no ports.
+    Memory,
+    /// `unix://` sockets in a temporary directory.
+    Unix,
+}
+
+/// Builds a [`Sandbox`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct SandboxBuilder {
+    nodes: usize,
+    forwarders: usize,
+    expiry: Duration,
+    transport: Transport,
+}
+
+impl Default for SandboxBuilder {
+    fn default() -> Self {
+        SandboxBuilder {
+            nodes: 1,
+            forwarders: 1,
+            expiry: crate::chains::registry_server::DEFAULT_EXPIRY,
+            transport: Transport::Memory,
+        }
+    }
+}
+
+impl SandboxBuilder {
+    /// How many nodes (default 1).
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n;
+        self
+    }
+
+    /// How many forwarders each node starts with (default 1).
+    pub fn forwarders_per_node(mut self, n: usize) -> Self {
+        self.forwarders = n;
+        self
+    }
+
+    /// How long registrations live without a refresh (default 60 s).
+    pub fn registry_expiry(mut self, expiry: Duration) -> Self {
+        self.expiry = expiry;
+        self
+    }
+
+    /// The transport (default in-memory).
+    pub fn transport(mut self, t: Transport) -> Self {
+        self.transport = t;
+        self
+    }
+
+    /// Starts the registry, then each node's manager and forwarders.
+    pub async fn build(self) -> Result<Sandbox> {
+        let id = NEXT_SANDBOX.fetch_add(1, Ordering::SeqCst);
+        let dir = match self.transport {
+            Transport::Memory => None,
+            Transport::Unix => {
+                let dir =
+                    std::env::temp_dir().join(format!("nsm-sandbox-{}-{id}", std::process::id()));
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| Error::internal(format!("creating {}: {e}", dir.display())))?;
+                Some(dir)
+            }
+        };
+        let shared = Arc::new(Shared {
+            prefix: format!("sandbox-{}-{id}", std::process::id()),
+            dir,
+            channels: Channels::new(),
+            root: CancellationToken::new(),
+            expiry: self.expiry,
+        });
+        let registry_url = shared.url("registry");
+        let registry = Component::new();
+        let sandbox = Sandbox {
+            shared: shared.clone(),
+            registry_url: registry_url.clone(),
+            registry,
+            nodes: (0..self.nodes)
+                .map(|i| Node::new(shared.clone(), i, registry_url.clone()))
+                .collect(),
+        };
+        sandbox.start_registry().await?;
+        for node in &sandbox.nodes {
+            node.start_nsmgr().await?;
+            for f in 0..self.forwarders {
+                node.add_forwarder(&format!("forwarder-{}-{f}", node.index), HashMap::new())
+                    .await?;
+            }
+        }
+        Ok(sandbox)
+    }
+}
+
+struct Shared {
+    prefix: String,
+    dir: Option<std::path::PathBuf>,
+    channels: Channels,
+    root: CancellationToken,
+    expiry: Duration,
+}
+
+impl Shared {
+    fn url(&self, name: &str) -> Url {
+        match &self.dir {
+            None => Url::Memory(format!("{}-{name}", self.prefix)),
+            Some(dir) => Url::Unix(dir.join(format!("{name}.sock"))),
+        }
+    }
+}
+
+/// A served component that can be killed and started again on the same URL.
+struct Component {
+    running: Mutex<Option<(Server, CancellationToken)>>,
+}
+
+impl Component {
+    fn new() -> Self {
+        Component {
+            running: Mutex::new(None),
+        }
+    }
+
+    fn set(&self, server: Server, token: CancellationToken) {
+        let old = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace((server, token));
+        if let Some((s, t)) = old {
+            s.kill();
+            t.cancel();
+        }
+    }
+
+    fn kill(&self) -> bool {
+        let old = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match old {
+            Some((s, t)) => {
+                s.kill();
+                t.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// An in-process mesh; see the [module docs](super).
+pub struct Sandbox {
+    shared: Arc<Shared>,
+    registry_url: Url,
+    registry: Component,
+    nodes: Vec<Node>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("registry", &self.registry_url)
+            .field("nodes", &self.nodes.len())
+            .finish()
+    }
+}
+
+impl Sandbox {
+    /// Starts describing a sandbox.
+    pub fn builder() -> SandboxBuilder {
+        SandboxBuilder::default()
+    }
+
+    /// Node `i`.
+    ///
+    /// # Panics
+    /// When there is no such node (a mistake in the test).
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    /// The registry's URL.
+    pub fn registry_url(&self) -> &Url {
+        &self.registry_url
+    }
+
+    /// A gRPC client of the central registry.
+    pub fn registries(&self) -> Registries {
+        registries_at(&self.shared.channels, &self.registry_url)
+    }
+
+    /// Registers (or replaces) a network service in the central registry.
+    pub async fn register_service(&self, ns: NetworkService) -> Result<NetworkService> {
+        self.registries().ns.register(&mut Cx::client(), ns).await
+    }
+
+    /// Starts the registry (again) with an empty store on its URL.
+    pub async fn start_registry(&self) -> Result<()> {
+        let token = self.shared.root.child_token();
+        let reg = registry_server(self.shared.expiry);
+        let server = serve(&self.registry_url, reg.services()).await?;
+        self.registry.set(server, token);
+        Ok(())
+    }
+
+    /// Kills the registry (its store is lost).
+    pub fn kill_registry(&self) {
+        self.registry.kill();
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.shared.root.cancel();
+        self.registry.kill();
+        for n in &self.nodes {
+            n.nsmgr.kill();
+            for f in n
+                .forwarders
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+            {
+                f.component.kill();
+            }
+        }
+        if let Some(dir) = &self.shared.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn registries_at(channels: &Channels, url: &Url) -> Registries {
+    Registries {
+        ns: RegistryChain::<NetworkService>::builder()
+            .push(grpc_registry(channels.clone(), url.clone()))
+            .build(),
+        nse: RegistryChain::<NetworkServiceEndpoint>::builder()
+            .push(grpc_registry(channels.clone(), url.clone()))
+            .build(),
+    }
+}
+
+struct ForwarderEntry {
+    component: Component,
+    url: Url,
+    labels: HashMap<String, String>,
+}
+
+/// One node: a manager and its forwarders.
+pub struct Node {
+    shared: Arc<Shared>,
+    index: usize,
+    registry_url: Url,
+    nsmgr_url: Url,
+    nsmgr: Component,
+    forwarders: Mutex<HashMap<String, ForwarderEntry>>,
+    endpoints: Mutex<Vec<NetworkServiceEndpoint>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("index", &self.index)
+            .field("nsmgr", &self.nsmgr_url)
+            .finish()
+    }
+}
+
+/// Options of an endpoint started by [`Node::endpoint`].
+#[derive(Clone, Default)]
+#[must_use]
+pub struct EndpointSpec {
+    name: String,
+    services: Vec<String>,
+    labels: HashMap<String, String>,
+    prefix: Option<IpNet>,
+    handlers: Vec<Arc<dyn Handler>>,
+    register: bool,
+    serve: bool,
+}
+
+impl std::fmt::Debug for EndpointSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointSpec")
+            .field("name", &self.name)
+            .field("services", &self.services)
+            .field("labels", &self.labels)
+            .finish()
+    }
+}
+
+impl EndpointSpec {
+    /// An endpoint called `name` serving `service`, registered and served.
+    pub fn new(name: impl Into<String>, service: impl Into<String>) -> Self {
+        EndpointSpec {
+            name: name.into(),
+            services: vec![service.into()],
+            register: true,
+            serve: true,
+            ..Default::default()
+        }
+    }
+
+    /// Also serves `service`.
+    pub fn service(mut self, service: impl Into<String>) -> Self {
+        self.services.push(service.into());
+        self
+    }
+
+    /// A label the endpoint registers for each of its services.
+    pub fn label(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.labels.insert(k.into(), v.into());
+        self
+    }
+
+    /// Hands out point-to-point addresses from `prefix`.
+    pub fn ipam(mut self, prefix: IpNet) -> Self {
+        self.prefix = Some(prefix);
+        self
+    }
+
+    /// Appends an application handler (after IPAM and the mechanism).
+    pub fn handler(mut self, h: impl Handler) -> Self {
+        self.handlers.push(Arc::new(h));
+        self
+    }
+
+    /// Whether to register the endpoint when it starts (default yes).
+    pub fn register(mut self, yes: bool) -> Self {
+        self.register = yes;
+        self
+    }
+
+    /// Whether to serve the endpoint when it starts (default yes).
+    pub fn serve(mut self, yes: bool) -> Self {
+        self.serve = yes;
+        self
+    }
+}
+
+/// An endpoint started in the sandbox.
+pub struct EndpointHandle {
+    /// Its name.
+    pub name: String,
+    /// Where it listens.
+    pub url: Url,
+    /// Counts what reaches it (after `begin`).
+    pub counter: Counter,
+    /// Fails requests on demand.
+    pub inject: Inject,
+    endpoint: Endpoint,
+    registration: NetworkServiceEndpoint,
+    component: Component,
+    front: Registries,
+}
+
+impl std::fmt::Debug for EndpointHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointHandle")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+impl EndpointHandle {
+    /// The endpoint's chain and monitor.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Starts serving (again) on its URL, with the same chain.
+    pub async fn serve(&self) -> Result<()> {
+        let server = serve(&self.url, self.endpoint.services()).await?;
+        self.component.set(server, CancellationToken::new());
+        Ok(())
+    }
+
+    /// Registers (again) through its node's manager.
+    pub async fn register(&self) -> Result<NetworkServiceEndpoint> {
+        self.front
+            .nse
+            .register(&mut Cx::client(), self.registration.clone())
+            .await
+    }
+
+    /// Unregisters through its node's manager.
+    pub async fn unregister(&self) -> Result<()> {
+        self.front
+            .nse
+            .unregister(&mut Cx::client(), self.registration.clone())
+            .await
+    }
+
+    /// Kills it: the server stops at once, open connections break. It stays
+    /// registered until it is unregistered or expires.
+    pub fn kill(&self) {
+        self.component.kill();
+    }
+}
+
+impl Drop for EndpointHandle {
+    fn drop(&mut self) {
+        self.component.kill();
+    }
+}
+
+impl Node {
+    fn new(shared: Arc<Shared>, index: usize, registry_url: Url) -> Self {
+        let nsmgr_url = shared.url(&format!("nsmgr-{index}"));
+        Node {
+            shared,
+            index,
+            registry_url,
+            nsmgr_url,
+            nsmgr: Component::new(),
+            forwarders: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The node's index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The manager's name (`nsmgr-<index>`).
+    pub fn nsmgr_name(&self) -> String {
+        format!("nsmgr-{}", self.index)
+    }
+
+    /// The manager's URL.
+    pub fn nsmgr_url(&self) -> &Url {
+        &self.nsmgr_url
+    }
+
+    /// A gRPC client of this node's registry front (the manager).
+    pub fn registries(&self) -> Registries {
+        registries_at(&self.shared.channels, &self.nsmgr_url)
+    }
+
+    /// Starts the manager (again, with fresh state) on its URL, and registers the
+    /// node's forwarders and endpoints with it again.
+    pub async fn start_nsmgr(&self) -> Result<()> {
+        let token = self.shared.root.child_token();
+        let mgr = nsmgr(
+            NsmgrOptions::new(
+                self.nsmgr_name(),
+                self.nsmgr_url.clone(),
+                self.registry_url.clone(),
+            )
+            .channels(self.shared.channels.clone())
+            .root(token.clone()),
+        );
+        let server = serve(&self.nsmgr_url, mgr.services()).await?;
+        self.nsmgr.set(server, token);
+        let regs: Vec<NetworkServiceEndpoint> = {
+            let fwds = self.forwarders.lock().unwrap_or_else(|p| p.into_inner());
+            fwds.iter()
+                .map(|(name, f)| forwarder_registration(name, &f.url, &f.labels))
+                .collect()
+        };
+        let eps = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let front = self.registries();
+        for r in regs.into_iter().chain(eps) {
+            front.nse.register(&mut Cx::client(), r).await?;
+        }
+        Ok(())
+    }
+
+    /// Kills the manager (its state is lost).
+    pub fn kill_nsmgr(&self) {
+        self.nsmgr.kill();
+    }
+
+    /// Starts a forwarder called `name` with `labels` (default `p2p=true` when empty),
+    /// serves it and registers it with the manager. A forwarder of the same name is
+    /// replaced (a restart).
+    pub async fn add_forwarder(&self, name: &str, labels: HashMap<String, String>) -> Result<Url> {
+        let url = self.shared.url(name);
+        let labels = if labels.is_empty() {
+            HashMap::from([("p2p".to_string(), "true".to_string())])
+        } else {
+            labels
+        };
+        let token = self.shared.root.child_token();
+        let fwd = forwarder(
+            ForwarderOptions::new(name, self.nsmgr_url.clone())
+                .channels(self.shared.channels.clone())
+                .root(token.clone())
+                .labels(labels.clone()),
+        );
+        let server = serve(&url, fwd.services()).await?;
+        let component = Component::new();
+        component.set(server, token);
+        let old = self
+            .forwarders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                name.to_string(),
+                ForwarderEntry {
+                    component,
+                    url: url.clone(),
+                    labels: labels.clone(),
+                },
+            );
+        if let Some(old) = old {
+            old.component.kill();
+        }
+        self.registries()
+            .nse
+            .register(&mut Cx::client(), fwd.registration(&url))
+            .await?;
+        Ok(url)
+    }
+
+    /// Kills the forwarder `name` (it stays registered).
+    pub fn kill_forwarder(&self, name: &str) -> bool {
+        let fwds = self.forwarders.lock().unwrap_or_else(|p| p.into_inner());
+        fwds.get(name).is_some_and(|f| f.component.kill())
+    }
+
+    /// Starts the forwarder `name` again (fresh state, same URL and labels).
+    pub async fn restart_forwarder(&self, name: &str) -> Result<Url> {
+        let labels = {
+            let fwds = self.forwarders.lock().unwrap_or_else(|p| p.into_inner());
+            fwds.get(name)
+                .map(|f| f.labels.clone())
+                .ok_or_else(|| Error::not_found(format!("no forwarder {name}")))?
+        };
+        self.add_forwarder(name, labels).await
+    }
+
+    /// Starts an endpoint on this node.
+    pub async fn endpoint(&self, spec: EndpointSpec) -> Result<EndpointHandle> {
+        let url = self.shared.url(&spec.name);
+        let counter = counter();
+        let inject = inject();
+        let mut opts = EndpointOptions::new()
+            .root(self.shared.root.child_token())
+            .handler(counter.clone())
+            .handler(inject.clone());
+        if let Some(p) = spec.prefix {
+            opts = opts.handler(point_to_point(vec![p]));
+        }
+        opts = opts.handler(mechanisms().with(types::NOOP, noop_server()));
+        for h in spec.handlers {
+            opts = opts.handler_arc(h);
+        }
+        let ep = endpoint(spec.name.clone(), opts);
+        let labels = NetworkServiceLabels {
+            labels: spec.labels.clone(),
+        };
+        let registration = NetworkServiceEndpoint {
+            name: spec.name.clone(),
+            network_service_names: spec.services.clone(),
+            network_service_labels: spec
+                .services
+                .iter()
+                .map(|s| (s.clone(), labels.clone()))
+                .collect(),
+            url: url.to_string(),
+            ..Default::default()
+        };
+        let handle = EndpointHandle {
+            name: spec.name.clone(),
+            url,
+            counter,
+            inject,
+            endpoint: ep,
+            registration: registration.clone(),
+            component: Component::new(),
+            front: self.registries(),
+        };
+        if spec.serve {
+            handle.serve().await?;
+        }
+        if spec.register {
+            for s in &spec.services {
+                self.ensure_service(s).await?;
+            }
+            handle.register().await?;
+            self.endpoints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(registration);
+        }
+        Ok(handle)
+    }
+
+    /// Registers the network service `name` (payload IP) unless it exists.
+    pub async fn ensure_service(&self, name: &str) -> Result<()> {
+        let front = self.registries();
+        let found = front
+            .ns
+            .list(
+                &mut Cx::client(),
+                NetworkService {
+                    name: name.to_string(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if found.is_empty() {
+            front
+                .ns
+                .register(
+                    &mut Cx::client(),
+                    NetworkService {
+                        name: name.to_string(),
+                        payload: "IP".into(),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Client options for a client called `name` talking to this node's manager.
+    pub fn client_options(&self, name: &str) -> ClientOptions {
+        ClientOptions::new(name, self.nsmgr_url.clone())
+            .channels(self.shared.channels.clone())
+            .root(self.shared.root.child_token())
+    }
+
+    /// A client called `name` talking to this node's manager.
+    pub fn client(&self, name: &str) -> Chain {
+        client(self.client_options(name))
+    }
+
+    /// A passthrough endpoint: it forwards each connection, relabelled with `labels`,
+    /// to the same network service through this node's manager (a service function
+    /// chain hop). Its client's path segment is named `<name>-client`.
+    pub fn passthrough_spec(
+        &self,
+        spec: EndpointSpec,
+        labels: HashMap<String, String>,
+    ) -> EndpointSpec {
+        let name = spec.name.clone();
+        let downstream = client(self.client_options(&format!("{name}-client")).retry(None));
+        spec.handler(passthrough().labels(labels))
+            .handler(connect(downstream))
+    }
+}
+
+fn forwarder_registration(
+    name: &str,
+    url: &Url,
+    labels: &HashMap<String, String>,
+) -> NetworkServiceEndpoint {
+    NetworkServiceEndpoint {
+        name: name.to_string(),
+        network_service_names: vec![crate::registry::select::FORWARDER_SERVICE.to_string()],
+        network_service_labels: HashMap::from([(
+            crate::registry::select::FORWARDER_SERVICE.to_string(),
+            NetworkServiceLabels {
+                labels: labels.clone(),
+            },
+        )]),
+        url: url.to_string(),
+        ..Default::default()
+    }
+}
