@@ -13,7 +13,10 @@ fn request(service: &str, labels: &[(&str, &str)]) -> NetworkServiceRequest {
     NetworkServiceRequest {
         connection: Some(Connection {
             network_service: service.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..Default::default()
         }),
         ..Default::default()
@@ -35,7 +38,10 @@ fn names(conn: &Connection) -> Vec<String> {
 }
 
 fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn route(src: &[(&str, &str)], dst: &[(&str, &str)], fallthrough: bool) -> Match {
@@ -57,7 +63,11 @@ fn linear_service(name: &str, n: usize) -> NetworkService {
         payload: "IP".into(),
         matches: (0..n)
             .map(|i| {
-                let prev = if i == 0 { "start".to_string() } else { (i - 1).to_string() };
+                let prev = if i == 0 {
+                    "start".to_string()
+                } else {
+                    (i - 1).to_string()
+                };
                 route(&[("step", &prev)], &[("step", &i.to_string())], false)
             })
             .collect(),
@@ -103,7 +113,10 @@ async fn run_chain(mesh: &Sandbox, client_node: usize, n: usize, per_hop: usize)
         assert_eq!(path[at], format!("nse-{i}"), "{path:?}");
     }
     for _ in 0..5 {
-        conn = nsc.request(&mut Cx::client(), refresh(&conn)).await.unwrap();
+        conn = nsc
+            .request(&mut Cx::client(), refresh(&conn))
+            .await
+            .unwrap();
         assert_eq!(names(&conn), path);
     }
     nsc.close(&mut Cx::client(), conn).await.unwrap();
@@ -118,7 +131,9 @@ async fn run_chain(mesh: &Sandbox, client_node: usize, n: usize, per_hop: usize)
 #[tokio::test]
 async fn passthrough_chain_of_seven_local_endpoints() {
     let mesh = Sandbox::builder().nodes(1).build().await.unwrap();
-    mesh.register_service(linear_service("sfc", 7)).await.unwrap();
+    mesh.register_service(linear_service("sfc", 7))
+        .await
+        .unwrap();
     run_chain(&mesh, 0, 7, 4).await;
 }
 
@@ -126,7 +141,9 @@ async fn passthrough_chain_of_seven_local_endpoints() {
 #[tokio::test]
 async fn passthrough_chain_of_seven_remote_endpoints() {
     let mesh = Sandbox::builder().nodes(7).build().await.unwrap();
-    mesh.register_service(linear_service("sfc", 7)).await.unwrap();
+    mesh.register_service(linear_service("sfc", 7))
+        .await
+        .unwrap();
     run_chain(&mesh, 0, 7, 6).await;
 }
 
@@ -142,10 +159,16 @@ async fn same_source_selector_falls_through_to_the_next_match() {
         ..Default::default()
     };
     // From the start, try step=0 first and fall through to step=1.
-    ns.matches.push(route(&[("step", "start")], &[("step", "0")], true));
-    ns.matches.push(route(&[("step", "start")], &[("step", "1")], false));
+    ns.matches
+        .push(route(&[("step", "start")], &[("step", "0")], true));
+    ns.matches
+        .push(route(&[("step", "start")], &[("step", "1")], false));
     for i in 2..n {
-        ns.matches.push(route(&[("step", &(i - 1).to_string())], &[("step", &i.to_string())], false));
+        ns.matches.push(route(
+            &[("step", &(i - 1).to_string())],
+            &[("step", &i.to_string())],
+            false,
+        ));
     }
     mesh.register_service(ns).await.unwrap();
     let node = mesh.node(0);
@@ -167,7 +190,10 @@ async fn same_source_selector_falls_through_to_the_next_match() {
     let path = names(&conn);
     assert_eq!(path.len(), 4 * (n - 2) + 4, "{path:?}");
     assert_eq!(path[3], "nse-1");
-    conn = nsc.request(&mut Cx::client(), refresh(&conn)).await.unwrap();
+    conn = nsc
+        .request(&mut Cx::client(), refresh(&conn))
+        .await
+        .unwrap();
     assert_eq!(names(&conn), path);
     nsc.close(&mut Cx::client(), conn).await.unwrap();
     let closes: usize = nses.iter().map(|e| e.counter.closes()).sum();
@@ -200,11 +226,18 @@ async fn destination_selectors_are_templated_from_request_labels() {
     for (node, want) in [(0, "nse-node-0"), (1, "nse-node-1")] {
         let nsc = mesh.node(node).client("nsc");
         let conn = nsc
-            .request(&mut Cx::client(), request("svc", &[("nodeName", &format!("node-{node}"))]))
+            .request(
+                &mut Cx::client(),
+                request("svc", &[("nodeName", &format!("node-{node}"))]),
+            )
             .await
             .unwrap();
         assert_eq!(conn.network_service_endpoint_name, want);
-        assert_eq!(names(&conn).len(), 4, "the local endpoint was chosen, so the path is local");
+        assert_eq!(
+            names(&conn).len(),
+            4,
+            "the local endpoint was chosen, so the path is local"
+        );
         nsc.close(&mut Cx::client(), conn).await.unwrap();
     }
     assert_eq!((on0.counter.closes(), on1.counter.closes()), (1, 1));
@@ -222,7 +255,11 @@ fn p2mp_service(p2mp: bool) -> NetworkService {
             }],
             fallthrough: false,
             metadata: Some(Metadata {
-                labels: if p2mp { labels(&[("p2mp", "true")]) } else { HashMap::new() },
+                labels: if p2mp {
+                    labels(&[("p2mp", "true")])
+                } else {
+                    HashMap::new()
+                },
             }),
         }],
         ..Default::default()
@@ -238,15 +275,28 @@ async fn point_to_multipoint(nodes: usize) {
         .unwrap();
     for n in 0..nodes {
         let node = mesh.node(n);
-        node.add_forwarder(&format!("p2mp-{n}"), labels(&[("p2mp", "true")])).await.unwrap();
-        node.add_forwarder(&format!("p2p-{n}"), labels(&[("p2p", "true")])).await.unwrap();
-        node.add_forwarder(&format!("special-{n}"), labels(&[("special", "true")])).await.unwrap();
+        node.add_forwarder(&format!("p2mp-{n}"), labels(&[("p2mp", "true")]))
+            .await
+            .unwrap();
+        node.add_forwarder(&format!("p2p-{n}"), labels(&[("p2p", "true")]))
+            .await
+            .unwrap();
+        node.add_forwarder(&format!("special-{n}"), labels(&[("special", "true")]))
+            .await
+            .unwrap();
     }
     mesh.register_service(p2mp_service(true)).await.unwrap();
-    let _nse = mesh.node(0).endpoint(EndpointSpec::new("nse", "svc")).await.unwrap();
+    let _nse = mesh
+        .node(0)
+        .endpoint(EndpointSpec::new("nse", "svc"))
+        .await
+        .unwrap();
     let client_node = nodes - 1;
     let nsc = mesh.node(client_node).client("nsc");
-    let conn = nsc.request(&mut Cx::client(), request("svc", &[])).await.unwrap();
+    let conn = nsc
+        .request(&mut Cx::client(), request("svc", &[]))
+        .await
+        .unwrap();
     let path = names(&conn);
     assert_eq!(path[2], format!("p2mp-{client_node}"));
     if nodes > 1 {
@@ -255,7 +305,10 @@ async fn point_to_multipoint(nodes: usize) {
     nsc.close(&mut Cx::client(), conn).await.unwrap();
 
     mesh.register_service(p2mp_service(false)).await.unwrap();
-    let conn = nsc.request(&mut Cx::client(), request("svc", &[])).await.unwrap();
+    let conn = nsc
+        .request(&mut Cx::client(), request("svc", &[]))
+        .await
+        .unwrap();
     let path = names(&conn);
     assert_eq!(path[2], format!("p2p-{client_node}"));
     if nodes > 1 {
