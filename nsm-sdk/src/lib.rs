@@ -25,3 +25,12 @@ pub mod transport;
 pub use crate::core::{Chain, ChainBuilder, ConnHandle, Cx, Handler, Next, Side};
 pub use crate::error::{Error, Result};
 pub use nsm_proto as proto;
+
+/// Re-exported so handlers can be written without a direct dependency:
+/// `#[nsm_sdk::async_trait] impl Handler for MyHandler { ... }`.
+pub use async_trait::async_trait;
+
+/// The README's examples compile as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
