@@ -26,7 +26,10 @@ async fn main() {
 }
 
 async fn run() -> nsm_sdk::Result<()> {
-    step(1, "starting a registry and 2 nodes (a manager and a forwarder each) on unix sockets");
+    step(
+        1,
+        "starting a registry and 2 nodes (a manager and a forwarder each) on unix sockets",
+    );
     let mesh = Sandbox::builder()
         .nodes(2)
         .transport(Transport::Unix)
@@ -34,15 +37,25 @@ async fn run() -> nsm_sdk::Result<()> {
         .await?;
     eprintln!("      registry at {}", mesh.registry_url());
 
-    step(2, "starting the endpoint icmp-responder on node 1 (addresses from 172.16.1.0/24)");
+    step(
+        2,
+        "starting the endpoint icmp-responder on node 1 (addresses from 172.16.1.0/24)",
+    );
     let nse = mesh
         .node(1)
-        .endpoint(EndpointSpec::new("icmp-responder", "icmp-responder").ipam(
-            "172.16.1.0/24".parse().map_err(|e| nsm_sdk::Error::invalid(format!("{e}")))?,
-        ))
+        .endpoint(
+            EndpointSpec::new("icmp-responder", "icmp-responder").ipam(
+                "172.16.1.0/24"
+                    .parse()
+                    .map_err(|e| nsm_sdk::Error::invalid(format!("{e}")))?,
+            ),
+        )
         .await?;
 
-    step(3, "client nsc on node 0 requests kernel://icmp-responder/nsm-1");
+    step(
+        3,
+        "client nsc on node 0 requests kernel://icmp-responder/nsm-1",
+    );
     let nsc = mesh.node(0).client("nsc");
     let url = NsUrl::parse("kernel://icmp-responder/nsm-1")?;
     let started = Instant::now();
@@ -62,7 +75,10 @@ async fn run() -> nsm_sdk::Result<()> {
         )
         .await?;
     let same = ids(&again) == ids(&conn);
-    eprintln!("      path unchanged: {same}; the endpoint saw {} requests", nse.counter.requests());
+    eprintln!(
+        "      path unchanged: {same}; the endpoint saw {} requests",
+        nse.counter.requests()
+    );
 
     step(5, "closing: the Close travels the whole path");
     nsc.close(&mut Cx::client(), again).await?;
@@ -89,7 +105,10 @@ fn show(conn: &Connection) {
         }
     }
     if let Some(ip) = conn.context.as_ref().and_then(|c| c.ip_context.as_ref()) {
-        eprintln!("      client address {:?}, endpoint address {:?}", ip.src_ip_addrs, ip.dst_ip_addrs);
+        eprintln!(
+            "      client address {:?}, endpoint address {:?}",
+            ip.src_ip_addrs, ip.dst_ip_addrs
+        );
         let routes: Vec<_> = ip.src_routes.iter().map(|r| r.prefix.clone()).collect();
         eprintln!("      client routes {routes:?}");
     }

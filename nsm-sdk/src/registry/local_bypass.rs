@@ -101,7 +101,20 @@ impl RegistryHandler<NetworkServiceEndpoint> for LocalBypass {
         query: Query<NetworkServiceEndpoint>,
         next: RegistryNext<NetworkServiceEndpoint>,
     ) -> Result<FindStream<NetworkServiceEndpoint>> {
+        // URLs match by substring in a Find, so a query for this manager's own URL
+        // (`tcp://h:500`) would also return the entries of a manager at `tcp://h:5001`.
+        // A query for our own URL means our own entries: keep exact matches only.
+        let own_only = query.template.url == self.inner.own_url;
         let stream = next.find(cx, query).await?;
+        let inner = self.inner.clone();
+        let stream = stream.filter(move |item| {
+            let keep = !own_only
+                || match item {
+                    Ok(found) => found.resource.url == inner.own_url,
+                    Err(_) => true,
+                };
+            futures::future::ready(keep)
+        });
         let inner = self.inner.clone();
         Ok(Box::pin(stream.map(move |item| {
             item.map(|mut found| {
@@ -261,5 +274,42 @@ mod tests {
             front.list(cx, nse("local", "")).await.unwrap()[0].url,
             NSMGR
         );
+    }
+
+    #[tokio::test]
+    async fn a_find_for_our_own_url_ignores_managers_whose_url_merely_contains_it() {
+        let central = memory::<NetworkServiceEndpoint>();
+        let other = NetworkServiceEndpoint {
+            name: "fwd-other".into(),
+            network_service_names: vec!["forwarder".into()],
+            url: "tcp://127.0.0.1:5001".into(),
+            ..Default::default()
+        };
+        let store = RegistryChain::builder().push(central.clone()).build();
+        store.register(&mut Cx::server(), other).await.unwrap();
+        let front = RegistryChain::builder()
+            .push(local_bypass("tcp://127.0.0.1:500".parse().unwrap()))
+            .push(central)
+            .build();
+        let mine = NetworkServiceEndpoint {
+            name: "fwd-mine".into(),
+            network_service_names: vec!["forwarder".into()],
+            url: "inmem://fwd-mine".into(),
+            ..Default::default()
+        };
+        front.register(&mut Cx::server(), mine).await.unwrap();
+        let found = front
+            .list(
+                &mut Cx::server(),
+                NetworkServiceEndpoint {
+                    url: "tcp://127.0.0.1:500".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let names: Vec<_> = found.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["fwd-mine"]);
+        assert_eq!(found[0].url, "inmem://fwd-mine");
     }
 }

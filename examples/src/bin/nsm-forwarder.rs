@@ -1,0 +1,52 @@
+//! `nsm-forwarder`: a node's forwarder, with the NOOP data plane.
+
+use std::net::IpAddr;
+use std::process::ExitCode;
+
+use nsm_examples::{registered_until, run, serve_all, shutdown_all, Common, DEFAULT_NSM_SOCKET};
+use nsm_sdk::chains::{forwarder, ForwarderOptions};
+use nsm_sdk::transport::Url;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// The forwarder: makes the client's side of each connection, picks the endpoint and
+/// connects to it (or to the manager of the endpoint's node). It registers itself with
+/// its manager and stays registered until it stops. Data plane: NOOP only.
+#[derive(Debug, clap::Parser)]
+#[command(version)]
+struct Args {
+    /// Name of the forwarder: its path segment and registry entry (unique in the
+    /// registry).
+    #[arg(long, env = "NSM_NAME")]
+    name: String,
+
+    /// Where to listen (it registers this URL with its manager).
+    #[arg(long, env = "NSM_LISTEN_ON", value_name = "URL")]
+    listen_on: Url,
+
+    /// Its node's manager.
+    #[arg(long, env = "NSM_CONNECT_TO", value_name = "URL", default_value = DEFAULT_NSM_SOCKET)]
+    connect_to: Url,
+
+    /// The node's address for tunnels to other nodes (accepted for compatibility; the
+    /// NOOP data plane builds no tunnel).
+    #[arg(long, env = "NSM_TUNNEL_IP", value_name = "IP")]
+    tunnel_ip: Option<IpAddr>,
+
+    #[command(flatten)]
+    common: Common,
+}
+
+fn main() -> ExitCode {
+    run(|args: Args, stop| async move {
+        info!(tunnel_ip = ?args.tunnel_ip, "NOOP data plane: the tunnel IP is not used");
+        let root = CancellationToken::new();
+        let fwd = forwarder(ForwarderOptions::new(&args.name, args.connect_to).root(root.clone()));
+        let servers = serve_all(&[args.listen_on], &fwd.services()).await?;
+        let entry = fwd.registration(servers[0].url());
+        let outcome = registered_until(fwd.registries().nse.clone(), entry, &stop).await;
+        shutdown_all(servers).await;
+        root.cancel();
+        outcome
+    })
+}

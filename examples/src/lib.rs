@@ -1,0 +1,47 @@
+//! # nsm-examples
+//!
+//! Example programs built on [`nsm_sdk`], configured like NSM's own commands: each
+//! setting is an `NSM_*` environment variable that is also a `--flag`, and `--help`
+//! lists them.
+//!
+//! | program | what it runs |
+//! |---|---|
+//! | `nsm-registry` | the registry server (`registry_server`) |
+//! | `nsmgr` | a node manager, also its node's registry front |
+//! | `nsm-forwarder` | a forwarder (NOOP data plane), registered with its manager |
+//! | `nse-icmp-responder` | an endpoint with point-to-point IPAM, registered with its manager |
+//! | `nsc` | a client: requests NS URLs, prints each connection as a JSON line |
+//! | `hello-endpoint` | the smallest "write your own endpoint" program |
+//!
+//! This library is what they share: parsing ([`Common`], [`parse_duration`],
+//! [`parse_labels`]), the life of a program ([`run`]: logging, signals, exit statuses),
+//! serving ([`serve_all`], [`shutdown_all`]), staying registered ([`registered_until`],
+//! [`Registration`]),
+//! running an endpoint ([`serve_endpoint`]) and the handlers the programs add to their
+//! chains ([`log_calls`], [`print_connections`]).
+//!
+//! Every program logs to stderr (level from `NSM_LOG_LEVEL`, else `RUST_LOG`, else
+//! `info`), stops cleanly with exit status 0 on SIGTERM or SIGINT after undoing what
+//! it did (unregistering, closing), and exits with status 2 and one line on stderr when
+//! its configuration cannot work.
+
+#![warn(missing_docs)]
+
+mod cli;
+mod connections;
+mod endpoint;
+mod process;
+mod registration;
+
+pub use cli::{
+    parse_duration, parse_label, parse_labels, program_name, Common, DEFAULT_NSM_SOCKET,
+};
+pub use connections::{print_connection, print_connections, PrintConnections};
+pub use endpoint::{log_calls, registry_client, serve_endpoint, EndpointArgs, LogCalls};
+pub use process::{
+    init_logging, run, serve_all, shutdown_all, stop_on_signal, Failure, SHUTDOWN_TIMEOUT,
+};
+pub use registration::{
+    ensure_network_service, registered_until, Registration, CALL_TIMEOUT, DEFAULT_REFRESH,
+    STARTUP_TIMEOUT,
+};

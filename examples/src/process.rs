@@ -1,0 +1,192 @@
+//! The life of a program: logging, the runtime, signals, serving, exit statuses.
+
+use std::fmt;
+use std::future::Future;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use nsm_sdk::transport::{serve, Server, Services, Url};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{parse, program_name};
+
+/// How long a server may take to finish the calls in flight when the program stops.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a program stopped early.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The configuration cannot work (exit status 2).
+    Config(String),
+    /// Something failed while running (exit status 1).
+    Runtime(String),
+}
+
+impl Failure {
+    /// A configuration that cannot work.
+    pub fn config(reason: impl Into<String>) -> Self {
+        Failure::Config(reason.into())
+    }
+
+    /// A failure while running.
+    pub fn runtime(reason: impl Into<String>) -> Self {
+        Failure::Runtime(reason.into())
+    }
+
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            Failure::Config(_) => ExitCode::from(2),
+            Failure::Runtime(_) => ExitCode::FAILURE,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Config(m) | Failure::Runtime(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Failure {}
+
+impl From<nsm_sdk::Error> for Failure {
+    fn from(e: nsm_sdk::Error) -> Self {
+        Failure::Runtime(e.to_string())
+    }
+}
+
+/// Runs a program: parses its configuration `C` (a clap `Parser`; see
+/// [`Common`](crate::Common) for the log level), starts logging, builds a tokio
+/// runtime, and calls `program` with the configuration and a token that SIGTERM or
+/// SIGINT cancels. The program should then undo what it did (unregister, close) and
+/// return.
+///
+/// Exit status: 0 when `program` returns `Ok`; 2 for a bad configuration (one line on
+/// stderr); 1 when `program` fails (one line on stderr, `<program>: <reason>`). A second
+/// signal while stopping exits at once with status 1.
+pub fn run<C, F, Fut>(program: F) -> ExitCode
+where
+    C: clap::Parser,
+    F: FnOnce(C, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), Failure>>,
+{
+    let (config, level) = parse::<C>();
+    if let Err(reason) = init_logging(level.as_deref()) {
+        return report(Failure::Config(reason));
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(Failure::runtime(format!("cannot start tokio: {e}"))),
+    };
+    let outcome = runtime.block_on(async move {
+        let stop = stop_on_signal()
+            .map_err(|e| Failure::runtime(format!("cannot handle signals: {e}")))?;
+        program(config, stop).await
+    });
+    // Tasks left behind (server connections, timers) must not delay the exit.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    match outcome {
+        Ok(()) => {
+            info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(failure) => report(failure),
+    }
+}
+
+fn report(failure: Failure) -> ExitCode {
+    eprintln!("{}: {failure}", program_name());
+    failure.exit_code()
+}
+
+/// Starts logging to stderr: `level` (from `NSM_LOG_LEVEL`/`--log-level`) when given,
+/// else `RUST_LOG`, else `info`. A plain level may be in any case (`DEBUG`, as NSM's Go
+/// commands take it); anything else is read as tracing filter directives.
+pub fn init_logging(level: Option<&str>) -> Result<(), String> {
+    let directives = match level.map(str::trim).filter(|l| !l.is_empty()) {
+        Some(level) => plain_level(level).unwrap_or(level).to_string(),
+        None => std::env::var("RUST_LOG")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .unwrap_or_else(|| "info".to_string()),
+    };
+    let filter = EnvFilter::try_new(&directives)
+        .map_err(|e| format!("bad log level {directives:?}: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init()
+        .map_err(|e| format!("cannot start logging: {e}"))
+}
+
+fn plain_level(level: &str) -> Option<&'static str> {
+    Some(match level.to_ascii_lowercase().as_str() {
+        "trace" => "trace",
+        "debug" => "debug",
+        "info" => "info",
+        "warn" | "warning" => "warn",
+        "error" | "fatal" | "panic" => "error",
+        "off" => "off",
+        _ => return None,
+    })
+}
+
+/// A token cancelled by the first SIGTERM or SIGINT. The handlers are installed before
+/// this returns, so a signal that comes later never kills the process uncleanly; a
+/// second signal exits at once with status 1.
+pub fn stop_on_signal() -> std::io::Result<CancellationToken> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        info!(signal = name, "stopping");
+        token.cancel();
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        warn!("second signal: exiting at once");
+        std::process::exit(1);
+    });
+    Ok(stop)
+}
+
+/// Serves `services` on each of `urls` (one server per URL, sharing the chains).
+pub async fn serve_all(urls: &[Url], services: &Services) -> Result<Vec<Server>, Failure> {
+    let mut servers = Vec::with_capacity(urls.len());
+    for url in urls {
+        let server = serve(url, services.clone())
+            .await
+            .map_err(|e| Failure::runtime(format!("cannot listen on {url}: {e}")))?;
+        servers.push(server);
+    }
+    Ok(servers)
+}
+
+/// Stops servers gracefully, each within [`SHUTDOWN_TIMEOUT`] (then it is killed).
+pub async fn shutdown_all(servers: Vec<Server>) {
+    for server in servers {
+        let url = server.url().clone();
+        if tokio::time::timeout(SHUTDOWN_TIMEOUT, server.shutdown())
+            .await
+            .is_err()
+        {
+            warn!(url = %url, "calls still running after {SHUTDOWN_TIMEOUT:?}; server killed");
+        }
+    }
+}

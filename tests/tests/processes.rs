@@ -1,0 +1,536 @@
+//! The example programs (crate `nsm-examples`) as separate processes, talking gRPC over
+//! unix sockets and TCP on 127.0.0.1: a local mesh, a two-node mesh, and bad input.
+//!
+//! The binaries are looked up in the target directory this test runs from
+//! (`target/<profile>/`). `cargo test --workspace` and `cargo nextest run --workspace`
+//! build them; `cargo test -p nsm-tests --test processes` alone does not, so this test
+//! runs `cargo build -p nsm-examples --bins` first when one is missing (run it yourself
+//! after changing the examples, or the test uses the old binaries).
+//!
+//! Every process is killed when its test ends, pass or fail; a failing test prints the
+//! logs of its processes (kept in the test's temp directory). Readiness is waited for
+//! by polling log lines, never by sleeping. `NSM_TEST_LOG_LEVEL` sets the programs' log
+//! level (default `info`).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long a process may take to get ready, or to do what a step waits for.
+const READY: Duration = Duration::from_secs(20);
+/// How long a process may take to exit after SIGTERM.
+const EXIT: Duration = Duration::from_secs(10);
+
+/// The directory of the example binaries, built if one is missing.
+fn bin(name: &str) -> PathBuf {
+    static BUILT: Mutex<bool> = Mutex::new(false);
+    let exe = std::env::current_exe().expect("the test knows its path");
+    // target/<profile>/deps/processes-<hash> -> target/<profile>/
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from target/<profile>/deps");
+    let path = dir.join(name);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !path.exists() && !*built {
+        *built = true;
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = Command::new(cargo)
+            .args(["build", "-p", "nsm-examples", "--bins"])
+            .current_dir(workspace)
+            .status();
+        eprintln!("built the example binaries: {status:?}");
+    }
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p nsm-examples --bins` (or test the whole \
+         workspace) before this test",
+        path.display()
+    );
+    path
+}
+
+/// A fresh directory for one test's sockets and logs, removed when the test passes.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "nsm-{test}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+
+    fn unix(&self, name: &str) -> String {
+        format!("unix://{}", self.0.join(name).display())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("logs kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn tcp(port: u16) -> String {
+    format!("tcp://127.0.0.1:{port}")
+}
+
+/// One running program. Dropping it kills it (SIGKILL) and reaps it.
+struct Proc {
+    name: String,
+    child: Child,
+    stderr: PathBuf,
+    stdout: Option<mpsc::Receiver<String>>,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Polls the process's log until a line contains every one of `parts`; returns it.
+    fn wait_for_log(&mut self, parts: &[&str]) -> String {
+        self.wait_for_lines(parts, 1).pop().expect("one line")
+    }
+
+    /// Polls the process's log until `count` lines contain every one of `parts`.
+    fn wait_for_lines(&mut self, parts: &[&str], count: usize) -> Vec<String> {
+        let until = Instant::now() + READY;
+        loop {
+            let found: Vec<String> = self
+                .log()
+                .lines()
+                .filter(|l| parts.iter().all(|p| l.contains(p)))
+                .map(str::to_string)
+                .collect();
+            if found.len() >= count {
+                return found;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.status = Some(status);
+                panic!(
+                    "{} exited ({status}) before logging {parts:?} {count} times:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < until,
+                "{} did not log {parts:?} {count} times within {READY:?}:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The next line the process prints on stdout.
+    fn next_stdout_line(&mut self) -> String {
+        let lines = self.stdout.as_ref().expect("stdout is captured");
+        match lines.recv_timeout(READY) {
+            Ok(line) => line,
+            Err(e) => panic!(
+                "{} printed no line on stdout ({e}); its log:\n{}",
+                self.name,
+                self.log()
+            ),
+        }
+    }
+
+    /// A line on stdout, if the process printed one before it exited.
+    fn next_stdout_line_or_none(&mut self) -> Option<String> {
+        self.stdout
+            .as_ref()
+            .and_then(|lines| lines.recv_timeout(Duration::from_millis(100)).ok())
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {}: {status}", self.name);
+    }
+
+    /// Waits for the process to exit on its own.
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        if let Some(status) = self.status {
+            return status;
+        }
+        let until = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.status = Some(status);
+                return status;
+            }
+            assert!(
+                Instant::now() < until,
+                "{} still runs after {within:?}:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then asserts a clean exit (status 0).
+    fn terminate(&mut self) {
+        self.signal("TERM");
+        let status = self.wait_exit(EXIT);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{} after SIGTERM: {status}:\n{}",
+            self.name,
+            self.log()
+        );
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("----- {} (stderr) -----\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// Starts programs with their settings in a test's directory.
+struct Mesh {
+    dir: TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Mesh {
+    fn new(test: &str) -> Mesh {
+        Mesh {
+            dir: TempDir::new(test),
+            env: Vec::new(),
+        }
+    }
+
+    /// Sets `key=value` for every program started from now on.
+    fn with_env(mut self, key: &str, value: &str) -> Mesh {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Starts `program` as `name` with `env`; its stderr goes to `<name>.log`, its stdout
+    /// (when `capture_stdout`) to [`Proc::next_stdout_line`].
+    fn start(&self, program: &str, name: &str, env: &[(&str, &str)], capture_stdout: bool) -> Proc {
+        let stderr = self.dir.0.join(format!("{name}.log"));
+        let mut cmd = Command::new(bin(program));
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("NSM_")) {
+            cmd.env_remove(k);
+        }
+        let level = std::env::var("NSM_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+        cmd.env("NSM_LOG_LEVEL", level)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stderr(File::create(&stderr).expect("log file"))
+            .stdout(if capture_stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        let stdout = child.stdout.take().map(read_lines);
+        Proc {
+            name: name.to_string(),
+            child,
+            stderr,
+            stdout,
+            status: None,
+        }
+    }
+
+    fn registry(&self, listen_on: &str) -> Proc {
+        let mut p = self.start(
+            "nsm-registry",
+            "registry",
+            &[("NSM_LISTEN_ON", listen_on)],
+            false,
+        );
+        p.wait_for_log(&["serving", listen_on]);
+        p
+    }
+
+    fn nsmgr(&self, name: &str, listen_on: &str, registry: &str) -> Proc {
+        let mut p = self.start(
+            "nsmgr",
+            name,
+            &[
+                ("NSM_NAME", name),
+                ("NSM_LISTEN_ON", listen_on),
+                ("NSM_REGISTRY_URL", registry),
+            ],
+            false,
+        );
+        p.wait_for_log(&["serving", listen_on]);
+        p
+    }
+
+    fn forwarder(&self, name: &str, listen_on: &str, nsmgr: &str) -> Proc {
+        let mut p = self.start(
+            "nsm-forwarder",
+            name,
+            &[
+                ("NSM_NAME", name),
+                ("NSM_LISTEN_ON", listen_on),
+                ("NSM_CONNECT_TO", nsmgr),
+                ("NSM_TUNNEL_IP", "127.0.0.1"),
+            ],
+            false,
+        );
+        p.wait_for_log(&["registered endpoint", &format!("name={name}")]);
+        p
+    }
+
+    fn icmp_responder(&self, name: &str, listen_on: &str, nsmgr: &str) -> Proc {
+        let mut p = self.start(
+            "nse-icmp-responder",
+            name,
+            &[
+                ("NSM_NAME", name),
+                ("NSM_LISTEN_ON", listen_on),
+                ("NSM_CONNECT_TO", nsmgr),
+                ("NSM_SERVICE_NAMES", "icmp-responder"),
+                ("NSM_LABELS", "app=icmp"),
+                ("NSM_CIDR_PREFIX", "172.16.1.100/31,169.254.0.0/16"),
+            ],
+            false,
+        );
+        p.wait_for_log(&["registered endpoint", &format!("name={name}")]);
+        p
+    }
+
+    fn nsc(&self, nsmgr: &str, services: &str, timeout: &str) -> Proc {
+        self.start(
+            "nsc",
+            "nsc",
+            &[
+                ("NSM_NAME", "nsc"),
+                ("NSM_CONNECT_TO", nsmgr),
+                ("NSM_NETWORK_SERVICES", services),
+                ("NSM_REQUEST_TIMEOUT", timeout),
+            ],
+            true,
+        )
+    }
+}
+
+/// Lines of `out`, read by a thread of their own.
+fn read_lines(out: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The names of the connection's path segments, and their ids.
+fn path_of(conn: &Value) -> (Vec<String>, Vec<String>) {
+    let segments = conn["path"]["pathSegments"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no path segments in {conn}"));
+    let field = |f: &str| {
+        segments
+            .iter()
+            .map(|s| s[f].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+    };
+    (field("name"), field("id"))
+}
+
+/// Asserts what nsc printed: the path, the NOOP mechanism, and a point-to-point pair.
+fn check_connection(line: &str, expected_path: &[&str]) -> Value {
+    let conn: Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("nsc printed no JSON ({e}): {line}"));
+    let (names, ids) = path_of(&conn);
+    assert_eq!(names, expected_path, "{conn}");
+    assert!(ids.iter().all(|id| !id.is_empty()), "{conn}");
+    assert_eq!(conn["id"].as_str(), Some(ids[0].as_str()), "{conn}");
+    assert_eq!(conn["networkService"], "icmp-responder", "{conn}");
+    assert_eq!(conn["mechanism"]["type"], "NOOP", "{conn}");
+    assert_eq!(conn["labels"]["app"], "icmp", "{conn}");
+    let ip = &conn["context"]["ipContext"];
+    assert_eq!(
+        ip["srcIpAddrs"],
+        serde_json::json!(["172.16.1.101/32"]),
+        "{conn}"
+    );
+    assert_eq!(
+        ip["dstIpAddrs"],
+        serde_json::json!(["172.16.1.100/32"]),
+        "{conn}"
+    );
+    conn
+}
+
+/// After nsc's SIGTERM: nsc exits 0 and the endpoint logs the Close of its own
+/// segment's connection id.
+fn check_close(nsc: &mut Proc, nse: &mut Proc, conn: &Value) {
+    nsc.terminate();
+    let (_, ids) = path_of(conn);
+    let nse_id = ids.last().expect("a path");
+    nse.wait_for_log(&["close received", &format!("connection_id={nse_id}")]);
+}
+
+#[test]
+fn local_mesh_over_unix_sockets() {
+    let mesh = Mesh::new("local");
+    let (reg_url, nsmgr_url) = (mesh.dir.unix("reg.sock"), mesh.dir.unix("nsmgr.sock"));
+    let mut registry = mesh.registry(&reg_url);
+    let mut nsmgr = mesh.nsmgr("nsmgr", &nsmgr_url, &reg_url);
+    let mut fwd = mesh.forwarder("forwarder", &mesh.dir.unix("fwd.sock"), &nsmgr_url);
+    let mut nse = mesh.icmp_responder("nse", &mesh.dir.unix("nse.sock"), &nsmgr_url);
+
+    let mut nsc = mesh.nsc(&nsmgr_url, "kernel://icmp-responder/nsm-1?app=icmp", "15s");
+    let conn = check_connection(
+        &nsc.next_stdout_line(),
+        &["nsc", "nsmgr", "forwarder", "nse"],
+    );
+    nsc.wait_for_log(&["requesting NOOP instead"]);
+    check_close(&mut nsc, &mut nse, &conn);
+
+    // Everything else stops cleanly too, the endpoint and forwarder unregistering.
+    nse.terminate();
+    assert!(nse.log().contains("unregistered endpoint"), "{}", nse.log());
+    fwd.terminate();
+    assert!(fwd.log().contains("unregistered endpoint"), "{}", fwd.log());
+    nsmgr.terminate();
+    registry.terminate();
+}
+
+#[test]
+fn remote_mesh_over_tcp() {
+    let mesh = Mesh::new("remote");
+    let reg_url = tcp(free_port());
+    let (nsmgr1_url, nsmgr2_url) = (tcp(free_port()), tcp(free_port()));
+    let any_port = tcp(0);
+    let _registry = mesh.registry(&reg_url);
+    let _nsmgr1 = mesh.nsmgr("nsmgr-1", &nsmgr1_url, &reg_url);
+    let _nsmgr2 = mesh.nsmgr("nsmgr-2", &nsmgr2_url, &reg_url);
+    let _fwd1 = mesh.forwarder("fwd-1", &any_port, &nsmgr1_url);
+    let _fwd2 = mesh.forwarder("fwd-2", &any_port, &nsmgr2_url);
+    let mut nse = mesh.icmp_responder("nse", &any_port, &nsmgr2_url);
+
+    let mut nsc = mesh.nsc(&nsmgr1_url, "kernel://icmp-responder?app=icmp", "15s");
+    let conn = check_connection(
+        &nsc.next_stdout_line(),
+        &["nsc", "nsmgr-1", "fwd-1", "nsmgr-2", "fwd-2", "nse"],
+    );
+    check_close(&mut nsc, &mut nse, &conn);
+}
+
+#[test]
+fn registrations_outlive_the_registry_expiry() {
+    let mesh = Mesh::new("refresh")
+        .with_env("NSM_EXPIRE_AFTER", "2s")
+        .with_env("NSM_LOG_LEVEL", "info,nsm_examples=debug");
+    let (reg_url, nsmgr_url) = (mesh.dir.unix("reg.sock"), mesh.dir.unix("nsmgr.sock"));
+    let registry = mesh.registry(&reg_url);
+    let _nsmgr = mesh.nsmgr("nsmgr", &nsmgr_url, &reg_url);
+    let mut fwd = mesh.forwarder("forwarder", &mesh.dir.unix("fwd.sock"), &nsmgr_url);
+    let mut nse = mesh.icmp_responder("nse", &mesh.dir.unix("nse.sock"), &nsmgr_url);
+
+    // Refreshes come every third of the 2 s expiry: four of them take the entries past
+    // the expiry of their first registration.
+    nse.wait_for_lines(&["registration refreshed", "name=nse"], 4);
+    fwd.wait_for_lines(&["registration refreshed", "name=forwarder"], 4);
+    assert!(!registry.log().contains("expired"), "{}", registry.log());
+
+    let mut nsc = mesh.nsc(&nsmgr_url, "kernel://icmp-responder?app=icmp", "15s");
+    check_connection(
+        &nsc.next_stdout_line(),
+        &["nsc", "nsmgr", "forwarder", "nse"],
+    );
+}
+
+#[test]
+fn nsc_refuses_a_bad_ns_url_with_one_line() {
+    let mesh = Mesh::new("bad-url");
+    for bad in ["", "icmp-responder", "kernel://icmp-responder:80"] {
+        let mut nsc = mesh.nsc(&mesh.dir.unix("nowhere.sock"), bad, "1s");
+        let status = nsc.wait_exit(EXIT);
+        assert_eq!(status.code(), Some(2), "{bad:?}: {status}");
+        let log = nsc.log();
+        assert_eq!(log.lines().count(), 1, "{bad:?}: {log}");
+        assert!(
+            log.starts_with("nsc: ") && log.contains("NS URL"),
+            "{bad:?}: {log}"
+        );
+    }
+}
+
+#[test]
+fn nsc_fails_with_not_found_for_an_unknown_service() {
+    let mesh = Mesh::new("unknown");
+    let (reg_url, nsmgr_url) = (mesh.dir.unix("reg.sock"), mesh.dir.unix("nsmgr.sock"));
+    let _registry = mesh.registry(&reg_url);
+    let _nsmgr = mesh.nsmgr("nsmgr", &nsmgr_url, &reg_url);
+    let _fwd = mesh.forwarder("forwarder", &mesh.dir.unix("fwd.sock"), &nsmgr_url);
+
+    let started = Instant::now();
+    let mut nsc = mesh.nsc(&nsmgr_url, "kernel://no-such-service", "2s");
+    let status = nsc.wait_exit(EXIT);
+    // NotFound is retryable (a service may be registered in a moment): nsc retries for
+    // its request timeout (less the last pause between tries) before it gives up.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.code(), Some(1), "{status}:\n{}", nsc.log());
+    let log = nsc.log();
+    let reason = log.lines().last().unwrap_or_default();
+    assert!(
+        reason.starts_with("nsc: request for kernel://no-such-service failed")
+            && reason.contains("NotFound")
+            && reason.contains("network service no-such-service not found"),
+        "{log}"
+    );
+    assert!(nsc.next_stdout_line_or_none().is_none());
+}
