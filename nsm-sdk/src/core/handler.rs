@@ -183,7 +183,8 @@ impl Cursor<dyn Handler> {
     /// is the answer.
     pub async fn request(self, cx: &mut Cx, req: NetworkServiceRequest) -> Result<Connection> {
         match self.step() {
-            Some((h, next)) => h.request(cx, req, next).await,
+            // `(*h)`: call the handler itself, not the `Arc` blanket impl (one boxed future, not two).
+            Some((h, next)) => (*h).request(cx, req, next).await,
             None => Ok(req.connection.unwrap_or_default()),
         }
     }
@@ -191,7 +192,7 @@ impl Cursor<dyn Handler> {
     /// Passes a Close on. At the end of the outermost chain it succeeds.
     pub async fn close(self, cx: &mut Cx, conn: Connection) -> Result<()> {
         match self.step() {
-            Some((h, next)) => h.close(cx, conn, next).await,
+            Some((h, next)) => (*h).close(cx, conn, next).await,
             None => Ok(()),
         }
     }
