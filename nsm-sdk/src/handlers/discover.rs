@@ -68,6 +68,14 @@ pub(crate) fn registry_cx(cx: &Cx) -> Cx {
 
 /// `e` with `prefix` in front of its message; the variant (and so the code) is kept.
 pub(crate) fn prefix_error(e: Error, prefix: &str) -> Error {
+    // A message that passed another hop with the same prefix keeps it once.
+    let already = match &e {
+        Error::Remote { message, .. } => message.contains(prefix),
+        other => other.to_string().contains(prefix),
+    };
+    if already {
+        return e;
+    }
     match e {
         Error::InvalidArgument(m) => Error::InvalidArgument(format!("{prefix}{m}")),
         Error::NotFound(m) => Error::NotFound(format!("{prefix}{m}")),
@@ -681,6 +689,13 @@ mod tests {
         reg.set_down(false);
         reg.remove_nse("b");
         chain(&reg).close(&mut Cx::server(), conn).await.unwrap();
+    }
+
+    #[test]
+    fn a_prefix_is_added_once() {
+        let e = prefix_error(Error::not_found("x"), "network service s: ");
+        let e = prefix_error(e, "network service s: ");
+        assert_eq!(e.to_string().matches("network service s: ").count(), 1);
     }
 
     #[test]

@@ -137,6 +137,9 @@ impl Handler for UpdatePath {
     ) -> Result<Connection> {
         let conn = req.connection.get_or_insert_with(Default::default);
         let caller = apply(&self.name, conn)?;
+        // Every log line of this hop carries its name and its connection id.
+        let span = tracing::debug_span!(parent: cx.span(), "hop", hop = %self.name, connection.id = %conn.id);
+        cx.set_span(span);
         let own_index = conn.path.as_ref().map_or(0, |p| p.index) as usize;
         let mut out = next.request(cx, req).await?;
         if self.trim_tail && cx.ext().get::<PathContinues>().is_none() {
