@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use nsm_proto::connection::{Connection, Mechanism};
 use nsm_proto::networkservice::NetworkServiceRequest;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::core::{Cx, Handler, Next};
 use crate::{Error, Result};
@@ -129,7 +129,7 @@ impl Handler for Mechanisms {
             match h.request(cx, attempt, next.clone()).await {
                 Ok(conn) => return Ok(conn),
                 Err(e) if e.is_retryable() => {
-                    warn!(mechanism = %pref.r#type, error = %e, "mechanism failed, trying the next preference");
+                    debug!(mechanism = %pref.r#type, error = %e, "mechanism failed, trying the next preference");
                     last_err = Some(e);
                 }
                 Err(e) => return Err(e),
