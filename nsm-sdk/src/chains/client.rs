@@ -1,8 +1,9 @@
 //! The client chain: what an NSC (or the client half of a passthrough NSE) uses to ask
 //! its node's manager for a network service.
 //!
-//! `update_path(name)`, `begin`, `retry`, the application's handlers, mechanism
-//! preferences, the manager's URL, and the gRPC client.
+//! `update_path(name)`, `begin`, `refresh` (re-request before the path's tokens expire),
+//! `retry`, the application's handlers, `update_token`, mechanism preferences, the
+//! manager's URL, and the gRPC client.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::{Chain, Handler};
 use crate::handlers::noop_mechanism;
-use crate::handlers::{begin::Begin, client_url, mechanism_preferences, retry, update_path};
+use crate::handlers::{
+    begin::Begin, client_url, mechanism_preferences, refresh, retry, update_path, update_token,
+};
+use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, Channels, Url};
 
 /// What a client chain is made of.
@@ -27,6 +31,7 @@ pub struct ClientOptions {
     timeout: Duration,
     handlers: Vec<Arc<dyn Handler>>,
     root: CancellationToken,
+    tokens: Arc<dyn TokenGenerator>,
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -53,6 +58,7 @@ impl ClientOptions {
             timeout: crate::handlers::begin::DEFAULT_TIMEOUT,
             handlers: Vec::new(),
             root: CancellationToken::new(),
+            tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
         }
     }
 
@@ -86,6 +92,13 @@ impl ClientOptions {
         self
     }
 
+    /// The token generator that signs this hop's path segment (default: unsigned tokens
+    /// that live 10 minutes).
+    pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
+        self.tokens = tokens;
+        self
+    }
+
     /// Owns every task of the client's connections under this token.
     pub fn root(mut self, root: CancellationToken) -> Self {
         self.root = root;
@@ -99,8 +112,10 @@ pub fn client(opts: ClientOptions) -> Chain {
     Chain::builder()
         .push(update_path(opts.name))
         .push(Begin::new(opts.root, opts.timeout))
+        .push(refresh())
         .push_opt(retry)
         .extend(opts.handlers)
+        .push(update_token(opts.tokens))
         .push(mechanism_preferences(opts.mechanisms))
         .push(client_url(opts.connect_to))
         .push(grpc_client(opts.channels))

@@ -1,7 +1,8 @@
 //! The endpoint chain: what an NSE serves.
 //!
-//! `update_path(name)` (trimming a stale tail), `begin`, `monitor`, then the
-//! application's handlers (IPAM, mechanisms, its own logic).
+//! `update_path(name)` (trimming a stale tail), `begin`, `update_token`, `timeout`
+//! (close when the caller stops refreshing), `monitor`, then the application's handlers
+//! (IPAM, mechanisms, its own logic).
 
 use std::sync::Arc;
 
@@ -9,15 +10,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::{Chain, Handler, MonitorSource};
 use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
-use crate::handlers::{update_path, Monitor};
+use crate::handlers::{timeout, update_path, update_token, Monitor};
+use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::Services;
 
 /// What an endpoint chain is made of.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 #[must_use]
 pub struct EndpointOptions {
     handlers: Vec<Arc<dyn Handler>>,
     root: CancellationToken,
+    tokens: Arc<dyn TokenGenerator>,
 }
 
 impl std::fmt::Debug for EndpointOptions {
@@ -28,10 +31,27 @@ impl std::fmt::Debug for EndpointOptions {
     }
 }
 
+impl Default for EndpointOptions {
+    fn default() -> Self {
+        EndpointOptions {
+            handlers: Vec::new(),
+            root: CancellationToken::new(),
+            tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
+        }
+    }
+}
+
 impl EndpointOptions {
     /// No handlers yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The token generator that signs this hop's path segment (default: unsigned tokens
+    /// that live 10 minutes).
+    pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
+        self.tokens = tokens;
+        self
     }
 
     /// Appends an application handler.
@@ -94,6 +114,8 @@ pub fn endpoint(name: impl Into<String>, opts: EndpointOptions) -> Endpoint {
     let chain = Chain::builder()
         .push(update_path(name.clone()).trim_tail(true))
         .push(Begin::new(opts.root, DEFAULT_TIMEOUT))
+        .push(update_token(opts.tokens))
+        .push(timeout())
         .push(monitor.clone())
         .extend(opts.handlers)
         .build();

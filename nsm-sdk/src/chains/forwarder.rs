@@ -17,10 +17,11 @@ use crate::core::{Chain, Handler, MonitorSource};
 use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::handlers::{
     connect, discover, mechanism_translation, mechanisms, noop_client, noop_server, round_robin,
-    update_path, Mechanisms, Monitor,
+    timeout, update_path, update_token, Mechanisms, Monitor,
 };
 use crate::registry::select::FORWARDER_SERVICE;
 use crate::registry::{Registries, RegistryChain};
+use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::tools::types;
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
 
@@ -31,6 +32,7 @@ pub struct ForwarderOptions {
     nsmgr_url: Url,
     channels: Channels,
     root: CancellationToken,
+    tokens: Arc<dyn TokenGenerator>,
     server_mechanisms: Mechanisms,
     client_mechanisms: Vec<Arc<dyn Handler>>,
     labels: HashMap<String, String>,
@@ -55,6 +57,7 @@ impl ForwarderOptions {
             nsmgr_url,
             channels: Channels::new(),
             root: CancellationToken::new(),
+            tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
             server_mechanisms: mechanisms().with(types::NOOP, noop_server()),
             client_mechanisms: vec![Arc::new(noop_client())],
             labels: HashMap::from([("p2p".to_string(), "true".to_string())]),
@@ -64,6 +67,13 @@ impl ForwarderOptions {
     /// Shares this channel pool.
     pub fn channels(mut self, channels: Channels) -> Self {
         self.channels = channels;
+        self
+    }
+
+    /// The token generator that signs this hop's path segment (default: unsigned tokens
+    /// that live 10 minutes).
+    pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
+        self.tokens = tokens;
         self
     }
 
@@ -158,11 +168,14 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
         .push(mechanism_translation())
         .extend(opts.client_mechanisms)
+        .push(update_token(opts.tokens.clone()))
         .push(grpc_client(opts.channels.clone()))
         .build();
     let chain = Chain::builder()
         .push(update_path(opts.name.clone()))
         .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
+        .push(update_token(opts.tokens.clone()))
+        .push(timeout())
         .push(monitor.clone())
         .push(opts.server_mechanisms)
         .push(discover(registries.clone()))

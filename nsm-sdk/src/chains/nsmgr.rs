@@ -14,12 +14,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::{Chain, MonitorSource};
 use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
-use crate::handlers::{connect, discover_forwarder, update_path, Monitor};
+use crate::handlers::{connect, discover_forwarder, timeout, update_path, update_token, Monitor};
 use crate::registry::{local_bypass, validate, Registries, RegistryChain};
+use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
 
 /// What a manager is made of.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct NsmgrOptions {
     name: String,
@@ -27,6 +28,17 @@ pub struct NsmgrOptions {
     registry_url: Url,
     channels: Channels,
     root: CancellationToken,
+    tokens: Arc<dyn TokenGenerator>,
+}
+
+impl std::fmt::Debug for NsmgrOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NsmgrOptions")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("registry_url", &self.registry_url)
+            .finish()
+    }
 }
 
 impl NsmgrOptions {
@@ -39,12 +51,20 @@ impl NsmgrOptions {
             registry_url,
             channels: Channels::new(),
             root: CancellationToken::new(),
+            tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
         }
     }
 
     /// Shares this channel pool.
     pub fn channels(mut self, channels: Channels) -> Self {
         self.channels = channels;
+        self
+    }
+
+    /// The token generator that signs this hop's path segment (default: unsigned tokens
+    /// that live 10 minutes).
+    pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
+        self.tokens = tokens;
         self
     }
 
@@ -120,11 +140,14 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
     let monitor = Monitor::builder().shutdown(opts.root.clone()).build();
     let client = Chain::builder()
         .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
+        .push(update_token(opts.tokens.clone()))
         .push(grpc_client(opts.channels.clone()))
         .build();
     let chain = Chain::builder()
         .push(update_path(opts.name.clone()))
         .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
+        .push(update_token(opts.tokens.clone()))
+        .push(timeout())
         .push(monitor.clone())
         .push(discover_forwarder(registries.clone(), opts.url.clone()))
         .push(connect(client))

@@ -250,14 +250,16 @@ mod tests {
 
     #[tokio::test]
     async fn owned_tasks_end_with_the_connection_and_events_without_a_chain_fail() {
+        // The process-wide count is checked by tests/no_leaks.rs, alone in its binary;
+        // here other tests run beside this one, so only this task's own end is checked.
         let root = CancellationToken::new();
         let h = ConnHandle::new("id", &root, Weak::<NoSink>::new());
-        let before = live_tasks();
         let task = h.spawn(futures::future::pending());
-        assert_eq!(live_tasks(), before + 1);
         root.cancel();
-        task.await.unwrap();
-        assert_eq!(live_tasks(), before);
+        tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("the owned task did not end with the connection")
+            .unwrap();
         assert!(h.is_closed());
         assert!(matches!(h.close_event().await, Err(Error::Cancelled(_))));
     }

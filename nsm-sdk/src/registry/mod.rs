@@ -270,3 +270,5 @@ pub use local_bypass::{local_bypass, LocalBypass};
 pub use memory::{memory, Memory, Stored};
 pub use query::Matches;
 pub use validate::{validate, Validate};
+pub mod refresh;
+pub use refresh::{registry_refresh, RegistryRefresh};

@@ -41,6 +41,7 @@ pub struct SandboxBuilder {
     forwarders: usize,
     expiry: Duration,
     transport: Transport,
+    token_lifetime: Duration,
 }
 
 impl Default for SandboxBuilder {
@@ -50,6 +51,7 @@ impl Default for SandboxBuilder {
             forwarders: 1,
             expiry: crate::chains::registry_server::DEFAULT_EXPIRY,
             transport: Transport::Memory,
+            token_lifetime: crate::tools::DEFAULT_TOKEN_LIFETIME,
         }
     }
 }
@@ -70,6 +72,13 @@ impl SandboxBuilder {
     /// How long registrations live without a refresh (default 60 s).
     pub fn registry_expiry(mut self, expiry: Duration) -> Self {
         self.expiry = expiry;
+        self
+    }
+
+    /// How long the path tokens of every hop live (default 10 minutes): clients refresh
+    /// before, servers close when a client stops refreshing.
+    pub fn token_lifetime(mut self, lifetime: Duration) -> Self {
+        self.token_lifetime = lifetime;
         self
     }
 
@@ -98,6 +107,7 @@ impl SandboxBuilder {
             channels: Channels::new(),
             root: CancellationToken::new(),
             expiry: self.expiry,
+            tokens: Arc::new(crate::tools::lifetime_token(self.token_lifetime)),
         });
         let registry_url = shared.url("registry");
         let registry = Component::new();
@@ -127,6 +137,7 @@ struct Shared {
     channels: Channels,
     root: CancellationToken,
     expiry: Duration,
+    tokens: Arc<dyn crate::tools::TokenGenerator>,
 }
 
 impl Shared {
@@ -276,6 +287,8 @@ struct ForwarderEntry {
     component: Component,
     url: Url,
     labels: HashMap<String, String>,
+    /// The registration chain (it refreshes the registration while it lives).
+    front: Option<Registries>,
 }
 
 /// One node: a manager and its forwarders.
@@ -471,6 +484,26 @@ impl Node {
         registries_at(&self.shared.channels, &self.nsmgr_url)
     }
 
+    /// A registration chain through this node's manager that keeps what it registers
+    /// alive (`registry_refresh`) until it is unregistered or dropped.
+    pub fn registration_front(&self) -> Registries {
+        Registries {
+            ns: RegistryChain::<NetworkService>::builder()
+                .push(grpc_registry(
+                    self.shared.channels.clone(),
+                    self.nsmgr_url.clone(),
+                ))
+                .build(),
+            nse: RegistryChain::<NetworkServiceEndpoint>::builder()
+                .push(crate::registry::registry_refresh())
+                .push(grpc_registry(
+                    self.shared.channels.clone(),
+                    self.nsmgr_url.clone(),
+                ))
+                .build(),
+        }
+    }
+
     /// Starts the manager (again, with fresh state) on its URL, and registers the
     /// node's forwarders and endpoints with it again.
     pub async fn start_nsmgr(&self) -> Result<()> {
@@ -482,6 +515,7 @@ impl Node {
                 self.registry_url.clone(),
             )
             .channels(self.shared.channels.clone())
+            .tokens(self.shared.tokens.clone())
             .root(token.clone()),
         );
         let server = serve(&self.nsmgr_url, mgr.services()).await?;
@@ -524,6 +558,7 @@ impl Node {
             ForwarderOptions::new(name, self.nsmgr_url.clone())
                 .channels(self.shared.channels.clone())
                 .root(token.clone())
+                .tokens(self.shared.tokens.clone())
                 .labels(labels.clone()),
         );
         let server = serve(&url, fwd.services()).await?;
@@ -539,15 +574,25 @@ impl Node {
                     component,
                     url: url.clone(),
                     labels: labels.clone(),
+                    front: None,
                 },
             );
         if let Some(old) = old {
             old.component.kill();
         }
-        self.registries()
+        let front = self.registration_front();
+        front
             .nse
             .register(&mut Cx::client(), fwd.registration(&url))
             .await?;
+        if let Some(f) = self
+            .forwarders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(name)
+        {
+            f.front = Some(front);
+        }
         Ok(url)
     }
 
@@ -575,6 +620,7 @@ impl Node {
         let inject = inject();
         let mut opts = EndpointOptions::new()
             .root(self.shared.root.child_token())
+            .tokens(self.shared.tokens.clone())
             .handler(counter.clone())
             .handler(inject.clone());
         if let Some(p) = spec.prefix {
@@ -607,7 +653,7 @@ impl Node {
             endpoint: ep,
             registration: registration.clone(),
             component: Component::new(),
-            front: self.registries(),
+            front: self.registration_front(),
         };
         if spec.serve {
             handle.serve().await?;
@@ -658,6 +704,7 @@ impl Node {
     pub fn client_options(&self, name: &str) -> ClientOptions {
         ClientOptions::new(name, self.nsmgr_url.clone())
             .channels(self.shared.channels.clone())
+            .tokens(self.shared.tokens.clone())
             .root(self.shared.root.child_token())
     }
 

@@ -1,8 +1,10 @@
-//! Tools that are not handlers: the wire constants of mechanisms and the NS URL that
-//! NSC configuration uses.
+//! Tools that are not handlers: the wire constants of mechanisms, the NS URL that
+//! NSC configuration uses, and token generators.
 
 pub mod constants;
 pub mod nsurl;
+pub mod token;
 
 pub use constants::{cls, params, payload, types, MAX_INTERFACE_NAME_LEN};
 pub use nsurl::{check_interface_name, NsUrl};
+pub use token::{lifetime_token, LifetimeToken, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
