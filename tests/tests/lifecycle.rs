@@ -185,3 +185,43 @@ async fn a_dead_endpoint_expires_and_a_live_one_stays() {
     );
     drop(live);
 }
+
+/// 5.3 item 27: the registry restarts with an empty store. Refreshing the existing
+/// connection succeeds, and once the endpoints and forwarders have re-registered (at
+/// 2/3 of their expiry: about 2 s here) a brand-new client connects too.
+#[tokio::test]
+async fn the_mesh_heals_a_registry_restart() {
+    let mesh = Sandbox::builder()
+        .nodes(2)
+        .registry_expiry(Duration::from_secs(3))
+        .build()
+        .await
+        .unwrap();
+    let nse = mesh.node(0).endpoint(EndpointSpec::new("nse", "svc")).await.unwrap();
+    let nsc = mesh.node(1).client("nsc");
+    let conn = nsc.request(&mut Cx::client(), request("svc")).await.unwrap();
+
+    mesh.kill_registry();
+    mesh.start_registry().await.unwrap();
+    let refreshed = nsc
+        .request(
+            &mut Cx::client(),
+            NetworkServiceRequest {
+                connection: Some(conn),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("refresh after the registry restart");
+    assert_eq!(refreshed.network_service_endpoint_name, "nse");
+
+    let fresh = mesh.node(1).client("nsc-2");
+    let conn2 = fresh
+        .request(&mut Cx::client(), request("svc"))
+        .await
+        .expect("a new client after the registry restart");
+    assert_eq!(conn2.network_service_endpoint_name, "nse");
+    fresh.close(&mut Cx::client(), conn2).await.unwrap();
+    nsc.close(&mut Cx::client(), refreshed).await.unwrap();
+    assert_eq!(nse.counter.closes(), 2);
+}

@@ -100,7 +100,7 @@ pub(crate) fn fmt_labels(labels: &HashMap<String, String>) -> String {
 }
 
 impl Discover {
-    async fn find_ns(&self, cx: &Cx, name: &str) -> Result<NetworkService> {
+    async fn find_ns(&self, cx: &Cx, name: &str) -> Result<Option<NetworkService>> {
         let template = NetworkService {
             name: name.to_string(),
             ..Default::default()
@@ -110,10 +110,7 @@ impl Discover {
             .ns
             .list(&mut registry_cx(cx), template)
             .await?;
-        found
-            .into_iter()
-            .find(|ns| ns.name == name)
-            .ok_or_else(|| Error::not_found(format!("network service {name} not found")))
+        Ok(found.into_iter().find(|ns| ns.name == name))
     }
 
     async fn find_nse(&self, cx: &Cx, name: &str) -> Result<Option<NetworkServiceEndpoint>> {
@@ -145,7 +142,17 @@ impl Discover {
         if service.is_empty() {
             return Err(Error::invalid("the request names no network service"));
         }
-        let ns = self.find_ns(cx, service).await?;
+        // Endpoints may serve a service nobody registered (or that a restarted registry
+        // lost): it then behaves as one without matches. Only a service with neither a
+        // registration nor an endpoint is unknown.
+        let registered_ns = self.find_ns(cx, service).await?;
+        let known = registered_ns.is_some();
+        let ns = registered_ns.unwrap_or_else(|| NetworkService {
+            name: service.to_string(),
+            payload: "IP".into(),
+            ..Default::default()
+        });
+        let unknown = || Error::not_found(format!("network service {service} not found"));
         let now = SystemTime::now();
         let serves = |nse: &NetworkServiceEndpoint| {
             nse.network_service_names.iter().any(|s| s == service) && !is_expired(nse, now)
@@ -154,6 +161,7 @@ impl Discover {
         if !named.is_empty() {
             return match self.find_nse(cx, named).await? {
                 Some(nse) if serves(&nse) => Ok(Candidates { ns, nses: vec![nse] }),
+                _ if !known => Err(unknown()),
                 _ => Err(Error::not_found(format!(
                     "endpoint {named} of network service {service} is gone (unregistered, expired or no longer serving it)"
                 ))),
@@ -165,6 +173,9 @@ impl Discover {
             .into_iter()
             .filter(|nse| serves(nse))
             .collect();
+        if registered.is_empty() && !known {
+            return Err(unknown());
+        }
         let nses = match_endpoints(&ns, &conn.labels, &registered);
         if nses.is_empty() {
             return Err(Error::not_found(format!(
