@@ -197,9 +197,16 @@ async fn the_mesh_heals_a_registry_restart() {
         .build()
         .await
         .unwrap();
-    let nse = mesh.node(0).endpoint(EndpointSpec::new("nse", "svc")).await.unwrap();
+    let nse = mesh
+        .node(0)
+        .endpoint(EndpointSpec::new("nse", "svc"))
+        .await
+        .unwrap();
     let nsc = mesh.node(1).client("nsc");
-    let conn = nsc.request(&mut Cx::client(), request("svc")).await.unwrap();
+    let conn = nsc
+        .request(&mut Cx::client(), request("svc"))
+        .await
+        .unwrap();
 
     mesh.kill_registry();
     mesh.start_registry().await.unwrap();

@@ -1,0 +1,268 @@
+//! [`Recorder`]: an in-memory [`Netlink`] for tests without root.
+//!
+//! It keeps a small model of links (with their addresses, routes and neighbours) per
+//! namespace, shared by every view made with [`Recorder::view`], so a veth created
+//! through one view shows up in the other namespace and deleting one end deletes both,
+//! as in the kernel. It records each mutating call as a line
+//! (`"<label> <call> <interface> <argument>"`) and can make a chosen call fail.
+//!
+//! State: the model and the call log behind a `std::sync::Mutex`, never held across an
+//! await.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ipnet::IpNet;
+use nsm_sdk::async_trait;
+
+use crate::apply::{Link, Netlink};
+use crate::error::{Error, Result};
+use crate::netns::NetNs;
+use crate::plan::{IfName, Mtu, Neighbour, Route};
+
+/// See the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    label: String,
+    ns: u64,
+    world: Arc<Mutex<World>>,
+}
+
+#[derive(Debug, Default)]
+struct World {
+    links: BTreeMap<(u64, String), FakeLink>,
+    next_index: u32,
+    log: Vec<String>,
+    failures: Vec<(String, i32)>,
+}
+
+#[derive(Debug, Clone)]
+struct FakeLink {
+    index: u32,
+    mtu: u32,
+    up: bool,
+    peer: Option<(u64, String)>,
+    addresses: Vec<IpNet>,
+    routes: Vec<Route>,
+    neighbours: Vec<Neighbour>,
+}
+
+impl Recorder {
+    /// A fresh, empty model, seen from namespace `ns`; `label` prefixes its log lines.
+    pub fn new(label: &str, ns: &NetNs) -> Recorder {
+        Recorder {
+            label: label.to_string(),
+            ns: ns.inode(),
+            world: Arc::default(),
+        }
+    }
+
+    /// Another view of the same model, from namespace `ns`. Views of namespaces with
+    /// the same inode see the same links.
+    pub fn view(&self, label: &str, ns: &NetNs) -> Recorder {
+        Recorder {
+            label: label.to_string(),
+            ns: ns.inode(),
+            world: self.world.clone(),
+        }
+    }
+
+    /// Every mutating call made through any view so far, in order.
+    pub fn calls(&self) -> Vec<String> {
+        self.world().log.clone()
+    }
+
+    /// Makes the next mutating call whose log line contains `pattern` fail with a
+    /// netlink error carrying `errno` (once).
+    pub fn fail_on(&self, pattern: &str, errno: i32) {
+        self.world().failures.push((pattern.to_string(), errno));
+    }
+
+    fn world(&self) -> MutexGuard<'_, World> {
+        // A test that panicked while holding the lock leaves a usable model.
+        self.world.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Logs a mutating call and fails it if a failure was injected for it.
+    fn call(&self, w: &mut World, line: String) -> Result<()> {
+        let line = format!("{} {line}", self.label);
+        w.log.push(line.clone());
+        if let Some(i) = w.failures.iter().position(|(p, _)| line.contains(p)) {
+            let (_, errno) = w.failures.remove(i);
+            return Err(Error::Netlink {
+                op: line,
+                netns: self.label.clone(),
+                errno: Some(errno),
+                message: format!("injected errno {errno}"),
+            });
+        }
+        Ok(())
+    }
+
+    fn with_link<T>(
+        &self,
+        name: &IfName,
+        line: Option<String>,
+        f: impl FnOnce(&mut FakeLink) -> T,
+    ) -> Result<T> {
+        let mut w = self.world();
+        if let Some(line) = line {
+            self.call(&mut w, line)?;
+        }
+        match w.links.get_mut(&(self.ns, name.to_string())) {
+            Some(l) => Ok(f(l)),
+            None => Err(Error::LinkNotFound {
+                name: name.to_string(),
+                netns: self.label.clone(),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Netlink for Recorder {
+    fn netns(&self) -> &str {
+        &self.label
+    }
+
+    async fn create_veth_pair(
+        &self,
+        a: &IfName,
+        ns_a: &NetNs,
+        b: &IfName,
+        ns_b: &NetNs,
+        mtu: Option<Mtu>,
+    ) -> Result<()> {
+        let mut w = self.world();
+        let mtu_text = mtu.map_or("default".to_string(), |m| m.get().to_string());
+        self.call(&mut w, format!("create_veth {a} {b} mtu={mtu_text}"))?;
+        let ka = (ns_a.inode(), a.to_string());
+        let kb = (ns_b.inode(), b.to_string());
+        for (k, name) in [(&ka, a), (&kb, b)] {
+            if w.links.contains_key(k) || ka == kb {
+                return Err(Error::LinkExists {
+                    name: name.to_string(),
+                    netns: format!("net:[{}]", k.0),
+                });
+            }
+        }
+        for (key, peer) in [(ka.clone(), kb.clone()), (kb, ka)] {
+            w.next_index += 1;
+            let link = FakeLink {
+                index: w.next_index,
+                mtu: mtu.map_or(1500, Mtu::get),
+                up: false,
+                peer: Some(peer),
+                addresses: Vec::new(),
+                routes: Vec::new(),
+                neighbours: Vec::new(),
+            };
+            w.links.insert(key, link);
+        }
+        Ok(())
+    }
+
+    async fn delete_link(&self, name: &IfName) -> Result<()> {
+        let mut w = self.world();
+        self.call(&mut w, format!("delete_link {name}"))?;
+        match w.links.remove(&(self.ns, name.to_string())) {
+            Some(link) => {
+                if let Some(peer) = link.peer {
+                    w.links.remove(&peer);
+                }
+                Ok(())
+            }
+            None => Err(Error::LinkNotFound {
+                name: name.to_string(),
+                netns: self.label.clone(),
+            }),
+        }
+    }
+
+    async fn link(&self, name: &IfName) -> Result<Option<Link>> {
+        Ok(self
+            .links()
+            .await?
+            .into_iter()
+            .find(|l| l.name == name.as_str()))
+    }
+
+    async fn links(&self) -> Result<Vec<Link>> {
+        let w = self.world();
+        Ok(w.links
+            .iter()
+            .filter(|((ns, _), _)| *ns == self.ns)
+            .map(|((_, name), l)| Link {
+                name: name.clone(),
+                index: l.index,
+                mtu: l.mtu,
+                up: l.up,
+                kind: Some("veth".into()),
+            })
+            .collect())
+    }
+
+    async fn set_mtu(&self, name: &IfName, mtu: Mtu) -> Result<()> {
+        let line = format!("set_mtu {name} {}", mtu.get());
+        self.with_link(name, Some(line), |l| l.mtu = mtu.get())
+    }
+
+    async fn set_up(&self, name: &IfName) -> Result<()> {
+        self.with_link(name, Some(format!("set_up {name}")), |l| l.up = true)
+    }
+
+    async fn add_address(&self, name: &IfName, addr: IpNet) -> Result<()> {
+        let line = format!("add_address {name} {addr}");
+        self.with_link(name, Some(line), |l| {
+            if !l.addresses.contains(&addr) {
+                l.addresses.push(addr);
+            }
+        })
+    }
+
+    async fn del_address(&self, name: &IfName, addr: IpNet) -> Result<()> {
+        let line = format!("del_address {name} {addr}");
+        self.with_link(name, Some(line), |l| l.addresses.retain(|a| *a != addr))
+    }
+
+    async fn addresses(&self, name: &IfName) -> Result<Vec<IpNet>> {
+        self.with_link(name, None, |l| l.addresses.clone())
+    }
+
+    async fn add_route(&self, name: &IfName, route: &Route) -> Result<()> {
+        let line = format!("add_route {name} {route}");
+        self.with_link(name, Some(line), |l| {
+            l.routes.retain(|r| r.dst() != route.dst());
+            l.routes.push(*route);
+        })
+    }
+
+    async fn del_route(&self, name: &IfName, route: &Route) -> Result<()> {
+        let line = format!("del_route {name} {}", route.dst());
+        self.with_link(name, Some(line), |l| {
+            l.routes.retain(|r| r.dst() != route.dst())
+        })
+    }
+
+    async fn routes(&self, name: &IfName) -> Result<Vec<Route>> {
+        self.with_link(name, None, |l| l.routes.clone())
+    }
+
+    async fn add_neighbour(&self, name: &IfName, n: &Neighbour) -> Result<()> {
+        let line = format!("add_neighbour {name} {n}");
+        self.with_link(name, Some(line), |l| {
+            l.neighbours.retain(|x| x.ip != n.ip);
+            l.neighbours.push(*n);
+        })
+    }
+
+    async fn del_neighbour(&self, name: &IfName, ip: IpAddr) -> Result<()> {
+        let line = format!("del_neighbour {name} {ip}");
+        self.with_link(name, Some(line), |l| l.neighbours.retain(|x| x.ip != ip))
+    }
+
+    async fn neighbours(&self, name: &IfName) -> Result<Vec<Neighbour>> {
+        self.with_link(name, None, |l| l.neighbours.clone())
+    }
+}

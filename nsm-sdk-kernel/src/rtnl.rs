@@ -1,0 +1,508 @@
+//! [`RtNetlink`]: [`Netlink`] over a real rtnetlink socket inside one namespace.
+//!
+//! The socket is created inside the target namespace on a short-lived helper thread
+//! ([`NetNs::run`]) that enters the tokio runtime only to register the socket, then
+//! exits; the socket keeps its namespace forever and is used from any task. The
+//! connection task that drives the socket is spawned on tokio and owned by the
+//! `RtNetlink` value: it is aborted when the value is dropped.
+//!
+//! Failure handled: errnos are turned into this crate's errors by context (`ENODEV` on
+//! a lookup is [`Error::LinkNotFound`], `EEXIST` on a veth creation is
+//! [`Error::LinkExists`]); deleting an address, route or neighbour that is absent is
+//! not an error.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd, AsRawFd};
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope as NlScope,
+    RouteType, RouteVia,
+};
+use nsm_sdk::async_trait;
+use rtnetlink::{
+    AddressMessageBuilder, Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
+use tracing::debug;
+
+use crate::apply::{Link, Netlink};
+use crate::error::{Error, Result};
+use crate::netns::NetNs;
+use crate::plan::{IfName, Mtu, Neighbour, Route, RouteScope};
+
+const ESRCH: i32 = 3;
+const ENOENT: i32 = 2;
+const EEXIST: i32 = 17;
+const ENODEV: i32 = 19;
+const EADDRNOTAVAIL: i32 = 99;
+
+/// See the [module docs](self).
+#[derive(Debug)]
+pub struct RtNetlink {
+    handle: Handle,
+    netns: String,
+    _conn: ConnTask,
+}
+
+/// The socket's connection task; aborted with its owner.
+#[derive(Debug)]
+struct ConnTask(tokio::task::JoinHandle<()>);
+
+impl Drop for ConnTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl RtNetlink {
+    /// Opens a netlink socket inside `ns`.
+    pub async fn open(ns: &NetNs) -> Result<RtNetlink> {
+        let rt = tokio::runtime::Handle::current();
+        let made = ns
+            .run(move || {
+                // The socket registers with tokio's reactor when it is created, which
+                // needs a runtime context on this (non-runtime) thread.
+                let _entered = rt.enter();
+                rtnetlink::new_connection()
+            })
+            .await?;
+        let (conn, handle, _unsolicited) = made.map_err(|e| Error::NetnsIo {
+            path: ns.path().to_string(),
+            source: e,
+        })?;
+        let task = tokio::spawn(conn);
+        debug!(netns = %ns, "netlink socket opened");
+        Ok(RtNetlink {
+            handle,
+            netns: ns.to_string(),
+            _conn: ConnTask(task),
+        })
+    }
+
+    /// The rtnetlink handle, for operations this crate does not wrap. It stays usable
+    /// only as long as this value lives.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    fn err(&self, op: impl Into<String>, e: rtnetlink::Error) -> Error {
+        Error::netlink(op, &self.netns, e)
+    }
+
+    fn not_found(&self, name: &IfName) -> Error {
+        Error::LinkNotFound {
+            name: name.to_string(),
+            netns: self.netns.clone(),
+        }
+    }
+
+    async fn index(&self, name: &IfName) -> Result<u32> {
+        match self.find(name).await? {
+            Some(link) => Ok(link.index),
+            None => Err(self.not_found(name)),
+        }
+    }
+
+    async fn find(&self, name: &IfName) -> Result<Option<Link>> {
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match s.try_next().await {
+            Ok(Some(msg)) => Ok(Some(to_link(msg))),
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+            Err(e) => Err(self.err(format!("get link {name}"), e)),
+        }
+    }
+
+    /// Runs a delete whose "not there" errnos mean success.
+    fn absent_ok(&self, op: String, r: Result<(), rtnetlink::Error>, absent: &[i32]) -> Result<()> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e).is_some_and(|n| absent.contains(&n)) => Ok(()),
+            Err(e) => Err(self.err(op, e)),
+        }
+    }
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+fn to_link(msg: netlink_packet_route::link::LinkMessage) -> Link {
+    let mut link = Link {
+        name: String::new(),
+        index: msg.header.index,
+        mtu: 0,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        kind: None,
+    };
+    for a in msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => link.name = n,
+            LinkAttribute::Mtu(m) => link.mtu = m,
+            LinkAttribute::LinkInfo(infos) => {
+                link.kind = infos.into_iter().find_map(|i| match i {
+                    LinkInfo::Kind(k) => Some(k.to_string()),
+                    _ => None,
+                });
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+/// The route message for `route` through `index`, as for an add.
+fn route_message(index: u32, route: &Route) -> Result<RouteMessage> {
+    let family_mix = || Error::InvalidContext {
+        field: "route",
+        value: route.to_string(),
+        reason: "mixes address families",
+    };
+    let dst = route.dst();
+    let mut b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst.addr(), dst.prefix_len())
+        .map_err(|_| family_mix())?
+        .output_interface(index)
+        .scope(match route.scope() {
+            RouteScope::Link => NlScope::Link,
+            RouteScope::Universe => NlScope::Universe,
+        });
+    if let Some(gw) = route.via() {
+        // onlink: the gateway is on the wire even though no local prefix covers it
+        // (the addresses are /32s), as sdk-kernel does for universe routes.
+        b = b.gateway(gw).map_err(|_| family_mix())?.onlink();
+    }
+    Ok(b.build())
+}
+
+fn from_route_message(index: u32, msg: &RouteMessage) -> Option<Route> {
+    let h = &msg.header;
+    let main = RouteHeader::RT_TABLE_MAIN;
+    let table = msg
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(h.table));
+    let oif = msg.attributes.contains(&RouteAttribute::Oif(index));
+    if table != u32::from(main)
+        || !oif
+        || h.protocol == RouteProtocol::Kernel
+        || h.kind != RouteType::Unicast
+    {
+        return None;
+    }
+    let mut dst_addr = None;
+    let mut via = None;
+    for a in &msg.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst_addr = Some(IpAddr::V4(*ip)),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
+                dst_addr = Some(IpAddr::V6(*ip))
+            }
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => via = Some(IpAddr::V4(*ip)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => via = Some(IpAddr::V6(*ip)),
+            RouteAttribute::Via(RouteVia::Inet6(ip)) => via = Some(IpAddr::V6(*ip)),
+            _ => {}
+        }
+    }
+    let dst_addr = dst_addr.unwrap_or(match h.address_family {
+        netlink_packet_route::AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    });
+    let dst = IpNet::new(dst_addr, h.destination_prefix_length).ok()?;
+    Some(match h.scope {
+        NlScope::Link => Route::link(dst),
+        _ => Route::universe(dst, via),
+    })
+}
+
+fn neighbour_ip(msg: &NeighbourMessage) -> Option<IpAddr> {
+    msg.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    })
+}
+
+#[async_trait]
+impl Netlink for RtNetlink {
+    fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    async fn create_veth_pair(
+        &self,
+        a: &IfName,
+        ns_a: &NetNs,
+        b: &IfName,
+        ns_b: &NetNs,
+        mtu: Option<Mtu>,
+    ) -> Result<()> {
+        // IFLA_NET_NS_FD on the peer and on the link itself: each end is born in its
+        // namespace under its final name, with no temporary name and no move.
+        let mut peer = LinkUnspec::new_with_name(b.as_str()).setns_by_fd(ns_b.as_fd().as_raw_fd());
+        let mut link = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(a.to_string())
+            .setns_by_fd(ns_a.as_fd().as_raw_fd());
+        if let Some(m) = mtu {
+            peer = peer.mtu(m.get());
+            link = link.mtu(m.get());
+        }
+        let msg = link
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
+            .build();
+        match self.handle.link().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(EEXIST) => Err(Error::LinkExists {
+                name: format!("{a} or {b}"),
+                netns: format!("{ns_a} or {ns_b}"),
+            }),
+            Err(e) => Err(self.err(format!("create veth {a} ({ns_a}) / {b} ({ns_b})"), e)),
+        }
+    }
+
+    async fn delete_link(&self, name: &IfName) -> Result<()> {
+        let index = self.index(name).await?;
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(ENODEV) => Err(self.not_found(name)),
+            Err(e) => Err(self.err(format!("delete link {name}"), e)),
+        }
+    }
+
+    async fn link(&self, name: &IfName) -> Result<Option<Link>> {
+        self.find(name).await
+    }
+
+    async fn links(&self) -> Result<Vec<Link>> {
+        let s = self.handle.link().get().execute();
+        let msgs: Vec<_> = s
+            .try_collect()
+            .await
+            .map_err(|e| self.err("list links", e))?;
+        Ok(msgs.into_iter().map(to_link).collect())
+    }
+
+    async fn set_mtu(&self, name: &IfName, mtu: Mtu) -> Result<()> {
+        let index = self.index(name).await?;
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu.get()).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| self.err(format!("set mtu {} on {name}", mtu.get()), e))
+    }
+
+    async fn set_up(&self, name: &IfName) -> Result<()> {
+        let index = self.index(name).await?;
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| self.err(format!("set {name} up"), e))
+    }
+
+    async fn add_address(&self, name: &IfName, addr: IpNet) -> Result<()> {
+        let index = self.index(name).await?;
+        let mut req = self
+            .handle
+            .address()
+            .add(index, addr.addr(), addr.prefix_len())
+            .replace();
+        // Permanent like `ip addr add`; IPv6 without duplicate address detection, so
+        // the address is usable at once instead of after 1-2 s of DAD.
+        let flags = match addr {
+            IpNet::V4(_) => AddressFlags::Permanent,
+            IpNet::V6(_) => AddressFlags::Permanent | AddressFlags::Nodad,
+        };
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(flags));
+        req.execute()
+            .await
+            .map_err(|e| self.err(format!("add address {addr} to {name}"), e))
+    }
+
+    async fn del_address(&self, name: &IfName, addr: IpNet) -> Result<()> {
+        let index = self.index(name).await?;
+        let msg = match addr {
+            IpNet::V4(n) => AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(index)
+                .address(n.addr(), n.prefix_len())
+                .build(),
+            IpNet::V6(n) => AddressMessageBuilder::<Ipv6Addr>::new()
+                .index(index)
+                .address(n.addr(), n.prefix_len())
+                .build(),
+        };
+        let r = self.handle.address().del(msg).execute().await;
+        self.absent_ok(
+            format!("delete address {addr} from {name}"),
+            r,
+            &[EADDRNOTAVAIL],
+        )
+    }
+
+    async fn addresses(&self, name: &IfName) -> Result<Vec<IpNet>> {
+        let index = self.index(name).await?;
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| self.err(format!("list addresses of {name}"), e))?;
+        let mut out = Vec::new();
+        for m in msgs {
+            if m.header.index != index || m.header.scope != AddressScope::Universe {
+                continue;
+            }
+            // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer's on
+            // point-to-point links); IPv6 sends only IFA_ADDRESS.
+            let local = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let address = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            if let Some(ip) = local.or(address) {
+                if let Ok(net) = IpNet::new(ip, m.header.prefix_len) {
+                    out.push(net);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn add_route(&self, name: &IfName, route: &Route) -> Result<()> {
+        let index = self.index(name).await?;
+        let msg = route_message(index, route)?;
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| self.err(format!("add route {route} dev {name}"), e))
+    }
+
+    async fn del_route(&self, name: &IfName, route: &Route) -> Result<()> {
+        let index = self.index(name).await?;
+        let mut msg = route_message(index, &Route::universe(route.dst(), None))?;
+        // Match the route whatever its scope and protocol (as `ip route del` does):
+        // the kernel compares them only when they are set.
+        msg.header.scope = NlScope::NoWhere;
+        msg.header.protocol = RouteProtocol::Unspec;
+        let r = self.handle.route().del(msg).execute().await;
+        self.absent_ok(
+            format!("delete route {} dev {name}", route.dst()),
+            r,
+            &[ESRCH, ENOENT],
+        )
+    }
+
+    async fn routes(&self, name: &IfName) -> Result<Vec<Route>> {
+        let index = self.index(name).await?;
+        let mut out = Vec::new();
+        for query in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let msgs: Vec<_> = self
+                .handle
+                .route()
+                .get(query)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| self.err(format!("list routes of {name}"), e))?;
+            out.extend(msgs.iter().filter_map(|m| from_route_message(index, m)));
+        }
+        Ok(out)
+    }
+
+    async fn add_neighbour(&self, name: &IfName, n: &Neighbour) -> Result<()> {
+        let index = self.index(name).await?;
+        self.handle
+            .neighbours()
+            .add(index, n.ip)
+            .link_layer_address(&n.mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| self.err(format!("add neighbour {n} dev {name}"), e))
+    }
+
+    async fn del_neighbour(&self, name: &IfName, ip: IpAddr) -> Result<()> {
+        let index = self.index(name).await?;
+        let msgs: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| self.err(format!("list neighbours of {name}"), e))?;
+        let found = msgs
+            .into_iter()
+            .find(|m| m.header.ifindex == index && neighbour_ip(m) == Some(ip));
+        let Some(msg) = found else {
+            return Ok(());
+        };
+        let r = self.handle.neighbours().del(msg).execute().await;
+        self.absent_ok(format!("delete neighbour {ip} dev {name}"), r, &[ENOENT])
+    }
+
+    async fn neighbours(&self, name: &IfName) -> Result<Vec<Neighbour>> {
+        let index = self.index(name).await?;
+        let msgs: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| self.err(format!("list neighbours of {name}"), e))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent)
+            .filter_map(|m| {
+                let ip = neighbour_ip(m)?;
+                let mac = m.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::LinkLayerAddress(l) => {
+                        <[u8; 6]>::try_from(l.as_slice()).ok()
+                    }
+                    _ => None,
+                })?;
+                Some(Neighbour { ip, mac })
+            })
+            .collect())
+    }
+}

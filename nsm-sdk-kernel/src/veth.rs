@@ -1,0 +1,250 @@
+//! One veth pair per local connection: [`kernel_side_up`], [`Created::refresh`] and
+//! [`down`] (see the [crate docs](crate) for why this topology).
+//!
+//! What it does: checks both names are free, creates the pair with each end born in
+//! its pod's namespace under its final name, then programs each end from its own
+//! [`Plan`] through a [`Netlink`] bound to that pod's namespace.
+//!
+//! State: [`Created`] holds, per side, the netlink handle, the plan that was applied
+//! and the interface index the end was born with, so a later refresh is a diff and
+//! Close deletes exactly the link it made (not a same-named link made by someone else
+//! after the pair died).
+//!
+//! Failure handled: a name already taken is [`Error::LinkExists`] before anything is
+//! created; any failure after the pair exists deletes the pair (which takes its
+//! addresses, routes and neighbours with it) and returns the original error, so
+//! nothing is left in either namespace. A failed refresh rolls back to the previous
+//! plan.
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::apply::{apply, update, Netlink};
+use crate::error::{Error, Result};
+use crate::netns::NetNs;
+use crate::plan::{Mtu, Plan, PodSide};
+use crate::rtnl::RtNetlink;
+
+/// One end of the pair to create: the pod namespace it is born in, a netlink handle
+/// bound to that namespace, and the plan for it (which names the interface).
+#[derive(Debug)]
+pub struct VethEnd<'a> {
+    /// The pod's namespace.
+    pub netns: &'a NetNs,
+    /// Netlink inside that namespace.
+    pub netlink: Arc<dyn Netlink>,
+    /// What the end should look like.
+    pub plan: Plan,
+}
+
+/// A veth pair made by [`kernel_side_up`]: give it back to [`down`] on Close.
+///
+/// Dropping it without `down` leaves the pair in the kernel (a forwarder that stops
+/// must not cut its pods' data plane).
+#[derive(Debug)]
+#[must_use = "the veth pair stays in the kernel until `down` is called"]
+pub struct Created {
+    client: Side,
+    endpoint: Side,
+}
+
+#[derive(Debug)]
+struct Side {
+    netlink: Arc<dyn Netlink>,
+    plan: Plan,
+    index: u32,
+}
+
+impl Created {
+    fn side(&self, side: PodSide) -> &Side {
+        match side {
+            PodSide::Client => &self.client,
+            PodSide::Endpoint => &self.endpoint,
+        }
+    }
+
+    /// The plan applied to one side's end.
+    pub fn plan(&self, side: PodSide) -> &Plan {
+        &self.side(side).plan
+    }
+
+    /// The interface index the side's end was born with.
+    pub fn index(&self, side: PodSide) -> u32 {
+        self.side(side).index
+    }
+
+    /// The netlink handle of one side's namespace.
+    pub fn netlink(&self, side: PodSide) -> &dyn Netlink {
+        self.side(side).netlink.as_ref()
+    }
+
+    /// Brings one side's end from its current plan to `plan` (a refresh): an
+    /// unchanged plan does nothing, changed addresses or routes are replaced. On
+    /// failure the side is rolled back and keeps its current plan.
+    ///
+    /// The interface name cannot change on a live pair (that needs a new pair):
+    /// [`Error::InvalidInterfaceName`]. A pair that died (its end is gone or is not
+    /// the link this pair created) is [`Error::LinkNotFound`].
+    pub async fn refresh(&mut self, side: PodSide, plan: Plan) -> Result<()> {
+        let s = match side {
+            PodSide::Client => &mut self.client,
+            PodSide::Endpoint => &mut self.endpoint,
+        };
+        if plan.ifname() != s.plan.ifname() {
+            return Err(Error::InvalidInterfaceName {
+                name: plan.ifname().to_string(),
+                reason: "differs from the interface of this connection (needs a new pair)",
+            });
+        }
+        ensure_ours(s).await?;
+        update(Some(&s.plan), &plan, s.netlink.as_ref()).await?;
+        s.plan = plan;
+        Ok(())
+    }
+}
+
+/// Fails with [`Error::LinkNotFound`] unless the side's link still is the one this
+/// pair created.
+async fn ensure_ours(s: &Side) -> Result<()> {
+    match s.netlink.link(s.plan.ifname()).await? {
+        Some(l) if l.index == s.index => Ok(()),
+        _ => Err(Error::LinkNotFound {
+            name: s.plan.ifname().to_string(),
+            netns: s.netlink.netns().to_string(),
+        }),
+    }
+}
+
+/// Creates the veth pair of a local connection, each end born in its pod's namespace
+/// under the name of its plan, and programs both ends. Opens one netlink socket in
+/// each namespace (kept in [`Created`] for refresh and Close).
+pub async fn kernel_side_up(
+    ns_client: &NetNs,
+    ns_endpoint: &NetNs,
+    client: Plan,
+    endpoint: Plan,
+) -> Result<Created> {
+    client.check()?;
+    endpoint.check()?;
+    let client_nl: Arc<dyn Netlink> = Arc::new(RtNetlink::open(ns_client).await?);
+    let endpoint_nl: Arc<dyn Netlink> = Arc::new(RtNetlink::open(ns_endpoint).await?);
+    veth_up(
+        VethEnd {
+            netns: ns_client,
+            netlink: client_nl,
+            plan: client,
+        },
+        VethEnd {
+            netns: ns_endpoint,
+            netlink: endpoint_nl,
+            plan: endpoint,
+        },
+    )
+    .await
+}
+
+/// [`kernel_side_up`] with the netlink handles given (a [`crate::Recorder`] in tests).
+pub async fn veth_up(client: VethEnd<'_>, endpoint: VethEnd<'_>) -> Result<Created> {
+    client.plan.check()?;
+    endpoint.plan.check()?;
+    let (c_name, e_name) = (client.plan.ifname(), endpoint.plan.ifname());
+    if client.netns.same_as(endpoint.netns) && c_name == e_name {
+        return Err(Error::LinkExists {
+            name: c_name.to_string(),
+            netns: client.netns.to_string(),
+        });
+    }
+    for end in [&client, &endpoint] {
+        let name = end.plan.ifname();
+        if end.netlink.link(name).await?.is_some() {
+            return Err(Error::LinkExists {
+                name: name.to_string(),
+                netns: end.netns.to_string(),
+            });
+        }
+    }
+    let mtu = match (client.plan.mtu(), endpoint.plan.mtu()) {
+        (Some(a), Some(b)) => Some(Mtu::min(a, b)),
+        (a, b) => a.or(b),
+    };
+    client
+        .netlink
+        .create_veth_pair(c_name, client.netns, e_name, endpoint.netns, mtu)
+        .await?;
+    match program(&client, &endpoint).await {
+        Ok((client_index, endpoint_index)) => {
+            info!(
+                client = %c_name, client_netns = %client.netns,
+                endpoint = %e_name, endpoint_netns = %endpoint.netns,
+                "veth pair up"
+            );
+            Ok(Created {
+                client: Side {
+                    netlink: client.netlink,
+                    plan: client.plan,
+                    index: client_index,
+                },
+                endpoint: Side {
+                    netlink: endpoint.netlink,
+                    plan: endpoint.plan,
+                    index: endpoint_index,
+                },
+            })
+        }
+        Err(e) => {
+            warn!(client = %c_name, endpoint = %e_name, error = %e, "programming the veth pair failed, deleting it");
+            let deleted = match client.netlink.delete_link(c_name).await {
+                Err(Error::LinkNotFound { .. }) => endpoint.netlink.delete_link(e_name).await,
+                other => other,
+            };
+            if let Err(de) = deleted {
+                warn!(client = %c_name, error = %de, "could not delete the veth pair");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Programs both fresh ends and returns their interface indexes.
+async fn program(client: &VethEnd<'_>, endpoint: &VethEnd<'_>) -> Result<(u32, u32)> {
+    let mut indexes = [0u32; 2];
+    for (end, index) in [client, endpoint].into_iter().zip(&mut indexes) {
+        let name = end.plan.ifname();
+        let link = end
+            .netlink
+            .link(name)
+            .await?
+            .ok_or_else(|| Error::LinkNotFound {
+                name: name.to_string(),
+                netns: end.netlink.netns().to_string(),
+            })?;
+        *index = link.index;
+        apply(name, &Plan::changes(None, &end.plan), end.netlink.as_ref()).await?;
+    }
+    Ok((indexes[0], indexes[1]))
+}
+
+/// Deletes the pair (Close). The kernel deletes both ends together and drops their
+/// addresses, routes and neighbours. A pair that is already gone (a pod died and took
+/// it along) is not an error; a same-named link that is not the one this pair created
+/// is left alone.
+pub async fn down(created: Created) -> Result<()> {
+    for s in [&created.client, &created.endpoint] {
+        match ensure_ours(s).await {
+            Ok(()) => match s.netlink.delete_link(s.plan.ifname()).await {
+                Ok(()) | Err(Error::LinkNotFound { .. }) => {
+                    info!(ifname = %s.plan.ifname(), netns = s.netlink.netns(), "veth pair deleted");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            },
+            Err(Error::LinkNotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

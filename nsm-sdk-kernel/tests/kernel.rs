@@ -1,0 +1,547 @@
+//! The kernel data plane against the real kernel, as root.
+//!
+//! Each test makes its own namespaces (`ip netns add nsmt-<pid>-<n>`), removed by a
+//! guard even when the test fails, and uses only documentation/private addresses
+//! inside them. What the kernel holds is checked with `ip` (an independent observer),
+//! traffic with `ping` from inside a namespace. Without root (or without `ip`/`ping`)
+//! each test prints a skip line and passes.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use nsm_proto::connectioncontext::{ConnectionContext, IpContext, Route as ProtoRoute};
+use nsm_sdk_kernel::{
+    down, kernel_side_up, plan_from_context, undo, veth_up, Error, IfName, NetNs, Netlink, Plan,
+    PodSide, Route, RtNetlink, VethEnd,
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A named namespace that is deleted when the guard drops (also on panic).
+struct Ns {
+    name: String,
+}
+
+impl Ns {
+    fn new() -> Ns {
+        let name = format!(
+            "nsmt-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        // A leftover from an earlier run with the same pid would make `add` fail.
+        let _ = run("ip", &["netns", "del", &name]);
+        let out = run("ip", &["netns", "add", &name]);
+        assert!(out.0, "ip netns add {name}: {}", out.1);
+        let out = run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        assert!(out.0, "{}", out.1);
+        Ns { name }
+    }
+
+    fn open(&self) -> NetNs {
+        NetNs::named(&self.name).unwrap()
+    }
+
+    /// Link names in the namespace, sorted, as `ip` lists them (`veth` ends lose
+    /// their `@ifN` suffix).
+    fn links(&self) -> Vec<String> {
+        let (ok, out) = run("ip", &["-n", &self.name, "-o", "link", "show"]);
+        assert!(ok, "{out}");
+        let mut v: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn show(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        let (ok, out) = run("ip", &full);
+        assert!(ok, "ip {full:?}: {out}");
+        out
+    }
+
+    /// Global addresses of `dev`, e.g. `["172.16.1.2/32"]`.
+    fn addresses(&self, dev: &str) -> Vec<String> {
+        let out = self.show(&["-o", "addr", "show", "dev", dev, "scope", "global"]);
+        let mut v: Vec<String> = out
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                it.find(|w| *w == "inet" || *w == "inet6")?;
+                it.next().map(str::to_string)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Routes through `dev`, IPv4 then IPv6, without the kernel's own.
+    fn routes(&self, dev: &str) -> Vec<String> {
+        let mut v = Vec::new();
+        for fam in ["-4", "-6"] {
+            let out = self.show(&[fam, "route", "show", "dev", dev]);
+            v.extend(
+                out.lines()
+                    .filter(|l| !l.contains("proto kernel"))
+                    .map(|l| l.trim().to_string()),
+            );
+        }
+        v
+    }
+
+    fn ping(&self, args: &[&str]) -> bool {
+        let mut full = vec!["netns", "exec", &self.name, "ping", "-c1", "-W1"];
+        full.extend_from_slice(args);
+        run("ip", &full).0
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    match std::process::Command::new(cmd).args(args).output() {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// Root, `ip` and `ping` are needed; otherwise the test is skipped.
+fn can_run() -> bool {
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let tools = run("ip", &["-V"]).0 && run("ping", &["-V"]).0;
+    if !root || !tools {
+        eprintln!("skipped: kernel tests need root, ip and ping (root={root}, tools={tools})");
+    }
+    root && tools
+}
+
+macro_rules! require_root {
+    () => {
+        if !can_run() {
+            return;
+        }
+    };
+}
+
+fn route(prefix: &str) -> ProtoRoute {
+    ProtoRoute {
+        prefix: prefix.into(),
+        next_hop: String::new(),
+    }
+}
+
+/// What a point-to-point IPAM hands out: dual stack, MTU 1450.
+fn context(client: &str, endpoint: &str, client6: &str, endpoint6: &str) -> ConnectionContext {
+    ConnectionContext {
+        ip_context: Some(IpContext {
+            src_ip_addrs: vec![format!("{client}/32"), format!("{client6}/128")],
+            dst_ip_addrs: vec![format!("{endpoint}/32"), format!("{endpoint6}/128")],
+            src_routes: vec![route(&format!("{endpoint}/32")), route("192.0.2.0/24")],
+            dst_routes: vec![route(&format!("{client}/32"))],
+            ..Default::default()
+        }),
+        mtu: 1450,
+        ..Default::default()
+    }
+}
+
+fn default_context() -> ConnectionContext {
+    context("172.16.1.2", "172.16.1.1", "2001:db8:1::2", "2001:db8:1::1")
+}
+
+fn plans(ctx: &ConnectionContext) -> (Plan, Plan) {
+    (
+        plan_from_context(ctx, PodSide::Client, "nsm-1").unwrap(),
+        plan_from_context(ctx, PodSide::Endpoint, "nsm-1").unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_veth_born_in_both_pods_carries_pings_between_the_context_addresses() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    let (client, endpoint) = plans(&default_context());
+    let created = kernel_side_up(&a.open(), &b.open(), client, endpoint)
+        .await
+        .unwrap();
+
+    for ns in [&a, &b] {
+        assert_eq!(ns.links(), ["lo", "nsm-1"], "born under its final name");
+        let link = ns.show(&["-d", "link", "show", "nsm-1"]);
+        assert!(link.contains("mtu 1450") && link.contains("veth"), "{link}");
+        assert!(link.contains(",UP"), "{link}");
+    }
+    assert_eq!(a.addresses("nsm-1"), ["172.16.1.2/32", "2001:db8:1::2/128"]);
+    assert_eq!(b.addresses("nsm-1"), ["172.16.1.1/32", "2001:db8:1::1/128"]);
+    let routes = a.routes("nsm-1");
+    assert!(
+        routes.iter().any(|r| r.starts_with("172.16.1.1 ")),
+        "{routes:?}"
+    );
+    assert!(
+        routes
+            .iter()
+            .any(|r| r.starts_with("192.0.2.0/24 via 172.16.1.1") && r.contains("onlink")),
+        "{routes:?}"
+    );
+    assert!(
+        routes.iter().any(|r| r.starts_with("2001:db8:1::1 ")),
+        "{routes:?}"
+    );
+
+    assert!(a.ping(&["172.16.1.1"]), "client -> endpoint");
+    assert!(b.ping(&["172.16.1.2"]), "endpoint -> client");
+    assert!(a.ping(&["-6", "2001:db8:1::1"]), "client -> endpoint, IPv6");
+    assert!(
+        a.ping(&["-M", "do", "-s", "1422", "172.16.1.1"]),
+        "a full 1450-byte packet with DF"
+    );
+    assert!(
+        !a.ping(&["-M", "do", "-s", "1423", "172.16.1.1"]),
+        "one byte more does not fit the MTU"
+    );
+
+    down(created).await.unwrap();
+    assert_eq!(a.links(), ["lo"]);
+    assert_eq!(b.links(), ["lo"]);
+}
+
+#[tokio::test]
+async fn undo_removes_addresses_and_routes_and_down_removes_the_pair() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    let (client, endpoint) = plans(&default_context());
+    let created = kernel_side_up(&a.open(), &b.open(), client.clone(), endpoint)
+        .await
+        .unwrap();
+    assert!(!a.routes("nsm-1").is_empty());
+
+    let nl = RtNetlink::open(&a.open()).await.unwrap();
+    undo(&client, &nl).await.unwrap();
+    assert!(
+        a.addresses("nsm-1").is_empty(),
+        "{:?}",
+        a.addresses("nsm-1")
+    );
+    assert!(a.routes("nsm-1").is_empty(), "{:?}", a.routes("nsm-1"));
+    assert_eq!(a.links(), ["lo", "nsm-1"], "undo leaves the link");
+    assert!(
+        !b.addresses("nsm-1").is_empty(),
+        "the other side is untouched"
+    );
+
+    down(created).await.unwrap();
+    assert_eq!(a.links(), ["lo"]);
+    assert_eq!(b.links(), ["lo"]);
+}
+
+#[tokio::test]
+async fn a_refresh_with_the_same_plan_changes_nothing_and_new_addresses_replace_the_old() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    let (client, endpoint) = plans(&default_context());
+    let mut created = kernel_side_up(&a.open(), &b.open(), client.clone(), endpoint.clone())
+        .await
+        .unwrap();
+    let link_before = a.show(&["link", "show", "nsm-1"]);
+    let (addrs, routes) = (a.addresses("nsm-1"), a.routes("nsm-1"));
+
+    // Watch the namespace: an unchanged refresh must not send a single change.
+    let mut monitor = tokio::process::Command::new("ip")
+        .args(["-n", &a.name, "monitor", "address", "route", "link"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    created.refresh(PodSide::Client, client).await.unwrap();
+    created.refresh(PodSide::Endpoint, endpoint).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    monitor.start_kill().unwrap();
+    let events = monitor.wait_with_output().await.unwrap();
+    assert!(
+        events.stdout.is_empty(),
+        "an unchanged refresh changed the kernel: {}",
+        String::from_utf8_lossy(&events.stdout)
+    );
+    assert_eq!(a.show(&["link", "show", "nsm-1"]), link_before);
+    assert_eq!((a.addresses("nsm-1"), a.routes("nsm-1")), (addrs, routes));
+
+    let ctx = context("172.16.1.6", "172.16.1.5", "2001:db8:1::6", "2001:db8:1::5");
+    let (client, endpoint) = plans(&ctx);
+    created.refresh(PodSide::Client, client).await.unwrap();
+    created.refresh(PodSide::Endpoint, endpoint).await.unwrap();
+    assert_eq!(a.addresses("nsm-1"), ["172.16.1.6/32", "2001:db8:1::6/128"]);
+    assert_eq!(b.addresses("nsm-1"), ["172.16.1.5/32", "2001:db8:1::5/128"]);
+    let routes = a.routes("nsm-1");
+    assert!(
+        routes
+            .iter()
+            .all(|r| !r.contains("172.16.1.1") && !r.contains("2001:db8:1::1 ")),
+        "old routes are gone: {routes:?}"
+    );
+    assert!(
+        routes
+            .iter()
+            .any(|r| r.starts_with("192.0.2.0/24 via 172.16.1.5")),
+        "{routes:?}"
+    );
+    assert!(a.ping(&["172.16.1.5"]));
+    assert!(a.ping(&["-6", "2001:db8:1::5"]));
+    assert!(!a.ping(&["172.16.1.1"]), "the old endpoint address is gone");
+
+    down(created).await.unwrap();
+    assert_eq!(
+        (a.links(), b.links()),
+        (vec!["lo".into()], vec!["lo".into()])
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_that_changes_only_the_client_address_keeps_the_client_routes() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    let (client, endpoint) = plans(&default_context());
+    let mut created = kernel_side_up(&a.open(), &b.open(), client, endpoint)
+        .await
+        .unwrap();
+    let routes = a.routes("nsm-1");
+    // Removing a link's last IPv4 address makes the kernel flush every IPv4 route
+    // through it; the new address must be in place before the old one goes.
+    let ctx = context("172.16.1.6", "172.16.1.1", "2001:db8:1::6", "2001:db8:1::1");
+    let (client, endpoint) = plans(&ctx);
+    created.refresh(PodSide::Client, client).await.unwrap();
+    created.refresh(PodSide::Endpoint, endpoint).await.unwrap();
+    assert_eq!(a.addresses("nsm-1"), ["172.16.1.6/32", "2001:db8:1::6/128"]);
+    assert_eq!(a.routes("nsm-1"), routes, "unchanged routes survive");
+    assert!(a.ping(&["172.16.1.1"]));
+    assert!(b.ping(&["172.16.1.6"]));
+    down(created).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_namespace_received_as_an_o_path_fd_works_once_reopened() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    // What grpcfd hands over: O_PATH descriptors, which setns and IFLA_NET_NS_FD refuse.
+    let o_path = |ns: &Ns| -> OwnedFd {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_PATH.bits())
+            .open(format!("/run/netns/{}", ns.name))
+            .unwrap()
+            .into()
+    };
+    let fd_a = o_path(&a);
+    let by_proc = NetNs::from_url(&format!(
+        "file:///proc/{}/fd/{}",
+        std::process::id(),
+        fd_a.as_raw_fd()
+    ))
+    .unwrap();
+    let by_fd = NetNs::from_fd(o_path(&b)).unwrap();
+    let (client, endpoint) = plans(&default_context());
+    let created = kernel_side_up(&by_proc, &by_fd, client, endpoint)
+        .await
+        .unwrap();
+    assert!(a.ping(&["172.16.1.1"]));
+    down(created).await.unwrap();
+    assert_eq!(
+        (a.links(), b.links()),
+        (vec!["lo".into()], vec!["lo".into()])
+    );
+}
+
+#[tokio::test]
+async fn a_name_over_15_bytes_is_invalid_argument_and_nothing_is_created() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    let err =
+        plan_from_context(&default_context(), PodSide::Client, "nsm-sixteen-byte").unwrap_err();
+    assert!(matches!(err, Error::InvalidInterfaceName { .. }), "{err:?}");
+    assert!(matches!(
+        nsm_sdk::Error::from(err),
+        nsm_sdk::Error::InvalidArgument(_)
+    ));
+    // The kernel agrees: it refuses a 16-byte name too, so the check loses nothing.
+    assert!(
+        !run(
+            "ip",
+            &[
+                "-n",
+                &a.name,
+                "link",
+                "add",
+                "nsm-sixteen-byte",
+                "type",
+                "veth"
+            ]
+        )
+        .0
+    );
+    assert_eq!(
+        (a.links(), b.links()),
+        (vec!["lo".into()], vec!["lo".into()])
+    );
+}
+
+#[tokio::test]
+async fn a_name_already_taken_is_a_clear_error_and_leaves_both_namespaces_as_they_were() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    assert!(
+        run(
+            "ip",
+            &["-n", &b.name, "link", "add", "nsm-1", "type", "veth", "peer", "name", "other"]
+        )
+        .0
+    );
+    let (client, endpoint) = plans(&default_context());
+    let err = kernel_side_up(&a.open(), &b.open(), client.clone(), endpoint.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::LinkExists { name, netns } if name == "nsm-1" && netns.contains(&b.name)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("already exists"), "{err}");
+    assert!(matches!(
+        nsm_sdk::Error::from(err),
+        nsm_sdk::Error::InvalidArgument(_)
+    ));
+    assert_eq!(a.links(), ["lo"]);
+    assert_eq!(b.links(), ["lo", "nsm-1", "other"]);
+
+    // The same clash found by the kernel itself (as in a race after the check).
+    let nl = RtNetlink::open(&a.open()).await.unwrap();
+    let name = IfName::new("nsm-1").unwrap();
+    let err = nl
+        .create_veth_pair(&name, &a.open(), &name, &b.open(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::LinkExists { .. }), "{err:?}");
+    assert_eq!(a.links(), ["lo"]);
+    assert_eq!(b.links(), ["lo", "nsm-1", "other"]);
+}
+
+#[tokio::test]
+async fn a_namespace_that_does_not_exist_is_not_found() {
+    require_root!();
+    let gone = Ns::new();
+    let name = gone.name.clone();
+    drop(gone);
+    let err = NetNs::from_url(&format!("file:///run/netns/{name}")).unwrap_err();
+    assert!(matches!(err, Error::NetnsNotFound { .. }), "{err:?}");
+    assert!(matches!(
+        nsm_sdk::Error::from(err),
+        nsm_sdk::Error::NotFound(_)
+    ));
+    let err = NetNs::from_url("file:///proc/2147483647/ns/net").unwrap_err();
+    assert!(matches!(err, Error::NetnsNotFound { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_malformed_address_is_invalid_argument_before_the_kernel_is_touched() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    let mut ctx = default_context();
+    ctx.ip_context.as_mut().unwrap().dst_ip_addrs = vec!["172.16.1.300/32".into()];
+    let err = plan_from_context(&ctx, PodSide::Endpoint, "nsm-1").unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("ip_context.dst_ip_addrs") && text.contains("172.16.1.300/32"),
+        "{text}"
+    );
+    assert!(matches!(
+        nsm_sdk::Error::from(err),
+        nsm_sdk::Error::InvalidArgument(_)
+    ));
+    assert_eq!(
+        (a.links(), b.links()),
+        (vec!["lo".into()], vec!["lo".into()])
+    );
+}
+
+#[tokio::test]
+async fn an_mtu_out_of_range_is_invalid_argument_and_nothing_is_created() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    for mtu in [67, 65536] {
+        let mut ctx = default_context();
+        ctx.mtu = mtu;
+        let err = plan_from_context(&ctx, PodSide::Client, "nsm-1").unwrap_err();
+        assert!(matches!(err, Error::InvalidMtu { .. }), "{err:?}");
+        assert!(matches!(
+            nsm_sdk::Error::from(err),
+            nsm_sdk::Error::InvalidArgument(_)
+        ));
+    }
+    // 1000 is a valid IPv4 MTU but the plan has IPv6 addresses.
+    let mut ctx = default_context();
+    ctx.mtu = 1000;
+    assert!(matches!(
+        plan_from_context(&ctx, PodSide::Client, "nsm-1").unwrap_err(),
+        Error::InvalidMtu { mtu: 1000, .. }
+    ));
+    assert_eq!(
+        (a.links(), b.links()),
+        (vec!["lo".into()], vec!["lo".into()])
+    );
+}
+
+#[tokio::test]
+async fn a_route_the_kernel_refuses_rolls_everything_back() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    let (client, endpoint) = plans(&default_context());
+    // A gateway that is the client's own address: the kernel refuses it (EINVAL,
+    // "Nexthop has invalid gateway") after the pair exists and the client end has
+    // its address.
+    let client = client.with_route(Route::universe(
+        "198.51.100.0/24".parse().unwrap(),
+        Some("172.16.1.2".parse().unwrap()),
+    ));
+    let (ns_a, ns_b) = (a.open(), b.open());
+    let nl_a = Arc::new(RtNetlink::open(&ns_a).await.unwrap());
+    let nl_b = Arc::new(RtNetlink::open(&ns_b).await.unwrap());
+    let err = veth_up(
+        VethEnd {
+            netns: &ns_a,
+            netlink: nl_a.clone(),
+            plan: client,
+        },
+        VethEnd {
+            netns: &ns_b,
+            netlink: nl_b,
+            plan: endpoint,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.errno(), Some(22), "{err:?}");
+    assert!(matches!(
+        nsm_sdk::Error::from(err),
+        nsm_sdk::Error::Internal(_)
+    ));
+    assert_eq!(a.links(), ["lo"]);
+    assert_eq!(b.links(), ["lo"]);
+    let links = nl_a.links().await.unwrap();
+    assert_eq!(links.len(), 1, "{links:?}");
+}
