@@ -4,8 +4,8 @@
 //!
 //! NetworkService chain: `update_path(name)`, `begin`, `monitor`, `mechanisms`
 //! (server side, pluggable; NOOP by default), `discover`, `round_robin`, `connect` (a
-//! client chain of `begin`, `mechanism_translation`, client-side mechanisms, the gRPC
-//! client).
+//! client chain of `begin`, `monitor_relay`, `mechanism_translation`, client-side
+//! mechanisms, `update_token`, the gRPC client).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use crate::core::{Chain, Handler, MonitorSource};
 use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::handlers::{
-    connect, discover, mechanism_translation, mechanisms, noop_client, noop_server, round_robin,
-    timeout, update_path, update_token, Mechanisms, Monitor,
+    connect, discover, mechanism_translation, mechanisms, monitor_relay, noop_client, noop_server,
+    round_robin, timeout, update_path, update_token, Mechanisms, Monitor,
 };
 use crate::registry::select::FORWARDER_SERVICE;
 use crate::registry::{Registries, RegistryChain};
@@ -166,6 +166,7 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
     let monitor = Monitor::builder().shutdown(opts.root.clone()).build();
     let client = Chain::builder()
         .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
+        .push(monitor_relay(opts.channels.clone()))
         .push(mechanism_translation())
         .extend(opts.client_mechanisms)
         .push(update_token(opts.tokens.clone()))

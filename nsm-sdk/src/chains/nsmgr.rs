@@ -2,7 +2,8 @@
 //! registry front.
 //!
 //! NetworkService chain: `update_path(name)`, `begin`, `monitor`,
-//! `discover_forwarder`, `connect` (a client chain of `begin` and the gRPC client).
+//! `discover_forwarder`, `connect` (a client chain of `begin`, `monitor_relay`,
+//! `update_token` and the gRPC client).
 //! Registry: endpoints registered through it (local NSEs and forwarders) are stored
 //! upstream under the manager's own URL (`local_bypass`) and resolved back to their
 //! local URL for local use; network services pass through.
@@ -14,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::{Chain, MonitorSource};
 use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
-use crate::handlers::{connect, discover_forwarder, timeout, update_path, update_token, Monitor};
+use crate::handlers::{
+    connect, discover_forwarder, monitor_relay, timeout, update_path, update_token, Monitor,
+};
 use crate::registry::{local_bypass, validate, Registries, RegistryChain};
 use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
@@ -140,6 +143,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
     let monitor = Monitor::builder().shutdown(opts.root.clone()).build();
     let client = Chain::builder()
         .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
+        .push(monitor_relay(opts.channels.clone()))
         .push(update_token(opts.tokens.clone()))
         .push(grpc_client(opts.channels.clone()))
         .build();

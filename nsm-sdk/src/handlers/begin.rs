@@ -7,7 +7,8 @@
 //! 2. **Close uses the last good connection** the chain returned, not what the caller
 //!    passed, so every later handler tears down exactly what it built. Close of an
 //!    unknown id returns Ok without going down the chain. A failed first Request
-//!    forgets the id; a failed refresh keeps the established connection.
+//!    forgets the id; a failed refresh keeps the established connection. On the client
+//!    side a failed reselect keeps the id too (with no connection), for heal to retry.
 //! 3. **Events from inside**: handlers queue a Request or Close through
 //!    [`ConnHandle::request_event`]; it re-enters
 //!    the chain just after `begin`, under the same ordering, with the context and request
@@ -89,6 +90,9 @@ struct Established {
     dead: bool,
     /// The last connection the chain returned (as this hop sees it).
     conn: Option<Connection>,
+    /// The last connection returned to a caller (not to an event): what the caller
+    /// may send back, possibly stale after events changed the connection.
+    seen: Option<Connection>,
     /// The last good request, for events.
     req: Option<NetworkServiceRequest>,
     /// The context and rest of the chain of the last good operation, for events.
@@ -177,6 +181,7 @@ impl Inner {
     fn forget(&self, id: &str, slot: &Arc<Slot>, guard: &mut Established) {
         guard.dead = true;
         guard.conn = None;
+        guard.seen = None;
         guard.req = None;
         guard.cx = None;
         guard.next = None;
@@ -196,6 +201,7 @@ impl Inner {
         mut cx: Cx,
         mut req: NetworkServiceRequest,
         next: Next,
+        from_event: bool,
     ) -> (Cx, Result<Connection>) {
         let id = slot.handle.id().to_string();
         let timeout = cx.remaining().unwrap_or(self.default_timeout);
@@ -216,7 +222,7 @@ impl Inner {
                 }
                 guard.conn = None;
             } else if cx.side() == Side::Client {
-                *conn = merge(stored, conn);
+                *conn = merge(stored, guard.seen.as_ref().unwrap_or(stored), conn);
             }
         }
 
@@ -234,13 +240,20 @@ impl Inner {
                 }
                 req.connection = Some(conn.clone());
                 guard.conn = Some(conn.clone());
+                if !from_event {
+                    guard.seen = Some(conn.clone());
+                }
                 guard.req = Some(req);
                 guard.cx = Some(cx.fork(None));
                 guard.next = Some(next);
                 (cx, Ok(conn))
             }
             Err(e) => {
-                if guard.conn.is_none() {
+                // On the client side a connection that was up and lost its path to a
+                // failed reselect stays (with no connection: a Close goes nowhere), so
+                // whoever reselects (heal) can try again.
+                let was_up = cx.side() == Side::Client && guard.req.is_some();
+                if guard.conn.is_none() && !was_up {
                     self.forget(&id, &slot, &mut guard);
                 }
                 (cx, Err(e))
@@ -278,25 +291,27 @@ impl Inner {
 
 /// A re-request on the client side starts from what the chain last returned (so the
 /// whole path and mechanism come along) and takes from the caller what the caller
-/// changed.
-fn merge(returned: &Connection, requested: &Connection) -> Connection {
+/// changed since it was last given the connection (`seen`). A caller that sends back a
+/// copy made stale by events (heal moved the connection to another endpoint) changes
+/// nothing.
+fn merge(returned: &Connection, seen: &Connection, requested: &Connection) -> Connection {
     let mut out = returned.clone();
-    if requested.context != returned.context {
+    if requested.context != seen.context {
         out.context = requested.context.clone();
     }
-    if requested.labels != returned.labels {
+    if requested.labels != seen.labels {
         out.labels = requested.labels.clone();
     }
-    if requested.state != returned.state {
+    if requested.state != seen.state {
         out.state = requested.state;
     }
-    if requested.network_service_endpoint_name != returned.network_service_endpoint_name {
+    if requested.network_service_endpoint_name != seen.network_service_endpoint_name {
         out.network_service_endpoint_name = requested.network_service_endpoint_name.clone();
     }
-    if requested.mechanism != returned.mechanism {
+    if requested.mechanism != seen.mechanism {
         out.mechanism = requested.mechanism.clone();
     }
-    if requested.path != returned.path && requested.path.is_some() {
+    if requested.path != seen.path && requested.path.is_some() {
         out.path = requested.path.clone();
     }
     out
@@ -385,7 +400,7 @@ impl Handler for Begin {
         let task_cx = std::mem::take(cx).with_span(span.clone());
         let inner = self.inner.clone();
         let op = inner
-            .run_request(slot, guard, task_cx, req, next)
+            .run_request(slot, guard, task_cx, req, next, false)
             .instrument(span);
         run_detached(op, cx).await
     }
@@ -446,7 +461,7 @@ impl Inner {
             ConnEvent::Request(req) => {
                 let req = req.unwrap_or(last_req);
                 let (_, r) = self
-                    .run_request(slot, guard, cx, req, next)
+                    .run_request(slot, guard, cx, req, next, true)
                     .instrument(span)
                     .await;
                 r.map(Some)

@@ -71,6 +71,7 @@ impl Retry {
         let budget_end = Instant::now() + self.try_timeout;
         let end = cx.deadline().map_or(budget_end, |d| d.min(budget_end));
         let mut tries = 0u32;
+        let mut last: Option<Error> = None;
         loop {
             tries += 1;
             let mut try_cx = cx.clone();
@@ -90,6 +91,14 @@ impl Retry {
                     "{what}: try {tries} still running when the retry budget ended"
                 )),
             };
+            // A try cut off by the end of the budget says less than the failure before
+            // it (a service not found, say): report that one.
+            if outcome.code() == tonic::Code::DeadlineExceeded && Instant::now() >= end {
+                if let Some(prev) = last {
+                    warn!(tries, error = %prev, "{what} failed; giving up retrying");
+                    return Err(prev);
+                }
+            }
             if !outcome.is_retryable() {
                 return Err(outcome);
             }
@@ -98,6 +107,7 @@ impl Retry {
                 return Err(outcome);
             }
             debug!(tries, error = %outcome, interval = ?self.interval, "{what} failed; retrying");
+            last = Some(outcome);
             tokio::time::sleep(self.interval).await;
         }
     }

@@ -89,10 +89,28 @@ impl RegistryHandler<NetworkServiceEndpoint> for LocalBypass {
         next: RegistryNext<NetworkServiceEndpoint>,
     ) -> Result<NetworkServiceEndpoint> {
         let original = std::mem::replace(&mut r.url, self.inner.own_url.clone());
-        let mut out = next.register(cx, r).await?;
-        self.local().insert(out.name.clone(), original.clone());
-        out.url = original;
-        Ok(out)
+        // Known here before the registry can hand the entry out: a Find on this node
+        // that races with the registration must never see the manager's own URL without
+        // the local one (the manager would dial itself).
+        let name = r.name.clone();
+        let previous = self.local().insert(name.clone(), original.clone());
+        match next.register(cx, r).await {
+            Ok(mut out) => {
+                if out.name != name {
+                    self.local().insert(out.name.clone(), original.clone());
+                }
+                out.url = original;
+                Ok(out)
+            }
+            Err(e) => {
+                let mut local = self.local();
+                match previous {
+                    Some(url) => local.insert(name, url),
+                    None => local.remove(&name),
+                };
+                Err(e)
+            }
+        }
     }
 
     async fn find(
@@ -214,6 +232,62 @@ mod tests {
         );
         let central_view = central.list(cx, nse("local", "")).await.unwrap();
         assert_eq!(central_view[0].url, NSMGR);
+    }
+
+    /// Records whether the bypass knew the local URL while the registry stored the
+    /// entry, or fails the registration.
+    struct Upstream {
+        bypass: LocalBypass,
+        known: Mutex<Vec<Option<String>>>,
+        fail: bool,
+    }
+
+    #[async_trait]
+    impl RegistryHandler<NetworkServiceEndpoint> for Arc<Upstream> {
+        async fn register(
+            &self,
+            cx: &mut Cx,
+            r: NetworkServiceEndpoint,
+            next: RegistryNext<NetworkServiceEndpoint>,
+        ) -> Result<NetworkServiceEndpoint> {
+            self.known
+                .lock()
+                .unwrap()
+                .push(self.bypass.local_url(&r.name));
+            if self.fail {
+                return Err(crate::Error::unavailable("registry down"));
+            }
+            next.register(cx, r).await
+        }
+    }
+
+    #[tokio::test]
+    async fn the_local_url_is_known_before_the_registry_hands_the_entry_out() {
+        for fail in [false, true] {
+            let bypass = local_bypass(NSMGR.parse().unwrap());
+            let upstream = Arc::new(Upstream {
+                bypass: bypass.clone(),
+                known: Mutex::new(Vec::new()),
+                fail,
+            });
+            let front = RegistryChain::builder()
+                .push(bypass.clone())
+                .push(upstream.clone())
+                .build();
+            let out = front
+                .register(&mut Cx::server(), nse("fwd", "inmem://fwd"))
+                .await;
+            assert_eq!(out.is_err(), fail);
+            assert_eq!(
+                *upstream.known.lock().unwrap(),
+                [Some("inmem://fwd".to_string())]
+            );
+            assert_eq!(
+                bypass.local_url("fwd").is_some(),
+                !fail,
+                "a failed first registration is not remembered"
+            );
+        }
     }
 
     #[tokio::test]

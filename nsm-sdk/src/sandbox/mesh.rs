@@ -397,6 +397,7 @@ pub struct EndpointHandle {
     registration: NetworkServiceEndpoint,
     component: Component,
     front: Registries,
+    root: CancellationToken,
 }
 
 impl std::fmt::Debug for EndpointHandle {
@@ -437,16 +438,19 @@ impl EndpointHandle {
             .await
     }
 
-    /// Kills it: the server stops at once, open connections break. It stays
-    /// registered until it is unregistered or expires.
+    /// Kills it as a process dies: the server stops at once, open connections break,
+    /// and every task of its connections ends (it cannot serve again: start a new
+    /// endpoint). It stays registered until it is unregistered or expires.
     pub fn kill(&self) {
         self.component.kill();
+        self.root.cancel();
     }
 }
 
 impl Drop for EndpointHandle {
     fn drop(&mut self) {
         self.component.kill();
+        self.root.cancel();
     }
 }
 
@@ -618,8 +622,9 @@ impl Node {
         let url = self.shared.url(&spec.name);
         let counter = counter();
         let inject = inject();
+        let root = self.shared.root.child_token();
         let mut opts = EndpointOptions::new()
-            .root(self.shared.root.child_token())
+            .root(root.clone())
             .tokens(self.shared.tokens.clone())
             .handler(counter.clone())
             .handler(inject.clone());
@@ -654,6 +659,7 @@ impl Node {
             registration: registration.clone(),
             component: Component::new(),
             front: self.registration_front(),
+            root,
         };
         if spec.serve {
             handle.serve().await?;

@@ -395,3 +395,80 @@ async fn a_client_re_request_merges_what_the_caller_changed_into_what_was_return
         "the re-request lost what was returned"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_client_reselect_keeps_the_connection_for_another_try() {
+    let (chain, b, probe, _) = setup();
+    let conn = chain
+        .request(&mut Cx::client(), req("c1", "a"))
+        .await
+        .unwrap();
+    let mut again = conn.clone();
+    again.state = State::ReselectRequested as i32;
+    let reselect = NetworkServiceRequest {
+        connection: Some(again),
+        ..Default::default()
+    };
+    probe.fail_requests.store(1, Ordering::SeqCst);
+    chain
+        .request(&mut Cx::client(), reselect.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(probe.closes.lock().unwrap().len(), 1, "old path closed");
+    assert_eq!(b.len(), 1, "a failed reselect forgot the connection");
+    // Another try does not close again (there is nothing left to close), and succeeds.
+    chain.request(&mut Cx::client(), reselect).await.unwrap();
+    assert_eq!(probe.closes.lock().unwrap().len(), 1);
+    chain.close(&mut Cx::client(), conn).await.unwrap();
+    assert_eq!(probe.closes.lock().unwrap().len(), 2);
+    assert!(b.is_empty());
+}
+
+#[tokio::test]
+async fn a_stale_copy_from_the_caller_keeps_what_events_changed() {
+    let (chain, _b, probe, _) = setup();
+    let mut cx = Cx::client();
+    let conn = chain.request(&mut cx, req("c1", "a")).await.unwrap();
+    let handle = cx.conn().cloned().unwrap();
+    // An event (heal) moves the connection: the caller does not see it.
+    let mut moved = conn.clone();
+    moved.labels.insert("n".into(), "b".into());
+    moved.network_service_endpoint_name = "nse-2".into();
+    handle
+        .request_event(Some(NetworkServiceRequest {
+            connection: Some(moved),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    // The caller refreshes with its old copy: nothing it sends is a change.
+    let fresh = chain
+        .request(
+            &mut Cx::client(),
+            NetworkServiceRequest {
+                connection: Some(conn.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(*probe.log.lock().unwrap(), ["req:a", "req:b", "req:b"]);
+    assert_eq!(fresh.network_service_endpoint_name, "nse-2");
+    // What the caller does change still wins.
+    let mut changed = fresh;
+    changed.labels.insert("n".into(), "c".into());
+    chain
+        .request(
+            &mut Cx::client(),
+            NetworkServiceRequest {
+                connection: Some(changed),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(probe.log.lock().unwrap().last().unwrap(), "req:c");
+    chain.close(&mut Cx::client(), conn).await.unwrap();
+    let closes = probe.closes.lock().unwrap();
+    assert_eq!(closes[0].network_service_endpoint_name, "nse-2");
+}

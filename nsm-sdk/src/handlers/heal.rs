@@ -1,0 +1,850 @@
+//! `heal`: a client keeps its connection working when something on its path dies.
+//!
+//! Where it goes: in a client chain (an NSC's, or a passthrough's), after `begin` and
+//! after `retry`, where [`ClientOptions::handler`](crate::chains::ClientOptions::handler)
+//! puts application handlers:
+//!
+//! ```text
+//! update_path, begin, retry, heal, ..., mechanism_preferences, client_url, grpc_client
+//! ```
+//!
+//! Heal's re-requests are `begin` events, and events re-enter right after `begin`, so
+//! they pass `retry` wherever heal sits. After `retry`, heal sees every try and can make
+//! its own attempts fail fast: a failed heal attempt leaves `retry` with a
+//! non-retryable error (Cancelled, carrying the cause), and heal's own backoff decides
+//! when to try again. Otherwise each failed attempt would be retried for `retry`'s
+//! whole budget (15 s) while holding the connection's turn, delaying the reselect and
+//! any Close behind it. The caller's own Requests are never changed.
+//!
+//! What it does, per connection, after each successful Request:
+//! - **watch**: it follows the next hop's MonitorConnection stream for this connection
+//!   (selector: the next hop's path segment; the next hop's URL is the call's
+//!   [`ClientUrl`](crate::transport::ClientUrl)), through the client-side filter. The
+//!   next hops relay what happens further down (`monitor_relay`), so the death of any
+//!   hop or of the endpoint arrives here as state DOWN. With a liveness check
+//!   ([`HealOptions::liveness`]) it also asks, every interval, whether the data plane
+//!   works.
+//! - **heal**: on DOWN, or when the stream breaks or ends, it first re-requests the
+//!   connection as it is (same path, same endpoint): that is all a restarted manager or
+//!   forwarder needs. If that fails, or when the liveness check said the data plane is
+//!   dead, it **reselects**: the reselect function
+//!   ([`default_reselect`]: clear the endpoint name and the mechanism) prepares the
+//!   last good request, heal marks it RESELECT_REQUESTED, and `begin` closes the old
+//!   path before sending it (guarantee 6), so every hop selects afresh. Failed reselects
+//!   are tried again after a backoff with jitter (100 ms doubling to 5 s by default).
+//!   A success starts a new watch of the new path.
+//!
+//! Heal publishes nothing; the caller keeps its connection. A Request that the caller
+//! makes while heal is healing goes through as usual, and if it succeeds the connection
+//! counts as healed.
+//!
+//! State: per connection (in `begin`'s handle): the last good request (with the
+//! connection the chain returned), the running watch/heal task and a generation number
+//! fencing off replaced tasks, the request of heal's attempt in flight (to recognise
+//! it), and the current backoff. The task is owned by the connection: Close ends it.
+//!
+//! Failure handled: the next hop, a hop further down or the endpoint dying or
+//! restarting; a data plane that stops working (with a liveness check); a next hop that
+//! cannot be subscribed to (healed like a broken stream, after a backoff, so a hop that
+//! always refuses does not cause a tight loop; a next hop without a MonitorConnection
+//! service is only watched by the liveness check). Without a `begin` before it heal
+//! passes calls through untouched.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, StreamExt};
+use nsm_proto::connection::{Connection, State};
+use nsm_proto::networkservice::NetworkServiceRequest;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::monitor_relay::{NextHop, DEFAULT_SUBSCRIBE_TIMEOUT};
+use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next};
+use crate::transport::Channels;
+use crate::{Error, Result};
+
+/// Prepares the request of a reselect from the last good one.
+pub type ReselectFn = Arc<dyn Fn(&mut NetworkServiceRequest) + Send + Sync>;
+
+/// Says whether the data plane of a connection works.
+pub type LivenessFn = Arc<dyn Fn(&Connection) -> BoxFuture<'static, bool> + Send + Sync>;
+
+/// Default pause between two liveness checks.
+pub const DEFAULT_LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
+/// Default time a liveness check may take; a check that takes longer says "dead".
+pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default first pause between two failed heal attempts.
+pub const DEFAULT_BACKOFF_START: Duration = Duration::from_millis(100);
+/// Default longest pause between two failed heal attempts.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The default reselect: forget the endpoint and the mechanism, so the forwarder and
+/// the endpoint are selected afresh, and say RESELECT_REQUESTED.
+pub fn default_reselect(req: &mut NetworkServiceRequest) {
+    let conn = req.connection.get_or_insert_with(Default::default);
+    conn.network_service_endpoint_name.clear();
+    conn.mechanism = None;
+    conn.state = State::ReselectRequested as i32;
+}
+
+/// What [`heal`] is made of.
+#[derive(Clone)]
+#[must_use]
+pub struct HealOptions {
+    channels: Channels,
+    reselect: ReselectFn,
+    liveness: Option<LivenessFn>,
+    liveness_interval: Duration,
+    liveness_timeout: Duration,
+    backoff_start: Duration,
+    backoff_max: Duration,
+    subscribe_timeout: Duration,
+}
+
+impl fmt::Debug for HealOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealOptions")
+            .field("liveness", &self.liveness.is_some())
+            .field("liveness_interval", &self.liveness_interval)
+            .field("liveness_timeout", &self.liveness_timeout)
+            .field("backoff_start", &self.backoff_start)
+            .field("backoff_max", &self.backoff_max)
+            .field("subscribe_timeout", &self.subscribe_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HealOptions {
+    /// Heal that subscribes to next hops through `channels` (share the client's pool),
+    /// with the default reselect and no liveness check.
+    pub fn new(channels: Channels) -> Self {
+        HealOptions {
+            channels,
+            reselect: Arc::new(default_reselect),
+            liveness: None,
+            liveness_interval: DEFAULT_LIVENESS_INTERVAL,
+            liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
+            backoff_start: DEFAULT_BACKOFF_START,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+            subscribe_timeout: DEFAULT_SUBSCRIBE_TIMEOUT,
+        }
+    }
+
+    /// Prepares reselect requests with `f` instead of [`default_reselect`] (for example
+    /// to add a label). Heal marks the result RESELECT_REQUESTED either way.
+    pub fn reselect(
+        mut self,
+        f: impl Fn(&mut NetworkServiceRequest) + Send + Sync + 'static,
+    ) -> Self {
+        self.reselect = Arc::new(f);
+        self
+    }
+
+    /// Checks the data plane with `check` every interval; when it says `false` (or does
+    /// not answer within the liveness timeout) the connection is reselected.
+    pub fn liveness(mut self, check: LivenessFn) -> Self {
+        self.liveness = Some(check);
+        self
+    }
+
+    /// The pause between two liveness checks (default [`DEFAULT_LIVENESS_INTERVAL`]).
+    pub fn liveness_interval(mut self, interval: Duration) -> Self {
+        self.liveness_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long one liveness check may take (default [`DEFAULT_LIVENESS_TIMEOUT`]).
+    pub fn liveness_timeout(mut self, timeout: Duration) -> Self {
+        self.liveness_timeout = timeout;
+        self
+    }
+
+    /// The pause after the first failed attempt and the longest pause; each failure
+    /// doubles it, and each pause is drawn between half of it and all of it (defaults
+    /// [`DEFAULT_BACKOFF_START`], [`DEFAULT_BACKOFF_MAX`]).
+    pub fn backoff(mut self, start: Duration, max: Duration) -> Self {
+        self.backoff_start = start.max(Duration::from_millis(1));
+        self.backoff_max = max.max(self.backoff_start);
+        self
+    }
+
+    /// How long subscribing to the next hop may take before the stream counts as broken
+    /// (default [`DEFAULT_SUBSCRIBE_TIMEOUT`]).
+    pub fn subscribe_timeout(mut self, timeout: Duration) -> Self {
+        self.subscribe_timeout = timeout;
+        self
+    }
+}
+
+/// See the [module docs](self).
+#[derive(Clone)]
+pub struct Heal {
+    opts: Arc<HealOptions>,
+}
+
+impl fmt::Debug for Heal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Heal").field("opts", &self.opts).finish()
+    }
+}
+
+/// The `heal` handler.
+pub fn heal(options: HealOptions) -> Heal {
+    Heal {
+        opts: Arc::new(options),
+    }
+}
+
+fn is_reselect(req: &NetworkServiceRequest) -> bool {
+    req.connection
+        .as_ref()
+        .is_some_and(|c| c.state == State::ReselectRequested as i32)
+}
+
+/// Per connection: see the module docs, "State".
+#[derive(Default)]
+struct HealState(Mutex<HealInner>);
+
+#[derive(Default)]
+struct HealInner {
+    /// Bumped whenever the task is replaced or stopped; a task acts only while its
+    /// generation is current.
+    generation: u64,
+    task: Option<Running>,
+    /// A task is healing (the connection is known broken).
+    healing: bool,
+    /// The request of heal's own attempt in flight.
+    own: Option<NetworkServiceRequest>,
+    /// The last good request, with the connection the chain returned.
+    last: Option<NetworkServiceRequest>,
+    /// The next pause after a failure; `None`: the first one.
+    backoff: Option<Duration>,
+}
+
+struct Running {
+    hop: Option<NextHop>,
+    token: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl HealState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl HealInner {
+    fn stop(&mut self) {
+        self.generation += 1;
+        self.healing = false;
+        if let Some(running) = self.task.take() {
+            running.token.cancel();
+        }
+    }
+}
+
+/// Why the connection needs healing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// The control plane says DOWN, or its stream broke: re-request, then reselect.
+    Broken,
+    /// The liveness check failed: reselect at once.
+    Dead,
+}
+
+/// What to do first when a task starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    Watch,
+    Reselect,
+}
+
+impl Heal {
+    /// After a success: remember the request, keep the running watch if it still
+    /// follows the same next hop, else start a new one.
+    fn established(
+        &self,
+        cx: &Cx,
+        handle: &ConnHandle,
+        state: &Arc<HealState>,
+        mut req: NetworkServiceRequest,
+        conn: &Connection,
+    ) {
+        let hop = NextHop::of(cx, conn);
+        req.connection = Some(conn.clone());
+        let mut inner = state.lock();
+        inner.last = Some(req);
+        inner.own = None;
+        let was_healing = inner.healing;
+        if let Some(running) = &inner.task {
+            if !was_healing && running.hop == hop && !running.task.is_finished() {
+                return;
+            }
+        }
+        inner.stop();
+        if hop.is_none() && self.opts.liveness.is_none() {
+            debug!(connection.id = %conn.id, "heal: no next hop to follow and no liveness check");
+            return;
+        }
+        if was_healing {
+            info!(connection.id = %conn.id, "heal: connection healed");
+        }
+        self.spawn(handle, state, &mut inner, hop, Start::Watch);
+    }
+
+    fn spawn(
+        &self,
+        handle: &ConnHandle,
+        state: &Arc<HealState>,
+        inner: &mut HealInner,
+        hop: Option<NextHop>,
+        start: Start,
+    ) {
+        let token = handle.cancel_token().child_token();
+        let task = Task {
+            opts: self.opts.clone(),
+            handle: handle.clone(),
+            state: state.clone(),
+            generation: inner.generation,
+            hop: hop.clone(),
+        };
+        let join = spawn_owned(token.clone(), task.run(start));
+        inner.task = Some(Running {
+            hop,
+            token,
+            task: join,
+        });
+    }
+}
+
+/// One watch-then-heal task of a connection.
+struct Task {
+    opts: Arc<HealOptions>,
+    handle: ConnHandle,
+    state: Arc<HealState>,
+    generation: u64,
+    hop: Option<NextHop>,
+}
+
+/// The next item of an optional stream; pending forever without one.
+async fn next_of(
+    events: &mut Option<BoxStream<'static, Result<Connection>>>,
+) -> Option<Result<Connection>> {
+    match events {
+        Some(s) => s.next().await,
+        None => futures::future::pending().await,
+    }
+}
+
+/// The next tick of an optional interval; pending forever without one.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => futures::future::pending().await,
+    }
+}
+
+impl Task {
+    fn id(&self) -> &str {
+        self.handle.id()
+    }
+
+    fn is_current(&self) -> bool {
+        self.state.lock().generation == self.generation
+    }
+
+    async fn run(self, start: Start) {
+        let trigger = match start {
+            Start::Reselect => Trigger::Dead,
+            Start::Watch => match self.watch().await {
+                Some(t) => t,
+                None => return,
+            },
+        };
+        self.heal(trigger).await;
+    }
+
+    /// Waits until the connection needs healing; `None` when there is nothing to watch.
+    async fn watch(&self) -> Option<Trigger> {
+        let mut events = None;
+        if let Some(hop) = &self.hop {
+            match hop
+                .follow(&self.opts.channels, self.opts.subscribe_timeout)
+                .await
+            {
+                Ok(s) => events = Some(s),
+                Err(e) if e.code() == tonic::Code::Unimplemented => {
+                    warn!(connection.id = %self.id(), next = %hop.url, "heal: the next hop has no monitor; only the liveness check watches")
+                }
+                Err(e) => {
+                    warn!(connection.id = %self.id(), next = %hop.url, error = %e, "heal: cannot follow the next hop");
+                    self.pause().await;
+                    return Some(Trigger::Broken);
+                }
+            }
+        }
+        let mut liveness = self.opts.liveness.as_ref().map(|_| {
+            let every = self.opts.liveness_interval;
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        if events.is_none() && liveness.is_none() {
+            return None;
+        }
+        // Until the stream has shown the connection working, a failure may be this
+        // hop's own doing (a next hop that does not know us): pause before healing.
+        let mut healthy = false;
+        loop {
+            tokio::select! {
+                item = next_of(&mut events) => match item {
+                    Some(Ok(copy)) if copy.state == State::Down as i32 => {
+                        warn!(connection.id = %self.id(), "heal: the path reports the connection DOWN");
+                        break;
+                    }
+                    Some(Ok(_)) => {
+                        if !healthy {
+                            healthy = true;
+                            self.state.lock().backoff = None;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        warn!(connection.id = %self.id(), error = %e, "heal: the next hop's monitor stream broke");
+                        break;
+                    }
+                    None => {
+                        warn!(connection.id = %self.id(), "heal: the next hop's monitor stream ended");
+                        break;
+                    }
+                },
+                _ = tick(&mut liveness) => {
+                    if !self.alive().await {
+                        warn!(connection.id = %self.id(), "heal: the liveness check failed");
+                        return Some(Trigger::Dead);
+                    }
+                }
+            }
+        }
+        if !healthy {
+            self.pause().await;
+        }
+        Some(Trigger::Broken)
+    }
+
+    async fn alive(&self) -> bool {
+        let Some(check) = self.opts.liveness.clone() else {
+            return true;
+        };
+        let conn = self
+            .state
+            .lock()
+            .last
+            .as_ref()
+            .and_then(|r| r.connection.clone())
+            .unwrap_or_default();
+        matches!(
+            tokio::time::timeout(self.opts.liveness_timeout, check(&conn)).await,
+            Ok(true)
+        )
+    }
+
+    /// Sleeps the current backoff (with jitter) and doubles it.
+    async fn pause(&self) {
+        let base = {
+            let mut inner = self.state.lock();
+            let d = inner.backoff.unwrap_or(self.opts.backoff_start);
+            inner.backoff = Some(d.saturating_mul(2).min(self.opts.backoff_max));
+            d
+        };
+        let pause = base.mul_f64(rand::random_range(0.5..=1.0));
+        debug!(connection.id = %self.id(), ?pause, "heal: backing off");
+        tokio::time::sleep(pause).await;
+    }
+
+    /// Re-requests (unless `trigger` says reselect at once), then reselects until a
+    /// request succeeds or the connection ends.
+    async fn heal(&self, trigger: Trigger) {
+        {
+            let mut inner = self.state.lock();
+            if inner.generation != self.generation {
+                return;
+            }
+            inner.healing = true;
+        }
+        let mut reselect = trigger == Trigger::Dead;
+        loop {
+            let req = {
+                let mut inner = self.state.lock();
+                if inner.generation != self.generation {
+                    return;
+                }
+                let Some(mut req) = inner.last.clone() else {
+                    return;
+                };
+                if reselect {
+                    (self.opts.reselect)(&mut req);
+                    req.connection.get_or_insert_with(Default::default).state =
+                        State::ReselectRequested as i32;
+                }
+                inner.own = Some(req.clone());
+                req
+            };
+            if reselect {
+                info!(connection.id = %self.id(), "heal: reselecting");
+            } else {
+                info!(connection.id = %self.id(), "heal: re-requesting the same path");
+            }
+            // The same as `request_event(None)` for a re-request (the last good request
+            // is what begin would replay), but heal can recognise its own attempt.
+            let outcome = self.handle.request_event(Some(req)).await;
+            {
+                let mut inner = self.state.lock();
+                if inner.generation == self.generation {
+                    inner.own = None;
+                }
+            }
+            match outcome {
+                // The success started a new task and stopped this one.
+                Ok(_) => return,
+                Err(e) => {
+                    if self.handle.is_closed() || !self.is_current() {
+                        return;
+                    }
+                    warn!(connection.id = %self.id(), error = %e, reselect, "heal: attempt failed");
+                    if reselect {
+                        self.pause().await;
+                    }
+                    reselect = true;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for Heal {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection> {
+        let Some(handle) = cx.conn().cloned() else {
+            return next.request(cx, req).await;
+        };
+        let state = handle.state::<HealState>();
+        let own = {
+            let mut inner = state.lock();
+            let own = inner.own.as_ref() == Some(&req);
+            if own {
+                inner.own = None;
+            }
+            own
+        };
+        match next.request(cx, req.clone()).await {
+            Ok(conn) => {
+                self.established(cx, &handle, &state, req, &conn);
+                Ok(conn)
+            }
+            // Heal's own attempt: straight back to heal's loop, past retry.
+            Err(e) if own => Err(Error::Cancelled(format!("heal attempt failed: {e}"))),
+            Err(e) => {
+                // The caller's own reselect failed after begin closed the old path:
+                // keep trying to reselect, unless something else already heals.
+                let mut inner = state.lock();
+                if is_reselect(&req)
+                    && inner.task.is_none()
+                    && inner.last.is_some()
+                    && !handle.is_closed()
+                {
+                    warn!(connection.id = %handle.id(), error = %e, "heal: the caller's reselect failed; heal keeps trying");
+                    self.spawn(&handle, &state, &mut inner, None, Start::Reselect);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
+        let own_reselect = match cx.conn().and_then(|h| h.get_state::<HealState>()) {
+            Some(state) => {
+                let mut inner = state.lock();
+                // begin closes the old path of heal's own reselect: heal goes on.
+                let own = inner.own.as_ref().is_some_and(is_reselect);
+                if !own {
+                    inner.stop();
+                }
+                own
+            }
+            None => false,
+        };
+        let result = next.close(cx, conn).await;
+        match result {
+            Err(e) if own_reselect => Err(Error::Cancelled(format!(
+                "heal: closing the old path failed: {e}"
+            ))),
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{Chain, MonitorSource};
+    use crate::handlers::{begin, client_url, monitor, retry, update_path, Monitor};
+    use crate::transport::{grpc_client, serve, Server, Services, Url};
+    use nsm_proto::connection::ConnectionEventType;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+    fn url() -> Url {
+        Url::Memory(format!(
+            "heal-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ))
+    }
+
+    /// The next hop: an endpoint "nse" that records requests and closes, and can be
+    /// made to fail requests.
+    #[derive(Default)]
+    struct Nse {
+        requests: Mutex<Vec<Connection>>,
+        closes: AtomicUsize,
+        fail: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Handler for Arc<Nse> {
+        async fn request(
+            &self,
+            cx: &mut Cx,
+            req: NetworkServiceRequest,
+            next: Next,
+        ) -> Result<Connection> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(Error::unavailable("injected"));
+            }
+            self.requests
+                .lock()
+                .unwrap()
+                .push(req.connection.clone().unwrap_or_default());
+            next.request(cx, req).await
+        }
+        async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
+            self.closes.fetch_add(1, Ordering::SeqCst);
+            next.close(cx, conn).await
+        }
+    }
+
+    impl Nse {
+        fn requests(&self) -> usize {
+            self.requests.lock().unwrap().len()
+        }
+    }
+
+    async fn serve_nse(url: &Url, nse: &Arc<Nse>) -> (Server, Monitor) {
+        let monitor = monitor();
+        let chain = Chain::builder()
+            .push(update_path("nse").trim_tail(true))
+            .push(begin())
+            .push(monitor.clone())
+            .push(nse.clone())
+            .build();
+        let source: Arc<dyn MonitorSource> = monitor.source();
+        let server = serve(url, Services::new().network_service(chain).monitor(source))
+            .await
+            .unwrap();
+        (server, monitor)
+    }
+
+    fn nsc(url: &Url, opts: HealOptions) -> Chain {
+        Chain::builder()
+            .push(update_path("nsc"))
+            .push(begin())
+            .push(retry())
+            .push(heal(opts.backoff(
+                Duration::from_millis(10),
+                Duration::from_millis(50),
+            )))
+            .push(client_url(url.clone()))
+            .push(grpc_client(Channels::new()))
+            .build()
+    }
+
+    fn request() -> NetworkServiceRequest {
+        NetworkServiceRequest {
+            connection: Some(Connection {
+                network_service: "svc".into(),
+                network_service_endpoint_name: "nse".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[test]
+    fn the_default_reselect_forgets_the_endpoint_and_mechanism() {
+        let mut req = request();
+        req.connection.as_mut().unwrap().mechanism = Some(Default::default());
+        default_reselect(&mut req);
+        let c = req.connection.unwrap();
+        assert!(c.network_service_endpoint_name.is_empty());
+        assert!(c.mechanism.is_none());
+        assert_eq!(c.state, State::ReselectRequested as i32);
+    }
+
+    #[tokio::test]
+    async fn a_down_event_re_requests_the_same_path() {
+        let u = url();
+        let nse = Arc::new(Nse::default());
+        let (_server, monitor) = serve_nse(&u, &nse).await;
+        let chain = nsc(&u, HealOptions::new(Channels::new()));
+        let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
+        eventually("heal subscribed", || monitor.subscriber_count() == 1).await;
+        let nse_id = conn.path.as_ref().unwrap().path_segments[1].id.clone();
+        let mut down = monitor.get(&nse_id).unwrap();
+        down.state = State::Down as i32;
+        monitor.publish(ConnectionEventType::Update, down);
+        eventually("a re-request reached the endpoint", || nse.requests() == 2).await;
+        let again = nse.requests.lock().unwrap()[1].clone();
+        assert_eq!(again.network_service_endpoint_name, "nse", "same path");
+        assert_ne!(again.state, State::ReselectRequested as i32);
+        assert_eq!(nse.closes.load(Ordering::SeqCst), 0, "nothing was closed");
+        chain.close(&mut Cx::client(), conn).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_re_request_reselects_and_backs_off_without_waiting_for_retry() {
+        let u = url();
+        let nse = Arc::new(Nse::default());
+        let (_server, monitor) = serve_nse(&u, &nse).await;
+        let chain = nsc(
+            &u,
+            HealOptions::new(Channels::new()).reselect(|req| {
+                default_reselect(req);
+                if let Some(c) = req.connection.as_mut() {
+                    c.labels.insert("reselected".into(), "yes".into());
+                }
+            }),
+        );
+        let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
+        eventually("heal subscribed", || monitor.subscriber_count() == 1).await;
+        nse.fail.store(true, Ordering::SeqCst);
+        let nse_id = conn.path.as_ref().unwrap().path_segments[1].id.clone();
+        let mut down = monitor.get(&nse_id).unwrap();
+        down.state = State::Down as i32;
+        let started = tokio::time::Instant::now();
+        monitor.publish(ConnectionEventType::Update, down);
+        // The re-request fails; the reselect closes the old path first.
+        eventually("the reselect closed the old path", || {
+            nse.closes.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        nse.fail.store(false, Ordering::SeqCst);
+        eventually("a reselect reached the endpoint", || nse.requests() == 2).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "heal's attempts were held up by retry: {:?}",
+            started.elapsed()
+        );
+        let again = nse.requests.lock().unwrap()[1].clone();
+        assert_eq!(again.labels["reselected"], "yes");
+        assert_eq!(again.state, State::ReselectRequested as i32);
+        assert_eq!(
+            nse.closes.load(Ordering::SeqCst),
+            1,
+            "the old path closed once"
+        );
+        chain.close(&mut Cx::client(), conn).await.unwrap();
+        assert_eq!(
+            nse.closes.load(Ordering::SeqCst),
+            2,
+            "Close reached the new path"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_liveness_check_reselects() {
+        let u = url();
+        let nse = Arc::new(Nse::default());
+        let (_server, _monitor) = serve_nse(&u, &nse).await;
+        let dead = Arc::new(AtomicBool::new(false));
+        let check = dead.clone();
+        let chain = nsc(
+            &u,
+            HealOptions::new(Channels::new())
+                .liveness(Arc::new(move |_: &Connection| {
+                    let dead = check.load(Ordering::SeqCst);
+                    Box::pin(async move { !dead })
+                }))
+                .liveness_interval(Duration::from_millis(20)),
+        );
+        let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(nse.requests(), 1, "a live data plane is left alone");
+        dead.store(true, Ordering::SeqCst);
+        eventually("reselected", || nse.requests() >= 2).await;
+        dead.store(false, Ordering::SeqCst);
+        let again = nse.requests.lock().unwrap()[1].clone();
+        assert_eq!(again.state, State::ReselectRequested as i32);
+        assert!(again.network_service_endpoint_name.is_empty());
+        chain.close(&mut Cx::client(), conn).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn close_ends_the_heal_task_even_while_it_heals() {
+        let u = url();
+        let nse = Arc::new(Nse::default());
+        let (server, _monitor) = serve_nse(&u, &nse).await;
+        let chain = nsc(&u, HealOptions::new(Channels::new()));
+        let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
+        server.kill();
+        // Heal cannot reach anything now and keeps trying (every 50 ms at most).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        chain.close(&mut Cx::client(), conn).await.unwrap();
+        // Were heal still trying, it would reach the endpoint served again.
+        let back = Arc::new(Nse::default());
+        let (_server, _monitor) = serve_nse(&u, &back).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(back.requests(), 0, "heal went on after Close");
+    }
+
+    #[tokio::test]
+    async fn a_refresh_keeps_the_watch() {
+        let u = url();
+        let nse = Arc::new(Nse::default());
+        let (_server, monitor) = serve_nse(&u, &nse).await;
+        let chain = nsc(&u, HealOptions::new(Channels::new()));
+        let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
+        eventually("heal subscribed", || monitor.subscriber_count() == 1).await;
+        let again = NetworkServiceRequest {
+            connection: Some(conn.clone()),
+            ..Default::default()
+        };
+        chain.request(&mut Cx::client(), again).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(monitor.subscriber_count(), 1);
+        assert_eq!(nse.requests(), 2, "no heal request on a healthy connection");
+        chain.close(&mut Cx::client(), conn).await.unwrap();
+        eventually("unsubscribed", || monitor.subscriber_count() == 0).await;
+    }
+}

@@ -1,0 +1,618 @@
+//! `monitor_relay`: a passthrough hop follows its downstream connection and relays what
+//! happens to it upstream (SCENARIOS 6.4, 6.6).
+//!
+//! Where it goes: in the client chain that `connect` runs (the NSMgr's and the
+//! forwarder's), right after that chain's `begin`:
+//!
+//! ```text
+//! server: update_path, begin, monitor, ..., connect(client)
+//! client:                                   begin, monitor_relay, ..., grpc_client
+//! ```
+//!
+//! There it has everything it needs and nothing more: the connection the next hop
+//! returned (so the next hop's path segment), the next hop's URL ([`ClientUrl`], put in
+//! the context by `discover_forwarder` or `round_robin` before `connect`), this hop's
+//! [`Monitor`] (the server chain's `monitor` puts itself in the context, and `connect`
+//! copies the context into the client chain), and an owner whose lifetime is exactly
+//! the downstream connection: the client `begin`'s connection, which a Close, a reselect
+//! (the server `begin` closes the old downstream first) or `connect`'s clean-up after a
+//! failure all end.
+//!
+//! What it does: after a successful Request it subscribes to the next hop's
+//! MonitorConnection service with the next hop's own path segment as the selector and
+//! passes the stream through the client-side filter ([`ClientFilter`](super::monitor::ClientFilter)).
+//! Each change the filter lets through is relayed upstream: this hop's connection (as
+//! its `monitor` stored it, so the mechanism this hop gave its caller stays) takes the
+//! downstream's path, context and state, and is published through the [`Monitor`] as an
+//! UPDATE when it differs from what is stored. When the stream fails or ends (the next
+//! hop died or restarted) this hop's connection is published in state DOWN, and the
+//! relay stops: the upstream client heals, and its re-request starts a new relay.
+//! A re-request keeps a relay that is still following the same next hop and replaces
+//! it otherwise; Close stops it before the downstream Close goes out, so the teardown's
+//! own DELETE events are not relayed as failures.
+//!
+//! State: per connection (in the client `begin`'s handle), the running relay task, the
+//! next hop it follows and a generation number: a relay publishes only while its
+//! generation is current, so a replaced or stopped relay can never publish over a newer
+//! state.
+//!
+//! Failure handled: the next hop dying (a broken stream), or restarting without the
+//! connection (its INITIAL_STATE_TRANSFER lacks it, which the filter turns into DOWN).
+//! A subscription that cannot be made counts as a broken stream. Without a `begin`, a
+//! `Monitor`, a `ClientUrl` or a next path segment there is nothing to follow and the
+//! relay passes calls through untouched.
+//!
+//! Cost: one MonitorConnection stream to the next hop per connection. Many connections
+//! through one pair of hops would better share one stream per peer (issue 6).
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::{BoxStream, StreamExt};
+use nsm_proto::connection::{
+    Connection, ConnectionEventType, MonitorScopeSelector, PathSegment, State,
+};
+use nsm_proto::networkservice::NetworkServiceRequest;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::monitor::{filter_events, Monitor};
+use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next};
+use crate::transport::{monitor_connections, Channels, ClientUrl, Url};
+use crate::{Error, Result};
+
+/// How long subscribing to a next hop's monitor may take before it counts as broken.
+pub const DEFAULT_SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A client hop's connection and where it goes next: what the relay and heal follow.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NextHop {
+    /// The next hop's URL.
+    pub(crate) url: Url,
+    /// This hop's connection id, segment name and index in the path.
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) index: u32,
+    /// The next hop's path segment (name and id only).
+    pub(crate) next: PathSegment,
+}
+
+impl NextHop {
+    /// The next hop of `conn` (as returned to this client hop), dialled at the call's
+    /// [`ClientUrl`]; `None` when either is missing.
+    pub(crate) fn of(cx: &Cx, conn: &Connection) -> Option<Self> {
+        let url = cx.ext().get::<ClientUrl>()?.0.clone();
+        let path = conn.path.as_ref()?;
+        let index = usize::try_from(path.index).ok()?;
+        let me = path.path_segments.get(index)?;
+        let next = path.path_segments.get(index.checked_add(1)?)?;
+        Some(NextHop {
+            url,
+            id: conn.id.clone(),
+            name: me.name.clone(),
+            index: path.index,
+            next: PathSegment {
+                name: next.name.clone(),
+                id: next.id.clone(),
+                ..Default::default()
+            },
+        })
+    }
+
+    /// The selector to subscribe with: the next hop's own segment.
+    pub(crate) fn selector(&self) -> MonitorScopeSelector {
+        MonitorScopeSelector {
+            path_segments: vec![self.next.clone()],
+            network_services: Vec::new(),
+        }
+    }
+
+    /// Subscribes to the next hop's monitor: the stream yields this hop's connection as
+    /// the next hop reports it, in this hop's view (client-side filtered: changes only,
+    /// DELETE and "unknown there" as DOWN), and ends with an error when the stream
+    /// breaks.
+    pub(crate) async fn follow(
+        &self,
+        channels: &Channels,
+        timeout: Duration,
+    ) -> Result<BoxStream<'static, Result<Connection>>> {
+        let events = tokio::time::timeout(
+            timeout,
+            monitor_connections(channels, &self.url, self.selector()),
+        )
+        .await
+        .map_err(|_| {
+            Error::DeadlineExceeded(format!(
+                "subscribing to the monitor of {} took longer than {timeout:?}",
+                self.url
+            ))
+        })??;
+        let filtered = filter_events(self.id.clone(), self.name.clone(), self.index, events);
+        Ok(filtered
+            .filter_map(|item| {
+                futures::future::ready(match item {
+                    // The filter emits exactly one connection per event.
+                    Ok(event) => event.connections.into_values().next().map(Ok),
+                    Err(e) => Some(Err(e)),
+                })
+            })
+            .boxed())
+    }
+}
+
+/// See the [module docs](self).
+#[derive(Clone)]
+#[must_use]
+pub struct MonitorRelay {
+    channels: Channels,
+    subscribe_timeout: Duration,
+}
+
+impl fmt::Debug for MonitorRelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MonitorRelay")
+            .field("subscribe_timeout", &self.subscribe_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `monitor_relay` handler, subscribing to next hops through `channels`.
+pub fn monitor_relay(channels: Channels) -> MonitorRelay {
+    MonitorRelay {
+        channels,
+        subscribe_timeout: DEFAULT_SUBSCRIBE_TIMEOUT,
+    }
+}
+
+impl MonitorRelay {
+    /// How long subscribing may take before the stream counts as broken (default
+    /// [`DEFAULT_SUBSCRIBE_TIMEOUT`]).
+    pub fn subscribe_timeout(mut self, timeout: Duration) -> Self {
+        self.subscribe_timeout = timeout;
+        self
+    }
+
+    fn follow(&self, cx: &Cx, conn: &Connection) {
+        let Some(handle) = cx.conn() else {
+            debug!("monitor_relay: no begin before it; nothing owns a relay");
+            return;
+        };
+        let Some(monitor) = cx.ext().get::<Monitor>().cloned() else {
+            debug!(connection.id = %conn.id, "monitor_relay: no monitor in this hop; nothing to relay to");
+            return;
+        };
+        let Some(hop) = NextHop::of(cx, conn) else {
+            debug!(connection.id = %conn.id, "monitor_relay: no next hop to follow");
+            return;
+        };
+        let state = handle.state::<RelayState>();
+        let mut inner = state.lock();
+        if let Some(running) = &inner.running {
+            if running.hop == hop && !running.task.is_finished() {
+                return;
+            }
+        }
+        inner.stop();
+        let generation = inner.generation;
+        let token = handle.cancel_token().child_token();
+        let task = spawn_owned(
+            token.clone(),
+            relay(Relay {
+                hop: hop.clone(),
+                channels: self.channels.clone(),
+                timeout: self.subscribe_timeout,
+                monitor,
+                state: state.clone(),
+                generation,
+            }),
+        );
+        inner.running = Some(Running { hop, token, task });
+    }
+}
+
+/// Per connection: the running relay and the generation allowed to publish.
+#[derive(Default)]
+struct RelayState(Mutex<RelayInner>);
+
+#[derive(Default)]
+struct RelayInner {
+    generation: u64,
+    running: Option<Running>,
+}
+
+struct Running {
+    hop: NextHop,
+    token: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl RelayState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RelayInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `publish` if `generation` is still the current one (under the lock, so a
+    /// stop that returned has fenced off every later publish of older relays).
+    fn publish_if_current(&self, generation: u64, publish: impl FnOnce()) {
+        let inner = self.lock();
+        if inner.generation == generation {
+            publish();
+        }
+    }
+}
+
+impl RelayInner {
+    /// Stops the running relay, if any, and fences off its publishing.
+    fn stop(&mut self) {
+        self.generation += 1;
+        if let Some(running) = self.running.take() {
+            running.token.cancel();
+        }
+    }
+}
+
+/// One relay task's inputs.
+struct Relay {
+    hop: NextHop,
+    channels: Channels,
+    timeout: Duration,
+    monitor: Monitor,
+    state: Arc<RelayState>,
+    generation: u64,
+}
+
+/// This hop's connection `base` with what the downstream says of it: the downstream's
+/// path, context and state (the mechanism and labels this hop gave its caller stay).
+fn merged(mut base: Connection, downstream: &Connection) -> Connection {
+    base.path = downstream.path.clone();
+    base.context = downstream.context.clone();
+    base.state = downstream.state;
+    base
+}
+
+async fn relay(r: Relay) {
+    let id = r.hop.id.clone();
+    match r.hop.follow(&r.channels, r.timeout).await {
+        Ok(mut events) => loop {
+            match events.next().await {
+                Some(Ok(copy)) => r.state.publish_if_current(r.generation, || {
+                    // Nothing is relayed before this hop's own monitor announced the
+                    // connection: its caller has not seen it yet.
+                    let Some(base) = r.monitor.get(&id) else {
+                        return;
+                    };
+                    let out = merged(base.clone(), &copy);
+                    if out != base {
+                        debug!(connection.id = %id, state = out.state, "monitor_relay: relaying a downstream change");
+                        r.monitor.publish(ConnectionEventType::Update, out);
+                    }
+                }),
+                Some(Err(e)) => {
+                    warn!(connection.id = %id, next = %r.hop.url, error = %e, "monitor_relay: the downstream monitor stream broke");
+                    break;
+                }
+                None => {
+                    warn!(connection.id = %id, next = %r.hop.url, "monitor_relay: the downstream monitor stream ended");
+                    break;
+                }
+            }
+        },
+        Err(e) => {
+            warn!(connection.id = %id, next = %r.hop.url, error = %e, "monitor_relay: cannot follow the downstream");
+        }
+    }
+    r.state.publish_if_current(r.generation, || {
+        if let Some(mut conn) = r.monitor.get(&id) {
+            if conn.state != State::Down as i32 {
+                conn.state = State::Down as i32;
+                r.monitor.publish(ConnectionEventType::Update, conn);
+            }
+        }
+    });
+}
+
+fn stop(handle: Option<&ConnHandle>) {
+    if let Some(state) = handle.and_then(|h| h.get_state::<RelayState>()) {
+        state.lock().stop();
+    }
+}
+
+#[async_trait]
+impl Handler for MonitorRelay {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection> {
+        let conn = next.request(cx, req).await?;
+        self.follow(cx, &conn);
+        Ok(conn)
+    }
+
+    async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
+        stop(cx.conn());
+        next.close(cx, conn).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{Chain, MonitorSource};
+    use crate::handlers::{begin, connect, monitor, update_path};
+    use crate::transport::{grpc_client, serve, Server, Services};
+    use nsm_proto::connection::ConnectionEvent;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+    fn url(name: &str) -> Url {
+        Url::Memory(format!(
+            "relay-test-{}-{name}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ))
+    }
+
+    /// A downstream endpoint ("nse") served on `url`, and its monitor.
+    async fn downstream(url: &Url) -> (Server, Monitor) {
+        let monitor = monitor();
+        let chain = Chain::builder()
+            .push(update_path("nse").trim_tail(true))
+            .push(begin())
+            .push(monitor.clone())
+            .build();
+        let source: Arc<dyn MonitorSource> = monitor.source();
+        let server = serve(url, Services::new().network_service(chain).monitor(source))
+            .await
+            .unwrap();
+        (server, monitor)
+    }
+
+    /// Puts the URL it holds (which a test may change) in the context, as `select`
+    /// handlers do.
+    #[derive(Clone)]
+    struct Dial(Arc<Mutex<Url>>);
+
+    #[async_trait]
+    impl Handler for Dial {
+        async fn request(
+            &self,
+            cx: &mut Cx,
+            req: NetworkServiceRequest,
+            next: Next,
+        ) -> Result<Connection> {
+            let url = self.0.lock().unwrap().clone();
+            cx.ext_mut().insert(ClientUrl(url));
+            next.request(cx, req).await
+        }
+        async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
+            let url = self.0.lock().unwrap().clone();
+            cx.ext_mut().insert(ClientUrl(url));
+            next.close(cx, conn).await
+        }
+    }
+
+    /// A passthrough hop ("hop") whose client chain dials `next` with a relay after its
+    /// begin; returns its chain, its monitor and the switch of its next hop's URL.
+    fn hop_with(next: &Url, channels: &Channels) -> (Chain, Monitor, Dial) {
+        let monitor = monitor();
+        let dial = Dial(Arc::new(Mutex::new(next.clone())));
+        let client = Chain::builder()
+            .push(begin())
+            .push(monitor_relay(channels.clone()))
+            .push(grpc_client(channels.clone()))
+            .build();
+        let chain = Chain::builder()
+            .push(update_path("hop"))
+            .push(begin())
+            .push(monitor.clone())
+            .push(dial.clone())
+            .push(connect(client))
+            .build();
+        (chain, monitor, dial)
+    }
+
+    fn hop(next: &Url, channels: &Channels) -> (Chain, Monitor) {
+        let (chain, monitor, _) = hop_with(next, channels);
+        (chain, monitor)
+    }
+
+    fn request() -> NetworkServiceRequest {
+        NetworkServiceRequest {
+            connection: Some(Connection {
+                id: "nsc-id".into(),
+                network_service: "svc".into(),
+                path: Some(nsm_proto::connection::Path {
+                    index: 0,
+                    path_segments: vec![PathSegment {
+                        name: "nsc".into(),
+                        id: "nsc-id".into(),
+                        ..Default::default()
+                    }],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Subscribes to `monitor` as the NSC would and returns the filtered copies.
+    fn upstream_view(monitor: &Monitor) -> BoxStream<'static, Result<ConnectionEvent>> {
+        filter_events(
+            "nsc-id",
+            "nsc",
+            0,
+            monitor.subscribe(MonitorScopeSelector::default()),
+        )
+    }
+
+    async fn next_state(events: &mut BoxStream<'static, Result<ConnectionEvent>>) -> Connection {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event in time")
+            .expect("the stream goes on")
+            .unwrap();
+        event.connections.into_values().next().unwrap()
+    }
+
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_next_hop_turns_this_hops_connection_down() {
+        let channels = Channels::new();
+        let nse_url = url("nse");
+        let (server, _nse_monitor) = downstream(&nse_url).await;
+        let (chain, monitor) = hop(&nse_url, &channels);
+        let conn = chain.request(&mut Cx::server(), request()).await.unwrap();
+        assert_eq!(conn.path.as_ref().unwrap().path_segments.len(), 3);
+        let mut events = upstream_view(&monitor);
+        assert_eq!(next_state(&mut events).await.state, State::Up as i32);
+
+        server.kill();
+        let down = next_state(&mut events).await;
+        assert_eq!(down.state, State::Down as i32);
+        assert_eq!(
+            down.path.unwrap().path_segments.len(),
+            3,
+            "the DOWN copy keeps the whole path"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_downstream_change_is_relayed_with_this_hops_mechanism() {
+        let channels = Channels::new();
+        let nse_url = url("nse");
+        let (_server, nse_monitor) = downstream(&nse_url).await;
+        let (chain, monitor) = hop(&nse_url, &channels);
+        let conn = chain.request(&mut Cx::server(), request()).await.unwrap();
+        let hop_id = conn.path.as_ref().unwrap().path_segments[1].id.clone();
+        let nse_id = conn.path.as_ref().unwrap().path_segments[2].id.clone();
+        // This hop's caller was given its own mechanism.
+        let mut mine = monitor.get(&hop_id).unwrap();
+        mine.mechanism = Some(nsm_proto::connection::Mechanism {
+            r#type: "MINE".into(),
+            ..Default::default()
+        });
+        monitor.publish(ConnectionEventType::Update, mine);
+        let mut events = upstream_view(&monitor);
+        next_state(&mut events).await;
+
+        // The endpoint asks for a refresh (as vl3mtu would).
+        let mut at_nse = nse_monitor.get(&nse_id).unwrap();
+        at_nse.state = State::RefreshRequested as i32;
+        nse_monitor.publish(ConnectionEventType::Update, at_nse);
+        let relayed = next_state(&mut events).await;
+        assert_eq!(relayed.state, State::RefreshRequested as i32);
+        assert_eq!(relayed.mechanism.unwrap().r#type, "MINE");
+    }
+
+    #[tokio::test]
+    async fn close_stops_the_relay_without_reporting_down() {
+        let channels = Channels::new();
+        let nse_url = url("nse");
+        let (_server, nse_monitor) = downstream(&nse_url).await;
+        let (chain, monitor) = hop(&nse_url, &channels);
+        let conn = chain.request(&mut Cx::server(), request()).await.unwrap();
+        eventually("the relay subscribed", || {
+            nse_monitor.subscriber_count() == 1
+        })
+        .await;
+
+        let mut events = monitor.subscribe(MonitorScopeSelector::default());
+        events.next().await; // the initial state
+        chain.close(&mut Cx::server(), conn).await.unwrap();
+        let event = events.next().await.unwrap().unwrap();
+        assert_eq!(
+            event.r#type,
+            ConnectionEventType::Delete as i32,
+            "the first event after Close is the DELETE, not a relayed DOWN"
+        );
+        eventually("the relay's stream was dropped", || {
+            nse_monitor.subscriber_count() == 0
+        })
+        .await;
+        assert!(monitor.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_refresh_keeps_the_stream_and_a_new_next_hop_replaces_it() {
+        let channels = Channels::new();
+        let first = url("nse-1");
+        let second = url("nse-2");
+        let (_s1, m1) = downstream(&first).await;
+        let (_s2, m2) = downstream(&second).await;
+        let (chain, _monitor, dial) = hop_with(&first, &channels);
+        let conn = chain.request(&mut Cx::server(), request()).await.unwrap();
+        eventually("subscribed to the first", || m1.subscriber_count() == 1).await;
+        let again = NetworkServiceRequest {
+            connection: Some(conn.clone()),
+            ..Default::default()
+        };
+        chain
+            .request(&mut Cx::server(), again.clone())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(m1.subscriber_count(), 1, "a refresh keeps the one stream");
+
+        *dial.0.lock().unwrap() = second.clone();
+        chain.request(&mut Cx::server(), again).await.unwrap();
+        eventually("moved to the second", || {
+            m1.subscriber_count() == 0 && m2.subscriber_count() == 1
+        })
+        .await;
+        chain.close(&mut Cx::server(), conn).await.unwrap();
+        eventually("unsubscribed", || m2.subscriber_count() == 0).await;
+    }
+
+    #[test]
+    fn the_next_hop_is_the_segment_after_this_hops_own() {
+        let mut cx = Cx::client();
+        let conn = Connection {
+            id: "b".into(),
+            path: Some(nsm_proto::connection::Path {
+                index: 1,
+                path_segments: ["a", "b", "c"]
+                    .iter()
+                    .map(|n| PathSegment {
+                        name: format!("{n}-name"),
+                        id: n.to_string(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        };
+        assert!(
+            NextHop::of(&cx, &conn).is_none(),
+            "no URL, nothing to follow"
+        );
+        let u = url("c");
+        cx.ext_mut().insert(ClientUrl(u.clone()));
+        let hop = NextHop::of(&cx, &conn).unwrap();
+        assert_eq!(
+            (hop.id.as_str(), hop.name.as_str(), hop.index),
+            ("b", "b-name", 1)
+        );
+        assert_eq!(hop.selector().path_segments[0].id, "c");
+        assert_eq!(hop.url, u);
+        let mut last = conn.clone();
+        last.path.as_mut().unwrap().index = 2;
+        last.id = "c".into();
+        assert!(
+            NextHop::of(&cx, &last).is_none(),
+            "the last hop has no next"
+        );
+    }
+}
