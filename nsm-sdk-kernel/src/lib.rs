@@ -16,6 +16,10 @@
 //!   [`apply()`] runs ops and rolls back on failure, [`undo()`] removes what a plan added.
 //! - [`kernel_side_up`] / [`Created::refresh`] / [`down`] ([`veth`]): a local
 //!   connection's veth pair, the entry points of the forwarder's KERNEL mechanism.
+//! - [`mechanism`]: the KERNEL mechanism handlers of the three roles —
+//!   [`kernel_client`] (NSC), [`kernel_endpoint`] (NSE) and
+//!   [`kernel_forwarder_mechanisms`] (forwarder), which make a Kernel2Kernel connection
+//!   through the whole mesh.
 //!
 //! A forwarder's KERNEL mechanism uses it like this (names and namespaces come from
 //! the two connections' mechanism parameters, addresses from the connection context):
@@ -91,6 +95,7 @@
 
 pub mod apply;
 pub mod error;
+pub mod mechanism;
 pub mod netns;
 pub mod plan;
 pub mod recorder;
@@ -99,6 +104,10 @@ pub mod veth;
 
 pub use crate::apply::{apply, undo, update, Link, Netlink};
 pub use crate::error::{Error, Result};
+pub use crate::mechanism::{
+    kernel_client, kernel_endpoint, kernel_forwarder_client, kernel_forwarder_mechanisms,
+    kernel_forwarder_server,
+};
 pub use crate::netns::NetNs;
 pub use crate::plan::{
     plan_from_context, IfName, Mtu, Neighbour, Op, Plan, PodSide, Route, RouteScope,

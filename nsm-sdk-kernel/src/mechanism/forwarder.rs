@@ -1,0 +1,540 @@
+//! The forwarder side of KERNEL: one veth pair per local connection, made once both
+//! pods are known.
+//!
+//! A forwarder chain runs its server-side mechanisms first, then picks the endpoint
+//! and calls it through its client chain; the endpoint says where its end goes only in
+//! its answer. So the work is split in two handlers:
+//!
+//! - [`kernel_forwarder_server`] (the client's side, under the forwarder's server
+//!   [`mechanisms()`]): checks the incoming KERNEL mechanism — `name`, `inodeURL`,
+//!   optional `MTU` — opens the client's namespace and hands both to the client chain
+//!   through the call's [`Cx::ext`] (which `connect` copies into it).
+//! - [`kernel_forwarder_client`] (in the client chain towards the endpoint, after
+//!   `mechanism_translation`): offers an empty KERNEL preference on a first request;
+//!   when the endpoint has answered, reads the endpoint's `name` and `inodeURL` from the
+//!   returned mechanism and creates the pair with [`kernel_side_up`], the client's end
+//!   programmed from [`plan_from_context`] for [`PodSide::Client`], the endpoint's for
+//!   [`PodSide::Endpoint`]. The MTU is `context.MTU`, else the client mechanism's `MTU`
+//!   parameter, else [`DEFAULT_MTU`]; it is written back into the returned
+//!   `context.MTU` so both sides learn it. A refresh brings both ends to the new plans
+//!   with [`Created::refresh`] (an unchanged context touches nothing); when either
+//!   end's namespace or name changed, or the pair died with a pod, the old pair is
+//!   deleted and a new one made. Close deletes the pair with [`down`], then passes on.
+//!
+//! State: per connection of the client chain (needs `begin` there), the [`Created`]
+//! pair and which namespaces and names it joins.
+//!
+//! Failure handled: a bad name, URL or MTU is InvalidArgument and a missing namespace
+//! NotFound, found before the endpoint is called when they are the client's;
+//! [`kernel_side_up`] removes a half-made pair itself. When a first request fails
+//! after the endpoint answered, the endpoint's connection is closed again, so nothing
+//! is left anywhere. A failed refresh keeps the pair as it was.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nsm_sdk::handlers::{mechanisms, Mechanisms};
+use nsm_sdk::proto::connection::{Connection, Mechanism};
+use nsm_sdk::proto::networkservice::NetworkServiceRequest;
+use nsm_sdk::tools::{params, types};
+use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
+use tracing::{debug, info, warn};
+
+use super::{is_kernel, kernel_mechanism};
+use crate::error::Error as KernelError;
+use crate::{down, kernel_side_up, plan_from_context, Created, IfName, Mtu, NetNs, Plan, PodSide};
+
+/// The MTU of a connection whose context and client mechanism give none.
+pub const DEFAULT_MTU: u32 = 1500;
+
+/// The forwarder's KERNEL mechanism: the server-side dispatcher (what the forwarder
+/// makes for its caller) and the client-side handlers (what it asks of the endpoint),
+/// ready for `ForwarderOptions::server_mechanisms` and `client_mechanisms`.
+pub fn kernel_forwarder_mechanisms() -> (Mechanisms, Vec<Arc<dyn Handler>>) {
+    (
+        mechanisms().with(types::KERNEL, kernel_forwarder_server()),
+        vec![Arc::new(kernel_forwarder_client())],
+    )
+}
+
+/// The client's side of a KERNEL connection, from the forwarder's server chain to its
+/// client chain (a per-call value in [`Cx::ext`]).
+#[derive(Clone)]
+struct ClientEnd(Arc<ClientEndInner>);
+
+struct ClientEndInner {
+    netns: NetNs,
+    ifname: IfName,
+    mtu: Option<Mtu>,
+}
+
+fn param<'a>(m: &'a Mechanism, key: &str) -> Option<&'a str> {
+    m.parameters
+        .get(key)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+impl ClientEnd {
+    fn parse(m: &Mechanism) -> Result<ClientEnd> {
+        let name = param(m, params::NAME).ok_or_else(|| {
+            nsm_sdk::Error::invalid("the client's KERNEL mechanism has no interface name")
+        })?;
+        let ifname = IfName::new(name)?;
+        let url = param(m, params::INODE_URL).ok_or_else(|| {
+            nsm_sdk::Error::invalid("the client's KERNEL mechanism has no inodeURL")
+        })?;
+        let mtu = match param(m, params::MTU) {
+            None | Some("0") => None,
+            Some(s) => {
+                let n = s.parse::<u32>().map_err(|_| {
+                    nsm_sdk::Error::invalid(format!("KERNEL mechanism MTU {s:?} is not a number"))
+                })?;
+                Some(Mtu::new(n)?)
+            }
+        };
+        let netns = NetNs::from_url(url)?;
+        Ok(ClientEnd(Arc::new(ClientEndInner { netns, ifname, mtu })))
+    }
+}
+
+/// See the [module docs](self).
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct KernelForwarderServer;
+
+/// The client's side of KERNEL in a forwarder; see the [module docs](self).
+pub fn kernel_forwarder_server() -> KernelForwarderServer {
+    KernelForwarderServer
+}
+
+#[async_trait]
+impl Handler for KernelForwarderServer {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection> {
+        let offered = req
+            .mechanism_preferences
+            .iter()
+            .find(|m| is_kernel(m))
+            .cloned();
+        let conn = req.connection.get_or_insert_with(Default::default);
+        if conn.mechanism.is_none() {
+            conn.mechanism = offered;
+        }
+        let end = match &conn.mechanism {
+            Some(m) if is_kernel(m) => ClientEnd::parse(m)?,
+            Some(m) => {
+                return Err(nsm_sdk::Error::invalid(format!(
+                    "kernel forwarder server got a {} mechanism",
+                    m.r#type
+                )))
+            }
+            None => {
+                return Err(nsm_sdk::Error::invalid(
+                    "kernel forwarder server: the request offers no KERNEL mechanism",
+                ))
+            }
+        };
+        debug!(ifname = %end.0.ifname, netns = %end.0.netns, "client side of KERNEL");
+        cx.ext_mut().insert(end);
+        next.request(cx, req).await
+    }
+}
+
+/// See the [module docs](self).
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct KernelForwarderClient {
+    default_mtu: Mtu,
+}
+
+/// The endpoint's side of KERNEL in a forwarder, which makes the veth pair; see the
+/// [module docs](self).
+pub fn kernel_forwarder_client() -> KernelForwarderClient {
+    KernelForwarderClient {
+        default_mtu: Mtu::new(DEFAULT_MTU).unwrap_or_else(|_| unreachable!("1500 is in range")),
+    }
+}
+
+impl KernelForwarderClient {
+    /// The MTU when neither `context.MTU` nor the client's mechanism gives one
+    /// (default [`DEFAULT_MTU`]).
+    pub fn default_mtu(mut self, mtu: Mtu) -> Self {
+        self.default_mtu = mtu;
+        self
+    }
+}
+
+/// Which namespace (device and inode of its nsfs file) and interface name an end is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EndId {
+    dev: u64,
+    ino: u64,
+    ifname: IfName,
+}
+
+impl EndId {
+    fn of(ns: &NetNs, ifname: &IfName) -> EndId {
+        EndId {
+            dev: ns.dev(),
+            ino: ns.inode(),
+            ifname: ifname.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Pair {
+    created: Created,
+    ends: (EndId, EndId),
+}
+
+/// The pair of one connection; `begin` runs one operation per connection at a time,
+/// so taking it out for an operation and putting it back cannot race.
+#[derive(Debug, Default)]
+struct PairSlot {
+    pair: Mutex<Option<Pair>>,
+    established: AtomicBool,
+}
+
+impl PairSlot {
+    fn take(&self) -> Option<Pair> {
+        self.pair.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+    fn put(&self, pair: Pair) {
+        *self.pair.lock().unwrap_or_else(|p| p.into_inner()) = Some(pair);
+    }
+}
+
+/// The endpoint's end as its answer names it.
+fn endpoint_end(out: &Connection) -> Result<(NetNs, IfName)> {
+    let m = out
+        .mechanism
+        .as_ref()
+        .filter(|m| is_kernel(m))
+        .ok_or_else(|| {
+            nsm_sdk::Error::internal(format!(
+                "the endpoint answered with mechanism {:?}, not KERNEL",
+                out.mechanism.as_ref().map(|m| m.r#type.as_str())
+            ))
+        })?;
+    let name = param(m, params::NAME).ok_or_else(|| {
+        nsm_sdk::Error::internal("the endpoint's KERNEL mechanism has no interface name")
+    })?;
+    let url = param(m, params::INODE_URL).ok_or_else(|| {
+        nsm_sdk::Error::internal("the endpoint's KERNEL mechanism has no inodeURL")
+    })?;
+    Ok((NetNs::from_url(url)?, IfName::new(name)?))
+}
+
+async fn refresh_both(created: &mut Created, client: Plan, endpoint: Plan) -> crate::Result<()> {
+    created.refresh(PodSide::Client, client).await?;
+    created.refresh(PodSide::Endpoint, endpoint).await
+}
+
+impl KernelForwarderClient {
+    /// Makes or refreshes the pair for the answer `out`, and writes the MTU into its
+    /// context.
+    async fn pair_up(&self, end: &ClientEnd, out: &mut Connection, slot: &PairSlot) -> Result<()> {
+        let end = &end.0;
+        let (nse_ns, nse_ifname) = endpoint_end(out)?;
+        let ctx = out.context.get_or_insert_with(Default::default);
+        let mtu = match ctx.mtu {
+            0 => end.mtu.unwrap_or(self.default_mtu),
+            n => Mtu::new(n)?,
+        };
+        ctx.mtu = mtu.get();
+        let client_plan = plan_from_context(ctx, PodSide::Client, end.ifname.as_str())?;
+        let endpoint_plan = plan_from_context(ctx, PodSide::Endpoint, nse_ifname.as_str())?;
+        let ends = (
+            EndId::of(&end.netns, &end.ifname),
+            EndId::of(&nse_ns, &nse_ifname),
+        );
+        match slot.take() {
+            Some(mut pair) if pair.ends == ends => {
+                match refresh_both(
+                    &mut pair.created,
+                    client_plan.clone(),
+                    endpoint_plan.clone(),
+                )
+                .await
+                {
+                    Ok(()) => {
+                        slot.put(pair);
+                        return Ok(());
+                    }
+                    Err(KernelError::LinkNotFound { name, netns }) => {
+                        warn!(%name, %netns, "the veth pair is gone, making a new one");
+                        if let Err(e) = down(pair.created).await {
+                            warn!(error = %e, "deleting what is left of the old pair failed");
+                        }
+                    }
+                    Err(e) => {
+                        slot.put(pair);
+                        return Err(e.into());
+                    }
+                }
+            }
+            Some(pair) => {
+                info!(
+                    client = %ends.0.ifname, endpoint = %ends.1.ifname,
+                    "an end of the connection moved, replacing its veth pair"
+                );
+                if let Err(e) = down(pair.created).await {
+                    warn!(error = %e, "deleting the old veth pair failed");
+                }
+            }
+            None => {}
+        }
+        let created = kernel_side_up(&end.netns, &nse_ns, client_plan, endpoint_plan).await?;
+        slot.put(Pair { created, ends });
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Handler for KernelForwarderClient {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        mut req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection> {
+        let Some(end) = cx.ext().get::<ClientEnd>().cloned() else {
+            // Not a KERNEL connection on the client's side: not ours.
+            return next.request(cx, req).await;
+        };
+        let slot = cx.conn().map(|h| h.state::<PairSlot>()).ok_or_else(|| {
+            nsm_sdk::Error::internal("kernel forwarder client needs `begin` before it")
+        })?;
+        let conn = req.connection.get_or_insert_with(Default::default);
+        if conn.mechanism.is_none() && !req.mechanism_preferences.iter().any(is_kernel) {
+            req.mechanism_preferences.push(kernel_mechanism());
+        }
+        let mut out = next.clone().request(cx, req).await?;
+        match self.pair_up(&end, &mut out, &slot).await {
+            Ok(()) => {
+                slot.established.store(true, Ordering::SeqCst);
+                Ok(out)
+            }
+            Err(e) => {
+                if !slot.established.load(Ordering::SeqCst) {
+                    // A failed first request leaves nothing behind: the endpoint's
+                    // connection goes too (a failed refresh keeps what works).
+                    if let Err(ce) = next.close(cx, out).await {
+                        debug!(error = %ce, "closing the endpoint after a failed request failed");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
+        let pair = cx
+            .conn()
+            .and_then(|h| h.get_state::<PairSlot>())
+            .and_then(|s| s.take());
+        let deleted = match pair {
+            Some(p) => down(p.created).await.map_err(nsm_sdk::Error::from),
+            None => Ok(()),
+        };
+        let rest = next.close(cx, conn).await;
+        deleted.and(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mechanism::tests_support::Grab;
+    use nsm_sdk::handlers::{begin, connect, mechanism_translation};
+    use nsm_sdk::proto::connectioncontext::ConnectionContext;
+    use nsm_sdk::Chain;
+    use std::sync::atomic::AtomicUsize;
+    use tonic::Code;
+
+    /// An endpoint that takes the KERNEL preference, fills its side and the context
+    /// MTU it is given, and counts Closes.
+    #[derive(Clone, Default)]
+    struct FakeNse {
+        mtu: u32,
+        name: Option<&'static str>,
+        closes: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl Handler for FakeNse {
+        async fn request(
+            &self,
+            _cx: &mut Cx,
+            req: NetworkServiceRequest,
+            _next: Next,
+        ) -> Result<Connection> {
+            let mut conn = req.connection.unwrap_or_default();
+            let mut m = conn
+                .mechanism
+                .or_else(|| req.mechanism_preferences.first().cloned())
+                .unwrap_or_default();
+            if let Some(name) = self.name {
+                m.parameters.insert(params::NAME.into(), name.into());
+            }
+            m.parameters
+                .insert(params::INODE_URL.into(), "file:///proc/self/ns/net".into());
+            conn.mechanism = Some(m);
+            conn.context = Some(ConnectionContext {
+                mtu: self.mtu,
+                ..Default::default()
+            });
+            Ok(conn)
+        }
+        async fn close(&self, _cx: &mut Cx, _conn: Connection, _next: Next) -> Result<()> {
+            self.closes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A forwarder's shape: server mechanisms, then `connect` to a client chain with
+    /// `begin`, `mechanism_translation`, the kernel client and `next_hop`.
+    fn forwarder(next_hop: impl Handler) -> Chain {
+        let (server, client) = kernel_forwarder_mechanisms();
+        Chain::builder()
+            .push(begin())
+            .push(server)
+            .push(connect(
+                Chain::builder()
+                    .push(begin())
+                    .push(mechanism_translation())
+                    .extend(client)
+                    .push(next_hop)
+                    .build(),
+            ))
+            .build()
+    }
+
+    fn kernel(params: &[(&str, &str)]) -> Mechanism {
+        let mut m = kernel_mechanism();
+        for (k, v) in params {
+            m.parameters.insert(k.to_string(), v.to_string());
+        }
+        m
+    }
+
+    fn req(pref: Mechanism) -> NetworkServiceRequest {
+        NetworkServiceRequest {
+            connection: Some(Connection {
+                id: "c".into(),
+                network_service: "svc".into(),
+                ..Default::default()
+            }),
+            mechanism_preferences: vec![pref],
+        }
+    }
+
+    const HERE: &str = "file:///proc/self/ns/net";
+
+    #[tokio::test]
+    async fn a_bad_client_mechanism_is_refused_before_the_endpoint_is_called() {
+        let cases: [(&[(&str, &str)], Code); 6] = [
+            (&[(params::INODE_URL, HERE)], Code::InvalidArgument),
+            (&[(params::NAME, "nsm-1")], Code::InvalidArgument),
+            (
+                &[
+                    (params::NAME, "sixteen-bytes-xx"),
+                    (params::INODE_URL, HERE),
+                ],
+                Code::InvalidArgument,
+            ),
+            (
+                &[(params::NAME, "nsm-1"), (params::INODE_URL, "inode://4/5")],
+                Code::InvalidArgument,
+            ),
+            (
+                &[
+                    (params::NAME, "nsm-1"),
+                    (params::INODE_URL, HERE),
+                    (params::MTU, "70000"),
+                ],
+                Code::InvalidArgument,
+            ),
+            (
+                &[
+                    (params::NAME, "nsm-1"),
+                    (params::INODE_URL, "file:///proc/999999999/ns/net"),
+                ],
+                Code::NotFound,
+            ),
+        ];
+        for (params, code) in cases {
+            let nse = Grab::default();
+            let err = forwarder(nse.clone())
+                .request(&mut Cx::server(), req(kernel(params)))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), code, "{params:?}: {err}");
+            assert!(nse.all().is_empty(), "{params:?}: the endpoint was called");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_is_offered_an_empty_kernel_mechanism() {
+        let nse = Grab::failing_first(1);
+        let err = forwarder(nse.clone())
+            .request(
+                &mut Cx::server(),
+                req(kernel(&[
+                    (params::NAME, "nsm-1"),
+                    (params::INODE_URL, HERE),
+                ])),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, nsm_sdk::Error::Unavailable(_)), "{err}");
+        let seen = nse.last();
+        assert_eq!(seen.mechanism, None);
+        assert_eq!(seen.prefs, [kernel_mechanism()]);
+    }
+
+    #[tokio::test]
+    async fn a_bad_answer_from_the_endpoint_fails_the_request_and_closes_the_endpoint() {
+        let client = kernel(&[(params::NAME, "nsm-1"), (params::INODE_URL, HERE)]);
+        for (nse, code) in [
+            // The context's MTU is out of range.
+            (
+                FakeNse {
+                    mtu: 70_000,
+                    name: Some("nse-1"),
+                    ..Default::default()
+                },
+                Code::InvalidArgument,
+            ),
+            // The endpoint did not say which interface is its.
+            (FakeNse::default(), Code::Internal),
+        ] {
+            let err = forwarder(nse.clone())
+                .request(&mut Cx::server(), req(client.clone()))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), code, "{err}");
+            assert_eq!(nse.closes.load(Ordering::SeqCst), 1, "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_a_kernel_client_side_passes_through_untouched() {
+        let nse = Grab::default();
+        let chain = Chain::builder()
+            .push(begin())
+            .push(kernel_forwarder_client())
+            .push(nse.clone())
+            .build();
+        let mut r = req(kernel_mechanism());
+        r.mechanism_preferences.clear();
+        chain.request(&mut Cx::client(), r).await.unwrap();
+        assert!(nse.last().prefs.is_empty());
+    }
+}
