@@ -34,6 +34,10 @@ pub struct Link {
     pub up: bool,
     /// The link kind (`veth`, `vxlan`, ...), if it has one.
     pub kind: Option<String>,
+    /// The link's alias (`IFLA_IFALIAS`, `ip link set <dev> alias <text>`), if it has
+    /// one: the mesh marks the devices it creates with the connection they serve
+    /// ([`crate::veth_alias`]).
+    pub alias: Option<String>,
 }
 
 /// The kernel operations of the data plane, bound to one network namespace.
@@ -74,6 +78,10 @@ pub trait Netlink: Send + Sync + fmt::Debug {
 
     /// Sets the link up.
     async fn set_up(&self, name: &IfName) -> Result<()>;
+
+    /// Sets the link's alias (`IFLA_IFALIAS`, at most [`crate::MAX_ALIAS_LEN`] bytes;
+    /// longer is [`Error::InvalidAlias`]).
+    async fn set_alias(&self, name: &IfName, alias: &str) -> Result<()>;
 
     /// Adds (replaces) an address.
     async fn add_address(&self, name: &IfName, addr: IpNet) -> Result<()>;

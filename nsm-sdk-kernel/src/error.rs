@@ -69,13 +69,27 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// The interface name is already taken in the target namespace.
-    #[error("interface {name} already exists in network namespace {netns}")]
+    /// The interface name is already taken in the target namespace, by a link that is
+    /// not a leftover of the same connection.
+    #[error("interface {name} already exists in network namespace {netns}{}", holder(.alias))]
     LinkExists {
         /// The interface name.
         name: String,
         /// The namespace it clashes in.
         netns: String,
+        /// What holds the name, when it was looked at: `Some(alias)` of the link
+        /// there (`Some("")` for a link without alias, made by something else than the
+        /// mesh); `None` when the kernel refused the creation without telling which
+        /// link clashed.
+        alias: Option<String>,
+    },
+    /// A link alias the kernel would refuse.
+    #[error("invalid interface alias {alias:?}: {reason}")]
+    InvalidAlias {
+        /// The alias as given.
+        alias: String,
+        /// Why it is refused.
+        reason: &'static str,
     },
     /// The interface does not exist (any more) in the namespace.
     #[error("no interface {name} in network namespace {netns}")]
@@ -84,6 +98,17 @@ pub enum Error {
         name: String,
         /// The namespace that was searched.
         netns: String,
+    },
+    /// A ping could not be tried (no ICMP socket, no sending).
+    #[error("ping {target} in network namespace {netns}: {source}")]
+    Ping {
+        /// The address that was to be pinged.
+        target: std::net::IpAddr,
+        /// The namespace pinged from.
+        netns: String,
+        /// The underlying failure.
+        #[source]
+        source: io::Error,
     },
     /// A netlink request failed.
     #[error("netlink {op} in network namespace {netns}: {message}")]
@@ -104,7 +129,7 @@ impl Error {
     pub fn errno(&self) -> Option<i32> {
         match self {
             Error::Netlink { errno, .. } => *errno,
-            Error::NetnsIo { source, .. } => source.raw_os_error(),
+            Error::NetnsIo { source, .. } | Error::Ping { source, .. } => source.raw_os_error(),
             _ => None,
         }
     }
@@ -124,6 +149,15 @@ impl Error {
     }
 }
 
+/// How a [`Error::LinkExists`] names what holds the interface name.
+fn holder(alias: &Option<String>) -> String {
+    match alias.as_deref() {
+        None => String::new(),
+        Some("") => " (a link without alias: not made by the mesh)".to_string(),
+        Some(a) => format!(" (alias {a:?}: not this connection's)"),
+    }
+}
+
 const EPERM: i32 = 1;
 const EACCES: i32 = 13;
 
@@ -136,6 +170,7 @@ impl From<Error> for nsm_sdk::Error {
             | Error::InvalidInterfaceName { .. }
             | Error::InvalidMtu { .. }
             | Error::InvalidContext { .. }
+            | Error::InvalidAlias { .. }
             // The requested name clashes with what is already in the pod: trying again
             // elsewhere cannot help, the request has to change.
             | Error::LinkExists { .. } => nsm_sdk::Error::InvalidArgument(msg),
@@ -169,6 +204,11 @@ mod tests {
             Error::LinkExists {
                 name: "nsm-1".into(),
                 netns: "x".into(),
+                alias: None,
+            },
+            Error::InvalidAlias {
+                alias: "x".repeat(300),
+                reason: "long",
             },
         ];
         for e in invalid {
@@ -184,6 +224,25 @@ mod tests {
         for e in missing {
             assert!(matches!(Sdk::from(e), Sdk::NotFound(_)));
         }
+    }
+
+    #[test]
+    fn a_taken_name_says_what_holds_it() {
+        let e = |alias: Option<&str>| {
+            Error::LinkExists {
+                name: "nsm-1".into(),
+                netns: "pod".into(),
+                alias: alias.map(str::to_string),
+            }
+            .to_string()
+        };
+        assert_eq!(
+            e(None),
+            "interface nsm-1 already exists in network namespace pod"
+        );
+        assert!(e(Some("")).ends_with("(a link without alias: not made by the mesh)"));
+        assert!(e(Some("nsm-client-other"))
+            .ends_with("(alias \"nsm-client-other\": not this connection's)"));
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //!   [`apply()`] runs ops and rolls back on failure, [`undo()`] removes what a plan added.
 //! - [`kernel_side_up`] / [`Created::refresh`] / [`down`] ([`veth`]): a local
 //!   connection's veth pair, the entry points of the forwarder's KERNEL mechanism.
+//! - [`ping_liveness`] ([`liveness`]): a liveness check for `heal` that pings the
+//!   endpoint's address from the client's namespace.
 //! - [`mechanism`]: the KERNEL mechanism handlers of the three roles —
 //!   [`kernel_client`] (NSC), [`kernel_endpoint`] (NSE) and
 //!   [`kernel_forwarder_mechanisms`] (forwarder), which make a Kernel2Kernel connection
@@ -80,6 +82,10 @@
 //! the interface is a new device (new ifindex and MAC, a brief carrier loss). The
 //! forwarder can always recreate the pair idempotently: creation checks that both
 //! names are free, and Close deletes only the link it created (matched by ifindex).
+//! Each end carries an alias naming its connection ([`veth_alias`]), so a forwarder
+//! that replaces a dead one recognises the pairs its predecessor left in the kernel
+//! and replaces them when the connections are requested again, while a link of
+//! anything else that holds a wanted name is left alone (KERNEL.md 1.4).
 //! A design that must keep the client's device across an endpoint change would use
 //! the two-pair + tc variant; nothing in the plan/apply layers would change.
 //!
@@ -95,6 +101,7 @@
 
 pub mod apply;
 pub mod error;
+pub mod liveness;
 pub mod mechanism;
 pub mod netns;
 pub mod plan;
@@ -104,17 +111,18 @@ pub mod veth;
 
 pub use crate::apply::{apply, undo, update, Link, Netlink};
 pub use crate::error::{Error, Result};
+pub use crate::liveness::{ping, ping_liveness, PingOptions};
 pub use crate::mechanism::{
     kernel_client, kernel_endpoint, kernel_forwarder_client, kernel_forwarder_mechanisms,
     kernel_forwarder_server,
 };
 pub use crate::netns::NetNs;
 pub use crate::plan::{
-    plan_from_context, IfName, Mtu, Neighbour, Op, Plan, PodSide, Route, RouteScope,
+    plan_from_context, IfName, Mtu, Neighbour, Op, Plan, PodSide, Route, RouteScope, MAX_ALIAS_LEN,
 };
 pub use crate::recorder::Recorder;
 pub use crate::rtnl::RtNetlink;
-pub use crate::veth::{down, kernel_side_up, veth_up, Created, VethEnd};
+pub use crate::veth::{down, kernel_side_up, veth_alias, veth_up, Created, VethEnd};
 
 /// The rtnetlink crate this one is built on (0.24), for operations not wrapped here.
 pub use rtnetlink;

@@ -117,6 +117,9 @@ impl Mtu {
     }
 }
 
+/// The longest link alias the kernel takes, in bytes (`IFALIASZ` - 1).
+pub const MAX_ALIAS_LEN: usize = 255;
+
 /// The scope of a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RouteScope {
@@ -211,6 +214,7 @@ impl fmt::Display for Neighbour {
 #[must_use]
 pub struct Plan {
     ifname: IfName,
+    alias: Option<String>,
     mtu: Option<Mtu>,
     addresses: Vec<IpNet>,
     routes: Vec<Route>,
@@ -222,11 +226,21 @@ impl Plan {
     pub fn new(ifname: IfName) -> Plan {
         Plan {
             ifname,
+            alias: None,
             mtu: None,
             addresses: Vec::new(),
             routes: Vec::new(),
             neighbours: Vec::new(),
         }
+    }
+
+    /// Marks the interface with `alias`, the connection that owns it (see
+    /// [`crate::veth_alias`]). The alias is not an [`Op`]: whoever creates the link
+    /// sets it ([`crate::veth_up`], [`crate::Created::refresh`]), and it lets a later
+    /// creation recognise a leftover of the same connection.
+    pub fn with_alias(mut self, alias: impl Into<String>) -> Plan {
+        self.alias = Some(alias.into());
+        self
     }
 
     /// Sets the MTU (without one, the link keeps the MTU it has).
@@ -267,6 +281,11 @@ impl Plan {
         &self.ifname
     }
 
+    /// The alias, if the plan sets one.
+    pub fn alias(&self) -> Option<&str> {
+        self.alias.as_deref()
+    }
+
     /// The MTU, if the plan sets one.
     pub fn mtu(&self) -> Option<Mtu> {
         self.mtu
@@ -288,8 +307,26 @@ impl Plan {
     }
 
     /// Checks what only the whole plan shows: an MTU below 1280 with an IPv6 address
-    /// (the kernel would silently disable IPv6 on the link).
+    /// (the kernel would silently disable IPv6 on the link), and an alias the kernel
+    /// would refuse (empty, over [`MAX_ALIAS_LEN`] bytes, or with a NUL byte).
     pub fn check(&self) -> Result<()> {
+        if let Some(alias) = &self.alias {
+            let reason = if alias.is_empty() {
+                Some("empty (an empty alias removes it)")
+            } else if alias.len() > MAX_ALIAS_LEN {
+                Some("longer than 255 bytes")
+            } else if alias.contains('\0') {
+                Some("contains a NUL byte")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(Error::InvalidAlias {
+                    alias: alias.clone(),
+                    reason,
+                });
+            }
+        }
         let has_v6 = self.addresses.iter().any(|a| matches!(a, IpNet::V6(_)));
         match self.mtu {
             Some(m) if has_v6 && m.get() < Mtu::MIN_IPV6 => Err(Error::InvalidMtu {
@@ -313,6 +350,7 @@ impl Plan {
     ///   IPv4 address goes, the IPv4 routes are removed and re-added around it too.
     /// - A plan for another interface name is treated like `None` (that other link is
     ///   not this plan's business).
+    /// - The alias is not compared: it is set by whoever creates the link.
     pub fn changes(old: Option<&Plan>, new: &Plan) -> Vec<Op> {
         let Some(old) = old.filter(|o| o.ifname == new.ifname) else {
             let mut ops = Vec::new();

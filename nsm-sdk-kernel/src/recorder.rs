@@ -42,6 +42,7 @@ struct FakeLink {
     index: u32,
     mtu: u32,
     up: bool,
+    alias: Option<String>,
     peer: Option<(u64, String)>,
     addresses: Vec<IpNet>,
     routes: Vec<Route>,
@@ -144,6 +145,7 @@ impl Netlink for Recorder {
                 return Err(Error::LinkExists {
                     name: name.to_string(),
                     netns: format!("net:[{}]", k.0),
+                    alias: None,
                 });
             }
         }
@@ -153,6 +155,7 @@ impl Netlink for Recorder {
                 index: w.next_index,
                 mtu: mtu.map_or(1500, Mtu::get),
                 up: false,
+                alias: None,
                 peer: Some(peer),
                 addresses: Vec::new(),
                 routes: Vec::new(),
@@ -199,6 +202,7 @@ impl Netlink for Recorder {
                 mtu: l.mtu,
                 up: l.up,
                 kind: Some("veth".into()),
+                alias: l.alias.clone(),
             })
             .collect())
     }
@@ -210,6 +214,11 @@ impl Netlink for Recorder {
 
     async fn set_up(&self, name: &IfName) -> Result<()> {
         self.with_link(name, Some(format!("set_up {name}")), |l| l.up = true)
+    }
+
+    async fn set_alias(&self, name: &IfName, alias: &str) -> Result<()> {
+        let line = format!("set_alias {name} {alias}");
+        self.with_link(name, Some(line), |l| l.alias = Some(alias.to_string()))
     }
 
     async fn add_address(&self, name: &IfName, addr: IpNet) -> Result<()> {

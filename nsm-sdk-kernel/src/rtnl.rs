@@ -36,7 +36,7 @@ use tracing::debug;
 use crate::apply::{Link, Netlink};
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
-use crate::plan::{IfName, Mtu, Neighbour, Route, RouteScope};
+use crate::plan::{IfName, Mtu, Neighbour, Route, RouteScope, MAX_ALIAS_LEN};
 
 const ESRCH: i32 = 3;
 const ENOENT: i32 = 2;
@@ -150,11 +150,13 @@ fn to_link(msg: netlink_packet_route::link::LinkMessage) -> Link {
         mtu: 0,
         up: msg.header.flags.contains(LinkFlags::Up),
         kind: None,
+        alias: None,
     };
     for a in msg.attributes {
         match a {
             LinkAttribute::IfName(n) => link.name = n,
             LinkAttribute::Mtu(m) => link.mtu = m,
+            LinkAttribute::IfAlias(a) if !a.is_empty() => link.alias = Some(a),
             LinkAttribute::LinkInfo(infos) => {
                 link.kind = infos.into_iter().find_map(|i| match i {
                     LinkInfo::Kind(k) => Some(k.to_string()),
@@ -275,6 +277,7 @@ impl Netlink for RtNetlink {
             Err(e) if errno(&e) == Some(EEXIST) => Err(Error::LinkExists {
                 name: format!("{a} or {b}"),
                 netns: format!("{ns_a} or {ns_b}"),
+                alias: None,
             }),
             Err(e) => Err(self.err(format!("create veth {a} ({ns_a}) / {b} ({ns_b})"), e)),
         }
@@ -322,6 +325,23 @@ impl Netlink for RtNetlink {
             .execute()
             .await
             .map_err(|e| self.err(format!("set {name} up"), e))
+    }
+
+    async fn set_alias(&self, name: &IfName, alias: &str) -> Result<()> {
+        if alias.len() > MAX_ALIAS_LEN {
+            return Err(Error::InvalidAlias {
+                alias: alias.to_string(),
+                reason: "longer than 255 bytes",
+            });
+        }
+        let index = self.index(name).await?;
+        let msg = LinkUnspec::new_with_index(index).alias(alias).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| self.err(format!("set alias {alias:?} on {name}"), e))
     }
 
     async fn add_address(&self, name: &IfName, addr: IpNet) -> Result<()> {

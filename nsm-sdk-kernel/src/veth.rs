@@ -2,18 +2,33 @@
 //! [`down`] (see the [crate docs](crate) for why this topology).
 //!
 //! What it does: checks both names are free, creates the pair with each end born in
-//! its pod's namespace under its final name, then programs each end from its own
-//! [`Plan`] through a [`Netlink`] bound to that pod's namespace.
+//! its pod's namespace under its final name, marks each end with its plan's alias
+//! ([`veth_alias`]: which connection and side it serves), then programs each end from
+//! its own [`Plan`] through a [`Netlink`] bound to that pod's namespace.
+//!
+//! **Leftovers after a forwarder restart** (KERNEL.md 1.4): a forwarder that dies
+//! leaves its pairs in the kernel (they keep carrying traffic), and the forwarder that
+//! replaces it knows nothing of them. When it is asked for the same connection again
+//! (the client's heal re-requests it), the names are taken by the old pair. An end
+//! whose plan has an alias therefore treats a link that carries **the same alias**
+//! (under the wanted name or any other) as a leftover of this very connection and
+//! deletes it — which removes the whole old pair — before creating the new one, as
+//! sdk-vpp's `kernelvethpair` does. A link that holds the name with another alias, or
+//! none, belongs to something else: it is left untouched and the creation fails with
+//! [`Error::LinkExists`] saying what holds the name. (The kernel ignores an alias in
+//! `RTM_NEWLINK`, so it is set right after creation: a forwarder that dies in between
+//! leaves an end without alias, which then counts as foreign.)
 //!
 //! State: [`Created`] holds, per side, the netlink handle, the plan that was applied
 //! and the interface index the end was born with, so a later refresh is a diff and
 //! Close deletes exactly the link it made (not a same-named link made by someone else
 //! after the pair died).
 //!
-//! Failure handled: a name already taken is [`Error::LinkExists`] before anything is
-//! created; any failure after the pair exists deletes the pair (which takes its
-//! addresses, routes and neighbours with it) and returns the original error, so
-//! nothing is left in either namespace. A failed refresh rolls back to the previous
+//! Failure handled: a name already taken by something other than a leftover of the
+//! same connection is [`Error::LinkExists`] before anything is created or deleted;
+//! any failure after the pair exists deletes the pair (which takes its addresses,
+//! routes and neighbours with it) and returns the original error, so nothing is left
+//! in either namespace. A failed refresh rolls back to the previous
 //! plan.
 
 use std::sync::Arc;
@@ -23,8 +38,30 @@ use tracing::{info, warn};
 use crate::apply::{apply, update, Netlink};
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
-use crate::plan::{Mtu, Plan, PodSide};
+use crate::plan::{IfName, Mtu, Plan, PodSide, MAX_ALIAS_LEN};
 use crate::rtnl::RtNetlink;
+
+/// The alias of the `side` end of a connection's veth pair: `nsm-client-<id>` or
+/// `nsm-endpoint-<id>`, cut to [`MAX_ALIAS_LEN`] bytes (at a character boundary).
+///
+/// `connection` must name the connection for as long as it lives, across heals and
+/// forwarder restarts: the forwarder uses the id of the connection's first path
+/// segment (the client's own id), as Go's `kernelvethpair` does.
+pub fn veth_alias(side: PodSide, connection: &str) -> String {
+    let prefix = match side {
+        PodSide::Client => "nsm-client-",
+        PodSide::Endpoint => "nsm-endpoint-",
+    };
+    let mut alias = String::with_capacity(MAX_ALIAS_LEN);
+    alias.push_str(prefix);
+    for c in connection.chars().filter(|c| *c != '\0') {
+        if alias.len() + c.len_utf8() > MAX_ALIAS_LEN {
+            break;
+        }
+        alias.push(c);
+    }
+    alias
+}
 
 /// One end of the pair to create: the pod namespace it is born in, a netlink handle
 /// bound to that namespace, and the plan for it (which names the interface).
@@ -97,7 +134,11 @@ impl Created {
                 reason: "differs from the interface of this connection (needs a new pair)",
             });
         }
+        plan.check()?;
         ensure_ours(s).await?;
+        if let Some(alias) = plan.alias().filter(|a| Some(*a) != s.plan.alias()) {
+            s.netlink.set_alias(plan.ifname(), alias).await?;
+        }
         update(Some(&s.plan), &plan, s.netlink.as_ref()).await?;
         s.plan = plan;
         Ok(())
@@ -153,15 +194,35 @@ pub async fn veth_up(client: VethEnd<'_>, endpoint: VethEnd<'_>) -> Result<Creat
         return Err(Error::LinkExists {
             name: c_name.to_string(),
             netns: client.netns.to_string(),
+            alias: None,
         });
     }
+    if client.netns.same_as(endpoint.netns)
+        && client.plan.alias().is_some()
+        && client.plan.alias() == endpoint.plan.alias()
+    {
+        return Err(Error::InvalidAlias {
+            alias: client.plan.alias().unwrap_or_default().to_string(),
+            reason: "both ends would carry it in one namespace",
+        });
+    }
+    // Look at both pods before deleting anything: a foreign link in one of them fails
+    // the request with both pods untouched.
+    let mut leftovers = Vec::new();
     for end in [&client, &endpoint] {
-        let name = end.plan.ifname();
-        if end.netlink.link(name).await?.is_some() {
-            return Err(Error::LinkExists {
-                name: name.to_string(),
-                netns: end.netns.to_string(),
-            });
+        for name in leftovers_of(end).await? {
+            leftovers.push((end, name));
+        }
+    }
+    for (end, name) in leftovers {
+        info!(
+            ifname = %name, netns = %end.netns, alias = end.plan.alias().unwrap_or_default(),
+            "deleting a leftover veth of this connection (a forwarder restart)"
+        );
+        match end.netlink.delete_link(&name).await {
+            // Already gone with its peer, deleted a moment ago.
+            Ok(()) | Err(Error::LinkNotFound { .. }) => {}
+            Err(e) => return Err(e),
         }
     }
     let mtu = match (client.plan.mtu(), endpoint.plan.mtu()) {
@@ -206,7 +267,44 @@ pub async fn veth_up(client: VethEnd<'_>, endpoint: VethEnd<'_>) -> Result<Creat
     }
 }
 
-/// Programs both fresh ends and returns their interface indexes.
+/// The links in `end`'s namespace that a new pair must replace: those carrying the
+/// end's alias (a leftover of the same connection). A link holding the end's name with
+/// another alias or none is [`Error::LinkExists`].
+async fn leftovers_of(end: &VethEnd<'_>) -> Result<Vec<IfName>> {
+    let name = end.plan.ifname();
+    let taken = |alias: Option<String>| Error::LinkExists {
+        name: name.to_string(),
+        netns: end.netns.to_string(),
+        alias: Some(alias.unwrap_or_default()),
+    };
+    let Some(alias) = end.plan.alias() else {
+        return match end.netlink.link(name).await? {
+            Some(l) => Err(taken(l.alias)),
+            None => Ok(Vec::new()),
+        };
+    };
+    let mut stale = Vec::new();
+    for link in end.netlink.links().await? {
+        let ours = link.alias.as_deref() == Some(alias);
+        if link.name == name.as_str() {
+            if !ours {
+                return Err(taken(link.alias));
+            }
+            stale.push(name.clone());
+        } else if ours {
+            match IfName::new(link.name) {
+                Ok(n) => stale.push(n),
+                Err(e) => {
+                    warn!(error = %e, "a link with this connection's alias has a name netlink cannot use")
+                }
+            }
+        }
+    }
+    Ok(stale)
+}
+
+/// Programs both fresh ends and returns their interface indexes: first both aliases
+/// (so that the pair is recognisable as early as possible), then each end's plan.
 async fn program(client: &VethEnd<'_>, endpoint: &VethEnd<'_>) -> Result<(u32, u32)> {
     let mut indexes = [0u32; 2];
     for (end, index) in [client, endpoint].into_iter().zip(&mut indexes) {
@@ -220,6 +318,12 @@ async fn program(client: &VethEnd<'_>, endpoint: &VethEnd<'_>) -> Result<(u32, u
                 netns: end.netlink.netns().to_string(),
             })?;
         *index = link.index;
+        if let Some(alias) = end.plan.alias() {
+            end.netlink.set_alias(name, alias).await?;
+        }
+    }
+    for end in [client, endpoint] {
+        let name = end.plan.ifname();
         apply(name, &Plan::changes(None, &end.plan), end.netlink.as_ref()).await?;
     }
     Ok((indexes[0], indexes[1]))

@@ -12,9 +12,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use nsm_proto::connectioncontext::{ConnectionContext, IpContext, Route as ProtoRoute};
+use std::time::{Duration, Instant};
+
+use nsm_proto::connection::Connection;
+use nsm_sdk_kernel::liveness::allow_ping;
 use nsm_sdk_kernel::{
-    down, kernel_side_up, plan_from_context, undo, veth_up, Error, IfName, NetNs, Netlink, Plan,
-    PodSide, Route, RtNetlink, VethEnd,
+    down, kernel_side_up, ping, ping_liveness, plan_from_context, undo, veth_alias, veth_up, Error,
+    IfName, NetNs, Netlink, PingOptions, Plan, PodSide, Route, RtNetlink, VethEnd,
 };
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -418,7 +422,7 @@ async fn a_name_already_taken_is_a_clear_error_and_leaves_both_namespaces_as_the
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, Error::LinkExists { name, netns } if name == "nsm-1" && netns.contains(&b.name)),
+        matches!(&err, Error::LinkExists { name, netns, .. } if name == "nsm-1" && netns.contains(&b.name)),
         "{err:?}"
     );
     assert!(err.to_string().contains("already exists"), "{err}");
@@ -544,4 +548,165 @@ async fn a_route_the_kernel_refuses_rolls_everything_back() {
     assert_eq!(b.links(), ["lo"]);
     let links = nl_a.links().await.unwrap();
     assert_eq!(links.len(), 1, "{links:?}");
+}
+
+/// The plans of connection `id`, each end marked with its alias as the forwarder does.
+fn owned_plans(ctx: &ConnectionContext, id: &str) -> (Plan, Plan) {
+    let (client, endpoint) = plans(ctx);
+    (
+        client.with_alias(veth_alias(PodSide::Client, id)),
+        endpoint.with_alias(veth_alias(PodSide::Endpoint, id)),
+    )
+}
+
+impl Ns {
+    /// `ifindex` and `ifalias` of `dev`, as `ip -j` shows them.
+    fn index_and_alias(&self, dev: &str) -> (u64, String) {
+        let out = self.show(&["-j", "link", "show", "dev", dev]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        (
+            v[0]["ifindex"].as_u64().unwrap_or(0),
+            v[0]["ifalias"].as_str().unwrap_or("").to_string(),
+        )
+    }
+
+    fn sysctl(&self, key: &str) -> String {
+        let (ok, out) = run("ip", &["netns", "exec", &self.name, "sysctl", "-n", key]);
+        assert!(ok, "{out}");
+        out.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+}
+
+#[tokio::test]
+async fn a_pair_left_by_a_dead_forwarder_is_replaced_and_a_foreign_link_is_not() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    let (client, endpoint) = owned_plans(&default_context(), "conn-1");
+    let first = kernel_side_up(&a.open(), &b.open(), client.clone(), endpoint.clone())
+        .await
+        .unwrap();
+    let (old_a, alias_a) = a.index_and_alias("nsm-1");
+    let (old_b, alias_b) = b.index_and_alias("nsm-1");
+    assert_eq!(alias_a, "nsm-client-conn-1", "set through IFLA_IFALIAS");
+    assert_eq!(alias_b, "nsm-endpoint-conn-1");
+
+    // The forwarder dies: its state goes, the pair stays and still carries traffic.
+    drop(first);
+    assert!(a.ping(&["172.16.1.1"]));
+    let again = kernel_side_up(&a.open(), &b.open(), client.clone(), endpoint.clone())
+        .await
+        .unwrap();
+    let (new_a, alias_a) = a.index_and_alias("nsm-1");
+    let (new_b, _) = b.index_and_alias("nsm-1");
+    assert!(new_a != old_a && new_b != old_b, "a new pair");
+    assert_eq!(alias_a, "nsm-client-conn-1");
+    assert_eq!(
+        (a.links(), b.links()),
+        (
+            vec!["lo".into(), "nsm-1".into()],
+            vec!["lo".into(), "nsm-1".into()]
+        )
+    );
+    assert!(a.ping(&["172.16.1.1"]), "the new pair works");
+
+    // Another connection wants the same name: the link is not its leftover.
+    let (other_client, other_endpoint) = owned_plans(&default_context(), "conn-2");
+    let err = kernel_side_up(&a.open(), &b.open(), other_client, other_endpoint)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::LinkExists { alias: Some(h), .. } if h == "nsm-client-conn-1"),
+        "{err:?}"
+    );
+    assert_eq!(a.index_and_alias("nsm-1").0, new_a, "left alone");
+    down(again).await.unwrap();
+
+    // A link the mesh did not make (no alias) holds the name.
+    assert!(
+        run(
+            "ip",
+            &["-n", &a.name, "link", "add", "nsm-1", "type", "veth", "peer", "name", "other"]
+        )
+        .0
+    );
+    let err = kernel_side_up(&a.open(), &b.open(), client, endpoint)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not made by the mesh"), "{err}");
+    assert!(matches!(
+        nsm_sdk::Error::from(err),
+        nsm_sdk::Error::InvalidArgument(_)
+    ));
+    assert_eq!(a.links(), ["lo", "nsm-1", "other"]);
+    assert_eq!(b.links(), ["lo"]);
+}
+
+fn to(endpoint: &str) -> Connection {
+    Connection {
+        id: "c".into(),
+        context: Some(ConnectionContext {
+            ip_context: Some(IpContext {
+                dst_ip_addrs: vec![format!("{endpoint}/32")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn the_ping_liveness_check_is_true_across_a_working_pair_and_false_once_it_is_gone() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    let created = kernel_side_up(
+        &a.open(),
+        &b.open(),
+        plans(&default_context()).0,
+        plans(&default_context()).1,
+    )
+    .await
+    .unwrap();
+    let check = ping_liveness(PingOptions::new().netns(a.open()));
+    let conn = to("172.16.1.1");
+
+    // A fresh namespace lets no group open ICMP datagram sockets: a raw socket pings.
+    assert_eq!(a.sysctl("net.ipv4.ping_group_range"), "1 0");
+    assert!(check(&conn).await, "raw socket");
+    // As the forwarder leaves it: a datagram socket pings.
+    allow_ping(&a.open()).await.unwrap();
+    assert_eq!(a.sysctl("net.ipv4.ping_group_range"), "0 2147483647");
+    assert!(check(&conn).await, "datagram socket");
+    assert!(
+        ping(
+            Some(&a.open()),
+            "2001:db8:1::1".parse().unwrap(),
+            Duration::from_millis(400)
+        )
+        .await
+        .unwrap(),
+        "IPv6"
+    );
+
+    // An address routed through the pair that nobody answers (and one with no route
+    // at all): no reply within the timeout.
+    assert!(!check(&to("172.16.1.99")).await, "no route");
+    let started = Instant::now();
+    assert!(!check(&to("192.0.2.99")).await);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+
+    // The client's end is deleted behind the forwarder's back: no route, dead at once.
+    assert!(run("ip", &["-n", &a.name, "link", "del", "nsm-1"]).0);
+    let started = Instant::now();
+    assert!(!check(&conn).await);
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    down(created).await.unwrap();
 }

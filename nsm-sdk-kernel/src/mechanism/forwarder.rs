@@ -14,9 +14,14 @@
 //!   when the endpoint has answered, reads the endpoint's `name` and `inodeURL` from the
 //!   returned mechanism and creates the pair with [`kernel_side_up`], the client's end
 //!   programmed from [`plan_from_context`] for [`PodSide::Client`], the endpoint's for
-//!   [`PodSide::Endpoint`]. The MTU is `context.MTU`, else the client mechanism's `MTU`
-//!   parameter, else [`DEFAULT_MTU`]; it is written back into the returned
-//!   `context.MTU` so both sides learn it. A refresh brings both ends to the new plans
+//!   [`PodSide::Endpoint`], each end marked with [`veth_alias`] of the connection's
+//!   first path segment id (so a forwarder that replaces a dead one recognises the
+//!   pair it left behind and replaces it, see [`crate::veth`]). The MTU is
+//!   `context.MTU`, else the client mechanism's `MTU` parameter, else
+//!   [`DEFAULT_MTU`]; it is written back into the returned `context.MTU` so both
+//!   sides learn it. It also opens `ping_group_range` in both pods
+//!   ([`allow_ping`]), so a client may run the
+//!   [ping liveness check](crate::liveness) without privileges. A refresh brings both ends to the new plans
 //!   with [`Created::refresh`] (an unchanged context touches nothing); when either
 //!   end's namespace or name changed, or the pair died with a pod, the old pair is
 //!   deleted and a new one made. Close deletes the pair with [`down`], then passes on.
@@ -26,7 +31,9 @@
 //!
 //! Failure handled: a bad name, URL or MTU is InvalidArgument and a missing namespace
 //! NotFound, found before the endpoint is called when they are the client's;
-//! [`kernel_side_up`] removes a half-made pair itself. When a first request fails
+//! [`kernel_side_up`] removes a half-made pair itself. A pair left in the kernel by a
+//! dead forwarder for the same connection is replaced; an interface name held by any
+//! other link is InvalidArgument naming that link's alias. When a first request fails
 //! after the endpoint answered, the endpoint's connection is closed again, so nothing
 //! is left anywhere. A failed refresh keeps the pair as it was.
 
@@ -42,7 +49,10 @@ use tracing::{debug, info, warn};
 
 use super::{is_kernel, kernel_mechanism};
 use crate::error::Error as KernelError;
-use crate::{down, kernel_side_up, plan_from_context, Created, IfName, Mtu, NetNs, Plan, PodSide};
+use crate::liveness::allow_ping;
+use crate::{
+    down, kernel_side_up, plan_from_context, veth_alias, Created, IfName, Mtu, NetNs, Plan, PodSide,
+};
 
 /// The MTU of a connection whose context and client mechanism give none.
 pub const DEFAULT_MTU: u32 = 1500;
@@ -231,6 +241,18 @@ fn endpoint_end(out: &Connection) -> Result<(NetNs, IfName)> {
     Ok((NetNs::from_url(url)?, IfName::new(name)?))
 }
 
+/// What names the connection in the aliases of its veth ends: the id of the first path
+/// segment (the client's own, kept across heals and forwarder restarts), else the
+/// connection id.
+fn connection_key(conn: &Connection) -> &str {
+    conn.path
+        .as_ref()
+        .and_then(|p| p.path_segments.first())
+        .map(|s| s.id.as_str())
+        .filter(|id| !id.is_empty())
+        .unwrap_or(&conn.id)
+}
+
 async fn refresh_both(created: &mut Created, client: Plan, endpoint: Plan) -> crate::Result<()> {
     created.refresh(PodSide::Client, client).await?;
     created.refresh(PodSide::Endpoint, endpoint).await
@@ -242,14 +264,17 @@ impl KernelForwarderClient {
     async fn pair_up(&self, end: &ClientEnd, out: &mut Connection, slot: &PairSlot) -> Result<()> {
         let end = &end.0;
         let (nse_ns, nse_ifname) = endpoint_end(out)?;
+        let key = connection_key(out).to_string();
         let ctx = out.context.get_or_insert_with(Default::default);
         let mtu = match ctx.mtu {
             0 => end.mtu.unwrap_or(self.default_mtu),
             n => Mtu::new(n)?,
         };
         ctx.mtu = mtu.get();
-        let client_plan = plan_from_context(ctx, PodSide::Client, end.ifname.as_str())?;
-        let endpoint_plan = plan_from_context(ctx, PodSide::Endpoint, nse_ifname.as_str())?;
+        let client_plan = plan_from_context(ctx, PodSide::Client, end.ifname.as_str())?
+            .with_alias(veth_alias(PodSide::Client, &key));
+        let endpoint_plan = plan_from_context(ctx, PodSide::Endpoint, nse_ifname.as_str())?
+            .with_alias(veth_alias(PodSide::Endpoint, &key));
         let ends = (
             EndId::of(&end.netns, &end.ifname),
             EndId::of(&nse_ns, &nse_ifname),
@@ -291,6 +316,12 @@ impl KernelForwarderClient {
             None => {}
         }
         let created = kernel_side_up(&end.netns, &nse_ns, client_plan, endpoint_plan).await?;
+        for ns in [&end.netns, &nse_ns] {
+            // Only a liveness check needs it; the connection works without.
+            if let Err(e) = allow_ping(ns).await {
+                warn!(netns = %ns, error = %e, "could not open ping_group_range");
+            }
+        }
         slot.put(Pair { created, ends });
         Ok(())
     }
@@ -436,6 +467,28 @@ mod tests {
     }
 
     const HERE: &str = "file:///proc/self/ns/net";
+
+    #[test]
+    fn the_pair_is_named_after_the_first_path_segment_else_the_connection_id() {
+        use nsm_sdk::proto::connection::{Path, PathSegment};
+        let segment = |id: &str| PathSegment {
+            id: id.into(),
+            ..Default::default()
+        };
+        let mut conn = Connection {
+            id: "fwd-side".into(),
+            path: Some(Path {
+                index: 2,
+                path_segments: vec![segment("nsc-id"), segment("mgr-id"), segment("fwd-side")],
+            }),
+            ..Default::default()
+        };
+        assert_eq!(connection_key(&conn), "nsc-id");
+        conn.path.as_mut().unwrap().path_segments[0].id.clear();
+        assert_eq!(connection_key(&conn), "fwd-side");
+        conn.path = None;
+        assert_eq!(connection_key(&conn), "fwd-side");
+    }
 
     #[tokio::test]
     async fn a_bad_client_mechanism_is_refused_before_the_endpoint_is_called() {

@@ -412,3 +412,30 @@ fn apply_sim(s: &mut SimState, ops: &[Op]) {
     }
     s.addresses.sort();
 }
+
+#[test]
+fn an_alias_the_kernel_would_refuse_is_invalid_and_the_alias_is_not_an_op() {
+    let name = || IfName::new("nsm-1").unwrap();
+    for bad in ["", "a\0b"] {
+        let err = Plan::new(name()).with_alias(bad).check().unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidAlias { .. }),
+            "{bad:?}: {err:?}"
+        );
+    }
+    let err = Plan::new(name())
+        .with_alias("x".repeat(MAX_ALIAS_LEN + 1))
+        .check()
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidAlias { .. }));
+    let longest = Plan::new(name()).with_alias("x".repeat(MAX_ALIAS_LEN));
+    longest.check().unwrap();
+    assert_eq!(longest.alias().map(str::len), Some(MAX_ALIAS_LEN));
+
+    // Plans that differ only by alias need no kernel change.
+    assert!(Plan::changes(Some(&Plan::new(name())), &longest).is_empty());
+    assert_eq!(
+        Plan::changes(None, &longest),
+        Plan::changes(None, &Plan::new(name()))
+    );
+}

@@ -260,3 +260,238 @@ async fn down_leaves_a_same_named_link_it_did_not_create() {
     down(created).await.unwrap();
     assert_eq!(pods.link_names().await, ["nsc-0", "x"]);
 }
+
+fn owned(plan: Plan, side: PodSide, connection: &str) -> Plan {
+    plan.with_alias(veth_alias(side, connection))
+}
+
+fn owned_plans(connection: &str) -> (Plan, Plan) {
+    (
+        owned(client_plan(), PodSide::Client, connection),
+        owned(endpoint_plan(), PodSide::Endpoint, connection),
+    )
+}
+
+impl Pods {
+    async fn alias_of(&self, name: &str) -> Option<String> {
+        let links = self.client.links().await.unwrap();
+        links.into_iter().find(|l| l.name == name)?.alias
+    }
+
+    /// A link `name` (with a peer `<name>-p`) that the mesh did not make for this
+    /// connection, with `alias` if given.
+    async fn foreign(&self, name: &str, alias: Option<&str>) {
+        let (a, b) = (
+            IfName::new(name).unwrap(),
+            IfName::new(format!("{name}-p")).unwrap(),
+        );
+        self.client
+            .create_veth_pair(&a, &self.ns, &b, &self.ns, None)
+            .await
+            .unwrap();
+        if let Some(alias) = alias {
+            self.client.set_alias(&a, alias).await.unwrap();
+        }
+    }
+}
+
+#[test]
+fn the_alias_names_the_side_and_the_connection_and_fits_the_kernel_limit() {
+    assert_eq!(veth_alias(PodSide::Client, "c1"), "nsm-client-c1");
+    assert_eq!(veth_alias(PodSide::Endpoint, "c1"), "nsm-endpoint-c1");
+    let long = veth_alias(PodSide::Client, &"é".repeat(200));
+    assert!(long.len() <= MAX_ALIAS_LEN && long.len() >= MAX_ALIAS_LEN - 1);
+    assert!(long.starts_with("nsm-client-é"));
+    let plan = client_plan().with_alias(long);
+    plan.check().unwrap();
+}
+
+#[tokio::test]
+async fn each_end_is_marked_with_its_alias_right_after_creation() {
+    let pods = pods();
+    let (client, endpoint) = owned_plans("c1");
+    let created = pods.up(client, endpoint).await.unwrap();
+    assert_eq!(
+        pods.client.calls()[..4],
+        [
+            "client create_veth nsc-0 nse-0 mtu=1450",
+            "client set_alias nsc-0 nsm-client-c1",
+            "endpoint set_alias nse-0 nsm-endpoint-c1",
+            "client set_mtu nsc-0 1450",
+        ]
+    );
+    assert_eq!(
+        pods.alias_of("nsc-0").await.as_deref(),
+        Some("nsm-client-c1")
+    );
+    assert_eq!(
+        pods.alias_of("nse-0").await.as_deref(),
+        Some("nsm-endpoint-c1")
+    );
+    down(created).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_pair_left_by_a_dead_forwarder_for_the_same_connection_is_replaced() {
+    let pods = pods();
+    let (client, endpoint) = owned_plans("c1");
+    // The forwarder dies: its state goes, the pair stays in the kernel.
+    drop(pods.up(client.clone(), endpoint.clone()).await.unwrap());
+    let old = pods.client.links().await.unwrap();
+    let before = pods.client.calls().len();
+
+    let created = pods.up(client, endpoint).await.unwrap();
+    let calls = pods.client.calls();
+    assert_eq!(
+        calls[before..before + 3],
+        [
+            "client delete_link nsc-0",
+            // Already gone with its peer: not an error.
+            "endpoint delete_link nse-0",
+            "client create_veth nsc-0 nse-0 mtu=1450",
+        ],
+        "the old pair goes, then the new one is made"
+    );
+    let new = pods.client.links().await.unwrap();
+    assert_eq!(pods.link_names().await, ["nsc-0", "nse-0"]);
+    for (o, n) in old.iter().zip(&new) {
+        assert_ne!(o.index, n.index, "{}: a new device", n.name);
+    }
+    assert_eq!(
+        pods.client
+            .addresses(&IfName::new("nsc-0").unwrap())
+            .await
+            .unwrap(),
+        [net("172.16.0.2/32")]
+    );
+    assert_eq!(created.index(PodSide::Client), new[0].index);
+    down(created).await.unwrap();
+    assert!(pods.link_names().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_leftover_of_the_connection_under_another_name_is_removed_too() {
+    let pods = pods();
+    // The dead forwarder's pair used other names (the endpoint chose anew).
+    let (client, endpoint) = owned_plans("c1");
+    let old_endpoint = owned(
+        plan("nse-old", "172.16.0.1/32", "172.16.0.2/32"),
+        PodSide::Endpoint,
+        "c1",
+    );
+    let old_client = owned(
+        plan("nsc-old", "172.16.0.2/32", "172.16.0.1/32"),
+        PodSide::Client,
+        "c1",
+    );
+    drop(pods.up(old_client, old_endpoint).await.unwrap());
+    let created = pods.up(client, endpoint).await.unwrap();
+    assert_eq!(pods.link_names().await, ["nsc-0", "nse-0"]);
+    down(created).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_name_held_by_a_link_of_another_connection_or_not_of_the_mesh_is_left_alone() {
+    for alias in [None, Some("nsm-client-c2"), Some("someone's")] {
+        let pods = pods();
+        pods.foreign("nsc-0", alias).await;
+        let before = pods.client.calls().len();
+        let (client, endpoint) = owned_plans("c1");
+        let err = pods.up(client, endpoint).await.unwrap_err();
+        let shown = err.to_string();
+        match &err {
+            Error::LinkExists {
+                name,
+                alias: Some(held),
+                ..
+            } => {
+                assert_eq!(name, "nsc-0");
+                assert_eq!(held.as_str(), alias.unwrap_or(""));
+            }
+            other => panic!("{alias:?}: {other:?}"),
+        }
+        match alias {
+            None => assert!(shown.contains("not made by the mesh"), "{shown}"),
+            Some(a) => assert!(shown.contains(a), "{shown}"),
+        }
+        assert!(matches!(
+            nsm_sdk::Error::from(err),
+            nsm_sdk::Error::InvalidArgument(_)
+        ));
+        assert_eq!(
+            pods.client.calls().len(),
+            before,
+            "{alias:?}: nothing tried"
+        );
+        assert_eq!(pods.link_names().await, ["nsc-0", "nsc-0-p"]);
+        assert_eq!(pods.alias_of("nsc-0").await.as_deref(), alias);
+    }
+}
+
+#[tokio::test]
+async fn a_foreign_link_in_one_pod_keeps_the_leftover_in_the_other_untouched() {
+    let pods = pods();
+    let old_client = owned(
+        plan("nsc-old", "172.16.0.2/32", "172.16.0.1/32"),
+        PodSide::Client,
+        "c1",
+    );
+    let old_endpoint = owned(
+        plan("nse-old", "172.16.0.1/32", "172.16.0.2/32"),
+        PodSide::Endpoint,
+        "c1",
+    );
+    drop(pods.up(old_client, old_endpoint).await.unwrap());
+    pods.foreign("nse-0", Some("nsm-endpoint-c2")).await;
+    let (client, endpoint) = owned_plans("c1");
+    let err = pods.up(client, endpoint).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::LinkExists { name, .. } if name == "nse-0"),
+        "{err:?}"
+    );
+    assert_eq!(
+        pods.link_names().await,
+        ["nsc-old", "nse-0", "nse-0-p", "nse-old"],
+        "everything looked at before anything is deleted"
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_sets_a_changed_alias_and_leaves_an_unchanged_one() {
+    let pods = pods();
+    let mut created = pods.up(client_plan(), endpoint_plan()).await.unwrap();
+    assert_eq!(pods.alias_of("nsc-0").await, None);
+    let before = pods.client.calls().len();
+    let client = owned(client_plan(), PodSide::Client, "c1");
+    created
+        .refresh(PodSide::Client, client.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        pods.client.calls()[before..],
+        ["client set_alias nsc-0 nsm-client-c1"]
+    );
+    created.refresh(PodSide::Client, client).await.unwrap();
+    assert_eq!(pods.client.calls().len(), before + 1);
+    down(created).await.unwrap();
+}
+
+#[tokio::test]
+async fn both_ends_in_one_namespace_cannot_share_an_alias() {
+    let pods = pods();
+    let client = client_plan().with_alias("same");
+    let endpoint = endpoint_plan().with_alias("same");
+    let err = pods.up(client, endpoint).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidAlias { .. }), "{err:?}");
+    assert!(pods.client.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_failure_setting_an_alias_deletes_the_new_pair() {
+    let pods = pods();
+    pods.client.fail_on("endpoint set_alias", 22);
+    let (client, endpoint) = owned_plans("c1");
+    let err = pods.up(client, endpoint).await.unwrap_err();
+    assert_eq!(err.errno(), Some(22));
+    assert!(pods.link_names().await.is_empty(), "nothing left behind");
+}
