@@ -52,6 +52,7 @@ use crate::{Error, Result};
 pub struct PointToPoint {
     prefixes: Arc<[IpNet]>,
     state: Arc<Mutex<State>>,
+    strict: bool,
 }
 
 /// The point-to-point IPAM handing out pairs from `prefixes` (tried in order, per
@@ -72,10 +73,21 @@ pub fn point_to_point(prefixes: Vec<IpNet>) -> PointToPoint {
             conns: HashMap::new(),
             in_use: HashSet::new(),
         })),
+        strict: false,
     }
 }
 
 impl PointToPoint {
+    /// Strict: drop every host address and host route of the request's context that
+    /// this IPAM did not hand out, not only those inside its own prefixes. An endpoint
+    /// that is the only IPAM of its connections wants this: after a reselect from
+    /// another endpoint, the client's request still carries the old endpoint's pair,
+    /// which would otherwise stay configured beside the new one.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
     /// The prefixes addresses come from.
     pub fn prefixes(&self) -> &[IpNet] {
         &self.prefixes
@@ -409,23 +421,28 @@ fn parse_addrs(field: &str, list: &[String]) -> Result<Vec<Addr>> {
 }
 
 /// Whether a host address or route `s` is inside one of `prefixes` and not in `ours`.
-fn stale(field: &str, s: &str, prefixes: &[IpNet], ours: &[Addr]) -> Result<bool> {
+fn stale(field: &str, s: &str, prefixes: &[IpNet], strict: bool, ours: &[Addr]) -> Result<bool> {
     let net = parse_net(field, s)?;
     if net.prefix_len() != net.max_prefix_len() {
         return Ok(false);
     }
     let a = to_addr(net.addr());
-    Ok(prefixes.iter().any(|p| p.contains(&net.addr())) && !ours.contains(&a))
+    Ok((strict || prefixes.iter().any(|p| p.contains(&net.addr()))) && !ours.contains(&a))
 }
 
 /// Drops what a previous allocation left, then adds ours once.
-fn write_context(ipc: &mut IpContext, prefixes: &[IpNet], pairs: &[Pair]) -> Result<()> {
+fn write_context(
+    ipc: &mut IpContext,
+    prefixes: &[IpNet],
+    strict: bool,
+    pairs: &[Pair],
+) -> Result<()> {
     let src: Vec<Addr> = pairs.iter().map(|p| p.src).collect();
     let dst: Vec<Addr> = pairs.iter().map(|p| p.dst).collect();
     let keep_addrs = |field: &str, list: &mut Vec<String>, ours: &[Addr]| -> Result<()> {
         let mut kept = Vec::with_capacity(list.len());
         for s in list.drain(..) {
-            if !stale(field, &s, prefixes, ours)? {
+            if !stale(field, &s, prefixes, strict, ours)? {
                 kept.push(s);
             }
         }
@@ -435,7 +452,7 @@ fn write_context(ipc: &mut IpContext, prefixes: &[IpNet], pairs: &[Pair]) -> Res
     let keep_routes = |field: &str, list: &mut Vec<Route>, ours: &[Addr]| -> Result<()> {
         let mut kept = Vec::with_capacity(list.len());
         for r in list.drain(..) {
-            if !stale(field, &r.prefix, prefixes, ours)? {
+            if !stale(field, &r.prefix, prefixes, strict, ours)? {
                 kept.push(r);
             }
         }
@@ -510,7 +527,7 @@ impl Handler for PointToPoint {
                 .collect::<Result<_>>()?,
         };
         let (pairs, fresh) = self.lock().assign(&id, &wanted)?;
-        if let Err(e) = write_context(ipc, &self.prefixes, &pairs) {
+        if let Err(e) = write_context(ipc, &self.prefixes, self.strict, &pairs) {
             if fresh {
                 self.forget(&id);
             }
@@ -838,5 +855,47 @@ mod tests {
             .is_err());
         assert_eq!(ipam.connections(), 0);
         run(&ipam, "c2", IpContext::default()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn strict_drops_a_previous_endpoints_pair_and_plain_keeps_it() {
+        for (strict, expect_src) in [(true, 1), (false, 2)] {
+            let ipam = point_to_point(vec!["10.1.0.0/24".parse().unwrap()]).strict(strict);
+            let chain = crate::core::Chain::builder().push(ipam).build();
+            let mut conn = Connection {
+                id: "c".into(),
+                ..Default::default()
+            };
+            conn.context = Some(nsm_proto::connectioncontext::ConnectionContext {
+                ip_context: Some(IpContext {
+                    src_ip_addrs: vec!["10.9.0.2/32".into()],
+                    dst_ip_addrs: vec!["10.9.0.1/32".into()],
+                    src_routes: vec![Route {
+                        prefix: "10.9.0.1/32".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            let out = chain
+                .request(
+                    &mut Cx::server(),
+                    NetworkServiceRequest {
+                        connection: Some(conn),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let ipc = out.context.unwrap().ip_context.unwrap();
+            assert_eq!(
+                ipc.src_ip_addrs.len(),
+                expect_src,
+                "strict {strict}: {ipc:?}"
+            );
+            assert_eq!(ipc.src_routes.len(), expect_src, "strict {strict}: {ipc:?}");
+            assert!(ipc.src_ip_addrs.iter().any(|a| a.starts_with("10.1.0.")));
+        }
     }
 }
