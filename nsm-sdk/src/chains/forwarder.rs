@@ -3,9 +3,10 @@
 //! local NSE, or the manager of the NSE's node).
 //!
 //! NetworkService chain: `update_path(name)`, `begin`, `monitor`, `mechanisms`
-//! (server side, pluggable; NOOP by default), `discover`, `round_robin`, `connect` (a
-//! client chain of `begin`, `monitor_relay`, `mechanism_translation`, client-side
-//! mechanisms, `update_token`, the gRPC client).
+//! (server side, pluggable; NOOP by default), `discover`, `netsvc_monitor` (the hop
+//! that selects the endpoint keeps it allowed by the network service), `round_robin`,
+//! `connect` (a client chain of `begin`, `monitor_relay`, `mechanism_translation`,
+//! client-side mechanisms, `update_token`, the gRPC client).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::core::{Chain, Handler, MonitorSource};
 use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::handlers::{
-    connect, discover, mechanism_translation, mechanisms, monitor_relay, noop_client, noop_server,
-    round_robin, timeout, update_path, update_token, Mechanisms, Monitor,
+    connect, discover, mechanism_translation, mechanisms, monitor_relay, netsvc_monitor,
+    noop_client, noop_server, round_robin, timeout, update_path, update_token, Mechanisms, Monitor,
 };
 use crate::registry::select::FORWARDER_SERVICE;
 use crate::registry::{Registries, RegistryChain};
@@ -180,6 +181,7 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         .push(monitor.clone())
         .push(opts.server_mechanisms)
         .push(discover(registries.clone()))
+        .push(netsvc_monitor(registries.clone()))
         .push(round_robin())
         .push(connect(client))
         .build();

@@ -39,3 +39,7 @@ pub mod heal;
 pub use heal::{default_reselect, heal, Heal, HealOptions, LivenessFn, ReselectFn};
 pub mod monitor_relay;
 pub use monitor_relay::{monitor_relay, MonitorRelay};
+pub mod netsvc_monitor;
+pub use netsvc_monitor::{netsvc_monitor, NetsvcMonitor};
+pub mod upstream_refresh;
+pub use upstream_refresh::{upstream_refresh, UpstreamRefresh, UpstreamRefreshOptions};

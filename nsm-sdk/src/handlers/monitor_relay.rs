@@ -24,7 +24,10 @@
 //! Each change the filter lets through is relayed upstream: this hop's connection (as
 //! its `monitor` stored it, so the mechanism this hop gave its caller stays) takes the
 //! downstream's path, context and state, and is published through the [`Monitor`] as an
-//! UPDATE when it differs from what is stored. When the stream fails or ends (the next
+//! UPDATE when it differs from what is stored. A change that arrives before this hop's
+//! `monitor` has announced the connection (the downstream asked for a refresh while
+//! this hop was still on its return path) is held, and relayed once the connection is
+//! announced, so it is not lost. When the stream fails or ends (the next
 //! hop died or restarted) this hop's connection is published in state DOWN, and the
 //! relay stops: the upstream client heals, and its re-request starts a new relay.
 //! A re-request keeps a relay that is still following the same next hop and replaces
@@ -52,7 +55,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
 use nsm_proto::connection::{
-    Connection, ConnectionEventType, MonitorScopeSelector, PathSegment, State,
+    Connection, ConnectionEvent, ConnectionEventType, MonitorScopeSelector, PathSegment, State,
 };
 use nsm_proto::networkservice::NetworkServiceRequest;
 use tokio::task::JoinHandle;
@@ -60,7 +63,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::monitor::{filter_events, Monitor};
-use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next};
+use crate::core::{spawn_owned, ConnHandle, Cx, Handler, MonitorSource, Next};
 use crate::transport::{monitor_connections, Channels, ClientUrl, Url};
 use crate::{Error, Result};
 
@@ -273,33 +276,93 @@ fn merged(mut base: Connection, downstream: &Connection) -> Connection {
     base
 }
 
+/// Relays `copy` into this hop's monitor; `false` when the monitor does not know the
+/// connection yet (its caller has not seen it: nothing can be relayed before).
+fn relay_copy(r: &Relay, id: &str, copy: &Connection) -> bool {
+    let mut known = true;
+    r.state.publish_if_current(r.generation, || {
+        let Some(base) = r.monitor.get(id) else {
+            known = false;
+            return;
+        };
+        let out = merged(base.clone(), copy);
+        if out != base {
+            debug!(connection.id = %id, state = out.state, "monitor_relay: relaying a downstream change");
+            r.monitor.publish(ConnectionEventType::Update, out);
+        }
+    });
+    known
+}
+
+/// The next event of an optional stream; pending forever without one.
+async fn next_announcement(
+    stream: &mut Option<BoxStream<'static, Result<ConnectionEvent>>>,
+) -> Option<Result<ConnectionEvent>> {
+    match stream {
+        Some(s) => s.next().await,
+        None => futures::future::pending().await,
+    }
+}
+
 async fn relay(r: Relay) {
     let id = r.hop.id.clone();
     match r.hop.follow(&r.channels, r.timeout).await {
-        Ok(mut events) => loop {
-            match events.next().await {
-                Some(Ok(copy)) => r.state.publish_if_current(r.generation, || {
-                    // Nothing is relayed before this hop's own monitor announced the
-                    // connection: its caller has not seen it yet.
-                    let Some(base) = r.monitor.get(&id) else {
-                        return;
-                    };
-                    let out = merged(base.clone(), &copy);
-                    if out != base {
-                        debug!(connection.id = %id, state = out.state, "monitor_relay: relaying a downstream change");
-                        r.monitor.publish(ConnectionEventType::Update, out);
+        Ok(mut events) => {
+            // A downstream change can arrive before this hop's own monitor announced the
+            // connection (the downstream asked for a refresh while this hop was still
+            // on its return path). It waits for the announcement instead of being lost.
+            let mut pending: Option<Connection> = None;
+            let mut announced = None;
+            loop {
+                tokio::select! {
+                    item = events.next() => match item {
+                        Some(Ok(copy)) => {
+                            if relay_copy(&r, &id, &copy) {
+                                continue;
+                            }
+                            if announced.is_none() {
+                                let selector = MonitorScopeSelector {
+                                    path_segments: vec![PathSegment {
+                                        id: id.clone(),
+                                        ..Default::default()
+                                    }],
+                                    network_services: Vec::new(),
+                                };
+                                announced = Some(r.monitor.subscribe(selector));
+                            }
+                            // Subscribed first, checked again: no announcement slips between.
+                            if relay_copy(&r, &id, &copy) {
+                                announced = None;
+                            } else {
+                                pending = Some(copy);
+                            }
+                        }
+                        Some(Err(e)) => {
+                            warn!(connection.id = %id, next = %r.hop.url, error = %e, "monitor_relay: the downstream monitor stream broke");
+                            break;
+                        }
+                        None => {
+                            warn!(connection.id = %id, next = %r.hop.url, "monitor_relay: the downstream monitor stream ended");
+                            break;
+                        }
+                    },
+                    announcement = next_announcement(&mut announced) => {
+                        if announcement.is_none() {
+                            // This hop's monitor is shutting down: nothing to wait for.
+                            announced = None;
+                            continue;
+                        }
+                        if let Some(copy) = pending.take() {
+                            if relay_copy(&r, &id, &copy) {
+                                announced = None;
+                            } else {
+                                pending = Some(copy);
+                            }
+                        }
                     }
-                }),
-                Some(Err(e)) => {
-                    warn!(connection.id = %id, next = %r.hop.url, error = %e, "monitor_relay: the downstream monitor stream broke");
-                    break;
-                }
-                None => {
-                    warn!(connection.id = %id, next = %r.hop.url, "monitor_relay: the downstream monitor stream ended");
-                    break;
                 }
             }
-        },
+        }
         Err(e) => {
             warn!(connection.id = %id, next = %r.hop.url, error = %e, "monitor_relay: cannot follow the downstream");
         }
@@ -515,6 +578,55 @@ mod tests {
         let relayed = next_state(&mut events).await;
         assert_eq!(relayed.state, State::RefreshRequested as i32);
         assert_eq!(relayed.mechanism.unwrap().r#type, "MINE");
+    }
+
+    /// Holds the answer on its way back (after `connect`, before `monitor`) and, while
+    /// it holds it, the downstream asks for a refresh.
+    struct AskWhileReturning(Monitor);
+
+    #[async_trait]
+    impl Handler for AskWhileReturning {
+        async fn request(
+            &self,
+            cx: &mut Cx,
+            req: NetworkServiceRequest,
+            next: Next,
+        ) -> Result<Connection> {
+            let conn = next.request(cx, req).await?;
+            let nse_id = &conn.path.as_ref().unwrap().path_segments[2].id;
+            let mut at_nse = self.0.get(nse_id).unwrap();
+            at_nse.state = State::RefreshRequested as i32;
+            self.0.publish(ConnectionEventType::Update, at_nse);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(conn)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_made_while_this_hop_still_returns_is_relayed_once_announced() {
+        let channels = Channels::new();
+        let nse_url = url("nse");
+        let (_server, nse_monitor) = downstream(&nse_url).await;
+        let monitor = monitor();
+        let client = Chain::builder()
+            .push(begin())
+            .push(monitor_relay(channels.clone()))
+            .push(grpc_client(channels.clone()))
+            .build();
+        let chain = Chain::builder()
+            .push(update_path("hop"))
+            .push(begin())
+            .push(monitor.clone())
+            .push(AskWhileReturning(nse_monitor.clone()))
+            .push(Dial(Arc::new(Mutex::new(nse_url.clone()))))
+            .push(connect(client))
+            .build();
+        let conn = chain.request(&mut Cx::server(), request()).await.unwrap();
+        let hop_id = conn.path.as_ref().unwrap().path_segments[1].id.clone();
+        eventually("the refresh request was relayed", || {
+            monitor.get(&hop_id).map(|c| c.state) == Some(State::RefreshRequested as i32)
+        })
+        .await;
     }
 
     #[tokio::test]
