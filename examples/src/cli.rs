@@ -22,22 +22,40 @@ pub struct Common {
     /// stderr.
     #[arg(long, env = "NSM_LOG_LEVEL", value_name = "LEVEL")]
     pub log_level: Option<String>,
+
+    /// Worker threads of the program's tokio runtime: 1 runs everything on one thread
+    /// (a current-thread runtime: no hand-off of work between threads, the lowest
+    /// latency per call on a busy or small machine); N > 1 a multi-thread runtime with N
+    /// workers. Without it, a multi-thread runtime with one worker per CPU.
+    #[arg(long, env = "NSM_WORKER_THREADS", value_name = "N", value_parser = parse_worker_threads)]
+    pub worker_threads: Option<usize>,
 }
 
-/// Parses the command line and environment into `C`, and returns the log level of
-/// its [`Common`] settings (when `C` has them).
+/// Parses a number of worker threads: a whole number of at least 1.
+pub fn parse_worker_threads(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("the number of worker threads must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "bad number of worker threads {s:?} (expected 1, 2, ...)"
+        )),
+    }
+}
+
+/// Parses the command line and environment into `C`, and returns its [`Common`]
+/// settings (when `C` has them; else the defaults).
 ///
 /// `--help` prints to stdout and exits 0. Any other error prints one line,
 /// `<program>: <reason>`, on stderr and exits with status 2.
-pub(crate) fn parse<C: Parser>() -> (C, Option<String>) {
+pub(crate) fn parse<C: Parser>() -> (C, Common) {
     // Leaked once per process: clap names commands with `&'static str`s.
     let name: &'static str = Box::leak(program_name().into_boxed_str());
     let mut cmd = C::command().name(name);
     let matches = cmd.try_get_matches_from_mut(std::env::args_os());
     let parsed = matches.and_then(|m| {
-        let level = log_level(&m);
+        let common = common(&m);
         C::from_arg_matches(&m)
-            .map(|c| (c, level))
+            .map(|c| (c, common))
             .map_err(|e| e.format(&mut cmd))
     });
     match parsed {
@@ -50,8 +68,17 @@ pub(crate) fn parse<C: Parser>() -> (C, Option<String>) {
     }
 }
 
-fn log_level(m: &ArgMatches) -> Option<String> {
-    m.try_get_one::<String>("log_level").ok().flatten().cloned()
+/// The [`Common`] settings in `m`, read one by one: a program without them gets the
+/// defaults.
+fn common(m: &ArgMatches) -> Common {
+    Common {
+        log_level: m.try_get_one::<String>("log_level").ok().flatten().cloned(),
+        worker_threads: m
+            .try_get_one::<usize>("worker_threads")
+            .ok()
+            .flatten()
+            .copied(),
+    }
 }
 
 /// A clap error message on one line: without the `error:` tag, the usage and the hint.
@@ -168,6 +195,49 @@ mod tests {
         let two = parse_labels("a=1, b=2").unwrap();
         assert_eq!((two["a"].as_str(), two["b"].as_str()), ("1", "2"));
         assert!(parse_labels("a=1,b").is_err());
+    }
+
+    #[test]
+    fn worker_threads_are_at_least_one() {
+        assert_eq!(parse_worker_threads("1"), Ok(1));
+        assert_eq!(parse_worker_threads(" 4 "), Ok(4));
+        for bad in ["0", "", "-1", "two", "1.5"] {
+            assert!(parse_worker_threads(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct WithCommon {
+        #[command(flatten)]
+        common: Common,
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct WithoutCommon {
+        #[arg(long)]
+        other: Option<String>,
+    }
+
+    #[test]
+    fn common_settings_come_from_the_matches() {
+        let m = <WithCommon as clap::CommandFactory>::command()
+            .try_get_matches_from(["p", "--worker-threads", "1", "--log-level", "debug"])
+            .unwrap();
+        let c = common(&m);
+        assert_eq!(c.worker_threads, Some(1));
+        assert_eq!(c.log_level.as_deref(), Some("debug"));
+        let m = <WithCommon as clap::CommandFactory>::command().try_get_matches_from([
+            "p",
+            "--worker-threads",
+            "0",
+        ]);
+        assert!(m.is_err());
+        // A program without the common settings gets the defaults.
+        let m = <WithoutCommon as clap::CommandFactory>::command()
+            .try_get_matches_from(["p"])
+            .unwrap();
+        let c = common(&m);
+        assert_eq!((c.worker_threads, c.log_level), (None, None));
     }
 
     #[test]

@@ -34,12 +34,13 @@ mod process;
 mod registration;
 
 pub use cli::{
-    parse_duration, parse_label, parse_labels, program_name, Common, DEFAULT_NSM_SOCKET,
+    parse_duration, parse_label, parse_labels, parse_worker_threads, program_name, Common,
+    DEFAULT_NSM_SOCKET,
 };
 pub use connections::{print_connection, print_connections, PrintConnections};
 pub use endpoint::{log_calls, registry_client, serve_endpoint, EndpointArgs, LogCalls};
 pub use process::{
-    init_logging, run, serve_all, shutdown_all, stop_on_signal, Failure, SHUTDOWN_TIMEOUT,
+    init_logging, run, runtime, serve_all, shutdown_all, stop_on_signal, Failure, SHUTDOWN_TIMEOUT,
 };
 pub use registration::{
     ensure_network_service, registered_until, Registration, CALL_TIMEOUT, DEFAULT_REFRESH,

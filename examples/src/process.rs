@@ -62,8 +62,8 @@ impl From<nsm_sdk::Error> for Failure {
 }
 
 /// Runs a program: parses its configuration `C` (a clap `Parser`; see
-/// [`Common`](crate::Common) for the log level), starts logging, builds a tokio
-/// runtime, and calls `program` with the configuration and a token that SIGTERM or
+/// [`Common`](crate::Common) for the log level and the worker threads), starts logging,
+/// builds a tokio runtime ([`runtime`]), and calls `program` with the configuration and a token that SIGTERM or
 /// SIGINT cancels. The program should then undo what it did (unregister, close) and
 /// return.
 ///
@@ -76,14 +76,11 @@ where
     F: FnOnce(C, CancellationToken) -> Fut,
     Fut: Future<Output = Result<(), Failure>>,
 {
-    let (config, level) = parse::<C>();
-    if let Err(reason) = init_logging(level.as_deref()) {
+    let (config, common) = parse::<C>();
+    if let Err(reason) = init_logging(common.log_level.as_deref()) {
         return report(Failure::Config(reason));
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(common.worker_threads) {
         Ok(rt) => rt,
         Err(e) => return report(Failure::runtime(format!("cannot start tokio: {e}"))),
     };
@@ -101,6 +98,30 @@ where
         }
         Err(failure) => report(failure),
     }
+}
+
+/// The tokio runtime of a program with `worker_threads` (`NSM_WORKER_THREADS`): `Some(1)`
+/// is a current-thread runtime (everything on the thread that runs the program),
+/// `Some(n)` a multi-thread runtime with `n` workers, `None` a multi-thread runtime
+/// with tokio's default (one worker per CPU, or `TOKIO_WORKER_THREADS`). `Some(0)` is an
+/// error.
+pub fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match worker_threads {
+        Some(0) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a runtime needs at least one worker thread",
+            ))
+        }
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build()
 }
 
 fn report(failure: Failure) -> ExitCode {
@@ -188,5 +209,27 @@ pub async fn shutdown_all(servers: Vec<Server>) {
         {
             warn!(url = %url, "calls still running after {SHUTDOWN_TIMEOUT:?}; server killed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::runtime::RuntimeFlavor;
+
+    use super::*;
+
+    #[test]
+    fn one_worker_thread_is_a_current_thread_runtime() {
+        let flavor = |n| runtime(n).map(|rt| rt.handle().runtime_flavor());
+        assert_eq!(flavor(Some(1)).unwrap(), RuntimeFlavor::CurrentThread);
+        assert_eq!(flavor(Some(2)).unwrap(), RuntimeFlavor::MultiThread);
+        assert_eq!(flavor(None).unwrap(), RuntimeFlavor::MultiThread);
+        assert!(flavor(Some(0)).is_err());
+    }
+
+    #[test]
+    fn a_multi_thread_runtime_has_the_workers_asked_for() {
+        let rt = runtime(Some(3)).unwrap();
+        assert_eq!(rt.metrics().num_workers(), 3);
     }
 }

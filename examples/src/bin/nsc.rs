@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use nsm_examples::{parse_duration, print_connections, run, Common, Failure, DEFAULT_NSM_SOCKET};
 use nsm_sdk::chains::{client, ClientOptions};
-use nsm_sdk::handlers::noop_mechanism;
+use nsm_sdk::handlers::{heal, noop_mechanism, HealOptions};
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::tools::{types, NsUrl};
+use nsm_sdk::transport::Channels;
 use nsm_sdk::transport::Url;
 use nsm_sdk::{Chain, Cx};
 use tracing::{info, warn};
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
             ClientOptions::new(&args.name, args.connect_to)
                 .retry(Some(args.request_timeout))
                 .timeout(args.request_timeout)
+                .handler(heal(HealOptions::new(Channels::new())))
                 .handler(print_connections()),
         );
         let timeout = args.request_timeout;
