@@ -17,7 +17,8 @@
 //! [`parse_labels`]), the life of a program ([`run`]: logging, signals, exit statuses),
 //! serving ([`serve_all`], [`shutdown_all`]), staying registered ([`registered_until`],
 //! [`Registration`]),
-//! running an endpoint ([`serve_endpoint`]) and the handlers the programs add to their
+//! running an endpoint ([`serve_endpoint`]), the mechanisms they serve and ask for
+//! ([`forwarder_mechanisms`], [`endpoint_mechanisms`], [`preferences`]) and the handlers the programs add to their
 //! chains ([`log_calls`], [`print_connections`]).
 //!
 //! Every program logs to stderr (level from `NSM_LOG_LEVEL`, else `RUST_LOG`, else
@@ -30,6 +31,7 @@
 mod cli;
 mod connections;
 mod endpoint;
+mod mechanisms;
 mod process;
 mod registration;
 
@@ -39,6 +41,10 @@ pub use cli::{
 };
 pub use connections::{print_connection, print_connections, PrintConnections};
 pub use endpoint::{log_calls, registry_client, serve_endpoint, EndpointArgs, LogCalls};
+pub use mechanisms::{
+    endpoint_mechanisms, forwarder_mechanisms, kernel_liveness, kernel_when_offered, preferences,
+    KernelWhenOffered, MechanismChoice,
+};
 pub use process::{
     init_logging, run, runtime, serve_all, shutdown_all, stop_on_signal, Failure, SHUTDOWN_TIMEOUT,
 };

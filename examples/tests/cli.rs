@@ -79,6 +79,8 @@ fn help_names_every_setting_as_variable_and_flag() {
             "NSM_CONNECT_TO",
             "NSM_NETWORK_SERVICES",
             "NSM_REQUEST_TIMEOUT",
+            "NSM_MECHANISM",
+            "NSM_LIVENESS",
         ],
     );
     help_documents(
@@ -143,5 +145,13 @@ fn bad_configuration_exits_2_with_one_line() {
             ("NSM_LOG_LEVEL", "info,="),
         ],
         "bad log level",
+    );
+    fails_with_one_line(
+        env!("CARGO_BIN_EXE_nsc"),
+        &[
+            ("NSM_NETWORK_SERVICES", "kernel://icmp"),
+            ("NSM_LIVENESS", "icmp"),
+        ],
+        "--liveness",
     );
 }

@@ -350,6 +350,9 @@ impl Mesh {
                 ("NSM_CONNECT_TO", nsmgr),
                 ("NSM_NETWORK_SERVICES", services),
                 ("NSM_REQUEST_TIMEOUT", timeout),
+                // The NSC runs in the test's own namespace: KERNEL would put its
+                // interface there (kernel_processes.rs runs it inside pods).
+                ("NSM_MECHANISM", "noop"),
             ],
             true,
         )

@@ -3,21 +3,37 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use nsm_examples::{parse_duration, print_connections, run, Common, Failure, DEFAULT_NSM_SOCKET};
+use nsm_examples::{
+    kernel_liveness, kernel_when_offered, parse_duration, preferences, print_connections, run,
+    Common, Failure, MechanismChoice, DEFAULT_NSM_SOCKET,
+};
 use nsm_sdk::chains::{client, ClientOptions};
-use nsm_sdk::handlers::{heal, noop_mechanism, HealOptions};
+use nsm_sdk::handlers::{heal, HealOptions};
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::tools::{types, NsUrl};
+use nsm_sdk::tools::NsUrl;
 use nsm_sdk::transport::Channels;
 use nsm_sdk::transport::Url;
 use nsm_sdk::{Chain, Cx};
+use nsm_sdk_kernel::mechanism::own_netns_url;
+use nsm_sdk_kernel::{kernel_client, PingOptions};
 use tracing::{info, warn};
 
 /// A client: requests each network service through its node's manager, prints each
 /// connection as one JSON line on stdout, keeps the connections until SIGTERM or
-/// SIGINT, then closes them. Until the KERNEL mechanism exists every connection is
-/// requested with the NOOP mechanism, whatever the NS URL's scheme says.
+/// SIGINT, then closes them. A connection that breaks (a hop or the endpoint dies) is
+/// healed: re-requested, or reselected to another endpoint; a changed connection is
+/// printed again.
+///
+/// The NS URL's scheme picks the mechanism. kernel://icmp-responder/nsm-1 asks for a
+/// kernel interface nsm-1 in this process's network namespace
+/// (`file:///proc/<pid>/ns/net`), made by the forwarder (kernel://icmp-responder gets a
+/// generated name like icmp-respo-Xy3k), with NOOP offered second: a forwarder or
+/// endpoint that cannot make KERNEL still connects, with NOOP (the printed
+/// connection's mechanism says which). noop:// asks for NOOP (no data plane), and so
+/// does any other scheme. With NSM_MECHANISM=noop every URL is
+/// requested as NOOP: for a client outside any pod (KERNEL would put the interface
+/// into the host's namespace) or across nodes (no tunnel exists).
 #[derive(Debug, clap::Parser)]
 #[command(version)]
 struct Args {
@@ -31,7 +47,7 @@ struct Args {
 
     /// What to request: comma-separated NS URLs like kernel://icmp-responder/nsm-1?app=x
     /// (mechanism://network-service, an optional /interface-name, optional
-    /// ?label=value&... labels). Requested as NOOP for now.
+    /// ?label=value&... labels). kernel:// is KERNEL (then NOOP), anything else NOOP.
     #[arg(
         long,
         env = "NSM_NETWORK_SERVICES",
@@ -45,23 +61,49 @@ struct Args {
     #[arg(long, env = "NSM_REQUEST_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
     request_timeout: Duration,
 
+    /// The mechanism to request: from-url (the NS URL's scheme: kernel:// is KERNEL
+    /// with NOOP second, anything else NOOP) or noop (NOOP for every URL).
+    #[arg(long, env = "NSM_MECHANISM", value_name = "CHOICE", value_enum, default_value_t = MechanismChoice::FromUrl)]
+    mechanism: MechanismChoice,
+
+    /// Data plane liveness check: none, or ping (every second, ping the endpoint's
+    /// address of each KERNEL connection from this namespace; no reply within 400 ms
+    /// reselects the connection).
+    #[arg(long, env = "NSM_LIVENESS", value_name = "CHECK", value_enum, default_value_t = Liveness::None)]
+    liveness: Liveness,
+
     #[command(flatten)]
     common: Common,
 }
 
+/// The data plane liveness check of heal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Liveness {
+    /// Only the control plane (the next hop's monitor stream) tells heal.
+    None,
+    /// Pings the endpoint of each KERNEL connection.
+    Ping,
+}
+
 fn main() -> ExitCode {
     run(|args: Args, stop| async move {
+        let mut heal_options = HealOptions::new(Channels::new());
+        if args.liveness == Liveness::Ping {
+            heal_options = heal_options.liveness(kernel_liveness(PingOptions::new()));
+        }
         let nsc = client(
             ClientOptions::new(&args.name, args.connect_to)
                 .retry(Some(args.request_timeout))
                 .timeout(args.request_timeout)
-                .handler(heal(HealOptions::new(Channels::new())))
-                .handler(print_connections()),
+                .mechanisms(vec![])
+                .handler(heal(heal_options))
+                .handler(print_connections())
+                .handler(kernel_when_offered(kernel_client(own_netns_url()))),
         );
         let timeout = args.request_timeout;
         let mut connections = Vec::new();
         for url in &args.network_services {
-            let req = request_for(url);
+            let req = request_for(url, args.mechanism);
             let pending = Connection {
                 id: req
                     .connection
@@ -97,17 +139,10 @@ fn main() -> ExitCode {
 }
 
 /// The request for `url`, with a connection id of its own (so that a stop during the
-/// request can close it) and, for now, the NOOP mechanism.
-fn request_for(url: &NsUrl) -> NetworkServiceRequest {
+/// request can close it) and the mechanism preferences `choice` gives.
+fn request_for(url: &NsUrl, choice: MechanismChoice) -> NetworkServiceRequest {
     let mut req = url.to_request();
-    if url.mechanism_type() != types::NOOP {
-        info!(
-            url = %url,
-            mechanism = url.mechanism_type(),
-            "this mechanism is not implemented yet: requesting NOOP instead"
-        );
-    }
-    req.mechanism_preferences = vec![noop_mechanism()];
+    req.mechanism_preferences = preferences(url, choice);
     if let Some(conn) = req.connection.as_mut() {
         conn.id = uuid::Uuid::new_v4().to_string();
     }

@@ -1,19 +1,28 @@
 //! `nse-icmp-responder`: an endpoint that gives each client a point-to-point pair of
-//! addresses (the ICMP responder of NSM's examples; its data plane is NOOP for now).
+//! addresses and a kernel interface in its namespace (the ICMP responder of NSM's
+//! examples: the kernel answers the pings).
 
 use std::collections::HashMap;
 use std::process::ExitCode;
 
 use ipnet::IpNet;
-use nsm_examples::{log_calls, parse_labels, run, serve_endpoint, EndpointArgs};
+use nsm_examples::{
+    endpoint_mechanisms, log_calls, parse_labels, run, serve_endpoint, EndpointArgs,
+};
 use nsm_sdk::chains::{endpoint, EndpointOptions};
-use nsm_sdk::handlers::{mechanisms, noop_server, point_to_point};
-use nsm_sdk::tools::types;
+use nsm_sdk::handlers::point_to_point;
+use nsm_sdk_kernel::mechanism::own_netns_url;
 
 /// An endpoint serving the given network services: each connection gets a /32 (/128)
 /// pair from the CIDR prefixes. It registers itself (and each network service the
 /// registry does not know) through its manager, stays registered, and unregisters when
-/// it stops. Mechanism: NOOP.
+/// it stops.
+///
+/// Mechanisms: KERNEL (the forwarder puts the endpoint's end of each connection, with
+/// the endpoint's address, into this process's network namespace, where the kernel
+/// answers pings) and NOOP. The IPAM is strict: a request that still carries another
+/// endpoint's addresses (a client that healed away from it) gets this endpoint's pair
+/// only.
 #[derive(Debug, clap::Parser)]
 #[command(version)]
 struct Args {
@@ -51,8 +60,8 @@ fn main() -> ExitCode {
             &args.endpoint.name,
             EndpointOptions::new()
                 .handler(log_calls())
-                .handler(point_to_point(args.cidr_prefix))
-                .handler(mechanisms().with(types::NOOP, noop_server())),
+                .handler(point_to_point(args.cidr_prefix).strict(true))
+                .handler(endpoint_mechanisms(own_netns_url())),
         );
         let labels = args.labels.unwrap_or_default();
         serve_endpoint(

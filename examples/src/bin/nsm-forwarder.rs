@@ -1,9 +1,12 @@
-//! `nsm-forwarder`: a node's forwarder, with the NOOP data plane.
+//! `nsm-forwarder`: a node's forwarder, with the KERNEL and NOOP data planes.
 
 use std::net::IpAddr;
 use std::process::ExitCode;
 
-use nsm_examples::{registered_until, run, serve_all, shutdown_all, Common, DEFAULT_NSM_SOCKET};
+use nsm_examples::{
+    forwarder_mechanisms, registered_until, run, serve_all, shutdown_all, Common,
+    DEFAULT_NSM_SOCKET,
+};
 use nsm_sdk::chains::{forwarder, ForwarderOptions};
 use nsm_sdk::transport::Url;
 use tokio_util::sync::CancellationToken;
@@ -11,7 +14,15 @@ use tracing::info;
 
 /// The forwarder: makes the client's side of each connection, picks the endpoint and
 /// connects to it (or to the manager of the endpoint's node). It registers itself with
-/// its manager and stays registered until it stops. Data plane: NOOP only.
+/// its manager and stays registered until it stops.
+///
+/// Data planes: KERNEL (a client and an endpoint on this node are joined by a veth
+/// pair whose ends it creates inside their network namespaces, named by the
+/// `file:///proc/<pid>/ns/net` URLs they send; needs root or CAP_NET_ADMIN and
+/// CAP_SYS_ADMIN, and the pods' PIDs visible) and NOOP (nothing is built). A restarted
+/// forwarder replaces the veth pairs its predecessor left when their connections are
+/// requested again. No tunnel to other nodes: a connection to another node's endpoint
+/// must be NOOP.
 #[derive(Debug, clap::Parser)]
 #[command(version)]
 struct Args {
@@ -28,8 +39,8 @@ struct Args {
     #[arg(long, env = "NSM_CONNECT_TO", value_name = "URL", default_value = DEFAULT_NSM_SOCKET)]
     connect_to: Url,
 
-    /// The node's address for tunnels to other nodes (accepted for compatibility; the
-    /// NOOP data plane builds no tunnel).
+    /// The node's address for tunnels to other nodes (accepted for compatibility; no
+    /// tunnel is built).
     #[arg(long, env = "NSM_TUNNEL_IP", value_name = "IP")]
     tunnel_ip: Option<IpAddr>,
 
@@ -39,9 +50,15 @@ struct Args {
 
 fn main() -> ExitCode {
     run(|args: Args, stop| async move {
-        info!(tunnel_ip = ?args.tunnel_ip, "NOOP data plane: the tunnel IP is not used");
+        info!(tunnel_ip = ?args.tunnel_ip, "data planes KERNEL and NOOP: the tunnel IP is not used");
         let root = CancellationToken::new();
-        let fwd = forwarder(ForwarderOptions::new(&args.name, args.connect_to).root(root.clone()));
+        let (server_side, client_side) = forwarder_mechanisms();
+        let fwd = forwarder(
+            ForwarderOptions::new(&args.name, args.connect_to)
+                .root(root.clone())
+                .server_mechanisms(server_side)
+                .client_mechanisms(client_side),
+        );
         let servers = serve_all(&[args.listen_on], &fwd.services()).await?;
         let entry = fwd.registration(servers[0].url());
         let outcome = registered_until(fwd.registries().nse.clone(), entry, &stop).await;

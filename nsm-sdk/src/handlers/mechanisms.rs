@@ -117,10 +117,14 @@ impl Handler for Mechanisms {
         }
         let prefs = req.mechanism_preferences.clone();
         let mut last_err = None;
+        // Each preference starts from the values this hop received, not from what a
+        // failed attempt left behind (a KERNEL attempt's client side, say).
+        let base = cx.ext().clone();
         for pref in &prefs {
             let Some(h) = self.get(Some(pref)) else {
                 continue;
             };
+            *cx.ext_mut() = base.clone();
             let mut attempt = req.clone();
             attempt
                 .connection

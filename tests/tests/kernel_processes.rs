@@ -1,0 +1,779 @@
+//! The example programs with the KERNEL data plane, as separate processes, as root.
+//!
+//! The "pods" are network namespaces made by the test (`ip netns add nsmt-<pid>-<n>`,
+//! deleted by a guard even when the test fails, after it killed what runs inside).
+//! `nsm-registry`, `nsmgr` and `nsm-forwarder` run in the host namespace; the endpoint
+//! (`nse-icmp-responder`) and the client (`nsc`) each run inside a pod
+//! (`ip netns exec <pod> ...`). They all talk over unix sockets in the test's temp
+//! directory: a socket is a file, reachable from every network namespace. The
+//! forwarder opens the pods' namespaces by the `file:///proc/<pid>/ns/net` URLs the
+//! client and the endpoint send, and makes one veth pair per connection.
+//!
+//! What the kernel holds is read with `ip -j` (an independent observer), traffic is
+//! checked with `ping` from inside the client's pod. Only 172.16.x.x addresses, only
+//! inside the test's namespaces. Heal times are printed (`-- --nocapture`).
+//!
+//! The binaries are looked up in `target/<profile>/` (run `cargo build -p
+//! nsm-examples --bins` after changing the examples; a missing one is built). Without
+//! root (or without `ip`/`ping`) each test prints a skip line and passes.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long a process may take to get ready, or to do what a step waits for.
+const READY: Duration = Duration::from_secs(15);
+/// How long a process may take to exit after SIGTERM.
+const EXIT: Duration = Duration::from_secs(10);
+/// How long a heal may take before the test fails.
+const HEAL_WITHIN: Duration = Duration::from_secs(10);
+/// How often the kernel's state is polled while waiting.
+const POLL: Duration = Duration::from_millis(50);
+
+const SERVICE_URL: &str = "kernel://icmp-responder/nsm-1";
+
+fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    match Command::new(cmd).args(args).output() {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// Root, `ip` and `ping` are needed; otherwise the test is skipped.
+fn can_run() -> bool {
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let tools = run("ip", &["-V"]).0 && run("ping", &["-V"]).0;
+    if !root || !tools {
+        eprintln!(
+            "skipped: kernel process tests need root, ip and ping (root={root}, tools={tools})"
+        );
+    }
+    root && tools
+}
+
+macro_rules! require_root {
+    () => {
+        if !can_run() {
+            return;
+        }
+    };
+}
+
+/// Polls `f` every [`POLL`] until it gives `Some`, for at most `within`.
+fn poll<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < until, "{what}: not within {within:?}");
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The directory of the example binaries, built if one is missing.
+fn bin(name: &str) -> PathBuf {
+    static BUILT: Mutex<bool> = Mutex::new(false);
+    let exe = std::env::current_exe().expect("the test knows its path");
+    // target/<profile>/deps/kernel_processes-<hash> -> target/<profile>/
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from target/<profile>/deps");
+    let path = dir.join(name);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !path.exists() && !*built {
+        *built = true;
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = Command::new(cargo)
+            .args(["build", "-p", "nsm-examples", "--bins"])
+            .current_dir(workspace)
+            .status();
+        eprintln!("built the example binaries: {status:?}");
+    }
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p nsm-examples --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A named network namespace (a "pod"). Dropped (also on panic), it kills every
+/// process still inside it, then deletes it.
+struct Pod {
+    name: String,
+}
+
+impl Pod {
+    fn new() -> Pod {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "nsmt-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let _ = run("ip", &["netns", "del", &name]);
+        let out = run("ip", &["netns", "add", &name]);
+        assert!(out.0, "ip netns add {name}: {}", out.1);
+        let out = run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        assert!(out.0, "{}", out.1);
+        Pod { name }
+    }
+
+    fn json(&self, args: &[&str]) -> Vec<Value> {
+        let mut full = vec!["-n", &self.name, "-j"];
+        full.extend_from_slice(args);
+        let (ok, out) = run("ip", &full);
+        assert!(ok, "ip {full:?}: {out}");
+        match serde_json::from_str::<Value>(&out) {
+            Ok(Value::Array(v)) => v,
+            _ if out.trim().is_empty() => Vec::new(),
+            other => panic!("ip {full:?}: {other:?}"),
+        }
+    }
+
+    /// The links other than `lo`: (name, ifindex), sorted.
+    fn mesh_links(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = self
+            .json(&["link", "show"])
+            .iter()
+            .filter(|l| l["ifname"] != "lo")
+            .map(|l| {
+                (
+                    l["ifname"].as_str().unwrap_or("?").to_string(),
+                    l["ifindex"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The ifindex of `dev`, if the pod has it.
+    fn index_of(&self, dev: &str) -> Option<u64> {
+        self.mesh_links()
+            .into_iter()
+            .find(|(n, _)| n == dev)
+            .map(|(_, i)| i)
+    }
+
+    /// Global IPv4 addresses of `dev`, e.g. `["172.16.81.1/32"]`.
+    fn addresses(&self, dev: &str) -> Vec<String> {
+        let mut v = Vec::new();
+        for l in self.json(&["-4", "addr", "show", "dev", dev]) {
+            for a in l["addr_info"].as_array().into_iter().flatten() {
+                v.push(format!(
+                    "{}/{}",
+                    a["local"].as_str().unwrap_or("?"),
+                    a["prefixlen"]
+                ));
+            }
+        }
+        v.sort();
+        v
+    }
+
+    /// One echo request with a one second wait, by the `ping` binary inside the pod.
+    fn ping(&self, addr: &str) -> bool {
+        run(
+            "ip",
+            &[
+                "netns", "exec", &self.name, "ping", "-c1", "-W1", "-q", addr,
+            ],
+        )
+        .0
+    }
+
+    /// Polls until a ping to `addr` succeeds; fails the test after [`HEAL_WITHIN`].
+    /// Prints and returns the time since `since`.
+    fn until_ping(&self, addr: &str, since: Instant, what: &str) -> Duration {
+        poll(
+            HEAL_WITHIN,
+            &format!("{what}: a working ping to {addr}"),
+            || self.ping(addr).then(|| since.elapsed()),
+        );
+        let took = since.elapsed();
+        eprintln!("heal time ({what}): {took:?}");
+        took
+    }
+
+    /// Polls until the pod has no link but `lo`.
+    fn until_empty(&self, what: &str) {
+        poll(
+            READY,
+            &format!("{what}: only lo left in {}", self.name),
+            || self.mesh_links().is_empty().then_some(()),
+        );
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let (_, pids) = run("ip", &["netns", "pids", &self.name]);
+        for pid in pids.split_whitespace() {
+            let _ = run("kill", &["-KILL", pid]);
+        }
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A fresh directory for one test's sockets and logs, removed when the test passes.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "nsm-kernel-{test}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+
+    fn unix(&self, name: &str) -> String {
+        format!("unix://{}", self.0.join(name).display())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("logs kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// One running program. Dropping it kills it (SIGKILL) and reaps it.
+struct Proc {
+    name: String,
+    child: Child,
+    stderr: PathBuf,
+    stdout: Option<mpsc::Receiver<String>>,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Polls the process's log until a line contains every one of `parts`.
+    fn wait_for_log(&mut self, parts: &[&str]) {
+        let until = Instant::now() + READY;
+        loop {
+            if self
+                .log()
+                .lines()
+                .any(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.status = Some(status);
+                panic!(
+                    "{} exited ({status}) before logging {parts:?}:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < until,
+                "{} did not log {parts:?} within {READY:?}:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The next connection the process prints on stdout, parsed.
+    fn next_connection(&mut self) -> Value {
+        let lines = self.stdout.as_ref().expect("stdout is captured");
+        let line = match lines.recv_timeout(READY) {
+            Ok(line) => line,
+            Err(e) => panic!(
+                "{} printed no line on stdout ({e}); its log:\n{}",
+                self.name,
+                self.log()
+            ),
+        };
+        serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{} printed no JSON ({e}): {line}", self.name))
+    }
+
+    /// Reads printed connections until one satisfies `pred`, for at most `within`.
+    fn connection_where(&mut self, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let lines = self.stdout.as_ref().expect("stdout is captured");
+        let until = Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    let conn: Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("{} printed no JSON ({e}): {line}", self.name));
+                    if pred(&conn) {
+                        return conn;
+                    }
+                    seen.push(line);
+                }
+                Err(e) => panic!(
+                    "{} printed no matching connection within {within:?} ({e}); printed {seen:#?}",
+                    self.name
+                ),
+            }
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then asserts a clean exit (status 0).
+    fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM {}: {status}", self.name);
+        let until = Instant::now() + EXIT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < until,
+                "{} still runs {EXIT:?} after SIGTERM:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.status = Some(status);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{} after SIGTERM: {status}:\n{}",
+            self.name,
+            self.log()
+        );
+    }
+
+    /// SIGKILL: the process dies at once, undoing nothing.
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        self.status = self.child.wait().ok();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("----- {} (stderr) -----\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// Lines of `out`, read by a thread of their own.
+fn read_lines(out: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Starts programs of one test: the host-side ones (registry, manager, forwarder) on
+/// unix sockets in the test's directory, endpoints and clients inside pods.
+struct Mesh {
+    dir: TempDir,
+    nsmgr_url: String,
+    forwarder_url: String,
+}
+
+impl Mesh {
+    fn new(test: &str) -> Mesh {
+        let dir = TempDir::new(test);
+        Mesh {
+            nsmgr_url: dir.unix("nsmgr.sock"),
+            forwarder_url: dir.unix("forwarder.sock"),
+            dir,
+        }
+    }
+
+    /// Starts `program` as `name` (inside `pod` when given) with `env`; its stderr goes
+    /// to `<name>.log`, its stdout (when `capture_stdout`) to the connection readers.
+    fn start(
+        &self,
+        program: &str,
+        name: &str,
+        pod: Option<&Pod>,
+        env: &[(&str, &str)],
+        capture_stdout: bool,
+    ) -> Proc {
+        let stderr = self.dir.0.join(format!("{name}.log"));
+        // `ip netns exec` execs the program (no fork): the child's pid is the program's.
+        let mut cmd = match pod {
+            Some(pod) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &pod.name]).arg(bin(program));
+                c
+            }
+            None => Command::new(bin(program)),
+        };
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("NSM_")) {
+            cmd.env_remove(k);
+        }
+        let level = std::env::var("NSM_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+        cmd.env("NSM_LOG_LEVEL", level)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stderr(File::create(&stderr).expect("log file"))
+            .stdout(if capture_stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        let stdout = child.stdout.take().map(read_lines);
+        Proc {
+            name: name.to_string(),
+            child,
+            stderr,
+            stdout,
+            status: None,
+        }
+    }
+
+    /// The registry and the manager, ready.
+    fn control_plane(&self) -> (Proc, Proc) {
+        let reg_url = self.dir.unix("registry.sock");
+        let mut registry = self.start(
+            "nsm-registry",
+            "registry",
+            None,
+            &[("NSM_LISTEN_ON", &reg_url)],
+            false,
+        );
+        registry.wait_for_log(&["serving", &reg_url]);
+        let mut nsmgr = self.start(
+            "nsmgr",
+            "nsmgr",
+            None,
+            &[
+                ("NSM_NAME", "nsmgr"),
+                ("NSM_LISTEN_ON", &self.nsmgr_url),
+                ("NSM_REGISTRY_URL", &reg_url),
+            ],
+            false,
+        );
+        nsmgr.wait_for_log(&["serving", &self.nsmgr_url]);
+        (registry, nsmgr)
+    }
+
+    /// A forwarder in the host namespace on the forwarder URL, registered; `log` names
+    /// its log file (a restarted forwarder gets a new one).
+    fn forwarder(&self, log: &str) -> Proc {
+        let mut p = self.start(
+            "nsm-forwarder",
+            log,
+            None,
+            &[
+                ("NSM_NAME", "forwarder"),
+                ("NSM_LISTEN_ON", &self.forwarder_url),
+                ("NSM_CONNECT_TO", &self.nsmgr_url),
+            ],
+            false,
+        );
+        p.wait_for_log(&["registered endpoint", "name=forwarder"]);
+        p
+    }
+
+    /// `nse-icmp-responder` named `name` inside `pod`, handing out `prefix`, registered.
+    fn nse(&self, name: &str, pod: &Pod, prefix: &str) -> Proc {
+        let listen_on = self.dir.unix(&format!("{name}.sock"));
+        let mut p = self.start(
+            "nse-icmp-responder",
+            name,
+            Some(pod),
+            &[
+                ("NSM_NAME", name),
+                ("NSM_LISTEN_ON", &listen_on),
+                ("NSM_CONNECT_TO", &self.nsmgr_url),
+                ("NSM_SERVICE_NAMES", "icmp-responder"),
+                ("NSM_CIDR_PREFIX", prefix),
+            ],
+            false,
+        );
+        p.wait_for_log(&["registered endpoint", &format!("name={name}")]);
+        p
+    }
+
+    /// `nsc` inside `pod`, requesting `url`, with `extra` settings.
+    fn nsc(&self, pod: &Pod, url: &str, extra: &[(&str, &str)]) -> Proc {
+        let mut env = vec![
+            ("NSM_NAME", "nsc"),
+            ("NSM_CONNECT_TO", self.nsmgr_url.as_str()),
+            ("NSM_NETWORK_SERVICES", url),
+            ("NSM_REQUEST_TIMEOUT", "10s"),
+        ];
+        env.extend_from_slice(extra);
+        self.start("nsc", "nsc", Some(pod), &env, true)
+    }
+}
+
+/// The names of the connection's path segments.
+fn path_names(conn: &Value) -> Vec<String> {
+    conn["path"]["pathSegments"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no path segments in {conn}"))
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// The first address of `field` (`srcIpAddrs`, `dstIpAddrs`) with its prefix length.
+fn address(conn: &Value, field: &str) -> String {
+    conn["context"]["ipContext"][field][0]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {field} in {conn}"))
+        .to_string()
+}
+
+/// An address without its prefix length.
+fn host(addr: &str) -> &str {
+    addr.split('/').next().unwrap_or(addr)
+}
+
+/// Asserts a KERNEL connection nsc printed: the path through the mesh to `nse`, the
+/// mechanism with interface `nsm-1` in the client's namespace, addresses from the
+/// endpoint's prefix (starting with `net`). Returns (client address, endpoint
+/// address), with prefix lengths.
+fn check_kernel_connection(conn: &Value, nsc: &Proc, nse: &str, net: &str) -> (String, String) {
+    assert_eq!(
+        path_names(conn),
+        ["nsc", "nsmgr", "forwarder", nse],
+        "{conn}"
+    );
+    let m = &conn["mechanism"];
+    assert_eq!(m["cls"], "LOCAL", "{conn}");
+    assert_eq!(m["type"], "KERNEL", "{conn}");
+    assert_eq!(m["parameters"]["name"], "nsm-1", "{conn}");
+    assert_eq!(
+        m["parameters"]["inodeURL"],
+        format!("file:///proc/{}/ns/net", nsc.pid()),
+        "the client's own namespace: {conn}"
+    );
+    let (src, dst) = (address(conn, "srcIpAddrs"), address(conn, "dstIpAddrs"));
+    assert!(src.starts_with(net) && dst.starts_with(net), "{conn}");
+    (src, dst)
+}
+
+/// One KERNEL connection between two pods, from the first request to the clean exit:
+/// the interface is in the client's pod with its address, the ping works, and after
+/// nsc's SIGTERM nothing is left in either pod.
+#[test]
+fn a_kernel_connection_between_two_pods_pings_and_leaves_nothing_behind() {
+    require_root!();
+    let (nsc_pod, nse_pod) = (Pod::new(), Pod::new());
+    let mesh = Mesh::new("connect");
+    let (mut registry, mut nsmgr) = mesh.control_plane();
+    let mut fwd = mesh.forwarder("forwarder");
+    let mut nse = mesh.nse("nse", &nse_pod, "172.16.81.0/24");
+
+    let started = Instant::now();
+    let mut nsc = mesh.nsc(&nsc_pod, SERVICE_URL, &[]);
+    let conn = nsc.next_connection();
+    eprintln!("connected in {:?}", started.elapsed());
+    let (src, dst) = check_kernel_connection(&conn, &nsc, "nse", "172.16.81.");
+
+    assert!(
+        nsc_pod.index_of("nsm-1").is_some(),
+        "{:?}",
+        nsc_pod.mesh_links()
+    );
+    assert_eq!(nsc_pod.addresses("nsm-1"), [src]);
+    let nse_links = nse_pod.mesh_links();
+    assert_eq!(nse_links.len(), 1, "{nse_links:?}");
+    assert_eq!(nse_pod.addresses(&nse_links[0].0), [dst.as_str()]);
+    assert!(nsc_pod.ping(host(&dst)), "ping {dst} from the client's pod");
+
+    nsc.terminate();
+    nsc_pod.until_empty("after nsc's SIGTERM");
+    nse_pod.until_empty("after nsc's SIGTERM");
+
+    nse.terminate();
+    fwd.terminate();
+    nsmgr.terminate();
+    registry.terminate();
+}
+
+/// Heal with processes: the forwarder is killed (SIGKILL) and started again on the
+/// same URL, and the ping comes back without the NSC doing anything; then the endpoint
+/// is killed and a second one with another prefix starts in another pod: the NSC
+/// reselects it, prints the new connection, and pings the new address. The pair of
+/// the dead endpoint is gone from its pod.
+#[test]
+fn the_nsc_heals_over_a_forwarder_restart_and_an_endpoint_death() {
+    require_root!();
+    let (nsc_pod, nse1_pod, nse2_pod) = (Pod::new(), Pod::new(), Pod::new());
+    let mesh = Mesh::new("heal");
+    let (_registry, _nsmgr) = mesh.control_plane();
+    let mut fwd = mesh.forwarder("forwarder");
+    let mut nse1 = mesh.nse("nse-1", &nse1_pod, "172.16.81.0/24");
+    let mut nsc = mesh.nsc(&nsc_pod, SERVICE_URL, &[]);
+    let conn = nsc.next_connection();
+    let (_, dst) = check_kernel_connection(&conn, &nsc, "nse-1", "172.16.81.");
+    assert!(nsc_pod.ping(host(&dst)));
+    let old_index = nsc_pod.index_of("nsm-1").expect("nsm-1");
+
+    // The forwarder dies; its veth pair stays in the pods. A new forwarder process
+    // replaces the pair when heal re-requests the connection through it.
+    let killed = Instant::now();
+    fwd.kill9();
+    let _fwd2 = mesh.forwarder("forwarder-2");
+    poll(HEAL_WITHIN, "a new nsm-1", || {
+        nsc_pod
+            .index_of("nsm-1")
+            .filter(|i| *i != old_index)
+            .map(|_| ())
+    });
+    nsc_pod.until_ping(host(&dst), killed, "forwarder killed and restarted");
+    assert_eq!(
+        nse1_pod.mesh_links().len(),
+        1,
+        "{:?}",
+        nse1_pod.mesh_links()
+    );
+
+    // The endpoint dies (still registered: nobody unregistered it); a second one
+    // starts in another pod with another prefix.
+    let killed = Instant::now();
+    nse1.kill9();
+    let _nse2 = mesh.nse("nse-2", &nse2_pod, "172.16.91.0/24");
+    let healed = nsc.connection_where(HEAL_WITHIN, |c| c["networkServiceEndpointName"] == "nse-2");
+    eprintln!("new connection printed after {:?}", killed.elapsed());
+    let (src2, dst2) = check_kernel_connection(&healed, &nsc, "nse-2", "172.16.91.");
+    nsc_pod.until_ping(host(&dst2), killed, "endpoint killed, reselected");
+    // Strict IPAM: the client's interface has the new pair only.
+    assert_eq!(nsc_pod.addresses("nsm-1"), [src2]);
+    nse1_pod.until_empty("the dead endpoint's pair is deleted");
+    assert_eq!(
+        nse2_pod.mesh_links().len(),
+        1,
+        "{:?}",
+        nse2_pod.mesh_links()
+    );
+
+    nsc.terminate();
+    nsc_pod.until_empty("after nsc's SIGTERM");
+    nse2_pod.until_empty("after nsc's SIGTERM");
+}
+
+/// `NSM_LIVENESS=ping`: the client's interface is deleted behind the mesh's back;
+/// nothing in the control plane notices, nsc's ping liveness check does, heal
+/// reselects, and the forwarder makes a new pair.
+#[test]
+fn the_ping_liveness_check_heals_a_deleted_interface() {
+    require_root!();
+    let (nsc_pod, nse_pod) = (Pod::new(), Pod::new());
+    let mesh = Mesh::new("liveness");
+    let (_registry, _nsmgr) = mesh.control_plane();
+    let _fwd = mesh.forwarder("forwarder");
+    let _nse = mesh.nse("nse", &nse_pod, "172.16.82.0/24");
+    let mut nsc = mesh.nsc(&nsc_pod, SERVICE_URL, &[("NSM_LIVENESS", "ping")]);
+    let conn = nsc.next_connection();
+    let (_, dst) = check_kernel_connection(&conn, &nsc, "nse", "172.16.82.");
+    let index = nsc_pod.index_of("nsm-1").expect("nsm-1");
+
+    let broke = Instant::now();
+    let out = run("ip", &["-n", &nsc_pod.name, "link", "del", "nsm-1"]);
+    assert!(out.0, "{}", out.1);
+    poll(HEAL_WITHIN, "a new nsm-1", || {
+        nsc_pod
+            .index_of("nsm-1")
+            .filter(|i| *i != index)
+            .map(|_| ())
+    });
+    nsc_pod.until_ping(host(&dst), broke, "deleted interface, ping liveness");
+    assert_eq!(nse_pod.mesh_links().len(), 1, "{:?}", nse_pod.mesh_links());
+
+    nsc.terminate();
+    nsc_pod.until_empty("after nsc's SIGTERM");
+    nse_pod.until_empty("after nsc's SIGTERM");
+}
+
+/// A `kernel://` URL for a service whose endpoint serves NOOP only (`hello-endpoint`):
+/// the KERNEL attempt fails at the forwarder, which falls back to the NOOP the client
+/// offered second. The connection works (NOOP) and no interface is made anywhere.
+#[test]
+fn a_kernel_request_to_a_noop_only_endpoint_falls_back_to_noop() {
+    require_root!();
+    let (nsc_pod, nse_pod) = (Pod::new(), Pod::new());
+    let mesh = Mesh::new("fallback");
+    let (_registry, _nsmgr) = mesh.control_plane();
+    let _fwd = mesh.forwarder("forwarder");
+    let listen_on = mesh.dir.unix("hello.sock");
+    let mut hello = mesh.start(
+        "hello-endpoint",
+        "hello",
+        Some(&nse_pod),
+        &[
+            ("NSM_NAME", "hello"),
+            ("NSM_LISTEN_ON", &listen_on),
+            ("NSM_CONNECT_TO", &mesh.nsmgr_url),
+        ],
+        false,
+    );
+    hello.wait_for_log(&["registered endpoint", "name=hello"]);
+    let mut nsc = mesh.nsc(&nsc_pod, "kernel://hello/nsm-1", &[]);
+    let conn = nsc.next_connection();
+    assert_eq!(
+        path_names(&conn),
+        ["nsc", "nsmgr", "forwarder", "hello"],
+        "{conn}"
+    );
+    assert_eq!(conn["mechanism"]["type"], "NOOP", "{conn}");
+    assert!(
+        nsc_pod.mesh_links().is_empty(),
+        "{:?}",
+        nsc_pod.mesh_links()
+    );
+    assert!(
+        nse_pod.mesh_links().is_empty(),
+        "{:?}",
+        nse_pod.mesh_links()
+    );
+    nsc.terminate();
+}
