@@ -2,11 +2,12 @@
 //! connection (the server-side mechanism), picks the endpoint, and connects to it (a
 //! local NSE, or the manager of the NSE's node).
 //!
-//! NetworkService chain: `update_path(name)`, `begin`, `monitor`, `mechanisms`
-//! (server side, pluggable; NOOP by default), `discover`, `netsvc_monitor` (the hop
-//! that selects the endpoint keeps it allowed by the network service), `round_robin`,
-//! `connect` (a client chain of `begin`, `monitor_relay`, `mechanism_translation`,
-//! client-side mechanisms, `update_token`, the gRPC client).
+//! NetworkService chain: `update_path(name)`, `begin`, `monitor`, extra handlers
+//! ([`ForwarderOptions::handler`]; none by default), `mechanisms` (server side,
+//! pluggable; NOOP by default), `discover`, `netsvc_monitor` (the hop that selects the
+//! endpoint keeps it allowed by the network service), `round_robin`, `connect` (a
+//! client chain of `begin`, `monitor_relay`, `mechanism_translation`, client-side
+//! mechanisms, `update_token`, the gRPC client).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub struct ForwarderOptions {
     server_mechanisms: Mechanisms,
     client_mechanisms: Vec<Arc<dyn Handler>>,
     labels: HashMap<String, String>,
+    handlers: Vec<Arc<dyn Handler>>,
 }
 
 impl std::fmt::Debug for ForwarderOptions {
@@ -45,6 +47,7 @@ impl std::fmt::Debug for ForwarderOptions {
             .field("name", &self.name)
             .field("nsmgr_url", &self.nsmgr_url)
             .field("labels", &self.labels)
+            .field("handlers", &self.handlers.len())
             .finish()
     }
 }
@@ -62,6 +65,7 @@ impl ForwarderOptions {
             server_mechanisms: mechanisms().with(types::NOOP, noop_server()),
             client_mechanisms: vec![Arc::new(noop_client())],
             labels: HashMap::from([("p2p".to_string(), "true".to_string())]),
+            handlers: Vec::new(),
         }
     }
 
@@ -99,6 +103,14 @@ impl ForwarderOptions {
     /// The labels it registers with (managers select forwarders by them).
     pub fn labels(mut self, labels: HashMap<String, String>) -> Self {
         self.labels = labels;
+        self
+    }
+
+    /// Appends a server-side handler right after `monitor` (before the mechanisms):
+    /// it sees every Request and Close this forwarder's `begin` lets through (a test
+    /// counter, say).
+    pub fn handler(mut self, handler: impl Handler) -> Self {
+        self.handlers.push(Arc::new(handler));
         self
     }
 }
@@ -179,6 +191,7 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         .push(update_token(opts.tokens.clone()))
         .push(timeout())
         .push(monitor.clone())
+        .extend(opts.handlers)
         .push(opts.server_mechanisms)
         .push(discover(registries.clone()))
         .push(netsvc_monitor(registries.clone()))

@@ -52,6 +52,12 @@ use crate::{Error, Result};
 /// Default time an operation may take when the caller gave no deadline.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Put in [`Cx::ext`] by `begin` for the rest of an operation that an event started
+/// (guarantee 3), and taken out for every other operation; a handler that queued an
+/// event can tell it from a caller's request with the same content (`heal` does).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FromEvent;
+
 /// See the [module docs](self).
 #[derive(Clone)]
 pub struct Begin {
@@ -210,6 +216,11 @@ impl Inner {
         }
         cx.set_deadline(Some(tokio::time::Instant::now() + timeout));
         cx.set_conn(Some(slot.handle.clone()));
+        if from_event {
+            cx.ext_mut().insert(FromEvent);
+        } else {
+            cx.ext_mut().remove::<FromEvent>();
+        }
 
         let conn = req.connection.get_or_insert_with(Default::default);
         if let Some(stored) = guard.conn.as_ref() {

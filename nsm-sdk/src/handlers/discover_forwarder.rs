@@ -22,8 +22,11 @@
 //! State: a rotating cursor; per connection, the forwarder last used and its URL.
 //!
 //! Failure handled: a forwarder that fails with a retryable error is replaced by the
-//! next one (a non-retryable error is returned at once); no usable forwarder is
-//! NotFound; a registry failure on a refresh of a connection whose forwarder is known
+//! next one (a non-retryable error is returned at once), except on a refresh of a
+//! connection established through this NSMgr: its forwarder is replaced only when it
+//! cannot be reached, and an error it answers with is returned as is (the failure is
+//! further down; moving would only tear down a working data plane); no usable forwarder
+//! is NotFound; a registry failure on a refresh of a connection whose forwarder is known
 //! keeps that forwarder (only a first request needs the registry).
 
 use std::fmt;
@@ -202,6 +205,7 @@ impl Handler for DiscoverForwarder {
             (Some((name, _)), _) => Some(name.clone()),
             (None, false) => next_hop_name(conn).map(str::to_string),
         };
+        let kept = known.as_ref().map(|(name, _)| name.clone());
         let targets = self.targets(cx, conn, sticky.as_deref(), known).await?;
         debug!(
             %service,
@@ -209,9 +213,27 @@ impl Handler for DiscoverForwarder {
             forwarders = ?targets.iter().map(|t| t.0.as_str()).collect::<Vec<_>>(),
             "selecting a forwarder"
         );
-        let (out, i) = failover(cx, &req, &next, &targets, "forwarder", |_, _| {})
-            .await
-            .map_err(|e| prefix_error(e, &format!("network service {service}: ")))?;
+        let result = match kept {
+            // Established here: the forwarder stays while it answers. An error it
+            // answers with comes from further down (the next forwarder would meet the
+            // same) and moving would rebuild a working data plane elsewhere; only a
+            // forwarder that cannot be reached (a local Unavailable from the transport,
+            // not a status it sent) is replaced.
+            Some(name) if targets.first().is_some_and(|t| t.0 == name) => {
+                match failover(cx, &req, &next, &targets[..1], "forwarder", |_, _| {}).await {
+                    Err(Error::Unavailable(m)) if targets.len() > 1 => {
+                        warn!(forwarder = %name, error = %m, "the connection's forwarder cannot be reached; trying the others");
+                        failover(cx, &req, &next, &targets[1..], "forwarder", |_, _| {})
+                            .await
+                            .map(|(conn, i)| (conn, i + 1))
+                    }
+                    other => other,
+                }
+            }
+            _ => failover(cx, &req, &next, &targets, "forwarder", |_, _| {}).await,
+        };
+        let (out, i) =
+            result.map_err(|e| prefix_error(e, &format!("network service {service}: ")))?;
         let (name, url) = &targets[i];
         if let Some(h) = cx.conn() {
             h.state::<ChosenForwarder>().set(name, url.clone());
@@ -422,6 +444,45 @@ mod tests {
         let second = forwarder_of(&conn2).to_string();
         mesh.request(conn2).await.unwrap();
         assert_eq!(mesh.down.take(), [format!("request {} ", url(&second))]);
+    }
+
+    #[tokio::test]
+    async fn an_established_connection_keeps_a_forwarder_that_answers_with_an_error() {
+        let mesh = Mesh::new(&["fwd-a", "fwd-b", "fwd-c"]);
+        let conn = mesh.first("x").await.unwrap();
+        let first = forwarder_of(&conn).to_string();
+        // The forwarder answers (a status from it), its downstream failed.
+        mesh.down.fail(
+            &url(&first),
+            Error::Remote {
+                code: tonic::Code::NotFound,
+                message: "endpoint nse is gone".into(),
+            },
+        );
+        mesh.down.take();
+        let err = mesh.request(conn.clone()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        assert_eq!(
+            mesh.down.take(),
+            [format!("request {} ", url(&first))],
+            "no other forwarder was tried"
+        );
+        mesh.down.heal(&url(&first));
+        let again = mesh.request(conn).await.unwrap();
+        assert_eq!(forwarder_of(&again), first, "the forwarder was kept");
+    }
+
+    #[tokio::test]
+    async fn a_first_request_fails_over_whatever_the_forwarder_answers() {
+        let mesh = Mesh::new(&["fwd-a", "fwd-b"]);
+        let remote = |m: &str| Error::Remote {
+            code: tonic::Code::Unavailable,
+            message: m.into(),
+        };
+        mesh.down.fail(&url("fwd-a"), remote("its endpoint failed"));
+        mesh.down.fail(&url("fwd-b"), remote("its endpoint failed"));
+        assert!(mesh.first("x").await.is_err());
+        assert_eq!(mesh.down.take().len(), 2, "both forwarders were tried");
     }
 
     #[tokio::test]

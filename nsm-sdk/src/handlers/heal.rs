@@ -14,7 +14,11 @@
 //! non-retryable error (Cancelled, carrying the cause), and heal's own backoff decides
 //! when to try again. Otherwise each failed attempt would be retried for `retry`'s
 //! whole budget (15 s) while holding the connection's turn, delaying the reselect and
-//! any Close behind it. The caller's own Requests are never changed.
+//! any Close behind it. The caller's own Requests are never changed: heal knows its
+//! attempt by the request it queued and by `begin`'s mark on operations that events
+//! started, so a caller's refresh with the same content is not taken for it. (`refresh`
+//! does not retry a request that failed as Cancelled either: heal's backoff is the only
+//! one.)
 //!
 //! What it does, per connection, after each successful Request:
 //! - **watch**: it follows the next hop's MonitorConnection stream for this connection
@@ -26,8 +30,11 @@
 //!   works.
 //! - **heal**: on DOWN, or when the stream breaks or ends, it first re-requests the
 //!   connection as it is (same path, same endpoint): that is all a restarted manager or
-//!   forwarder needs. If that fails, or when the liveness check said the data plane is
-//!   dead, it **reselects**: the reselect function
+//!   forwarder needs. With a liveness check, a failed re-request is tried again after a
+//!   backoff for as long as the check says the data plane works (only the control plane
+//!   is broken: moving the connection would break a working data plane). If the
+//!   re-request fails (and no liveness check vouches for the data plane), or when the
+//!   liveness check said the data plane is dead, it **reselects**: the reselect function
 //!   ([`default_reselect`]: clear the endpoint name and the mechanism) prepares the
 //!   last good request, heal marks it RESELECT_REQUESTED, and `begin` closes the old
 //!   path before sending it (guarantee 6), so every hop selects afresh. Failed reselects
@@ -63,6 +70,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::begin::FromEvent;
 use super::monitor_relay::{NextHop, DEFAULT_SUBSCRIBE_TIMEOUT};
 use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next};
 use crate::transport::Channels;
@@ -520,6 +528,15 @@ impl Task {
                     warn!(connection.id = %self.id(), error = %e, reselect, "heal: attempt failed");
                     if reselect {
                         self.pause().await;
+                    } else if self.opts.liveness.is_some() {
+                        // While the data plane works only the control plane is broken:
+                        // re-request the same path again, and reselect only once the
+                        // check says the data plane is dead too.
+                        self.pause().await;
+                        if self.alive().await {
+                            continue;
+                        }
+                        warn!(connection.id = %self.id(), "heal: the liveness check failed");
                     }
                     reselect = true;
                 }
@@ -540,14 +557,11 @@ impl Handler for Heal {
             return next.request(cx, req).await;
         };
         let state = handle.state::<HealState>();
-        let own = {
-            let mut inner = state.lock();
-            let own = inner.own.as_ref() == Some(&req);
-            if own {
-                inner.own = None;
-            }
-            own
-        };
+        // Only an event can be heal's attempt: a caller's request with the same content
+        // (a refresh of an unchanged connection) is the caller's. `own` stays set until
+        // heal's task has the outcome, so whichever identical event runs first, heal's
+        // own comes back to it past retry.
+        let own = cx.ext().get::<FromEvent>().is_some() && state.lock().own.as_ref() == Some(&req);
         match next.request(cx, req.clone()).await {
             Ok(conn) => {
                 self.established(cx, &handle, &state, req, &conn);
@@ -577,7 +591,8 @@ impl Handler for Heal {
             Some(state) => {
                 let mut inner = state.lock();
                 // begin closes the old path of heal's own reselect: heal goes on.
-                let own = inner.own.as_ref().is_some_and(is_reselect);
+                let own = cx.ext().get::<FromEvent>().is_some()
+                    && inner.own.as_ref().is_some_and(is_reselect);
                 if !own {
                     inner.stop();
                 }
@@ -621,6 +636,9 @@ mod tests {
         requests: Mutex<Vec<Connection>>,
         closes: AtomicUsize,
         fail: AtomicBool,
+        /// Every request that arrived, and those in RESELECT_REQUESTED, failed or not.
+        attempts: AtomicUsize,
+        reselects: AtomicUsize,
     }
 
     #[async_trait]
@@ -631,6 +649,10 @@ mod tests {
             req: NetworkServiceRequest,
             next: Next,
         ) -> Result<Connection> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            if is_reselect(&req) {
+                self.reselects.fetch_add(1, Ordering::SeqCst);
+            }
             if self.fail.load(Ordering::SeqCst) {
                 return Err(Error::unavailable("injected"));
             }
@@ -807,6 +829,80 @@ mod tests {
         let again = nse.requests.lock().unwrap()[1].clone();
         assert_eq!(again.state, State::ReselectRequested as i32);
         assert!(again.network_service_endpoint_name.is_empty());
+        chain.close(&mut Cx::client(), conn).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_callers_refresh_equal_to_heals_queued_attempt_stays_the_callers() {
+        let u = url();
+        let nse = Arc::new(Nse::default());
+        let (_server, monitor) = serve_nse(&u, &nse).await;
+        let chain = nsc(&u, HealOptions::new(Channels::new()));
+        let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
+        eventually("heal subscribed", || monitor.subscriber_count() == 1).await;
+        nse.fail.store(true, Ordering::SeqCst);
+        // The caller's refresh fails at the endpoint, which reports the connection DOWN;
+        // heal queues its re-request (the same request) behind the caller's, whose
+        // retry tries again meanwhile.
+        let started = tokio::time::Instant::now();
+        let err = chain
+            .request(
+                &mut Cx::client().with_timeout(Duration::from_millis(700)),
+                NetworkServiceRequest {
+                    connection: Some(conn.clone()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_ne!(
+            err.code(),
+            tonic::Code::Cancelled,
+            "the caller's retry was cut short as if it were heal's attempt: {err}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(500), "{err}");
+        assert!(nse.attempts.load(Ordering::SeqCst) >= 3);
+        nse.fail.store(false, Ordering::SeqCst);
+        chain.close(&mut Cx::client(), conn).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn with_a_live_data_plane_a_failed_re_request_is_tried_again_not_reselected() {
+        let u = url();
+        let nse = Arc::new(Nse::default());
+        let (_server, monitor) = serve_nse(&u, &nse).await;
+        let dead = Arc::new(AtomicBool::new(false));
+        let check = dead.clone();
+        let chain = nsc(
+            &u,
+            HealOptions::new(Channels::new())
+                .liveness(Arc::new(move |_: &Connection| {
+                    let dead = check.load(Ordering::SeqCst);
+                    Box::pin(async move { !dead })
+                }))
+                .liveness_interval(Duration::from_secs(60)),
+        );
+        let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
+        eventually("heal subscribed", || monitor.subscriber_count() == 1).await;
+        nse.fail.store(true, Ordering::SeqCst);
+        let nse_id = conn.path.as_ref().unwrap().path_segments[1].id.clone();
+        let mut down = monitor.get(&nse_id).unwrap();
+        down.state = State::Down as i32;
+        monitor.publish(ConnectionEventType::Update, down);
+        eventually("heal re-requested three times", || {
+            nse.attempts.load(Ordering::SeqCst) >= 4
+        })
+        .await;
+        assert_eq!(nse.reselects.load(Ordering::SeqCst), 0, "no reselect");
+        assert_eq!(nse.closes.load(Ordering::SeqCst), 0, "the path stays");
+
+        // The data plane dies too: now heal reselects (closing the old path first).
+        dead.store(true, Ordering::SeqCst);
+        eventually("reselected", || nse.reselects.load(Ordering::SeqCst) >= 1).await;
+        assert_eq!(nse.closes.load(Ordering::SeqCst), 1);
+        dead.store(false, Ordering::SeqCst);
+        nse.fail.store(false, Ordering::SeqCst);
+        eventually("healed", || nse.requests() == 2).await;
         chain.close(&mut Cx::client(), conn).await.unwrap();
     }
 

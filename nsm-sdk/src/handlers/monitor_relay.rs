@@ -269,9 +269,14 @@ struct Relay {
 
 /// This hop's connection `base` with what the downstream says of it: the downstream's
 /// path, context and state (the mechanism and labels this hop gave its caller stay).
+/// A copy without a path is the filter's bare DOWN (the next hop does not know the
+/// connection, and the relay had no copy of it yet): only its state counts, or the
+/// relayed connection would lose its path and no upstream subscriber would match it.
 fn merged(mut base: Connection, downstream: &Connection) -> Connection {
-    base.path = downstream.path.clone();
-    base.context = downstream.context.clone();
+    if downstream.path.is_some() {
+        base.path = downstream.path.clone();
+        base.context = downstream.context.clone();
+    }
     base.state = downstream.state;
     base
 }
@@ -550,6 +555,59 @@ mod tests {
             3,
             "the DOWN copy keeps the whole path"
         );
+    }
+
+    #[tokio::test]
+    async fn a_next_hop_that_does_not_know_the_connection_turns_it_down_with_its_path() {
+        // A next hop whose monitor never hears of the connection: what the relay meets
+        // when the next hop restarted after the Request and before the subscription.
+        let nse_url = url("nse");
+        let forgetful = monitor();
+        let chain = Chain::builder()
+            .push(update_path("nse").trim_tail(true))
+            .push(begin())
+            .build();
+        let source: Arc<dyn MonitorSource> = forgetful.source();
+        let _server = serve(
+            &nse_url,
+            Services::new().network_service(chain).monitor(source),
+        )
+        .await
+        .unwrap();
+        let (chain, monitor) = hop(&nse_url, &Channels::new());
+        chain.request(&mut Cx::server(), request()).await.unwrap();
+        let mut events = upstream_view(&monitor);
+        let mut seen = next_state(&mut events).await;
+        if seen.state == State::Up as i32 {
+            seen = next_state(&mut events).await;
+        }
+        assert_eq!(seen.state, State::Down as i32);
+        assert_eq!(
+            seen.path.map(|p| p.path_segments.len()),
+            Some(3),
+            "the DOWN copy keeps the path, so the upstream client recognises it"
+        );
+    }
+
+    #[test]
+    fn a_copy_without_a_path_changes_only_the_state() {
+        let base = Connection {
+            id: "hop-id".into(),
+            path: Some(nsm_proto::connection::Path {
+                index: 1,
+                path_segments: vec![PathSegment::default(); 3],
+            }),
+            context: Some(Default::default()),
+            ..Default::default()
+        };
+        let bare = Connection {
+            id: "hop-id".into(),
+            state: State::Down as i32,
+            ..Default::default()
+        };
+        let out = merged(base.clone(), &bare);
+        assert_eq!(out.state, State::Down as i32);
+        assert_eq!((out.path, out.context), (base.path, base.context));
     }
 
     #[tokio::test]

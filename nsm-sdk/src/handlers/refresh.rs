@@ -22,7 +22,8 @@
 //! case. [`Refresh::pending`] counts the timers alive.
 //!
 //! Failure handled: a failed refresh (the Request fails, or is cut off by `begin`'s
-//! deadline) is retried with exponential backoff (200 ms, doubling, capped at 5 s, each
+//! deadline; not one that failed as Cancelled, which is how `heal` fails its own
+//! attempts) is retried with exponential backoff (200 ms, doubling, capped at 5 s, each
 //! wait jittered by ±20 %) until the path's earliest expiry; after that it gives up
 //! (the servers close their side; `heal` is the tool to get a new connection). A failed
 //! first Request schedules nothing. The wait before a refresh is never shorter than
@@ -230,9 +231,12 @@ impl Refresh {
                     // The refresh went through this handler, which armed the next timer.
                     return;
                 }
-                if let Err(e) = outcome {
+                match outcome {
+                    // Cancelled: not retried (see `request`).
+                    Err(e) if e.code() == tonic::Code::Cancelled => {}
                     // It never reached this handler, or was cut off on the way back.
-                    me.failed(&h, &e);
+                    Err(e) => me.failed(&h, &e),
+                    Ok(_) => {}
                 }
             }
             .instrument(span),
@@ -303,6 +307,13 @@ impl Handler for Refresh {
         let out = next.request(cx, req).await;
         match (&out, handle) {
             (Ok(conn), Some(h)) => self.succeeded(&h, conn),
+            // Cancelled: the request's owner gave up on it, or it was heal's attempt
+            // (heal fails its attempts that way and retries on its own backoff): a
+            // refresh retry would only race with heal. The timer set by the last
+            // success stays.
+            (Err(e), Some(_)) if e.code() == tonic::Code::Cancelled => {
+                debug!(error = %e, "cancelled request: no refresh retry")
+            }
             (Err(e), Some(h)) => self.failed(&h, e),
             (_, None) => debug!("refresh without a connection handle (no begin before it)"),
         }
@@ -338,6 +349,7 @@ mod tests {
         lifetimes: Mutex<Vec<Duration>>,
         calls: Mutex<HashMap<String, Vec<Instant>>>,
         fail_next: AtomicUsize,
+        cancel_next: AtomicUsize,
         fail_always: AtomicBool,
         slow_next: Mutex<Option<Duration>>,
         closes: AtomicUsize,
@@ -386,6 +398,13 @@ mod tests {
                 .is_ok();
             if fail_once || self.fail_always.load(Ordering::SeqCst) {
                 return Err(Error::unavailable("injected failure"));
+            }
+            let cancel_once = self
+                .cancel_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if cancel_once {
+                return Err(Error::Cancelled("injected: given up by its owner".into()));
             }
             let path = conn.path.get_or_insert_with(Default::default);
             let lifetimes = self.lifetimes.lock().unwrap().clone();
@@ -578,6 +597,34 @@ mod tests {
         assert!(
             (9.9..=10.0).contains(&gaps[5]),
             "back to the normal cadence"
+        );
+        assert_eq!(r.pending(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_fails_as_cancelled_is_not_retried() {
+        let (chain, r, far) = setup(&[30]);
+        let t0 = Instant::now();
+        let conn = chain.request(&mut Cx::client(), req("a")).await.unwrap();
+        sleep(Duration::from_secs(1)).await;
+        // As heal's failed attempts come back (heal retries on its own backoff).
+        far.cancel_next.store(1, Ordering::SeqCst);
+        let again = NetworkServiceRequest {
+            connection: Some(conn),
+            ..Default::default()
+        };
+        let err = chain.request(&mut Cx::client(), again).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Cancelled);
+        sleep(Duration::from_secs(12)).await;
+        let at: Vec<f64> = far
+            .calls("a")
+            .iter()
+            .map(|c| (*c - t0).as_secs_f64())
+            .collect();
+        assert_eq!(at.len(), 3, "{at:?}");
+        assert!(
+            (9.9..=10.0).contains(&at[2]),
+            "the timer of the last success stays: {at:?}"
         );
         assert_eq!(r.pending(), 1);
     }

@@ -141,6 +141,13 @@ struct Shared {
 }
 
 impl Shared {
+    /// Drops the shared pool's channel to a component the sandbox killed, as its peers'
+    /// processes would drop their connection to it: a call sent on the old connection
+    /// just as the component comes back would otherwise fail, at random.
+    fn forget(&self, url: &Url) {
+        self.channels.forget(url);
+    }
+
     fn url(&self, name: &str) -> Url {
         match &self.dir {
             None => Url::Memory(format!("{}-{name}", self.prefix)),
@@ -248,6 +255,7 @@ impl Sandbox {
     /// Kills the registry (its store is lost).
     pub fn kill_registry(&self) {
         self.registry.kill();
+        self.shared.forget(&self.registry_url);
     }
 }
 
@@ -287,6 +295,8 @@ struct ForwarderEntry {
     component: Component,
     url: Url,
     labels: HashMap<String, String>,
+    /// Counts what passes its `begin`; kept across restarts.
+    counter: Counter,
     /// The registration chain (it refreshes the registration while it lives).
     front: Option<Registries>,
 }
@@ -545,11 +555,12 @@ impl Node {
     /// Kills the manager (its state is lost).
     pub fn kill_nsmgr(&self) {
         self.nsmgr.kill();
+        self.shared.forget(&self.nsmgr_url);
     }
 
     /// Starts a forwarder called `name` with `labels` (default `p2p=true` when empty),
     /// serves it and registers it with the manager. A forwarder of the same name is
-    /// replaced (a restart).
+    /// replaced (a restart: the old one is killed first, its counter goes on counting).
     pub async fn add_forwarder(&self, name: &str, labels: HashMap<String, String>) -> Result<Url> {
         let url = self.shared.url(name);
         let labels = if labels.is_empty() {
@@ -557,13 +568,27 @@ impl Node {
         } else {
             labels
         };
+        // The old one must be gone before its URL can be served again.
+        let counter = {
+            let fwds = self.forwarders.lock().unwrap_or_else(|p| p.into_inner());
+            match fwds.get(name) {
+                Some(old) => {
+                    if old.component.kill() {
+                        self.shared.forget(&url);
+                    }
+                    old.counter.clone()
+                }
+                None => counter(),
+            }
+        };
         let token = self.shared.root.child_token();
         let fwd = forwarder(
             ForwarderOptions::new(name, self.nsmgr_url.clone())
                 .channels(self.shared.channels.clone())
                 .root(token.clone())
                 .tokens(self.shared.tokens.clone())
-                .labels(labels.clone()),
+                .labels(labels.clone())
+                .handler(counter.clone()),
         );
         let server = serve(&url, fwd.services()).await?;
         let component = Component::new();
@@ -578,6 +603,7 @@ impl Node {
                     component,
                     url: url.clone(),
                     labels: labels.clone(),
+                    counter,
                     front: None,
                 },
             );
@@ -600,10 +626,21 @@ impl Node {
         Ok(url)
     }
 
+    /// What passed the `begin` of the forwarder `name` (after `monitor`), counted
+    /// across its restarts; `None` when there is no such forwarder.
+    pub fn forwarder_counter(&self, name: &str) -> Option<Counter> {
+        let fwds = self.forwarders.lock().unwrap_or_else(|p| p.into_inner());
+        fwds.get(name).map(|f| f.counter.clone())
+    }
+
     /// Kills the forwarder `name` (it stays registered).
     pub fn kill_forwarder(&self, name: &str) -> bool {
         let fwds = self.forwarders.lock().unwrap_or_else(|p| p.into_inner());
-        fwds.get(name).is_some_and(|f| f.component.kill())
+        let killed = fwds.get(name).is_some_and(|f| f.component.kill());
+        if killed {
+            self.shared.forget(&self.shared.url(name));
+        }
+        killed
     }
 
     /// Starts the forwarder `name` again (fresh state, same URL and labels).
