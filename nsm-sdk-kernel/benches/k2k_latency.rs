@@ -36,7 +36,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -53,7 +53,7 @@ use nsm_sdk::tools::{params, types};
 use nsm_sdk_kernel::liveness::allow_ping;
 use nsm_sdk_kernel::{
     down, kernel_side_up, plan_from_context, veth_alias, veth_up, IfName, Link, Mtu, Neighbour,
-    NetNs, Netlink, PodSide, Route, RtNetlink, VethEnd,
+    NetNs, Netlink, PodSide, Route, RtNetlink, Rule, VethEnd,
 };
 use tokio::runtime::Runtime;
 
@@ -449,6 +449,18 @@ impl Netlink for Timed {
     }
     async fn neighbours(&self, name: &IfName) -> nsm_sdk_kernel::Result<Vec<Neighbour>> {
         self.time("neighbours", self.inner.neighbours(name)).await
+    }
+    async fn add_rule(&self, rule: &Rule) -> nsm_sdk_kernel::Result<()> {
+        self.time("add_rule", self.inner.add_rule(rule)).await
+    }
+    async fn del_rule(&self, rule: &Rule) -> nsm_sdk_kernel::Result<()> {
+        self.time("del_rule", self.inner.del_rule(rule)).await
+    }
+    async fn rules(&self) -> nsm_sdk_kernel::Result<Vec<Rule>> {
+        self.time("rules", self.inner.rules()).await
+    }
+    async fn tables_in_use(&self) -> nsm_sdk_kernel::Result<BTreeSet<u32>> {
+        self.time("tables_in_use", self.inner.tables_in_use()).await
     }
 }
 

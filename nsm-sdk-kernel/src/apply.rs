@@ -9,7 +9,14 @@
 //! already did, in reverse order, and returns the original error, so a failed apply
 //! leaves the interface as it found it (up to its up state and a first MTU, which have
 //! no known previous value).
+//!
+//! State: one process-wide lock, held by [`update()`] only while it chooses routing
+//! tables for new policy routes and installs them, so that two connections in the same
+//! namespace never take the same free table (the kernel's rules and routes are the
+//! record of which tables are taken; Go keeps a per-namespace map for the same
+//! reason).
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -19,7 +26,7 @@ use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
-use crate::plan::{IfName, Mtu, Neighbour, Op, Plan, Route};
+use crate::plan::{IfName, Mtu, Neighbour, Op, Plan, Route, Rule};
 
 /// A link as listed by [`Netlink::links`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,15 +99,34 @@ pub trait Netlink: Send + Sync + fmt::Debug {
     /// The global-scope addresses of the link (no `fe80::`).
     async fn addresses(&self, name: &IfName) -> Result<Vec<IpNet>>;
 
-    /// Adds (replaces) a route through the link, in the main table.
+    /// Adds (replaces) a route through the link, in the route's table
+    /// ([`Route::table`], the main table unless set).
     async fn add_route(&self, name: &IfName, route: &Route) -> Result<()>;
 
-    /// Removes the route to `route`'s destination through the link.
+    /// Removes the route to `route`'s destination through the link, in the route's
+    /// table.
     async fn del_route(&self, name: &IfName, route: &Route) -> Result<()>;
 
-    /// The main-table routes through the link, without the kernel's own (`proto
-    /// kernel`) routes.
+    /// The routes through the link in every table but `local`, each with its table,
+    /// without the kernel's own (`proto kernel`) routes.
     async fn routes(&self, name: &IfName) -> Result<Vec<Route>>;
+
+    /// Adds a policy rule with the action "to table"
+    /// (`ip rule add ... lookup <table>`). An identical rule already there is left as
+    /// is (the kernel itself would add a duplicate).
+    async fn add_rule(&self, rule: &Rule) -> Result<()>;
+
+    /// Removes the policy rules identical to `rule`; none is not an error.
+    async fn del_rule(&self, rule: &Rule) -> Result<()>;
+
+    /// The policy rules of the namespace (IPv4 and IPv6) that a [`Rule`] can express:
+    /// action "to table", matching on nothing but source prefix, IP protocol and
+    /// ports. Other rules are left out.
+    async fn rules(&self) -> Result<Vec<Rule>>;
+
+    /// Every routing table id of the namespace that holds a route (through any link)
+    /// or that any rule looks up.
+    async fn tables_in_use(&self) -> Result<BTreeSet<u32>>;
 
     /// Adds (replaces) a permanent neighbour entry.
     async fn add_neighbour(&self, name: &IfName, n: &Neighbour) -> Result<()>;
@@ -123,6 +149,8 @@ pub async fn run_op(ifname: &IfName, op: &Op, nl: &dyn Netlink) -> Result<()> {
         Op::DelRoute(r) => nl.del_route(ifname, r).await,
         Op::AddNeighbour(n) => nl.add_neighbour(ifname, n).await,
         Op::DelNeighbour(n) => nl.del_neighbour(ifname, n.ip).await,
+        Op::AddRule(r) => nl.add_rule(r).await,
+        Op::DelRule(r) => nl.del_rule(r).await,
     }
 }
 
@@ -144,22 +172,49 @@ pub async fn apply(ifname: &IfName, ops: &[Op], nl: &dyn Netlink) -> Result<()> 
     Ok(())
 }
 
-/// Brings the kernel state of `new.ifname()` from `old` to `new`
-/// ([`Plan::changes`] then [`apply()`]): a refresh with an unchanged plan does nothing.
-pub async fn update(old: Option<&Plan>, new: &Plan, nl: &dyn Netlink) -> Result<()> {
+/// Held while tables are chosen for new policies and the plan using them is applied.
+static TABLES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Brings the kernel state of `new.ifname()` from `old` (the plan an earlier
+/// `update` returned) to `new`, and returns `new` with the routing tables of its
+/// policies chosen ([`Plan::assign_tables`]): keep that plan for the next refresh and
+/// for [`undo()`]. A refresh with an unchanged plan does nothing.
+///
+/// When a policy needs a new table, the namespace's rules and tables are read and the
+/// whole apply runs under a process-wide lock, so that parallel connections in one
+/// namespace get different tables.
+pub async fn update(old: Option<&Plan>, new: &Plan, nl: &dyn Netlink) -> Result<Plan> {
     new.check()?;
-    apply(new.ifname(), &Plan::changes(old, new), nl).await
+    if !new.needs_tables(old) {
+        let new = new.clone().assign_tables(old, &BTreeSet::new(), &[])?;
+        apply(new.ifname(), &Plan::changes(old, &new), nl).await?;
+        return Ok(new);
+    }
+    let _tables = TABLES.lock().await;
+    let in_use = nl.tables_in_use().await?;
+    let rules = nl.rules().await?;
+    let new = new.clone().assign_tables(old, &in_use, &rules)?;
+    debug!(netns = nl.netns(), ifname = %new.ifname(), tables = ?new.policies().iter().filter_map(|p| p.table()).collect::<Vec<_>>(), "policy tables");
+    apply(new.ifname(), &Plan::changes(old, &new), nl).await?;
+    Ok(new)
 }
 
-/// Removes what `plan` added to its interface (neighbours, routes, addresses), for a
-/// Close when the link itself is not ours to delete. Every step is tried; a link that
-/// is already gone means there is nothing left to remove. The first error is returned.
+/// Removes what `plan` added (policy rules, neighbours, routes, addresses), for a
+/// Close when the link itself is not ours to delete. Every step is tried; once the
+/// link is found gone, the steps on it are skipped (the kernel removed what was on
+/// it) but the rules, which outlive links, are still removed. The first error is
+/// returned.
 pub async fn undo(plan: &Plan, nl: &dyn Netlink) -> Result<()> {
     let mut first = None;
+    let mut link_gone = false;
     for op in plan.undo() {
+        let on_link = !matches!(op, Op::AddRule(_) | Op::DelRule(_));
+        if on_link && link_gone {
+            continue;
+        }
         match run_op(plan.ifname(), &op, nl).await {
             Ok(()) => {}
-            Err(Error::LinkNotFound { .. }) => return Ok(()),
+            Err(Error::LinkNotFound { .. }) if on_link => link_gone = true,
             Err(e) => {
                 warn!(netns = nl.netns(), ifname = %plan.ifname(), %op, error = %e, "undo op failed");
                 first.get_or_insert(e);
@@ -172,7 +227,19 @@ pub async fn undo(plan: &Plan, nl: &dyn Netlink) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::{Family, Policy, PortRange, MAIN_TABLE};
     use crate::Recorder;
+
+    fn policy(dport: u16) -> Policy {
+        let rule = Rule::new(Family::V4)
+            .with_from("192.0.2.2/32".parse().unwrap())
+            .with_proto(6)
+            .with_dst_port(PortRange::new(dport, dport).unwrap());
+        Policy::new(rule).with_route(Route::universe(
+            "198.51.100.0/24".parse().unwrap(),
+            Some("192.0.2.1".parse().unwrap()),
+        ))
+    }
 
     fn setup() -> (Recorder, IfName, Plan) {
         let ns = NetNs::current().unwrap();
@@ -213,7 +280,7 @@ mod tests {
     #[tokio::test]
     async fn undo_removes_what_the_plan_added_and_keeps_the_link() {
         let (nl, name, plan) = setup();
-        update(None, &plan, &nl).await.unwrap();
+        let plan = update(None, &plan, &nl).await.unwrap();
         undo(&plan, &nl).await.unwrap();
         assert!(nl.addresses(&name).await.unwrap().is_empty());
         assert!(nl.routes(&name).await.unwrap().is_empty());
@@ -224,7 +291,7 @@ mod tests {
     #[tokio::test]
     async fn undo_of_a_link_that_is_gone_succeeds() {
         let (nl, name, plan) = setup();
-        update(None, &plan, &nl).await.unwrap();
+        let plan = update(None, &plan, &nl).await.unwrap();
         nl.delete_link(&name).await.unwrap();
         undo(&plan, &nl).await.unwrap();
     }
@@ -232,7 +299,7 @@ mod tests {
     #[tokio::test]
     async fn undo_tries_every_step_and_reports_the_first_failure() {
         let (nl, name, plan) = setup();
-        update(None, &plan, &nl).await.unwrap();
+        let plan = update(None, &plan, &nl).await.unwrap();
         nl.fail_on("del_route", 16);
         let err = undo(&plan, &nl).await.unwrap_err();
         assert_eq!(err.errno(), Some(16));
@@ -240,5 +307,120 @@ mod tests {
             nl.addresses(&name).await.unwrap().is_empty(),
             "the address step still ran"
         );
+    }
+
+    #[tokio::test]
+    async fn update_takes_the_lowest_free_table_and_a_refresh_keeps_it_without_a_call() {
+        let (nl, name, plan) = setup();
+        // Tables 100 (a rule) and 101 (a route) are somebody else's.
+        nl.add_rule(&Rule::new(Family::V4).with_table(100))
+            .await
+            .unwrap();
+        let foreign = Route::universe("203.0.113.0/24".parse().unwrap(), None).in_table(101);
+        nl.add_route(&name, &foreign).await.unwrap();
+        let plan = plan.with_policy(policy(8080));
+        let applied = update(None, &plan, &nl).await.unwrap();
+        assert_eq!(applied.policies()[0].table(), Some(102));
+        let calls = nl.calls();
+        let tail: Vec<&str> = calls
+            .iter()
+            .rev()
+            .take(3)
+            .rev()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            tail,
+            [
+                "pod add_route nsm-1 198.51.100.0/24 via 192.0.2.1 table 102",
+                "pod add_rule from 192.0.2.2/32 ipproto 6 dport 8080 lookup 102",
+                "pod add_neighbour nsm-1 192.0.2.1 lladdr 02:00:00:00:00:01",
+            ]
+        );
+        let routes = nl.routes(&name).await.unwrap();
+        assert!(
+            routes.contains(&applied.policies()[0].routes()[0]),
+            "{routes:?}"
+        );
+        assert!(routes.iter().any(|r| r.table() == MAIN_TABLE));
+
+        let before = nl.calls().len();
+        let again = update(Some(&applied), &plan, &nl).await.unwrap();
+        assert_eq!(again, applied, "the table is remembered");
+        assert_eq!(
+            nl.calls().len(),
+            before,
+            "an unchanged refresh makes no call"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_changed_policy_replaces_the_old_rule_and_table() {
+        let (nl, name, plan) = setup();
+        let first = update(None, &plan.clone().with_policy(policy(8080)), &nl)
+            .await
+            .unwrap();
+        let second = update(Some(&first), &plan.with_policy(policy(9090)), &nl)
+            .await
+            .unwrap();
+        assert_eq!(first.policies()[0].table(), Some(100));
+        assert_eq!(second.policies()[0].table(), Some(101));
+        assert_eq!(nl.rules().await.unwrap(), [*second.policies()[0].rule()]);
+        let tables: Vec<u32> = nl
+            .routes(&name)
+            .await
+            .unwrap()
+            .iter()
+            .map(Route::table)
+            .filter(|t| *t != MAIN_TABLE)
+            .collect();
+        assert_eq!(tables, [101], "table 100 was emptied");
+    }
+
+    #[tokio::test]
+    async fn parallel_updates_in_one_namespace_take_different_tables() {
+        let ns = NetNs::current().unwrap();
+        let nl = Recorder::new("pod", &ns).yielding();
+        let names = [IfName::new("nsm-1").unwrap(), IfName::new("nsm-2").unwrap()];
+        let (p1, p2) = (IfName::new("p1").unwrap(), IfName::new("p2").unwrap());
+        nl.create_veth_pair(&names[0], &ns, &p1, &ns, None)
+            .await
+            .unwrap();
+        nl.create_veth_pair(&names[1], &ns, &p2, &ns, None)
+            .await
+            .unwrap();
+        let a = Plan::new(names[0].clone()).with_policy(policy(8080));
+        let b = Plan::new(names[1].clone()).with_policy(policy(9090));
+        let (a, b) = tokio::join!(update(None, &a, &nl), update(None, &b, &nl));
+        let mut tables = [a.unwrap(), b.unwrap()].map(|p| p.policies()[0].table());
+        tables.sort();
+        assert_eq!(tables, [Some(100), Some(101)]);
+    }
+
+    #[tokio::test]
+    async fn a_rule_the_kernel_refuses_takes_its_table_routes_back_out() {
+        let (nl, name, plan) = setup();
+        nl.fail_on("add_rule", 22);
+        let err = update(None, &plan.with_policy(policy(8080)), &nl)
+            .await
+            .unwrap_err();
+        assert_eq!(err.errno(), Some(22));
+        assert!(nl
+            .calls()
+            .contains(&"pod del_route nsm-1 198.51.100.0/24 table 100".to_string()));
+        assert!(nl.routes(&name).await.unwrap().is_empty());
+        assert!(nl.rules().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn undo_removes_the_rules_even_when_the_link_is_gone() {
+        let (nl, name, plan) = setup();
+        let plan = update(None, &plan.with_policy(policy(8080)), &nl)
+            .await
+            .unwrap();
+        assert_eq!(nl.rules().await.unwrap().len(), 1);
+        nl.delete_link(&name).await.unwrap();
+        undo(&plan, &nl).await.unwrap();
+        assert!(nl.rules().await.unwrap().is_empty());
     }
 }

@@ -9,8 +9,10 @@
 //!   `/run/netns/<name>` or any namespace path. Work inside a namespace happens on a
 //!   short-lived OS thread, never on a tokio worker.
 //! - [`Plan`] ([`plan`]): the desired state of one pod interface as data, computed from
-//!   a `ConnectionContext` by [`plan_from_context`] with NSM's src/dst rules, and diffed
-//!   by [`Plan::changes`] into [`Op`]s. Pure, tested without root.
+//!   a `ConnectionContext` by [`plan_from_context`] with NSM's src/dst rules (policy
+//!   routes included: a rule and a table of their own per `PolicyRoute`, on the
+//!   client's side), and diffed by [`Plan::changes`] into [`Op`]s. Pure, tested
+//!   without root.
 //! - [`Netlink`] ([`apply`](mod@apply)): the handful of kernel operations, bound to one
 //!   namespace, with [`RtNetlink`] (rtnetlink) and [`Recorder`] (an in-memory fake);
 //!   [`apply()`] runs ops and rolls back on failure, [`undo()`] removes what a plan added.
@@ -118,7 +120,8 @@ pub use crate::mechanism::{
 };
 pub use crate::netns::NetNs;
 pub use crate::plan::{
-    plan_from_context, IfName, Mtu, Neighbour, Op, Plan, PodSide, Route, RouteScope, MAX_ALIAS_LEN,
+    plan_from_context, policy_from_context, Family, IfName, Mtu, Neighbour, Op, Plan, PodSide,
+    Policy, PortRange, Route, RouteScope, Rule, MAIN_TABLE, MAX_ALIAS_LEN, POLICY_TABLE_BASE,
 };
 pub use crate::recorder::Recorder;
 pub use crate::rtnl::RtNetlink;

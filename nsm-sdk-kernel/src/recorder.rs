@@ -1,15 +1,16 @@
 //! [`Recorder`]: an in-memory [`Netlink`] for tests without root.
 //!
-//! It keeps a small model of links (with their addresses, routes and neighbours) per
-//! namespace, shared by every view made with [`Recorder::view`], so a veth created
-//! through one view shows up in the other namespace and deleting one end deletes both,
-//! as in the kernel. It records each mutating call as a line
+//! It keeps a small model of links (with their addresses, routes and neighbours) and
+//! policy rules per namespace, shared by every view made with [`Recorder::view`], so a
+//! veth created through one view shows up in the other namespace and deleting one end
+//! deletes both (with the routes through it, in every table), as in the kernel; rules
+//! are not tied to links and survive them, as in the kernel. It records each mutating call as a line
 //! (`"<label> <call> <interface> <argument>"`) and can make a chosen call fail.
 //!
 //! State: the model and the call log behind a `std::sync::Mutex`, never held across an
 //! await.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -19,19 +20,22 @@ use nsm_sdk::async_trait;
 use crate::apply::{Link, Netlink};
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
-use crate::plan::{IfName, Mtu, Neighbour, Route};
+use crate::plan::{IfName, Mtu, Neighbour, Route, Rule, MAIN_TABLE};
 
 /// See the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct Recorder {
     label: String,
     ns: u64,
+    yielding: bool,
     world: Arc<Mutex<World>>,
 }
 
 #[derive(Debug, Default)]
 struct World {
     links: BTreeMap<(u64, String), FakeLink>,
+    /// Rules per namespace, in the order they were added.
+    rules: Vec<(u64, Rule)>,
     next_index: u32,
     log: Vec<String>,
     failures: Vec<(String, i32)>,
@@ -55,7 +59,22 @@ impl Recorder {
         Recorder {
             label: label.to_string(),
             ns: ns.inode(),
+            yielding: false,
             world: Arc::default(),
+        }
+    }
+
+    /// Makes every call of this view (and of views made from it) yield to the tokio
+    /// scheduler once before it runs, so concurrent tasks interleave between calls as
+    /// they do on a real socket.
+    pub fn yielding(mut self) -> Recorder {
+        self.yielding = true;
+        self
+    }
+
+    async fn pause(&self) {
+        if self.yielding {
+            tokio::task::yield_now().await;
         }
     }
 
@@ -65,6 +84,7 @@ impl Recorder {
         Recorder {
             label: label.to_string(),
             ns: ns.inode(),
+            yielding: self.yielding,
             world: self.world.clone(),
         }
     }
@@ -135,6 +155,7 @@ impl Netlink for Recorder {
         ns_b: &NetNs,
         mtu: Option<Mtu>,
     ) -> Result<()> {
+        self.pause().await;
         let mut w = self.world();
         let mtu_text = mtu.map_or("default".to_string(), |m| m.get().to_string());
         self.call(&mut w, format!("create_veth {a} {b} mtu={mtu_text}"))?;
@@ -167,6 +188,7 @@ impl Netlink for Recorder {
     }
 
     async fn delete_link(&self, name: &IfName) -> Result<()> {
+        self.pause().await;
         let mut w = self.world();
         self.call(&mut w, format!("delete_link {name}"))?;
         match w.links.remove(&(self.ns, name.to_string())) {
@@ -184,6 +206,7 @@ impl Netlink for Recorder {
     }
 
     async fn link(&self, name: &IfName) -> Result<Option<Link>> {
+        self.pause().await;
         Ok(self
             .links()
             .await?
@@ -192,6 +215,7 @@ impl Netlink for Recorder {
     }
 
     async fn links(&self) -> Result<Vec<Link>> {
+        self.pause().await;
         let w = self.world();
         Ok(w.links
             .iter()
@@ -208,20 +232,24 @@ impl Netlink for Recorder {
     }
 
     async fn set_mtu(&self, name: &IfName, mtu: Mtu) -> Result<()> {
+        self.pause().await;
         let line = format!("set_mtu {name} {}", mtu.get());
         self.with_link(name, Some(line), |l| l.mtu = mtu.get())
     }
 
     async fn set_up(&self, name: &IfName) -> Result<()> {
+        self.pause().await;
         self.with_link(name, Some(format!("set_up {name}")), |l| l.up = true)
     }
 
     async fn set_alias(&self, name: &IfName, alias: &str) -> Result<()> {
+        self.pause().await;
         let line = format!("set_alias {name} {alias}");
         self.with_link(name, Some(line), |l| l.alias = Some(alias.to_string()))
     }
 
     async fn add_address(&self, name: &IfName, addr: IpNet) -> Result<()> {
+        self.pause().await;
         let line = format!("add_address {name} {addr}");
         self.with_link(name, Some(line), |l| {
             if !l.addresses.contains(&addr) {
@@ -231,34 +259,43 @@ impl Netlink for Recorder {
     }
 
     async fn del_address(&self, name: &IfName, addr: IpNet) -> Result<()> {
+        self.pause().await;
         let line = format!("del_address {name} {addr}");
         self.with_link(name, Some(line), |l| l.addresses.retain(|a| *a != addr))
     }
 
     async fn addresses(&self, name: &IfName) -> Result<Vec<IpNet>> {
+        self.pause().await;
         self.with_link(name, None, |l| l.addresses.clone())
     }
 
     async fn add_route(&self, name: &IfName, route: &Route) -> Result<()> {
+        self.pause().await;
         let line = format!("add_route {name} {route}");
+        let same = |r: &Route| r.dst() == route.dst() && r.table() == route.table();
         self.with_link(name, Some(line), |l| {
-            l.routes.retain(|r| r.dst() != route.dst());
+            l.routes.retain(|r| !same(r));
             l.routes.push(*route);
         })
     }
 
     async fn del_route(&self, name: &IfName, route: &Route) -> Result<()> {
-        let line = format!("del_route {name} {}", route.dst());
-        self.with_link(name, Some(line), |l| {
-            l.routes.retain(|r| r.dst() != route.dst())
-        })
+        self.pause().await;
+        let line = match route.table() {
+            MAIN_TABLE => format!("del_route {name} {}", route.dst()),
+            t => format!("del_route {name} {} table {t}", route.dst()),
+        };
+        let same = |r: &Route| r.dst() == route.dst() && r.table() == route.table();
+        self.with_link(name, Some(line), |l| l.routes.retain(|r| !same(r)))
     }
 
     async fn routes(&self, name: &IfName) -> Result<Vec<Route>> {
+        self.pause().await;
         self.with_link(name, None, |l| l.routes.clone())
     }
 
     async fn add_neighbour(&self, name: &IfName, n: &Neighbour) -> Result<()> {
+        self.pause().await;
         let line = format!("add_neighbour {name} {n}");
         self.with_link(name, Some(line), |l| {
             l.neighbours.retain(|x| x.ip != n.ip);
@@ -267,11 +304,59 @@ impl Netlink for Recorder {
     }
 
     async fn del_neighbour(&self, name: &IfName, ip: IpAddr) -> Result<()> {
+        self.pause().await;
         let line = format!("del_neighbour {name} {ip}");
         self.with_link(name, Some(line), |l| l.neighbours.retain(|x| x.ip != ip))
     }
 
     async fn neighbours(&self, name: &IfName) -> Result<Vec<Neighbour>> {
+        self.pause().await;
         self.with_link(name, None, |l| l.neighbours.clone())
+    }
+
+    async fn add_rule(&self, rule: &Rule) -> Result<()> {
+        self.pause().await;
+        let mut w = self.world();
+        self.call(&mut w, format!("add_rule {rule}"))?;
+        let entry = (self.ns, *rule);
+        if !w.rules.contains(&entry) {
+            w.rules.push(entry);
+        }
+        Ok(())
+    }
+
+    async fn del_rule(&self, rule: &Rule) -> Result<()> {
+        self.pause().await;
+        let mut w = self.world();
+        self.call(&mut w, format!("del_rule {rule}"))?;
+        let entry = (self.ns, *rule);
+        w.rules.retain(|r| *r != entry);
+        Ok(())
+    }
+
+    async fn rules(&self) -> Result<Vec<Rule>> {
+        self.pause().await;
+        let w = self.world();
+        Ok(w.rules
+            .iter()
+            .filter(|(ns, _)| *ns == self.ns)
+            .map(|(_, r)| *r)
+            .collect())
+    }
+
+    async fn tables_in_use(&self) -> Result<BTreeSet<u32>> {
+        self.pause().await;
+        let w = self.world();
+        let rules = w
+            .rules
+            .iter()
+            .filter(|(ns, _)| *ns == self.ns)
+            .map(|(_, r)| r.table());
+        let routes = w
+            .links
+            .iter()
+            .filter(|((ns, _), _)| *ns == self.ns)
+            .flat_map(|(_, l)| l.routes.iter().map(Route::table));
+        Ok(rules.chain(routes).collect())
     }
 }

@@ -8,9 +8,12 @@
 //!
 //! Failure handled: errnos are turned into this crate's errors by context (`ENODEV` on
 //! a lookup is [`Error::LinkNotFound`], `EEXIST` on a veth creation is
-//! [`Error::LinkExists`]); deleting an address, route or neighbour that is absent is
-//! not an error.
+//! [`Error::LinkExists`]); deleting an address, route, neighbour or rule that is
+//! absent is not an error. Rules are added with the action `FR_ACT_TO_TBL` set
+//! explicitly: rtnetlink's default (`Unspec`) installs a rule that makes every
+//! matching packet fail with EINVAL (KERNEL.md 5.3).
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -24,25 +27,34 @@ use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope as NlScope,
-    RouteType, RouteVia,
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope as NlScope, RouteType,
+    RouteVia,
 };
+use netlink_packet_route::rule::{
+    RuleAction, RuleAttribute, RuleFlags, RuleMessage, RulePortRange,
+};
+use netlink_packet_route::{AddressFamily, IpProtocol};
 use nsm_sdk::async_trait;
 use rtnetlink::{
-    AddressMessageBuilder, Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    AddressMessageBuilder, Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
 };
 use tracing::debug;
 
 use crate::apply::{Link, Netlink};
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
-use crate::plan::{IfName, Mtu, Neighbour, Route, RouteScope, MAX_ALIAS_LEN};
+use crate::plan::{
+    Family, IfName, Mtu, Neighbour, PortRange, Route, RouteScope, Rule, MAX_ALIAS_LEN,
+};
 
 const ESRCH: i32 = 3;
 const ENOENT: i32 = 2;
 const EEXIST: i32 = 17;
 const ENODEV: i32 = 19;
 const EADDRNOTAVAIL: i32 = 99;
+/// The kernel's `local` table (`RT_TABLE_LOCAL`): its own addresses and broadcasts.
+const LOCAL_TABLE: u32 = 255;
 
 /// See the [module docs](self).
 #[derive(Debug)]
@@ -126,6 +138,31 @@ impl RtNetlink {
         }
     }
 
+    /// The rules of one family, as the kernel lists them.
+    async fn rule_messages(&self, family: Family) -> Result<Vec<RuleMessage>> {
+        let version = match family {
+            Family::V4 => IpVersion::V4,
+            Family::V6 => IpVersion::V6,
+        };
+        self.handle
+            .rule()
+            .get(version)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| self.err("list rules", e))
+    }
+
+    /// The listed rules identical to `rule`.
+    async fn find_rules(&self, rule: &Rule) -> Result<Vec<RuleMessage>> {
+        Ok(self
+            .rule_messages(rule.family())
+            .await?
+            .into_iter()
+            .filter(|m| to_rule(m).as_ref() == Some(rule))
+            .collect())
+    }
+
     /// Runs a delete whose "not there" errnos mean success.
     fn absent_ok(&self, op: String, r: Result<(), rtnetlink::Error>, absent: &[i32]) -> Result<()> {
         match r {
@@ -169,6 +206,104 @@ fn to_link(msg: netlink_packet_route::link::LinkMessage) -> Link {
     link
 }
 
+/// The table of a route or rule message: the 32-bit attribute when there is one (ids
+/// above 255), else the header's byte.
+fn table_of(header_table: u8, attr: Option<u32>) -> u32 {
+    attr.unwrap_or(u32::from(header_table))
+}
+
+fn rule_table(msg: &RuleMessage) -> u32 {
+    let attr = msg.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Table(t) => Some(*t),
+        _ => None,
+    });
+    table_of(msg.header.table, attr)
+}
+
+fn route_table(msg: &RouteMessage) -> u32 {
+    let attr = msg.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Table(t) => Some(*t),
+        _ => None,
+    });
+    table_of(msg.header.table, attr)
+}
+
+/// A listed rule as a [`Rule`], if it is one: action "to table", not inverted, no
+/// destination or TOS, and nothing matched but source, IP protocol and ports.
+fn to_rule(msg: &RuleMessage) -> Option<Rule> {
+    let h = &msg.header;
+    if h.action != RuleAction::ToTable
+        || h.flags.contains(RuleFlags::Invert)
+        || h.dst_len != 0
+        || h.tos != 0
+    {
+        return None;
+    }
+    let family = match h.family {
+        AddressFamily::Inet => Family::V4,
+        AddressFamily::Inet6 => Family::V6,
+        _ => return None,
+    };
+    let mut rule = Rule::new(family).with_table(rule_table(msg));
+    let ports = |r: &RulePortRange| PortRange::new(r.start, r.end);
+    for a in &msg.attributes {
+        match a {
+            RuleAttribute::Source(ip) => rule = rule.with_from(IpNet::new(*ip, h.src_len).ok()?),
+            RuleAttribute::IpProtocol(p) => rule = rule.with_proto(u8::from(*p)),
+            RuleAttribute::SourcePortRange(r) => rule = rule.with_src_port(ports(r)?),
+            RuleAttribute::DestinationPortRange(r) => rule = rule.with_dst_port(ports(r)?),
+            // Bookkeeping, not matching: the priority, the table, who added it, the
+            // "not set" values the kernel always reports (-1), and attributes this
+            // crate does not know (6.x kernels add full port masks, kind 29 and 30).
+            RuleAttribute::Priority(_)
+            | RuleAttribute::Table(_)
+            | RuleAttribute::Protocol(_)
+            | RuleAttribute::SuppressPrefixLen(u32::MAX)
+            | RuleAttribute::SuppressIfGroup(u32::MAX)
+            | RuleAttribute::Other(_) => {}
+            _ => return None,
+        }
+    }
+    Some(rule)
+}
+
+/// The add request's message for `rule`.
+fn rule_message(handle: &Handle, rule: &Rule) -> rtnetlink::RuleAddRequest {
+    // The action must be set: rtnetlink's default is `Unspec`, which the kernel
+    // accepts and then fails every matching packet with EINVAL (KERNEL.md 5.3).
+    let mut req = handle
+        .rule()
+        .add()
+        .table_id(rule.table())
+        .action(RuleAction::ToTable);
+    let msg = req.message_mut();
+    msg.header.family = match rule.family() {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
+    };
+    if let Some(from) = rule.from() {
+        msg.header.src_len = from.prefix_len();
+        msg.attributes.push(RuleAttribute::Source(from.addr()));
+    }
+    if let Some(p) = rule.proto() {
+        msg.attributes
+            .push(RuleAttribute::IpProtocol(IpProtocol::from(i32::from(p))));
+    }
+    let range = |r: PortRange| RulePortRange {
+        start: r.start(),
+        end: r.end(),
+    };
+    if let Some(r) = rule.src_port() {
+        msg.attributes
+            .push(RuleAttribute::SourcePortRange(range(r)));
+    }
+    if let Some(r) = rule.dst_port() {
+        msg.attributes
+            .push(RuleAttribute::DestinationPortRange(range(r)));
+    }
+    req
+}
+
 /// The route message for `route` through `index`, as for an add.
 fn route_message(index: u32, route: &Route) -> Result<RouteMessage> {
     let family_mix = || Error::InvalidContext {
@@ -181,6 +316,7 @@ fn route_message(index: u32, route: &Route) -> Result<RouteMessage> {
         .destination_prefix(dst.addr(), dst.prefix_len())
         .map_err(|_| family_mix())?
         .output_interface(index)
+        .table_id(route.table())
         .scope(match route.scope() {
             RouteScope::Link => NlScope::Link,
             RouteScope::Universe => NlScope::Universe,
@@ -195,17 +331,9 @@ fn route_message(index: u32, route: &Route) -> Result<RouteMessage> {
 
 fn from_route_message(index: u32, msg: &RouteMessage) -> Option<Route> {
     let h = &msg.header;
-    let main = RouteHeader::RT_TABLE_MAIN;
-    let table = msg
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(h.table));
+    let table = route_table(msg);
     let oif = msg.attributes.contains(&RouteAttribute::Oif(index));
-    if table != u32::from(main)
+    if table == LOCAL_TABLE
         || !oif
         || h.protocol == RouteProtocol::Kernel
         || h.kind != RouteType::Unicast
@@ -231,10 +359,11 @@ fn from_route_message(index: u32, msg: &RouteMessage) -> Option<Route> {
         _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
     });
     let dst = IpNet::new(dst_addr, h.destination_prefix_length).ok()?;
-    Some(match h.scope {
+    let route = match h.scope {
         NlScope::Link => Route::link(dst),
         _ => Route::universe(dst, via),
-    })
+    };
+    Some(route.in_table(table))
 }
 
 fn neighbour_ip(msg: &NeighbourMessage) -> Option<IpAddr> {
@@ -434,14 +563,19 @@ impl Netlink for RtNetlink {
 
     async fn del_route(&self, name: &IfName, route: &Route) -> Result<()> {
         let index = self.index(name).await?;
-        let mut msg = route_message(index, &Route::universe(route.dst(), None))?;
+        let any_scope = Route::universe(route.dst(), None).in_table(route.table());
+        let mut msg = route_message(index, &any_scope)?;
         // Match the route whatever its scope and protocol (as `ip route del` does):
         // the kernel compares them only when they are set.
         msg.header.scope = NlScope::NoWhere;
         msg.header.protocol = RouteProtocol::Unspec;
         let r = self.handle.route().del(msg).execute().await;
         self.absent_ok(
-            format!("delete route {} dev {name}", route.dst()),
+            format!(
+                "delete route {} table {} dev {name}",
+                route.dst(),
+                route.table()
+            ),
             r,
             &[ESRCH, ENOENT],
         )
@@ -524,5 +658,54 @@ impl Netlink for RtNetlink {
                 Some(Neighbour { ip, mac })
             })
             .collect())
+    }
+
+    async fn add_rule(&self, rule: &Rule) -> Result<()> {
+        if !self.find_rules(rule).await?.is_empty() {
+            return Ok(());
+        }
+        rule_message(&self.handle, rule)
+            .execute()
+            .await
+            .map_err(|e| self.err(format!("add rule {rule}"), e))
+    }
+
+    async fn del_rule(&self, rule: &Rule) -> Result<()> {
+        for msg in self.find_rules(rule).await? {
+            // The listed message, priority included, names exactly that rule.
+            let r = self.handle.rule().del(msg).execute().await;
+            self.absent_ok(format!("delete rule {rule}"), r, &[ENOENT])?;
+        }
+        Ok(())
+    }
+
+    async fn rules(&self) -> Result<Vec<Rule>> {
+        let mut out = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            out.extend(self.rule_messages(family).await?.iter().filter_map(to_rule));
+        }
+        Ok(out)
+    }
+
+    async fn tables_in_use(&self) -> Result<BTreeSet<u32>> {
+        let mut tables = BTreeSet::new();
+        for family in [Family::V4, Family::V6] {
+            tables.extend(self.rule_messages(family).await?.iter().map(rule_table));
+        }
+        for query in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let msgs: Vec<_> = self
+                .handle
+                .route()
+                .get(query)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| self.err("list routes", e))?;
+            tables.extend(msgs.iter().map(route_table));
+        }
+        Ok(tables)
     }
 }

@@ -20,25 +20,26 @@
 //! leaves an end without alias, which then counts as foreign.)
 //!
 //! State: [`Created`] holds, per side, the netlink handle, the plan that was applied
-//! and the interface index the end was born with, so a later refresh is a diff and
-//! Close deletes exactly the link it made (not a same-named link made by someone else
-//! after the pair died).
+//! (with the routing tables its policy routes got) and the interface index the end
+//! was born with, so a later refresh is a diff and Close deletes exactly the link it
+//! made (not a same-named link made by someone else after the pair died) and the
+//! policy rules it added.
 //!
 //! Failure handled: a name already taken by something other than a leftover of the
 //! same connection is [`Error::LinkExists`] before anything is created or deleted;
 //! any failure after the pair exists deletes the pair (which takes its addresses,
-//! routes and neighbours with it) and returns the original error, so nothing is left
-//! in either namespace. A failed refresh rolls back to the previous
-//! plan.
+//! routes and neighbours with it) and the policy rules already added (which a link
+//! does not take along), and returns the original error, so nothing is left in either
+//! namespace. A failed refresh rolls back to the previous plan.
 
 use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::apply::{apply, update, Netlink};
+use crate::apply::{run_op, update, Netlink};
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
-use crate::plan::{IfName, Mtu, Plan, PodSide, MAX_ALIAS_LEN};
+use crate::plan::{IfName, Mtu, Op, Plan, PodSide, MAIN_TABLE, MAX_ALIAS_LEN};
 use crate::rtnl::RtNetlink;
 
 /// The alias of the `side` end of a connection's veth pair: `nsm-client-<id>` or
@@ -101,7 +102,7 @@ impl Created {
         }
     }
 
-    /// The plan applied to one side's end.
+    /// The plan applied to one side's end, with the routing tables its policies got.
     pub fn plan(&self, side: PodSide) -> &Plan {
         &self.side(side).plan
     }
@@ -117,8 +118,9 @@ impl Created {
     }
 
     /// Brings one side's end from its current plan to `plan` (a refresh): an
-    /// unchanged plan does nothing, changed addresses or routes are replaced. On
-    /// failure the side is rolled back and keeps its current plan.
+    /// unchanged plan does nothing, changed addresses, routes or policy routes are
+    /// replaced (a policy keeps its table while its rule is unchanged). On failure the
+    /// side is rolled back and keeps its current plan.
     ///
     /// The interface name cannot change on a live pair (that needs a new pair):
     /// [`Error::InvalidInterfaceName`]. A pair that died (its end is gone or is not
@@ -139,8 +141,7 @@ impl Created {
         if let Some(alias) = plan.alias().filter(|a| Some(*a) != s.plan.alias()) {
             s.netlink.set_alias(plan.ifname(), alias).await?;
         }
-        update(Some(&s.plan), &plan, s.netlink.as_ref()).await?;
-        s.plan = plan;
+        s.plan = update(Some(&s.plan), &plan, s.netlink.as_ref()).await?;
         Ok(())
     }
 }
@@ -234,7 +235,7 @@ pub async fn veth_up(client: VethEnd<'_>, endpoint: VethEnd<'_>) -> Result<Creat
         .create_veth_pair(c_name, client.netns, e_name, endpoint.netns, mtu)
         .await?;
     match program(&client, &endpoint).await {
-        Ok((client_index, endpoint_index)) => {
+        Ok([(client_index, client_plan), (endpoint_index, endpoint_plan)]) => {
             info!(
                 client = %c_name, client_netns = %client.netns,
                 endpoint = %e_name, endpoint_netns = %endpoint.netns,
@@ -243,12 +244,12 @@ pub async fn veth_up(client: VethEnd<'_>, endpoint: VethEnd<'_>) -> Result<Creat
             Ok(Created {
                 client: Side {
                     netlink: client.netlink,
-                    plan: client.plan,
+                    plan: client_plan,
                     index: client_index,
                 },
                 endpoint: Side {
                     netlink: endpoint.netlink,
-                    plan: endpoint.plan,
+                    plan: endpoint_plan,
                     index: endpoint_index,
                 },
             })
@@ -303,9 +304,11 @@ async fn leftovers_of(end: &VethEnd<'_>) -> Result<Vec<IfName>> {
     Ok(stale)
 }
 
-/// Programs both fresh ends and returns their interface indexes: first both aliases
-/// (so that the pair is recognisable as early as possible), then each end's plan.
-async fn program(client: &VethEnd<'_>, endpoint: &VethEnd<'_>) -> Result<(u32, u32)> {
+/// Programs both fresh ends and returns their interface indexes and applied plans:
+/// first both aliases (so that the pair is recognisable as early as possible), then
+/// each end's plan. When the endpoint's end fails, the client's policy rules are
+/// removed again (the caller deletes the pair, which takes everything else).
+async fn program(client: &VethEnd<'_>, endpoint: &VethEnd<'_>) -> Result<[(u32, Plan); 2]> {
     let mut indexes = [0u32; 2];
     for (end, index) in [client, endpoint].into_iter().zip(&mut indexes) {
         let name = end.plan.ifname();
@@ -322,18 +325,69 @@ async fn program(client: &VethEnd<'_>, endpoint: &VethEnd<'_>) -> Result<(u32, u
             end.netlink.set_alias(name, alias).await?;
         }
     }
-    for end in [client, endpoint] {
-        let name = end.plan.ifname();
-        apply(name, &Plan::changes(None, &end.plan), end.netlink.as_ref()).await?;
+    let client_plan = update(None, &client.plan, client.netlink.as_ref()).await?;
+    match update(None, &endpoint.plan, endpoint.netlink.as_ref()).await {
+        Ok(endpoint_plan) => Ok([(indexes[0], client_plan), (indexes[1], endpoint_plan)]),
+        Err(e) => {
+            if let Err(re) = remove_policies(&client_plan, client.netlink.as_ref(), false).await {
+                warn!(error = %re, "could not remove the client's policy rules");
+            }
+            Err(e)
+        }
     }
-    Ok((indexes[0], indexes[1]))
 }
 
-/// Deletes the pair (Close). The kernel deletes both ends together and drops their
-/// addresses, routes and neighbours. A pair that is already gone (a pod died and took
-/// it along) is not an error; a same-named link that is not the one this pair created
-/// is left alone.
+/// Removes a plan's policy rules and, when `link_ours`, the routes of their tables
+/// (which the kernel drops anyway with the link). Rules outlive links, so they are
+/// removed even when the link is gone. Every step is tried; the first error is
+/// returned.
+async fn remove_policies(plan: &Plan, nl: &dyn Netlink, link_ours: bool) -> Result<()> {
+    let mut first = None;
+    for op in plan.undo() {
+        let wanted = match op {
+            Op::DelRule(_) => true,
+            Op::DelRoute(r) => link_ours && r.table() != MAIN_TABLE,
+            _ => false,
+        };
+        if !wanted {
+            continue;
+        }
+        match run_op(plan.ifname(), &op, nl).await {
+            Ok(()) | Err(Error::LinkNotFound { .. }) => {}
+            Err(e) => {
+                warn!(netns = nl.netns(), %op, error = %e, "removing a policy failed");
+                first.get_or_insert(e);
+            }
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// Deletes the pair (Close). First each side's policy rules and their tables' routes
+/// go (rules are not tied to a link: deleting the pair would leave them behind), then
+/// the pair: the kernel deletes both ends together and drops their addresses, routes
+/// and neighbours. A pair that is already gone (a pod died and took it along) is not
+/// an error, and its rules are still removed; a same-named link that is not the one
+/// this pair created is left alone.
 pub async fn down(created: Created) -> Result<()> {
+    let mut first = None;
+    for s in [&created.client, &created.endpoint] {
+        if s.plan.policies().is_empty() {
+            continue;
+        }
+        let link_ours = ensure_ours(s).await.is_ok();
+        if let Err(e) = remove_policies(&s.plan, s.netlink.as_ref(), link_ours).await {
+            first.get_or_insert(e);
+        }
+    }
+    let deleted = delete_pair(&created).await;
+    match first {
+        Some(e) => Err(e),
+        None => deleted,
+    }
+}
+
+async fn delete_pair(created: &Created) -> Result<()> {
     for s in [&created.client, &created.endpoint] {
         match ensure_ours(s).await {
             Ok(()) => match s.netlink.delete_link(s.plan.ifname()).await {

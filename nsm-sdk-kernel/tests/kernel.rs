@@ -11,7 +11,9 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use nsm_proto::connectioncontext::{ConnectionContext, IpContext, Route as ProtoRoute};
+use nsm_proto::connectioncontext::{
+    ConnectionContext, IpContext, PolicyRoute, Route as ProtoRoute,
+};
 use std::time::{Duration, Instant};
 
 use nsm_proto::connection::Connection;
@@ -709,4 +711,299 @@ async fn the_ping_liveness_check_is_true_across_a_working_pair_and_false_once_it
         started.elapsed()
     );
     down(created).await.unwrap();
+}
+
+fn policy(from: &str, proto: &str, dport: &str, routes: Vec<ProtoRoute>) -> PolicyRoute {
+    PolicyRoute {
+        from: from.into(),
+        proto: proto.into(),
+        dst_port: dport.into(),
+        src_port: String::new(),
+        routes,
+    }
+}
+
+/// The default context plus `from 172.16.1.2/32 ipproto tcp dport <dport>` routing
+/// 198.51.100.0/24 through the endpoint, and an IPv6 policy without routes.
+fn policy_context(dport: &str) -> ConnectionContext {
+    let mut ctx = default_context();
+    ctx.ip_context.as_mut().unwrap().policies = vec![
+        policy(
+            "172.16.1.2/32",
+            "tcp",
+            dport,
+            vec![ProtoRoute {
+                prefix: "198.51.100.0/24".into(),
+                next_hop: "172.16.1.1".into(),
+            }],
+        ),
+        policy("2001:db8:1::2/128", "udp", "5353", vec![]),
+    ];
+    ctx
+}
+
+impl Ns {
+    /// `ip -j` output as a list; a table that does not exist (yet) is empty.
+    fn json(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        let (ok, out) = run("ip", &full);
+        if !ok && out.contains("table does not exist") {
+            return Vec::new();
+        }
+        assert!(ok, "ip {full:?}: {out}");
+        if out.trim().is_empty() {
+            return Vec::new();
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    /// The IPv4 then IPv6 rules as `ip -j rule` lists them, without the kernel's own
+    /// (`local`, `main`, `default`).
+    fn rules(&self) -> Vec<serde_json::Value> {
+        let mut v = self.json(&["-4", "-j", "rule"]);
+        v.extend(self.json(&["-6", "-j", "rule"]));
+        v.retain(|r| !matches!(r["table"].as_str(), Some("local" | "main" | "default")));
+        v
+    }
+
+    /// The routes of `table`, IPv4 then IPv6, as `ip -j route` lists them.
+    fn table_routes(&self, table: &str) -> Vec<serde_json::Value> {
+        let mut v = self.json(&["-4", "-j", "route", "show", "table", table]);
+        v.extend(self.json(&["-6", "-j", "route", "show", "table", table]));
+        v
+    }
+
+    /// Which table the kernel picks for a TCP packet from the client to `dst` port
+    /// `dport` (`ip route get`), or the error.
+    fn route_get(&self, dst: &str, dport: &str) -> (bool, String) {
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.name,
+                "route",
+                "get",
+                dst,
+                "from",
+                "172.16.1.2",
+                "ipproto",
+                "tcp",
+                "dport",
+                dport,
+            ],
+        )
+    }
+
+    /// Routes of every table but `local` through `dev` that are not in `main`.
+    fn policy_table_routes(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for fam in ["-4", "-6"] {
+            let out = self.show(&[fam, "route", "show", "table", "all"]);
+            v.extend(
+                out.lines()
+                    .filter(|l| l.contains(" table ") && !l.contains("table local"))
+                    .map(|l| l.trim().to_string()),
+            );
+        }
+        v
+    }
+}
+
+#[tokio::test]
+async fn a_policy_route_gets_a_rule_and_a_table_in_the_client_pod_and_close_removes_both() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    let (client, endpoint) = plans(&policy_context("8080"));
+    let mut created = kernel_side_up(&a.open(), &b.open(), client, endpoint)
+        .await
+        .unwrap();
+
+    let rules = a.rules();
+    assert_eq!(rules.len(), 2, "{rules:?}");
+    let v4 = &rules[0];
+    assert_eq!(v4["src"], "172.16.1.2", "{v4}");
+    assert_eq!(v4["ipproto"], "tcp", "{v4}");
+    assert_eq!(v4["dport"], 8080, "{v4}");
+    assert_eq!(v4["table"], "100", "the lowest free table from 100: {v4}");
+    let v6 = &rules[1];
+    assert_eq!(v6["src"], "2001:db8:1::2", "{v6}");
+    assert_eq!(v6["ipproto"], "udp", "{v6}");
+    assert_eq!(v6["table"], "101", "{v6}");
+    assert!(b.rules().is_empty(), "the endpoint's pod gets no rule");
+
+    let t100 = a.table_routes("100");
+    assert_eq!(t100.len(), 1, "{t100:?}");
+    assert_eq!(t100[0]["dst"], "198.51.100.0/24");
+    assert_eq!(t100[0]["gateway"], "172.16.1.1");
+    assert_eq!(t100[0]["dev"], "nsm-1");
+    assert!(
+        t100[0]["flags"].to_string().contains("onlink"),
+        "{}",
+        t100[0]
+    );
+    let t101 = a.table_routes("101");
+    assert_eq!(t101.len(), 1, "{t101:?}");
+    assert_eq!(t101[0]["dst"], "default", "no routes: a default route");
+    assert_eq!(t101[0]["dev"], "nsm-1");
+
+    // The rule really steers (its action is "to table"): TCP to port 8080 finds the
+    // route in table 100, other ports find no route at all.
+    let (ok, out) = a.route_get("198.51.100.7", "8080");
+    assert!(
+        ok && out.contains("via 172.16.1.1") && out.contains("table 100"),
+        "{out}"
+    );
+    let (ok, out) = a.route_get("198.51.100.7", "9090");
+    assert!(!ok, "{out}");
+
+    // A refresh with the same policies: not a single change in the namespace.
+    let mut monitor = tokio::process::Command::new("ip")
+        .args(["-n", &a.name, "monitor", "rule", "route", "address", "link"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (client, _) = plans(&policy_context("8080"));
+    created.refresh(PodSide::Client, client).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    monitor.start_kill().unwrap();
+    let events = monitor.wait_with_output().await.unwrap();
+    assert!(
+        events.stdout.is_empty(),
+        "an unchanged refresh changed the kernel: {}",
+        String::from_utf8_lossy(&events.stdout)
+    );
+    let tables: Vec<_> = created
+        .plan(PodSide::Client)
+        .policies()
+        .iter()
+        .map(|p| p.table())
+        .collect();
+    assert_eq!(tables, [Some(100), Some(101)]);
+    assert_eq!(a.rules(), rules);
+
+    // Close removes what was added, rules included.
+    down(created).await.unwrap();
+    assert!(a.rules().is_empty(), "{:?}", a.rules());
+    assert!(a.table_routes("100").is_empty() && a.table_routes("101").is_empty());
+    assert!(
+        a.policy_table_routes().is_empty(),
+        "{:?}",
+        a.policy_table_routes()
+    );
+    assert_eq!(
+        (a.links(), b.links()),
+        (vec!["lo".into()], vec!["lo".into()])
+    );
+}
+
+#[tokio::test]
+async fn a_changed_policy_replaces_the_old_rule_and_empties_its_table() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    let (client, endpoint) = plans(&policy_context("8080"));
+    let mut created = kernel_side_up(&a.open(), &b.open(), client, endpoint)
+        .await
+        .unwrap();
+    let (client, _) = plans(&policy_context("9090"));
+    created.refresh(PodSide::Client, client).await.unwrap();
+
+    let rules = a.rules();
+    assert_eq!(rules.len(), 2, "{rules:?}");
+    assert_eq!(rules[0]["dport"], 9090, "{rules:?}");
+    assert_eq!(rules[0]["table"], "102", "a table of its own: {rules:?}");
+    assert_eq!(
+        rules[1]["table"], "101",
+        "the unchanged policy keeps its table"
+    );
+    assert!(
+        a.table_routes("100").is_empty(),
+        "{:?}",
+        a.table_routes("100")
+    );
+    assert_eq!(a.table_routes("102").len(), 1);
+    assert!(a.route_get("198.51.100.7", "9090").1.contains("table 102"));
+    assert!(!a.route_get("198.51.100.7", "8080").0);
+
+    down(created).await.unwrap();
+    assert!(a.rules().is_empty(), "{:?}", a.rules());
+    assert!(a.policy_table_routes().is_empty());
+}
+
+#[tokio::test]
+async fn a_forwarder_that_replaces_a_dead_one_takes_over_its_rules_without_duplicates() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    let (client, endpoint) = owned_plans(&policy_context("8080"), "conn-1");
+    let first = kernel_side_up(&a.open(), &b.open(), client.clone(), endpoint.clone())
+        .await
+        .unwrap();
+    let rules = a.rules();
+    // The forwarder dies: the pair and its rules stay.
+    drop(first);
+    let again = kernel_side_up(&a.open(), &b.open(), client, endpoint)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.rules(),
+        rules,
+        "the same rules, each once, in the same tables"
+    );
+    assert_eq!(a.table_routes("100").len(), 1, "on the new link");
+    assert!(a.route_get("198.51.100.7", "8080").0);
+    down(again).await.unwrap();
+    assert!(a.rules().is_empty(), "{:?}", a.rules());
+}
+
+#[tokio::test]
+async fn a_bad_policy_port_or_protocol_is_invalid_argument_and_nothing_is_left() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    for (proto, dport, field) in [
+        ("tcp", "65535", "ip_context.policies.dst_port"),
+        ("tcp", "0-80", "ip_context.policies.dst_port"),
+        ("tcp", "http", "ip_context.policies.dst_port"),
+        ("tcpx", "8080", "ip_context.policies.proto"),
+        ("300", "8080", "ip_context.policies.proto"),
+    ] {
+        let mut ctx = default_context();
+        ctx.ip_context.as_mut().unwrap().policies =
+            vec![policy("172.16.1.2/32", proto, dport, vec![])];
+        let err = plan_from_context(&ctx, PodSide::Client, "nsm-1").unwrap_err();
+        assert!(err.to_string().starts_with(field), "{proto} {dport}: {err}");
+        assert!(matches!(
+            nsm_sdk::Error::from(err),
+            nsm_sdk::Error::InvalidArgument(_)
+        ));
+    }
+    // The kernel agrees: it refuses port 65535 and port 0 in a rule.
+    for dport in ["65535", "0-80"] {
+        let (ok, out) = run(
+            "ip",
+            &[
+                "-n",
+                &a.name,
+                "rule",
+                "add",
+                "from",
+                "172.16.1.2",
+                "ipproto",
+                "tcp",
+                "dport",
+                dport,
+                "lookup",
+                "100",
+            ],
+        );
+        assert!(!ok, "{dport}: {out}");
+    }
+    assert!(a.rules().is_empty() && b.rules().is_empty());
+    assert!(a.policy_table_routes().is_empty());
+    assert_eq!(
+        (a.links(), b.links()),
+        (vec!["lo".into()], vec!["lo".into()])
+    );
 }

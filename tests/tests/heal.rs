@@ -474,3 +474,59 @@ fn a_custom_reselect_function_shapes_the_reselect_request() {
         assert_eq!(nse2.counter.closes(), 1);
     });
 }
+
+/// SCENARIOS 30 (refresh failed, data plane broken). Go advances a mock clock past the
+/// refresh point of a 15-minute token; here the tokens live 6 s, so the first refresh
+/// comes 1.2-2.4 s after the request, in real time. NSE-1 fails every request after the
+/// first, so that refresh fails; heal keeps re-requesting while the liveness check says
+/// the data plane works, and once it reports it dead, heal reselects to NSE-2 exactly
+/// once (no repeated heals: NSE-2 sees one request until its own first refresh, which
+/// cannot come before 1.2 s).
+#[test]
+fn a_failed_refresh_then_a_dead_data_plane_reselects_exactly_once() {
+    scenario(false, async {
+        let mesh = Sandbox::builder()
+            .nodes(1)
+            .token_lifetime(Duration::from_secs(6))
+            .build()
+            .await
+            .unwrap();
+        let nse1 = endpoint(mesh.node(0), "nse-1").await;
+        nse1.inject.fail_after(1);
+        let broken = Arc::new(AtomicBool::new(false));
+        let nsc = nsc(
+            mesh.node(0),
+            heal_options()
+                .liveness(dead_while_on("nse-1", broken.clone()))
+                .liveness_interval(Duration::from_millis(100)),
+        );
+        let conn = nsc
+            .chain
+            .request(&mut Cx::client(), request("icmp"))
+            .await
+            .unwrap();
+        assert_eq!(conn.network_service_endpoint_name, "nse-1");
+        let nse2 = endpoint(mesh.node(0), "nse-2").await;
+        eventually("the refresh reached nse-1", Duration::from_secs(5), || {
+            nse1.counter.requests() >= 2
+        })
+        .await;
+        assert_eq!(
+            nse2.counter.requests(),
+            0,
+            "moved before the data plane died"
+        );
+        let since = Instant::now();
+        broken.store(true, Ordering::SeqCst);
+        healed_to(&nsc, "nse-2", since, "refresh failed, data plane broken").await;
+        assert_eq!(nse2.counter.requests(), 1);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            nse2.counter.requests(),
+            1,
+            "heal reached NSE-2 more than once"
+        );
+        nsc.chain.close(&mut Cx::client(), conn).await.unwrap();
+        assert_eq!(nse2.counter.closes(), 1);
+    });
+}

@@ -13,8 +13,9 @@
 //!   `mechanism_translation`): offers an empty KERNEL preference on a first request;
 //!   when the endpoint has answered, reads the endpoint's `name` and `inodeURL` from the
 //!   returned mechanism and creates the pair with [`kernel_side_up`], the client's end
-//!   programmed from [`plan_from_context`] for [`PodSide::Client`], the endpoint's for
-//!   [`PodSide::Endpoint`], each end marked with [`veth_alias`] of the connection's
+//!   programmed from [`plan_from_context`] for [`PodSide::Client`] (with the context's
+//!   policy routes: a rule and a routing table each in the client's pod, as Go's
+//!   `iprule` on the NSC side), the endpoint's for [`PodSide::Endpoint`], each end marked with [`veth_alias`] of the connection's
 //!   first path segment id (so a forwarder that replaces a dead one recognises the
 //!   pair it left behind and replaces it, see [`crate::veth`]). The MTU is
 //!   `context.MTU`, else the client mechanism's `MTU` parameter, else
@@ -24,14 +25,16 @@
 //!   [ping liveness check](crate::liveness) without privileges. A refresh brings both ends to the new plans
 //!   with [`Created::refresh`] (an unchanged context touches nothing); when either
 //!   end's namespace or name changed, or the pair died with a pod, the old pair is
-//!   deleted and a new one made. Close deletes the pair with [`down`], then passes on.
+//!   deleted and a new one made. Close deletes the policy rules and the pair with
+//!   [`down`], then passes on.
 //!
 //! State: per connection of the client chain (needs `begin` there), the [`Created`]
 //! pair and which namespaces and names it joins.
 //!
 //! Failure handled: a bad name, URL or MTU is InvalidArgument and a missing namespace
-//! NotFound, found before the endpoint is called when they are the client's;
-//! [`kernel_side_up`] removes a half-made pair itself. A pair left in the kernel by a
+//! NotFound, found before the endpoint is called when they are the client's; a bad
+//! policy route in the answered context (port, protocol, prefix) is InvalidArgument
+//! before anything is made; [`kernel_side_up`] removes a half-made pair itself. A pair left in the kernel by a
 //! dead forwarder for the same connection is replaced; an interface name held by any
 //! other link is InvalidArgument naming that link's alias. When a first request fails
 //! after the endpoint answered, the endpoint's connection is closed again, so nothing
@@ -384,7 +387,7 @@ mod tests {
     use super::*;
     use crate::mechanism::tests_support::Grab;
     use nsm_sdk::handlers::{begin, connect, mechanism_translation};
-    use nsm_sdk::proto::connectioncontext::ConnectionContext;
+    use nsm_sdk::proto::connectioncontext::{ConnectionContext, IpContext, PolicyRoute};
     use nsm_sdk::Chain;
     use std::sync::atomic::AtomicUsize;
     use tonic::Code;
@@ -395,6 +398,7 @@ mod tests {
     struct FakeNse {
         mtu: u32,
         name: Option<&'static str>,
+        policies: Vec<PolicyRoute>,
         closes: Arc<AtomicUsize>,
     }
 
@@ -419,6 +423,10 @@ mod tests {
             conn.mechanism = Some(m);
             conn.context = Some(ConnectionContext {
                 mtu: self.mtu,
+                ip_context: Some(IpContext {
+                    policies: self.policies.clone(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             });
             Ok(conn)
@@ -567,6 +575,32 @@ mod tests {
             ),
             // The endpoint did not say which interface is its.
             (FakeNse::default(), Code::Internal),
+            // A policy route with a port the kernel would refuse.
+            (
+                FakeNse {
+                    name: Some("nse-1"),
+                    policies: vec![PolicyRoute {
+                        from: "172.16.1.2/32".into(),
+                        proto: "tcp".into(),
+                        dst_port: "65535".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                Code::InvalidArgument,
+            ),
+            // ... or an unknown protocol.
+            (
+                FakeNse {
+                    name: Some("nse-1"),
+                    policies: vec![PolicyRoute {
+                        proto: "tcpx".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                Code::InvalidArgument,
+            ),
         ] {
             let err = forwarder(nse.clone())
                 .request(&mut Cx::server(), req(client.clone()))

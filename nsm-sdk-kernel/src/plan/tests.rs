@@ -1,6 +1,6 @@
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
-use nsm_proto::connectioncontext::IpContext;
+use nsm_proto::connectioncontext::{IpContext, PolicyRoute};
 
 use super::*;
 
@@ -374,8 +374,9 @@ fn a_plan_for_another_interface_is_applied_from_scratch() {
 struct SimState {
     mtu: Option<Mtu>,
     addresses: Vec<IpNet>,
-    routes: HashMap<IpNet, Route>,
+    routes: HashMap<(u32, IpNet), Route>,
     neighbours: HashMap<IpAddr, Neighbour>,
+    rules: Vec<Rule>,
 }
 
 fn simulate(start: &Plan, ops: &[Op]) -> SimState {
@@ -397,10 +398,10 @@ fn apply_sim(s: &mut SimState, ops: &[Op]) {
             }
             Op::DelAddress(a) => s.addresses.retain(|x| *x != a),
             Op::AddRoute(r) => {
-                s.routes.insert(r.dst(), r);
+                s.routes.insert((r.table(), r.dst()), r);
             }
             Op::DelRoute(r) => {
-                s.routes.remove(&r.dst());
+                s.routes.remove(&(r.table(), r.dst()));
             }
             Op::AddNeighbour(n) => {
                 s.neighbours.insert(n.ip, n);
@@ -408,9 +409,16 @@ fn apply_sim(s: &mut SimState, ops: &[Op]) {
             Op::DelNeighbour(n) => {
                 s.neighbours.remove(&n.ip);
             }
+            Op::AddRule(r) => {
+                if !s.rules.contains(&r) {
+                    s.rules.push(r);
+                }
+            }
+            Op::DelRule(r) => s.rules.retain(|x| *x != r),
         }
     }
     s.addresses.sort();
+    s.rules.sort_by_key(|r| r.table());
 }
 
 #[test]
@@ -438,4 +446,399 @@ fn an_alias_the_kernel_would_refuse_is_invalid_and_the_alias_is_not_an_op() {
         Plan::changes(None, &longest),
         Plan::changes(None, &Plan::new(name()))
     );
+}
+
+fn policy_route(
+    from: &str,
+    proto: &str,
+    dport: &str,
+    sport: &str,
+    routes: Vec<ProtoRoute>,
+) -> PolicyRoute {
+    PolicyRoute {
+        from: from.into(),
+        proto: proto.into(),
+        dst_port: dport.into(),
+        src_port: sport.into(),
+        routes,
+    }
+}
+
+fn with_policies(policies: Vec<PolicyRoute>) -> ConnectionContext {
+    let mut ctx = p2p_context();
+    ctx.ip_context.as_mut().unwrap().policies = policies;
+    ctx
+}
+
+/// `from 172.16.0.2/32 ipproto tcp dport 8080` via the endpoint, and `from
+/// 172.16.0.2 sport 1000-2000` with no route of its own.
+fn two_policies() -> ConnectionContext {
+    with_policies(vec![
+        policy_route(
+            "172.16.0.2/32",
+            "tcp",
+            "8080",
+            "",
+            vec![route("10.80.0.7/16", "172.16.0.1")],
+        ),
+        policy_route("172.16.0.2", "", "", "1000-2000", vec![]),
+    ])
+}
+
+fn ports(a: u16, b: u16) -> PortRange {
+    PortRange::new(a, b).unwrap()
+}
+
+/// The plan with tables as if the namespace used none.
+fn assigned(plan: Plan, old: Option<&Plan>) -> Plan {
+    plan.assign_tables(old, &BTreeSet::new(), &[]).unwrap()
+}
+
+#[test]
+fn each_policy_route_becomes_a_rule_and_routes_of_its_own_on_the_client_side_only() {
+    let plan = plan_from_context(&two_policies(), PodSide::Client, "nsm-1").unwrap();
+    let [tcp, sport] = plan.policies() else {
+        panic!("{:?}", plan.policies())
+    };
+    assert_eq!(
+        *tcp.rule(),
+        Rule::new(Family::V4)
+            .with_from(net("172.16.0.2/32"))
+            .with_proto(6)
+            .with_dst_port(ports(8080, 8080))
+    );
+    assert_eq!(
+        tcp.routes(),
+        [Route::universe(net("10.80.0.0/16"), Some(ip("172.16.0.1"))).in_table(0)],
+        "masked, with its own next hop"
+    );
+    assert_eq!(tcp.table(), None, "chosen when applied");
+    assert_eq!(
+        *sport.rule(),
+        Rule::new(Family::V4)
+            .with_from(net("172.16.0.2/32"))
+            .with_src_port(ports(1000, 2000))
+    );
+    assert_eq!(
+        sport.routes(),
+        [Route::universe(net("0.0.0.0/0"), None).in_table(0)],
+        "a policy without routes gets a default route"
+    );
+    assert_eq!(
+        plan.routes(),
+        plan_from_context(&p2p_context(), PodSide::Client, "nsm-1")
+            .unwrap()
+            .routes(),
+        "the main table is unchanged"
+    );
+    let endpoint = plan_from_context(&two_policies(), PodSide::Endpoint, "nse-1").unwrap();
+    assert!(endpoint.policies().is_empty());
+}
+
+#[test]
+fn protocols_are_taken_by_name_or_number_and_the_family_follows_the_source() {
+    for (proto, number) in [
+        ("tcp", 6),
+        ("UDP", 17),
+        ("icmp", 1),
+        ("icmpv6", 58),
+        ("47", 47),
+    ] {
+        let p = policy_from_context(&policy_route("", proto, "", "", vec![])).unwrap();
+        assert_eq!(p.rule().proto(), Some(number), "{proto}");
+        assert_eq!(p.rule().family(), Family::V4);
+        assert_eq!(p.rule().from(), None);
+    }
+    let v6 = policy_from_context(&policy_route("2001:db8::2", "", "", "", vec![])).unwrap();
+    assert_eq!(v6.rule().family(), Family::V6);
+    assert_eq!(v6.rule().from(), Some(net("2001:db8::2/128")));
+    assert_eq!(
+        v6.routes(),
+        [Route::universe(net("::/0"), None).in_table(0)]
+    );
+    let v6_routes = policy_from_context(&policy_route(
+        "",
+        "",
+        "",
+        "",
+        vec![route("2001:db8:5::/48", "")],
+    ))
+    .unwrap();
+    assert_eq!(v6_routes.rule().family(), Family::V6);
+}
+
+#[test]
+fn bad_policy_values_are_invalid_argument_naming_the_field() {
+    let cases = [
+        (
+            "ip_context.policies.proto",
+            policy_route("", "tcpx", "", "", vec![]),
+        ),
+        (
+            "ip_context.policies.proto",
+            policy_route("", "0", "", "", vec![]),
+        ),
+        (
+            "ip_context.policies.proto",
+            policy_route("", "256", "", "", vec![]),
+        ),
+        (
+            "ip_context.policies.dst_port",
+            policy_route("", "tcp", "0", "", vec![]),
+        ),
+        (
+            "ip_context.policies.dst_port",
+            policy_route("", "tcp", "65535", "", vec![]),
+        ),
+        (
+            "ip_context.policies.dst_port",
+            policy_route("", "tcp", "8080-80", "", vec![]),
+        ),
+        (
+            "ip_context.policies.dst_port",
+            policy_route("", "tcp", "80-", "", vec![]),
+        ),
+        (
+            "ip_context.policies.dst_port",
+            policy_route("", "tcp", "+80", "", vec![]),
+        ),
+        (
+            "ip_context.policies.dst_port",
+            policy_route("", "tcp", "http", "", vec![]),
+        ),
+        (
+            "ip_context.policies.src_port",
+            policy_route("", "tcp", "", "70000", vec![]),
+        ),
+        (
+            "ip_context.policies.from",
+            policy_route("172.16.0.300/32", "", "", "", vec![]),
+        ),
+        (
+            "ip_context.policies.routes",
+            policy_route("", "", "", "", vec![route("10.0.0.0/33", "")]),
+        ),
+    ];
+    for (field, bad) in cases {
+        let ctx = with_policies(vec![bad.clone()]);
+        let err = plan_from_context(&ctx, PodSide::Client, "nsm-1").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with(field), "{bad:?}: {text}");
+        assert!(
+            matches!(
+                nsm_sdk::Error::from(err),
+                nsm_sdk::Error::InvalidArgument(_)
+            ),
+            "{bad:?}"
+        );
+        assert!(
+            plan_from_context(&ctx, PodSide::Endpoint, "nse-1").is_ok(),
+            "the endpoint side does not read policies"
+        );
+    }
+    assert_eq!(PortRange::parse("1-65534"), Some(ports(1, 65534)));
+    assert_eq!(
+        PortRange::parse("8080").map(|r| r.to_string()),
+        Some("8080".into())
+    );
+}
+
+#[test]
+fn tables_are_the_lowest_free_ids_from_the_base_and_a_refresh_keeps_them() {
+    let plan = plan_from_context(&two_policies(), PodSide::Client, "nsm-1").unwrap();
+    assert!(plan.needs_tables(None));
+    let in_use = BTreeSet::from([100, 101, 103, 254, 255]);
+    let applied = plan.clone().assign_tables(None, &in_use, &[]).unwrap();
+    let tables: Vec<_> = applied.policies().iter().map(Policy::table).collect();
+    assert_eq!(tables, [Some(102), Some(104)]);
+    assert!(applied.policies()[0]
+        .routes()
+        .iter()
+        .all(|r| r.table() == 102));
+
+    // A refresh with the same policies: same tables, no kernel lookup, no op.
+    assert!(!plan.needs_tables(Some(&applied)));
+    let again = assigned(plan, Some(&applied));
+    assert_eq!(again, applied);
+    assert!(Plan::changes(Some(&applied), &again).is_empty());
+}
+
+#[test]
+fn the_kernel_tables_253_to_255_are_never_taken() {
+    let plan = plan_from_context(&two_policies(), PodSide::Client, "nsm-1").unwrap();
+    let in_use: BTreeSet<u32> = (100..=252).collect();
+    let applied = plan.assign_tables(None, &in_use, &[]).unwrap();
+    let tables: Vec<_> = applied.policies().iter().map(Policy::table).collect();
+    assert_eq!(tables, [Some(256), Some(257)]);
+}
+
+#[test]
+fn a_rule_left_by_a_dead_forwarder_gives_its_table_back() {
+    let plan = plan_from_context(&two_policies(), PodSide::Client, "nsm-1").unwrap();
+    let tcp = *plan.policies()[0].rule();
+    let left = [tcp.with_table(7), tcp.with_table(120)];
+    let in_use = BTreeSet::from([7, 120]);
+    let applied = plan.assign_tables(None, &in_use, &left).unwrap();
+    let tables: Vec<_> = applied.policies().iter().map(Policy::table).collect();
+    // Table 7 is below the base: not ours to take over.
+    assert_eq!(tables, [Some(120), Some(100)]);
+}
+
+#[test]
+fn a_fresh_plan_fills_each_table_before_its_rule_points_at_it() {
+    let plan = assigned(
+        plan_from_context(&two_policies(), PodSide::Client, "nsm-1").unwrap(),
+        None,
+    );
+    let [tcp, sport] = plan.policies() else {
+        panic!()
+    };
+    let ops = Plan::changes(None, &plan);
+    assert_eq!(
+        ops[ops.len() - 4..],
+        [
+            Op::AddRoute(tcp.routes()[0]),
+            Op::AddRule(*tcp.rule()),
+            Op::AddRoute(sport.routes()[0]),
+            Op::AddRule(*sport.rule()),
+        ]
+    );
+    assert_eq!(tcp.rule().table(), 100);
+    assert_eq!(
+        ops[ops.len() - 3].to_string(),
+        "add rule from 172.16.0.2/32 ipproto 6 dport 8080 lookup 100"
+    );
+}
+
+#[test]
+fn a_changed_policy_replaces_the_old_one_rule_first_and_gets_another_table() {
+    let old = assigned(
+        plan_from_context(&two_policies(), PodSide::Client, "nsm-1").unwrap(),
+        None,
+    );
+    let ctx = with_policies(vec![
+        policy_route(
+            "172.16.0.2/32",
+            "tcp",
+            "9090",
+            "",
+            vec![route("10.80.0.7/16", "172.16.0.1")],
+        ),
+        policy_route("172.16.0.2", "", "", "1000-2000", vec![]),
+    ]);
+    let new = assigned(
+        plan_from_context(&ctx, PodSide::Client, "nsm-1").unwrap(),
+        Some(&old),
+    );
+    assert_eq!(
+        new.policies()[0].table(),
+        Some(102),
+        "100 and 101 are the old plan's"
+    );
+    assert_eq!(new.policies()[1], old.policies()[1], "unchanged");
+    let ops = Plan::changes(Some(&old), &new);
+    assert_eq!(
+        ops,
+        [
+            Op::DelRule(*old.policies()[0].rule()),
+            Op::DelRoute(old.policies()[0].routes()[0]),
+            Op::AddRoute(new.policies()[0].routes()[0]),
+            Op::AddRule(*new.policies()[0].rule()),
+        ]
+    );
+    assert_eq!(simulate(&old, &ops), simulate(&new, &[]));
+}
+
+#[test]
+fn a_policy_with_new_routes_keeps_its_rule_and_table() {
+    let old = assigned(
+        plan_from_context(&two_policies(), PodSide::Client, "nsm-1").unwrap(),
+        None,
+    );
+    let mut ctx = two_policies();
+    ctx.ip_context.as_mut().unwrap().policies[0].routes = vec![route("10.90.0.0/16", "")];
+    let new = assigned(
+        plan_from_context(&ctx, PodSide::Client, "nsm-1").unwrap(),
+        Some(&old),
+    );
+    let ops = Plan::changes(Some(&old), &new);
+    assert_eq!(
+        ops,
+        [
+            Op::DelRoute(old.policies()[0].routes()[0]),
+            Op::AddRoute(Route::universe(net("10.90.0.0/16"), None).in_table(100)),
+        ]
+    );
+    assert_eq!(simulate(&old, &ops), simulate(&new, &[]));
+}
+
+#[test]
+fn dropping_the_last_ipv4_address_reinstalls_the_policy_routes_too() {
+    let name = || IfName::new("nsm-1").unwrap();
+    let policy = Policy::new(Rule::new(Family::V4).with_proto(17))
+        .with_route(Route::universe(net("10.0.0.0/8"), Some(ip("172.16.0.1"))));
+    let old = assigned(
+        Plan::new(name())
+            .with_address(net("172.16.0.2/32"))
+            .with_policy(policy.clone()),
+        None,
+    );
+    let new = assigned(Plan::new(name()).with_policy(policy), Some(&old));
+    let r = new.policies()[0].routes()[0];
+    assert_eq!(
+        Plan::changes(Some(&old), &new),
+        [
+            Op::DelRoute(r),
+            Op::DelAddress(net("172.16.0.2/32")),
+            Op::AddRoute(r)
+        ]
+    );
+}
+
+#[test]
+fn undo_removes_the_rules_first_then_everything_else() {
+    let plan = assigned(
+        plan_from_context(&two_policies(), PodSide::Client, "nsm-1").unwrap(),
+        None,
+    );
+    let ops = plan.undo();
+    assert!(
+        matches!(ops[..2], [Op::DelRule(_), Op::DelRule(_)]),
+        "{ops:?}"
+    );
+    assert_eq!(simulate(&plan, &[]).rules.len(), 2);
+    let left = simulate(&plan, &ops);
+    assert!(left.rules.is_empty() && left.routes.is_empty() && left.addresses.is_empty());
+}
+
+#[test]
+fn policies_without_a_table_are_not_part_of_the_diff() {
+    let plan = plan_from_context(&two_policies(), PodSide::Client, "nsm-1").unwrap();
+    let ops = Plan::changes(None, &plan);
+    assert!(ops.iter().all(|op| !matches!(op, Op::AddRule(_))
+        && !matches!(op, Op::AddRoute(r) if r.table() != MAIN_TABLE)));
+    assert!(plan.undo().iter().all(|op| !matches!(op, Op::DelRule(_))));
+}
+
+#[test]
+fn two_policies_with_the_same_rule_are_one_the_later_wins() {
+    let ctx = with_policies(vec![
+        policy_route(
+            "172.16.0.2/32",
+            "tcp",
+            "80",
+            "",
+            vec![route("10.1.0.0/16", "")],
+        ),
+        policy_route(
+            "172.16.0.2/32",
+            "6",
+            "80",
+            "",
+            vec![route("10.2.0.0/16", "")],
+        ),
+    ]);
+    let plan = plan_from_context(&ctx, PodSide::Client, "nsm-1").unwrap();
+    assert_eq!(plan.policies().len(), 1);
+    assert_eq!(plan.policies()[0].routes()[0].dst(), net("10.2.0.0/16"));
 }

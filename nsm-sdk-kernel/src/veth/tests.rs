@@ -495,3 +495,119 @@ async fn a_failure_setting_an_alias_deletes_the_new_pair() {
     assert_eq!(err.errno(), Some(22));
     assert!(pods.link_names().await.is_empty(), "nothing left behind");
 }
+
+/// The client's plan with a policy `from 172.16.0.2/32 ipproto 6 dport <dport>`
+/// routed through the endpoint.
+fn client_plan_with_policy(dport: u16) -> Plan {
+    use crate::plan::{Family, Policy, PortRange, Rule};
+    let rule = Rule::new(Family::V4)
+        .with_from(net("172.16.0.2/32"))
+        .with_proto(6)
+        .with_dst_port(PortRange::new(dport, dport).unwrap());
+    client_plan().with_policy(Policy::new(rule).with_route(Route::universe(
+        net("10.80.0.0/16"),
+        Some("172.16.0.1".parse().unwrap()),
+    )))
+}
+
+#[tokio::test]
+async fn down_removes_the_policy_rules_that_the_pair_does_not_take_along() {
+    let pods = pods();
+    let created = pods
+        .up(client_plan_with_policy(8080), endpoint_plan())
+        .await
+        .unwrap();
+    let applied = created.plan(PodSide::Client).clone();
+    assert_eq!(applied.policies()[0].table(), Some(100));
+    assert_eq!(
+        pods.client.rules().await.unwrap(),
+        [*applied.policies()[0].rule()]
+    );
+    let before = pods.client.calls().len();
+    down(created).await.unwrap();
+    assert_eq!(
+        pods.client.calls()[before..],
+        [
+            "client del_rule from 172.16.0.2/32 ipproto 6 dport 8080 lookup 100",
+            "client del_route nsc-0 10.80.0.0/16 table 100",
+            "client delete_link nsc-0",
+        ]
+    );
+    assert!(pods.client.rules().await.unwrap().is_empty());
+    assert!(pods.link_names().await.is_empty());
+}
+
+#[tokio::test]
+async fn down_of_a_pair_that_died_still_removes_its_rules() {
+    let pods = pods();
+    let created = pods
+        .up(client_plan_with_policy(8080), endpoint_plan())
+        .await
+        .unwrap();
+    // The endpoint pod died and took the pair along; the client's rule stays.
+    pods.endpoint
+        .delete_link(&IfName::new("nse-0").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(pods.client.rules().await.unwrap().len(), 1);
+    down(created).await.unwrap();
+    assert!(pods.client.rules().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_failure_programming_the_endpoint_removes_the_clients_rules_too() {
+    let pods = pods();
+    pods.client.fail_on("endpoint add_route", 22);
+    let err = pods
+        .up(client_plan_with_policy(8080), endpoint_plan())
+        .await
+        .unwrap_err();
+    assert_eq!(err.errno(), Some(22));
+    assert!(pods.link_names().await.is_empty());
+    assert!(
+        pods.client.rules().await.unwrap().is_empty(),
+        "no rule left"
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_keeps_an_unchanged_policy_and_replaces_a_changed_one() {
+    let pods = pods();
+    let mut created = pods
+        .up(client_plan_with_policy(8080), endpoint_plan())
+        .await
+        .unwrap();
+    let before = pods.client.calls().len();
+    created
+        .refresh(PodSide::Client, client_plan_with_policy(8080))
+        .await
+        .unwrap();
+    assert_eq!(pods.client.calls().len(), before, "same policy: no call");
+    assert_eq!(
+        created.plan(PodSide::Client).policies()[0].table(),
+        Some(100)
+    );
+
+    created
+        .refresh(PodSide::Client, client_plan_with_policy(9090))
+        .await
+        .unwrap();
+    let rules = pods.client.rules().await.unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(
+        rules[0].to_string(),
+        "from 172.16.0.2/32 ipproto 6 dport 9090 lookup 101"
+    );
+    let nsc = IfName::new("nsc-0").unwrap();
+    let tables: Vec<u32> = pods
+        .client
+        .routes(&nsc)
+        .await
+        .unwrap()
+        .iter()
+        .map(Route::table)
+        .collect();
+    assert_eq!(tables, [254, 101], "table 100 was emptied");
+    down(created).await.unwrap();
+    assert!(pods.client.rules().await.unwrap().is_empty());
+}
