@@ -1,4 +1,4 @@
-//! Heal scenarios through a sandbox mesh (SCENARIOS.md 5.3: 21, 22, 23, 25, 28, 32).
+//! Heal scenarios through a sandbox mesh (SCENARIOS.md 5.3: 21, 22, 23, 25, 28, 30, 32).
 //!
 //! The NSC chain is the client chain with `heal` among the application handlers, that
 //! is after `begin` and `retry` (see the `heal` module docs for why after `retry`), and

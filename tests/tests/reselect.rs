@@ -1,5 +1,5 @@
 //! Reselect and forwarder selection through restarts and deaths (SCENARIOS.md 5.3: 26,
-//! 29; 5.4: 33, 34, 35; 5.5: 36-40; 5.2: 18).
+//! 29, 31; 5.4: 33, 34, 35; 5.5: 36-40; 5.2: 18).
 //!
 //! The NSC chain is the client chain with `heal` among the application handlers (after
 //! `begin` and `retry`), then a [`Gate`], a counter of what heal lets through (the
@@ -886,4 +886,64 @@ async fn heal_recovers_when_the_forwarder_dies_during_a_midchain_refresh() {
     }
     assert_eq!(nse.counter.unique_requests(), 1);
     nsc.close(&conn).await;
+}
+
+/// SCENARIOS 31 (refresh failed, control plane broken): a refresh is paused inside the
+/// NSC's client chain (at the gate) when the forwarder dies; it then fails. A new
+/// forwarder appears and heal delivers exactly one more request to the NSE. (Go
+/// triggers the refresh with a mock clock; here it is the same Request event the
+/// refresh timer queues.) The NSC has no `retry`, as in scenario 18.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_paused_while_the_forwarder_dies_fails_and_heal_delivers_one_request() {
+    let mesh = Sandbox::builder().nodes(1).build().await.unwrap();
+    let nse = mesh
+        .node(0)
+        .endpoint(EndpointSpec::new("nse-1", "icmp"))
+        .await
+        .unwrap();
+    let nsc = nsc_with(mesh.node(0), heal_options(), None, false);
+    let conn = nsc.request("icmp").await;
+    let handle = nsc.answers.handle();
+    let before = nse.counter.requests();
+    let attempts = nsc.attempts.requests();
+
+    nsc.gate.set(false);
+    let refresh = handle.request_event(None);
+    // Let the refresh reach the gate (it has not passed it: the gate is closed).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        nsc.attempts.requests(),
+        attempts,
+        "the refresh passed a closed gate"
+    );
+    assert!(mesh.node(0).kill_forwarder("forwarder-0-0"));
+    nsc.gate.set(true);
+    assert!(
+        refresh.await.is_err(),
+        "the refresh through a dead forwarder succeeded"
+    );
+    assert_eq!(
+        nse.counter.requests(),
+        before,
+        "the failed refresh reached the NSE"
+    );
+
+    mesh.node(0)
+        .restart_forwarder("forwarder-0-0")
+        .await
+        .unwrap();
+    eventually(
+        "heal delivered a request to the NSE",
+        Duration::from_secs(5),
+        || nse.counter.requests() > before,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        nse.counter.requests(),
+        before + 1,
+        "heal delivered more than one request"
+    );
+    nsc.close(&conn).await;
+    assert_eq!(nse.counter.closes(), 1);
 }
