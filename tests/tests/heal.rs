@@ -1,4 +1,4 @@
-//! Heal scenarios through a sandbox mesh (SCENARIOS.md 5.3: 21, 22, 23, 25, 28, 30, 32).
+//! Heal scenarios through a sandbox mesh (SCENARIOS.md 5.3: 21, 22, 23, 25 local and remote, 28, 30, 32).
 //!
 //! The NSC chain is the client chain with `heal` among the application handlers, that
 //! is after `begin` and `retry` (see the `heal` module docs for why after `retry`), and
@@ -528,5 +528,55 @@ fn a_failed_refresh_then_a_dead_data_plane_reselects_exactly_once() {
         );
         nsc.chain.close(&mut Cx::client(), conn).await.unwrap();
         assert_eq!(nse2.counter.closes(), 1);
+    });
+}
+
+/// SCENARIOS 25 (Remote): the NSE is remote; the forwarder on the NSE's node dies and a
+/// new one starts there. Heal re-routes through it (segment 4) to the same NSE
+/// connection: the NSE's segment keeps its id because the NSE keeps its name, so it
+/// sees a refresh (requests 2, one unique id); a refresh and the Close reach it.
+#[test]
+fn heals_through_a_new_forwarder_on_the_endpoints_node() {
+    scenario(false, async {
+        let mesh = Sandbox::builder().nodes(2).build().await.unwrap();
+        let nse = endpoint(mesh.node(0), "nse").await;
+        let nsc = nsc(mesh.node(1), heal_options());
+        let conn = nsc
+            .chain
+            .request(&mut Cx::client(), request("icmp"))
+            .await
+            .unwrap();
+        assert_eq!(names(&conn)[4], "forwarder-0-0");
+
+        let killed = Instant::now();
+        assert!(mesh.node(0).kill_forwarder("forwarder-0-0"));
+        mesh.node(0)
+            .add_forwarder("forwarder-0-1", HashMap::new())
+            .await
+            .unwrap();
+        eventually(
+            "healed through the new remote forwarder",
+            Duration::from_secs(8),
+            || {
+                nsc.answers
+                    .last()
+                    .is_some_and(|c| names(&c).get(4).map(String::as_str) == Some("forwarder-0-1"))
+            },
+        )
+        .await;
+        eprintln!("heal time (25 remote): {:?}", killed.elapsed());
+        assert_eq!(nse.counter.requests(), 2);
+        assert_eq!(nse.counter.unique_requests(), 1, "the same NSE connection");
+
+        let again = nsc
+            .chain
+            .request(&mut Cx::client(), refresh(&conn))
+            .await
+            .unwrap();
+        assert_eq!(names(&again)[4], "forwarder-0-1");
+        assert_eq!(nse.counter.requests(), 3);
+        let closes = nse.counter.closes();
+        nsc.chain.close(&mut Cx::client(), conn).await.unwrap();
+        assert_eq!(nse.counter.closes(), closes + 1);
     });
 }
