@@ -944,6 +944,11 @@ async fn a_refresh_paused_while_the_forwarder_dies_fails_and_heal_delivers_one_r
         before + 1,
         "heal delivered more than one request"
     );
+    // Whether heal's first try re-requests the old path or, when the new forwarder is
+    // not up yet, reselects (which closes the old path first) depends on timing; either
+    // way exactly one request reached the NSE, and the final Close reaches it once.
+    let closes = nse.counter.closes();
+    assert!(closes <= 1, "{closes} closes before the final one");
     nsc.close(&conn).await;
-    assert_eq!(nse.counter.closes(), 1);
+    assert_eq!(nse.counter.closes(), closes + 1);
 }
