@@ -1,4 +1,4 @@
-//! Heal scenarios through a sandbox mesh (SCENARIOS.md 5.3: 21, 22, 23, 25 local and remote, 28, 30, 32).
+//! Heal scenarios through a sandbox mesh (SCENARIOS.md 5.3: 21, 22, 23, 24, 25 local and remote, 28, 30, 32).
 //!
 //! The NSC chain is the client chain with `heal` among the application handlers, that
 //! is after `begin` and `retry` (see the `heal` module docs for why after `retry`), and
@@ -578,5 +578,44 @@ fn heals_through_a_new_forwarder_on_the_endpoints_node() {
         let closes = nse.counter.closes();
         nsc.chain.close(&mut Cx::client(), conn).await.unwrap();
         assert_eq!(nse.counter.closes(), closes + 1);
+    });
+}
+
+/// SCENARIOS 24 (skipped in Go, issue #1573): the NSE dies but the liveness check says
+/// the data plane is healthy: the NSC must not move to the new NSE. Our heal keeps
+/// re-requesting the same path (with backoff) while the data plane is reported alive,
+/// and reselects only once it is reported dead.
+#[test]
+fn a_healthy_data_plane_keeps_the_connection_on_its_endpoint_when_the_control_plane_dies() {
+    scenario(false, async {
+        let mesh = Sandbox::builder().nodes(1).build().await.unwrap();
+        let nse1 = endpoint(mesh.node(0), "nse-1").await;
+        let broken = Arc::new(AtomicBool::new(false));
+        let nsc = nsc(
+            mesh.node(0),
+            heal_options()
+                .liveness(dead_while_on("nse-1", broken.clone()))
+                .liveness_interval(Duration::from_millis(50)),
+        );
+        let conn = nsc
+            .chain
+            .request(&mut Cx::client(), request("icmp"))
+            .await
+            .unwrap();
+        let nse2 = endpoint(mesh.node(0), "nse-2").await;
+        nse1.kill();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            nse2.counter.requests(),
+            0,
+            "moved although the data plane is healthy"
+        );
+        assert_eq!(nsc.answers.last_endpoint(), "nse-1");
+        // Once the data plane is reported dead, heal moves.
+        let since = Instant::now();
+        broken.store(true, Ordering::SeqCst);
+        healed_to(&nsc, "nse-2", since, "24: data plane reported dead").await;
+        nsc.chain.close(&mut Cx::client(), conn).await.unwrap();
+        assert_eq!(nse2.counter.closes(), 1);
     });
 }
