@@ -6,7 +6,8 @@
 //! `update_token` and the gRPC client).
 //! Registry: endpoints registered through it (local NSEs and forwarders) are stored
 //! upstream under the manager's own URL (`local_bypass`) and resolved back to their
-//! local URL for local use; network services pass through.
+//! local URL for local use; network services pass through. Watching Finds to the
+//! registry reconnect by themselves when it restarts (`watch_reconnect`).
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::handlers::{
     connect, discover_forwarder, monitor_relay, timeout, update_path, update_token, Monitor,
 };
-use crate::registry::{local_bypass, validate, Registries, RegistryChain};
+use crate::registry::{local_bypass, validate, watch_reconnect, Registries, RegistryChain};
 use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
 
@@ -126,6 +127,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
     let registries = Registries {
         ns: RegistryChain::<NetworkService>::builder()
             .push(validate())
+            .push(watch_reconnect())
             .push(grpc_registry(
                 opts.channels.clone(),
                 opts.registry_url.clone(),
@@ -134,6 +136,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
         nse: RegistryChain::<NetworkServiceEndpoint>::builder()
             .push(validate())
             .push(local_bypass(opts.url.clone()))
+            .push(watch_reconnect())
             .push(grpc_registry(
                 opts.channels.clone(),
                 opts.registry_url.clone(),

@@ -272,3 +272,5 @@ pub use query::Matches;
 pub use validate::{validate, Validate};
 pub mod refresh;
 pub use refresh::{registry_refresh, RegistryRefresh};
+pub mod watch_reconnect;
+pub use watch_reconnect::{watch_reconnect, WatchReconnect};
