@@ -57,6 +57,10 @@ impl Ns {
         assert!(ok, "{out}");
         let mut v: Vec<String> = out
             .lines()
+            // Link lines start with the index; `ip` may also warn (stderr is merged
+            // here), e.g. "Peer netns reference is invalid." when another test's
+            // namespace is gone.
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
             .filter_map(|l| l.split(": ").nth(1))
             .map(|n| n.split('@').next().unwrap_or(n).to_string())
             .collect();

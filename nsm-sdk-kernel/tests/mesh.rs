@@ -74,7 +74,13 @@ impl Ns {
         full.extend_from_slice(args);
         let (ok, out) = run("ip", &full);
         assert!(ok, "ip {full:?}: {out}");
-        match serde_json::from_str::<Value>(&out) {
+        // `ip` may print a warning (stderr is merged into `out`), e.g. "Peer netns reference
+        // is invalid." when another test's namespace is gone: parse the JSON array only.
+        let json = match (out.find('['), out.rfind(']')) {
+            (Some(a), Some(b)) if a < b => &out[a..=b],
+            _ => out.as_str(),
+        };
+        match serde_json::from_str::<Value>(json) {
             Ok(Value::Array(v)) => v,
             _ if out.trim().is_empty() => Vec::new(),
             other => panic!("ip {full:?}: {other:?}"),

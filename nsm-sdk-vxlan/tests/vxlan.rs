@@ -42,6 +42,10 @@ impl Ns {
         let out = self.ip(&["-o", "link", "show"]);
         let mut v: Vec<String> = out
             .lines()
+            // Link lines start with the index; `ip` may also print a warning (on
+            // stderr, merged here) such as "Peer netns reference is invalid." when a
+            // namespace another test used is gone.
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
             .filter_map(|l| l.split(": ").nth(1))
             .map(|n| n.split('@').next().unwrap_or(n).to_string())
             .collect();
