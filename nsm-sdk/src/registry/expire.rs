@@ -23,10 +23,9 @@
 //! Unregister is logged and not retried (the store's Find also hides expired
 //! endpoints).
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -36,6 +35,7 @@ use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use super::slots::{Slot, Slots, Timer};
 use super::{RegistryHandler, RegistryNext};
 use crate::core::handler::WeakCursor;
 use crate::core::{spawn_owned, Cx};
@@ -70,8 +70,7 @@ impl Expire {
             inner: Arc::new_cyclic(|me| Inner {
                 default: default.min(MAX_EXPIRATION),
                 root: parent.child_token(),
-                slots: Mutex::new(HashMap::new()),
-                generation: AtomicU64::new(0),
+                slots: Slots::default(),
                 scheduled: AtomicUsize::new(0),
                 me: me.clone(),
             }),
@@ -101,8 +100,7 @@ impl fmt::Debug for Expire {
 struct Inner {
     default: Duration,
     root: CancellationToken,
-    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
-    generation: AtomicU64,
+    slots: Slots,
     scheduled: AtomicUsize,
     me: Weak<Inner>,
 }
@@ -113,18 +111,6 @@ impl Drop for Inner {
     }
 }
 
-#[derive(Default)]
-struct Slot {
-    /// Removed from the map: whoever waited for it must look the name up again.
-    dead: bool,
-    timer: Option<Timer>,
-}
-
-struct Timer {
-    token: CancellationToken,
-    generation: u64,
-}
-
 fn to_system_time(t: &Timestamp) -> Option<SystemTime> {
     SystemTime::try_from(*t).ok()
 }
@@ -132,19 +118,7 @@ fn to_system_time(t: &Timestamp) -> Option<SystemTime> {
 impl Inner {
     /// Exclusive access to the slot of `name`, created on demand.
     async fn lock(&self, name: &str) -> OwnedMutexGuard<Slot> {
-        loop {
-            let slot = self
-                .slots
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(name.to_string())
-                .or_default()
-                .clone();
-            let guard = slot.lock_owned().await;
-            if !guard.dead {
-                return guard;
-            }
-        }
+        self.slots.lock(name).await
     }
 
     /// Replaces the slot's timer (without cancelling the old one), keeping the count.
@@ -169,11 +143,7 @@ impl Inner {
         if let Some(t) = self.swap_timer(slot, None) {
             t.token.cancel();
         }
-        slot.dead = true;
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.slots.forget(name, slot);
     }
 
     /// Sets the slot's timer to unregister `entry` through `next` at `at`.
@@ -184,15 +154,9 @@ impl Inner {
         at: SystemTime,
         next: WeakCursor<dyn RegistryHandler<NetworkServiceEndpoint>>,
     ) {
-        let generation = self.generation.fetch_add(1, Ordering::SeqCst);
-        let token = self.root.child_token();
-        let old = self.swap_timer(
-            slot,
-            Some(Timer {
-                token: token.clone(),
-                generation,
-            }),
-        );
+        let timer = self.slots.timer(&self.root);
+        let (token, generation) = (timer.token.clone(), timer.generation);
+        let old = self.swap_timer(slot, Some(timer));
         if let Some(old) = old {
             old.token.cancel();
         }
@@ -522,11 +486,7 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::Unavailable);
         assert_eq!(exp.pending(), 0);
         assert_eq!(alive_tasks(), 0);
-        assert_eq!(
-            exp.inner.slots.lock().unwrap().len(),
-            0,
-            "no slot is left for the name"
-        );
+        assert_eq!(exp.inner.slots.len(), 0, "no slot is left for the name");
     }
 
     /// Fails the first Unregister, passes everything else on.

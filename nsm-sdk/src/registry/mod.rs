@@ -271,6 +271,7 @@ pub use memory::{memory, Memory, Stored};
 pub use query::Matches;
 pub use validate::{validate, Validate};
 pub mod refresh;
+mod slots;
 pub use refresh::{registry_refresh, RegistryRefresh};
 pub mod watch_reconnect;
 pub use watch_reconnect::{watch_reconnect, WatchReconnect};

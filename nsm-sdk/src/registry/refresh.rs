@@ -32,10 +32,9 @@
 //! previous refresh (if any) in place. An answer without an expiration stops refreshing:
 //! nothing expires.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -45,6 +44,7 @@ use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
+use super::slots::{Slot, Slots};
 use super::{RegistryHandler, RegistryNext};
 use crate::core::handler::WeakCursor;
 use crate::core::{spawn_owned, Cx};
@@ -124,8 +124,7 @@ impl RegistryRefresh {
             },
             inner: Arc::new(Inner {
                 root: parent.child_token(),
-                slots: Mutex::new(HashMap::new()),
-                generation: AtomicU64::new(0),
+                slots: Slots::default(),
                 pending: Arc::new(AtomicUsize::new(0)),
             }),
         }
@@ -184,8 +183,7 @@ impl fmt::Debug for RegistryRefresh {
 
 struct Inner {
     root: CancellationToken,
-    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
-    generation: AtomicU64,
+    slots: Slots,
     pending: Arc<AtomicUsize>,
 }
 
@@ -193,18 +191,6 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.root.cancel();
     }
-}
-
-#[derive(Default)]
-struct Slot {
-    /// Removed from the map: whoever waited for it must look the name up again.
-    dead: bool,
-    timer: Option<Timer>,
-}
-
-struct Timer {
-    token: CancellationToken,
-    generation: u64,
 }
 
 /// What a timer re-registers, and how.
@@ -241,31 +227,14 @@ fn time_left(t: Option<&Timestamp>) -> Option<Duration> {
 impl Inner {
     /// Exclusive access to the slot of `name`, created on demand.
     async fn lock(&self, name: &str) -> OwnedMutexGuard<Slot> {
-        loop {
-            let slot = self
-                .slots
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(name.to_string())
-                .or_default()
-                .clone();
-            let guard = slot.lock_owned().await;
-            if !guard.dead {
-                return guard;
-            }
-        }
+        self.slots.lock(name).await
     }
 
     /// Cancels the slot's timer and removes the slot (the caller holds it).
     fn forget(&self, name: &str, slot: &mut Slot) {
-        if let Some(t) = slot.timer.take() {
+        if let Some(t) = self.slots.forget(name, slot) {
             t.token.cancel();
         }
-        slot.dead = true;
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
     }
 }
 
@@ -273,12 +242,9 @@ impl RegistryRefresh {
     /// Replaces the slot's timer by one that refreshes `what` after `delay`, and again
     /// after each answer.
     fn schedule(&self, slot: &mut Slot, what: Refreshing, delay: Duration) {
-        let generation = self.inner.generation.fetch_add(1, Ordering::SeqCst);
-        let token = self.inner.root.child_token();
-        let old = slot.timer.replace(Timer {
-            token: token.clone(),
-            generation,
-        });
+        let timer = self.inner.slots.timer(&self.inner.root);
+        let (token, generation) = (timer.token.clone(), timer.generation);
+        let old = slot.timer.replace(timer);
         if let Some(old) = old {
             old.token.cancel();
         }
@@ -435,6 +401,7 @@ mod tests {
     use crate::Error;
     use futures::{FutureExt, StreamExt};
     use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
     use tokio::time::{sleep, Instant};
 
     fn nse(name: &str) -> NetworkServiceEndpoint {
@@ -634,7 +601,7 @@ mod tests {
         sleep(Duration::from_secs(20)).await;
         assert_eq!(s.wire.count(), count, "no re-registration after Unregister");
         assert!(s.registry.store().is_empty());
-        assert!(s.refresh.inner.slots.lock().unwrap().is_empty());
+        assert!(s.refresh.inner.slots.len() == 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -764,6 +731,6 @@ mod tests {
             .build();
         chain.register(&mut Cx::client(), nse("a")).await.unwrap();
         assert_eq!(refresh.pending(), 0);
-        assert!(refresh.inner.slots.lock().unwrap().is_empty());
+        assert!(refresh.inner.slots.len() == 0);
     }
 }
