@@ -18,14 +18,14 @@
 //! root (or without `ip`/`ping`) each test prints a skip line and passes.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use nsm_tests::{bin, read_lines, TempDir};
 use serde_json::Value;
 
 /// How long a process may take to get ready, or to do what a step waits for.
@@ -83,35 +83,6 @@ fn poll<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T 
         assert!(Instant::now() < until, "{what}: not within {within:?}");
         std::thread::sleep(POLL);
     }
-}
-
-/// The directory of the example binaries, built if one is missing.
-fn bin(name: &str) -> PathBuf {
-    static BUILT: Mutex<bool> = Mutex::new(false);
-    let exe = std::env::current_exe().expect("the test knows its path");
-    // target/<profile>/deps/kernel_processes-<hash> -> target/<profile>/
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test runs from target/<profile>/deps");
-    let path = dir.join(name);
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if !path.exists() && !*built {
-        *built = true;
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let status = Command::new(cargo)
-            .args(["build", "-p", "nsm-examples", "--bins"])
-            .current_dir(workspace)
-            .status();
-        eprintln!("built the example binaries: {status:?}");
-    }
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build -p nsm-examples --bins` first",
-        path.display()
-    );
-    path
 }
 
 /// A named network namespace (a "pod"). Dropped (also on panic), it kills every
@@ -236,36 +207,6 @@ impl Drop for Pod {
             let _ = run("kill", &["-KILL", pid]);
         }
         let _ = run("ip", &["netns", "del", &self.name]);
-    }
-}
-
-/// A fresh directory for one test's sockets and logs, removed when the test passes.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "nsm-kernel-{test}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&path).expect("temp dir");
-        TempDir(path)
-    }
-
-    fn unix(&self, name: &str) -> String {
-        format!("unix://{}", self.0.join(name).display())
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("logs kept in {}", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 }
 
@@ -404,20 +345,6 @@ impl Drop for Proc {
     }
 }
 
-/// Lines of `out`, read by a thread of their own.
-fn read_lines(out: ChildStdout) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 /// Starts programs of one test: the host-side ones (registry, manager, forwarder) on
 /// unix sockets in the test's directory, endpoints and clients inside pods.
 struct Mesh {
@@ -428,7 +355,7 @@ struct Mesh {
 
 impl Mesh {
     fn new(test: &str) -> Mesh {
-        let dir = TempDir::new(test);
+        let dir = TempDir::new("nsm-kernel", test);
         Mesh {
             nsmgr_url: dir.unix("nsmgr.sock"),
             forwarder_url: dir.unix("forwarder.sock"),

@@ -13,80 +13,19 @@
 //! level (default `info`).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use nsm_tests::{bin, read_lines, TempDir};
 use serde_json::Value;
 
 /// How long a process may take to get ready, or to do what a step waits for.
 const READY: Duration = Duration::from_secs(20);
 /// How long a process may take to exit after SIGTERM.
 const EXIT: Duration = Duration::from_secs(10);
-
-/// The directory of the example binaries, built if one is missing.
-fn bin(name: &str) -> PathBuf {
-    static BUILT: Mutex<bool> = Mutex::new(false);
-    let exe = std::env::current_exe().expect("the test knows its path");
-    // target/<profile>/deps/processes-<hash> -> target/<profile>/
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test runs from target/<profile>/deps");
-    let path = dir.join(name);
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if !path.exists() && !*built {
-        *built = true;
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let status = Command::new(cargo)
-            .args(["build", "-p", "nsm-examples", "--bins"])
-            .current_dir(workspace)
-            .status();
-        eprintln!("built the example binaries: {status:?}");
-    }
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build -p nsm-examples --bins` (or test the whole \
-         workspace) before this test",
-        path.display()
-    );
-    path
-}
-
-/// A fresh directory for one test's sockets and logs, removed when the test passes.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "nsm-{test}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&path).expect("temp dir");
-        TempDir(path)
-    }
-
-    fn unix(&self, name: &str) -> String {
-        format!("unix://{}", self.0.join(name).display())
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("logs kept in {}", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
 
 /// A port on 127.0.0.1 that was free a moment ago.
 fn free_port() -> u16 {
@@ -238,7 +177,7 @@ struct Mesh {
 impl Mesh {
     fn new(test: &str) -> Mesh {
         Mesh {
-            dir: TempDir::new(test),
+            dir: TempDir::new("nsm", test),
             env: Vec::new(),
         }
     }
@@ -357,20 +296,6 @@ impl Mesh {
             true,
         )
     }
-}
-
-/// Lines of `out`, read by a thread of their own.
-fn read_lines(out: ChildStdout) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 /// The names of the connection's path segments, and their ids.
