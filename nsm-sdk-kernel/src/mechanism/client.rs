@@ -31,6 +31,7 @@ use super::{generate_ifname, is_kernel, kernel_mechanism};
 pub struct KernelClient {
     netns_url: String,
     ifname: Option<String>,
+    bridged: bool,
 }
 
 /// The NSC side of KERNEL for a client whose pod namespace is `netns_url` (a `file://`
@@ -39,6 +40,7 @@ pub fn kernel_client(netns_url: impl Into<String>) -> KernelClient {
     KernelClient {
         netns_url: netns_url.into(),
         ifname: None,
+        bridged: false,
     }
 }
 
@@ -52,6 +54,14 @@ impl KernelClient {
     /// generated one). Checked on each Request.
     pub fn ifname(mut self, name: impl Into<String>) -> Self {
         self.ifname = Some(name.into());
+        self
+    }
+
+    /// Marks this client's interfaces [`BRIDGED`](super::BRIDGED): the pod bridges them
+    /// to another interface (a passthrough NSE's downstream side), so the forwarder
+    /// puts no addresses, routes or rules on them.
+    pub fn bridged(mut self) -> Self {
+        self.bridged = true;
         self
     }
 }
@@ -119,6 +129,9 @@ impl Handler for KernelClient {
         pref.parameters.insert(params::NAME.into(), name);
         pref.parameters
             .insert(params::INODE_URL.into(), self.netns_url.clone());
+        if self.bridged {
+            pref.parameters.insert(super::BRIDGED.into(), "true".into());
+        }
         next.request(cx, req).await
     }
 }

@@ -37,6 +37,7 @@ use super::{generate_ifname, is_kernel};
 pub struct KernelEndpoint {
     netns_url: String,
     ifname: Option<String>,
+    bridged: bool,
 }
 
 /// The NSE side of KERNEL for an endpoint whose pod namespace is `netns_url` (a
@@ -45,6 +46,7 @@ pub fn kernel_endpoint(netns_url: impl Into<String>) -> KernelEndpoint {
     KernelEndpoint {
         netns_url: netns_url.into(),
         ifname: None,
+        bridged: false,
     }
 }
 
@@ -52,6 +54,14 @@ impl KernelEndpoint {
     /// Uses this interface name for every connection (one connection at a time).
     pub fn ifname(mut self, name: impl Into<String>) -> Self {
         self.ifname = Some(name.into());
+        self
+    }
+
+    /// Marks this endpoint's interfaces [`BRIDGED`](super::BRIDGED): the endpoint
+    /// bridges them onward (a firewall in a service chain), so the forwarder puts no
+    /// addresses, routes or rules on them.
+    pub fn bridged(mut self) -> Self {
+        self.bridged = true;
         self
     }
 }
@@ -112,6 +122,11 @@ impl Handler for KernelEndpoint {
         mechanism
             .parameters
             .insert(params::INODE_URL.into(), self.netns_url.clone());
+        if self.bridged {
+            mechanism
+                .parameters
+                .insert(super::BRIDGED.into(), "true".into());
+        }
         next.request(cx, req).await
     }
 }

@@ -13,9 +13,10 @@
 //!   `mechanism_translation`): offers an empty KERNEL preference on a first request;
 //!   when the endpoint has answered, reads the endpoint's `name` and `inodeURL` from the
 //!   returned mechanism and creates the pair with [`kernel_side_up`], the client's end
-//!   programmed from [`plan_from_context`] for [`PodSide::Client`] (with the context's
+//!   programmed from [`end_plan`] for [`PodSide::Client`] (with the context's
 //!   policy routes: a rule and a routing table each in the client's pod, as Go's
-//!   `iprule` on the NSC side), the endpoint's for [`PodSide::Endpoint`], each end marked with [`veth_alias`] of the connection's
+//!   `iprule` on the NSC side), the endpoint's for [`PodSide::Endpoint`] (an end whose
+//!   mechanism says [`BRIDGED`](super::BRIDGED) gets name and MTU only), each end marked with [`veth_alias`] of the connection's
 //!   first path segment id (so a forwarder that replaces a dead one recognises the
 //!   pair it left behind and replaces it, see [`crate::veth`]). The MTU is
 //!   `context.MTU`, else the client mechanism's `MTU` parameter, else
@@ -50,12 +51,10 @@ use nsm_sdk::tools::{params, types};
 use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use tracing::{debug, info, warn};
 
-use super::{is_kernel, kernel_mechanism};
+use super::{end_plan, is_bridged, is_kernel, kernel_mechanism};
 use crate::error::Error as KernelError;
 use crate::liveness::allow_ping;
-use crate::{
-    down, kernel_side_up, plan_from_context, veth_alias, Created, IfName, Mtu, NetNs, Plan, PodSide,
-};
+use crate::{down, kernel_side_up, veth_alias, Created, IfName, Mtu, NetNs, Plan, PodSide};
 
 /// The MTU of a connection whose context and client mechanism give none.
 pub const DEFAULT_MTU: u32 = 1500;
@@ -79,6 +78,7 @@ struct ClientEndInner {
     netns: NetNs,
     ifname: IfName,
     mtu: Option<Mtu>,
+    bridged: bool,
 }
 
 fn param<'a>(m: &'a Mechanism, key: &str) -> Option<&'a str> {
@@ -107,7 +107,12 @@ impl ClientEnd {
             }
         };
         let netns = NetNs::from_url(url)?;
-        Ok(ClientEnd(Arc::new(ClientEndInner { netns, ifname, mtu })))
+        Ok(ClientEnd(Arc::new(ClientEndInner {
+            netns,
+            ifname,
+            mtu,
+            bridged: is_bridged(m),
+        })))
     }
 }
 
@@ -223,8 +228,8 @@ impl PairSlot {
     }
 }
 
-/// The endpoint's end as its answer names it.
-fn endpoint_end(out: &Connection) -> Result<(NetNs, IfName)> {
+/// The endpoint's end as its answer names it, and whether it is bridged.
+fn endpoint_end(out: &Connection) -> Result<(NetNs, IfName, bool)> {
     let m = out
         .mechanism
         .as_ref()
@@ -241,7 +246,7 @@ fn endpoint_end(out: &Connection) -> Result<(NetNs, IfName)> {
     let url = param(m, params::INODE_URL).ok_or_else(|| {
         nsm_sdk::Error::internal("the endpoint's KERNEL mechanism has no inodeURL")
     })?;
-    Ok((NetNs::from_url(url)?, IfName::new(name)?))
+    Ok((NetNs::from_url(url)?, IfName::new(name)?, is_bridged(m)))
 }
 
 /// What names the connection in the aliases of its veth ends: the id of the first path
@@ -266,7 +271,7 @@ impl KernelForwarderClient {
     /// context.
     async fn pair_up(&self, end: &ClientEnd, out: &mut Connection, slot: &PairSlot) -> Result<()> {
         let end = &end.0;
-        let (nse_ns, nse_ifname) = endpoint_end(out)?;
+        let (nse_ns, nse_ifname, nse_bridged) = endpoint_end(out)?;
         let key = connection_key(out).to_string();
         let ctx = out.context.get_or_insert_with(Default::default);
         let mtu = match ctx.mtu {
@@ -274,9 +279,9 @@ impl KernelForwarderClient {
             n => Mtu::new(n)?,
         };
         ctx.mtu = mtu.get();
-        let client_plan = plan_from_context(ctx, PodSide::Client, end.ifname.as_str())?
+        let client_plan = end_plan(ctx, PodSide::Client, end.ifname.as_str(), end.bridged)?
             .with_alias(veth_alias(PodSide::Client, &key));
-        let endpoint_plan = plan_from_context(ctx, PodSide::Endpoint, nse_ifname.as_str())?
+        let endpoint_plan = end_plan(ctx, PodSide::Endpoint, nse_ifname.as_str(), nse_bridged)?
             .with_alias(veth_alias(PodSide::Endpoint, &key));
         let ends = (
             EndId::of(&end.netns, &end.ifname),

@@ -57,7 +57,43 @@ pub use forwarder::{
 };
 
 use nsm_sdk::proto::connection::Mechanism;
+use nsm_sdk::proto::connectioncontext::ConnectionContext;
 use nsm_sdk::tools::{cls, types, MAX_INTERFACE_NAME_LEN};
+
+use crate::{plan_from_context, IfName, Mtu, Plan, PodSide};
+
+/// KERNEL mechanism parameter: `"true"` when the pod bridges this interface to another
+/// one (a firewall in the middle of a service chain) instead of terminating the
+/// connection. The forwarder then gives this end its name, MTU and state only, and
+/// none of the connection context's addresses, routes, neighbours or policy rules:
+/// those belong to the pods at the two ends of the chain, and the same address on a
+/// bump in the wire would answer ARP for them. Set it with
+/// [`KernelClient::bridged`] and [`KernelEndpoint::bridged`].
+pub const BRIDGED: &str = "bridged";
+
+/// Whether a KERNEL mechanism asks for a bridged end ([`BRIDGED`] = `"true"`).
+pub fn is_bridged(m: &Mechanism) -> bool {
+    m.parameters.get(BRIDGED).is_some_and(|v| v == "true")
+}
+
+/// The plan of one pod's end of a connection: [`plan_from_context`] for `side`, or,
+/// when the pod's mechanism says [`BRIDGED`], only the name and the context's MTU.
+/// The forwarders of every mechanism (veth, VXLAN) build their ends with it.
+pub fn end_plan(
+    ctx: &ConnectionContext,
+    side: PodSide,
+    ifname: &str,
+    bridged: bool,
+) -> crate::Result<Plan> {
+    if !bridged {
+        return plan_from_context(ctx, side, ifname);
+    }
+    let mut plan = Plan::new(IfName::new(ifname)?);
+    if ctx.mtu != 0 {
+        plan = plan.with_mtu(Mtu::new(ctx.mtu)?);
+    }
+    Ok(plan)
+}
 use rand::distr::{Alphanumeric, SampleString};
 
 /// The KERNEL mechanism with no parameters: `{cls: LOCAL, type: KERNEL}`.
@@ -185,6 +221,40 @@ mod tests {
             generate_ifname("icmp-responder"),
             "random part"
         );
+    }
+
+    #[test]
+    fn a_bridged_end_gets_name_and_mtu_but_no_addresses_routes_or_rules() {
+        use nsm_sdk::proto::connectioncontext::IpContext;
+        let ctx = ConnectionContext {
+            mtu: 1400,
+            ip_context: Some(IpContext {
+                src_ip_addrs: vec!["172.16.0.1/32".into()],
+                dst_ip_addrs: vec!["172.16.0.0/32".into()],
+                src_routes: vec![nsm_sdk::proto::connectioncontext::Route {
+                    prefix: "10.10.0.0/16".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        for side in [PodSide::Client, PodSide::Endpoint] {
+            let full = end_plan(&ctx, side, "nsm-1", false).unwrap();
+            assert_eq!(full, plan_from_context(&ctx, side, "nsm-1").unwrap());
+            assert!(!full.addresses().is_empty());
+            let bare = end_plan(&ctx, side, "nsm-1", true).unwrap();
+            assert_eq!(
+                bare,
+                Plan::new(IfName::new("nsm-1").unwrap()).with_mtu(Mtu::new(1400).unwrap())
+            );
+        }
+        let mut m = kernel_mechanism();
+        assert!(!is_bridged(&m));
+        m.parameters.insert(BRIDGED.into(), "true".into());
+        assert!(is_bridged(&m));
+        m.parameters.insert(BRIDGED.into(), "no".into());
+        assert!(!is_bridged(&m));
     }
 
     #[test]
