@@ -22,7 +22,7 @@ use crate::handlers::{
     noop_client, noop_server, round_robin, timeout, update_path, update_token, Mechanisms, Monitor,
 };
 use crate::registry::select::FORWARDER_SERVICE;
-use crate::registry::{watch_reconnect, Registries, RegistryChain};
+use crate::registry::{watch_reconnect, FindCache, Registries, RegistryChain};
 use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::tools::types;
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
@@ -171,10 +171,12 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
     let registries = Registries {
         ns: RegistryChain::<NetworkService>::builder()
             .push(watch_reconnect())
+            .push(FindCache::new(opts.root.child_token()))
             .push(grpc_registry(opts.channels.clone(), opts.nsmgr_url.clone()))
             .build(),
         nse: RegistryChain::<NetworkServiceEndpoint>::builder()
             .push(watch_reconnect())
+            .push(FindCache::new(opts.root.child_token()))
             .push(grpc_registry(opts.channels.clone(), opts.nsmgr_url.clone()))
             .build(),
     };

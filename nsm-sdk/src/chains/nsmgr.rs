@@ -7,7 +7,8 @@
 //! Registry: endpoints registered through it (local NSEs and forwarders) are stored
 //! upstream under the manager's own URL (`local_bypass`) and resolved back to their
 //! local URL for local use; network services pass through. Watching Finds to the
-//! registry reconnect by themselves when it restarts (`watch_reconnect`).
+//! registry reconnect by themselves when it restarts (`watch_reconnect`); repeated
+//! Finds are answered from memory kept current by one watch per query (`find_cache`).
 
 use std::sync::Arc;
 
@@ -19,7 +20,9 @@ use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::handlers::{
     connect, discover_forwarder, monitor_relay, timeout, update_path, update_token, Monitor,
 };
-use crate::registry::{local_bypass, validate, watch_reconnect, Registries, RegistryChain};
+use crate::registry::{
+    local_bypass, validate, watch_reconnect, FindCache, Registries, RegistryChain,
+};
 use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
 
@@ -128,6 +131,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
         ns: RegistryChain::<NetworkService>::builder()
             .push(validate())
             .push(watch_reconnect())
+            .push(FindCache::new(opts.root.child_token()))
             .push(grpc_registry(
                 opts.channels.clone(),
                 opts.registry_url.clone(),
@@ -137,6 +141,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
             .push(validate())
             .push(local_bypass(opts.url.clone()))
             .push(watch_reconnect())
+            .push(FindCache::new(opts.root.child_token()))
             .push(grpc_registry(
                 opts.channels.clone(),
                 opts.registry_url.clone(),

@@ -273,5 +273,7 @@ pub use validate::{validate, Validate};
 pub mod refresh;
 mod slots;
 pub use refresh::{registry_refresh, RegistryRefresh};
+pub mod cache;
+pub use cache::{find_cache, FindCache};
 pub mod watch_reconnect;
 pub use watch_reconnect::{watch_reconnect, WatchReconnect};
