@@ -31,6 +31,7 @@
 mod cli;
 mod connections;
 mod endpoint;
+pub mod lab;
 mod mechanisms;
 mod process;
 mod registration;
