@@ -8,8 +8,16 @@
 //! the cached answer current, so later Finds need no call. Register and Unregister that
 //! pass through this handler also update every cached answer they touch at once
 //! (read-your-writes for everything registered through the same front); changes made
-//! elsewhere arrive with the watch, a few milliseconds later. Watching Finds pass
-//! through untouched.
+//! elsewhere arrive with the watch, a few milliseconds later.
+//!
+//! A watching Find for a template whose answer is cached is served from the cache
+//! too: the current entries, then every change the cache's own watch (or a write
+//! through it) brings. So a thousand connections watching their network service (as
+//! `netsvc_monitor` does) cost the registry one watch, not a thousand. A watcher that
+//! falls more than [`WATCH_BUFFER`] changes behind gets an Unavailable error ending its
+//! stream (`watch_reconnect` in front of the cache then finds again and starts from the
+//! current entries); it never slows the others down. A watching Find for a template
+//! not cached passes through.
 //!
 //! A Request through a manager and a forwarder makes six registry Finds (the forwarders
 //! and the service at the manager; the service and its endpoints at the forwarder,
@@ -19,7 +27,7 @@
 //! State: per distinct template, the matching entries by name, whether the answer is
 //! complete yet, and when it was last used; at most [`FindCache::max_queries`]
 //! templates (default 4,096). A template unused for [`FindCache::idle`] (default 60 s)
-//! is dropped with its watch when the next new template arrives. The watches are tasks
+//! and watched by nobody is dropped with its watch when the next new template arrives. The watches are tasks
 //! of the cache, stopped by its root token (`root`) or when the cache is dropped; they
 //! are node-level, not per connection, so [`live_tasks`](crate::core::live_tasks) does
 //! not count them.
@@ -46,6 +54,9 @@ use crate::Result;
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 /// At most this many templates are cached.
 pub const DEFAULT_MAX_QUERIES: usize = 4096;
+/// How many changes a watcher served from the cache may fall behind before its stream
+/// ends with Unavailable.
+pub const WATCH_BUFFER: usize = 256;
 
 /// See the [module docs](self).
 pub struct FindCache<R: Resource> {
@@ -88,6 +99,9 @@ struct Entry<R> {
     template: R,
     cancel: CancellationToken,
     state: Mutex<EntryState<R>>,
+    /// Every change, for the watchers served from the cache (sent under the state lock,
+    /// so a new watcher's snapshot and its first change never overlap or miss).
+    events: tokio::sync::broadcast::Sender<Found<R>>,
 }
 
 struct EntryState<R> {
@@ -108,11 +122,30 @@ impl<R: Resource> Entry<R> {
         let mut s = lock(&self.state);
         let name = found.resource.name().to_string();
         s.touched.insert(name.clone());
-        if found.deleted {
-            s.items.remove(&name);
+        let changed = if found.deleted {
+            s.items.remove(&name).is_some()
         } else {
-            s.items.insert(name, found.resource);
+            s.items.get(&name) != Some(&found.resource)
+        };
+        if !changed {
+            return;
         }
+        if !found.deleted {
+            s.items.insert(name, found.resource.clone());
+        }
+        // No receiver is fine: nobody watches from the cache.
+        let _ = self.events.send(found);
+    }
+
+    /// The current entries and a receiver of every later change, or None while the
+    /// answer is not complete.
+    fn subscribe(&self) -> Option<(Vec<R>, tokio::sync::broadcast::Receiver<Found<R>>)> {
+        let mut s = lock(&self.state);
+        if !s.ready {
+            return None;
+        }
+        s.last_used = Instant::now();
+        Some((s.items.values().cloned().collect(), self.events.subscribe()))
     }
 
     /// Merges a plain Find's answer: adds what the watch has not spoken about yet.
@@ -207,7 +240,9 @@ impl<R: Resource + Matches> Inner<R> {
         entries.retain(|_, bucket| {
             bucket.retain(|e| {
                 let s = lock(&e.state);
-                let keep = !s.ready || now.duration_since(s.last_used) < idle;
+                let keep = !s.ready
+                    || now.duration_since(s.last_used) < idle
+                    || e.events.receiver_count() > 0;
                 if !keep {
                     e.cancel.cancel();
                 }
@@ -220,6 +255,7 @@ impl<R: Resource + Matches> Inner<R> {
         }
         let entry = Arc::new(Entry {
             template: template.clone(),
+            events: tokio::sync::broadcast::channel(WATCH_BUFFER).0,
             cancel: self.root.child_token(),
             state: Mutex::new(EntryState {
                 items: BTreeMap::new(),
@@ -305,6 +341,29 @@ fn answer_stream<R: Resource>(items: Vec<R>) -> FindStream<R> {
     })))
 }
 
+/// The current entries, then the changes; ends when the cache forgets the template
+/// (its sender is dropped) and with Unavailable when this watcher lags.
+fn watch_stream<R: Resource>(
+    items: Vec<R>,
+    rx: tokio::sync::broadcast::Receiver<Found<R>>,
+) -> FindStream<R> {
+    use tokio::sync::broadcast::error::RecvError;
+    let changes = futures::stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        match rx.recv().await {
+            Ok(found) => Some((Ok(found), Some(rx))),
+            Err(RecvError::Closed) => None,
+            Err(RecvError::Lagged(n)) => Some((
+                Err(crate::Error::unavailable(format!(
+                    "registry watch fell {n} changes behind; find again"
+                ))),
+                None,
+            )),
+        }
+    });
+    Box::pin(answer_stream(items).chain(changes))
+}
+
 #[async_trait]
 impl<R: Resource + Matches> RegistryHandler<R> for FindCache<R> {
     async fn register(&self, cx: &mut Cx, r: R, next: RegistryNext<R>) -> Result<R> {
@@ -325,7 +384,14 @@ impl<R: Resource + Matches> RegistryHandler<R> for FindCache<R> {
         next: RegistryNext<R>,
     ) -> Result<FindStream<R>> {
         if query.watch {
-            return next.find(cx, query).await;
+            return match self
+                .inner
+                .lookup(&query.template)
+                .and_then(|e| e.subscribe())
+            {
+                Some((items, rx)) => Ok(watch_stream(items, rx)),
+                None => next.find(cx, query).await,
+            };
         }
         if let Some(items) = self.inner.lookup(&query.template).and_then(|e| e.answer()) {
             return Ok(answer_stream(items));
@@ -592,6 +658,81 @@ mod tests {
         assert_eq!(cache.queries(), 0);
     }
 
+    fn watch_query(service: &str) -> Query<NetworkServiceEndpoint> {
+        Query {
+            template: by_service(service),
+            watch: true,
+        }
+    }
+
+    async fn next_item(s: &mut FindStream<NetworkServiceEndpoint>) -> (String, bool) {
+        let f = tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .expect("an item in time")
+            .expect("the stream goes on")
+            .expect("no error");
+        (f.resource.name, f.deleted)
+    }
+
+    #[tokio::test]
+    async fn watchers_of_a_cached_template_share_the_cache_watch_and_see_every_change() {
+        let (front, store, calls, _cache) = setup();
+        store.register(&mut cx(), nse("a", "svc")).await.unwrap();
+        assert_eq!(names(&front, by_service("svc")).await, ["a"]);
+        eventually("cache watch open", async || {
+            calls.watching.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let mut watchers = Vec::new();
+        for _ in 0..100 {
+            let mut w = front.find(&mut cx(), watch_query("svc")).await.unwrap();
+            assert_eq!(next_item(&mut w).await, ("a".to_string(), false));
+            watchers.push(w);
+        }
+        assert_eq!(
+            calls.watching.load(Ordering::SeqCst),
+            1,
+            "no watch per watcher"
+        );
+        store.register(&mut cx(), nse("b", "svc")).await.unwrap();
+        store.unregister(&mut cx(), nse("a", "svc")).await.unwrap();
+        front.register(&mut cx(), nse("c", "svc")).await.unwrap();
+        for w in &mut watchers {
+            let mut seen = vec![next_item(w).await, next_item(w).await, next_item(w).await];
+            seen.sort();
+            assert_eq!(
+                seen,
+                [
+                    ("a".to_string(), true),
+                    ("b".to_string(), false),
+                    ("c".to_string(), false)
+                ]
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lagging_watcher_gets_an_error_and_blocks_nobody() {
+        let (front, _store, _calls, _cache) = setup();
+        assert!(names(&front, by_service("svc")).await.is_empty());
+        let mut slow = front.find(&mut cx(), watch_query("svc")).await.unwrap();
+        let mut quick = front.find(&mut cx(), watch_query("svc")).await.unwrap();
+        for i in 0..WATCH_BUFFER + 10 {
+            front
+                .register(&mut cx(), nse(&format!("e{i}"), "svc"))
+                .await
+                .unwrap();
+            assert_eq!(next_item(&mut quick).await, (format!("e{i}"), false));
+        }
+        let err = tokio::time::timeout(Duration::from_secs(5), slow.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(slow.next().await.is_none(), "the lagging stream ends");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_templates_are_dropped_with_their_watch_and_the_count_is_bounded() {
         let store = RegistryChain::builder().push(memory()).build();
@@ -607,5 +748,10 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11)).await;
         names(&front, by_service("c")).await; // the idle two make room
         assert_eq!(cache.queries(), 1);
+        // A template someone watches from the cache is not idle.
+        let _w = front.find(&mut cx(), watch_query("c")).await.unwrap();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        names(&front, by_service("d")).await;
+        assert_eq!(cache.queries(), 2, "c is watched, d is new");
     }
 }
