@@ -12,6 +12,8 @@
 //! | `nse-icmp-responder` | an endpoint with point-to-point IPAM, registered with its manager |
 //! | `nsc` | a client: requests NS URLs, prints each connection as a JSON line |
 //! | `hello-endpoint` | the smallest "write your own endpoint" program |
+//! | `nse-firewall` | a service-chain firewall: bridges each connection, filters it with nftables |
+//! | `nse-vpn-gateway` | a VPN gateway NSE: addresses, a route to the corporate networks, NAT |
 //!
 //! This library is what they share: parsing ([`Common`], [`parse_duration`],
 //! [`parse_labels`]), the life of a program ([`run`]: logging, signals, exit statuses),
@@ -31,10 +33,13 @@
 mod cli;
 mod connections;
 mod endpoint;
+mod firewall;
+mod gateway;
 pub mod lab;
 mod mechanisms;
 mod process;
 mod registration;
+mod service_file;
 
 pub use cli::{
     parse_duration, parse_label, parse_labels, parse_worker_threads, program_name, Common,
@@ -42,6 +47,11 @@ pub use cli::{
 };
 pub use connections::{print_connection, print_connections, PrintConnections};
 pub use endpoint::{log_calls, registry_client, serve_endpoint, EndpointArgs, LogCalls};
+pub use firewall::{apply_acl, firewall, nft, remove_acl, Acl, AclRule, Proto, Verdict, NFT_TABLE};
+pub use gateway::{
+    corporate_routes, nat_ruleset, route_to_corporate, stop_routing, vpn_gateway, CorporateRoutes,
+    NAT_TABLE,
+};
 pub use mechanisms::{
     endpoint_mechanisms, forwarder_mechanisms, kernel_liveness, kernel_when_offered, preferences,
     KernelWhenOffered, MechanismChoice,
@@ -53,3 +63,4 @@ pub use registration::{
     ensure_network_service, registered_until, Registration, CALL_TIMEOUT, DEFAULT_REFRESH,
     STARTUP_TIMEOUT,
 };
+pub use service_file::{register_services, ServiceFileArgs};

@@ -33,7 +33,7 @@ fn call_cx() -> Cx {
 
 /// Runs `call` until it succeeds, fails with an error that is not retryable, or
 /// [`STARTUP_TIMEOUT`] passes; `Ok(None)` when `stop` is cancelled first.
-async fn retrying<T, F, Fut>(
+pub(crate) async fn retrying<T, F, Fut>(
     what: &str,
     stop: &CancellationToken,
     mut call: F,

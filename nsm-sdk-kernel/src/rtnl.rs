@@ -709,3 +709,59 @@ impl Netlink for RtNetlink {
         Ok(tables)
     }
 }
+
+/// Bridges: what a passthrough endpoint needs to join the two interfaces of a
+/// connection ([`crate::mechanism::xconnect`]).
+impl RtNetlink {
+    /// Creates a Linux bridge called `name`, up (`ip link add <name> up type bridge`).
+    /// A name that is taken is [`Error::LinkExists`].
+    pub async fn create_bridge(&self, name: &IfName) -> Result<()> {
+        let msg = rtnetlink::LinkBridge::new(name.as_str()).build();
+        match self.handle.link().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(EEXIST) => Err(Error::LinkExists {
+                name: name.to_string(),
+                netns: self.netns.clone(),
+                alias: None,
+            }),
+            Err(e) => Err(self.err(format!("create bridge {name}"), e)),
+        }
+    }
+
+    /// Makes `name` a port of the bridge `bridge` and sets it up
+    /// (`ip link set <name> master <bridge> up`). Either link missing is
+    /// [`Error::LinkNotFound`].
+    pub async fn set_bridge_port(&self, name: &IfName, bridge: &IfName) -> Result<()> {
+        let bridge_index = self.index(bridge).await?;
+        let index = self.index(name).await?;
+        let msg = LinkUnspec::new_with_index(index)
+            .controller(bridge_index)
+            .up()
+            .build();
+        match self.handle.link().set(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(ENODEV) => Err(self.not_found(name)),
+            Err(e) => Err(self.err(format!("set {name} master {bridge}"), e)),
+        }
+    }
+
+    /// The index of the link that `name` is a port of (its `master`), if any. A missing
+    /// link is [`Error::LinkNotFound`].
+    pub async fn controller(&self, name: &IfName) -> Result<Option<u32>> {
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match s.try_next().await {
+            Ok(Some(msg)) => Ok(msg.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Controller(i) if *i != 0 => Some(*i),
+                _ => None,
+            })),
+            Ok(None) => Err(self.not_found(name)),
+            Err(e) if errno(&e) == Some(ENODEV) => Err(self.not_found(name)),
+            Err(e) => Err(self.err(format!("get link {name}"), e)),
+        }
+    }
+}

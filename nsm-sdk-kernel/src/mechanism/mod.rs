@@ -15,6 +15,9 @@
 //!   then creates the connection's veth pair with [`kernel_side_up`](crate::kernel_side_up),
 //!   each end born in its pod and programmed from the connection context.
 //!
+//! A passthrough NSE in a service chain (a firewall) asks for [`BRIDGED`] ends on both
+//! sides and joins them per connection with [`bridge_xconnect`] ([`xconnect`]).
+//!
 //! ```no_run
 //! use nsm_sdk::chains::{client, endpoint, forwarder, ClientOptions, EndpointOptions, ForwarderOptions};
 //! use nsm_sdk::handlers::{mechanisms, point_to_point};
@@ -48,12 +51,16 @@
 pub mod client;
 pub mod endpoint;
 pub mod forwarder;
+pub mod xconnect;
 
 pub use client::{kernel_client, own_netns_url, KernelClient};
 pub use endpoint::{kernel_endpoint, KernelEndpoint};
 pub use forwarder::{
     kernel_forwarder_client, kernel_forwarder_mechanisms, kernel_forwarder_server,
     KernelForwarderClient, KernelForwarderServer, DEFAULT_MTU,
+};
+pub use xconnect::{
+    bridge_xconnect, bridge_xconnect_client, bridged_client, BridgeXconnect, BridgeXconnectClient,
 };
 
 use nsm_sdk::proto::connection::Mechanism;

@@ -1,7 +1,8 @@
 //! Tools that are not handlers: the wire constants of mechanisms, the NS URL that
-//! NSC configuration uses, and token generators.
+//! NSC configuration uses, NetworkService definition files, and token generators.
 
 pub mod constants;
+pub mod nsfile;
 pub mod nsurl;
 pub mod token;
 
