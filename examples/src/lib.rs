@@ -8,12 +8,13 @@
 //! |---|---|
 //! | `nsm-registry` | the registry server (`registry_server`) |
 //! | `nsmgr` | a node manager, also its node's registry front |
-//! | `nsm-forwarder` | a forwarder (NOOP data plane), registered with its manager |
+//! | `nsm-forwarder` | a forwarder (KERNEL veth pairs, VXLAN to other nodes with `NSM_TUNNEL_IP`, NOOP), registered with its manager |
 //! | `nse-icmp-responder` | an endpoint with point-to-point IPAM, registered with its manager |
 //! | `nsc` | a client: requests NS URLs, prints each connection as a JSON line |
 //! | `hello-endpoint` | the smallest "write your own endpoint" program |
 //! | `nse-firewall` | a service-chain firewall: bridges each connection, filters it with nftables |
 //! | `nse-vpn-gateway` | a VPN gateway NSE: addresses, a route to the corporate networks, NAT |
+//! | `demo` | the README's first command: firewall + VPN gateway across two nodes ([`vpn_demo`]) |
 //!
 //! This library is what they share: parsing ([`Common`], [`parse_duration`],
 //! [`parse_labels`]), the life of a program ([`run`]: logging, signals, exit statuses),
@@ -40,6 +41,7 @@ mod mechanisms;
 mod process;
 mod registration;
 mod service_file;
+pub mod vpn_demo;
 
 pub use cli::{
     parse_duration, parse_label, parse_labels, parse_worker_threads, program_name, Common,

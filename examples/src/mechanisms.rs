@@ -2,7 +2,9 @@
 //! each pod, made by the forwarder with [`nsm_sdk_kernel`]) with NOOP beside it.
 //!
 //! - the forwarder serves both ([`forwarder_mechanisms`]): KERNEL makes a veth pair
-//!   between the client's and the endpoint's namespaces, NOOP builds nothing;
+//!   between the client's and the endpoint's namespaces, NOOP builds nothing; with a
+//!   [`Tunnel`] (`NSM_TUNNEL_IP`) it also serves VXLAN, so a KERNEL client reaches a
+//!   KERNEL endpoint on another node through a VXLAN device in each pod;
 //! - the endpoint serves both ([`endpoint_mechanisms`]), its KERNEL end in its own
 //!   namespace;
 //! - the client asks for what its NS URL's scheme names ([`preferences`]):
@@ -28,22 +30,29 @@ use nsm_sdk_kernel::mechanism::KernelClient;
 use nsm_sdk_kernel::{
     kernel_endpoint, kernel_forwarder_client, kernel_forwarder_server, ping_liveness, PingOptions,
 };
+use nsm_sdk_vxlan::{vxlan_forwarder_client, vxlan_forwarder_server, Tunnel};
 use tracing::info;
 
 /// The forwarder's mechanisms: KERNEL (the handlers of
-/// [`kernel_forwarder_mechanisms`](nsm_sdk_kernel::kernel_forwarder_mechanisms)) and NOOP, as
-/// server-side dispatcher and client-side handlers for
-/// `ForwarderOptions::server_mechanisms` and `client_mechanisms`.
+/// [`kernel_forwarder_mechanisms`](nsm_sdk_kernel::kernel_forwarder_mechanisms)) and NOOP,
+/// plus VXLAN ([`vxlan_forwarder_mechanisms`](nsm_sdk_vxlan::vxlan_forwarder_mechanisms))
+/// when this node has a `tunnel`, as server-side dispatcher and client-side handlers
+/// for `ForwarderOptions::server_mechanisms` and `client_mechanisms`.
 ///
-/// On the way to the endpoint a KERNEL connection offers KERNEL then NOOP, a NOOP one
-/// NOOP only. A KERNEL attempt that fails retryably (an endpoint that answers NOOP,
+/// On the way to the endpoint a KERNEL connection offers KERNEL (then VXLAN with a
+/// tunnel) then NOOP, a NOOP one NOOP only; another node's manager keeps only the
+/// VXLAN offer. A KERNEL attempt that fails retryably (an endpoint that answers NOOP,
 /// say) makes the server side fall back to the caller's next preference.
-pub fn forwarder_mechanisms() -> (Mechanisms, Vec<Arc<dyn Handler>>) {
-    let client: Vec<Arc<dyn Handler>> =
-        vec![Arc::new(kernel_forwarder_client()), Arc::new(noop_client())];
-    let server = mechanisms()
+pub fn forwarder_mechanisms(tunnel: Option<Tunnel>) -> (Mechanisms, Vec<Arc<dyn Handler>>) {
+    let mut client: Vec<Arc<dyn Handler>> = vec![Arc::new(kernel_forwarder_client())];
+    let mut server = mechanisms()
         .with(types::KERNEL, kernel_forwarder_server())
         .with(types::NOOP, noop_server());
+    if let Some(tunnel) = tunnel {
+        client.push(Arc::new(vxlan_forwarder_client(tunnel.clone())));
+        server = server.with(types::VXLAN, vxlan_forwarder_server(tunnel));
+    }
+    client.push(Arc::new(noop_client()));
     (server, client)
 }
 
@@ -188,13 +197,33 @@ mod tests {
 
     #[test]
     fn the_forwarder_and_endpoint_serve_kernel_and_noop() {
-        let (server, client) = forwarder_mechanisms();
+        let (server, client) = forwarder_mechanisms(None);
         assert_eq!(server.supported(), ["KERNEL", "NOOP"]);
         assert_eq!(client.len(), 2);
         assert_eq!(
             endpoint_mechanisms("file:///run/netns/x").supported(),
             ["KERNEL", "NOOP"]
         );
+    }
+
+    #[tokio::test]
+    async fn with_a_tunnel_the_forwarder_also_serves_vxlan() {
+        // Opening the node's netlink socket needs the rights a forwarder has.
+        let tunnel = match Tunnel::builder("192.0.2.1".parse().unwrap())
+            .underlay_mtu(1500)
+            .build()
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("skipped: cannot open a netlink socket here: {e}");
+                return;
+            }
+        };
+        assert_eq!(tunnel.mtu().get(), 1450);
+        let (server, client) = forwarder_mechanisms(Some(tunnel));
+        assert_eq!(server.supported(), ["KERNEL", "NOOP", "VXLAN"]);
+        assert_eq!(client.len(), 3);
     }
 
     /// Records the preferences and mechanism a request arrives with.

@@ -384,6 +384,9 @@ impl Netlink for Timed {
     fn netns(&self) -> &str {
         self.inner.netns()
     }
+    async fn set_mac(&self, name: &IfName, mac: [u8; 6]) -> nsm_sdk_kernel::Result<()> {
+        self.time("set_mac", self.inner.set_mac(name, mac)).await
+    }
     async fn create_veth_pair(
         &self,
         a: &IfName,

@@ -83,6 +83,9 @@ pub trait Netlink: Send + Sync + fmt::Debug {
     /// Sets the MTU.
     async fn set_mtu(&self, name: &IfName, mtu: Mtu) -> Result<()>;
 
+    /// Sets the link's hardware address.
+    async fn set_mac(&self, name: &IfName, mac: [u8; 6]) -> Result<()>;
+
     /// Sets the link up.
     async fn set_up(&self, name: &IfName) -> Result<()>;
 
@@ -142,6 +145,7 @@ pub trait Netlink: Send + Sync + fmt::Debug {
 pub async fn run_op(ifname: &IfName, op: &Op, nl: &dyn Netlink) -> Result<()> {
     match op {
         Op::SetMtu { mtu, .. } => nl.set_mtu(ifname, *mtu).await,
+        Op::SetMac(m) => nl.set_mac(ifname, *m).await,
         Op::SetUp => nl.set_up(ifname).await,
         Op::AddAddress(a) => nl.add_address(ifname, *a).await,
         Op::DelAddress(a) => nl.del_address(ifname, *a).await,

@@ -120,8 +120,9 @@ pub use crate::mechanism::{
 };
 pub use crate::netns::NetNs;
 pub use crate::plan::{
-    plan_from_context, policy_from_context, Family, IfName, Mtu, Neighbour, Op, Plan, PodSide,
-    Policy, PortRange, Route, RouteScope, Rule, MAIN_TABLE, MAX_ALIAS_LEN, POLICY_TABLE_BASE,
+    plan_from_context, policy_from_context, stable_mac, Family, IfName, Mtu, Neighbour, Op, Plan,
+    PodSide, Policy, PortRange, Route, RouteScope, Rule, MAIN_TABLE, MAX_ALIAS_LEN,
+    POLICY_TABLE_BASE,
 };
 pub use crate::recorder::Recorder;
 pub use crate::rtnl::RtNetlink;

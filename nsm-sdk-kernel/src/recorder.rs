@@ -45,6 +45,7 @@ struct World {
 struct FakeLink {
     index: u32,
     mtu: u32,
+    mac: Option<[u8; 6]>,
     up: bool,
     alias: Option<String>,
     peer: Option<(u64, String)>,
@@ -175,6 +176,7 @@ impl Netlink for Recorder {
             let link = FakeLink {
                 index: w.next_index,
                 mtu: mtu.map_or(1500, Mtu::get),
+                mac: None,
                 up: false,
                 alias: None,
                 peer: Some(peer),
@@ -235,6 +237,12 @@ impl Netlink for Recorder {
         self.pause().await;
         let line = format!("set_mtu {name} {}", mtu.get());
         self.with_link(name, Some(line), |l| l.mtu = mtu.get())
+    }
+
+    async fn set_mac(&self, name: &IfName, mac: [u8; 6]) -> Result<()> {
+        self.pause().await;
+        let line = format!("set_mac {name} {mac:02x?}");
+        self.with_link(name, Some(line), |l| l.mac = Some(mac))
     }
 
     async fn set_up(&self, name: &IfName) -> Result<()> {

@@ -445,6 +445,19 @@ impl Netlink for RtNetlink {
             .map_err(|e| self.err(format!("set mtu {} on {name}", mtu.get()), e))
     }
 
+    async fn set_mac(&self, name: &IfName, mac: [u8; 6]) -> Result<()> {
+        let index = self.index(name).await?;
+        let msg = LinkUnspec::new_with_index(index)
+            .address(mac.to_vec())
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| self.err(format!("set the hardware address of {name}"), e))
+    }
+
     async fn set_up(&self, name: &IfName) -> Result<()> {
         let index = self.index(name).await?;
         let msg = LinkUnspec::new_with_index(index).up().build();

@@ -212,6 +212,24 @@ impl VniAllocator {
         VniAllocator::default()
     }
 
+    /// An allocator that hands out only VNIs `1..=max` (at least 2, so both parities
+    /// exist): the VNIs above are left to other VXLAN users of the node. A small range
+    /// also makes clashes reproducible in tests.
+    pub fn with_max(max: u32) -> Result<VniAllocator> {
+        if !(2..=Vni::MAX).contains(&max) {
+            return Err(Error::InvalidVni {
+                value: max.into(),
+                reason: "the largest VNI of a range must be in 2..=16777215",
+            });
+        }
+        Ok(VniAllocator {
+            state: Mutex::new(State {
+                max,
+                ..State::default()
+            }),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state stays consistent even if a holder panicked: every method updates
         // both maps before returning.
@@ -283,6 +301,18 @@ impl VniAllocator {
             debug!(connection, %vni, "VNI freed");
         }
         vni
+    }
+
+    /// Marks `vni` taken for good, with no holder: a device this allocator does not know
+    /// about has it (the kernel refused it, [`Error::VniClash`]), so no connection gets
+    /// it again from this allocator. A connection that held it loses it.
+    pub fn reserve(&self, vni: Vni) {
+        let mut s = self.lock();
+        if let Some(Some(holder)) = s.taken.get(&vni).cloned() {
+            s.by_conn.remove(&holder);
+        }
+        s.taken.insert(vni, None);
+        warn!(%vni, "VNI in use by a device not ours, reserved");
     }
 
     /// The kernel refused `vni` ([`Error::VniClash`]: a device this allocator does not
@@ -423,6 +453,39 @@ mod tests {
             a.adopt("c2", clashed),
             Err(Error::VniTaken { holder, .. }) if holder.is_empty()
         ));
+    }
+
+    #[test]
+    fn a_reserved_vni_is_never_handed_out_and_its_holder_loses_it() {
+        let a = VniAllocator::with_max(5).unwrap();
+        let held = a.allocate("c1", Parity::Even).unwrap();
+        a.reserve(held);
+        assert_eq!(a.get("c1"), None);
+        assert!(a.is_taken(held));
+        // Evens of 1..=5 are 2 and 4: the other one, every time, then none.
+        let other = a.allocate("c2", Parity::Even).unwrap();
+        assert_ne!(other, held);
+        assert!(matches!(
+            a.allocate("c3", Parity::Even),
+            Err(Error::VniExhausted { .. })
+        ));
+        a.free("c1");
+        assert!(
+            a.is_taken(held),
+            "freeing the old holder does not release it"
+        );
+    }
+
+    #[test]
+    fn a_range_stays_below_its_max_and_must_hold_both_parities() {
+        let a = VniAllocator::with_max(9).unwrap();
+        for i in 0..4 {
+            let v = a.allocate(&format!("o{i}"), Parity::Odd).unwrap();
+            assert!(v.get() <= 9 && v.get() % 2 == 1, "{v}");
+        }
+        assert!(VniAllocator::with_max(1).is_err());
+        assert!(VniAllocator::with_max(Vni::MAX + 1).is_err());
+        assert!(VniAllocator::with_max(Vni::MAX).is_ok());
     }
 
     #[test]

@@ -1,9 +1,13 @@
-//! The demo mesh: two nodes in one process over real gRPC (unix sockets), an endpoint on
-//! node 1, a client on node 0; prints what it starts, the connection path, the
-//! addresses, then refreshes and closes the connection.
+//! The demo: a pod joins a corporate network through a firewall and a VPN gateway on
+//! another node (see [`nsm_examples::vpn_demo`]): real interfaces in network
+//! namespaces, VXLAN between the nodes, a heal after the gateway dies.
 //!
-//! (The kernel data plane demo with real interfaces replaces this once it lands; until
-//! then the mechanism is NOOP.)
+//! That needs root, `ip` and `nft`. Without them it says why and runs the in-process
+//! sandbox version instead: two nodes over real gRPC (unix sockets), an endpoint on
+//! node 1, a client on node 0, the NOOP mechanism; it prints the connection path and
+//! the addresses, then refreshes and closes the connection.
+//!
+//! Exit status 0 when every check passed, 1 otherwise.
 
 use std::time::Instant;
 
@@ -19,13 +23,33 @@ fn step(n: usize, what: &str) {
 
 #[tokio::main]
 async fn main() {
-    if let Err(e) = run().await {
+    let kernel = nsm_examples::lab::can_build().and_then(|()| {
+        nsm_examples::lab::sh("nft", &["--version"])
+            .map(|_| ())
+            .map_err(|e| format!("no usable `nft` command ({e})"))
+    });
+    let outcome = match kernel {
+        Ok(()) => {
+            eprintln!("nsm-rs demo: a pod on node 1 reaches a corporate network behind a VPN gateway on node 2, through a firewall");
+            nsm_examples::vpn_demo::run()
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Err(why) => {
+            eprintln!("the kernel demo needs root, ip and nft: {why}");
+            eprintln!(
+                "running the in-process sandbox version instead (NOOP mechanism, no interfaces)\n"
+            );
+            sandbox().await.map_err(|e| e.to_string())
+        }
+    };
+    if let Err(e) = outcome {
         eprintln!("demo failed: {e}");
         std::process::exit(1);
     }
 }
 
-async fn run() -> nsm_sdk::Result<()> {
+async fn sandbox() -> nsm_sdk::Result<()> {
     step(
         1,
         "starting a registry and 2 nodes (a manager and a forwarder each) on unix sockets",

@@ -1,4 +1,5 @@
-//! `nsm-forwarder`: a node's forwarder, with the KERNEL and NOOP data planes.
+//! `nsm-forwarder`: a node's forwarder, with the KERNEL and NOOP data planes, and VXLAN
+//! to other nodes when it has a tunnel IP.
 
 use std::net::IpAddr;
 use std::process::ExitCode;
@@ -9,8 +10,9 @@ use nsm_examples::{
 };
 use nsm_sdk::chains::{forwarder, ForwarderOptions};
 use nsm_sdk::transport::Url;
+use nsm_sdk_vxlan::Tunnel;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 /// The forwarder: makes the client's side of each connection, picks the endpoint and
 /// connects to it (or to the manager of the endpoint's node). It registers itself with
@@ -21,8 +23,10 @@ use tracing::info;
 /// `file:///proc/<pid>/ns/net` URLs they send; needs root or CAP_NET_ADMIN and
 /// CAP_SYS_ADMIN, and the pods' PIDs visible) and NOOP (nothing is built). A restarted
 /// forwarder replaces the veth pairs its predecessor left when their connections are
-/// requested again. No tunnel to other nodes: a connection to another node's endpoint
-/// must be NOOP.
+/// requested again. With a tunnel IP, also VXLAN: a KERNEL client here reaches a KERNEL
+/// endpoint on another node through a VXLAN device in each pod, whose UDP socket is in
+/// this forwarder's namespace (the node's, where the tunnel IP lives). Without one, a
+/// connection to another node's endpoint must be NOOP.
 #[derive(Debug, clap::Parser)]
 #[command(version)]
 struct Args {
@@ -39,10 +43,16 @@ struct Args {
     #[arg(long, env = "NSM_CONNECT_TO", value_name = "URL", default_value = DEFAULT_NSM_SOCKET)]
     connect_to: Url,
 
-    /// The node's address for tunnels to other nodes (accepted for compatibility; no
-    /// tunnel is built).
+    /// The node's address for VXLAN tunnels to other nodes (an address of a link in
+    /// this forwarder's namespace, whose MTU minus 50 is the tunnel MTU). Without it, or
+    /// when the tunnel cannot be set up (no link holds the address, no rights; logged as
+    /// a warning), no tunnel is built.
     #[arg(long, env = "NSM_TUNNEL_IP", value_name = "IP")]
     tunnel_ip: Option<IpAddr>,
+
+    /// The UDP port of the VXLAN tunnels (the same on every node).
+    #[arg(long, env = "NSM_TUNNEL_PORT", value_name = "PORT", default_value_t = nsm_sdk_vxlan::DEFAULT_PORT)]
+    tunnel_port: u16,
 
     #[command(flatten)]
     common: Common,
@@ -50,9 +60,22 @@ struct Args {
 
 fn main() -> ExitCode {
     run(|args: Args, stop| async move {
-        info!(tunnel_ip = ?args.tunnel_ip, "data planes KERNEL and NOOP: the tunnel IP is not used");
+        let tunnel = match args.tunnel_ip {
+            Some(ip) => match Tunnel::builder(ip).port(args.tunnel_port).build().await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    warn!(tunnel_ip = %ip, error = %e, "no VXLAN: the tunnel cannot be set up");
+                    None
+                }
+            },
+            None => None,
+        };
+        match &tunnel {
+            Some(t) => info!(tunnel = ?t, "data planes KERNEL, VXLAN and NOOP"),
+            None => info!("data planes KERNEL and NOOP"),
+        }
         let root = CancellationToken::new();
-        let (server_side, client_side) = forwarder_mechanisms();
+        let (server_side, client_side) = forwarder_mechanisms(tunnel);
         let fwd = forwarder(
             ForwarderOptions::new(&args.name, args.connect_to)
                 .root(root.clone())

@@ -29,6 +29,10 @@
 //!   deleted and a new one made. Close deletes the policy rules and the pair with
 //!   [`down`], then passes on.
 //!
+//! An answer whose mechanism is of the `REMOTE` class (a tunnel to another node's
+//! forwarder) is passed back untouched: the tunnel's own client-side handler, after this
+//! one in the chain, makes the client's end from [`KernelClientEnd`].
+//!
 //! State: per connection of the client chain (needs `begin` there), the [`Created`]
 //! pair and which namespaces and names it joins.
 //!
@@ -47,7 +51,7 @@ use std::sync::{Arc, Mutex};
 use nsm_sdk::handlers::{mechanisms, Mechanisms};
 use nsm_sdk::proto::connection::{Connection, Mechanism};
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::tools::{params, types};
+use nsm_sdk::tools::{cls, params, types};
 use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use tracing::{debug, info, warn};
 
@@ -79,6 +83,47 @@ struct ClientEndInner {
     ifname: IfName,
     mtu: Option<Mtu>,
     bridged: bool,
+}
+
+/// The client's side of a KERNEL connection as [`kernel_forwarder_server`] read it, for
+/// the client-side handler of another mechanism that ends the connection in the
+/// client's pod (a tunnel): present in [`Cx::ext`] exactly when the forwarder's server
+/// side is KERNEL.
+#[derive(Clone)]
+pub struct KernelClientEnd(ClientEnd);
+
+impl KernelClientEnd {
+    /// The client's end of this call, if the forwarder's server side is KERNEL.
+    pub fn from_cx(cx: &Cx) -> Option<KernelClientEnd> {
+        cx.ext().get::<ClientEnd>().cloned().map(KernelClientEnd)
+    }
+    /// The client's network namespace.
+    pub fn netns(&self) -> &NetNs {
+        &self.0 .0.netns
+    }
+    /// The interface name the client asked for.
+    pub fn ifname(&self) -> &IfName {
+        &self.0 .0.ifname
+    }
+    /// The MTU the client's mechanism asked for, if any.
+    pub fn mtu(&self) -> Option<Mtu> {
+        self.0 .0.mtu
+    }
+    /// Whether the client's end is bridged ([`BRIDGED`](super::BRIDGED)).
+    pub fn bridged(&self) -> bool {
+        self.0 .0.bridged
+    }
+}
+
+impl std::fmt::Debug for KernelClientEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelClientEnd")
+            .field("netns", self.netns())
+            .field("ifname", self.ifname())
+            .field("mtu", &self.mtu())
+            .field("bridged", &self.bridged())
+            .finish()
+    }
 }
 
 fn param<'a>(m: &'a Mechanism, key: &str) -> Option<&'a str> {
@@ -355,6 +400,11 @@ impl Handler for KernelForwarderClient {
             req.mechanism_preferences.push(kernel_mechanism());
         }
         let mut out = next.clone().request(cx, req).await?;
+        if out.mechanism.as_ref().is_some_and(|m| m.cls == cls::REMOTE) {
+            // A tunnel to another node: its handler, after this one, made the client's
+            // end.
+            return Ok(out);
+        }
         match self.pair_up(&end, &mut out, &slot).await {
             Ok(()) => {
                 slot.established.store(true, Ordering::SeqCst);
@@ -614,6 +664,46 @@ mod tests {
             assert_eq!(err.code(), code, "{err}");
             assert_eq!(nse.closes.load(Ordering::SeqCst), 1, "{err}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_answer_is_left_to_the_tunnels_handler() {
+        /// Answers with a REMOTE mechanism, as another node's forwarder does.
+        #[derive(Clone, Default)]
+        struct Remote(Arc<AtomicUsize>);
+        #[async_trait]
+        impl Handler for Remote {
+            async fn request(
+                &self,
+                _cx: &mut Cx,
+                req: NetworkServiceRequest,
+                _next: Next,
+            ) -> Result<Connection> {
+                let mut conn = req.connection.unwrap_or_default();
+                conn.mechanism = Some(Mechanism {
+                    cls: cls::REMOTE.into(),
+                    r#type: types::VXLAN.into(),
+                    ..Default::default()
+                });
+                Ok(conn)
+            }
+            async fn close(&self, _cx: &mut Cx, _conn: Connection, _next: Next) -> Result<()> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+        let remote = Remote::default();
+        let client = kernel(&[(params::NAME, "nsm-1"), (params::INODE_URL, HERE)]);
+        let conn = forwarder(remote.clone())
+            .request(&mut Cx::server(), req(client.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            conn.mechanism,
+            Some(client),
+            "the client's side is restored"
+        );
+        assert_eq!(remote.0.load(Ordering::SeqCst), 0, "not closed");
     }
 
     #[tokio::test]

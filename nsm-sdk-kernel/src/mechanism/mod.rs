@@ -56,7 +56,7 @@ pub mod xconnect;
 pub use client::{kernel_client, own_netns_url, KernelClient};
 pub use endpoint::{kernel_endpoint, KernelEndpoint};
 pub use forwarder::{
-    kernel_forwarder_client, kernel_forwarder_mechanisms, kernel_forwarder_server,
+    kernel_forwarder_client, kernel_forwarder_mechanisms, kernel_forwarder_server, KernelClientEnd,
     KernelForwarderClient, KernelForwarderServer, DEFAULT_MTU,
 };
 pub use xconnect::{

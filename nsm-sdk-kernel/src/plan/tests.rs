@@ -250,6 +250,7 @@ fn a_fresh_interface_is_configured_mtu_and_up_first_then_addresses_routes_neighb
         ops,
         [
             Op::SetMtu { mtu, prev: None },
+            Op::SetMac([0x02, 0xfe, 172, 16, 0, 2]),
             Op::SetUp,
             Op::AddAddress(net("172.16.0.2/32")),
             Op::AddRoute(plan.routes()[0]),
@@ -390,7 +391,7 @@ fn apply_sim(s: &mut SimState, ops: &[Op]) {
     for op in ops {
         match *op {
             Op::SetMtu { mtu, .. } => s.mtu = Some(mtu),
-            Op::SetUp => {}
+            Op::SetUp | Op::SetMac(_) => {}
             Op::AddAddress(a) => {
                 if !s.addresses.contains(&a) {
                     s.addresses.push(a);
@@ -841,4 +842,55 @@ fn two_policies_with_the_same_rule_are_one_the_later_wins() {
     let plan = plan_from_context(&ctx, PodSide::Client, "nsm-1").unwrap();
     assert_eq!(plan.policies().len(), 1);
     assert_eq!(plan.policies()[0].routes()[0].dst(), net("10.2.0.0/16"));
+}
+
+#[test]
+fn an_end_gets_a_stable_hardware_address_from_its_first_ip_set_once_at_creation() {
+    use crate::plan::stable_mac;
+    use nsm_proto::connectioncontext::{ConnectionContext, IpContext};
+    assert_eq!(
+        stable_mac("172.16.80.1".parse().unwrap()),
+        [0x02, 0xfe, 172, 16, 80, 1]
+    );
+    assert_eq!(
+        stable_mac("fd00::1:2:3:4".parse().unwrap()),
+        [0x02, 0xfe, 0, 3, 0, 4]
+    );
+    let ctx = ConnectionContext {
+        ip_context: Some(IpContext {
+            src_ip_addrs: vec!["172.16.80.2/32".into()],
+            dst_ip_addrs: vec!["172.16.80.1/32".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let client = plan_from_context(&ctx, PodSide::Client, "nsm-1").unwrap();
+    let endpoint = plan_from_context(&ctx, PodSide::Endpoint, "nse-1").unwrap();
+    assert_eq!(client.mac(), Some([0x02, 0xfe, 172, 16, 80, 2]));
+    assert_eq!(endpoint.mac(), Some([0x02, 0xfe, 172, 16, 80, 1]));
+    let created = Plan::changes(None, &endpoint);
+    let mac_at = created.iter().position(|o| matches!(o, Op::SetMac(_)));
+    let up_at = created.iter().position(|o| matches!(o, Op::SetUp));
+    assert!(mac_at.is_some() && mac_at < up_at, "{created:?}");
+    assert!(
+        !Plan::changes(
+            Some(&client),
+            &endpoint.clone().with_mac([2, 0, 0, 0, 0, 1])
+        )
+        .iter()
+        .any(|o| matches!(o, Op::SetMac(_)))
+            || client.ifname() != endpoint.ifname(),
+        "a refresh never changes the address of a live link"
+    );
+    let refreshed = Plan::changes(
+        Some(&endpoint),
+        &endpoint.clone().with_mac([2, 0, 0, 0, 0, 1]),
+    );
+    assert!(
+        refreshed.is_empty(),
+        "a refresh never changes the address of a live link: {refreshed:?}"
+    );
+    // No address, no hardware address of ours.
+    let bare = plan_from_context(&ConnectionContext::default(), PodSide::Client, "nsm-1").unwrap();
+    assert_eq!(bare.mac(), None);
 }

@@ -2,8 +2,9 @@
 //! registry front.
 //!
 //! NetworkService chain: `update_path(name)`, `begin`, `monitor`,
-//! `discover_forwarder`, `connect` (a client chain of `begin`, `monitor_relay`,
-//! `update_token` and the gRPC client).
+//! `filter_mechanisms` (a request from another node's forwarder keeps only its REMOTE
+//! preferences, any other only LOCAL ones), `discover_forwarder`, `connect` (a client
+//! chain of `begin`, `monitor_relay`, `update_token` and the gRPC client).
 //! Registry: endpoints registered through it (local NSEs and forwarders) are stored
 //! upstream under the manager's own URL (`local_bypass`) and resolved back to their
 //! local URL for local use; network services pass through. Watching Finds to the
@@ -18,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::core::{Chain, MonitorSource};
 use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::handlers::{
-    connect, discover_forwarder, monitor_relay, timeout, update_path, update_token, Monitor,
+    connect, discover_forwarder, filter_mechanisms, monitor_relay, timeout, update_path,
+    update_token, Monitor,
 };
 use crate::registry::{
     local_bypass, validate, watch_reconnect, FindCache, Registries, RegistryChain,
@@ -161,6 +163,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
         .push(update_token(opts.tokens.clone()))
         .push(timeout())
         .push(monitor.clone())
+        .push(filter_mechanisms())
         .push(discover_forwarder(registries.clone(), opts.url.clone()))
         .push(connect(client))
         .build();

@@ -43,3 +43,5 @@ pub mod netsvc_monitor;
 pub use netsvc_monitor::{netsvc_monitor, NetsvcMonitor};
 pub mod upstream_refresh;
 pub use upstream_refresh::{upstream_refresh, UpstreamRefresh, UpstreamRefreshOptions};
+pub mod filter_mechanisms;
+pub use filter_mechanisms::{filter_mechanisms, FilterMechanisms};
