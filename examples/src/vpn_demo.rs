@@ -146,8 +146,30 @@ fn path_names(conn: &Connection) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Runs the demo in the lab; `Ok` when every check passed and nothing was left.
+/// Where the demo puts the firewall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FirewallNode {
+    /// On node 1, with the client (the demo's default): client and firewall pods are
+    /// joined by a veth pair, the firewall and the gateway by VXLAN.
+    #[default]
+    WithClient,
+    /// On node 2, with the gateway: VXLAN from the client to the firewall, a veth pair
+    /// from the firewall to the gateway.
+    WithGateway,
+}
+
+/// Runs the demo in the lab with the firewall beside the client; `Ok` when every
+/// check passed and nothing was left.
 pub async fn run() -> Result<(), DemoError> {
+    run_with(FirewallNode::WithClient).await
+}
+
+/// Runs the demo with the firewall on the given node.
+pub async fn run_with(fw_node: FirewallNode) -> Result<(), DemoError> {
+    let fw_at = match fw_node {
+        FirewallNode::WithClient => 0,
+        FirewallNode::WithGateway => 1,
+    };
     let started = Instant::now();
     let mut lab = Lab::new(format!("nsmdemo-{}", std::process::id()));
 
@@ -256,7 +278,10 @@ pub async fn run() -> Result<(), DemoError> {
 
     step(
         3,
-        "starting the VPN gateway gw-1 on node 2 and the firewall on node 1",
+        &format!(
+            "starting the VPN gateway gw-1 on node 2 and the firewall on node {}",
+            fw_at + 1
+        ),
     );
     let cidr: IpNet = CLIENT_CIDR
         .parse()
@@ -285,7 +310,7 @@ pub async fn run() -> Result<(), DemoError> {
     apply_acl(&lab.netns("firewall")?, &acl)
         .await
         .map_err(|e| mesh_err("firewall ACL", e))?;
-    let fw_client = ClientOptions::new("firewall-client", mesh.nodes[0].nsmgr_url.clone())
+    let fw_client = ClientOptions::new("firewall-client", mesh.nodes[fw_at].nsmgr_url.clone())
         .channels(mesh.channels.clone())
         .root(mesh.root.child_token())
         .handler(heal(HealOptions::new(mesh.channels.clone())));
@@ -298,7 +323,7 @@ pub async fn run() -> Result<(), DemoError> {
     );
     let fw_url = mesh.url("firewall");
     mesh.servers.push(serve(&fw_url, fw.services()).await?);
-    mesh.register_endpoint(0, "firewall", &fw_url, &[("app", "firewall")])
+    mesh.register_endpoint(fw_at, "firewall", &fw_url, &[("app", "firewall")])
         .await?;
     eprintln!("      firewall ACL: {ACL}");
 
@@ -347,7 +372,7 @@ pub async fn run() -> Result<(), DemoError> {
     eprintln!("      firewall pod links: {fw_links:?}");
     check(
         fw_links.values().any(|k| k == "bridge") && fw_links.values().any(|k| k == "vxlan"),
-        "the firewall bridges its client's veth to a VXLAN device towards node 2",
+        "the firewall bridges a veth pair and a VXLAN device (the other node)",
     )?;
 
     step(
@@ -404,11 +429,16 @@ pub async fn run() -> Result<(), DemoError> {
     gw1_server.kill();
     gw1_root.cancel();
     eprintln!("      gw-1 killed (its server and tasks stopped; its pod keeps what the mesh made)");
-    // Control plane healed: gw-2's pod has its VXLAN end. Data plane healed: the
+    // Control plane healed: gw-2's pod has its end (VXLAN or veth). Data plane healed: the
     // client's ping crosses again.
     let mut rewired = None;
     let healed = loop {
-        if rewired.is_none() && lab.links("gw2")?.values().any(|k| k == "vxlan") {
+        if rewired.is_none()
+            && lab
+                .links("gw2")?
+                .iter()
+                .any(|(name, kind)| name != "corp0" && (kind == "vxlan" || kind == "veth"))
+        {
             rewired = Some(killed.elapsed());
         }
         if rewired.is_some() && lab.ping("nsc", CORPORATE_HOST, 1).is_ok() {

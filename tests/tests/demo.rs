@@ -52,3 +52,21 @@ fn the_demo_runs_every_step_and_exits_0() {
         "lab namespaces left: {list}"
     );
 }
+
+/// The same chain with the firewall on the gateway's node: VXLAN from the client to
+/// the firewall, a veth pair from the firewall to the gateway (issue 5: "the firewall
+/// on the same node as the client and on the other node"). In process, as root only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_firewall_on_the_other_node_filters_the_same_and_heals() {
+    if let Err(why) = nsm_examples::lab::can_build() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    if nsm_examples::lab::sh("nft", &["--version"]).is_err() {
+        eprintln!("skipped: no nft");
+        return;
+    }
+    nsm_examples::vpn_demo::run_with(nsm_examples::vpn_demo::FirewallNode::WithGateway)
+        .await
+        .unwrap();
+}
