@@ -24,7 +24,8 @@
 //! - `floor b`: the six gRPC hops alone — the same two-node mesh with the NOOP
 //!   mechanism (200 samples).
 //!
-//! Target: mesh Request + Close p50 <= 10 ms.
+//! Target (issue 5): mesh Request p50 <= 10 ms; Close and Request + Close are
+//! reported beside it.
 //!
 //! Run (root): `cargo bench -p nsm-sdk-vxlan --bench remote_latency`
 
@@ -245,11 +246,14 @@ async fn bench() -> Res<()> {
         p50(&mesh_s.total()) / p50(&floor),
         p99(&mesh_s.total()) / p99(&floor)
     );
-    let total = p50(&mesh_s.total());
+    // Issue 5's target is the Request (the connection's setup); the Close is
+    // reported beside it (device deletion in the kernel is its floor).
+    let request = p50(&mesh_s.up);
     eprintln!(
-        "summary target Request + Close p50 <= 10 ms: {:.3} ms, {}",
-        total,
-        if total <= 10.0 { "met" } else { "NOT met" }
+        "summary target Request p50 <= 10 ms: {:.3} ms, {} (Request + Close p50 {:.3} ms)",
+        request,
+        if request <= 10.0 { "met" } else { "NOT met" },
+        p50(&mesh_s.total())
     );
 
     for p in [&nsc, &nse] {
