@@ -13,10 +13,14 @@ use nsm_tests::bin;
 #[test]
 fn the_demo_runs_every_step_and_exits_0() {
     let started = Instant::now();
-    let out = Command::new(bin("demo"))
+    let child = Command::new(bin("demo"))
         .env_remove("NSM_LOG_LEVEL")
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run the demo");
+    let lab = format!("nsmdemo-{}-", child.id());
+    let out = child.wait_with_output().expect("the demo's output");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -44,11 +48,11 @@ fn the_demo_runs_every_step_and_exits_0() {
     ] {
         assert!(stderr.contains(line), "missing {line:?} in:\n{stderr}");
     }
-    // The lab is gone.
+    // Its lab is gone (other tests' namespaces may be there).
     let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let list = String::from_utf8_lossy(&netns.stdout);
     assert!(
-        !list.lines().any(|l| l.starts_with("nsmdemo-")),
+        !list.lines().any(|l| l.starts_with(&lab)),
         "lab namespaces left: {list}"
     );
 }
