@@ -15,6 +15,10 @@
 //! | `nse-firewall` | a service-chain firewall: bridges each connection, filters it with nftables |
 //! | `nse-vpn-gateway` | a VPN gateway NSE: addresses, a route to the corporate networks, NAT |
 //! | `demo` | the README's first command: firewall + VPN gateway across two nodes ([`vpn_demo`]) |
+//! | `nsm-load` | a load tool: N connections set up, refreshed and closed, measured ([`load`]) |
+//!
+//! `nsmgr`, `nsm-forwarder` and `nsm-registry` serve their process metrics (RSS, fds,
+//! tasks) in the Prometheus text format with `NSM_METRICS_LISTEN_ON` ([`metrics`]).
 //!
 //! This library is what they share: parsing ([`Common`], [`parse_duration`],
 //! [`parse_labels`]), the life of a program ([`run`]: logging, signals, exit statuses),
@@ -37,7 +41,9 @@ mod endpoint;
 mod firewall;
 mod gateway;
 pub mod lab;
+pub mod load;
 mod mechanisms;
+pub mod metrics;
 mod process;
 mod registration;
 mod service_file;

@@ -32,6 +32,7 @@ pub mod registry {
     include!(concat!(env!("OUT_DIR"), "/registry.rs"));
 }
 
+pub mod codec;
 pub mod json;
 
 /// The encoded `FileDescriptorSet` of every proto file of this crate.

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::process::ExitCode;
 
+use nsm_examples::metrics::MetricsArgs;
 use nsm_examples::{
     forwarder_mechanisms, registered_until, run, serve_all, shutdown_all, Common,
     DEFAULT_NSM_SOCKET,
@@ -55,6 +56,9 @@ struct Args {
     tunnel_port: u16,
 
     #[command(flatten)]
+    metrics: MetricsArgs,
+
+    #[command(flatten)]
     common: Common,
 }
 
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
             Some(t) => info!(tunnel = ?t, "data planes KERNEL, VXLAN and NOOP"),
             None => info!("data planes KERNEL and NOOP"),
         }
+        let _metrics = args.metrics.serve().await?;
         let root = CancellationToken::new();
         let (server_side, client_side) = forwarder_mechanisms(tunnel);
         let fwd = forwarder(

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use nsm_examples::metrics::MetricsArgs;
 use nsm_examples::{parse_duration, run, serve_all, shutdown_all, Common};
 use nsm_sdk::chains::registry_server;
 use nsm_sdk::transport::Url;
@@ -22,12 +23,16 @@ struct Args {
     expire_after: Duration,
 
     #[command(flatten)]
+    metrics: MetricsArgs,
+
+    #[command(flatten)]
     common: Common,
 }
 
 fn main() -> ExitCode {
     run(|args: Args, stop| async move {
         info!(expire_after = ?args.expire_after, "starting the registry");
+        let _metrics = args.metrics.serve().await?;
         let registry = registry_server(args.expire_after);
         let servers = serve_all(&[args.listen_on], &registry.services()).await?;
         stop.cancelled().await;

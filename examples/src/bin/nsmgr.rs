@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use nsm_examples::metrics::MetricsArgs;
 use nsm_examples::{run, serve_all, shutdown_all, Common, Failure, DEFAULT_NSM_SOCKET};
 use nsm_sdk::chains::{nsmgr, NsmgrOptions};
 use nsm_sdk::transport::Url;
@@ -28,6 +29,9 @@ struct Args {
     registry_url: Url,
 
     #[command(flatten)]
+    metrics: MetricsArgs,
+
+    #[command(flatten)]
     common: Common,
 }
 
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
             )),
             Some(url) => url.clone(),
         };
+        let _metrics = args.metrics.serve().await?;
         let root = CancellationToken::new();
         let manager =
             nsmgr(NsmgrOptions::new(&args.name, own_url, args.registry_url).root(root.clone()));

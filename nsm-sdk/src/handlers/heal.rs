@@ -79,6 +79,21 @@ use crate::{Error, Result};
 /// Prepares the request of a reselect from the last good one.
 pub type ReselectFn = Arc<dyn Fn(&mut NetworkServiceRequest) + Send + Sync>;
 
+/// Told of what heal does ([`HealOptions::observer`]).
+pub type HealObserver = Arc<dyn Fn(HealEvent) + Send + Sync>;
+
+/// What heal tells its observer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HealEvent {
+    /// A connection was found broken (DOWN, its next hop's stream broke or ended, or
+    /// the liveness check failed): heal starts healing it.
+    Broken,
+    /// A broken connection works again (heal's attempt or the caller's request
+    /// succeeded).
+    Healed,
+}
+
 /// Says whether the data plane of a connection works.
 pub type LivenessFn = Arc<dyn Fn(&Connection) -> BoxFuture<'static, bool> + Send + Sync>;
 
@@ -112,6 +127,7 @@ pub struct HealOptions {
     backoff_start: Duration,
     backoff_max: Duration,
     subscribe_timeout: Duration,
+    observer: Option<HealObserver>,
 }
 
 impl fmt::Debug for HealOptions {
@@ -123,6 +139,7 @@ impl fmt::Debug for HealOptions {
             .field("backoff_start", &self.backoff_start)
             .field("backoff_max", &self.backoff_max)
             .field("subscribe_timeout", &self.subscribe_timeout)
+            .field("observer", &self.observer.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -140,6 +157,7 @@ impl HealOptions {
             backoff_start: DEFAULT_BACKOFF_START,
             backoff_max: DEFAULT_BACKOFF_MAX,
             subscribe_timeout: DEFAULT_SUBSCRIBE_TIMEOUT,
+            observer: None,
         }
     }
 
@@ -186,6 +204,18 @@ impl HealOptions {
     pub fn subscribe_timeout(mut self, timeout: Duration) -> Self {
         self.subscribe_timeout = timeout;
         self
+    }
+
+    /// Calls `f` with each [`HealEvent`] (for counting; it must not block).
+    pub fn observer(mut self, f: impl Fn(HealEvent) + Send + Sync + 'static) -> Self {
+        self.observer = Some(Arc::new(f));
+        self
+    }
+
+    fn tell(&self, event: HealEvent) {
+        if let Some(f) = &self.observer {
+            f(event);
+        }
     }
 }
 
@@ -301,6 +331,7 @@ impl Heal {
         }
         if was_healing {
             info!(connection.id = %conn.id, "heal: connection healed");
+            self.opts.tell(HealEvent::Healed);
         }
         self.spawn(handle, state, &mut inner, hop, Start::Watch);
     }
@@ -486,6 +517,7 @@ impl Task {
             }
             inner.healing = true;
         }
+        self.opts.tell(HealEvent::Broken);
         let mut reselect = trigger == Trigger::Dead;
         loop {
             let req = {
@@ -750,6 +782,38 @@ mod tests {
         assert_eq!(again.network_service_endpoint_name, "nse", "same path");
         assert_ne!(again.state, State::ReselectRequested as i32);
         assert_eq!(nse.closes.load(Ordering::SeqCst), 0, "nothing was closed");
+        chain.close(&mut Cx::client(), conn).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_observer_is_told_of_each_break_and_heal() {
+        let u = url();
+        let nse = Arc::new(Nse::default());
+        let (_server, monitor) = serve_nse(&u, &nse).await;
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let seen = events.clone();
+        let chain = nsc(
+            &u,
+            HealOptions::new(Channels::new()).observer(move |e| seen.lock().unwrap().push(e)),
+        );
+        let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
+        eventually("heal subscribed", || monitor.subscriber_count() == 1).await;
+        // A refresh of a healthy connection is no event.
+        let again = NetworkServiceRequest {
+            connection: Some(conn.clone()),
+            ..Default::default()
+        };
+        chain.request(&mut Cx::client(), again).await.unwrap();
+        assert!(events.lock().unwrap().is_empty());
+        let nse_id = conn.path.as_ref().unwrap().path_segments[1].id.clone();
+        let mut down = monitor.get(&nse_id).unwrap();
+        down.state = State::Down as i32;
+        monitor.publish(ConnectionEventType::Update, down);
+        eventually("healed", || events.lock().unwrap().len() == 2).await;
+        assert_eq!(
+            *events.lock().unwrap(),
+            [HealEvent::Broken, HealEvent::Healed]
+        );
         chain.close(&mut Cx::client(), conn).await.unwrap();
     }
 

@@ -36,7 +36,9 @@ pub use timeout::{timeout, Timeout};
 pub mod update_token;
 pub use update_token::{update_token, UpdateToken};
 pub mod heal;
-pub use heal::{default_reselect, heal, Heal, HealOptions, LivenessFn, ReselectFn};
+pub use heal::{
+    default_reselect, heal, Heal, HealEvent, HealObserver, HealOptions, LivenessFn, ReselectFn,
+};
 pub mod monitor_relay;
 pub use monitor_relay::{monitor_relay, MonitorRelay};
 pub mod netsvc_monitor;
