@@ -13,6 +13,12 @@
 //! Criterion gives mean/median; a plain loop of 1,000 Finds per case then prints
 //! p50/p99 to stderr (`summary ...` lines). Target: p99 <= 5 ms.
 //!
+//! Watchers: 1,000 watching Finds (by service, 100 matches each) over the same gRPC
+//! connection plus one watcher that never reads its stream; then 20 rounds of one
+//! endpoint of that service re-registered with a new label. Each round times, for every
+//! watcher, the moment the update reaches it, and the Register call itself (a slow
+//! watcher must block nobody). Target: every watcher within 100 ms p99.
+//!
 //! Run: `cargo bench -p nsm-sdk --bench registry -- --warm-up-time 1 --measurement-time 3`
 
 use std::collections::HashMap;
@@ -197,6 +203,111 @@ fn summary(s: &Setup) {
     }
 }
 
+const WATCHERS: usize = 1_000;
+const ROUNDS: usize = 20;
+
+/// The watchers case; see the module docs.
+fn watchers(s: &Setup) {
+    let (lat, regs) = s.rt.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
+        let watch = |chain: RegistryChain<NetworkServiceEndpoint>| async move {
+            chain
+                .find(
+                    &mut Cx::client(),
+                    Query {
+                        template: by_service(),
+                        watch: true,
+                    },
+                )
+                .await
+                .expect("watch")
+        };
+        // The slow one: opened, never read.
+        let _slow = watch(s.grpc.clone()).await;
+        let mut tasks = Vec::new();
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        for _ in 0..WATCHERS {
+            let mut stream = watch(s.grpc.clone()).await;
+            let (tx, ready) = (tx.clone(), ready_tx.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut initial = 0;
+                while let Some(item) = stream.next().await {
+                    let found = item.expect("watch item");
+                    let round = found
+                        .resource
+                        .network_service_labels
+                        .values()
+                        .find_map(|l| l.labels.get("round"))
+                        .and_then(|r| r.parse::<usize>().ok());
+                    match round {
+                        Some(r) => {
+                            let _ = tx.send((r, Instant::now()));
+                        }
+                        None => {
+                            initial += 1;
+                            if initial == ENDPOINTS / SERVICES {
+                                let _ = ready.send(());
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        for _ in 0..WATCHERS {
+            ready_rx
+                .recv()
+                .await
+                .expect("every watcher got its initial state");
+        }
+        let mut lat = Vec::with_capacity(WATCHERS * ROUNDS);
+        let mut regs = Vec::with_capacity(ROUNDS);
+        for round in 0..ROUNDS {
+            let mut update = nse(42);
+            for l in update.network_service_labels.values_mut() {
+                l.labels.insert("round".into(), round.to_string());
+            }
+            let t0 = Instant::now();
+            s.in_process
+                .register(&mut Cx::server(), update)
+                .await
+                .expect("register");
+            regs.push(t0.elapsed());
+            let mut got = 0;
+            while got < WATCHERS {
+                let (r, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                    .await
+                    .expect("every watcher gets the update within 10 s")
+                    .expect("watchers alive");
+                if r == round {
+                    lat.push(at - t0);
+                    got += 1;
+                }
+            }
+        }
+        for t in tasks {
+            t.abort();
+        }
+        (lat, regs)
+    });
+    let stats = |mut v: Vec<Duration>| {
+        v.sort();
+        let n = v.len();
+        (v[n / 2], v[(n * 99).div_ceil(100) - 1], v[n - 1])
+    };
+    let (p50, p99, max) = stats(lat);
+    let (r50, r99, rmax) = stats(regs);
+    eprintln!(
+        "summary registry/watchers: {WATCHERS} watchers (+1 never reading) x {ROUNDS} updates: delivery p50 {:.1} us, p99 {:.1} us, max {:.1} us; Register p50 {:.1} us, p99 {:.1} us, max {:.1} us; target p99 <= 100 ms: {}",
+        us(p50),
+        us(p99),
+        us(max),
+        us(r50),
+        us(r99),
+        us(rmax),
+        if p99 <= Duration::from_millis(100) { "met" } else { "NOT met" }
+    );
+}
+
 fn us(d: Duration) -> f64 {
     d.as_nanos() as f64 / 1_000.0
 }
@@ -207,6 +318,7 @@ fn benches() {
     bench_find(&mut c, &s);
     c.final_summary();
     summary(&s);
+    watchers(&s);
     let Setup {
         rt, _server, dir, ..
     } = s;
