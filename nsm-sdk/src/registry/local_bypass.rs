@@ -6,7 +6,13 @@
 //! the entry on with `url` replaced by the manager's URL, and answers the registrant
 //! with its original URL. A Find passes on; in its results (a watch stream included),
 //! an entry that carries the manager's URL and is one of the endpoints registered here
-//! gets its local URL back, so this node reaches its own endpoints directly. An
+//! gets its local URL back, so this node reaches its own endpoints directly. An entry
+//! that carries the manager's URL but is not (or no longer) registered here is left
+//! out of the results (a `deleted` event still passes): this node cannot reach it, and
+//! handing it on with the manager's own URL would send a forwarder's Request back to
+//! this manager in a loop until its deadline (seen as a 5 s stall of heal when an
+//! endpoint was unregistered while its entry was still on its way from the registry,
+//! or after a manager restart before its endpoints registered again). An
 //! Unregister forgets the endpoint and passes on with the manager's URL.
 //!
 //! State: endpoint name -> its local URL, for the endpoints registered through this
@@ -134,17 +140,24 @@ impl RegistryHandler<NetworkServiceEndpoint> for LocalBypass {
             futures::future::ready(keep)
         });
         let inner = self.inner.clone();
-        Ok(Box::pin(stream.map(move |item| {
-            item.map(|mut found| {
-                let r = &mut found.resource;
-                if r.url == inner.own_url {
-                    let local = inner.local.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(url) = local.get(&r.name) {
-                        r.url = url.clone();
+        Ok(Box::pin(stream.filter_map(move |item| {
+            let item = match item {
+                Ok(mut found) => {
+                    let r = &mut found.resource;
+                    if r.url == inner.own_url {
+                        let local = inner.local.lock().unwrap_or_else(|p| p.into_inner());
+                        match local.get(&r.name) {
+                            Some(url) => r.url = url.clone(),
+                            // Unreachable through us: leave it out (not its deletion).
+                            None if !found.deleted => return futures::future::ready(None),
+                            None => {}
+                        }
                     }
+                    Ok(found)
                 }
-                found
-            })
+                Err(e) => Err(e),
+            };
+            futures::future::ready(Some(item))
         })))
     }
 
@@ -176,6 +189,56 @@ mod tests {
             url: url.into(),
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn an_entry_with_the_manager_url_not_registered_here_is_left_out_but_its_deletion_passes()
+    {
+        let bypass = local_bypass(NSMGR.parse().unwrap());
+        let store = memory();
+        let front = RegistryChain::builder()
+            .push(bypass.clone())
+            .push(store.clone())
+            .build();
+        let central = RegistryChain::builder().push(store.clone()).build();
+        let cx = &mut Cx::server();
+        // Registered under the manager's URL by someone else (a previous life of this
+        // manager, say), and one registered through it.
+        central.register(cx, nse("stale", NSMGR)).await.unwrap();
+        front
+            .register(cx, nse("local", "unix:///nse.sock"))
+            .await
+            .unwrap();
+        let found = front.list(cx, nse("", "")).await.unwrap();
+        let urls: Vec<(String, String)> = found.into_iter().map(|n| (n.name, n.url)).collect();
+        assert_eq!(
+            urls,
+            [("local".to_string(), "unix:///nse.sock".to_string())]
+        );
+
+        let mut watch = front
+            .find(
+                cx,
+                Query {
+                    template: nse("", ""),
+                    watch: true,
+                },
+            )
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.resource.name, "local");
+        central.unregister(cx, nse("stale", NSMGR)).await.unwrap();
+        let gone = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!((gone.resource.name.as_str(), gone.deleted), ("stale", true));
     }
 
     #[tokio::test]
@@ -227,8 +290,8 @@ mod tests {
             [
                 ("local".to_string(), "unix:///nse.sock".to_string()),
                 ("remote".to_string(), "tcp://10.0.0.2:5001".to_string()),
-                ("stranger".to_string(), NSMGR.to_string()),
-            ]
+            ],
+            "the stranger carries our URL but is not ours: unreachable through us"
         );
         let central_view = central.list(cx, nse("local", "")).await.unwrap();
         assert_eq!(central_view[0].url, NSMGR);
@@ -341,13 +404,11 @@ mod tests {
         assert!(store.is_empty());
         assert!(bypass.is_empty());
 
-        // Registered again centrally by someone else with the manager URL: not ours now.
+        // Registered again centrally by someone else with the manager URL: not ours
+        // now, so not handed out with our own URL (a loop back to this manager).
         let central = RegistryChain::builder().push(store.clone()).build();
         central.register(cx, nse("local", NSMGR)).await.unwrap();
-        assert_eq!(
-            front.list(cx, nse("local", "")).await.unwrap()[0].url,
-            NSMGR
-        );
+        assert!(front.list(cx, nse("local", "")).await.unwrap().is_empty());
     }
 
     #[tokio::test]
