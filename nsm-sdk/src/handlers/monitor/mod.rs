@@ -34,27 +34,35 @@
 //! UPDATE and DELETE events, each cut down to the connections the selector matches
 //! ([`selector::matches`]); an event left with no connection is not sent.
 //!
-//! State: the table of connections (id -> connection), and a tokio broadcast channel of
-//! events with a bounded buffer ([`MonitorBuilder::capacity`]).
+//! State: the table of connections (id -> connection), an index from path segment ids
+//! to the connections whose path holds them, and the subscribers, each with a bounded
+//! queue of events ([`MonitorBuilder::capacity`]). A subscriber whose selector names a
+//! path segment id (a client or a relay following its own connection: every subscriber
+//! of a hop's per-connection streams) is indexed by that id, so publishing an event
+//! costs the length of the connection's path plus the subscribers it concerns, not one
+//! wake-up per subscriber, and a new subscriber's initial transfer reads only the
+//! connections that hold its id; only selectors without an id (by network service, or
+//! everything) are checked against every event and scan the table.
 //!
-//! Failure handled: a slow subscriber never blocks a publisher. Publishing only writes
-//! into the broadcast buffer; each subscriber filters when it reads. A subscriber that
-//! falls more than `capacity` events behind has lost events, so instead of continuing
-//! with a gap (which could hide a DELETE) it gets a fresh INITIAL_STATE_TRANSFER of the
+//! Failure handled: a slow subscriber never blocks a publisher. Publishing only queues
+//! the event for the subscribers it concerns, without waiting. A subscriber that falls
+//! more than `capacity` events behind has lost events, so instead of continuing with a
+//! gap (which could hide a DELETE) it gets a fresh INITIAL_STATE_TRANSFER of the
 //! current table and continues from there; a consumer treats every
 //! INITIAL_STATE_TRANSFER as the complete state. A dropped subscriber leaves nothing
-//! behind (no task, no registration: it was only a broadcast receiver). Streams end
-//! when the shutdown token ([`MonitorBuilder::shutdown`]) fires or every `Monitor`
-//! clone is gone.
+//! behind (no task; its registration goes with its stream). Streams end when the
+//! shutdown token ([`MonitorBuilder::shutdown`]) fires or every `Monitor` clone is
+//! gone.
 //!
 //! Client side, [`filter`] turns a next hop's stream into the client's own view.
 
 pub mod filter;
 pub mod selector;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use async_trait::async_trait;
 use futures::stream::{self, BoxStream, StreamExt};
@@ -62,7 +70,7 @@ use nsm_proto::connection::{
     Connection, ConnectionEvent, ConnectionEventType, MonitorScopeSelector, State,
 };
 use nsm_proto::networkservice::NetworkServiceRequest;
-use tokio::sync::broadcast;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{Cx, Handler, MonitorSource, Next, Side};
@@ -73,7 +81,7 @@ pub use filter::{filter_events, ClientFilter};
 /// How many events a subscriber may fall behind before it is re-synchronised.
 pub const DEFAULT_CAPACITY: usize = 256;
 
-/// Largest buffer the broadcast channel accepts without panicking, with room to spare.
+/// Largest queue a subscriber may have.
 const MAX_CAPACITY: usize = 1 << 20;
 
 /// See the [module docs](self).
@@ -83,9 +91,149 @@ pub struct Monitor {
 }
 
 struct Inner {
-    table: Mutex<HashMap<String, Connection>>,
-    events: broadcast::Sender<Arc<ConnectionEvent>>,
+    state: Mutex<Shared>,
+    capacity: usize,
     shutdown: CancellationToken,
+}
+
+/// The table and the subscribers, under one lock: an event is queued for the
+/// subscribers while the table holds it, so a subscriber's initial transfer and its
+/// queue agree on which events the transfer already contains.
+#[derive(Default)]
+struct Shared {
+    table: HashMap<String, Connection>,
+    /// Path segment id -> ids (table keys) of the connections whose path holds it.
+    by_segment: HashMap<String, HashSet<String>>,
+    next_subscriber: u64,
+    /// Every subscriber, by its number.
+    subscribers: HashMap<u64, Subscriber>,
+    /// Subscribers indexed by the path segment id their selector names.
+    indexed: HashMap<String, HashSet<u64>>,
+    /// Subscribers whose selector names no path segment id.
+    unindexed: HashSet<u64>,
+}
+
+/// A subscriber as the publishers see it.
+struct Subscriber {
+    key: Option<String>,
+    selector: MonitorScopeSelector,
+    tx: mpsc::Sender<Arc<ConnectionEvent>>,
+    lagged: Arc<AtomicBool>,
+}
+
+/// The path segment id a subscriber is indexed by: the first one its selector names.
+/// A connection without that id in its path cannot match the selector.
+fn index_key(selector: &MonitorScopeSelector) -> Option<String> {
+    selector
+        .path_segments
+        .iter()
+        .find(|s| !s.id.is_empty())
+        .map(|s| s.id.clone())
+}
+
+fn segment_ids(conn: &Connection) -> impl Iterator<Item = &str> {
+    conn.path
+        .iter()
+        .flat_map(|p| p.path_segments.iter())
+        .map(|s| s.id.as_str())
+        .filter(|id| !id.is_empty())
+}
+
+impl Shared {
+    fn index(&mut self, key: &str, conn: &Connection) {
+        for id in segment_ids(conn) {
+            self.by_segment
+                .entry(id.to_string())
+                .or_default()
+                .insert(key.to_string());
+        }
+    }
+
+    fn unindex(&mut self, key: &str, conn: &Connection) {
+        for id in segment_ids(conn) {
+            if let Some(keys) = self.by_segment.get_mut(id) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.by_segment.remove(id);
+                }
+            }
+        }
+    }
+
+    /// Stores (`Some`) or removes (`None`) the connection `key`, keeping the index.
+    fn store(&mut self, key: &str, conn: Option<Connection>) {
+        if let Some(old) = self.table.remove(key) {
+            self.unindex(key, &old);
+        }
+        if let Some(conn) = conn {
+            self.index(key, &conn);
+            self.table.insert(key.to_string(), conn);
+        }
+    }
+
+    /// Queues `event` (about `conn`) for every subscriber whose selector matches `conn`.
+    fn deliver(&self, conn: &Connection, event: &Arc<ConnectionEvent>) {
+        let mut seen = HashSet::new();
+        let indexed = segment_ids(conn)
+            .filter_map(|id| self.indexed.get(id))
+            .flatten();
+        for n in indexed.chain(self.unindexed.iter()) {
+            if !seen.insert(*n) {
+                continue;
+            }
+            let Some(sub) = self.subscribers.get(n) else {
+                continue;
+            };
+            // A lagged subscriber re-synchronises from the table: no gap, no queueing.
+            if sub.lagged.load(Ordering::Acquire) || !selector::matches(conn, &sub.selector) {
+                continue;
+            }
+            if let Err(mpsc::error::TrySendError::Full(_)) = sub.tx.try_send(event.clone()) {
+                sub.lagged.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// The INITIAL_STATE_TRANSFER for `selector`.
+    fn initial(&self, selector: &MonitorScopeSelector) -> ConnectionEvent {
+        let pick = |(id, c): (&String, &Connection)| {
+            selector::matches(c, selector).then(|| (id.clone(), c.clone()))
+        };
+        let connections = match index_key(selector) {
+            Some(key) => self
+                .by_segment
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| self.table.get_key_value(id))
+                .filter_map(pick)
+                .collect(),
+            None => self.table.iter().filter_map(pick).collect(),
+        };
+        ConnectionEvent {
+            r#type: ConnectionEventType::InitialStateTransfer as i32,
+            connections,
+        }
+    }
+
+    fn unsubscribe(&mut self, n: u64) {
+        let Some(sub) = self.subscribers.remove(&n) else {
+            return;
+        };
+        match sub.key {
+            Some(key) => {
+                if let Some(subs) = self.indexed.get_mut(&key) {
+                    subs.remove(&n);
+                    if subs.is_empty() {
+                        self.indexed.remove(&key);
+                    }
+                }
+            }
+            None => {
+                self.unindexed.remove(&n);
+            }
+        }
+    }
 }
 
 impl fmt::Debug for Monitor {
@@ -130,11 +278,10 @@ impl MonitorBuilder {
             .capacity
             .unwrap_or(DEFAULT_CAPACITY)
             .clamp(1, MAX_CAPACITY);
-        let (events, _) = broadcast::channel(capacity);
         Monitor {
             inner: Arc::new(Inner {
-                table: Mutex::new(HashMap::new()),
-                events,
+                state: Mutex::new(Shared::default()),
+                capacity,
                 shutdown: self.shutdown.unwrap_or_default(),
             }),
         }
@@ -161,42 +308,38 @@ impl Monitor {
             tracing::debug!("monitor: connection without an id not published");
             return;
         }
-        let mut table = self.inner.lock_table();
+        let mut shared = self.inner.lock();
         match event_type {
             ConnectionEventType::InitialStateTransfer => {
                 tracing::debug!(connection.id = %conn.id, "monitor: INITIAL_STATE_TRANSFER is not published");
                 return;
             }
-            ConnectionEventType::Update => {
-                table.insert(conn.id.clone(), conn.clone());
-            }
-            ConnectionEventType::Delete => {
-                table.remove(&conn.id);
-            }
+            ConnectionEventType::Update => shared.store(&conn.id, Some(conn.clone())),
+            ConnectionEventType::Delete => shared.store(&conn.id, None),
         }
         tracing::debug!(connection.id = %conn.id, event = event_type.as_str_name(), state = conn.state, "monitor: publish");
-        let event = ConnectionEvent {
+        let event = Arc::new(ConnectionEvent {
             r#type: event_type as i32,
-            connections: [(conn.id.clone(), conn)].into(),
-        };
-        // Sent under the table lock, so a subscriber's snapshot and its receiver agree
-        // on which events the snapshot already contains. No receiver is not an error.
-        let _ = self.inner.events.send(Arc::new(event));
+            connections: [(conn.id.clone(), conn.clone())].into(),
+        });
+        // Queued under the lock, so a subscriber's initial transfer and its queue agree
+        // on which events the transfer already contains.
+        shared.deliver(&conn, &event);
     }
 
     /// The stored connection `id` (this hop's id).
     pub fn get(&self, id: &str) -> Option<Connection> {
-        self.inner.lock_table().get(id).cloned()
+        self.inner.lock().table.get(id).cloned()
     }
 
     /// Every stored connection.
     pub fn connections(&self) -> Vec<Connection> {
-        self.inner.lock_table().values().cloned().collect()
+        self.inner.lock().table.values().cloned().collect()
     }
 
     /// How many connections are stored.
     pub fn len(&self) -> usize {
-        self.inner.lock_table().len()
+        self.inner.lock().table.len()
     }
 
     /// Whether no connection is stored.
@@ -206,40 +349,22 @@ impl Monitor {
 
     /// How many subscriber streams are alive.
     pub fn subscriber_count(&self) -> usize {
-        self.inner.events.receiver_count()
+        self.inner.lock().subscribers.len()
     }
 }
 
 impl Inner {
-    fn lock_table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Connection>> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The INITIAL_STATE_TRANSFER for `selector` and a receiver of every later event.
-    fn snapshot(
-        &self,
-        selector: &MonitorScopeSelector,
-    ) -> (ConnectionEvent, broadcast::Receiver<Arc<ConnectionEvent>>) {
-        let table = self.lock_table();
-        let connections = table
-            .iter()
-            .filter(|(_, c)| selector::matches(c, selector))
-            .map(|(id, c)| (id.clone(), c.clone()))
-            .collect();
-        let rx = self.events.subscribe();
-        drop(table);
-        let event = ConnectionEvent {
-            r#type: ConnectionEventType::InitialStateTransfer as i32,
-            connections,
-        };
-        (event, rx)
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// One subscriber's stream state.
+/// One subscriber's stream state. Dropping it unsubscribes.
 struct Subscription {
     monitor: Weak<Inner>,
-    rx: broadcast::Receiver<Arc<ConnectionEvent>>,
+    number: u64,
+    rx: mpsc::Receiver<Arc<ConnectionEvent>>,
+    lagged: Arc<AtomicBool>,
     selector: MonitorScopeSelector,
     initial: Option<ConnectionEvent>,
     shutdown: CancellationToken,
@@ -251,25 +376,38 @@ impl Subscription {
             return Some(initial);
         }
         loop {
+            if self.lagged.load(Ordering::Acquire) {
+                let monitor = self.monitor.upgrade()?;
+                let shared = monitor.lock();
+                // Everything queued is older than the table under this lock.
+                let mut missed = 0usize;
+                while self.rx.try_recv().is_ok() {
+                    missed += 1;
+                }
+                self.lagged.store(false, Ordering::Release);
+                tracing::warn!(
+                    queued = missed,
+                    "monitor subscriber fell behind: re-synchronising"
+                );
+                return Some(shared.initial(&self.selector));
+            }
             let received = tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
                 r = self.rx.recv() => r,
             };
-            match received {
-                Ok(event) => {
-                    if let Some(event) = selector::scope(&event, &self.selector) {
-                        return Some(event);
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::warn!(missed, "monitor subscriber fell behind: re-synchronising");
-                    let monitor = self.monitor.upgrade()?;
-                    let (initial, rx) = monitor.snapshot(&self.selector);
-                    self.rx = rx;
-                    return Some(initial);
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
+            // `None`: every Monitor clone is gone (they held the sending side).
+            let event = received?;
+            if let Some(event) = selector::scope(&event, &self.selector) {
+                return Some(event);
             }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(monitor) = self.monitor.upgrade() {
+            monitor.lock().unsubscribe(self.number);
         }
     }
 }
@@ -279,10 +417,37 @@ impl MonitorSource for Monitor {
         &self,
         selector: MonitorScopeSelector,
     ) -> BoxStream<'static, Result<ConnectionEvent>> {
-        let (initial, rx) = self.inner.snapshot(&selector);
+        let (tx, rx) = mpsc::channel(self.inner.capacity);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let key = index_key(&selector);
+        let (number, initial) = {
+            let mut shared = self.inner.lock();
+            let number = shared.next_subscriber;
+            shared.next_subscriber += 1;
+            match &key {
+                Some(k) => {
+                    shared.indexed.entry(k.clone()).or_default().insert(number);
+                }
+                None => {
+                    shared.unindexed.insert(number);
+                }
+            }
+            shared.subscribers.insert(
+                number,
+                Subscriber {
+                    key,
+                    selector: selector.clone(),
+                    tx,
+                    lagged: lagged.clone(),
+                },
+            );
+            (number, shared.initial(&selector))
+        };
         let sub = Subscription {
             monitor: Arc::downgrade(&self.inner),
+            number,
             rx,
+            lagged,
             selector,
             initial: Some(initial),
             shutdown: self.inner.shutdown.clone(),

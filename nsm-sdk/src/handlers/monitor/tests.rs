@@ -393,7 +393,7 @@ async fn a_subscriber_that_never_reads_blocks_nobody_and_later_resyncs() {
 
 #[tokio::test]
 async fn a_dropped_subscriber_leaves_nothing_behind() {
-    // A subscription spawns no task: it is only a broadcast receiver, counted here.
+    // A subscription spawns no task: it is only a registered queue, counted here.
     let f = fixture();
     let mut events = f.subscribe(MonitorScopeSelector::default());
     recv(&mut events).await;
@@ -449,4 +449,36 @@ async fn the_client_filter_gives_the_client_its_own_view_and_maps_delete_to_down
     let down = recv(&mut events).await;
     assert_eq!(kind(&down), ConnectionEventType::Update);
     assert_eq!(state_of(&down, "c1"), State::Down);
+}
+
+#[tokio::test]
+async fn events_of_other_connections_never_reach_a_subscriber_of_one() {
+    // A queue of one event: with every event queued for every subscriber, the first
+    // event of another connection would fill it and force a re-synchronisation.
+    let f = fixture_with(Monitor::builder().capacity(1).build());
+    let mine = f.request(request("mine", "vpn")).await.unwrap();
+    let mut events = f.subscribe(ClientFilter::new("mine", "nsc", 0).selector());
+    let initial = recv(&mut events).await;
+    assert_eq!(kind(&initial), ConnectionEventType::InitialStateTransfer);
+    assert_eq!(initial.connections.len(), 1);
+    for i in 0..50 {
+        f.request(request(&format!("other-{i}"), "vpn"))
+            .await
+            .unwrap();
+    }
+    // Its own next event comes straight, not after a re-synchronisation.
+    f.request(NetworkServiceRequest {
+        connection: Some(mine.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let next = recv(&mut events).await;
+    assert_eq!(kind(&next), ConnectionEventType::Update);
+    assert_eq!(next.connections.len(), 1);
+    // A subscriber of everything still sees them all (from its initial transfer).
+    let mut all = f.subscribe(MonitorScopeSelector::default());
+    assert_eq!(recv(&mut all).await.connections.len(), 51);
+    f.close(mine).await.unwrap();
+    assert_eq!(kind(&recv(&mut events).await), ConnectionEventType::Delete);
 }
