@@ -21,9 +21,11 @@
 //! one.)
 //!
 //! What it does, per connection, after each successful Request:
-//! - **watch**: it follows the next hop's MonitorConnection stream for this connection
-//!   (selector: the next hop's path segment; the next hop's URL is the call's
-//!   [`ClientUrl`](crate::transport::ClientUrl)), through the client-side filter. The
+//! - **watch**: it follows the connection at the next hop (the next hop's URL is the
+//!   call's [`ClientUrl`](crate::transport::ClientUrl)) through the client-side filter.
+//!   All connections of one client to one next hop share one MonitorConnection stream
+//!   ([`shared_monitor`](crate::transport::shared_monitor)), so the next hop serves one
+//!   stream per client process, not one per connection. The
 //!   next hops relay what happens further down (`monitor_relay`), so the death of any
 //!   hop or of the endpoint arrives here as state DOWN. With a liveness check
 //!   ([`HealOptions::liveness`]) it also asks, every interval, whether the data plane
@@ -993,9 +995,11 @@ mod tests {
         let u = url();
         let nse = Arc::new(Nse::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
-        let chain = nsc(&u, HealOptions::new(Channels::new()));
+        let channels = Channels::new();
+        let chain = nsc(&u, HealOptions::new(channels.clone()));
         let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
         eventually("heal subscribed", || monitor.subscriber_count() == 1).await;
+        eventually("heal follows", || channels.monitor_followers() == 1).await;
         let again = NetworkServiceRequest {
             connection: Some(conn.clone()),
             ..Default::default()
@@ -1003,8 +1007,15 @@ mod tests {
         chain.request(&mut Cx::client(), again).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(monitor.subscriber_count(), 1);
+        assert_eq!(channels.monitor_followers(), 1);
         assert_eq!(nse.requests(), 2, "no heal request on a healthy connection");
         chain.close(&mut Cx::client(), conn).await.unwrap();
-        eventually("unsubscribed", || monitor.subscriber_count() == 0).await;
+        eventually("heal stopped following", || {
+            channels.monitor_followers() == 0
+        })
+        .await;
+        // The shared stream stays open for the next connection a while.
+        assert_eq!(monitor.subscriber_count(), 1);
+        assert_eq!(channels.shared_monitors(), 1);
     }
 }

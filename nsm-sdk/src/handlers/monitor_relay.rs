@@ -18,9 +18,9 @@
 //! (the server `begin` closes the old downstream first) or `connect`'s clean-up after a
 //! failure all end.
 //!
-//! What it does: after a successful Request it subscribes to the next hop's
-//! MonitorConnection service with the next hop's own path segment as the selector and
-//! passes the stream through the client-side filter ([`ClientFilter`](super::monitor::ClientFilter)).
+//! What it does: after a successful Request it follows the connection at the next hop
+//! (the process's shared MonitorConnection stream to that hop, cut down to this
+//! connection's events; see "Cost") and passes them through the client-side filter ([`ClientFilter`](super::monitor::ClientFilter)).
 //! Each change the filter lets through is relayed upstream: this hop's connection (as
 //! its `monitor` stored it, so the mechanism this hop gave its caller stays) takes the
 //! downstream's path, context and state, and is published through the [`Monitor`] as an
@@ -45,8 +45,11 @@
 //! `Monitor`, a `ClientUrl` or a next path segment there is nothing to follow and the
 //! relay passes calls through untouched.
 //!
-//! Cost: one MonitorConnection stream to the next hop per connection. Many connections
-//! through one pair of hops would better share one stream per peer (issue 6).
+//! Cost: no stream of its own. Every connection of this hop that goes to the same next
+//! hop shares one MonitorConnection stream ([`shared_monitor`](crate::transport::shared_monitor):
+//! selector `[{name: this hop's name}]`, kept open a while after the last connection
+//! left), so a Request or a Close opens no stream; per connection there is a follower
+//! registration and the relay task.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -58,20 +61,25 @@ use nsm_proto::connection::{
     Connection, ConnectionEvent, ConnectionEventType, MonitorScopeSelector, PathSegment, State,
 };
 use nsm_proto::networkservice::NetworkServiceRequest;
+use prost_types::Timestamp;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::monitor::{filter_events, Monitor};
 use crate::core::{spawn_owned, ConnHandle, Cx, Handler, MonitorSource, Next};
-use crate::transport::{monitor_connections, Channels, ClientUrl, Url};
-use crate::{Error, Result};
+use crate::transport::{Channels, ClientUrl, Url};
+use crate::Result;
 
 /// How long subscribing to a next hop's monitor may take before it counts as broken.
 pub const DEFAULT_SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client hop's connection and where it goes next: what the relay and heal follow.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Two are equal when they follow the same connection at the same next hop; the
+/// expiry of this hop's segment (`floor`) is not compared, so a refresh keeps the
+/// follower it has.
+#[derive(Debug, Clone)]
 pub(crate) struct NextHop {
     /// The next hop's URL.
     pub(crate) url: Url,
@@ -81,6 +89,37 @@ pub(crate) struct NextHop {
     pub(crate) index: u32,
     /// The next hop's path segment (name and id only).
     pub(crate) next: PathSegment,
+    /// The expiry of this hop's own segment in the connection the next hop returned:
+    /// an event carrying an older one is about an earlier incarnation of the
+    /// connection (a DELETE of the path a reselect closed, still in flight on the
+    /// shared stream) and is not this connection's news.
+    pub(crate) floor: Option<Timestamp>,
+}
+
+impl PartialEq for NextHop {
+    fn eq(&self, other: &Self) -> bool {
+        self.url == other.url
+            && self.id == other.id
+            && self.name == other.name
+            && self.index == other.index
+            && self.next == other.next
+    }
+}
+
+/// Whether the copy in `event` is older than `floor` at this hop's segment `index`. An
+/// event without a connection (an initial state that lacks it) is never stale.
+fn is_stale(event: &ConnectionEvent, index: u32, floor: &Timestamp) -> bool {
+    !event.connections.is_empty()
+        && event.connections.values().all(|c| {
+            let seg = c
+                .path
+                .as_ref()
+                .and_then(|p| p.path_segments.get(usize::try_from(index).ok()?));
+            match seg.and_then(|s| s.expires.as_ref()) {
+                Some(e) => (e.seconds, e.nanos) < (floor.seconds, floor.nanos),
+                None => false,
+            }
+        })
 }
 
 impl NextHop {
@@ -102,37 +141,33 @@ impl NextHop {
                 id: next.id.clone(),
                 ..Default::default()
             },
+            floor: me.expires,
         })
     }
 
-    /// The selector to subscribe with: the next hop's own segment.
-    pub(crate) fn selector(&self) -> MonitorScopeSelector {
-        MonitorScopeSelector {
-            path_segments: vec![self.next.clone()],
-            network_services: Vec::new(),
-        }
-    }
-
-    /// Subscribes to the next hop's monitor: the stream yields this hop's connection as
-    /// the next hop reports it, in this hop's view (client-side filtered: changes only,
-    /// DELETE and "unknown there" as DOWN), and ends with an error when the stream
-    /// breaks.
+    /// Follows this connection at the next hop: the stream yields this hop's connection
+    /// as the next hop reports it, in this hop's view (client-side filtered: changes
+    /// only, DELETE as DOWN), and ends with an error when the stream breaks. The
+    /// subscription is the process's shared stream to the next hop for this hop's name
+    /// ([`shared_monitor`](crate::transport::shared_monitor)); events of an earlier
+    /// incarnation of the connection (see `floor`) are left out.
     pub(crate) async fn follow(
         &self,
         channels: &Channels,
         timeout: Duration,
     ) -> Result<BoxStream<'static, Result<Connection>>> {
-        let events = tokio::time::timeout(
-            timeout,
-            monitor_connections(channels, &self.url, self.selector()),
-        )
-        .await
-        .map_err(|_| {
-            Error::DeadlineExceeded(format!(
-                "subscribing to the monitor of {} took longer than {timeout:?}",
-                self.url
-            ))
-        })??;
+        let following = channels
+            .follow_segment(&self.url, &self.name, &self.id, self.index, timeout)
+            .await?;
+        let index = self.index;
+        let events: BoxStream<'static, Result<ConnectionEvent>> = match self.floor {
+            Some(floor) => following
+                .filter(move |item| {
+                    futures::future::ready(!matches!(item, Ok(e) if is_stale(e, index, &floor)))
+                })
+                .boxed(),
+            None => following.boxed(),
+        };
         let filtered = filter_events(self.id.clone(), self.name.clone(), self.index, events);
         Ok(filtered
             .filter_map(|item| {
@@ -708,10 +743,12 @@ mod tests {
             ConnectionEventType::Delete as i32,
             "the first event after Close is the DELETE, not a relayed DOWN"
         );
-        eventually("the relay's stream was dropped", || {
-            nse_monitor.subscriber_count() == 0
+        eventually("the relay stopped following", || {
+            channels.monitor_followers() == 0
         })
         .await;
+        // The shared stream lingers for the next connection.
+        assert_eq!(nse_monitor.subscriber_count(), 1);
         assert!(monitor.is_empty());
     }
 
@@ -735,15 +772,17 @@ mod tests {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(m1.subscriber_count(), 1, "a refresh keeps the one stream");
+        assert_eq!(channels.monitor_followers(), 1);
 
         *dial.0.lock().unwrap() = second.clone();
         chain.request(&mut Cx::server(), again).await.unwrap();
         eventually("moved to the second", || {
-            m1.subscriber_count() == 0 && m2.subscriber_count() == 1
+            m2.subscriber_count() == 1 && channels.monitor_followers() == 1
         })
         .await;
+        assert_eq!(channels.shared_monitors(), 2, "the first stream lingers");
         chain.close(&mut Cx::server(), conn).await.unwrap();
-        eventually("unsubscribed", || m2.subscriber_count() == 0).await;
+        eventually("stopped following", || channels.monitor_followers() == 0).await;
     }
 
     #[test]
@@ -775,7 +814,10 @@ mod tests {
             (hop.id.as_str(), hop.name.as_str(), hop.index),
             ("b", "b-name", 1)
         );
-        assert_eq!(hop.selector().path_segments[0].id, "c");
+        assert_eq!(
+            (hop.next.name.as_str(), hop.next.id.as_str()),
+            ("c-name", "c")
+        );
         assert_eq!(hop.url, u);
         let mut last = conn.clone();
         last.path.as_mut().unwrap().index = 2;

@@ -16,16 +16,17 @@
 //! on the path relays that state upstream (`monitor_relay` copies the downstream state).
 //!
 //! What it does, per connection, after each successful Request: it follows the next
-//! hop's MonitorConnection stream for this connection, as `heal` does (selector: the
-//! next hop's path segment; the client-side filter), and when the connection arrives in
+//! hop's MonitorConnection events for this connection, as `heal` does (the process's
+//! shared stream to the next hop; the client-side filter), and when the connection arrives in
 //! state REFRESH_REQUESTED it re-requests it ([`ConnHandle::request_event`]: the last
 //! good request, in `begin`'s order with the connection's other operations). Other
 //! states are left to `heal`.
 //!
 //! An event that reaches the next hop before this client follows it (the client is still
-//! on the return path of its Request) is not lost: the next hop's `monitor` keeps the
-//! connection in the state it last published, and a subscription starts with that state
-//! (INITIAL_STATE_TRANSFER). Hops that are themselves still returning hold such a
+//! on the return path of its Request) is not lost: a new shared stream starts with the
+//! state the next hop's `monitor` keeps (INITIAL_STATE_TRANSFER), and a stream already
+//! open keeps such a change for a follower that joins late
+//! ([`shared_monitor`](crate::transport::shared_monitor)). Hops that are themselves still returning hold such a
 //! change until their own `monitor` has the connection (`monitor_relay`).
 //!
 //! With [`UpstreamRefreshOptions::local_notifications`], a refresh requested on one of
@@ -492,9 +493,10 @@ mod tests {
         let u = url();
         let nse = Arc::new(Nse::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
+        let channels = Channels::new();
         let chain = nsc(
             &u,
-            UpstreamRefreshOptions::new(Channels::new()).local_notifications(local_notifications),
+            UpstreamRefreshOptions::new(channels.clone()).local_notifications(local_notifications),
         );
         let a = chain
             .request(&mut Cx::client(), request("a"))
@@ -504,7 +506,8 @@ mod tests {
             .request(&mut Cx::client(), request("b"))
             .await
             .unwrap();
-        eventually("following both", || monitor.subscriber_count() == 2).await;
+        eventually("following both", || channels.monitor_followers() == 2).await;
+        assert_eq!(monitor.subscriber_count(), 1, "one shared stream");
         publish(&monitor, &a, State::RefreshRequested);
         eventually("a refreshed", || nse.requests_of("a") == 2).await;
         if local_notifications {
@@ -561,7 +564,8 @@ mod tests {
         let u = url();
         let nse = Arc::new(Nse::default());
         let (server, _monitor) = serve_nse(&u, &nse).await;
-        let chain = nsc(&u, UpstreamRefreshOptions::new(Channels::new()));
+        let channels = Channels::new();
+        let chain = nsc(&u, UpstreamRefreshOptions::new(channels.clone()));
         let conn = chain
             .request(&mut Cx::client(), request("a"))
             .await
@@ -593,6 +597,6 @@ mod tests {
         publish(&monitor, &conn, State::RefreshRequested);
         eventually("refreshed", || back.requests_of("a") == 2).await;
         chain.close(&mut Cx::client(), conn).await.unwrap();
-        eventually("unsubscribed", || monitor.subscriber_count() == 0).await;
+        eventually("stopped following", || channels.monitor_followers() == 0).await;
     }
 }

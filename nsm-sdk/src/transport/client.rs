@@ -29,6 +29,7 @@ use tracing::debug;
 
 use super::memory;
 use super::metadata;
+use super::shared_monitor::SharedMonitors;
 use super::url::{ClientUrl, Url};
 use crate::core::{Cx, Handler, Next};
 use crate::{Error, Result};
@@ -50,6 +51,7 @@ pub struct Channels {
 struct Pool {
     connect_timeout: Duration,
     channels: Mutex<HashMap<Url, Channel>>,
+    monitors: Arc<SharedMonitors>,
 }
 
 impl fmt::Debug for Channels {
@@ -79,8 +81,14 @@ impl Channels {
             inner: Arc::new(Pool {
                 connect_timeout: timeout,
                 channels: Mutex::new(HashMap::new()),
+                monitors: Arc::default(),
             }),
         }
+    }
+
+    /// The shared monitor streams of this pool ([`super::shared_monitor`]).
+    pub(crate) fn monitors(&self) -> Arc<SharedMonitors> {
+        self.inner.monitors.clone()
     }
 
     /// The connect timeout of this pool.

@@ -8,6 +8,7 @@ pub mod memory;
 pub mod metadata;
 pub mod registry_client;
 pub mod server;
+pub mod shared_monitor;
 pub mod url;
 
 pub use client::{grpc_client, monitor_connections, Channels, GrpcClient, DEFAULT_CONNECT_TIMEOUT};
