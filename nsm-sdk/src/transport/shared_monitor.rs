@@ -237,7 +237,7 @@ impl Peer {
         };
         let mut peers = pool.lock();
         let mut state = self.lock();
-        if state.count != 0 || !state.idle_since.is_some_and(|t| t.elapsed() >= linger) {
+        if state.count != 0 || state.idle_since.is_none_or(|t| t.elapsed() < linger) {
             return false;
         }
         state.dead = true;
