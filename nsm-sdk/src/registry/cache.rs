@@ -12,8 +12,9 @@
 //!
 //! A watching Find for a template whose answer is cached is served from the cache
 //! too: the current entries, then every change the cache's own watch (or a write
-//! through it) brings. So a thousand connections watching their network service (as
-//! `netsvc_monitor` does) cost the registry one watch, not a thousand. A watcher that
+//! through it) brings. So a thousand watchers of one network service (hops that each
+//! watch it, as `netsvc_monitor` does once per service) cost the registry one watch,
+//! not a thousand. A watcher that
 //! falls more than [`WATCH_BUFFER`] changes behind gets an Unavailable error ending its
 //! stream (`watch_reconnect` in front of the cache then finds again and starts from the
 //! current entries); it never slows the others down. A watching Find for a template
