@@ -1,7 +1,6 @@
 //! Per-connection handles: typed state, owned tasks and events that re-enter a chain.
 
 use std::any::{Any, TypeId};
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,9 +52,14 @@ impl Future for EventReceipt {
     }
 }
 
+/// Typed per-connection values. A connection holds a handful (one per handler that keeps
+/// state), so a vector searched in order is smaller than a map and as fast; it starts
+/// empty, without an allocation.
+type StateList = Vec<(TypeId, Arc<dyn Any + Send + Sync>)>;
+
 struct Shared {
     id: String,
-    state: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+    state: Mutex<StateList>,
     cancel: CancellationToken,
     sink: Weak<dyn EventSink>,
 }
@@ -91,7 +95,7 @@ impl ConnHandle {
         ConnHandle {
             shared: Arc::new(Shared {
                 id: id.into(),
-                state: Mutex::new(HashMap::new()),
+                state: Mutex::new(Vec::new()),
                 cancel: parent.child_token(),
                 sink,
             }),
@@ -106,28 +110,32 @@ impl ConnHandle {
     /// The state of type `T` of this connection, created with `T::default()` on first use.
     /// Handlers keep their per-connection state here, with interior mutability inside `T`.
     pub fn state<T: Default + Send + Sync + 'static>(&self) -> Arc<T> {
-        let mut map = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = map
-            .entry(TypeId::of::<T>())
-            .or_insert_with(|| Arc::new(T::default()) as Arc<dyn Any + Send + Sync>);
-        entry
-            .clone()
-            .downcast::<T>()
-            .unwrap_or_else(|_| unreachable!("entries are keyed by their TypeId"))
+        let mut list = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = find::<T>(&list) {
+            return found;
+        }
+        let value = Arc::new(T::default());
+        list.push((TypeId::of::<T>(), value.clone()));
+        value
     }
 
     /// The state of type `T`, if any handler created it.
     pub fn get_state<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
-        let map = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&TypeId::of::<T>())
-            .and_then(|v| v.clone().downcast::<T>().ok())
+        let list = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        find::<T>(&list)
     }
 
     /// Removes the state of type `T`.
     pub fn remove_state<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
-        let mut map = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&TypeId::of::<T>())
-            .and_then(|v| v.downcast::<T>().ok())
+        let mut list = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let at = list.iter().position(|(t, _)| *t == TypeId::of::<T>())?;
+        list.swap_remove(at).1.downcast::<T>().ok()
+    }
+
+    /// A reference to this connection that does not keep its state alive: for whoever
+    /// must find the connection later without owning it (a shared timer).
+    pub fn downgrade(&self) -> WeakConnHandle {
+        WeakConnHandle(Arc::downgrade(&self.shared))
     }
 
     /// Fires when the connection ends at this hop (closed, or forgotten after a failed
@@ -176,6 +184,34 @@ impl ConnHandle {
                 let _ = tx.send(Err(Error::Cancelled("the chain is gone".into())));
                 EventReceipt(rx)
             }
+        }
+    }
+}
+
+/// The entry of type `T` in a connection's state list.
+fn find<T: Send + Sync + 'static>(list: &StateList) -> Option<Arc<T>> {
+    list.iter()
+        .find(|(t, _)| *t == TypeId::of::<T>())
+        .and_then(|(_, v)| v.clone().downcast::<T>().ok())
+}
+
+/// A [`ConnHandle`] that does not keep the connection's state alive
+/// ([`ConnHandle::downgrade`]).
+#[derive(Clone)]
+pub struct WeakConnHandle(Weak<Shared>);
+
+impl WeakConnHandle {
+    /// The handle, while anything else still holds it.
+    pub fn upgrade(&self) -> Option<ConnHandle> {
+        self.0.upgrade().map(|shared| ConnHandle { shared })
+    }
+}
+
+impl fmt::Debug for WeakConnHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.upgrade() {
+            Some(h) => f.debug_tuple("WeakConnHandle").field(&h).finish(),
+            None => f.write_str("WeakConnHandle(gone)"),
         }
     }
 }
@@ -239,6 +275,42 @@ mod tests {
         );
         assert!(h.remove_state::<Counter>().is_some());
         assert!(h.get_state::<Counter>().is_none());
+    }
+
+    #[derive(Default)]
+    struct Other(std::sync::atomic::AtomicU32);
+
+    #[test]
+    fn states_of_several_types_live_side_by_side() {
+        let root = CancellationToken::new();
+        let h = ConnHandle::new("id", &root, Weak::<NoSink>::new());
+        h.state::<Counter>().0.store(1, Ordering::SeqCst);
+        h.state::<Other>().0.store(2, Ordering::SeqCst);
+        h.state::<Counter>().0.fetch_add(10, Ordering::SeqCst);
+        assert!(h.remove_state::<Counter>().is_some());
+        assert!(h.remove_state::<Counter>().is_none());
+        assert_eq!(h.get_state::<Other>().unwrap().0.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            h.state::<Counter>().0.load(Ordering::SeqCst),
+            0,
+            "made anew"
+        );
+    }
+
+    #[test]
+    fn a_weak_handle_does_not_keep_the_connection() {
+        let root = CancellationToken::new();
+        let h = ConnHandle::new("id", &root, Weak::<NoSink>::new());
+        let weak = h.downgrade();
+        assert_eq!(weak.upgrade().unwrap().id(), "id");
+        let state = h.state::<Counter>();
+        drop(h);
+        assert!(weak.upgrade().is_none());
+        assert_eq!(
+            Arc::strong_count(&state),
+            1,
+            "the state went with the handle"
+        );
     }
 
     struct NoSink;

@@ -24,8 +24,11 @@
 //!
 //! On the server side a successful Request returns the connection in state UP.
 //!
-//! State: a slot per connection id (last good connection, request, context and the
-//! rest of the chain), removed when the connection ends.
+//! State: a slot per connection id, removed when the connection ends: the connection's
+//! handle behind a fair lock and, from the first successful Request on (allocated then,
+//! so an id being established costs little), the last good request (which carries the
+//! last connection the chain returned, stored once), its context and the rest of the
+//! chain, and the connection a caller was last given if events have changed it since.
 //!
 //! Failure handled: a panicking or timed-out operation does not wedge the id; a Close
 //! whose downstream fails still forgets the connection (and returns the error).
@@ -79,33 +82,55 @@ pub fn begin() -> Begin {
 }
 
 struct Inner {
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    slots: Mutex<HashMap<String, SlotLock>>,
     root: CancellationToken,
     default_timeout: Duration,
     me: Weak<Inner>,
 }
 
-struct Slot {
-    handle: ConnHandle,
-    lock: Arc<tokio::sync::Mutex<Established>>,
-}
+/// One connection's slot: a fair lock around its state, one allocation.
+type SlotLock = Arc<tokio::sync::Mutex<Slot>>;
 
-#[derive(Default)]
-struct Established {
+/// What a hop keeps for a connection id. Small until the first Request succeeds: what
+/// an established connection needs is in `est`, allocated then.
+struct Slot {
     /// The slot was removed from the map; a waiter must look the id up again.
     dead: bool,
-    /// The last connection the chain returned (as this hop sees it).
-    conn: Option<Connection>,
-    /// The last connection returned to a caller (not to an event): what the caller
-    /// may send back, possibly stale after events changed the connection.
-    seen: Option<Connection>,
-    /// The last good request, for events.
-    req: Option<NetworkServiceRequest>,
-    /// The context and rest of the chain of the last good operation, for events.
-    cx: Option<Cx>,
-    next: Option<Next>,
+    handle: ConnHandle,
     /// How long the first request was given; events get the same.
     timeout: Duration,
+    est: Option<Box<Established>>,
+}
+
+/// An established connection (a Request of it succeeded once).
+struct Established {
+    /// The last good request, for events. Its connection is the last one the chain
+    /// returned (as this hop sees it): stored once, not beside the request again.
+    req: NetworkServiceRequest,
+    /// Whether what `req`'s connection describes is still built downstream: false after
+    /// a reselect closed it and the new path failed (client side), so a Close has
+    /// nothing to tear down.
+    up: bool,
+    /// The last connection returned to a caller (not to an event), when events changed
+    /// the connection since; `None` while it is `req`'s connection. What the caller may
+    /// send back, possibly stale.
+    seen: Option<Box<Connection>>,
+    /// The context and rest of the chain of the last good operation, for events.
+    cx: Cx,
+    next: Next,
+}
+
+impl Established {
+    /// The last connection the chain returned, if it is still built downstream.
+    fn conn(&self) -> Option<&Connection> {
+        self.req.connection.as_ref().filter(|_| self.up)
+    }
+}
+
+impl Slot {
+    fn conn(&self) -> Option<&Connection> {
+        self.est.as_ref().and_then(|e| e.conn())
+    }
 }
 
 impl Begin {
@@ -153,7 +178,7 @@ impl Inner {
         weak
     }
 
-    fn slot(&self, id: &str, create: bool) -> Option<Arc<Slot>> {
+    fn slot(&self, id: &str, create: bool) -> Option<SlotLock> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = slots.get(id) {
             return Some(s.clone());
@@ -161,61 +186,58 @@ impl Inner {
         if !create {
             return None;
         }
-        let slot = Arc::new(Slot {
+        let slot = Arc::new(tokio::sync::Mutex::new(Slot {
+            dead: false,
             handle: ConnHandle::new(id, &self.root, self.sink()),
-            lock: Arc::new(tokio::sync::Mutex::new(Established::default())),
-        });
+            timeout: self.default_timeout,
+            est: None,
+        }));
         slots.insert(id.to_string(), slot.clone());
         Some(slot)
     }
 
     /// Waits for the connection's turn. `None`: the id is unknown and `create` is false.
-    async fn acquire(
-        &self,
-        id: &str,
-        create: bool,
-    ) -> Option<(Arc<Slot>, OwnedMutexGuard<Established>)> {
+    async fn acquire(&self, id: &str, create: bool) -> Option<OwnedMutexGuard<Slot>> {
         loop {
             let slot = self.slot(id, create)?;
-            let guard = slot.lock.clone().lock_owned().await;
+            let guard = slot.lock_owned().await;
             if !guard.dead {
-                return Some((slot, guard));
+                return Some(guard);
             }
         }
     }
 
-    fn forget(&self, id: &str, slot: &Arc<Slot>, guard: &mut Established) {
+    fn forget(&self, guard: &mut OwnedMutexGuard<Slot>) {
         guard.dead = true;
-        guard.conn = None;
-        guard.seen = None;
-        guard.req = None;
-        guard.cx = None;
-        guard.next = None;
+        guard.est = None;
+        let lock = OwnedMutexGuard::mutex(guard);
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        if slots.get(id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-            slots.remove(id);
+        if slots
+            .get(guard.handle.id())
+            .is_some_and(|s| Arc::ptr_eq(s, lock))
+        {
+            slots.remove(guard.handle.id());
         }
         drop(slots);
-        slot.handle.end();
+        guard.handle.end();
     }
 
     /// Runs a Request for an acquired slot in its own task.
     async fn run_request(
         self: Arc<Self>,
-        slot: Arc<Slot>,
-        mut guard: OwnedMutexGuard<Established>,
+        mut guard: OwnedMutexGuard<Slot>,
         mut cx: Cx,
         mut req: NetworkServiceRequest,
         next: Next,
         from_event: bool,
     ) -> (Cx, Result<Connection>) {
-        let id = slot.handle.id().to_string();
+        let id = guard.handle.id().to_string();
         let timeout = cx.remaining().unwrap_or(self.default_timeout);
-        if guard.conn.is_none() {
+        if guard.conn().is_none() {
             guard.timeout = timeout;
         }
         cx.set_deadline(Some(tokio::time::Instant::now() + timeout));
-        cx.set_conn(Some(slot.handle.clone()));
+        cx.set_conn(Some(guard.handle.clone()));
         if from_event {
             cx.ext_mut().insert(FromEvent);
         } else {
@@ -223,17 +245,19 @@ impl Inner {
         }
 
         let conn = req.connection.get_or_insert_with(Default::default);
-        if let Some(stored) = guard.conn.as_ref() {
-            if conn.state == State::ReselectRequested as i32 {
-                tracing::debug!("reselect requested: closing the old downstream first");
-                let mut close_cx = cx.clone();
-                let old = stored.clone();
-                if let Err(e) = next.clone().close(&mut close_cx, old).await {
-                    tracing::debug!(error = %e, "closing the old downstream before reselect failed");
+        if let Some(est) = guard.est.as_mut() {
+            if let Some(stored) = est.conn() {
+                if conn.state == State::ReselectRequested as i32 {
+                    tracing::debug!("reselect requested: closing the old downstream first");
+                    let mut close_cx = cx.clone();
+                    let old = stored.clone();
+                    if let Err(e) = next.clone().close(&mut close_cx, old).await {
+                        tracing::debug!(error = %e, "closing the old downstream before reselect failed");
+                    }
+                    est.up = false;
+                } else if cx.side() == Side::Client {
+                    *conn = merge(stored, est.seen.as_deref().unwrap_or(stored), conn);
                 }
-                guard.conn = None;
-            } else if cx.side() == Side::Client {
-                *conn = merge(stored, guard.seen.as_ref().unwrap_or(stored), conn);
             }
         }
 
@@ -250,22 +274,39 @@ impl Inner {
                     conn.state = State::Up as i32;
                 }
                 req.connection = Some(conn.clone());
-                guard.conn = Some(conn.clone());
-                if !from_event {
-                    guard.seen = Some(conn.clone());
+                let last_cx = cx.fork(None);
+                match guard.est.as_mut() {
+                    Some(est) => {
+                        let before = std::mem::replace(&mut est.req, req);
+                        if !from_event {
+                            est.seen = None;
+                        } else if est.seen.is_none() {
+                            // The caller was given the connection this event replaces.
+                            est.seen = before.connection.map(Box::new);
+                        }
+                        est.up = true;
+                        est.cx = last_cx;
+                        est.next = next;
+                    }
+                    None => {
+                        guard.est = Some(Box::new(Established {
+                            req,
+                            up: true,
+                            seen: None,
+                            cx: last_cx,
+                            next,
+                        }))
+                    }
                 }
-                guard.req = Some(req);
-                guard.cx = Some(cx.fork(None));
-                guard.next = Some(next);
                 (cx, Ok(conn))
             }
             Err(e) => {
                 // On the client side a connection that was up and lost its path to a
                 // failed reselect stays (with no connection: a Close goes nowhere), so
                 // whoever reselects (heal) can try again.
-                let was_up = cx.side() == Side::Client && guard.req.is_some();
-                if guard.conn.is_none() && !was_up {
-                    self.forget(&id, &slot, &mut guard);
+                let was_up = cx.side() == Side::Client && guard.est.is_some();
+                if guard.conn().is_none() && !was_up {
+                    self.forget(&mut guard);
                 }
                 (cx, Err(e))
             }
@@ -274,28 +315,27 @@ impl Inner {
 
     async fn run_close(
         self: Arc<Self>,
-        slot: Arc<Slot>,
-        mut guard: OwnedMutexGuard<Established>,
+        mut guard: OwnedMutexGuard<Slot>,
         mut cx: Cx,
         next: Next,
     ) -> (Cx, Result<()>) {
-        let id = slot.handle.id().to_string();
-        let Some(conn) = guard.conn.clone() else {
-            self.forget(&id, &slot, &mut guard);
+        let Some(conn) = guard.conn().cloned() else {
+            self.forget(&mut guard);
             return (cx, Ok(()));
         };
+        let id = guard.handle.id().to_string();
         let timeout = cx
             .remaining()
             .unwrap_or(guard.timeout.max(Duration::from_millis(1)));
         cx.set_deadline(Some(tokio::time::Instant::now() + timeout));
-        cx.set_conn(Some(slot.handle.clone()));
+        cx.set_conn(Some(guard.handle.clone()));
         let result = match tokio::time::timeout(timeout, next.close(&mut cx, conn)).await {
             Ok(r) => r,
             Err(_) => Err(Error::DeadlineExceeded(format!(
                 "close of connection {id} timed out"
             ))),
         };
-        self.forget(&id, &slot, &mut guard);
+        self.forget(&mut guard);
         (cx, result)
     }
 }
@@ -402,7 +442,7 @@ impl Handler for Begin {
     ) -> Result<Connection> {
         let id = connection_id(req.connection.as_ref())?;
         let span = tracing::debug_span!(parent: cx.span(), "begin", connection.id = %id, side = ?cx.side());
-        let (slot, guard) = self
+        let guard = self
             .inner
             .acquire(&id, true)
             .instrument(span.clone())
@@ -411,7 +451,7 @@ impl Handler for Begin {
         let task_cx = std::mem::take(cx).with_span(span.clone());
         let inner = self.inner.clone();
         let op = inner
-            .run_request(slot, guard, task_cx, req, next, false)
+            .run_request(guard, task_cx, req, next, false)
             .instrument(span);
         run_detached(op, cx).await
     }
@@ -419,7 +459,7 @@ impl Handler for Begin {
     async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
         let id = connection_id(Some(&conn))?;
         let span = tracing::debug_span!(parent: cx.span(), "begin", connection.id = %id, side = ?cx.side());
-        let Some((slot, guard)) = self
+        let Some(guard) = self
             .inner
             .acquire(&id, false)
             .instrument(span.clone())
@@ -430,7 +470,7 @@ impl Handler for Begin {
         };
         let task_cx = std::mem::take(cx).with_span(span.clone());
         let inner = self.inner.clone();
-        let op = inner.run_close(slot, guard, task_cx, next).instrument(span);
+        let op = inner.run_close(guard, task_cx, next).instrument(span);
         run_detached(op, cx).await
     }
 }
@@ -453,32 +493,31 @@ impl EventSink for Inner {
 
 impl Inner {
     async fn run_event(self: Arc<Self>, id: &str, event: ConnEvent) -> EventOutcome {
-        let Some((slot, guard)) = self.acquire(id, false).await else {
+        let Some(guard) = self.acquire(id, false).await else {
             return Err(Error::not_found(format!(
                 "connection {id} is not known here"
             )));
         };
-        let (Some(cx), Some(next), Some(last_req)) =
-            (guard.cx.clone(), guard.next.clone(), guard.req.clone())
-        else {
+        let Some(est) = guard.est.as_deref() else {
             // Not established: there is nothing to re-run.
             return Err(Error::not_found(format!(
                 "connection {id} is not established"
             )));
         };
-        let cx = cx.fork(Some(guard.timeout));
+        let cx = est.cx.fork(Some(guard.timeout));
+        let next = est.next.clone();
         let span = cx.span().clone();
         match event {
             ConnEvent::Request(req) => {
-                let req = req.unwrap_or(last_req);
+                let req = req.unwrap_or_else(|| est.req.clone());
                 let (_, r) = self
-                    .run_request(slot, guard, cx, req, next, true)
+                    .run_request(guard, cx, req, next, true)
                     .instrument(span)
                     .await;
                 r.map(Some)
             }
             ConnEvent::Close => {
-                let (_, r) = self.run_close(slot, guard, cx, next).instrument(span).await;
+                let (_, r) = self.run_close(guard, cx, next).instrument(span).await;
                 r.map(|()| None)
             }
         }

@@ -472,3 +472,71 @@ async fn a_stale_copy_from_the_caller_keeps_what_events_changed() {
     let closes = probe.closes.lock().unwrap();
     assert_eq!(closes[0].network_service_endpoint_name, "nse-2");
 }
+
+#[test]
+fn a_slot_is_small_until_established_and_established_holds_one_request_and_context() {
+    use std::mem::size_of;
+    // Every id this hop knows: a lock, a handle and a pointer; no room for a connection.
+    assert!(
+        size_of::<Slot>() <= 48,
+        "Slot is {} bytes",
+        size_of::<Slot>()
+    );
+    assert!(size_of::<tokio::sync::Mutex<Slot>>() <= 96);
+    // Once established: the last request (which carries the connection), the context
+    // and the rest of the chain, and a pointer for what a caller last saw.
+    let parts = size_of::<NetworkServiceRequest>() + size_of::<Cx>() + size_of::<Next>();
+    assert!(
+        size_of::<Established>() <= parts + 16,
+        "Established is {} bytes for {parts} of parts",
+        size_of::<Established>()
+    );
+}
+
+#[tokio::test]
+async fn a_connection_is_stored_once_until_events_change_it() {
+    let (chain, b, _probe, _) = setup();
+    let mut cx = Cx::client();
+    let conn = chain.request(&mut cx, req("c1", "a")).await.unwrap();
+    let handle = cx.conn().cloned().unwrap();
+    let stored = |b: &Begin| {
+        let slot = b.inner.slot("c1", false).unwrap();
+        let guard = slot.try_lock().unwrap();
+        let est = guard.est.as_ref().expect("established");
+        (
+            est.req.connection.clone().unwrap(),
+            est.seen.as_deref().cloned(),
+        )
+    };
+    assert_eq!(
+        stored(&b),
+        (conn.clone(), None),
+        "no second copy for the caller"
+    );
+    let mut moved = conn.clone();
+    moved.labels.insert("n".into(), "b".into());
+    let after = handle
+        .request_event(Some(NetworkServiceRequest {
+            connection: Some(moved),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored(&b),
+        (after.clone(), Some(conn.clone())),
+        "the caller's copy is kept once an event changed the connection"
+    );
+    let again = chain
+        .request(
+            &mut Cx::client(),
+            NetworkServiceRequest {
+                connection: Some(after),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored(&b), (again, None), "the caller is up to date again");
+}
