@@ -382,15 +382,16 @@ impl Report {
             let mb = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1}", v / 1048576.0));
             let num = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
             out += &format!("{name}:\n");
-            out += "  stage         RSS MB   fds  threads  nsm tasks  tokio tasks  CPU s\n";
+            out += "  stage         RSS MB   fds  threads  conns  nsm tasks  tokio tasks  CPU s\n";
             for stage in &self.stages {
                 let stage = stage.as_str();
                 if stages.contains_key(stage) {
                     out += &format!(
-                        "  {stage:<12} {:>7} {:>5} {:>8} {:>10} {:>12} {:>6}\n",
+                        "  {stage:<12} {:>7} {:>5} {:>8} {:>6} {:>10} {:>12} {:>6}\n",
                         mb(at(stage, "process_resident_memory_bytes")),
                         num(at(stage, "process_open_fds")),
                         num(at(stage, "process_threads")),
+                        num(at(stage, "nsm_live_connections")),
                         num(at(stage, "nsm_live_tasks")),
                         num(at(stage, "tokio_alive_tasks")),
                         at(stage, "process_cpu_seconds_total")
@@ -416,10 +417,11 @@ impl Report {
 }
 
 /// The metrics whose growth the report computes.
-const GROWTH_METRICS: [&str; 5] = [
+const GROWTH_METRICS: [&str; 6] = [
     "process_resident_memory_bytes",
     "process_open_fds",
     "process_threads",
+    "nsm_live_connections",
     "nsm_live_tasks",
     "tokio_alive_tasks",
 ];

@@ -10,6 +10,7 @@
 //! | `process_threads` | `Threads` of `/proc/self/status` |
 //! | `process_cpu_seconds_total` (counter) | user + system time of `/proc/self/stat` |
 //! | `nsm_live_tasks` | [`nsm_sdk::core::live_tasks`]: the SDK's owned tasks (timers, monitors, watches) |
+//! | `nsm_live_connections` | [`nsm_sdk::core::live_handles`]: connection handles held (one per connection and `begin`) |
 //! | `tokio_alive_tasks` | the tokio runtime's alive tasks (the endpoint's own task included) |
 //!
 //! The server is a minimal HTTP/1.1 responder on tokio, not a crate: it answers
@@ -278,6 +279,8 @@ pub struct ProcessSample {
     pub cpu_seconds: Option<f64>,
     /// The SDK's owned tasks alive ([`nsm_sdk::core::live_tasks`]).
     pub nsm_live_tasks: u64,
+    /// Connection handles alive ([`nsm_sdk::core::live_handles`]).
+    pub nsm_live_connections: u64,
     /// Alive tasks of the current tokio runtime (`None` outside a runtime).
     pub tokio_alive_tasks: Option<u64>,
 }
@@ -301,6 +304,7 @@ pub fn sample() -> ProcessSample {
         threads: field("Threads:"),
         cpu_seconds: cpu_seconds(),
         nsm_live_tasks: nsm_sdk::core::live_tasks() as u64,
+        nsm_live_connections: nsm_sdk::core::live_handles() as u64,
         tokio_alive_tasks: tokio::runtime::Handle::try_current()
             .ok()
             .map(|h| h.metrics().num_alive_tasks() as u64),
@@ -358,6 +362,12 @@ pub fn render(s: &ProcessSample) -> String {
         "gauge",
         "Tasks the NSM SDK owns (timers, monitors, watches of connections).",
         Some(s.nsm_live_tasks.to_string()),
+    );
+    metric(
+        "nsm_live_connections",
+        "gauge",
+        "Connection handles the NSM SDK holds (one per connection and begin).",
+        Some(s.nsm_live_connections.to_string()),
     );
     metric(
         "tokio_alive_tasks",
@@ -460,6 +470,7 @@ mod tests {
             threads: None,
             cpu_seconds: Some(1.5),
             nsm_live_tasks: 3,
+            nsm_live_connections: 4,
             tokio_alive_tasks: Some(9),
         };
         let text = render(&s);
@@ -473,8 +484,9 @@ mod tests {
         assert_eq!(m["process_open_fds"], 17.0);
         assert_eq!(m["process_cpu_seconds_total"], 1.5);
         assert_eq!(m["nsm_live_tasks"], 3.0);
+        assert_eq!(m["nsm_live_connections"], 4.0);
         assert_eq!(m["tokio_alive_tasks"], 9.0);
-        assert_eq!(m.len(), 5);
+        assert_eq!(m.len(), 6);
         let other = parse_text("a{x=\"1 2\"} 3 1700000000\nbad\n# c 1\nb 2.5e3\n");
         assert_eq!(other["a{x=\"1 2\"}"], 3.0);
         assert_eq!(other["b"], 2500.0);

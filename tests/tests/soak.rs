@@ -275,6 +275,11 @@ fn metrics_endpoints_report_each_process() {
         assert!(m["process_cpu_seconds_total"] >= 0.0);
         assert!(m["tokio_alive_tasks"] >= 1.0, "{}: {m:?}", proc.name);
         assert!(m.contains_key("nsm_live_tasks"), "{}: {m:?}", proc.name);
+        assert!(
+            m.contains_key("nsm_live_connections"),
+            "{}: {m:?}",
+            proc.name
+        );
     }
 
     // Off by default: a program without the setting serves no metrics.
@@ -438,7 +443,7 @@ fn soak_of_refreshing_connections_grows_nothing() {
         }
         // The connections were really there during the soak.
         assert!(
-            at(&report, process, baseline, "nsm_live_tasks") >= CLIENTS as f64,
+            at(&report, process, baseline, "nsm_live_connections") >= CLIENTS as f64,
             "{process}: {out}"
         );
     }
@@ -451,6 +456,7 @@ fn soak_of_refreshing_connections_grows_nothing() {
         loop {
             let now = scrape_when_ready(&metrics(process), proc);
             let back = now["nsm_live_tasks"] == 0.0
+                && now["nsm_live_connections"] == 0.0
                 && now["process_open_fds"] <= before("process_open_fds") + FD_SLACK
                 && now["tokio_alive_tasks"] <= before("tokio_alive_tasks") + 3.0;
             if back {

@@ -92,6 +92,7 @@ impl ConnHandle {
         parent: &CancellationToken,
         sink: Weak<dyn EventSink>,
     ) -> Self {
+        LIVE_HANDLES.fetch_add(1, Ordering::SeqCst);
         ConnHandle {
             shared: Arc::new(Shared {
                 id: id.into(),
@@ -217,6 +218,21 @@ impl fmt::Debug for WeakConnHandle {
 }
 
 static LIVE_TASKS: AtomicUsize = AtomicUsize::new(0);
+static LIVE_HANDLES: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        LIVE_HANDLES.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How many connection handles are alive in this process: one per connection held by
+/// each `begin` (a manager's connection counts twice: its server chain's and its client
+/// chain's). A gauge of the connections a process holds, and, after Close, proof that
+/// none is left behind.
+pub fn live_handles() -> usize {
+    LIVE_HANDLES.load(Ordering::SeqCst)
+}
 
 /// How many tasks started through [`spawn_owned`] (timers, monitors, watches of
 /// connections and hops) are running in this process. Tests use it to prove that

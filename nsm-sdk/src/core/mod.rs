@@ -9,7 +9,8 @@ pub mod monitor;
 pub mod tower;
 
 pub use conn::{
-    live_tasks, spawn_owned, ConnEvent, ConnHandle, EventOutcome, EventReceipt, EventSink,
+    live_handles, live_tasks, spawn_owned, ConnEvent, ConnHandle, EventOutcome, EventReceipt,
+    EventSink,
 };
 pub use cx::{Cx, Peer, Side};
 pub use extensions::Extensions;

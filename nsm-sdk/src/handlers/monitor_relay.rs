@@ -34,10 +34,12 @@
 //! it otherwise; Close stops it before the downstream Close goes out, so the teardown's
 //! own DELETE events are not relayed as failures.
 //!
-//! State: per connection (in the client `begin`'s handle), the running relay task, the
-//! next hop it follows and a generation number: a relay publishes only while its
-//! generation is current, so a replaced or stopped relay can never publish over a newer
-//! state.
+//! State: per connection (in the client `begin`'s handle), the relay's registration
+//! with the shared stream, the next hop it follows and a generation number: a relay
+//! publishes only while its generation is current, so a replaced or stopped relay can
+//! never publish over a newer state. The shared stream calls the relay with each event
+//! (a function holding the filter's last copy, no task); the relay holds the
+//! connection's state weakly, so it ends with the connection whichever way that ends.
 //!
 //! Failure handled: the next hop dying (a broken stream), or restarting without the
 //! connection (its INITIAL_STATE_TRANSFER lacks it, which the filter turns into DOWN).
@@ -48,13 +50,16 @@
 //! Cost: no stream of its own. Every connection of this hop that goes to the same next
 //! hop shares one MonitorConnection stream ([`shared_monitor`](crate::transport::shared_monitor):
 //! selector `[{name: this hop's name}]`, kept open a while after the last connection
-//! left), so a Request or a Close opens no stream; per connection there is a follower
-//! registration and the relay task.
+//! left), so a Request or a Close opens no stream and no task; per connection there is
+//! a follower registration (about 1.5 KB with the filter's copy of the connection). A
+//! short-lived task exists only while a change waits for this hop's announcement.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::transport::shared_monitor::Following;
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
 use nsm_proto::connection::{
@@ -62,11 +67,10 @@ use nsm_proto::connection::{
 };
 use nsm_proto::networkservice::NetworkServiceRequest;
 use prost_types::Timestamp;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::monitor::{filter_events, Monitor};
+use super::monitor::{filter_events, ClientFilter, Monitor};
 use crate::core::{spawn_owned, ConnHandle, Cx, Handler, MonitorSource, Next};
 use crate::transport::{Channels, ClientUrl, Url};
 use crate::Result;
@@ -227,27 +231,61 @@ impl MonitorRelay {
             return;
         };
         let state = handle.state::<RelayState>();
-        let mut inner = state.lock();
-        if let Some(running) = &inner.running {
-            if running.hop == hop && !running.task.is_finished() {
+        let (old, generation) = {
+            let mut inner = state.lock();
+            if let Some(running) = &inner.running {
+                if running.hop == hop && !running.broken.load(Ordering::SeqCst) {
+                    return;
+                }
+            }
+            (inner.stop(), inner.generation)
+        };
+        // Unfollowed outside the relay's lock: the shared stream calls relays with its
+        // own lock held, and they take the relay's lock.
+        drop(old);
+        let broken = Arc::new(AtomicBool::new(false));
+        let mut sink = RelaySink {
+            id: hop.id.clone(),
+            url: hop.url.clone(),
+            index: hop.index,
+            floor: hop.floor,
+            filter: ClientFilter::new(hop.id.clone(), hop.name.clone(), hop.index),
+            monitor,
+            state: Arc::downgrade(&state),
+            generation,
+            cancel: handle.cancel_token().clone(),
+            broken: broken.clone(),
+            pending: Arc::default(),
+        };
+        let following = match self.channels.follow_segment_with(
+            &hop.url,
+            &hop.name,
+            &hop.id,
+            hop.index,
+            Box::new(move |item| sink.on(item)),
+        ) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(connection.id = %hop.id, next = %hop.url, error = %e, "monitor_relay: cannot follow the downstream");
+                broken.store(true, Ordering::SeqCst);
+                publish_down(&state, generation, &hop.id, cx.ext().get::<Monitor>());
                 return;
             }
-        }
-        inner.stop();
-        let generation = inner.generation;
-        let token = handle.cancel_token().child_token();
-        let task = spawn_owned(
-            token.clone(),
-            relay(Relay {
-                hop: hop.clone(),
-                channels: self.channels.clone(),
-                timeout: self.subscribe_timeout,
-                monitor,
-                state: state.clone(),
-                generation,
-            }),
-        );
-        inner.running = Some(Running { hop, token, task });
+        };
+        let late = {
+            let mut inner = state.lock();
+            if inner.generation == generation {
+                inner.running = Some(Running {
+                    hop,
+                    broken,
+                    _following: following,
+                });
+                None
+            } else {
+                Some(following)
+            }
+        };
+        drop(late);
     }
 }
 
@@ -261,10 +299,12 @@ struct RelayInner {
     running: Option<Running>,
 }
 
+/// A relay: its registration with the shared stream (dropping it unfollows).
 struct Running {
     hop: NextHop,
-    token: CancellationToken,
-    task: JoinHandle<()>,
+    /// The stream broke (the relay published DOWN and relays nothing more).
+    broken: Arc<AtomicBool>,
+    _following: Following,
 }
 
 impl RelayState {
@@ -283,23 +323,13 @@ impl RelayState {
 }
 
 impl RelayInner {
-    /// Stops the running relay, if any, and fences off its publishing.
-    fn stop(&mut self) {
+    /// Fences off the running relay's publishing and hands it back: the caller drops
+    /// it (which unfollows) after letting go of the lock.
+    #[must_use]
+    fn stop(&mut self) -> Option<Running> {
         self.generation += 1;
-        if let Some(running) = self.running.take() {
-            running.token.cancel();
-        }
+        self.running.take()
     }
-}
-
-/// One relay task's inputs.
-struct Relay {
-    hop: NextHop,
-    channels: Channels,
-    timeout: Duration,
-    monitor: Monitor,
-    state: Arc<RelayState>,
-    generation: u64,
 }
 
 /// This hop's connection `base` with what the downstream says of it: the downstream's
@@ -318,108 +348,157 @@ fn merged(mut base: Connection, downstream: &Connection) -> Connection {
 
 /// Relays `copy` into this hop's monitor; `false` when the monitor does not know the
 /// connection yet (its caller has not seen it: nothing can be relayed before).
-fn relay_copy(r: &Relay, id: &str, copy: &Connection) -> bool {
+fn relay_copy(
+    monitor: &Monitor,
+    state: &RelayState,
+    generation: u64,
+    id: &str,
+    copy: &Connection,
+) -> bool {
     let mut known = true;
-    r.state.publish_if_current(r.generation, || {
-        let Some(base) = r.monitor.get(id) else {
+    state.publish_if_current(generation, || {
+        let Some(base) = monitor.get(id) else {
             known = false;
             return;
         };
         let out = merged(base.clone(), copy);
         if out != base {
             debug!(connection.id = %id, state = out.state, "monitor_relay: relaying a downstream change");
-            r.monitor.publish(ConnectionEventType::Update, out);
+            monitor.publish(ConnectionEventType::Update, out);
         }
     });
     known
 }
 
-/// The next event of an optional stream; pending forever without one.
-async fn next_announcement(
-    stream: &mut Option<BoxStream<'static, Result<ConnectionEvent>>>,
-) -> Option<Result<ConnectionEvent>> {
-    match stream {
-        Some(s) => s.next().await,
-        None => futures::future::pending().await,
-    }
-}
-
-async fn relay(r: Relay) {
-    let id = r.hop.id.clone();
-    match r.hop.follow(&r.channels, r.timeout).await {
-        Ok(mut events) => {
-            // A downstream change can arrive before this hop's own monitor announced the
-            // connection (the downstream asked for a refresh while this hop was still
-            // on its return path). It waits for the announcement instead of being lost.
-            let mut pending: Option<Connection> = None;
-            let mut announced = None;
-            loop {
-                tokio::select! {
-                    item = events.next() => match item {
-                        Some(Ok(copy)) => {
-                            if relay_copy(&r, &id, &copy) {
-                                continue;
-                            }
-                            if announced.is_none() {
-                                let selector = MonitorScopeSelector {
-                                    path_segments: vec![PathSegment {
-                                        id: id.clone(),
-                                        ..Default::default()
-                                    }],
-                                    network_services: Vec::new(),
-                                };
-                                announced = Some(r.monitor.subscribe(selector));
-                            }
-                            // Subscribed first, checked again: no announcement slips between.
-                            if relay_copy(&r, &id, &copy) {
-                                announced = None;
-                            } else {
-                                pending = Some(copy);
-                            }
-                        }
-                        Some(Err(e)) => {
-                            warn!(connection.id = %id, next = %r.hop.url, error = %e, "monitor_relay: the downstream monitor stream broke");
-                            break;
-                        }
-                        None => {
-                            warn!(connection.id = %id, next = %r.hop.url, "monitor_relay: the downstream monitor stream ended");
-                            break;
-                        }
-                    },
-                    announcement = next_announcement(&mut announced) => {
-                        if announcement.is_none() {
-                            // This hop's monitor is shutting down: nothing to wait for.
-                            announced = None;
-                            continue;
-                        }
-                        if let Some(copy) = pending.take() {
-                            if relay_copy(&r, &id, &copy) {
-                                announced = None;
-                            } else {
-                                pending = Some(copy);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        Err(e) => {
-            warn!(connection.id = %id, next = %r.hop.url, error = %e, "monitor_relay: cannot follow the downstream");
-        }
-    }
-    r.state.publish_if_current(r.generation, || {
-        if let Some(mut conn) = r.monitor.get(&id) {
+/// Publishes this hop's connection DOWN (the downstream can no longer be followed).
+fn publish_down(state: &RelayState, generation: u64, id: &str, monitor: Option<&Monitor>) {
+    let Some(monitor) = monitor else {
+        return;
+    };
+    state.publish_if_current(generation, || {
+        if let Some(mut conn) = monitor.get(id) {
             if conn.state != State::Down as i32 {
                 conn.state = State::Down as i32;
-                r.monitor.publish(ConnectionEventType::Update, conn);
+                monitor.publish(ConnectionEventType::Update, conn);
             }
         }
     });
 }
 
+/// What the shared stream calls with the events of one relayed connection: the
+/// client-side filter, then the relay into this hop's monitor. No task of its own: a
+/// change that arrives before this hop's monitor has announced the connection is held
+/// by a short-lived waiter task (see [`RelaySink::hold`]).
+struct RelaySink {
+    id: String,
+    url: Url,
+    index: u32,
+    floor: Option<Timestamp>,
+    filter: ClientFilter,
+    monitor: Monitor,
+    /// Weak: the relay lives as long as the connection's state does.
+    state: std::sync::Weak<RelayState>,
+    generation: u64,
+    /// The connection's lifetime: nothing is relayed after it ended.
+    cancel: CancellationToken,
+    broken: Arc<AtomicBool>,
+    /// The latest change waiting for this hop's monitor to announce the connection.
+    pending: Arc<Mutex<Option<Connection>>>,
+}
+
+impl RelaySink {
+    fn on(&mut self, item: Result<ConnectionEvent>) {
+        if self.broken.load(Ordering::SeqCst) || self.cancel.is_cancelled() {
+            return;
+        }
+        let Some(state) = self.state.upgrade() else {
+            return;
+        };
+        match item {
+            Ok(event) => {
+                if self
+                    .floor
+                    .as_ref()
+                    .is_some_and(|floor| is_stale(&event, self.index, floor))
+                {
+                    return;
+                }
+                let Some(copy) = self
+                    .filter
+                    .apply(&event)
+                    .and_then(|e| e.connections.into_values().next())
+                else {
+                    return;
+                };
+                if !relay_copy(&self.monitor, &state, self.generation, &self.id, &copy) {
+                    self.hold(state, copy);
+                }
+            }
+            Err(e) => {
+                warn!(connection.id = %self.id, next = %self.url, error = %e, "monitor_relay: the downstream monitor stream broke");
+                self.broken.store(true, Ordering::SeqCst);
+                publish_down(&state, self.generation, &self.id, Some(&self.monitor));
+            }
+        }
+    }
+
+    /// A downstream change can arrive before this hop's own monitor announced the
+    /// connection (the downstream asked for a refresh while this hop was still on its
+    /// return path). It waits for the announcement instead of being lost: the latest
+    /// such change is kept, and one waiter relays it once the monitor has the
+    /// connection.
+    fn hold(&self, state: Arc<RelayState>, copy: Connection) {
+        let start = {
+            let mut slot = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let start = slot.is_none();
+            *slot = Some(copy);
+            start
+        };
+        if !start {
+            return;
+        }
+        let (monitor, pending, id, generation) = (
+            self.monitor.clone(),
+            self.pending.clone(),
+            self.id.clone(),
+            self.generation,
+        );
+        spawn_owned(self.cancel.child_token(), async move {
+            let selector = MonitorScopeSelector {
+                path_segments: vec![PathSegment {
+                    id: id.clone(),
+                    ..Default::default()
+                }],
+                network_services: Vec::new(),
+            };
+            // Subscribed first, checked after: no announcement slips between.
+            let mut announced = monitor.subscribe(selector);
+            loop {
+                {
+                    let mut slot = pending.lock().unwrap_or_else(|p| p.into_inner());
+                    match slot.as_ref() {
+                        None => return,
+                        Some(copy) => {
+                            if relay_copy(&monitor, &state, generation, &id, copy) {
+                                *slot = None;
+                                return;
+                            }
+                        }
+                    }
+                }
+                if announced.next().await.is_none() {
+                    // This hop's monitor is shutting down: nothing to wait for.
+                    return;
+                }
+            }
+        });
+    }
+}
+
 fn stop(handle: Option<&ConnHandle>) {
     if let Some(state) = handle.and_then(|h| h.get_state::<RelayState>()) {
-        state.lock().stop();
+        let old = state.lock().stop();
+        drop(old);
     }
 }
 

@@ -63,6 +63,9 @@ use crate::{Error, Result};
 /// How long a shared stream stays open after its last follower left.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(30);
 
+/// How long opening a shared stream may take before its followers get an error.
+pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How many changes (not UP) of connections nobody follows are kept for followers that
 /// join late.
 pub const RECENT: usize = 256;
@@ -152,7 +155,32 @@ struct Follower {
     /// contain its connection (its Request had returned), so absence there means the
     /// peer lost it.
     before_subscribe: bool,
-    tx: mpsc::UnboundedSender<Result<ConnectionEvent>>,
+    sink: Sink,
+}
+
+/// A function that [`Channels::follow_segment_with`] calls with each event of a
+/// followed connection, and once with the error that ends the stream. It runs on the
+/// shared stream's task with the stream's state locked: it must be quick, must not
+/// block, and must not follow or unfollow anything itself.
+pub type FollowFn = Box<dyn FnMut(Result<ConnectionEvent>) + Send>;
+
+/// Where a follower's events go.
+enum Sink {
+    Queue(mpsc::UnboundedSender<Result<ConnectionEvent>>),
+    Call(FollowFn),
+}
+
+impl Sink {
+    /// Hands over one item; `false` when the follower is gone.
+    fn send(&mut self, item: Result<ConnectionEvent>) -> bool {
+        match self {
+            Sink::Queue(tx) => tx.unbounded_send(item).is_ok(),
+            Sink::Call(f) => {
+                f(item);
+                true
+            }
+        }
+    }
 }
 
 impl Peer {
@@ -189,9 +217,9 @@ impl Peer {
                     connections: HashMap::from([(key.clone(), conn.clone())]),
                 };
                 let mut delivered = false;
-                if let Some(followers) = state.followers.get(&id) {
-                    for f in followers.iter().filter(|f| f.index == index) {
-                        delivered |= f.tx.unbounded_send(Ok(single.clone())).is_ok();
+                if let Some(followers) = state.followers.get_mut(&id) {
+                    for f in followers.iter_mut().filter(|f| f.index == index) {
+                        delivered |= f.sink.send(Ok(single.clone()));
                     }
                 }
                 if !delivered && (gone || conn.state != State::Up as i32) {
@@ -209,7 +237,7 @@ impl Peer {
                 for f in followers.iter_mut().filter(|f| f.before_subscribe) {
                     f.before_subscribe = false;
                     if !present.iter().any(|(pid, pi)| pid == id && *pi == f.index) {
-                        let _ = f.tx.unbounded_send(Ok(ConnectionEvent {
+                        f.sink.send(Ok(ConnectionEvent {
                             r#type: kind,
                             connections: HashMap::new(),
                         }));
@@ -257,8 +285,8 @@ impl Peer {
             state.recent.clear();
             std::mem::take(&mut state.followers)
         };
-        for f in followers.into_values().flatten() {
-            let _ = f.tx.unbounded_send(Err(error.clone()));
+        for mut f in followers.into_values().flatten() {
+            f.sink.send(Err(error.clone()));
         }
         self.phase.send_replace(Phase::Failed(error));
     }
@@ -284,7 +312,8 @@ impl Peer {
 /// The events of one connection at a peer, cut from the shared stream; see the
 /// [module docs](self). Dropping it unregisters the follower.
 pub struct Following {
-    rx: mpsc::UnboundedReceiver<Result<ConnectionEvent>>,
+    /// `None` for a follower whose events go to a function.
+    rx: Option<mpsc::UnboundedReceiver<Result<ConnectionEvent>>>,
     peer: Weak<Peer>,
     id: String,
     key: u64,
@@ -294,7 +323,10 @@ impl Stream for Following {
     type Item = Result<ConnectionEvent>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_next_unpin(cx)
+        match self.rx.as_mut() {
+            Some(rx) => rx.poll_next_unpin(cx),
+            None => Poll::Ready(None),
+        }
     }
 }
 
@@ -319,7 +351,9 @@ impl Channels {
         index: u32,
         timeout: Duration,
     ) -> Result<Following> {
-        let (peer, following) = self.register(url, name, id, index)?;
+        let (tx, rx) = mpsc::unbounded();
+        let (peer, mut following) = self.register(url, name, id, index, Sink::Queue(tx))?;
+        following.rx = Some(rx);
         let mut phase = peer.phase.subscribe();
         let waited =
             tokio::time::timeout(timeout, phase.wait_for(|p| !matches!(p, Phase::Opening))).await;
@@ -336,6 +370,23 @@ impl Channels {
             },
         };
         outcome.map(|()| following)
+    }
+
+    /// Like [`follow_segment`](Self::follow_segment), without a task or a queue of the
+    /// follower's own: `sink` is called with each event of the connection (see
+    /// [`FollowFn`]), and with the error when the shared stream breaks, ends or cannot
+    /// be opened (within [`SUBSCRIBE_TIMEOUT`]). Returns at once; the follower stays
+    /// registered until the returned guard is dropped or the stream ends.
+    pub fn follow_segment_with(
+        &self,
+        url: &Url,
+        name: &str,
+        id: &str,
+        index: u32,
+        sink: FollowFn,
+    ) -> Result<Following> {
+        self.register(url, name, id, index, Sink::Call(sink))
+            .map(|(_, following)| following)
     }
 
     /// How many shared monitor streams this pool has open or opening.
@@ -364,9 +415,9 @@ impl Channels {
         name: &str,
         id: &str,
         index: u32,
+        mut sink: Sink,
     ) -> Result<(Arc<Peer>, Following)> {
         let key: Key = (url.clone(), name.to_string());
-        let (tx, rx) = mpsc::unbounded();
         let monitors = self.monitors();
         let mut peers = monitors.lock();
         let mut fresh = false;
@@ -396,7 +447,7 @@ impl Channels {
                 let (rid, rindex, _) = &state.recent[i];
                 if rid == id && *rindex == index {
                     if let Some((_, _, ev)) = state.recent.remove(i) {
-                        let _ = tx.unbounded_send(Ok(ev));
+                        sink.send(Ok(ev));
                     }
                 } else {
                     i += 1;
@@ -411,7 +462,7 @@ impl Channels {
                     key: fkey,
                     index,
                     before_subscribe,
-                    tx,
+                    sink,
                 });
             drop(state);
             drop(peers);
@@ -421,7 +472,7 @@ impl Channels {
                 tokio::spawn(run(self.clone(), peer.clone(), linger).instrument(span));
             }
             let following = Following {
-                rx,
+                rx: None,
                 peer: Arc::downgrade(&peer),
                 id: id.to_string(),
                 key: fkey,
@@ -461,7 +512,16 @@ async fn run(channels: Channels, peer: Arc<Peer>, linger: Duration) {
         network_services: Vec::new(),
     };
     peer.lock().subscribed = true;
-    let subscribed = monitor_connections(&channels, &url, selector).await;
+    let subscribed = tokio::time::timeout(
+        SUBSCRIBE_TIMEOUT,
+        monitor_connections(&channels, &url, selector),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(Error::DeadlineExceeded(format!(
+            "subscribing to the monitor of {url} took longer than {SUBSCRIBE_TIMEOUT:?}"
+        )))
+    });
     // The pool is kept by the followers; this task only needed it to subscribe.
     drop(channels);
     let mut events = match subscribed {
