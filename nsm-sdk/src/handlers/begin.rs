@@ -261,6 +261,11 @@ impl Inner {
             }
         }
 
+        // What events replay with: the context as the caller's call brought it to this
+        // hop, not what the handlers after `begin` put in it (they run again and put it
+        // again; keeping their copies, such as `discover`'s endpoint list, would cost
+        // memory per connection for nothing).
+        let entry_cx = cx.fork(None);
         let result =
             match tokio::time::timeout(timeout, next.clone().request(&mut cx, req.clone())).await {
                 Ok(r) => r,
@@ -274,7 +279,7 @@ impl Inner {
                     conn.state = State::Up as i32;
                 }
                 req.connection = Some(conn.clone());
-                let last_cx = cx.fork(None);
+                let last_cx = entry_cx;
                 match guard.est.as_mut() {
                     Some(est) => {
                         let before = std::mem::replace(&mut est.req, req);
