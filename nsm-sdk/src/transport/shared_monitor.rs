@@ -36,8 +36,10 @@
 //! is dropped, so nothing piles up).
 //!
 //! State: per (peer URL, name), the stream's task, its followers by segment id, and the
-//! recent unclaimed changes. Per follower: an unbounded queue (events per
-//! connection are few: one per Request, refresh or state change) and its registration.
+//! recent unclaimed changes. Per follower: its registration and either an unbounded
+//! queue ([`Channels::follow_segment`]: events per connection are few, one per
+//! Request, refresh or state change) or a function the stream's task calls
+//! ([`Channels::follow_segment_with`]: no task and no queue per connection).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -159,26 +161,47 @@ struct Follower {
 }
 
 /// A function that [`Channels::follow_segment_with`] calls with each event of a
-/// followed connection, and once with the error that ends the stream. It runs on the
-/// shared stream's task with the stream's state locked: it must be quick, must not
-/// block, and must not follow or unfollow anything itself.
+/// followed connection, in order, and once with the error that ends the stream. It
+/// runs on the shared stream's task (with no lock of the stream held, so it may drop
+/// its own [`Following`]): it must be quick and must not block.
 pub type FollowFn = Box<dyn FnMut(Result<ConnectionEvent>) + Send>;
 
+type SharedFn = Arc<Mutex<FollowFn>>;
+
 /// Where a follower's events go.
+#[derive(Clone)]
 enum Sink {
     Queue(mpsc::UnboundedSender<Result<ConnectionEvent>>),
-    Call(FollowFn),
+    Call(SharedFn),
 }
 
-impl Sink {
-    /// Hands over one item; `false` when the follower is gone.
-    fn send(&mut self, item: Result<ConnectionEvent>) -> bool {
-        match self {
+/// Calls a follower's function (after the stream's lock was let go).
+fn call(f: &SharedFn, item: Result<ConnectionEvent>) {
+    let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+    (*f)(item);
+}
+
+/// Items for followers' functions, collected under the stream's lock and handed over
+/// after it.
+#[derive(Default)]
+struct Calls(Vec<(SharedFn, Result<ConnectionEvent>)>);
+
+impl Calls {
+    /// Hands `item` to `sink` now (a queue) or later (a function); `false` when the
+    /// follower is gone.
+    fn send(&mut self, sink: &Sink, item: Result<ConnectionEvent>) -> bool {
+        match sink {
             Sink::Queue(tx) => tx.unbounded_send(item).is_ok(),
             Sink::Call(f) => {
-                f(item);
+                self.0.push((f.clone(), item));
                 true
             }
+        }
+    }
+
+    fn run(self) {
+        for (f, item) in self.0 {
+            call(&f, item);
         }
     }
 }
@@ -194,6 +217,7 @@ impl Peer {
         let kind = event.r#type;
         let gone = kind == ConnectionEventType::Delete as i32;
         let initial = kind == ConnectionEventType::InitialStateTransfer as i32;
+        let mut calls = Calls::default();
         let mut state = self.lock();
         let mut present: Vec<(String, u32)> = Vec::new();
         for (key, conn) in event.connections {
@@ -217,9 +241,9 @@ impl Peer {
                     connections: HashMap::from([(key.clone(), conn.clone())]),
                 };
                 let mut delivered = false;
-                if let Some(followers) = state.followers.get_mut(&id) {
-                    for f in followers.iter_mut().filter(|f| f.index == index) {
-                        delivered |= f.sink.send(Ok(single.clone()));
+                if let Some(followers) = state.followers.get(&id) {
+                    for f in followers.iter().filter(|f| f.index == index) {
+                        delivered |= calls.send(&f.sink, Ok(single.clone()));
                     }
                 }
                 if !delivered && (gone || conn.state != State::Up as i32) {
@@ -237,14 +261,19 @@ impl Peer {
                 for f in followers.iter_mut().filter(|f| f.before_subscribe) {
                     f.before_subscribe = false;
                     if !present.iter().any(|(pid, pi)| pid == id && *pi == f.index) {
-                        f.sink.send(Ok(ConnectionEvent {
-                            r#type: kind,
-                            connections: HashMap::new(),
-                        }));
+                        calls.send(
+                            &f.sink,
+                            Ok(ConnectionEvent {
+                                r#type: kind,
+                                connections: HashMap::new(),
+                            }),
+                        );
                     }
                 }
             }
         }
+        drop(state);
+        calls.run();
     }
 
     /// Takes the peer out of its pool (if it is still the pool's) and ends every
@@ -285,9 +314,11 @@ impl Peer {
             state.recent.clear();
             std::mem::take(&mut state.followers)
         };
-        for mut f in followers.into_values().flatten() {
-            f.sink.send(Err(error.clone()));
+        let mut calls = Calls::default();
+        for f in followers.into_values().flatten() {
+            calls.send(&f.sink, Err(error.clone()));
         }
+        calls.run();
         self.phase.send_replace(Phase::Failed(error));
     }
 
@@ -385,7 +416,7 @@ impl Channels {
         index: u32,
         sink: FollowFn,
     ) -> Result<Following> {
-        self.register(url, name, id, index, Sink::Call(sink))
+        self.register(url, name, id, index, Sink::Call(Arc::new(Mutex::new(sink))))
             .map(|(_, following)| following)
     }
 
@@ -415,8 +446,19 @@ impl Channels {
         name: &str,
         id: &str,
         index: u32,
-        mut sink: Sink,
+        sink: Sink,
     ) -> Result<(Arc<Peer>, Following)> {
+        // A function follower's lock is held from before it is registered until the
+        // changes it missed are handed to it, so the stream's task cannot call it with a
+        // newer event first.
+        let own = match &sink {
+            Sink::Call(f) => Some(f.clone()),
+            Sink::Queue(_) => None,
+        };
+        let mut own = own
+            .as_ref()
+            .map(|f| f.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut missed = Vec::new();
         let key: Key = (url.clone(), name.to_string());
         let monitors = self.monitors();
         let mut peers = monitors.lock();
@@ -447,7 +489,12 @@ impl Channels {
                 let (rid, rindex, _) = &state.recent[i];
                 if rid == id && *rindex == index {
                     if let Some((_, _, ev)) = state.recent.remove(i) {
-                        sink.send(Ok(ev));
+                        match &sink {
+                            Sink::Queue(tx) => {
+                                let _ = tx.unbounded_send(Ok(ev));
+                            }
+                            Sink::Call(_) => missed.push(ev),
+                        }
                     }
                 } else {
                     i += 1;
@@ -466,6 +513,12 @@ impl Channels {
                 });
             drop(state);
             drop(peers);
+            if let Some(f) = own.as_mut() {
+                for ev in missed.drain(..) {
+                    (**f)(Ok(ev));
+                }
+            }
+            drop(own);
             if fresh {
                 let span = tracing::debug_span!("shared_monitor", peer = %key.0, name = %key.1);
                 let linger = Duration::from_millis(monitors.linger_ms.load(Ordering::Relaxed));
@@ -807,6 +860,48 @@ mod tests {
             monitor.subscriber_count() == 0
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_function_follower_gets_its_events_and_may_drop_its_own_registration() {
+        let u = url();
+        let (_server, monitor) = peer(&u).await;
+        monitor.publish(ConnectionEventType::Update, conn("nsmgr", "a", State::Up));
+        let channels = Channels::new();
+        let slot: Arc<Mutex<Option<Following>>> = Arc::default();
+        let seen: Arc<Mutex<Vec<Result<ConnectionEvent>>>> = Arc::default();
+        let (s2, seen2) = (slot.clone(), seen.clone());
+        let f = channels
+            .follow_segment_with(
+                &u,
+                "nsmgr",
+                "a",
+                0,
+                Box::new(move |item| {
+                    let down = matches!(&item, Ok(e) if states(e) == vec![("a".to_string(), State::Down as i32)]);
+                    seen2.lock().unwrap().push(item);
+                    if down {
+                        // Unfollows from inside its own call: must not deadlock.
+                        drop(s2.lock().unwrap().take());
+                    }
+                }),
+            )
+            .unwrap();
+        *slot.lock().unwrap() = Some(f);
+        eventually("the initial state", || seen.lock().unwrap().len() == 1).await;
+        monitor.publish(ConnectionEventType::Update, conn("nsmgr", "a", State::Down));
+        eventually("unfollowed from inside", || {
+            channels.monitor_followers() == 0
+        })
+        .await;
+        monitor.publish(ConnectionEventType::Update, conn("nsmgr", "a", State::Up));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "nothing after it unfollowed");
+        assert_eq!(
+            states(seen[0].as_ref().unwrap()),
+            vec![("a".to_string(), State::Up as i32)]
+        );
     }
 
     #[tokio::test]
