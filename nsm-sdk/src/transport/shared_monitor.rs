@@ -588,6 +588,10 @@ async fn run(channels: Channels, peer: Arc<Peer>, linger: Duration) {
     peer.phase.send_replace(Phase::Open);
     debug!("shared monitor stream open");
     let check = linger.clamp(Duration::from_millis(10), Duration::from_secs(5));
+    // One ticker for the whole stream: a sleep made anew in each round would be put off
+    // by every event, and a busy stream nobody follows would never close.
+    let mut ticker = tokio::time::interval_at(Instant::now() + check, check);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let error = loop {
         tokio::select! {
             item = events.next() => match item {
@@ -595,7 +599,7 @@ async fn run(channels: Channels, peer: Arc<Peer>, linger: Duration) {
                 Some(Err(e)) => break e,
                 None => break Error::unavailable(format!("the monitor stream of {url} ended")),
             },
-            _ = tokio::time::sleep(check) => {
+            _ = ticker.tick() => {
                 if peer.close_if_idle(linger) {
                     debug!("shared monitor stream closed: no follower for {linger:?}");
                     return;
@@ -855,7 +859,16 @@ mod tests {
             "b joined the lingering stream"
         );
         drop(b);
+        // Events nobody follows keep coming: they must not keep the stream open.
+        let busy = monitor.clone();
+        let chatter = tokio::spawn(async move {
+            loop {
+                busy.publish(ConnectionEventType::Update, conn("nsmgr", "z", State::Up));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
         eventually("the idle stream closed", || channels.shared_monitors() == 0).await;
+        chatter.abort();
         eventually("the peer lost its subscriber", || {
             monitor.subscriber_count() == 0
         })
