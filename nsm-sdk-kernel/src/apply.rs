@@ -58,6 +58,10 @@ pub trait Netlink: Send + Sync + fmt::Debug {
     /// The namespace this handle works in, for messages.
     fn netns(&self) -> &str;
 
+    /// Lets go of what the handle holds open between batches of operations (a socket);
+    /// the next operation opens it again. Nothing for handles that hold nothing.
+    fn release(&self) {}
+
     /// Creates a veth pair whose end `a` is born in `ns_a` and whose end `b` is born in
     /// `ns_b` (both with `IFLA_NET_NS_FD`, so this handle's own namespace does not
     /// matter), under their final names, with `mtu` on both ends if given. A name that

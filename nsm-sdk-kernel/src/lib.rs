@@ -106,6 +106,7 @@ pub mod error;
 pub mod liveness;
 pub mod mechanism;
 pub mod netns;
+pub mod on_demand;
 pub mod plan;
 pub mod recorder;
 pub mod rtnl;
@@ -119,6 +120,7 @@ pub use crate::mechanism::{
     kernel_forwarder_server,
 };
 pub use crate::netns::NetNs;
+pub use crate::on_demand::OnDemandNetlink;
 pub use crate::plan::{
     plan_from_context, policy_from_context, stable_mac, Family, IfName, Mtu, Neighbour, Op, Plan,
     PodSide, Policy, PortRange, Route, RouteScope, Rule, MAIN_TABLE, MAX_ALIAS_LEN,

@@ -19,7 +19,8 @@
 //! `RTM_NEWLINK`, so it is set right after creation: a forwarder that dies in between
 //! leaves an end without alias, which then counts as foreign.)
 //!
-//! State: [`Created`] holds, per side, the netlink handle, the plan that was applied
+//! State: [`Created`] holds, per side, an on-demand netlink handle (the namespace file;
+//! a socket only while a batch of operations runs), the plan that was applied
 //! (with the routing tables its policy routes got) and the interface index the end
 //! was born with, so a later refresh is a diff and Close deletes exactly the link it
 //! made (not a same-named link made by someone else after the pair died) and the
@@ -39,8 +40,8 @@ use tracing::{info, warn};
 use crate::apply::{run_op, update, Netlink};
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
+use crate::on_demand::OnDemandNetlink;
 use crate::plan::{IfName, Mtu, Op, Plan, PodSide, MAIN_TABLE, MAX_ALIAS_LEN};
-use crate::rtnl::RtNetlink;
 
 /// The alias of the `side` end of a connection's veth pair: `nsm-client-<id>` or
 /// `nsm-endpoint-<id>`, cut to [`MAX_ALIAS_LEN`] bytes (at a character boundary).
@@ -112,9 +113,18 @@ impl Created {
         self.side(side).index
     }
 
-    /// The netlink handle of one side's namespace.
+    /// The netlink handle of one side's namespace. After using it, call
+    /// [`Created::release`] so it does not keep a socket open.
     pub fn netlink(&self, side: PodSide) -> &dyn Netlink {
         self.side(side).netlink.as_ref()
+    }
+
+    /// Lets both sides' handles close what they hold open between operations (see
+    /// [`Netlink::release`]); [`kernel_side_up`] and [`Created::refresh`] do it
+    /// themselves.
+    pub fn release(&self) {
+        self.client.netlink.release();
+        self.endpoint.netlink.release();
     }
 
     /// Brings one side's end from its current plan to `plan` (a refresh): an
@@ -126,6 +136,12 @@ impl Created {
     /// [`Error::InvalidInterfaceName`]. A pair that died (its end is gone or is not
     /// the link this pair created) is [`Error::LinkNotFound`].
     pub async fn refresh(&mut self, side: PodSide, plan: Plan) -> Result<()> {
+        let result = self.refresh_side(side, plan).await;
+        self.side(side).netlink.release();
+        result
+    }
+
+    async fn refresh_side(&mut self, side: PodSide, plan: Plan) -> Result<()> {
         let s = match side {
             PodSide::Client => &mut self.client,
             PodSide::Endpoint => &mut self.endpoint,
@@ -160,7 +176,9 @@ async fn ensure_ours(s: &Side) -> Result<()> {
 
 /// Creates the veth pair of a local connection, each end born in its pod's namespace
 /// under the name of its plan, and programs both ends. Opens one netlink socket in
-/// each namespace (kept in [`Created`] for refresh and Close).
+/// each namespace for the work and lets them go when it is done: [`Created`] keeps
+/// [`OnDemandNetlink`] handles (a namespace file each), which open a socket again for a
+/// refresh or the Close.
 pub async fn kernel_side_up(
     ns_client: &NetNs,
     ns_endpoint: &NetNs,
@@ -169,9 +187,9 @@ pub async fn kernel_side_up(
 ) -> Result<Created> {
     client.check()?;
     endpoint.check()?;
-    let client_nl: Arc<dyn Netlink> = Arc::new(RtNetlink::open(ns_client).await?);
-    let endpoint_nl: Arc<dyn Netlink> = Arc::new(RtNetlink::open(ns_endpoint).await?);
-    veth_up(
+    let client_nl: Arc<dyn Netlink> = Arc::new(OnDemandNetlink::new(ns_client.try_clone()?));
+    let endpoint_nl: Arc<dyn Netlink> = Arc::new(OnDemandNetlink::new(ns_endpoint.try_clone()?));
+    let created = veth_up(
         VethEnd {
             netns: ns_client,
             netlink: client_nl,
@@ -183,7 +201,9 @@ pub async fn kernel_side_up(
             plan: endpoint,
         },
     )
-    .await
+    .await?;
+    created.release();
+    Ok(created)
 }
 
 /// [`kernel_side_up`] with the netlink handles given (a [`crate::Recorder`] in tests).

@@ -234,6 +234,22 @@ async fn a_veth_born_in_both_pods_carries_pings_between_the_context_addresses() 
 }
 
 #[tokio::test]
+async fn an_on_demand_handle_opens_a_socket_for_its_work_and_lets_it_go() {
+    require_root!();
+    let a = Ns::new();
+    let nl = nsm_sdk_kernel::OnDemandNetlink::new(a.open());
+    assert!(!nl.is_open(), "nothing open before the first operation");
+    let names: Vec<String> = nl.links().await.unwrap().into_iter().map(|l| l.name).collect();
+    assert_eq!(names, ["lo"]);
+    assert!(nl.is_open());
+    nl.release();
+    assert!(!nl.is_open(), "released");
+    // The next operation opens a new socket in the same namespace.
+    assert_eq!(nl.links().await.unwrap().len(), 1);
+    assert!(nl.is_open());
+}
+
+#[tokio::test]
 async fn undo_removes_addresses_and_routes_and_down_removes_the_pair() {
     require_root!();
     let (a, b) = (Ns::new(), Ns::new());
