@@ -239,7 +239,13 @@ async fn an_on_demand_handle_opens_a_socket_for_its_work_and_lets_it_go() {
     let a = Ns::new();
     let nl = nsm_sdk_kernel::OnDemandNetlink::new(a.open());
     assert!(!nl.is_open(), "nothing open before the first operation");
-    let names: Vec<String> = nl.links().await.unwrap().into_iter().map(|l| l.name).collect();
+    let names: Vec<String> = nl
+        .links()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
     assert_eq!(names, ["lo"]);
     assert!(nl.is_open());
     nl.release();
