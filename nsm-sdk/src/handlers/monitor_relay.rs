@@ -70,7 +70,7 @@ use prost_types::Timestamp;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::monitor::{filter_events, ClientFilter, Monitor};
+use super::monitor::{ClientFilter, Monitor};
 use crate::core::{spawn_owned, ConnHandle, Cx, Handler, MonitorSource, Next};
 use crate::transport::{Channels, ClientUrl, Url};
 use crate::Result;
@@ -126,7 +126,39 @@ fn is_stale(event: &ConnectionEvent, index: u32, floor: &Timestamp) -> bool {
         })
 }
 
+/// What a follower of one connection makes of the next hop's events: copies of an
+/// earlier incarnation left out (see [`NextHop::floor`]), then the client-side filter;
+/// each change that passes comes out as this hop's connection. Shared by the relay and
+/// by the followers that read a stream ([`NextHop::follow`]).
+pub(crate) struct HopFilter {
+    index: u32,
+    floor: Option<Timestamp>,
+    filter: ClientFilter,
+}
+
+impl HopFilter {
+    /// This hop's connection as the event shows it, when the event changes it.
+    pub(crate) fn apply(&mut self, event: &ConnectionEvent) -> Option<Connection> {
+        if let Some(floor) = &self.floor {
+            if is_stale(event, self.index, floor) {
+                return None;
+            }
+        }
+        // The filter emits exactly one connection per event.
+        self.filter.apply(event)?.connections.into_values().next()
+    }
+}
+
 impl NextHop {
+    /// The filter of this connection's events.
+    pub(crate) fn filter(&self) -> HopFilter {
+        HopFilter {
+            index: self.index,
+            floor: self.floor,
+            filter: ClientFilter::new(self.id.clone(), self.name.clone(), self.index),
+        }
+    }
+
     /// The next hop of `conn` (as returned to this client hop), dialled at the call's
     /// [`ClientUrl`]; `None` when either is missing.
     pub(crate) fn of(cx: &Cx, conn: &Connection) -> Option<Self> {
@@ -163,21 +195,11 @@ impl NextHop {
         let following = channels
             .follow_segment(&self.url, &self.name, &self.id, self.index, timeout)
             .await?;
-        let index = self.index;
-        let events: BoxStream<'static, Result<ConnectionEvent>> = match self.floor {
-            Some(floor) => following
-                .filter(move |item| {
-                    futures::future::ready(!matches!(item, Ok(e) if is_stale(e, index, &floor)))
-                })
-                .boxed(),
-            None => following.boxed(),
-        };
-        let filtered = filter_events(self.id.clone(), self.name.clone(), self.index, events);
-        Ok(filtered
-            .filter_map(|item| {
+        let mut filter = self.filter();
+        Ok(following
+            .filter_map(move |item| {
                 futures::future::ready(match item {
-                    // The filter emits exactly one connection per event.
-                    Ok(event) => event.connections.into_values().next().map(Ok),
+                    Ok(event) => filter.apply(&event).map(Ok),
                     Err(e) => Some(Err(e)),
                 })
             })
@@ -247,9 +269,7 @@ impl MonitorRelay {
         let mut sink = RelaySink {
             id: hop.id.clone(),
             url: hop.url.clone(),
-            index: hop.index,
-            floor: hop.floor,
-            filter: ClientFilter::new(hop.id.clone(), hop.name.clone(), hop.index),
+            filter: hop.filter(),
             monitor,
             state: Arc::downgrade(&state),
             generation,
@@ -392,9 +412,7 @@ fn publish_down(state: &RelayState, generation: u64, id: &str, monitor: Option<&
 struct RelaySink {
     id: String,
     url: Url,
-    index: u32,
-    floor: Option<Timestamp>,
-    filter: ClientFilter,
+    filter: HopFilter,
     monitor: Monitor,
     /// Weak: the relay lives as long as the connection's state does.
     state: std::sync::Weak<RelayState>,
@@ -416,18 +434,7 @@ impl RelaySink {
         };
         match item {
             Ok(event) => {
-                if self
-                    .floor
-                    .as_ref()
-                    .is_some_and(|floor| is_stale(&event, self.index, floor))
-                {
-                    return;
-                }
-                let Some(copy) = self
-                    .filter
-                    .apply(&event)
-                    .and_then(|e| e.connections.into_values().next())
-                else {
+                let Some(copy) = self.filter.apply(&event) else {
                     return;
                 };
                 if !relay_copy(&self.monitor, &state, self.generation, &self.id, &copy) {
@@ -525,6 +532,7 @@ impl Handler for MonitorRelay {
 mod tests {
     use super::*;
     use crate::core::{Chain, MonitorSource};
+    use crate::handlers::monitor::filter_events;
     use crate::handlers::{begin, connect, monitor, update_path};
     use crate::transport::{grpc_client, serve, Server, Services};
     use nsm_proto::connection::ConnectionEvent;

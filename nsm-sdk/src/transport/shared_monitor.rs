@@ -668,6 +668,11 @@ mod tests {
 
     const T: Duration = Duration::from_secs(2);
 
+    /// Follows connection `id` of hop "nsmgr" (index 0) at `u`.
+    async fn follow(channels: &Channels, u: &Url, id: &str) -> Following {
+        channels.follow_segment(u, "nsmgr", id, 0, T).await.unwrap()
+    }
+
     async fn next(f: &mut Following) -> ConnectionEvent {
         tokio::time::timeout(T, f.next())
             .await
@@ -703,14 +708,8 @@ mod tests {
         monitor.publish(ConnectionEventType::Update, conn("nsmgr", "a", State::Up));
         monitor.publish(ConnectionEventType::Update, conn("nsmgr", "b", State::Up));
         let channels = Channels::new();
-        let mut a = channels
-            .follow_segment(&u, "nsmgr", "a", 0, T)
-            .await
-            .unwrap();
-        let mut b = channels
-            .follow_segment(&u, "nsmgr", "b", 0, T)
-            .await
-            .unwrap();
+        let mut a = follow(&channels, &u, "a").await;
+        let mut b = follow(&channels, &u, "b").await;
         assert_eq!(monitor.subscriber_count(), 1, "one stream for both");
         assert_eq!(
             (channels.shared_monitors(), channels.monitor_followers()),
@@ -748,10 +747,7 @@ mod tests {
         let u = url();
         let (_server, monitor) = peer(&u).await;
         let channels = Channels::new();
-        let mut first = channels
-            .follow_segment(&u, "nsmgr", "a", 0, T)
-            .await
-            .unwrap();
+        let mut first = follow(&channels, &u, "a").await;
         monitor.publish(ConnectionEventType::Update, conn("nsmgr", "a", State::Up));
         next(&mut first).await;
         // `b` dies at the peer before its follower joins the running stream.
@@ -760,19 +756,13 @@ mod tests {
         // A change of `a` after those of `b` tells when they have all been dispatched.
         monitor.publish(ConnectionEventType::Update, conn("nsmgr", "a", State::Down));
         next(&mut first).await;
-        let mut b = channels
-            .follow_segment(&u, "nsmgr", "b", 0, T)
-            .await
-            .unwrap();
+        let mut b = follow(&channels, &u, "b").await;
         assert_eq!(
             states(&next(&mut b).await),
             vec![("b".into(), State::Down as i32)]
         );
         // Claimed once: a second follower of `b` does not get it again.
-        let mut again = channels
-            .follow_segment(&u, "nsmgr", "b", 0, T)
-            .await
-            .unwrap();
+        let mut again = follow(&channels, &u, "b").await;
         assert!(
             tokio::time::timeout(Duration::from_millis(100), again.next())
                 .await
@@ -786,10 +776,7 @@ mod tests {
         let u = url();
         let (_server, _monitor) = peer(&u).await;
         let channels = Channels::new();
-        let mut a = channels
-            .follow_segment(&u, "nsmgr", "a", 0, T)
-            .await
-            .unwrap();
+        let mut a = follow(&channels, &u, "a").await;
         let e = next(&mut a).await;
         assert_eq!(e.r#type, ConnectionEventType::InitialStateTransfer as i32);
         assert!(e.connections.is_empty());
@@ -802,14 +789,8 @@ mod tests {
         monitor.publish(ConnectionEventType::Update, conn("nsmgr", "a", State::Up));
         monitor.publish(ConnectionEventType::Update, conn("nsmgr", "b", State::Up));
         let channels = Channels::new();
-        let mut a = channels
-            .follow_segment(&u, "nsmgr", "a", 0, T)
-            .await
-            .unwrap();
-        let mut b = channels
-            .follow_segment(&u, "nsmgr", "b", 0, T)
-            .await
-            .unwrap();
+        let mut a = follow(&channels, &u, "a").await;
+        let mut b = follow(&channels, &u, "b").await;
         next(&mut a).await;
         server.kill();
         for f in [&mut a, &mut b] {
@@ -827,10 +808,7 @@ mod tests {
         let (_server, monitor) = peer(&u).await;
         channels.forget(&u);
         monitor.publish(ConnectionEventType::Update, conn("nsmgr", "a", State::Up));
-        let mut a = channels
-            .follow_segment(&u, "nsmgr", "a", 0, T)
-            .await
-            .unwrap();
+        let mut a = follow(&channels, &u, "a").await;
         assert_eq!(
             states(&next(&mut a).await),
             vec![("a".into(), State::Up as i32)]
@@ -843,16 +821,10 @@ mod tests {
         let (_server, monitor) = peer(&u).await;
         let channels = Channels::new();
         channels.set_monitor_linger(Duration::from_millis(200));
-        let a = channels
-            .follow_segment(&u, "nsmgr", "a", 0, T)
-            .await
-            .unwrap();
+        let a = follow(&channels, &u, "a").await;
         drop(a);
         assert_eq!(channels.monitor_followers(), 0);
-        let b = channels
-            .follow_segment(&u, "nsmgr", "b", 0, T)
-            .await
-            .unwrap();
+        let b = follow(&channels, &u, "b").await;
         assert_eq!(
             monitor.subscriber_count(),
             1,
