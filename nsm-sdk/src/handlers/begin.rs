@@ -266,19 +266,25 @@ impl Inner {
         // again; keeping their copies, such as `discover`'s endpoint list, would cost
         // memory per connection for nothing).
         let entry_cx = cx.fork(None);
-        let result =
-            match tokio::time::timeout(timeout, next.clone().request(&mut cx, req.clone())).await {
-                Ok(r) => r,
-                Err(_) => Err(Error::DeadlineExceeded(format!(
-                    "request of connection {id} timed out after {timeout:?}"
-                ))),
-            };
+        // What is stored on success is the request with the connection the chain
+        // returned: only the mechanism preferences of this one are kept, not a copy of
+        // the whole request.
+        let preferences = req.mechanism_preferences.clone();
+        let result = match tokio::time::timeout(timeout, next.clone().request(&mut cx, req)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::DeadlineExceeded(format!(
+                "request of connection {id} timed out after {timeout:?}"
+            ))),
+        };
         match result {
             Ok(mut conn) => {
                 if cx.side() == Side::Server {
                     conn.state = State::Up as i32;
                 }
-                req.connection = Some(conn.clone());
+                let req = NetworkServiceRequest {
+                    connection: Some(conn.clone()),
+                    mechanism_preferences: preferences,
+                };
                 let last_cx = entry_cx;
                 match guard.est.as_mut() {
                     Some(est) => {

@@ -44,13 +44,28 @@ impl Handler for Connect {
     async fn request(
         &self,
         cx: &mut Cx,
-        mut req: NetworkServiceRequest,
+        req: NetworkServiceRequest,
         next: Next,
     ) -> Result<Connection> {
         let mut ccx = client_cx(cx);
-        let downstream = self.client.request(&mut ccx, req.clone()).await?;
+        // The request goes downstream as it is; what continues here is the answer with
+        // the caller's mechanism preferences (nothing else of the request is left), and
+        // when nothing follows this handler, just the answer.
+        let last = next.remaining() == 0;
+        let preferences = if last {
+            Vec::new()
+        } else {
+            req.mechanism_preferences.clone()
+        };
+        let downstream = self.client.request(&mut ccx, req).await?;
         cx.ext_mut().insert(PathContinues);
-        req.connection = Some(downstream.clone());
+        if last {
+            return Ok(downstream);
+        }
+        let req = NetworkServiceRequest {
+            connection: Some(downstream.clone()),
+            mechanism_preferences: preferences,
+        };
         match next.request(cx, req).await {
             Ok(conn) => Ok(conn),
             Err(e) => {
@@ -65,6 +80,9 @@ impl Handler for Connect {
 
     async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
         let mut ccx = client_cx(cx);
+        if next.remaining() == 0 {
+            return self.client.close(&mut ccx, conn).await;
+        }
         let downstream = self.client.close(&mut ccx, conn.clone()).await;
         let rest = next.close(cx, conn).await;
         downstream.and(rest)

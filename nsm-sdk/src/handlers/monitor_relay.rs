@@ -377,12 +377,16 @@ fn relay_copy(
 ) -> bool {
     let mut known = true;
     state.publish_if_current(generation, || {
-        let Some(base) = monitor.get(id) else {
+        let Some(base) = monitor.get_shared(id) else {
             known = false;
             return;
         };
-        let out = merged(base.clone(), copy);
-        if out != base {
+        // Compared in place: most copies change nothing (the UPDATE that answers this
+        // hop's own Request), and then nothing is copied.
+        let changed = base.state != copy.state
+            || (copy.path.is_some() && (base.path != copy.path || base.context != copy.context));
+        if changed {
+            let out = merged(Connection::clone(&base), copy);
             debug!(connection.id = %id, state = out.state, "monitor_relay: relaying a downstream change");
             monitor.publish(ConnectionEventType::Update, out);
         }

@@ -637,18 +637,41 @@ impl Runner {
         ns: &NetworkService,
         which: Option<&HashSet<(String, u64)>>,
     ) -> Result<()> {
-        let judged = |id: &String, e: &Entry| {
-            e.judging == Judging::Active
-                && which.is_none_or(|w| w.contains(&(id.clone(), e.generation)))
+        // The entries to judge, by id: those in `which` (looked up, not searched for:
+        // a connection joining a watch of n connections costs one entry, not n), or
+        // every active one.
+        let judged = |e: &Entry, generation: Option<u64>| {
+            e.judging == Judging::Active && generation.is_none_or(|g| g == e.generation)
         };
-        let names: HashSet<String> = {
+        let (ids, names): (Vec<(String, u64)>, HashSet<String>) = {
             let state = self.watch.lock();
-            state
-                .entries
-                .iter()
-                .filter(|(id, e)| judged(id, e))
-                .map(|(_, e)| e.endpoint.clone())
-                .collect()
+            let mut ids = Vec::new();
+            let mut names = HashSet::new();
+            let mut take = |id: &String, e: &Entry| {
+                ids.push((id.clone(), e.generation));
+                if !names.contains(&e.endpoint) {
+                    names.insert(e.endpoint.clone());
+                }
+            };
+            match which {
+                Some(which) => {
+                    for (id, generation) in which {
+                        if let Some(e) = state.entries.get(id) {
+                            if judged(e, Some(*generation)) {
+                                take(id, e);
+                            }
+                        }
+                    }
+                }
+                None => {
+                    for (id, e) in state.entries.iter() {
+                        if judged(e, None) {
+                            take(id, e);
+                        }
+                    }
+                }
+            }
+            (ids, names)
         };
         if names.is_empty() {
             return Ok(());
@@ -674,8 +697,12 @@ impl Runner {
         let mut excluded = Vec::new();
         {
             let mut state = self.watch.lock();
-            for (id, entry) in state.entries.iter_mut() {
-                if !judged(id, entry) {
+            for (id, generation) in ids {
+                let Some(entry) = state.entries.get_mut(&id) else {
+                    continue;
+                };
+                // Still the entry that was picked, and still judged by versions.
+                if !judged(entry, Some(generation)) {
                     continue;
                 }
                 let Some(nse) = nses.get(&entry.endpoint) else {
@@ -684,7 +711,7 @@ impl Runner {
                 if !eligible(ns, &entry.labels, nse) {
                     entry.judging = Judging::Requested;
                     excluded.push((
-                        id.clone(),
+                        id,
                         entry.generation,
                         entry.handle.clone(),
                         entry.endpoint.clone(),

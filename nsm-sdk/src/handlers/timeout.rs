@@ -208,24 +208,31 @@ impl Timers {
         (due, next)
     }
 
-    /// Removes the deadlines of connections that ended (or whose owner stopped).
+    /// Removes the deadlines at the front of the queue whose connections ended (or
+    /// whose owner stopped), up to the first live one. Each ended connection is looked
+    /// at once, so the owner stopping with n connections costs n removals, and a
+    /// connection closed through this handler (its deadline already removed) costs
+    /// nothing: no scan of the whole queue. Ended connections further back lose their
+    /// deadlines when their handles are dropped, or here once they reach the front.
     fn sweep(&self) {
-        // Handles are looked at without the lock: dropping the last one removes its
-        // deadline, which takes the lock.
-        let queued: Vec<(Key, WeakConnHandle)> = self
-            .queue()
-            .deadlines
-            .iter()
-            .map(|(k, h)| (*k, h.clone()))
-            .collect();
-        let ended: Vec<Key> = queued
-            .into_iter()
-            .filter(|(_, h)| h.upgrade().is_none_or(|h| h.is_closed()))
-            .map(|(k, _)| k)
-            .collect();
         let mut q = self.queue();
-        for key in ended {
-            q.deadlines.remove(&key);
+        while let Some(entry) = q.deadlines.first_entry() {
+            // A handle upgraded here may turn out to be the last strong one; dropping
+            // it removes its deadline, which takes this lock: it is always dropped
+            // after the lock is released.
+            let Some(handle) = entry.get().upgrade() else {
+                entry.remove();
+                continue;
+            };
+            if !handle.is_closed() {
+                drop(q);
+                drop(handle);
+                return;
+            }
+            entry.remove();
+            drop(q);
+            drop(handle);
+            q = self.queue();
         }
     }
 

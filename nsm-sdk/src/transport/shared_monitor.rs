@@ -52,7 +52,7 @@ use std::time::Duration;
 use futures::channel::mpsc;
 use futures::stream::{Stream, StreamExt};
 use nsm_proto::connection::{
-    ConnectionEvent, ConnectionEventType, MonitorScopeSelector, PathSegment, State,
+    Connection, ConnectionEvent, ConnectionEventType, MonitorScopeSelector, PathSegment, State,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -190,11 +190,20 @@ impl Calls {
     /// Hands `item` to `sink` now (a queue) or later (a function); `false` when the
     /// follower is gone.
     fn send(&mut self, sink: &Sink, item: Result<ConnectionEvent>) -> bool {
+        self.give(sink, item).is_none()
+    }
+
+    /// [`send`](Self::send) that gives the item back when the follower is gone.
+    fn give(
+        &mut self,
+        sink: &Sink,
+        item: Result<ConnectionEvent>,
+    ) -> Option<Result<ConnectionEvent>> {
         match sink {
-            Sink::Queue(tx) => tx.unbounded_send(item).is_ok(),
+            Sink::Queue(tx) => tx.unbounded_send(item).err().map(|e| e.into_inner()),
             Sink::Call(f) => {
                 self.0.push((f.clone(), item));
-                true
+                None
             }
         }
     }
@@ -235,22 +244,61 @@ impl Peer {
             if initial {
                 present.extend(places.iter().cloned());
             }
-            for (id, index) in places {
-                let single = ConnectionEvent {
+            // The connection goes to the last place's last follower as it came (nearly
+            // always the only one), copied only for the others.
+            let mut conn = Some(conn);
+            let last_place = places.len().saturating_sub(1);
+            for (p, (id, index)) in places.into_iter().enumerate() {
+                let single = |conn: Connection| ConnectionEvent {
                     r#type: kind,
-                    connections: HashMap::from([(key.clone(), conn.clone())]),
+                    connections: HashMap::from([(key.clone(), conn)]),
                 };
+                let sinks: Vec<Sink> = state
+                    .followers
+                    .get(&id)
+                    .map(|fs| {
+                        fs.iter()
+                            .filter(|f| f.index == index)
+                            .map(|f| f.sink.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let up = conn.as_ref().is_some_and(|c| c.state == State::Up as i32);
+                let event = if p == last_place {
+                    conn.take().map(single)
+                } else {
+                    conn.clone().map(single)
+                };
+                let Some(event) = event else { continue };
+                let mut undelivered = Some(event);
                 let mut delivered = false;
-                if let Some(followers) = state.followers.get(&id) {
-                    for f in followers.iter().filter(|f| f.index == index) {
-                        delivered |= calls.send(&f.sink, Ok(single.clone()));
+                let count = sinks.len();
+                for (n, sink) in sinks.iter().enumerate() {
+                    let item = if n + 1 == count {
+                        match undelivered.take() {
+                            Some(e) => e,
+                            None => break,
+                        }
+                    } else {
+                        match undelivered.as_ref() {
+                            Some(e) => e.clone(),
+                            None => break,
+                        }
+                    };
+                    match calls.give(sink, Ok(item)) {
+                        None => delivered = true,
+                        // The last one back from a gone follower: kept for `recent`.
+                        Some(Ok(back)) if n + 1 == count => undelivered = Some(back),
+                        Some(_) => {}
                     }
                 }
-                if !delivered && (gone || conn.state != State::Up as i32) {
-                    if state.recent.len() >= RECENT {
-                        state.recent.pop_front();
+                if !delivered && (gone || !up) {
+                    if let Some(event) = undelivered {
+                        if state.recent.len() >= RECENT {
+                            state.recent.pop_front();
+                        }
+                        state.recent.push_back((id, index, event));
                     }
-                    state.recent.push_back((id, index, single));
                 }
             }
         }

@@ -101,7 +101,7 @@ struct Inner {
 /// queue agree on which events the transfer already contains.
 #[derive(Default)]
 struct Shared {
-    table: HashMap<String, Connection>,
+    table: HashMap<String, Arc<Connection>>,
     /// Path segment id -> ids (table keys) of the connections whose path holds it.
     /// (A list, not a set: a segment id is nearly always in one connection, and a list
     /// of one costs a tenth of a set of one.)
@@ -119,9 +119,14 @@ struct Shared {
 struct Subscriber {
     key: Option<String>,
     selector: MonitorScopeSelector,
-    tx: mpsc::Sender<Arc<ConnectionEvent>>,
+    tx: mpsc::Sender<Queued>,
     lagged: Arc<AtomicBool>,
 }
+
+/// An UPDATE or DELETE as queued for a subscriber: the connection is shared with the
+/// table and the other subscribers; each subscriber makes its own `ConnectionEvent`
+/// when its stream takes the event (publishing copies no connection).
+type Queued = (ConnectionEventType, Arc<Connection>);
 
 /// The path segment id a subscriber is indexed by: the first one its selector names.
 /// A connection without that id in its path cannot match the selector.
@@ -162,19 +167,37 @@ impl Shared {
         }
     }
 
-    /// Stores (`Some`) or removes (`None`) the connection `key`, keeping the index.
-    fn store(&mut self, key: &str, conn: Option<Connection>) {
-        if let Some(old) = self.table.remove(key) {
-            self.unindex(key, &old);
-        }
-        if let Some(conn) = conn {
-            self.index(key, &conn);
-            self.table.insert(key.to_string(), conn);
+    /// Stores (`Some`) or removes (`None`) the connection `key`, keeping the index (a
+    /// connection stored again with the same path segment ids, such as a refresh, keeps
+    /// its index entries).
+    fn store(&mut self, key: &str, conn: Option<Arc<Connection>>) {
+        match conn {
+            Some(conn) => match self.table.get_mut(key) {
+                Some(old) => {
+                    if !segment_ids(old).eq(segment_ids(&conn)) {
+                        let old = std::mem::replace(old, conn.clone());
+                        self.unindex(key, &old);
+                        self.index(key, &conn);
+                    } else {
+                        *old = conn;
+                    }
+                }
+                None => {
+                    self.index(key, &conn);
+                    self.table.insert(key.to_string(), conn);
+                }
+            },
+            None => {
+                if let Some(old) = self.table.remove(key) {
+                    self.unindex(key, &old);
+                }
+            }
         }
     }
 
-    /// Queues `event` (about `conn`) for every subscriber whose selector matches `conn`.
-    fn deliver(&self, conn: &Connection, event: &Arc<ConnectionEvent>) {
+    /// Queues the event `kind` about `conn` for every subscriber whose selector
+    /// matches `conn`.
+    fn deliver(&self, kind: ConnectionEventType, conn: &Arc<Connection>) {
         let mut seen = HashSet::new();
         let indexed = segment_ids(conn)
             .filter_map(|id| self.indexed.get(id))
@@ -190,7 +213,7 @@ impl Shared {
             if sub.lagged.load(Ordering::Acquire) || !selector::matches(conn, &sub.selector) {
                 continue;
             }
-            if let Err(mpsc::error::TrySendError::Full(_)) = sub.tx.try_send(event.clone()) {
+            if let Err(mpsc::error::TrySendError::Full(_)) = sub.tx.try_send((kind, conn.clone())) {
                 sub.lagged.store(true, Ordering::Release);
             }
         }
@@ -198,8 +221,8 @@ impl Shared {
 
     /// The INITIAL_STATE_TRANSFER for `selector`.
     fn initial(&self, selector: &MonitorScopeSelector) -> ConnectionEvent {
-        let pick = |(id, c): (&String, &Connection)| {
-            selector::matches(c, selector).then(|| (id.clone(), c.clone()))
+        let pick = |(id, c): (&String, &Arc<Connection>)| {
+            selector::matches(c, selector).then(|| (id.clone(), Connection::clone(c)))
         };
         let connections = match index_key(selector) {
             Some(key) => self
@@ -310,6 +333,11 @@ impl Monitor {
             tracing::debug!("monitor: connection without an id not published");
             return;
         }
+        self.publish_shared(event_type, Arc::new(conn));
+    }
+
+    /// [`publish`](Self::publish) of a connection already shared.
+    fn publish_shared(&self, event_type: ConnectionEventType, conn: Arc<Connection>) {
         let mut shared = self.inner.lock();
         match event_type {
             ConnectionEventType::InitialStateTransfer => {
@@ -320,23 +348,25 @@ impl Monitor {
             ConnectionEventType::Delete => shared.store(&conn.id, None),
         }
         tracing::debug!(connection.id = %conn.id, event = event_type.as_str_name(), state = conn.state, "monitor: publish");
-        let event = Arc::new(ConnectionEvent {
-            r#type: event_type as i32,
-            connections: [(conn.id.clone(), conn.clone())].into(),
-        });
         // Queued under the lock, so a subscriber's initial transfer and its queue agree
         // on which events the transfer already contains.
-        shared.deliver(&conn, &event);
+        shared.deliver(event_type, &conn);
+    }
+
+    /// The stored connection `id`, shared.
+    pub(crate) fn get_shared(&self, id: &str) -> Option<Arc<Connection>> {
+        self.inner.lock().table.get(id).cloned()
     }
 
     /// The stored connection `id` (this hop's id).
     pub fn get(&self, id: &str) -> Option<Connection> {
-        self.inner.lock().table.get(id).cloned()
+        self.get_shared(id).map(Arc::unwrap_or_clone)
     }
 
     /// Every stored connection.
     pub fn connections(&self) -> Vec<Connection> {
-        self.inner.lock().table.values().cloned().collect()
+        let shared: Vec<Arc<Connection>> = self.inner.lock().table.values().cloned().collect();
+        shared.into_iter().map(Arc::unwrap_or_clone).collect()
     }
 
     /// How many connections are stored.
@@ -365,7 +395,7 @@ impl Inner {
 struct Subscription {
     monitor: Weak<Inner>,
     number: u64,
-    rx: mpsc::Receiver<Arc<ConnectionEvent>>,
+    rx: mpsc::Receiver<Queued>,
     lagged: Arc<AtomicBool>,
     selector: MonitorScopeSelector,
     initial: Option<ConnectionEvent>,
@@ -377,32 +407,33 @@ impl Subscription {
         if let Some(initial) = self.initial.take() {
             return Some(initial);
         }
-        loop {
-            if self.lagged.load(Ordering::Acquire) {
-                let monitor = self.monitor.upgrade()?;
-                let shared = monitor.lock();
-                // Everything queued is older than the table under this lock.
-                let mut missed = 0usize;
-                while self.rx.try_recv().is_ok() {
-                    missed += 1;
-                }
-                self.lagged.store(false, Ordering::Release);
-                tracing::warn!(
-                    queued = missed,
-                    "monitor subscriber fell behind: re-synchronising"
-                );
-                return Some(shared.initial(&self.selector));
+        if self.lagged.load(Ordering::Acquire) {
+            let monitor = self.monitor.upgrade()?;
+            let shared = monitor.lock();
+            // Everything queued is older than the table under this lock.
+            let mut missed = 0usize;
+            while self.rx.try_recv().is_ok() {
+                missed += 1;
             }
-            let received = tokio::select! {
-                _ = self.shutdown.cancelled() => return None,
-                r = self.rx.recv() => r,
-            };
-            // `None`: every Monitor clone is gone (they held the sending side).
-            let event = received?;
-            if let Some(event) = selector::scope(&event, &self.selector) {
-                return Some(event);
-            }
+            self.lagged.store(false, Ordering::Release);
+            tracing::warn!(
+                queued = missed,
+                "monitor subscriber fell behind: re-synchronising"
+            );
+            return Some(shared.initial(&self.selector));
         }
+        let received = tokio::select! {
+            _ = self.shutdown.cancelled() => return None,
+            r = self.rx.recv() => r,
+        };
+        // `None`: every Monitor clone is gone (they held the sending side).
+        let (kind, conn) = received?;
+        // Queued only when the selector matched (see `deliver`).
+        let conn = Arc::unwrap_or_clone(conn);
+        Some(ConnectionEvent {
+            r#type: kind as i32,
+            connections: [(conn.id.clone(), conn)].into(),
+        })
     }
 }
 
@@ -482,7 +513,7 @@ impl Handler for Monitor {
                 if cx.side() == Side::Server {
                     stored.state = State::Up as i32;
                 }
-                self.publish(ConnectionEventType::Update, stored);
+                self.publish_shared(ConnectionEventType::Update, Arc::new(stored));
                 Ok(conn)
             }
             Err(e) => {
@@ -499,12 +530,17 @@ impl Handler for Monitor {
     async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
         cx.ext_mut().insert(self.clone());
         let id = conn.id.clone();
-        let result = next.close(cx, conn.clone()).await;
+        // What the DELETE carries: the stored connection (taken after the Close), or,
+        // none being stored, the one closed; copied only in that case.
+        let before = self.get_shared(&id);
+        let fallback = before.is_none().then(|| Arc::new(conn.clone()));
+        let result = next.close(cx, conn).await;
         if let Err(e) = &result {
             tracing::debug!(connection.id = %id, error = %e, "downstream close failed; deleting anyway");
         }
-        let gone = self.get(&id).unwrap_or(conn);
-        self.publish(ConnectionEventType::Delete, gone);
+        if let Some(gone) = self.get_shared(&id).or(before).or(fallback) {
+            self.publish_shared(ConnectionEventType::Delete, gone);
+        }
         result
     }
 }
