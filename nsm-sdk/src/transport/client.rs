@@ -27,6 +27,7 @@ use tonic::Status;
 use tower::service_fn;
 use tracing::debug;
 
+use super::frames::Unvectored;
 use super::memory;
 use super::metadata;
 use super::shared_monitor::SharedMonitors;
@@ -163,7 +164,7 @@ fn new_channel(url: &Url, connect_timeout: Duration) -> Result<Channel> {
                     async move {
                         tokio::net::UnixStream::connect(&path)
                             .await
-                            .map(TokioIo::new)
+                            .map(|s| TokioIo::new(Unvectored(s)))
                     }
                 })),
             )
@@ -173,7 +174,7 @@ fn new_channel(url: &Url, connect_timeout: Duration) -> Result<Channel> {
             let endpoint = local_endpoint(connect_timeout);
             Ok(
                 endpoint.connect_with_connector_lazy(service_fn(move |_: Uri| {
-                    let connected = memory::connect(&name).map(TokioIo::new);
+                    let connected = memory::connect(&name).map(|s| TokioIo::new(Unvectored(s)));
                     async move { connected }
                 })),
             )

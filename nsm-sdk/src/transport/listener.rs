@@ -23,6 +23,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
+use super::frames::Unvectored;
 use super::memory::{self, MemoryListener};
 use super::url::Url;
 use crate::{Error, Result};
@@ -152,6 +153,8 @@ impl Stream for Incoming {
         let Some(listener) = slot.as_mut() else {
             return Poll::Ready(None);
         };
+        // Unix sockets and memory pipes without vectored writes (one write per gRPC
+        // message, see `frames`); TCP as it is.
         let accepted: io::Result<(Box<dyn Io>, Option<String>)> = match listener {
             Listener::Tcp(l) => match l.poll_accept(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -169,13 +172,13 @@ impl Stream for Incoming {
                     let remote = addr
                         .as_pathname()
                         .map(|p| format!("unix://{}", p.display()));
-                    Ok((Box::new(s), remote))
+                    Ok((Box::new(Unvectored(s)), remote))
                 }
                 Poll::Ready(Err(e)) => Err(e),
             },
             Listener::Memory(l) => match l.poll_accept(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(s)) => Ok((Box::new(s), None)),
+                Poll::Ready(Some(s)) => Ok((Box::new(Unvectored(s)), None)),
                 Poll::Ready(None) => return Poll::Ready(None),
             },
         };

@@ -3,6 +3,7 @@
 
 pub mod client;
 mod edge;
+mod frames;
 mod listener;
 pub mod memory;
 pub mod metadata;
