@@ -791,6 +791,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_follower_of_a_connection_gets_the_event_and_a_gone_one_loses_nothing() {
+        let u = url();
+        let (_server, monitor) = peer(&u).await;
+        let channels = Channels::new();
+        monitor.publish(ConnectionEventType::Update, conn("nsmgr", "a", State::Up));
+        let mut first = follow(&channels, &u, "a").await;
+        // Its copy of the initial state.
+        assert_eq!(
+            states(&next(&mut first).await),
+            vec![("a".into(), State::Up as i32)]
+        );
+        let mut second = follow(&channels, &u, "a").await;
+        monitor.publish(ConnectionEventType::Update, conn("nsmgr", "a", State::Down));
+        for f in [&mut first, &mut second] {
+            assert_eq!(
+                states(&next(f).await),
+                vec![("a".into(), State::Down as i32)]
+            );
+        }
+        // One of them gone: the other still gets the change.
+        drop(second);
+        monitor.publish(ConnectionEventType::Update, conn("nsmgr", "a", State::Up));
+        assert_eq!(
+            states(&next(&mut first).await),
+            vec![("a".into(), State::Up as i32)]
+        );
+        // Both gone (the last one's queue closed, not yet unregistered when the event
+        // comes, or unregistered): a DELETE nobody took is kept for a follower that
+        // joins after it.
+        drop(first);
+        monitor.publish(ConnectionEventType::Delete, conn("nsmgr", "a", State::Up));
+        let mut probe = follow(&channels, &u, "p").await;
+        monitor.publish(ConnectionEventType::Update, conn("nsmgr", "p", State::Up));
+        next(&mut probe).await;
+        let mut late = follow(&channels, &u, "a").await;
+        let e = next(&mut late).await;
+        assert_eq!(e.r#type, ConnectionEventType::Delete as i32);
+    }
+
+    #[tokio::test]
     async fn a_change_before_the_follower_joined_is_kept_for_it() {
         let u = url();
         let (_server, monitor) = peer(&u).await;
