@@ -34,9 +34,11 @@
 //! UPDATE and DELETE events, each cut down to the connections the selector matches
 //! ([`selector::matches`]); an event left with no connection is not sent.
 //!
-//! State: the table of connections (id -> connection), an index from path segment ids
-//! to the connections whose path holds them, and the subscribers, each with a bounded
-//! queue of events ([`MonitorBuilder::capacity`]). A subscriber whose selector names a
+//! State: the table of connections (id -> connection, each stored once and shared with
+//! the subscriber queues it is queued on: publishing copies no connection; a subscriber's
+//! stream makes its own event when it takes one), an index from path segment ids to the
+//! connections whose path holds them, and the subscribers, each with a bounded queue of
+//! events ([`MonitorBuilder::capacity`]). A subscriber whose selector names a
 //! path segment id (a client or a relay following its own connection: every subscriber
 //! of a hop's per-connection streams) is indexed by that id, so publishing an event
 //! costs the length of the connection's path plus the subscribers it concerns, not one
