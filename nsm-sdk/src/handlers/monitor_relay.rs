@@ -20,7 +20,7 @@
 //!
 //! What it does: after a successful Request it follows the connection at the next hop
 //! (the process's shared MonitorConnection stream to that hop, cut down to this
-//! connection's events; see "Cost") and passes them through the client-side filter ([`ClientFilter`](super::monitor::ClientFilter)).
+//! connection's events; see "Cost") and passes them through the client-side filter ([`ClientFilter`]).
 //! Each change the filter lets through is relayed upstream: this hop's connection (as
 //! its `monitor` stored it, so the mechanism this hop gave its caller stays) takes the
 //! downstream's path, context and state, and is published through the [`Monitor`] as an
