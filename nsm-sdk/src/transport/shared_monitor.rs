@@ -269,26 +269,21 @@ impl Peer {
                 } else {
                     conn.clone().map(single)
                 };
-                let Some(event) = event else { continue };
-                let mut undelivered = Some(event);
+                // What is not handed over yet: a copy for each follower but the last,
+                // which gets it; back from a gone last follower, it is kept below.
+                let mut undelivered = event;
                 let mut delivered = false;
-                let count = sinks.len();
                 for (n, sink) in sinks.iter().enumerate() {
-                    let item = if n + 1 == count {
-                        match undelivered.take() {
-                            Some(e) => e,
-                            None => break,
-                        }
+                    let last = n + 1 == sinks.len();
+                    let item = if last {
+                        undelivered.take()
                     } else {
-                        match undelivered.as_ref() {
-                            Some(e) => e.clone(),
-                            None => break,
-                        }
+                        undelivered.clone()
                     };
+                    let Some(item) = item else { break };
                     match calls.give(sink, Ok(item)) {
                         None => delivered = true,
-                        // The last one back from a gone follower: kept for `recent`.
-                        Some(Ok(back)) if n + 1 == count => undelivered = Some(back),
+                        Some(Ok(back)) if last => undelivered = Some(back),
                         Some(_) => {}
                     }
                 }
