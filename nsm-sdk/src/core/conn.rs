@@ -271,6 +271,18 @@ where
     })
 }
 
+/// For tests: an event sink that takes no event (the receipt fails at once), for
+/// handles that no `begin` made (`Weak::<NoSink>::new()`).
+#[cfg(test)]
+pub(crate) struct NoSink;
+
+#[cfg(test)]
+impl EventSink for NoSink {
+    fn send(&self, _: &str, _: ConnEvent) -> oneshot::Receiver<EventOutcome> {
+        oneshot::channel().1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,13 +339,6 @@ mod tests {
             1,
             "the state went with the handle"
         );
-    }
-
-    struct NoSink;
-    impl EventSink for NoSink {
-        fn send(&self, _: &str, _: ConnEvent) -> oneshot::Receiver<EventOutcome> {
-            oneshot::channel().1
-        }
     }
 
     #[tokio::test]

@@ -255,11 +255,10 @@ impl Handler for MechanismTranslation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{Chain, ConnEvent, ConnHandle, EventOutcome, EventSink};
+    use crate::core::{Chain, ConnHandle};
     use crate::handlers::{noop_client, noop_server};
     use crate::tools::constants::{cls, params, types};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::sync::oneshot;
     use tokio_util::sync::CancellationToken;
 
     fn mech(cls: &str, ty: &str) -> Mechanism {
@@ -578,13 +577,6 @@ mod tests {
         assert_eq!(*prefs.lock().unwrap(), ["REMOTE/KERNEL", "LOCAL/NOOP"]);
     }
 
-    struct NoSink;
-    impl EventSink for NoSink {
-        fn send(&self, _: &str, _: ConnEvent) -> oneshot::Receiver<EventOutcome> {
-            oneshot::channel().1
-        }
-    }
-
     /// A next hop that takes the first preference (or keeps the mechanism it is given)
     /// and stamps a VNI on it, counting how often it allocated one.
     /// What the next hop saw: the mechanism and how many preferences.
@@ -641,7 +633,7 @@ mod tests {
         cx.set_conn(Some(ConnHandle::new(
             "c",
             &root,
-            std::sync::Weak::<NoSink>::new(),
+            std::sync::Weak::<crate::core::conn::NoSink>::new(),
         )));
         let mut incoming = mech(cls::LOCAL, types::KERNEL);
         incoming

@@ -1411,19 +1411,6 @@ mod tests {
         assert_eq!(hop.services.watchers(), 1, "one watch for both");
     }
 
-    /// Accepts no event: connections driven without `begin`.
-    struct NoSink;
-
-    impl crate::core::EventSink for NoSink {
-        fn send(
-            &self,
-            _: &str,
-            _: crate::core::ConnEvent,
-        ) -> tokio::sync::oneshot::Receiver<crate::core::EventOutcome> {
-            tokio::sync::oneshot::channel().1
-        }
-    }
-
     /// SCENARIOS 5.10 "netsvcmonitor: no leak without Close", for many connections.
     #[tokio::test(start_paused = true)]
     async fn connections_that_come_and_go_leave_no_entry_and_no_task() {
@@ -1439,7 +1426,8 @@ mod tests {
             .push(round_robin())
             .build();
         let root = CancellationToken::new();
-        let sink: std::sync::Weak<dyn crate::core::EventSink> = std::sync::Weak::<NoSink>::new();
+        let sink: std::sync::Weak<dyn crate::core::EventSink> =
+            std::sync::Weak::<crate::core::conn::NoSink>::new();
         let before = alive_tasks();
         for round in 0..3 {
             let mut conns = Vec::new();
@@ -1594,7 +1582,8 @@ mod tests {
             .push(round_robin())
             .build();
         let root = CancellationToken::new();
-        let sink: std::sync::Weak<dyn crate::core::EventSink> = std::sync::Weak::<NoSink>::new();
+        let sink: std::sync::Weak<dyn crate::core::EventSink> =
+            std::sync::Weak::<crate::core::conn::NoSink>::new();
         let handle = ConnHandle::new("a", &root, sink);
         let before = alive_tasks();
         let mut cx = Cx::server();

@@ -463,6 +463,12 @@ mod tests {
     }
 
     fn server(margin: Option<Duration>) -> Hop {
+        hop(margin, None)
+    }
+
+    /// `update_path`, `begin`, `extra` if any, `update_token`, `timeout` (with `margin`
+    /// if given), a recording downstream.
+    fn hop(margin: Option<Duration>, extra: Option<FailClose>) -> Hop {
         let b = begin();
         let t = match margin {
             Some(m) => timeout().margin(m),
@@ -472,6 +478,7 @@ mod tests {
         let chain = Chain::builder()
             .push(update_path("nse"))
             .push(b.clone())
+            .push_opt(extra)
             .push(update_token(Arc::new(lifetime_token(Duration::from_secs(
                 3600,
             )))))
@@ -658,25 +665,7 @@ mod tests {
 
     /// A hop whose Closes never reach `timeout`.
     fn deaf_server() -> Hop {
-        let b = begin();
-        let t = timeout();
-        let down = Arc::new(Downstream::default());
-        let chain = Chain::builder()
-            .push(update_path("nse"))
-            .push(b.clone())
-            .push(FailClose)
-            .push(update_token(Arc::new(lifetime_token(Duration::from_secs(
-                3600,
-            )))))
-            .push(t.clone())
-            .push(down.clone())
-            .build();
-        Hop {
-            chain,
-            begin: b,
-            timeout: t,
-            down,
-        }
+        hop(None, Some(FailClose))
     }
 
     #[tokio::test(start_paused = true)]
@@ -763,7 +752,11 @@ mod tests {
         // stores, so this handler stands alone here, with a handle made by hand.)
         let t = timeout();
         let chain = Chain::builder().push(t.clone()).build();
-        let handle = ConnHandle::new("nsc-id", &CancellationToken::new(), Weak::<NoSink>::new());
+        let handle = ConnHandle::new(
+            "nsc-id",
+            &CancellationToken::new(),
+            Weak::<crate::core::conn::NoSink>::new(),
+        );
         let (mut cx, mut req) = call(Some(60));
         cx.set_conn(Some(handle.clone()));
         let path = req.connection.as_mut().unwrap().path.as_mut().unwrap();
@@ -776,19 +769,6 @@ mod tests {
         settle().await;
         assert_eq!(alive_tasks(), 0);
         assert!(!handle.is_closed());
-    }
-
-    /// Takes no event: for a handle that no `begin` made.
-    struct NoSink;
-
-    impl crate::core::EventSink for NoSink {
-        fn send(
-            &self,
-            _: &str,
-            _: crate::core::ConnEvent,
-        ) -> tokio::sync::oneshot::Receiver<crate::core::EventOutcome> {
-            tokio::sync::oneshot::channel().1
-        }
     }
 
     /// Stands for the gRPC hop between a client chain and a server chain: the server
