@@ -21,6 +21,8 @@ fi
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy || true
 
 cargo fmt --all -- --check
+# The shell scripts parse (the optimised build is not run here: it takes 25 minutes).
+for script in run-demo.sh run-tests.sh examples/build-optimized.sh; do bash -n "$script"; done
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 # nextest runs each test in its own process, so process-wide counters (live tasks)
 # and kernel state of one test never disturb another.

@@ -45,7 +45,9 @@
 //! threads), `NSM_BENCH_VARIANTS` (comma-separated: `binaries`, `assembled`,
 //! `cache-nsmgr`, `cache-both`), `NSM_BENCH_LOG_LEVEL` (the programs' `NSM_LOG_LEVEL`,
 //! default `info`, what they run with when not told), `NSM_BENCH_SAMPLES` (default
-//! 1000). Target: p50 <= 1 ms.
+//! 1000), `NSM_BENCH_BIN_DIR` (run the programs found there instead of the ones cargo
+//! built with this bench: the optimised build of `examples/build-optimized.sh` puts them
+//! in `target/optimized/bin`). Target: p50 <= 1 ms.
 //!
 //! Run: `cargo bench -p nsm-examples --bench mesh_processes`
 
@@ -115,6 +117,12 @@ fn main() -> ExitCode {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         loadavg()
     );
+    eprintln!(
+        "mesh_processes: programs from {}",
+        program("nsmgr", env!("CARGO_BIN_EXE_nsmgr"))
+            .parent()
+            .map_or_else(String::new, |d| d.display().to_string())
+    );
     let mut ok = true;
     for kind in runtimes.split(',').map(str::trim).filter(|k| !k.is_empty()) {
         let threads = match kind {
@@ -144,6 +152,15 @@ fn main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Where the example program `name` is: in `NSM_BENCH_BIN_DIR` when set, else the
+/// one cargo built (`built`).
+fn program(name: &str, built: &str) -> PathBuf {
+    match std::env::var_os("NSM_BENCH_BIN_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => PathBuf::from(built),
     }
 }
 
@@ -246,7 +263,24 @@ struct Proc {
 }
 
 impl Drop for Proc {
+    /// Stops the process as its users would (SIGTERM: it closes what it holds and
+    /// unregisters, and a profiling build writes its profile), then kills it when it
+    /// has not exited within two seconds.
     fn drop(&mut self) {
+        let asked = i32::try_from(self.child.id()).is_ok_and(|pid| {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .is_ok()
+        });
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while asked && Instant::now() < deadline {
+            match self.child.try_wait() {
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                _ => break,
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         children().retain(|pid| *pid != self.child.id());
@@ -356,7 +390,7 @@ impl Mesh {
         spawn(
             &mut mesh,
             "registry",
-            Path::new(env!("CARGO_BIN_EXE_nsm-registry")),
+            &program("nsm-registry", env!("CARGO_BIN_EXE_nsm-registry")),
             &[("NSM_LISTEN_ON", &reg), ("NSM_EXPIRE_AFTER", "1h")],
         )?;
         mesh.wait_listening(mesh.registry.clone())?;
@@ -367,7 +401,7 @@ impl Mesh {
                 spawn(
                     &mut mesh,
                     "nsmgr",
-                    Path::new(env!("CARGO_BIN_EXE_nsmgr")),
+                    &program("nsmgr", env!("CARGO_BIN_EXE_nsmgr")),
                     &[
                         ("NSM_NAME", "nsmgr"),
                         ("NSM_LISTEN_ON", &mgr),
@@ -378,7 +412,7 @@ impl Mesh {
                 spawn(
                     &mut mesh,
                     "forwarder",
-                    Path::new(env!("CARGO_BIN_EXE_nsm-forwarder")),
+                    &program("nsm-forwarder", env!("CARGO_BIN_EXE_nsm-forwarder")),
                     &[
                         ("NSM_NAME", "forwarder"),
                         ("NSM_LISTEN_ON", &fwd),
@@ -418,7 +452,10 @@ impl Mesh {
         spawn(
             &mut mesh,
             "nse",
-            Path::new(env!("CARGO_BIN_EXE_nse-icmp-responder")),
+            &program(
+                "nse-icmp-responder",
+                env!("CARGO_BIN_EXE_nse-icmp-responder"),
+            ),
             &[
                 ("NSM_NAME", "nse"),
                 ("NSM_LISTEN_ON", &nse),

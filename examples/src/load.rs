@@ -258,6 +258,9 @@ pub struct Report {
     pub stages: Vec<String>,
     /// The run was stopped early by a signal.
     pub interrupted: bool,
+    /// How each started program (`--processes`) ended after SIGTERM at the end of the
+    /// run: `exit 0` when it stopped cleanly.
+    pub shutdown: BTreeMap<String, String>,
 }
 
 impl Report {
@@ -273,6 +276,15 @@ impl Report {
         .flat_map(|e| e.values())
         .sum::<u64>()
             + u64::from(self.warmup_ms.is_none())
+    }
+
+    /// The started programs that did not stop cleanly (exit 0) on SIGTERM.
+    pub fn unclean_stops(&self) -> Vec<(&str, &str)> {
+        self.shutdown
+            .iter()
+            .filter(|(_, how)| how.as_str() != "exit 0")
+            .map(|(name, how)| (name.as_str(), how.as_str()))
+            .collect()
     }
 
     /// `metric` of `process` at `to` minus at `from`.
@@ -319,6 +331,7 @@ impl Report {
             "stages": self.stages,
             "processes": self.processes,
             "growth": growth,
+            "shutdown": self.shutdown,
         })
     }
 
@@ -375,6 +388,14 @@ impl Report {
                 "refresh errors outside the soak: {}\n",
                 fmt_errors(&self.other_refresh_errors)
             );
+        }
+        if !self.shutdown.is_empty() {
+            let ends: Vec<String> = self
+                .shutdown
+                .iter()
+                .map(|(name, how)| format!("{name} {how}"))
+                .collect();
+            out += &format!("stopped: {}\n", ends.join(", "));
         }
         let n = self.setup.ok.max(1) as f64;
         for (name, stages) in &self.processes {
@@ -586,7 +607,7 @@ struct Mesh {
     /// Sample this process too (it is the whole mesh in sandbox mode).
     sample_self: bool,
     _sandbox: Option<(Sandbox, EndpointHandle)>,
-    _children: Children,
+    children: Children,
     /// The namespaces of KERNEL clients: the URL of each (warm-up first), and the guard
     /// that deletes them (after the children are gone: fields drop in order).
     netns_urls: Vec<String>,
@@ -650,16 +671,55 @@ fn ip_batch(verb: &str, names: &[String]) -> std::io::Result<std::process::Outpu
     child.wait_with_output()
 }
 
-/// Spawned processes, killed when dropped; their directory is removed unless kept.
+/// How long a started program has to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Spawned processes (with their names), stopped by [`Children::stop`] at the end of a
+/// run and killed when dropped before that; their directory is removed unless kept.
 struct Children {
-    procs: Vec<tokio::process::Child>,
+    procs: Vec<(String, tokio::process::Child)>,
     dir: Option<PathBuf>,
     keep: bool,
 }
 
+impl Children {
+    /// Stops every program as an operator would: SIGTERM, then up to [`STOP_GRACE`] for
+    /// it to close what it holds, unregister and exit (a profiling build writes its
+    /// profile then). Returns how each one ended: `exit 0` for a clean stop.
+    async fn stop(&mut self) -> BTreeMap<String, String> {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        for (_, child) in &self.procs {
+            if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
+                // It may have exited already: its status is read below.
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        let mut ended = BTreeMap::new();
+        for (name, child) in &mut self.procs {
+            let how = match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+                Ok(Ok(status)) => match status.code() {
+                    Some(code) => format!("exit {code}"),
+                    None => format!("{status}"),
+                },
+                Ok(Err(e)) => format!("unknown: {e}"),
+                Err(_) => {
+                    let _ = child.kill().await;
+                    format!(
+                        "killed: still running {} s after SIGTERM",
+                        STOP_GRACE.as_secs()
+                    )
+                }
+            };
+            ended.insert(name.clone(), how);
+        }
+        ended
+    }
+}
+
 impl Drop for Children {
     fn drop(&mut self) {
-        for p in &mut self.procs {
+        for (_, p) in &mut self.procs {
             let _ = p.start_kill();
         }
         if let Some(dir) = &self.dir {
@@ -750,7 +810,7 @@ async fn start_mesh_in(
             metrics,
             sample_self: true,
             _sandbox: None,
-            _children: Children {
+            children: Children {
                 procs: Vec::new(),
                 dir: None,
                 keep: false,
@@ -781,7 +841,7 @@ async fn start_mesh_in(
                 metrics,
                 sample_self: true,
                 _sandbox: Some((mesh, nse)),
-                _children: Children {
+                children: Children {
                     procs: Vec::new(),
                     dir: None,
                     keep: false,
@@ -798,7 +858,7 @@ async fn start_mesh_in(
                 metrics,
                 sample_self: true,
                 _sandbox: None,
-                _children: children,
+                children,
                 netns_urls: Vec::new(),
                 _namespaces: None,
             })
@@ -893,7 +953,7 @@ async fn spawn_mesh(
         let child = cmd
             .spawn()
             .map_err(|e| Failure::config(format!("cannot start {}: {e}", exe.display())))?;
-        children.procs.push(child);
+        children.procs.push((name.to_string(), child));
         if serves_metrics {
             let url = Url::Unix(metrics_sock);
             wait_until(Duration::from_secs(20), || async {
@@ -1022,6 +1082,8 @@ pub async fn run_load(opts: LoadOptions, stop: CancellationToken) -> Result<Repo
     if let Some(p) = progress {
         p.stop().await;
     }
+    let mut mesh = mesh;
+    report.shutdown = mesh.children.stop().await;
     outcome?;
     drop(mesh);
     Ok(report)

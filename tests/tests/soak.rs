@@ -550,6 +550,14 @@ fn kernel_load_gives_each_client_an_interface_and_leaves_nothing() {
     assert_eq!(report["errors_total"], 0, "{report}");
     assert_eq!(report["setup"]["ok"], N);
     assert_eq!(report["close"]["ok"], N);
+    // Every program it started stopped cleanly on its SIGTERM (the endpoint through
+    // `ip netns exec`, which becomes it).
+    let stops = report["shutdown"].as_object().expect("a shutdown report");
+    let names: Vec<&str> = stops.keys().map(String::as_str).collect();
+    assert_eq!(names, ["forwarder", "nse", "nsmgr", "registry"], "{report}");
+    for (name, how) in stops {
+        assert_eq!(how, "exit 0", "{name}: {report}");
+    }
     // Every namespace it made is gone.
     let left = netns_list();
     assert!(!left.contains(&prefix), "left behind:\n{left}");

@@ -28,9 +28,13 @@ use nsm_sdk::transport::Url;
 /// loads a running mesh through its manager (give its processes' metrics with
 /// --metrics).
 ///
-/// Exit status 0 when every operation succeeded, 1 when any failed (the summary says
-/// which), 2 for a bad configuration. SIGINT or SIGTERM cuts the soak short; the
-/// connections are still closed and the summary printed.
+/// At the end of the run the started programs get SIGTERM and 5 s to exit; the summary
+/// says how each one ended.
+///
+/// Exit status 0 when every operation succeeded (and every started program stopped with
+/// exit 0), 1 when any failed (the summary says which), 2 for a bad configuration.
+/// SIGINT or SIGTERM cuts the soak short; the connections are still closed and the
+/// summary printed.
 #[derive(Debug, clap::Parser)]
 #[command(version)]
 #[command(group(clap::ArgGroup::new("mesh").required(true).args(["sandbox", "processes", "connect_to"])))]
@@ -204,8 +208,17 @@ fn main() -> ExitCode {
         // Not println!: a closed stdout (`| head`) must not turn into a panic.
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", report.summary()).and_then(|()| out.flush());
+        let unclean: Vec<String> = report
+            .unclean_stops()
+            .iter()
+            .map(|(name, how)| format!("{name} ({how})"))
+            .collect();
         match report.errors_total() {
-            0 => Ok(()),
+            0 if unclean.is_empty() => Ok(()),
+            0 => Err(Failure::runtime(format!(
+                "programs that did not stop cleanly on SIGTERM: {}",
+                unclean.join(", ")
+            ))),
             n => Err(Failure::runtime(format!("{n} operations failed"))),
         }
     })
