@@ -650,7 +650,13 @@ async fn run(channels: Channels, peer: Arc<Peer>, linger: Duration) {
             }
         }
     };
-    warn!(error = %error, "shared monitor stream broke");
+    // A stream that only lingers (no connection follows it) breaking is what a peer
+    // shutting down looks like after its connections were closed: nothing is lost.
+    if peer.lock().count == 0 {
+        debug!(error = %error, "shared monitor stream broke while nobody followed it");
+    } else {
+        warn!(error = %error, "shared monitor stream broke");
+    }
     peer.end(error);
 }
 
