@@ -7,12 +7,13 @@
 # the others' code, so the time goes into many small functions run cold (h2, hyper,
 # tonic, prost, tokio, the SDK), not into one hot spot. PGO and BOLT put the code a
 # call runs next to each other and the rest out of the way: a local Request + Close
-# costs 40 % less CPU (BENCHMARKS.md, mesh_processes, "Session 5").
+# costs a third less CPU (BENCHMARKS.md, mesh_processes, "Session 5").
 #
 # Training: `nsm-load --processes` runs the registry, manager, forwarder and ICMP
-# responder (NOOP) and sets up, refreshes and closes connections through them, one at
-# a time and 16 at a time, both runtime kinds, at the programs' default log level. It
-# is not the benchmark: the bench's own client and timing are not in it.
+# responder and sets up, refreshes and closes connections through them: NOOP one at
+# a time and 16 at a time, both runtime kinds, at the programs' default log level, and
+# as root KERNEL too (veth pairs into namespaces of its own). It is not the benchmark:
+# the bench's own client and timing are not in it.
 #
 # Usage: examples/build-optimized.sh [--no-bolt] [--bench]
 #   --no-bolt  PGO only (BOLT is also skipped when llvm-bolt cannot be had).
@@ -110,6 +111,11 @@ train() {
     "$bin/nsm-load" --processes --bin-dir "$bin" --mesh-log-level info --no-progress $run \
       >>"$log" 2>&1 || fail "training run failed: nsm-load $run"
   done
+  if [ "$(id -u)" = 0 ] && command -v ip >/dev/null 2>&1; then
+    "$bin/nsm-load" --processes --bin-dir "$bin" --mesh-log-level info --no-progress \
+      --mechanism kernel --clients 100 --concurrency 10 --duration 3s \
+      >>"$log" 2>&1 || fail "training run failed: nsm-load --mechanism kernel"
+  fi
 }
 
 start=$(date +%s)
