@@ -11,9 +11,9 @@
 //!
 //! Readiness: each server's socket accepts connections, then a Find at the registry
 //! shows the forwarder and the endpoint; one checked Request + Close (path, NOOP,
-//! addresses) comes before any timing. Every process is killed at the end (drop guards;
-//! on SIGINT/SIGTERM/SIGHUP a signal thread does it), and the bench's own child
-//! processes exit when the bench is gone.
+//! addresses) comes before any timing. Every process is stopped at the end (drop
+//! guards: SIGTERM, SIGKILL after 2 s; on SIGINT/SIGTERM/SIGHUP a signal thread kills
+//! them), and the bench's own child processes exit when the bench is gone.
 //!
 //! For each runtime configuration (`NSM_BENCH_RUNTIMES`, default `default,1`: every
 //! process, this one included, on tokio's default multi-thread runtime, then with
