@@ -1071,7 +1071,7 @@ pub async fn run_load(opts: LoadOptions, stop: CancellationToken) -> Result<Repo
         options: options_json(&opts),
         ..Default::default()
     };
-    let mesh = start_mesh(&opts, &counts).await?;
+    let mut mesh = start_mesh(&opts, &counts).await?;
     sample_all(&mesh, &mut report, "idle").await;
 
     let progress = opts
@@ -1082,7 +1082,6 @@ pub async fn run_load(opts: LoadOptions, stop: CancellationToken) -> Result<Repo
     if let Some(p) = progress {
         p.stop().await;
     }
-    let mut mesh = mesh;
     report.shutdown = mesh.children.stop().await;
     outcome?;
     drop(mesh);
