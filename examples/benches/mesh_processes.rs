@@ -267,13 +267,7 @@ impl Drop for Proc {
     /// unregisters, and a profiling build writes its profile), then kills it when it
     /// has not exited within two seconds.
     fn drop(&mut self) {
-        let asked = i32::try_from(self.child.id()).is_ok_and(|pid| {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .is_ok()
-        });
+        let asked = nsm_examples::terminate(self.child.id());
         let deadline = Instant::now() + Duration::from_secs(2);
         while asked && Instant::now() < deadline {
             match self.child.try_wait() {

@@ -65,7 +65,8 @@ pub use mechanisms::{
     KernelWhenOffered, MechanismChoice,
 };
 pub use process::{
-    init_logging, run, runtime, serve_all, shutdown_all, stop_on_signal, Failure, SHUTDOWN_TIMEOUT,
+    init_logging, run, runtime, serve_all, shutdown_all, stop_on_signal, terminate, Failure,
+    SHUTDOWN_TIMEOUT,
 };
 pub use registration::{
     ensure_network_service, registered_until, Registration, CALL_TIMEOUT, DEFAULT_REFRESH,

@@ -687,12 +687,10 @@ impl Children {
     /// it to close what it holds, unregister and exit (a profiling build writes its
     /// profile then). Returns how each one ended: `exit 0` for a clean stop.
     async fn stop(&mut self) -> BTreeMap<String, String> {
-        use nix::sys::signal::{kill, Signal};
-        use nix::unistd::Pid;
         for (_, child) in &self.procs {
-            if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
-                // It may have exited already: its status is read below.
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            // It may have exited already: its status is read below.
+            if let Some(pid) = child.id() {
+                crate::process::terminate(pid);
             }
         }
         let mut ended = BTreeMap::new();

@@ -212,8 +212,32 @@ pub async fn shutdown_all(servers: Vec<Server>) {
     }
 }
 
+/// Asks the process `pid` to stop as an operator would (SIGTERM: the programs here then
+/// close what they hold, unregister and exit 0). False when no signal could be sent (it
+/// is gone already, or the pid is not a process's).
+pub fn terminate(pid: u32) -> bool {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    i32::try_from(pid).is_ok_and(|pid| pid > 0 && kill(Pid::from_raw(pid), Signal::SIGTERM).is_ok())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn terminate_sends_sigterm_to_that_process_only() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep starts");
+        assert!(super::terminate(child.id()));
+        let status = child.wait().expect("sleep ends");
+        assert_eq!(status.signal(), Some(nix::libc::SIGTERM), "{status}");
+        // 0 would be this whole process group, and pids above i32::MAX do not exist.
+        assert!(!super::terminate(0));
+        assert!(!super::terminate(u32::MAX));
+    }
+
     use tokio::runtime::RuntimeFlavor;
 
     use super::*;
