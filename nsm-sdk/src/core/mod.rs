@@ -1,11 +1,13 @@
 //! The chain core: the [`Handler`] trait, [`Next`], [`Chain`], the per-call context
-//! [`Cx`], per-connection handles and the tower adapters. The core knows no handler.
+//! [`Cx`], per-connection handles, the runtime layer ([`rt`]) and the tower adapters.
+//! The core knows no handler.
 
 pub mod conn;
 pub mod cx;
 pub mod extensions;
 pub mod handler;
 pub mod monitor;
+pub mod rt;
 pub mod tower;
 
 pub use conn::{

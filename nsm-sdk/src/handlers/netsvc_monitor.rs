@@ -89,6 +89,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::core::rt::Backoff;
 use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next, Side};
 use crate::handlers::discover::{fmt_labels, Candidates};
 use crate::registry::select::match_endpoints;
@@ -117,16 +118,14 @@ pub struct NetsvcMonitor {
 struct Settings {
     registries: Registries,
     registry_timeout: Duration,
-    backoff_start: Duration,
-    backoff_max: Duration,
+    backoff: Backoff,
 }
 
 impl fmt::Debug for NetsvcMonitor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NetsvcMonitor")
             .field("registry_timeout", &self.settings.registry_timeout)
-            .field("backoff_start", &self.settings.backoff_start)
-            .field("backoff_max", &self.settings.backoff_max)
+            .field("backoff", &self.settings.backoff)
             .field("watched_services", &self.watched_services())
             .finish_non_exhaustive()
     }
@@ -139,8 +138,7 @@ pub fn netsvc_monitor(registries: Registries) -> NetsvcMonitor {
         settings: Settings {
             registries,
             registry_timeout: DEFAULT_REGISTRY_TIMEOUT,
-            backoff_start: DEFAULT_BACKOFF_START,
-            backoff_max: DEFAULT_BACKOFF_MAX,
+            backoff: Backoff::new(DEFAULT_BACKOFF_START, DEFAULT_BACKOFF_MAX),
         },
         watches: Arc::default(),
     }
@@ -156,11 +154,10 @@ impl NetsvcMonitor {
     }
 
     /// The pause before a broken watch is opened again, and the longest pause; each
-    /// failure in a row doubles it, and each pause is drawn between half of it and all
-    /// of it (defaults [`DEFAULT_BACKOFF_START`], [`DEFAULT_BACKOFF_MAX`]).
+    /// failure in a row doubles it, with the jitter of [`Backoff`] (defaults
+    /// [`DEFAULT_BACKOFF_START`], [`DEFAULT_BACKOFF_MAX`]).
     pub fn backoff(mut self, start: Duration, max: Duration) -> Self {
-        self.settings.backoff_start = start.max(Duration::from_millis(1));
-        self.settings.backoff_max = max.max(self.settings.backoff_start);
+        self.settings.backoff = Backoff::new(start, max);
         self
     }
 
@@ -562,7 +559,7 @@ impl Runner {
     }
 
     async fn run(self, mut chores: Chores) {
-        let mut backoff = None;
+        let mut failures = 0;
         loop {
             match chores.during(self.subscribe()).await {
                 Ok(mut versions) => loop {
@@ -586,7 +583,7 @@ impl Runner {
                             if found.deleted || found.resource.name != self.service() {
                                 continue;
                             }
-                            backoff = None;
+                            failures = 0;
                             self.watch.lock().latest = Some(found.resource.clone());
                             chores.unjudged.clear();
                             if let Err(e) = self.judge(&mut chores, &found.resource, None).await {
@@ -611,7 +608,7 @@ impl Runner {
             // Until the next watch sends its first version, which judges every entry.
             self.watch.lock().latest = None;
             chores.unjudged.clear();
-            let pause = self.pause(&mut backoff);
+            let pause = self.pause(&mut failures);
             chores.during(tokio::time::sleep(pause)).await;
         }
     }
@@ -740,10 +737,9 @@ impl Runner {
         Ok(())
     }
 
-    fn pause(&self, backoff: &mut Option<Duration>) -> Duration {
-        let base = backoff.unwrap_or(self.settings.backoff_start);
-        *backoff = Some(base.saturating_mul(2).min(self.settings.backoff_max));
-        let pause = base.mul_f64(rand::random_range(0.5..=1.0));
+    fn pause(&self, failures: &mut u32) -> Duration {
+        let pause = self.settings.backoff.wait(*failures);
+        *failures = failures.saturating_add(1);
         debug!(service = %self.service(), ?pause, "netsvc_monitor: watching again after a pause");
         pause
     }
