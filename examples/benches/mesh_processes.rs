@@ -961,8 +961,8 @@ mod assembled {
 
     use futures::stream::{self, StreamExt};
     use nsm_sdk::chains::{forwarder as sdk_forwarder, ForwarderOptions};
+    use nsm_sdk::core::rt::begin::{Begin, DEFAULT_TIMEOUT};
     use nsm_sdk::core::MonitorSource;
-    use nsm_sdk::handlers::begin::{Begin, DEFAULT_TIMEOUT};
     use nsm_sdk::handlers::{
         connect, discover, discover_forwarder, mechanism_translation, mechanisms, noop_client,
         noop_server, round_robin, update_path, Monitor,

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::core::rt::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::core::{Chain, Handler, MonitorSource};
-use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::handlers::{timeout, update_path, update_token, Monitor};
 use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::Services;

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
 use tokio_util::sync::CancellationToken;
 
+use crate::core::rt::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::core::{Chain, Handler, MonitorSource};
-use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::handlers::{
     connect, discover, mechanism_translation, mechanisms, monitor_relay, netsvc_monitor,
     noop_client, noop_server, round_robin, timeout, update_path, update_token, Mechanisms, Monitor,

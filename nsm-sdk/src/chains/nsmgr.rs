@@ -16,8 +16,8 @@ use std::sync::Arc;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use tokio_util::sync::CancellationToken;
 
+use crate::core::rt::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::core::{Chain, MonitorSource};
-use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::handlers::{
     connect, discover_forwarder, filter_mechanisms, monitor_relay, timeout, update_path,
     update_token, Monitor,

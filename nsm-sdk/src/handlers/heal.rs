@@ -72,8 +72,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::begin::FromEvent;
 use super::monitor_relay::{NextHop, DEFAULT_SUBSCRIBE_TIMEOUT};
+use crate::core::rt::begin::FromEvent;
 use crate::core::rt::Backoff;
 use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next};
 use crate::transport::Channels;

@@ -1,7 +1,6 @@
 //! The handlers, one module each. Each says what it does, what state it keeps and which
 //! failure it handles, and has its unit tests beside it.
 
-pub mod begin;
 pub mod discover;
 pub mod discover_forwarder;
 pub mod ipam;
@@ -12,7 +11,8 @@ pub mod retry;
 pub mod round_robin;
 pub mod update_path;
 
-pub use begin::{begin, Begin};
+/// `begin` is the per-connection runtime and lives in core; chains start with it.
+pub use crate::core::rt::begin::{begin, Begin};
 pub use discover::{discover, Candidates, Discover};
 pub use discover_forwarder::{discover_forwarder, DiscoverForwarder};
 pub use ipam::{point_to_point, PointToPoint};

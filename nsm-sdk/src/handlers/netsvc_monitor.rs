@@ -811,8 +811,8 @@ impl Handler for NetsvcMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::rt::begin::Begin;
     use crate::core::Chain;
-    use crate::handlers::begin::Begin;
     use crate::handlers::{discover, monitor, round_robin, update_path, Monitor};
     use crate::registry::{memory, Found, Memory, RegistryChain, RegistryHandler, RegistryNext};
     use nsm_proto::connection::State;

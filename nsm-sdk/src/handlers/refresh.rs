@@ -316,8 +316,8 @@ impl Handler for Refresh {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::rt::begin::Begin;
     use crate::core::Chain;
-    use crate::handlers::begin::Begin;
     use crate::handlers::update_path;
     use nsm_proto::connection::PathSegment;
     use prost_types::Timestamp;
