@@ -31,7 +31,7 @@ use super::frames::Unvectored;
 use super::memory;
 use super::metadata;
 use super::shared_monitor::SharedMonitors;
-use super::url::{ClientUrl, Url};
+use crate::core::url::{ClientUrl, Url};
 use crate::core::{Cx, Handler, Next};
 use crate::{Error, Result};
 

@@ -10,12 +10,13 @@ pub mod metadata;
 pub mod registry_client;
 pub mod server;
 pub mod shared_monitor;
-pub mod url;
 
+/// The URL types live in core so the registry can use them; re-exported where dialing
+/// and serving use them.
+pub use crate::core::url::{ClientUrl, Url};
 pub use client::{grpc_client, monitor_connections, Channels, GrpcClient, DEFAULT_CONNECT_TIMEOUT};
 pub use registry_client::{grpc_registry, GrpcRegistry};
 pub use server::{serve, Server, Services};
-pub use url::{ClientUrl, Url};
 
 #[cfg(test)]
 mod tests;

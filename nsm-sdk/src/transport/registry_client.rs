@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use super::client::{answer, from_status, outgoing, Channels};
-use super::url::Url;
+use crate::core::url::Url;
 use crate::core::Cx;
 use crate::registry::{FindStream, Found, Query, RegistryHandler, RegistryNext, Resource};
 use crate::{Error, Result};
