@@ -9,11 +9,12 @@ pub mod monitor;
 pub mod noop;
 pub mod retry;
 pub mod round_robin;
+pub mod selection;
 pub mod update_path;
 
 /// `begin` is the per-connection runtime and lives in core; chains start with it.
 pub use crate::core::rt::begin::{begin, Begin};
-pub use discover::{discover, Candidates, Discover};
+pub use discover::{discover, Discover};
 pub use discover_forwarder::{discover_forwarder, DiscoverForwarder};
 pub use ipam::{point_to_point, PointToPoint};
 pub use mechanisms::{
@@ -24,6 +25,7 @@ pub use monitor::{monitor, Monitor, MonitorBuilder};
 pub use noop::{noop_client, noop_mechanism, noop_server, NoopServer};
 pub use retry::{retry, Retry};
 pub use round_robin::{round_robin, RoundRobin};
+pub use selection::Candidates;
 pub use update_path::{update_path, UpdatePath};
 pub mod connect;
 pub use connect::{client_url, connect, ClientUrlHandler, Connect};

@@ -91,7 +91,7 @@ use tracing::{debug, info, warn};
 
 use crate::core::rt::Backoff;
 use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next, Side};
-use crate::handlers::discover::{fmt_labels, Candidates};
+use crate::handlers::selection::{fmt_labels, Candidates};
 use crate::registry::select::match_endpoints;
 use crate::registry::{FindStream, Query, Registries};
 use crate::{Error, Result};
