@@ -24,7 +24,7 @@
 //! - **watch**: it follows the connection at the next hop (the next hop's URL is the
 //!   call's [`ClientUrl`](crate::transport::ClientUrl)) through the client-side filter.
 //!   All connections of one client to one next hop share one MonitorConnection stream
-//!   ([`shared_monitor`](crate::transport::shared_monitor)), so the next hop serves one
+//!   ([`shared_monitor`](crate::transport::channels::shared_monitor)), so the next hop serves one
 //!   stream per client process, not one per connection. The
 //!   next hops relay what happens further down (`monitor_relay`), so the death of any
 //!   hop or of the endpoint arrives here as state DOWN. With a liveness check

@@ -26,7 +26,7 @@
 //! on the return path of its Request) is not lost: a new shared stream starts with the
 //! state the next hop's `monitor` keeps (INITIAL_STATE_TRANSFER), and a stream already
 //! open keeps such a change for a follower that joins late
-//! ([`shared_monitor`](crate::transport::shared_monitor)). Hops that are themselves still returning hold such a
+//! ([`shared_monitor`](crate::transport::channels::shared_monitor)). Hops that are themselves still returning hold such a
 //! change until their own `monitor` has the connection (`monitor_relay`).
 //!
 //! With [`UpstreamRefreshOptions::local_notifications`], a refresh requested on one of

@@ -18,7 +18,7 @@ use tonic::codec::Streaming;
 use tonic::transport::Channel;
 use tonic::Status;
 
-use super::client::{answer, from_status, outgoing, Channels};
+use super::channels::{answer, from_status, outgoing, Channels};
 use crate::core::url::Url;
 use crate::core::Cx;
 use crate::registry::{FindStream, Found, Query, RegistryHandler, RegistryNext, Resource};

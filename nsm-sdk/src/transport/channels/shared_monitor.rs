@@ -58,7 +58,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
 
-use super::client::{monitor_connections, Channels};
+use super::{monitor_connections, Channels};
 use crate::core::url::Url;
 use crate::{Error, Result};
 
