@@ -3,7 +3,7 @@
 
 pub mod discover;
 pub mod discover_forwarder;
-pub mod ipam;
+pub mod point_to_point;
 pub mod mechanisms;
 pub mod monitor;
 pub mod noop;
@@ -16,7 +16,7 @@ pub mod update_path;
 pub use crate::core::rt::begin::{begin, Begin};
 pub use discover::{discover, Discover};
 pub use discover_forwarder::{discover_forwarder, DiscoverForwarder};
-pub use ipam::{point_to_point, PointToPoint};
+pub use point_to_point::{point_to_point, PointToPoint};
 pub use mechanisms::{
     mechanism_preferences, mechanism_translation, mechanisms, MechanismPreferences,
     MechanismTranslation, Mechanisms,
