@@ -11,7 +11,7 @@ use std::time::Duration;
 use nsm_proto::connection::Mechanism;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::rt::begin::Begin;
+use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::noop_mechanism;
 use crate::handlers::{
@@ -112,7 +112,7 @@ pub fn client(opts: ClientOptions) -> Chain {
     let retry = opts.retry.map(|t| retry().try_timeout(t));
     Chain::builder()
         .push(update_path(opts.name))
-        .push(Begin::new(opts.root, opts.timeout))
+        .push(begin().root(opts.root).default_timeout(opts.timeout))
         .push(refresh())
         .push_opt(retry)
         .extend(opts.handlers)

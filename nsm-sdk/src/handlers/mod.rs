@@ -3,10 +3,10 @@
 
 pub mod discover;
 pub mod discover_forwarder;
-pub mod point_to_point;
 pub mod mechanisms;
 pub mod monitor;
 pub mod noop;
+pub mod point_to_point;
 pub mod retry;
 pub mod round_robin;
 pub mod selection;
@@ -16,13 +16,13 @@ pub mod update_path;
 pub use crate::core::rt::begin::{begin, Begin};
 pub use discover::{discover, Discover};
 pub use discover_forwarder::{discover_forwarder, DiscoverForwarder};
-pub use point_to_point::{point_to_point, PointToPoint};
 pub use mechanisms::{
     mechanism_preferences, mechanism_translation, mechanisms, MechanismPreferences,
     MechanismTranslation, Mechanisms,
 };
 pub use monitor::{monitor, Monitor, MonitorBuilder};
 pub use noop::{noop_client, noop_mechanism, noop_server, NoopServer};
+pub use point_to_point::{point_to_point, PointToPoint};
 pub use retry::{retry, Retry};
 pub use round_robin::{round_robin, RoundRobin};
 pub use selection::Candidates;

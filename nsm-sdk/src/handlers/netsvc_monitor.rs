@@ -811,7 +811,7 @@ impl Handler for NetsvcMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::rt::begin::Begin;
+    use crate::core::rt::begin::begin;
     use crate::core::Chain;
     use crate::handlers::{discover, monitor, round_robin, update_path, Monitor};
     use crate::registry::{memory, Found, Memory, RegistryChain, RegistryHandler, RegistryNext};
@@ -936,7 +936,11 @@ mod tests {
             .backoff(Duration::from_millis(10), Duration::from_millis(50));
         let chain = Chain::builder()
             .push(update_path("fwd"))
-            .push(Begin::new(root.clone(), Duration::from_secs(5)))
+            .push(
+                begin()
+                    .root(root.clone())
+                    .default_timeout(Duration::from_secs(5)),
+            )
             .push(monitor.clone())
             .push(discover(registries.clone()))
             .push(netsvc.clone())

@@ -316,7 +316,7 @@ impl Handler for Refresh {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::rt::begin::Begin;
+    use crate::core::rt::begin::{begin, Begin};
     use crate::core::Chain;
     use crate::handlers::update_path;
     use nsm_proto::connection::PathSegment;
@@ -646,7 +646,9 @@ mod tests {
     async fn a_refresh_cut_off_by_the_deadline_is_retried() {
         let r = refresh();
         let far = Far::with_lifetimes(&[30]);
-        let begin = Begin::new(CancellationToken::new(), Duration::from_secs(1));
+        let begin = begin()
+            .root(CancellationToken::new())
+            .default_timeout(Duration::from_secs(1));
         let chain = chain_with(begin, &r, &far);
         let t0 = Instant::now();
         chain.request(&mut Cx::client(), req("a")).await.unwrap();

@@ -723,7 +723,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_timers_stop_with_their_owner() {
         let root = CancellationToken::new();
-        let b = Begin::new(root.clone(), crate::core::rt::begin::DEFAULT_TIMEOUT);
+        let b = begin().root(root.clone());
         let t = timeout();
         let down = Arc::new(Downstream::default());
         let chain = Chain::builder()

@@ -94,13 +94,20 @@ pub struct RegistryRefresh {
 
 /// The `registry_refresh` handler: refresh at 2/3 of the remaining expiry, ±10 %.
 pub fn registry_refresh() -> RegistryRefresh {
-    RegistryRefresh::new(&CancellationToken::new())
+    RegistryRefresh::under(&CancellationToken::new())
 }
 
 impl RegistryRefresh {
-    /// A `registry_refresh` whose timers are children of `parent` (cancelling `parent`
-    /// stops them all).
-    pub fn new(parent: &CancellationToken) -> Self {
+    /// Its timers are children of `parent` (cancelling `parent` stops them all). A
+    /// builder option: set it before the handler is shared.
+    pub fn root(self, parent: &CancellationToken) -> Self {
+        RegistryRefresh {
+            config: self.config,
+            ..RegistryRefresh::under(parent)
+        }
+    }
+
+    fn under(parent: &CancellationToken) -> Self {
         RegistryRefresh {
             config: Config {
                 fraction: DEFAULT_REFRESH_FRACTION,
