@@ -972,8 +972,8 @@ mod assembled {
         local_bypass, validate, FindStream, Found, Query, Registries, RegistryChain,
         RegistryHandler, RegistryNext, Resource,
     };
-    use nsm_sdk::tools::types;
     use nsm_sdk::transport::{grpc_client, grpc_registry, Channels, Services, Url};
+    use nsm_sdk::wire::types;
     use nsm_sdk::{Chain, Cx};
     use tokio::time::Instant;
     use tokio_util::sync::CancellationToken;

@@ -15,8 +15,10 @@ use std::path::{Path, PathBuf};
 /// The floors, from the ground up; a module may use its own floor and those below.
 const FLOORS: &[&str] = &[
     "error",
+    "wire",
     "core",
-    "tools",
+    "config",
+    "token",
     "registry",
     "transport",
     "handlers",

@@ -17,7 +17,7 @@ use crate::handlers::noop_mechanism;
 use crate::handlers::{
     client_url, mechanism_preferences, refresh, retry, update_path, update_token,
 };
-use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
+use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, Channels, Url};
 
 /// What a client chain is made of.

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::core::rt::begin;
 use crate::core::{Chain, Handler, MonitorSource};
 use crate::handlers::{timeout, update_path, update_token, Monitor};
-use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
+use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::Services;
 
 /// What an endpoint chain is made of.

@@ -23,9 +23,9 @@ use crate::handlers::{
 };
 use crate::registry::select::FORWARDER_SERVICE;
 use crate::registry::{find_cache, watch_reconnect, Registries, RegistryChain};
-use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
-use crate::tools::types;
+use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
+use crate::wire::types;
 
 /// What a forwarder is made of.
 #[must_use]

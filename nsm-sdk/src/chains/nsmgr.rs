@@ -25,7 +25,7 @@ use crate::handlers::{
 use crate::registry::{
     find_cache, local_bypass, validate, watch_reconnect, Registries, RegistryChain,
 };
-use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
+use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
 
 /// What a manager is made of.

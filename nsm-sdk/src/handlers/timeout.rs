@@ -415,7 +415,7 @@ mod tests {
     use crate::core::rt::begin::Begin;
     use crate::core::{Chain, Peer, Side};
     use crate::handlers::{begin, refresh, update_path, update_token};
-    use crate::tools::token::lifetime_token;
+    use crate::token::lifetime_token;
     use crate::Error;
     use std::sync::atomic::{AtomicBool, AtomicUsize};
     use std::sync::Weak;
