@@ -262,7 +262,7 @@ impl Watches {
             endpoint: key.endpoint,
             labels: key.labels,
             generation,
-            judging: Judging::Active,
+            judging: CheckState::Active,
             ended: ended.clone(),
         };
         if let Some(replaced) = watch.lock().entries.insert(id.clone(), entry) {
@@ -350,13 +350,13 @@ struct Entry {
     endpoint: String,
     labels: HashMap<String, String>,
     generation: u64,
-    judging: Judging,
+    judging: CheckState,
     /// Fires when the connection ends or the entry is removed; the task waits on it.
     ended: CancellationToken,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Judging {
+enum CheckState {
     /// Judged by every version.
     Active,
     /// Its re-request is pending: not judged until it has run.
@@ -383,19 +383,19 @@ impl ServiceWatch {
             commands: tx,
             state: Mutex::default(),
         });
-        let chores = Chores {
+        let books = Bookkeeping {
             watch: watch.clone(),
             watches: Arc::downgrade(watches),
             commands: rx,
-            wakeups: FuturesUnordered::new(),
+            entry_events: FuturesUnordered::new(),
             unjudged: Vec::new(),
         };
-        let runner = Runner {
+        let task = WatchTask {
             watch: watch.clone(),
             settings: settings.clone(),
         };
         info!(service = %watch.service, "netsvc_monitor: watching the network service");
-        spawn_owned(watch.token.clone(), runner.run(chores));
+        spawn_owned(watch.token.clone(), task.run(books));
         watch
     }
 
@@ -419,8 +419,8 @@ impl ServiceWatch {
         {
             return false;
         }
-        if entry.judging == Judging::Parked {
-            entry.judging = Judging::Active;
+        if entry.judging == CheckState::Parked {
+            entry.judging = CheckState::Active;
             let _ = self.commands.send(Command {
                 id: id.to_string(),
                 generation,
@@ -432,7 +432,7 @@ impl ServiceWatch {
 }
 
 /// What woke the task besides the watch stream.
-enum Wakeup {
+enum EntryEvent {
     /// An entry's connection ended or the entry was removed.
     Ended { id: String, generation: u64 },
     /// An entry's re-request ran.
@@ -444,17 +444,17 @@ enum Wakeup {
 }
 
 /// The task's bookkeeping, done whatever else it waits for.
-struct Chores {
+struct Bookkeeping {
     watch: Arc<ServiceWatch>,
     watches: Weak<Watches>,
     commands: mpsc::UnboundedReceiver<Command>,
-    wakeups: FuturesUnordered<BoxFuture<'static, Wakeup>>,
+    entry_events: FuturesUnordered<BoxFuture<'static, EntryEvent>>,
     /// Entries not judged yet by the version they joined under.
     unjudged: Vec<(String, u64)>,
 }
 
-impl Chores {
-    /// Awaits `fut`, doing the chores that come meanwhile.
+impl Bookkeeping {
+    /// Awaits `fut`, doing the books that come meanwhile.
     async fn during<T>(&mut self, fut: impl Future<Output = T>) -> T {
         tokio::pin!(fut);
         loop {
@@ -462,7 +462,7 @@ impl Chores {
                 biased;
                 out = &mut fut => return out,
                 Some(command) = self.commands.recv() => self.take(command),
-                Some(wakeup) = self.wakeups.next() => self.wake(wakeup),
+                Some(event) = self.entry_events.next() => self.on_entry_event(event),
             }
         }
     }
@@ -475,28 +475,32 @@ impl Chores {
         } = command;
         if let Some(ended) = track {
             let id = id.clone();
-            self.wakeups.push(
+            self.entry_events.push(
                 ended
                     .cancelled_owned()
-                    .map(move |()| Wakeup::Ended { id, generation })
+                    .map(move |()| EntryEvent::Ended { id, generation })
                     .boxed(),
             );
         }
         self.unjudged.push((id, generation));
     }
 
-    fn wake(&self, wakeup: Wakeup) {
-        match wakeup {
-            Wakeup::Ended { id, generation } => {
+    fn on_entry_event(&self, event: EntryEvent) {
+        match event {
+            EntryEvent::Ended { id, generation } => {
                 if let Some(watches) = self.watches.upgrade() {
                     watches.remove(&self.watch, &id, generation);
                 }
             }
-            Wakeup::Outcome { id, generation, ok } => {
+            EntryEvent::Outcome { id, generation, ok } => {
                 let mut state = self.watch.lock();
                 if let Some(entry) = state.entries.get_mut(&id) {
-                    if entry.generation == generation && entry.judging == Judging::Requested {
-                        entry.judging = if ok { Judging::Active } else { Judging::Parked };
+                    if entry.generation == generation && entry.judging == CheckState::Requested {
+                        entry.judging = if ok {
+                            CheckState::Active
+                        } else {
+                            CheckState::Parked
+                        };
                     }
                 }
                 if !ok {
@@ -508,12 +512,12 @@ impl Chores {
 }
 
 /// The watch task's work: open the Find, judge versions, open again when it breaks.
-struct Runner {
+struct WatchTask {
     watch: Arc<ServiceWatch>,
     settings: Settings,
 }
 
-impl Runner {
+impl WatchTask {
     fn service(&self) -> &str {
         &self.watch.service
     }
@@ -558,23 +562,23 @@ impl Runner {
         Ok(found.into_iter().find(|nse| nse.name == name))
     }
 
-    async fn run(self, mut chores: Chores) {
+    async fn run(self, mut books: Bookkeeping) {
         let mut failures = 0;
         loop {
-            match chores.during(self.subscribe()).await {
+            match books.during(self.subscribe()).await {
                 Ok(mut versions) => loop {
-                    if let Err(e) = self.judge_unjudged(&mut chores).await {
+                    if let Err(e) = self.judge_unjudged(&mut books).await {
                         warn!(service = %self.service(), error = %e, "netsvc_monitor: cannot look an endpoint up; watching again");
                         break;
                     }
                     let next = tokio::select! {
                         next = versions.next() => next,
-                        Some(command) = chores.commands.recv() => {
-                            chores.take(command);
+                        Some(command) = books.commands.recv() => {
+                            books.take(command);
                             continue;
                         }
-                        Some(wakeup) = chores.wakeups.next() => {
-                            chores.wake(wakeup);
+                        Some(event) = books.entry_events.next() => {
+                            books.on_entry_event(event);
                             continue;
                         }
                     };
@@ -585,8 +589,8 @@ impl Runner {
                             }
                             failures = 0;
                             self.watch.lock().latest = Some(found.resource.clone());
-                            chores.unjudged.clear();
-                            if let Err(e) = self.judge(&mut chores, &found.resource, None).await {
+                            books.unjudged.clear();
+                            if let Err(e) = self.judge(&mut books, &found.resource, None).await {
                                 warn!(service = %self.service(), error = %e, "netsvc_monitor: cannot look an endpoint up; watching again");
                                 break;
                             }
@@ -607,30 +611,30 @@ impl Runner {
             }
             // Until the next watch sends its first version, which judges every entry.
             self.watch.lock().latest = None;
-            chores.unjudged.clear();
+            books.unjudged.clear();
             let pause = self.pause(&mut failures);
-            chores.during(tokio::time::sleep(pause)).await;
+            books.during(tokio::time::sleep(pause)).await;
         }
     }
 
     /// Judges the entries that joined since the latest version was judged, by that
     /// version; with no version yet, the first one judges them.
-    async fn judge_unjudged(&self, chores: &mut Chores) -> Result<()> {
-        if chores.unjudged.is_empty() {
+    async fn judge_unjudged(&self, books: &mut Bookkeeping) -> Result<()> {
+        if books.unjudged.is_empty() {
             return Ok(());
         }
         let Some(latest) = self.watch.lock().latest.clone() else {
             return Ok(());
         };
-        let which: HashSet<(String, u64)> = chores.unjudged.drain(..).collect();
-        self.judge(chores, &latest, Some(&which)).await
+        let which: HashSet<(String, u64)> = books.unjudged.drain(..).collect();
+        self.judge(books, &latest, Some(&which)).await
     }
 
     /// Judges by `ns` the active entries (those in `which`, or all), and queues a
     /// re-request for each whose endpoint `ns` no longer allows.
     async fn judge(
         &self,
-        chores: &mut Chores,
+        books: &mut Bookkeeping,
         ns: &NetworkService,
         which: Option<&HashSet<(String, u64)>>,
     ) -> Result<()> {
@@ -638,7 +642,7 @@ impl Runner {
         // a connection joining a watch of n connections costs one entry, not n), or
         // every active one.
         let judged = |e: &Entry, generation: Option<u64>| {
-            e.judging == Judging::Active && generation.is_none_or(|g| g == e.generation)
+            e.judging == CheckState::Active && generation.is_none_or(|g| g == e.generation)
         };
         let (ids, names): (Vec<(String, u64)>, HashSet<String>) = {
             let state = self.watch.lock();
@@ -681,7 +685,7 @@ impl Runner {
             .buffer_unordered(LOOKUPS_AT_ONCE)
             .collect::<Vec<_>>();
         let mut nses = HashMap::new();
-        for (name, found) in chores.during(lookups).await {
+        for (name, found) in books.during(lookups).await {
             match found? {
                 Some(nse) => {
                     nses.insert(name, nse);
@@ -706,7 +710,7 @@ impl Runner {
                     continue;
                 };
                 if !eligible(ns, &entry.labels, nse) {
-                    entry.judging = Judging::Requested;
+                    entry.judging = CheckState::Requested;
                     excluded.push((
                         id,
                         entry.generation,
@@ -726,10 +730,10 @@ impl Runner {
                 "netsvc_monitor: the network service no longer allows the endpoint; re-requesting"
             );
             let receipt = handle.request_event(None);
-            chores.wakeups.push(
+            books.entry_events.push(
                 async move {
                     let ok = receipt.await.is_ok();
-                    Wakeup::Outcome { id, generation, ok }
+                    EntryEvent::Outcome { id, generation, ok }
                 }
                 .boxed(),
             );
