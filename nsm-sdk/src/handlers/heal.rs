@@ -644,9 +644,10 @@ impl Handler for Heal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{Chain, MonitorSource};
-    use crate::handlers::{begin, client_url, monitor, retry, update_path, Monitor};
-    use crate::transport::{grpc_client, serve, Server, Services, Url};
+    use crate::core::Chain;
+    use crate::handlers::test_support::serve_nse;
+    use crate::handlers::{begin, client_url, retry, update_path};
+    use crate::transport::{grpc_client, Url};
     use nsm_proto::connection::ConnectionEventType;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -703,21 +704,6 @@ mod tests {
         fn requests(&self) -> usize {
             self.requests.lock().unwrap().len()
         }
-    }
-
-    async fn serve_nse(url: &Url, nse: &Arc<Nse>) -> (Server, Monitor) {
-        let monitor = monitor();
-        let chain = Chain::builder()
-            .push(update_path("nse").trim_tail(true))
-            .push(begin())
-            .push(monitor.clone())
-            .push(nse.clone())
-            .build();
-        let source: Arc<dyn MonitorSource> = monitor.source();
-        let server = serve(url, Services::new().network_service(chain).monitor(source))
-            .await
-            .unwrap();
-        (server, monitor)
     }
 
     fn nsc(url: &Url, opts: HealOptions) -> Chain {

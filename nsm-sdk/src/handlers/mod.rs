@@ -49,3 +49,30 @@ pub mod upstream_refresh;
 pub use upstream_refresh::{upstream_refresh, UpstreamRefresh, UpstreamRefreshOptions};
 pub mod filter_mechanisms;
 pub use filter_mechanisms::{filter_mechanisms, FilterMechanisms};
+
+/// What the tests of several handlers share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+
+    use crate::core::{Chain, Handler, MonitorSource};
+    use crate::handlers::{begin, monitor, update_path, Monitor};
+    use crate::transport::{serve, Server, Services, Url};
+
+    /// Serves at `url` an endpoint whose own work is `nse`, behind `begin` and a
+    /// `monitor` (returned, to watch or to send events through).
+    pub(crate) async fn serve_nse(url: &Url, nse: &(impl Handler + Clone)) -> (Server, Monitor) {
+        let monitor = monitor();
+        let chain = Chain::builder()
+            .push(update_path("nse").trim_tail(true))
+            .push(begin())
+            .push(monitor.clone())
+            .push(nse.clone())
+            .build();
+        let source: Arc<dyn MonitorSource> = monitor.source();
+        let server = serve(url, Services::new().network_service(chain).monitor(source))
+            .await
+            .unwrap();
+        (server, monitor)
+    }
+}
