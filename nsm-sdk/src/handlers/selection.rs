@@ -1,6 +1,6 @@
 //! What discovery hands to selection, shared by `discover`, `discover_forwarder`,
 //! `round_robin` and `netsvc_monitor` (kept apart from each so none imports another):
-//! the [`Candidates`] `discover` puts in the context, the [`SelectedEndpoint`] a
+//! the [`Candidates`] `discover` puts in the context, the `SelectedEndpoint` a
 //! selector remembers in the connection's state, and the helpers their messages and
 //! registry calls share.
 //!
@@ -15,7 +15,7 @@ use crate::core::{Cx, Side, Url};
 use crate::Error;
 
 /// The network service of a request and the endpoints that may serve it, in order of
-/// preference; put in [`Cx::ext`] by [`discover`] for a selector.
+/// preference; put in [`Cx::ext`] by [`discover`](super::discover()) for a selector.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Candidates {
     /// The network service, as registered.
