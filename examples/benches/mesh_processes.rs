@@ -961,8 +961,8 @@ mod assembled {
 
     use futures::stream::{self, StreamExt};
     use nsm_sdk::chains::{forwarder as sdk_forwarder, ForwarderOptions};
+    use nsm_sdk::core::rt::begin;
     use nsm_sdk::core::MonitorSource;
-    use nsm_sdk::handlers::begin::{Begin, DEFAULT_TIMEOUT};
     use nsm_sdk::handlers::{
         connect, discover, discover_forwarder, mechanism_translation, mechanisms, noop_client,
         noop_server, round_robin, update_path, Monitor,
@@ -972,8 +972,8 @@ mod assembled {
         local_bypass, validate, FindStream, Found, Query, Registries, RegistryChain,
         RegistryHandler, RegistryNext, Resource,
     };
-    use nsm_sdk::tools::types;
     use nsm_sdk::transport::{grpc_client, grpc_registry, Channels, Services, Url};
+    use nsm_sdk::wire::types;
     use nsm_sdk::{Chain, Cx};
     use tokio::time::Instant;
     use tokio_util::sync::CancellationToken;
@@ -1079,12 +1079,12 @@ mod assembled {
         };
         let monitor = Monitor::builder().shutdown(root.clone()).build();
         let client = Chain::builder()
-            .push(Begin::new(root.clone(), DEFAULT_TIMEOUT))
+            .push(begin().root(root.clone()))
             .push(grpc_client(channels))
             .build();
         let chain = Chain::builder()
             .push(update_path("nsmgr"))
-            .push(Begin::new(root, DEFAULT_TIMEOUT))
+            .push(begin().root(root))
             .push(monitor.clone())
             .push(discover_forwarder(registries.clone(), own_url.clone()))
             .push(connect(client))
@@ -1122,14 +1122,14 @@ mod assembled {
         };
         let monitor = Monitor::builder().shutdown(root.clone()).build();
         let client = Chain::builder()
-            .push(Begin::new(root.clone(), DEFAULT_TIMEOUT))
+            .push(begin().root(root.clone()))
             .push(mechanism_translation())
             .push(noop_client())
             .push(grpc_client(channels))
             .build();
         let chain = Chain::builder()
             .push(update_path("forwarder"))
-            .push(Begin::new(root, DEFAULT_TIMEOUT))
+            .push(begin().root(root))
             .push(monitor.clone())
             .push(mechanisms().with(types::NOOP, noop_server()))
             .push(discover(registries))

@@ -29,7 +29,7 @@ use std::str::FromStr;
 
 use nsm_sdk::chains::{endpoint, ClientOptions, Endpoint, EndpointOptions};
 use nsm_sdk::handlers::{connect, mechanisms, passthrough};
-use nsm_sdk::tools::types;
+use nsm_sdk::wire::types;
 use nsm_sdk_kernel::mechanism::{bridge_xconnect, bridged_client, kernel_endpoint};
 use nsm_sdk_kernel::{Error as KernelError, IfName, NetNs, Netlink, RtNetlink};
 

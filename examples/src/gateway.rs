@@ -13,7 +13,7 @@ use nsm_proto::connectioncontext::Route;
 use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::chains::{endpoint, Endpoint, EndpointOptions};
 use nsm_sdk::handlers::{mechanisms, point_to_point};
-use nsm_sdk::tools::types;
+use nsm_sdk::wire::types;
 use nsm_sdk::{Cx, Handler, Next};
 use nsm_sdk_kernel::{kernel_endpoint, NetNs};
 

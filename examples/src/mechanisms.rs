@@ -21,10 +21,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use nsm_proto::connection::{Connection, Mechanism};
 use nsm_proto::networkservice::NetworkServiceRequest;
+use nsm_sdk::config::NsUrl;
 use nsm_sdk::handlers::{
     mechanisms, noop_client, noop_mechanism, noop_server, LivenessFn, Mechanisms,
 };
-use nsm_sdk::tools::{types, NsUrl};
+use nsm_sdk::wire::types;
 use nsm_sdk::{Cx, Handler, Next};
 use nsm_sdk_kernel::mechanism::KernelClient;
 use nsm_sdk_kernel::{
@@ -157,7 +158,7 @@ pub fn kernel_liveness(options: PingOptions) -> LivenessFn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nsm_sdk::tools::params;
+    use nsm_sdk::wire::params;
     use nsm_sdk::Chain;
     use nsm_sdk_kernel::kernel_client;
     use std::sync::Mutex;

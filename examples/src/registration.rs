@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use nsm_sdk::registry::RegistryChain;
-use nsm_sdk::tools::payload;
+use nsm_sdk::wire::payload;
 use nsm_sdk::{Cx, Error};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -1,12 +1,12 @@
 //! `NSM_SERVICE_FILE`: a program registers the network services defined in a file
-//! (nsm-sdk's [`nsfile`](nsm_sdk::tools::nsfile): the protobuf JSON mapping of
+//! (nsm-sdk's [`nsfile`](nsm_sdk::config::ns_file): the protobuf JSON mapping of
 //! `registry.NetworkService`, or YAML) when it starts, so a service's `matches` (a
 //! service chain's order) are in the registry before anyone asks for it.
 
 use std::path::PathBuf;
 
 use nsm_proto::registry::NetworkService;
-use nsm_sdk::tools::nsfile;
+use nsm_sdk::config::ns_file;
 use nsm_sdk::transport::{Channels, Url};
 use nsm_sdk::Cx;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,7 @@ impl ServiceFileArgs {
     /// configuration failure naming the file and the field.
     pub fn load(&self) -> Result<Vec<NetworkService>, Failure> {
         match &self.service_file {
-            Some(path) => nsfile::load(path).map_err(|e| Failure::config(e.to_string())),
+            Some(path) => ns_file::load(path).map_err(|e| Failure::config(e.to_string())),
             None => Ok(Vec::new()),
         }
     }

@@ -24,11 +24,11 @@ use nsm_sdk::chains::{
     client, forwarder, nsmgr, registry_server, ClientOptions, EndpointOptions, ForwarderOptions,
     NsmgrOptions,
 };
+use nsm_sdk::config::{ns_file, NsUrl};
 use nsm_sdk::handlers::{heal, HealOptions};
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
 use nsm_sdk::registry::RegistryChain;
-use nsm_sdk::tools::{nsfile, NsUrl};
 use nsm_sdk::transport::{grpc_registry, serve, Channels, Server, Url};
 use nsm_sdk::{Chain, Cx};
 use nsm_sdk_kernel::kernel_client;
@@ -264,7 +264,7 @@ pub async fn run_with(fw_node: FirewallNode) -> Result<(), DemoError> {
             front_nse,
         });
     }
-    let services = nsfile::from_json(SERVICE_FILE).map_err(nsm_sdk::Error::from)?;
+    let services = ns_file::from_json(SERVICE_FILE).map_err(nsm_sdk::Error::from)?;
     let front_ns = RegistryChain::<NetworkService>::builder()
         .push(grpc_registry(mesh.channels.clone(), registry_url.clone()))
         .build();

@@ -49,7 +49,7 @@ use ipnet::IpNet;
 use nsm_sdk::async_trait;
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::connectioncontext::ConnectionContext;
-use nsm_sdk::tools::{params, types};
+use nsm_sdk::wire::{params, types};
 use nsm_sdk_kernel::liveness::allow_ping;
 use nsm_sdk_kernel::{
     down, kernel_side_up, plan_from_context, veth_alias, veth_up, IfName, Link, Mtu, Neighbour,

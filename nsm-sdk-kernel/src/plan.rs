@@ -67,7 +67,7 @@ pub struct IfName(String);
 
 impl IfName {
     /// The longest name, in bytes (`IFNAMSIZ` - 1).
-    pub const MAX_LEN: usize = nsm_sdk::tools::constants::MAX_INTERFACE_NAME_LEN;
+    pub const MAX_LEN: usize = nsm_sdk::wire::MAX_INTERFACE_NAME_LEN;
 
     /// Validates `name`; a bad one is [`Error::InvalidInterfaceName`].
     pub fn new(name: impl Into<String>) -> Result<IfName> {

@@ -28,8 +28,8 @@ use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
 use nsm_sdk::registry::RegistryChain;
-use nsm_sdk::tools::types;
 use nsm_sdk::transport::{grpc_registry, serve, Channels, Server, Url};
+use nsm_sdk::wire::types;
 use nsm_sdk::{Chain, Cx};
 use nsm_sdk_kernel::{
     kernel_client, kernel_endpoint, kernel_forwarder_mechanisms, ping_liveness, NetNs, PingOptions,

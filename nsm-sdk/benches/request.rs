@@ -32,8 +32,8 @@ use nsm_sdk::handlers::{mechanisms, noop_server, point_to_point};
 use nsm_sdk::proto::connection::{Connection, State};
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::proto::registry::{NetworkService, NetworkServiceEndpoint};
-use nsm_sdk::tools::types;
 use nsm_sdk::transport::{serve, Server, Url};
+use nsm_sdk::wire::types;
 use nsm_sdk::{Chain, Cx};
 use tokio::runtime::{Builder, Runtime};
 

@@ -5,22 +5,28 @@
 //! picks and orders. The wire protocol is NSM API v1 ([`nsm_proto`]), so the parts built
 //! here interoperate with other NSM implementations.
 //!
-//! Floors, from the ground up: [`error`], [`core`] (the handler trait, chains, context,
-//! per-connection handles, tower adapters), [`registry`], [`transport`], [`handlers`],
-//! [`chains`], and `sandbox` (feature `sandbox`). A floor uses only the floors below it.
+//! Floors, from the ground up: [`error`], [`wire`] (the wire constants of mechanisms and
+//! payloads), [`core`] (the handler trait, chains, context, per-connection handles, the
+//! runtime layer `core::rt`, URLs, tower adapters), [`config`] (NS URLs and
+//! NetworkService files), [`token`] (token generators), [`registry`], [`transport`],
+//! [`handlers`], [`chains`], and `sandbox` (feature `sandbox`). A floor uses only the
+//! floors below it; `cargo nextest run -p nsm-sdk --test layers` checks it, and that no
+//! two modules at the same level import each other.
 
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
 pub mod chains;
+pub mod config;
 pub mod core;
 pub mod error;
 pub mod handlers;
 pub mod registry;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
-pub mod tools;
+pub mod token;
 pub mod transport;
+pub mod wire;
 
 pub use crate::core::{Chain, ChainBuilder, ConnHandle, Cx, Handler, Next, Side};
 pub use crate::error::{Error, Result};

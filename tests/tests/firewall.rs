@@ -30,11 +30,11 @@ use nsm_sdk::chains::{
     client, forwarder, nsmgr, registry_server, ClientOptions, EndpointOptions, ForwarderOptions,
     NsmgrOptions,
 };
+use nsm_sdk::config::ns_file;
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
 use nsm_sdk::registry::RegistryChain;
-use nsm_sdk::tools::nsfile;
 use nsm_sdk::transport::{grpc_registry, serve, Channels, Server, Url};
 use nsm_sdk::{Chain, Cx};
 use nsm_sdk_kernel::{kernel_client, kernel_forwarder_mechanisms, NetNs};
@@ -419,7 +419,7 @@ impl Mesh {
         let front_nse = RegistryChain::<NetworkServiceEndpoint>::builder()
             .push(grpc_registry(channels.clone(), nsmgr_url.clone()))
             .build();
-        for ns in nsfile::load(service_file()).unwrap() {
+        for ns in ns_file::load(service_file()).unwrap() {
             front_ns.register(&mut Cx::client(), ns).await.unwrap();
         }
         for entry in [

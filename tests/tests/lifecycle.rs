@@ -11,7 +11,7 @@ use nsm_proto::registry::NetworkServiceEndpoint;
 use nsm_sdk::handlers::{begin, client_url, noop_client, update_path, update_token};
 use nsm_sdk::registry::Query;
 use nsm_sdk::sandbox::{EndpointSpec, Sandbox};
-use nsm_sdk::tools::lifetime_token;
+use nsm_sdk::token::lifetime_token;
 use nsm_sdk::transport::{grpc_client, Channels};
 use nsm_sdk::{Chain, Cx};
 

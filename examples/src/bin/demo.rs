@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use nsm_proto::connection::Connection;
 use nsm_proto::networkservice::NetworkServiceRequest;
+use nsm_sdk::config::NsUrl;
 use nsm_sdk::sandbox::{EndpointSpec, Sandbox, Transport};
-use nsm_sdk::tools::NsUrl;
 use nsm_sdk::Cx;
 
 fn step(n: usize, what: &str) {

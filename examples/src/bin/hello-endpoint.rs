@@ -8,7 +8,7 @@ use nsm_examples::{run, serve_endpoint, EndpointArgs};
 use nsm_sdk::chains::{endpoint, EndpointOptions};
 use nsm_sdk::handlers::{mechanisms, noop_server, point_to_point};
 use nsm_sdk::proto::{connection::Connection, networkservice::NetworkServiceRequest};
-use nsm_sdk::{tools::types, Cx, Error, Handler, Next, Result};
+use nsm_sdk::{wire::types, Cx, Error, Handler, Next, Result};
 
 /// Our own logic: refuse clients labelled `color=red`, greet the others with a label.
 struct Greeter;

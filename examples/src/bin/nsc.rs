@@ -8,10 +8,10 @@ use nsm_examples::{
     Common, Failure, MechanismChoice, DEFAULT_NSM_SOCKET,
 };
 use nsm_sdk::chains::{client, ClientOptions};
+use nsm_sdk::config::NsUrl;
 use nsm_sdk::handlers::{heal, HealOptions};
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::tools::NsUrl;
 use nsm_sdk::transport::Channels;
 use nsm_sdk::transport::Url;
 use nsm_sdk::{Chain, Cx};

@@ -20,8 +20,8 @@ use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
 use nsm_sdk::registry::RegistryChain;
-use nsm_sdk::tools::types;
 use nsm_sdk::transport::{grpc_registry, serve, Channels, Server, Url};
+use nsm_sdk::wire::types;
 use nsm_sdk::{async_trait, Chain, Cx, Handler, Next};
 use nsm_sdk_kernel::{
     kernel_client, kernel_endpoint, kernel_forwarder_client, kernel_forwarder_server,

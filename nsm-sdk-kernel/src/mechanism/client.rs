@@ -17,9 +17,10 @@
 
 use std::sync::Mutex;
 
+use nsm_sdk::config::check_interface_name;
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::tools::{check_interface_name, params};
+use nsm_sdk::wire::params;
 use nsm_sdk::{async_trait, Cx, Error, Handler, Next, Result};
 use tracing::debug;
 
@@ -142,7 +143,7 @@ mod tests {
     use crate::mechanism::tests_support::{Grab, Seen};
     use nsm_sdk::handlers::begin;
     use nsm_sdk::proto::connection::Mechanism;
-    use nsm_sdk::tools::types;
+    use nsm_sdk::wire::types;
     use nsm_sdk::Chain;
 
     fn req(service: &str, prefs: Vec<Mechanism>) -> NetworkServiceRequest {
@@ -188,7 +189,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_ns_url_name_is_kept_and_a_configured_name_wins_over_it() {
-        let from_url = nsm_sdk::tools::NsUrl::parse("kernel://svc/nsm-7")
+        let from_url = nsm_sdk::config::NsUrl::parse("kernel://svc/nsm-7")
             .unwrap()
             .to_request();
         let seen = offered(kernel_client("file:///run/netns/a"), from_url.clone())

@@ -22,9 +22,10 @@
 
 use std::sync::Mutex;
 
+use nsm_sdk::config::check_interface_name;
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::tools::{check_interface_name, params};
+use nsm_sdk::wire::params;
 use nsm_sdk::{async_trait, Cx, Error, Handler, Next, Result};
 use tracing::debug;
 
@@ -137,7 +138,7 @@ mod tests {
     use crate::mechanism::kernel_mechanism;
     use nsm_sdk::handlers::{begin, mechanisms};
     use nsm_sdk::proto::connection::Mechanism;
-    use nsm_sdk::tools::types;
+    use nsm_sdk::wire::types;
     use nsm_sdk::Chain;
 
     fn req(prefs: Vec<Mechanism>) -> NetworkServiceRequest {

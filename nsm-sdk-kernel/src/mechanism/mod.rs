@@ -21,7 +21,7 @@
 //! ```no_run
 //! use nsm_sdk::chains::{client, endpoint, forwarder, ClientOptions, EndpointOptions, ForwarderOptions};
 //! use nsm_sdk::handlers::{mechanisms, point_to_point};
-//! use nsm_sdk::tools::types;
+//! use nsm_sdk::wire::types;
 //! use nsm_sdk_kernel::mechanism::{kernel_client, kernel_endpoint, kernel_forwarder_mechanisms};
 //! # fn demo(nsmgr: nsm_sdk::transport::Url) {
 //! let (server, client_side) = kernel_forwarder_mechanisms();
@@ -65,7 +65,7 @@ pub use xconnect::{
 
 use nsm_sdk::proto::connection::Mechanism;
 use nsm_sdk::proto::connectioncontext::ConnectionContext;
-use nsm_sdk::tools::{cls, types, MAX_INTERFACE_NAME_LEN};
+use nsm_sdk::wire::{cls, types, MAX_INTERFACE_NAME_LEN};
 
 use crate::{plan_from_context, IfName, Mtu, Plan, PodSide};
 

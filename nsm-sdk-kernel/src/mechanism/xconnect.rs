@@ -37,7 +37,7 @@
 //! use std::collections::HashMap;
 //! use nsm_sdk::chains::{endpoint, ClientOptions, EndpointOptions};
 //! use nsm_sdk::handlers::{connect, mechanisms, passthrough};
-//! use nsm_sdk::tools::types;
+//! use nsm_sdk::wire::types;
 //! use nsm_sdk_kernel::mechanism::{bridge_xconnect, bridged_client, kernel_endpoint, own_netns_url};
 //! # fn demo(nsmgr: nsm_sdk::transport::Url) {
 //! let ns = own_netns_url();
@@ -73,7 +73,7 @@ use nsm_sdk::chains::{client, ClientOptions};
 use nsm_sdk::handlers::mechanism_translation;
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::tools::params;
+use nsm_sdk::wire::params;
 use nsm_sdk::{async_trait, Chain, ConnHandle, Cx, Handler, Next, Result};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::link::LinkAttribute;

@@ -44,7 +44,7 @@ use std::sync::Mutex;
 
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::tools::params;
+use nsm_sdk::wire::params;
 use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use nsm_sdk_kernel::mechanism::{is_bridged, kernel_mechanism, KernelClientEnd};
 use nsm_sdk_kernel::{Error as KernelError, IfName, NetNs, Plan, PodSide};

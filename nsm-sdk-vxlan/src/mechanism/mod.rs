@@ -66,7 +66,7 @@ pub use tunnel::{Tunnel, TunnelBuilder};
 
 use nsm_sdk::handlers::{mechanisms, Mechanisms};
 use nsm_sdk::proto::connection::{Connection, Mechanism};
-use nsm_sdk::tools::{cls, types};
+use nsm_sdk::wire::{cls, types};
 use nsm_sdk::Handler;
 use nsm_sdk_kernel::mechanism::{end_plan, kernel_forwarder_client, kernel_forwarder_server};
 use nsm_sdk_kernel::{veth_alias, Mtu};

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use nsm_sdk::proto::connection::{Connection, Mechanism};
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::tools::params;
+use nsm_sdk::wire::params;
 use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use tracing::{debug, warn};
 

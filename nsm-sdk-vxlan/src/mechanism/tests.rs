@@ -11,7 +11,7 @@ use nsm_sdk::handlers::{begin, connect, mechanism_translation, mechanisms, updat
 use nsm_sdk::proto::connection::{Connection, Mechanism};
 use nsm_sdk::proto::connectioncontext::{ConnectionContext, IpContext, PolicyRoute};
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::tools::{cls, params, types};
+use nsm_sdk::wire::{cls, params, types};
 use nsm_sdk::{async_trait, Chain, Cx, Handler, Next, Result};
 use nsm_sdk_kernel::mechanism::{
     kernel_forwarder_client, kernel_forwarder_server, kernel_mechanism,

@@ -11,12 +11,13 @@ use std::time::Duration;
 use nsm_proto::connection::Mechanism;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::noop_mechanism;
 use crate::handlers::{
-    begin::Begin, client_url, mechanism_preferences, refresh, retry, update_path, update_token,
+    client_url, mechanism_preferences, refresh, retry, update_path, update_token,
 };
-use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
+use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, Channels, Url};
 
 /// What a client chain is made of.
@@ -55,7 +56,7 @@ impl ClientOptions {
             channels: Channels::new(),
             mechanisms: vec![noop_mechanism()],
             retry: Some(Duration::from_secs(15)),
-            timeout: crate::handlers::begin::DEFAULT_TIMEOUT,
+            timeout: crate::core::rt::begin::DEFAULT_TIMEOUT,
             handlers: Vec::new(),
             root: CancellationToken::new(),
             tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
@@ -111,7 +112,7 @@ pub fn client(opts: ClientOptions) -> Chain {
     let retry = opts.retry.map(|t| retry().try_timeout(t));
     Chain::builder()
         .push(update_path(opts.name))
-        .push(Begin::new(opts.root, opts.timeout))
+        .push(begin().root(opts.root).default_timeout(opts.timeout))
         .push(refresh())
         .push_opt(retry)
         .extend(opts.handlers)

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::core::rt::begin;
 use crate::core::{Chain, Handler, MonitorSource};
-use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::handlers::{timeout, update_path, update_token, Monitor};
-use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
+use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::Services;
 
 /// What an endpoint chain is made of.
@@ -113,7 +113,7 @@ pub fn endpoint(name: impl Into<String>, opts: EndpointOptions) -> Endpoint {
     let monitor = Monitor::builder().shutdown(opts.root.clone()).build();
     let chain = Chain::builder()
         .push(update_path(name.clone()).trim_tail(true))
-        .push(Begin::new(opts.root, DEFAULT_TIMEOUT))
+        .push(begin().root(opts.root))
         .push(update_token(opts.tokens))
         .push(timeout())
         .push(monitor.clone())

@@ -15,17 +15,17 @@ use std::sync::Arc;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
 use tokio_util::sync::CancellationToken;
 
+use crate::core::rt::begin;
 use crate::core::{Chain, Handler, MonitorSource};
-use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::handlers::{
     connect, discover, mechanism_translation, mechanisms, monitor_relay, netsvc_monitor,
     noop_client, noop_server, round_robin, timeout, update_path, update_token, Mechanisms, Monitor,
 };
 use crate::registry::select::FORWARDER_SERVICE;
-use crate::registry::{watch_reconnect, FindCache, Registries, RegistryChain};
-use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
-use crate::tools::types;
+use crate::registry::{find_cache, watch_reconnect, Registries, RegistryChain};
+use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
+use crate::wire::types;
 
 /// What a forwarder is made of.
 #[must_use]
@@ -171,18 +171,18 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
     let registries = Registries {
         ns: RegistryChain::<NetworkService>::builder()
             .push(watch_reconnect())
-            .push(FindCache::new(opts.root.child_token()))
+            .push(find_cache().root(opts.root.child_token()))
             .push(grpc_registry(opts.channels.clone(), opts.nsmgr_url.clone()))
             .build(),
         nse: RegistryChain::<NetworkServiceEndpoint>::builder()
             .push(watch_reconnect())
-            .push(FindCache::new(opts.root.child_token()))
+            .push(find_cache().root(opts.root.child_token()))
             .push(grpc_registry(opts.channels.clone(), opts.nsmgr_url.clone()))
             .build(),
     };
     let monitor = Monitor::builder().shutdown(opts.root.clone()).build();
     let client = Chain::builder()
-        .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
+        .push(begin().root(opts.root.clone()))
         .push(monitor_relay(opts.channels.clone()))
         .push(mechanism_translation())
         .extend(opts.client_mechanisms)
@@ -191,7 +191,7 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         .build();
     let chain = Chain::builder()
         .push(update_path(opts.name.clone()))
-        .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
+        .push(begin().root(opts.root.clone()))
         .push(update_token(opts.tokens.clone()))
         .push(timeout())
         .push(monitor.clone())

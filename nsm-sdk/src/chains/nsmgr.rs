@@ -16,16 +16,16 @@ use std::sync::Arc;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use tokio_util::sync::CancellationToken;
 
+use crate::core::rt::begin;
 use crate::core::{Chain, MonitorSource};
-use crate::handlers::begin::{Begin, DEFAULT_TIMEOUT};
 use crate::handlers::{
     connect, discover_forwarder, filter_mechanisms, monitor_relay, timeout, update_path,
     update_token, Monitor,
 };
 use crate::registry::{
-    local_bypass, validate, watch_reconnect, FindCache, Registries, RegistryChain,
+    find_cache, local_bypass, validate, watch_reconnect, Registries, RegistryChain,
 };
-use crate::tools::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
+use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
 
 /// What a manager is made of.
@@ -133,7 +133,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
         ns: RegistryChain::<NetworkService>::builder()
             .push(validate())
             .push(watch_reconnect())
-            .push(FindCache::new(opts.root.child_token()))
+            .push(find_cache().root(opts.root.child_token()))
             .push(grpc_registry(
                 opts.channels.clone(),
                 opts.registry_url.clone(),
@@ -143,7 +143,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
             .push(validate())
             .push(local_bypass(opts.url.clone()))
             .push(watch_reconnect())
-            .push(FindCache::new(opts.root.child_token()))
+            .push(find_cache().root(opts.root.child_token()))
             .push(grpc_registry(
                 opts.channels.clone(),
                 opts.registry_url.clone(),
@@ -152,14 +152,14 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
     };
     let monitor = Monitor::builder().shutdown(opts.root.clone()).build();
     let client = Chain::builder()
-        .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
+        .push(begin().root(opts.root.clone()))
         .push(monitor_relay(opts.channels.clone()))
         .push(update_token(opts.tokens.clone()))
         .push(grpc_client(opts.channels.clone()))
         .build();
     let chain = Chain::builder()
         .push(update_path(opts.name.clone()))
-        .push(Begin::new(opts.root.clone(), DEFAULT_TIMEOUT))
+        .push(begin().root(opts.root.clone()))
         .push(update_token(opts.tokens.clone()))
         .push(timeout())
         .push(monitor.clone())

@@ -1,12 +1,15 @@
 //! The chain core: the [`Handler`] trait, [`Next`], [`Chain`], the per-call context
-//! [`Cx`], per-connection handles and the tower adapters. The core knows no handler.
+//! [`Cx`], per-connection handles, the runtime layer ([`rt`]), the [`Url`]s of peers and
+//! the tower adapters. The core knows no handler.
 
 pub mod conn;
 pub mod cx;
 pub mod extensions;
 pub mod handler;
 pub mod monitor;
+pub mod rt;
 pub mod tower;
+pub mod url;
 
 pub use conn::{
     live_handles, live_tasks, spawn_owned, ConnEvent, ConnHandle, EventOutcome, EventReceipt,
@@ -16,3 +19,4 @@ pub use cx::{Cx, Peer, Side};
 pub use extensions::Extensions;
 pub use handler::{Chain, ChainBuilder, Cursor, Handler, Next};
 pub use monitor::MonitorSource;
+pub use url::{ClientUrl, Url};

@@ -20,7 +20,6 @@
 //! NotFound; a registry failure is returned as is on Request, and only logged on Close
 //! (Close must reach downstream even when the registry is dead).
 
-use std::collections::HashMap;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -29,21 +28,11 @@ use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use tracing::{debug, warn};
 
-use crate::core::{Cx, Handler, Next, Side};
-use crate::handlers::round_robin::SelectedEndpoint;
+use crate::core::{Cx, Handler, Next};
+use crate::handlers::selection::{fmt_labels, registry_cx, Candidates, SelectedEndpoint};
 use crate::registry::select::{is_expired, match_endpoints};
 use crate::registry::Registries;
 use crate::{Error, Result};
-
-/// The network service of a request and the endpoints that may serve it, in order of
-/// preference; put in [`Cx::ext`] by [`discover`] for a selector.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Candidates {
-    /// The network service, as registered.
-    pub ns: NetworkService,
-    /// The endpoints that may serve the request.
-    pub nses: Vec<NetworkServiceEndpoint>,
-}
 
 /// See the [module docs](self).
 #[derive(Debug, Clone)]
@@ -55,48 +44,6 @@ pub struct Discover {
 /// The `discover` handler, looking services and endpoints up in `registries`.
 pub fn discover(registries: Registries) -> Discover {
     Discover { registries }
-}
-
-/// A context for a registry call made on behalf of `cx`: same deadline and span, but
-/// none of the call's values (a `ClientUrl` meant for the next hop must not leak into
-/// the registry client).
-pub(crate) fn registry_cx(cx: &Cx) -> Cx {
-    Cx::new(Side::Client)
-        .with_deadline(cx.deadline())
-        .with_span(cx.span().clone())
-}
-
-/// `e` with `prefix` in front of its message; the variant (and so the code) is kept.
-pub(crate) fn prefix_error(e: Error, prefix: &str) -> Error {
-    // A message that passed another hop with the same prefix keeps it once.
-    let already = match &e {
-        Error::Remote { message, .. } => message.contains(prefix),
-        other => other.to_string().contains(prefix),
-    };
-    if already {
-        return e;
-    }
-    match e {
-        Error::InvalidArgument(m) => Error::InvalidArgument(format!("{prefix}{m}")),
-        Error::NotFound(m) => Error::NotFound(format!("{prefix}{m}")),
-        Error::Unavailable(m) => Error::Unavailable(format!("{prefix}{m}")),
-        Error::DeadlineExceeded(m) => Error::DeadlineExceeded(format!("{prefix}{m}")),
-        Error::PermissionDenied(m) => Error::PermissionDenied(format!("{prefix}{m}")),
-        Error::Unimplemented(m) => Error::Unimplemented(format!("{prefix}{m}")),
-        Error::Cancelled(m) => Error::Cancelled(format!("{prefix}{m}")),
-        Error::Internal(m) => Error::Internal(format!("{prefix}{m}")),
-        Error::Remote { code, message } => Error::Remote {
-            code,
-            message: format!("{prefix}{message}"),
-        },
-    }
-}
-
-/// Labels as `{a=1, b=2}`, sorted, for messages.
-pub(crate) fn fmt_labels(labels: &HashMap<String, String>) -> String {
-    let mut pairs: Vec<_> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    pairs.sort();
-    format!("{{{}}}", pairs.join(", "))
 }
 
 impl Discover {
@@ -700,27 +647,5 @@ mod tests {
         reg.set_down(false);
         reg.remove_nse("b");
         chain(&reg).close(&mut Cx::server(), conn).await.unwrap();
-    }
-
-    #[test]
-    fn a_prefix_is_added_once() {
-        let e = prefix_error(Error::not_found("x"), "network service s: ");
-        let e = prefix_error(e, "network service s: ");
-        assert_eq!(e.to_string().matches("network service s: ").count(), 1);
-    }
-
-    #[test]
-    fn prefixed_errors_keep_their_code() {
-        let e = prefix_error(Error::unavailable("down"), "tried 3: ");
-        assert!(matches!(&e, Error::Unavailable(m) if m == "tried 3: down"));
-        let e = prefix_error(
-            Error::Remote {
-                code: tonic::Code::ResourceExhausted,
-                message: "busy".into(),
-            },
-            "x: ",
-        );
-        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
-        assert_eq!(fmt_labels(&labels(&[("b", "2"), ("a", "1")])), "{a=1, b=2}");
     }
 }

@@ -41,8 +41,8 @@ use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use tracing::{debug, warn};
 
 use crate::core::{Cx, Handler, Next};
-use crate::handlers::discover::{fmt_labels, prefix_error, registry_cx};
 use crate::handlers::round_robin::{failover, parse_urls};
+use crate::handlers::selection::{fmt_labels, prefix_error, registry_cx};
 use crate::registry::select::{forwarder_labels, is_expired, match_forwarders, FORWARDER_SERVICE};
 use crate::registry::Registries;
 use crate::transport::{ClientUrl, Url};

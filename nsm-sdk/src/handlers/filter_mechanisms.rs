@@ -20,7 +20,7 @@ use nsm_proto::networkservice::NetworkServiceRequest;
 use tracing::debug;
 
 use crate::core::{Cx, Handler, Next};
-use crate::tools::constants::cls;
+use crate::wire::cls;
 use crate::Result;
 
 /// See the [module docs](self).
@@ -70,7 +70,7 @@ impl Handler for FilterMechanisms {
 mod tests {
     use super::*;
     use crate::core::Chain;
-    use crate::tools::constants::{params, types};
+    use crate::wire::{params, types};
     use std::sync::{Arc, Mutex};
 
     fn mech(class: &str, ty: &str) -> Mechanism {

@@ -24,7 +24,7 @@
 //! - **watch**: it follows the connection at the next hop (the next hop's URL is the
 //!   call's [`ClientUrl`](crate::transport::ClientUrl)) through the client-side filter.
 //!   All connections of one client to one next hop share one MonitorConnection stream
-//!   ([`shared_monitor`](crate::transport::shared_monitor)), so the next hop serves one
+//!   ([`shared_monitor`](crate::transport::channels::shared_monitor)), so the next hop serves one
 //!   stream per client process, not one per connection. The
 //!   next hops relay what happens further down (`monitor_relay`), so the death of any
 //!   hop or of the endpoint arrives here as state DOWN. With a liveness check
@@ -72,8 +72,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::begin::FromEvent;
 use super::monitor_relay::{NextHop, DEFAULT_SUBSCRIBE_TIMEOUT};
+use crate::core::rt::begin::FromEvent;
+use crate::core::rt::Backoff;
 use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next};
 use crate::transport::Channels;
 use crate::{Error, Result};
@@ -126,8 +127,7 @@ pub struct HealOptions {
     liveness: Option<LivenessFn>,
     liveness_interval: Duration,
     liveness_timeout: Duration,
-    backoff_start: Duration,
-    backoff_max: Duration,
+    backoff: Backoff,
     subscribe_timeout: Duration,
     observer: Option<HealObserver>,
 }
@@ -138,8 +138,7 @@ impl fmt::Debug for HealOptions {
             .field("liveness", &self.liveness.is_some())
             .field("liveness_interval", &self.liveness_interval)
             .field("liveness_timeout", &self.liveness_timeout)
-            .field("backoff_start", &self.backoff_start)
-            .field("backoff_max", &self.backoff_max)
+            .field("backoff", &self.backoff)
             .field("subscribe_timeout", &self.subscribe_timeout)
             .field("observer", &self.observer.is_some())
             .finish_non_exhaustive()
@@ -156,8 +155,7 @@ impl HealOptions {
             liveness: None,
             liveness_interval: DEFAULT_LIVENESS_INTERVAL,
             liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
-            backoff_start: DEFAULT_BACKOFF_START,
-            backoff_max: DEFAULT_BACKOFF_MAX,
+            backoff: Backoff::new(DEFAULT_BACKOFF_START, DEFAULT_BACKOFF_MAX),
             subscribe_timeout: DEFAULT_SUBSCRIBE_TIMEOUT,
             observer: None,
         }
@@ -193,11 +191,10 @@ impl HealOptions {
     }
 
     /// The pause after the first failed attempt and the longest pause; each failure
-    /// doubles it, and each pause is drawn between half of it and all of it (defaults
-    /// [`DEFAULT_BACKOFF_START`], [`DEFAULT_BACKOFF_MAX`]).
+    /// doubles it, with the jitter of [`Backoff`] (defaults [`DEFAULT_BACKOFF_START`],
+    /// [`DEFAULT_BACKOFF_MAX`]).
     pub fn backoff(mut self, start: Duration, max: Duration) -> Self {
-        self.backoff_start = start.max(Duration::from_millis(1));
-        self.backoff_max = max.max(self.backoff_start);
+        self.backoff = Backoff::new(start, max);
         self
     }
 
@@ -262,8 +259,8 @@ struct HealInner {
     own: Option<NetworkServiceRequest>,
     /// The last good request, with the connection the chain returned.
     last: Option<NetworkServiceRequest>,
-    /// The next pause after a failure; `None`: the first one.
-    backoff: Option<Duration>,
+    /// Failed attempts since the path was last healthy: the next pause's attempt.
+    failures: u32,
 }
 
 struct Running {
@@ -453,7 +450,7 @@ impl Task {
                     Some(Ok(_)) => {
                         if !healthy {
                             healthy = true;
-                            self.state.lock().backoff = None;
+                            self.state.lock().failures = 0;
                         }
                     }
                     Some(Err(e)) => {
@@ -496,15 +493,15 @@ impl Task {
         )
     }
 
-    /// Sleeps the current backoff (with jitter) and doubles it.
+    /// Sleeps the current backoff and counts the failure.
     async fn pause(&self) {
-        let base = {
+        let attempt = {
             let mut inner = self.state.lock();
-            let d = inner.backoff.unwrap_or(self.opts.backoff_start);
-            inner.backoff = Some(d.saturating_mul(2).min(self.opts.backoff_max));
-            d
+            let attempt = inner.failures;
+            inner.failures = inner.failures.saturating_add(1);
+            attempt
         };
-        let pause = base.mul_f64(rand::random_range(0.5..=1.0));
+        let pause = self.opts.backoff.wait(attempt);
         debug!(connection.id = %self.id(), ?pause, "heal: backing off");
         tokio::time::sleep(pause).await;
     }
@@ -647,9 +644,10 @@ impl Handler for Heal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{Chain, MonitorSource};
-    use crate::handlers::{begin, client_url, monitor, retry, update_path, Monitor};
-    use crate::transport::{grpc_client, serve, Server, Services, Url};
+    use crate::core::Chain;
+    use crate::handlers::test_support::serve_nse;
+    use crate::handlers::{begin, client_url, retry, update_path};
+    use crate::transport::{grpc_client, Url};
     use nsm_proto::connection::ConnectionEventType;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -706,21 +704,6 @@ mod tests {
         fn requests(&self) -> usize {
             self.requests.lock().unwrap().len()
         }
-    }
-
-    async fn serve_nse(url: &Url, nse: &Arc<Nse>) -> (Server, Monitor) {
-        let monitor = monitor();
-        let chain = Chain::builder()
-            .push(update_path("nse").trim_tail(true))
-            .push(begin())
-            .push(monitor.clone())
-            .push(nse.clone())
-            .build();
-        let source: Arc<dyn MonitorSource> = monitor.source();
-        let server = serve(url, Services::new().network_service(chain).monitor(source))
-            .await
-            .unwrap();
-        (server, monitor)
     }
 
     fn nsc(url: &Url, opts: HealOptions) -> Chain {

@@ -50,7 +50,7 @@ pub struct Mechanisms {
 ///
 /// ```
 /// use nsm_sdk::handlers::{mechanisms, noop_server};
-/// use nsm_sdk::tools::types;
+/// use nsm_sdk::wire::types;
 /// let m = mechanisms().with(types::NOOP, noop_server());
 /// assert_eq!(m.supported(), ["NOOP"]);
 /// ```
@@ -59,7 +59,7 @@ pub fn mechanisms() -> Mechanisms {
 }
 
 impl Mechanisms {
-    /// Handles mechanism type `ty` (e.g. [`types::KERNEL`](crate::tools::types::KERNEL))
+    /// Handles mechanism type `ty` (e.g. [`types::KERNEL`](crate::wire::types::KERNEL))
     /// with `handler`, usually a [`Chain`](crate::Chain); what it passes on continues
     /// into the rest of the enclosing chain.
     pub fn with(mut self, ty: impl Into<String>, handler: impl Handler) -> Self {
@@ -257,7 +257,7 @@ mod tests {
     use super::*;
     use crate::core::{Chain, ConnHandle};
     use crate::handlers::{noop_client, noop_server};
-    use crate::tools::constants::{cls, params, types};
+    use crate::wire::{cls, params, types};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio_util::sync::CancellationToken;
 

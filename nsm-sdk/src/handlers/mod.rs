@@ -1,29 +1,31 @@
 //! The handlers, one module each. Each says what it does, what state it keeps and which
 //! failure it handles, and has its unit tests beside it.
 
-pub mod begin;
 pub mod discover;
 pub mod discover_forwarder;
-pub mod ipam;
 pub mod mechanisms;
 pub mod monitor;
 pub mod noop;
+pub mod point_to_point;
 pub mod retry;
 pub mod round_robin;
+pub mod selection;
 pub mod update_path;
 
-pub use begin::{begin, Begin};
-pub use discover::{discover, Candidates, Discover};
+/// `begin` is the per-connection runtime and lives in core; chains start with it.
+pub use crate::core::rt::begin::{begin, Begin};
+pub use discover::{discover, Discover};
 pub use discover_forwarder::{discover_forwarder, DiscoverForwarder};
-pub use ipam::{point_to_point, PointToPoint};
 pub use mechanisms::{
     mechanism_preferences, mechanism_translation, mechanisms, MechanismPreferences,
     MechanismTranslation, Mechanisms,
 };
 pub use monitor::{monitor, Monitor, MonitorBuilder};
 pub use noop::{noop_client, noop_mechanism, noop_server, NoopServer};
+pub use point_to_point::{point_to_point, PointToPoint};
 pub use retry::{retry, Retry};
 pub use round_robin::{round_robin, RoundRobin};
+pub use selection::Candidates;
 pub use update_path::{update_path, UpdatePath};
 pub mod connect;
 pub use connect::{client_url, connect, ClientUrlHandler, Connect};
@@ -47,3 +49,30 @@ pub mod upstream_refresh;
 pub use upstream_refresh::{upstream_refresh, UpstreamRefresh, UpstreamRefreshOptions};
 pub mod filter_mechanisms;
 pub use filter_mechanisms::{filter_mechanisms, FilterMechanisms};
+
+/// What the tests of several handlers share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+
+    use crate::core::{Chain, Handler, MonitorSource};
+    use crate::handlers::{begin, monitor, update_path, Monitor};
+    use crate::transport::{serve, Server, Services, Url};
+
+    /// Serves at `url` an endpoint whose own work is `nse`, behind `begin` and a
+    /// `monitor` (returned, to watch or to send events through).
+    pub(crate) async fn serve_nse(url: &Url, nse: &(impl Handler + Clone)) -> (Server, Monitor) {
+        let monitor = monitor();
+        let chain = Chain::builder()
+            .push(update_path("nse").trim_tail(true))
+            .push(begin())
+            .push(monitor.clone())
+            .push(nse.clone())
+            .build();
+        let source: Arc<dyn MonitorSource> = monitor.source();
+        let server = serve(url, Services::new().network_service(chain).monitor(source))
+            .await
+            .unwrap();
+        (server, monitor)
+    }
+}

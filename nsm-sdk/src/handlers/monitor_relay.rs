@@ -48,7 +48,7 @@
 //! relay passes calls through untouched.
 //!
 //! Cost: no stream of its own. Every connection of this hop that goes to the same next
-//! hop shares one MonitorConnection stream ([`shared_monitor`](crate::transport::shared_monitor):
+//! hop shares one MonitorConnection stream ([`shared_monitor`](crate::transport::channels::shared_monitor):
 //! selector `[{name: this hop's name}]`, kept open a while after the last connection
 //! left), so a Request or a Close opens no stream and no task; per connection there is
 //! a follower registration (about 1.5 KB with the filter's copy of the connection). A
@@ -59,7 +59,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::transport::shared_monitor::Following;
+use crate::transport::channels::shared_monitor::Following;
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
 use nsm_proto::connection::{
@@ -185,7 +185,7 @@ impl NextHop {
     /// as the next hop reports it, in this hop's view (client-side filtered: changes
     /// only, DELETE as DOWN), and ends with an error when the stream breaks. The
     /// subscription is the process's shared stream to the next hop for this hop's name
-    /// ([`shared_monitor`](crate::transport::shared_monitor)); events of an earlier
+    /// ([`shared_monitor`](crate::transport::channels::shared_monitor)); events of an earlier
     /// incarnation of the connection (see `floor`) are left out.
     pub(crate) async fn follow(
         &self,

@@ -89,8 +89,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::core::rt::Backoff;
 use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next, Side};
-use crate::handlers::discover::{fmt_labels, Candidates};
+use crate::handlers::selection::{fmt_labels, Candidates};
 use crate::registry::select::match_endpoints;
 use crate::registry::{FindStream, Query, Registries};
 use crate::{Error, Result};
@@ -117,16 +118,14 @@ pub struct NetsvcMonitor {
 struct Settings {
     registries: Registries,
     registry_timeout: Duration,
-    backoff_start: Duration,
-    backoff_max: Duration,
+    backoff: Backoff,
 }
 
 impl fmt::Debug for NetsvcMonitor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NetsvcMonitor")
             .field("registry_timeout", &self.settings.registry_timeout)
-            .field("backoff_start", &self.settings.backoff_start)
-            .field("backoff_max", &self.settings.backoff_max)
+            .field("backoff", &self.settings.backoff)
             .field("watched_services", &self.watched_services())
             .finish_non_exhaustive()
     }
@@ -139,8 +138,7 @@ pub fn netsvc_monitor(registries: Registries) -> NetsvcMonitor {
         settings: Settings {
             registries,
             registry_timeout: DEFAULT_REGISTRY_TIMEOUT,
-            backoff_start: DEFAULT_BACKOFF_START,
-            backoff_max: DEFAULT_BACKOFF_MAX,
+            backoff: Backoff::new(DEFAULT_BACKOFF_START, DEFAULT_BACKOFF_MAX),
         },
         watches: Arc::default(),
     }
@@ -156,11 +154,10 @@ impl NetsvcMonitor {
     }
 
     /// The pause before a broken watch is opened again, and the longest pause; each
-    /// failure in a row doubles it, and each pause is drawn between half of it and all
-    /// of it (defaults [`DEFAULT_BACKOFF_START`], [`DEFAULT_BACKOFF_MAX`]).
+    /// failure in a row doubles it, with the jitter of [`Backoff`] (defaults
+    /// [`DEFAULT_BACKOFF_START`], [`DEFAULT_BACKOFF_MAX`]).
     pub fn backoff(mut self, start: Duration, max: Duration) -> Self {
-        self.settings.backoff_start = start.max(Duration::from_millis(1));
-        self.settings.backoff_max = max.max(self.settings.backoff_start);
+        self.settings.backoff = Backoff::new(start, max);
         self
     }
 
@@ -265,7 +262,7 @@ impl Watches {
             endpoint: key.endpoint,
             labels: key.labels,
             generation,
-            judging: Judging::Active,
+            judging: CheckState::Active,
             ended: ended.clone(),
         };
         if let Some(replaced) = watch.lock().entries.insert(id.clone(), entry) {
@@ -353,13 +350,13 @@ struct Entry {
     endpoint: String,
     labels: HashMap<String, String>,
     generation: u64,
-    judging: Judging,
+    judging: CheckState,
     /// Fires when the connection ends or the entry is removed; the task waits on it.
     ended: CancellationToken,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Judging {
+enum CheckState {
     /// Judged by every version.
     Active,
     /// Its re-request is pending: not judged until it has run.
@@ -386,19 +383,19 @@ impl ServiceWatch {
             commands: tx,
             state: Mutex::default(),
         });
-        let chores = Chores {
+        let books = Bookkeeping {
             watch: watch.clone(),
             watches: Arc::downgrade(watches),
             commands: rx,
-            wakeups: FuturesUnordered::new(),
+            entry_events: FuturesUnordered::new(),
             unjudged: Vec::new(),
         };
-        let runner = Runner {
+        let task = WatchTask {
             watch: watch.clone(),
             settings: settings.clone(),
         };
         info!(service = %watch.service, "netsvc_monitor: watching the network service");
-        spawn_owned(watch.token.clone(), runner.run(chores));
+        spawn_owned(watch.token.clone(), task.run(books));
         watch
     }
 
@@ -422,8 +419,8 @@ impl ServiceWatch {
         {
             return false;
         }
-        if entry.judging == Judging::Parked {
-            entry.judging = Judging::Active;
+        if entry.judging == CheckState::Parked {
+            entry.judging = CheckState::Active;
             let _ = self.commands.send(Command {
                 id: id.to_string(),
                 generation,
@@ -435,7 +432,7 @@ impl ServiceWatch {
 }
 
 /// What woke the task besides the watch stream.
-enum Wakeup {
+enum EntryEvent {
     /// An entry's connection ended or the entry was removed.
     Ended { id: String, generation: u64 },
     /// An entry's re-request ran.
@@ -447,17 +444,17 @@ enum Wakeup {
 }
 
 /// The task's bookkeeping, done whatever else it waits for.
-struct Chores {
+struct Bookkeeping {
     watch: Arc<ServiceWatch>,
     watches: Weak<Watches>,
     commands: mpsc::UnboundedReceiver<Command>,
-    wakeups: FuturesUnordered<BoxFuture<'static, Wakeup>>,
+    entry_events: FuturesUnordered<BoxFuture<'static, EntryEvent>>,
     /// Entries not judged yet by the version they joined under.
     unjudged: Vec<(String, u64)>,
 }
 
-impl Chores {
-    /// Awaits `fut`, doing the chores that come meanwhile.
+impl Bookkeeping {
+    /// Awaits `fut`, doing the books that come meanwhile.
     async fn during<T>(&mut self, fut: impl Future<Output = T>) -> T {
         tokio::pin!(fut);
         loop {
@@ -465,7 +462,7 @@ impl Chores {
                 biased;
                 out = &mut fut => return out,
                 Some(command) = self.commands.recv() => self.take(command),
-                Some(wakeup) = self.wakeups.next() => self.wake(wakeup),
+                Some(event) = self.entry_events.next() => self.on_entry_event(event),
             }
         }
     }
@@ -478,28 +475,32 @@ impl Chores {
         } = command;
         if let Some(ended) = track {
             let id = id.clone();
-            self.wakeups.push(
+            self.entry_events.push(
                 ended
                     .cancelled_owned()
-                    .map(move |()| Wakeup::Ended { id, generation })
+                    .map(move |()| EntryEvent::Ended { id, generation })
                     .boxed(),
             );
         }
         self.unjudged.push((id, generation));
     }
 
-    fn wake(&self, wakeup: Wakeup) {
-        match wakeup {
-            Wakeup::Ended { id, generation } => {
+    fn on_entry_event(&self, event: EntryEvent) {
+        match event {
+            EntryEvent::Ended { id, generation } => {
                 if let Some(watches) = self.watches.upgrade() {
                     watches.remove(&self.watch, &id, generation);
                 }
             }
-            Wakeup::Outcome { id, generation, ok } => {
+            EntryEvent::Outcome { id, generation, ok } => {
                 let mut state = self.watch.lock();
                 if let Some(entry) = state.entries.get_mut(&id) {
-                    if entry.generation == generation && entry.judging == Judging::Requested {
-                        entry.judging = if ok { Judging::Active } else { Judging::Parked };
+                    if entry.generation == generation && entry.judging == CheckState::Requested {
+                        entry.judging = if ok {
+                            CheckState::Active
+                        } else {
+                            CheckState::Parked
+                        };
                     }
                 }
                 if !ok {
@@ -511,12 +512,12 @@ impl Chores {
 }
 
 /// The watch task's work: open the Find, judge versions, open again when it breaks.
-struct Runner {
+struct WatchTask {
     watch: Arc<ServiceWatch>,
     settings: Settings,
 }
 
-impl Runner {
+impl WatchTask {
     fn service(&self) -> &str {
         &self.watch.service
     }
@@ -561,23 +562,23 @@ impl Runner {
         Ok(found.into_iter().find(|nse| nse.name == name))
     }
 
-    async fn run(self, mut chores: Chores) {
-        let mut backoff = None;
+    async fn run(self, mut books: Bookkeeping) {
+        let mut failures = 0;
         loop {
-            match chores.during(self.subscribe()).await {
+            match books.during(self.subscribe()).await {
                 Ok(mut versions) => loop {
-                    if let Err(e) = self.judge_unjudged(&mut chores).await {
+                    if let Err(e) = self.judge_unjudged(&mut books).await {
                         warn!(service = %self.service(), error = %e, "netsvc_monitor: cannot look an endpoint up; watching again");
                         break;
                     }
                     let next = tokio::select! {
                         next = versions.next() => next,
-                        Some(command) = chores.commands.recv() => {
-                            chores.take(command);
+                        Some(command) = books.commands.recv() => {
+                            books.take(command);
                             continue;
                         }
-                        Some(wakeup) = chores.wakeups.next() => {
-                            chores.wake(wakeup);
+                        Some(event) = books.entry_events.next() => {
+                            books.on_entry_event(event);
                             continue;
                         }
                     };
@@ -586,10 +587,10 @@ impl Runner {
                             if found.deleted || found.resource.name != self.service() {
                                 continue;
                             }
-                            backoff = None;
+                            failures = 0;
                             self.watch.lock().latest = Some(found.resource.clone());
-                            chores.unjudged.clear();
-                            if let Err(e) = self.judge(&mut chores, &found.resource, None).await {
+                            books.unjudged.clear();
+                            if let Err(e) = self.judge(&mut books, &found.resource, None).await {
                                 warn!(service = %self.service(), error = %e, "netsvc_monitor: cannot look an endpoint up; watching again");
                                 break;
                             }
@@ -610,30 +611,30 @@ impl Runner {
             }
             // Until the next watch sends its first version, which judges every entry.
             self.watch.lock().latest = None;
-            chores.unjudged.clear();
-            let pause = self.pause(&mut backoff);
-            chores.during(tokio::time::sleep(pause)).await;
+            books.unjudged.clear();
+            let pause = self.pause(&mut failures);
+            books.during(tokio::time::sleep(pause)).await;
         }
     }
 
     /// Judges the entries that joined since the latest version was judged, by that
     /// version; with no version yet, the first one judges them.
-    async fn judge_unjudged(&self, chores: &mut Chores) -> Result<()> {
-        if chores.unjudged.is_empty() {
+    async fn judge_unjudged(&self, books: &mut Bookkeeping) -> Result<()> {
+        if books.unjudged.is_empty() {
             return Ok(());
         }
         let Some(latest) = self.watch.lock().latest.clone() else {
             return Ok(());
         };
-        let which: HashSet<(String, u64)> = chores.unjudged.drain(..).collect();
-        self.judge(chores, &latest, Some(&which)).await
+        let which: HashSet<(String, u64)> = books.unjudged.drain(..).collect();
+        self.judge(books, &latest, Some(&which)).await
     }
 
     /// Judges by `ns` the active entries (those in `which`, or all), and queues a
     /// re-request for each whose endpoint `ns` no longer allows.
     async fn judge(
         &self,
-        chores: &mut Chores,
+        books: &mut Bookkeeping,
         ns: &NetworkService,
         which: Option<&HashSet<(String, u64)>>,
     ) -> Result<()> {
@@ -641,7 +642,7 @@ impl Runner {
         // a connection joining a watch of n connections costs one entry, not n), or
         // every active one.
         let judged = |e: &Entry, generation: Option<u64>| {
-            e.judging == Judging::Active && generation.is_none_or(|g| g == e.generation)
+            e.judging == CheckState::Active && generation.is_none_or(|g| g == e.generation)
         };
         let (ids, names): (Vec<(String, u64)>, HashSet<String>) = {
             let state = self.watch.lock();
@@ -684,7 +685,7 @@ impl Runner {
             .buffer_unordered(LOOKUPS_AT_ONCE)
             .collect::<Vec<_>>();
         let mut nses = HashMap::new();
-        for (name, found) in chores.during(lookups).await {
+        for (name, found) in books.during(lookups).await {
             match found? {
                 Some(nse) => {
                     nses.insert(name, nse);
@@ -709,7 +710,7 @@ impl Runner {
                     continue;
                 };
                 if !eligible(ns, &entry.labels, nse) {
-                    entry.judging = Judging::Requested;
+                    entry.judging = CheckState::Requested;
                     excluded.push((
                         id,
                         entry.generation,
@@ -729,10 +730,10 @@ impl Runner {
                 "netsvc_monitor: the network service no longer allows the endpoint; re-requesting"
             );
             let receipt = handle.request_event(None);
-            chores.wakeups.push(
+            books.entry_events.push(
                 async move {
                     let ok = receipt.await.is_ok();
-                    Wakeup::Outcome { id, generation, ok }
+                    EntryEvent::Outcome { id, generation, ok }
                 }
                 .boxed(),
             );
@@ -740,10 +741,9 @@ impl Runner {
         Ok(())
     }
 
-    fn pause(&self, backoff: &mut Option<Duration>) -> Duration {
-        let base = backoff.unwrap_or(self.settings.backoff_start);
-        *backoff = Some(base.saturating_mul(2).min(self.settings.backoff_max));
-        let pause = base.mul_f64(rand::random_range(0.5..=1.0));
+    fn pause(&self, failures: &mut u32) -> Duration {
+        let pause = self.settings.backoff.wait(*failures);
+        *failures = failures.saturating_add(1);
         debug!(service = %self.service(), ?pause, "netsvc_monitor: watching again after a pause");
         pause
     }
@@ -815,8 +815,8 @@ impl Handler for NetsvcMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::rt::begin::begin;
     use crate::core::Chain;
-    use crate::handlers::begin::Begin;
     use crate::handlers::{discover, monitor, round_robin, update_path, Monitor};
     use crate::registry::{memory, Found, Memory, RegistryChain, RegistryHandler, RegistryNext};
     use nsm_proto::connection::State;
@@ -940,7 +940,11 @@ mod tests {
             .backoff(Duration::from_millis(10), Duration::from_millis(50));
         let chain = Chain::builder()
             .push(update_path("fwd"))
-            .push(Begin::new(root.clone(), Duration::from_secs(5)))
+            .push(
+                begin()
+                    .root(root.clone())
+                    .default_timeout(Duration::from_secs(5)),
+            )
             .push(monitor.clone())
             .push(discover(registries.clone()))
             .push(netsvc.clone())

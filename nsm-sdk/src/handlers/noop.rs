@@ -17,7 +17,7 @@ use nsm_proto::networkservice::NetworkServiceRequest;
 
 use super::mechanisms::{mechanism_preferences, MechanismPreferences};
 use crate::core::{Cx, Handler, Next};
-use crate::tools::constants::{cls, types};
+use crate::wire::{cls, types};
 use crate::{Error, Result};
 
 /// The NOOP mechanism: `{cls: LOCAL, type: NOOP}`, no parameters.

@@ -41,6 +41,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
+use crate::core::rt::Backoff;
 use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next};
 use crate::{Error, Result};
 
@@ -56,15 +57,11 @@ pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(5);
 /// The shortest wait before a refresh, whatever the path says.
 pub const MIN_REFRESH_DELAY: Duration = Duration::from_millis(100);
 
-/// How much each backoff wait is jittered, either way.
-const RETRY_JITTER: f64 = 0.2;
-
 #[derive(Debug, Clone, Copy)]
 struct Config {
     fraction: (f64, f64),
     single: f64,
-    retry_start: Duration,
-    retry_max: Duration,
+    retry: Backoff,
 }
 
 /// See the [module docs](self).
@@ -81,8 +78,7 @@ pub fn refresh() -> Refresh {
         config: Config {
             fraction: DEFAULT_FRACTION,
             single: SINGLE_SEGMENT_FRACTION,
-            retry_start: DEFAULT_RETRY_START,
-            retry_max: DEFAULT_RETRY_MAX,
+            retry: Backoff::new(DEFAULT_RETRY_START, DEFAULT_RETRY_MAX),
         },
         pending: Arc::new(AtomicUsize::new(0)),
     }
@@ -105,8 +101,7 @@ impl Refresh {
 
     /// Retry a failed refresh after `start`, doubling up to `max`.
     pub fn backoff(mut self, start: Duration, max: Duration) -> Self {
-        self.config.retry_start = start.max(Duration::from_millis(1));
-        self.config.retry_max = max.max(self.config.retry_start);
+        self.config.retry = Backoff::new(start, max);
         self
     }
 
@@ -194,18 +189,6 @@ impl Config {
         };
         left.mul_f64(fraction).max(MIN_REFRESH_DELAY)
     }
-
-    /// The wait before retry number `failures + 1` of a failing refresh.
-    fn backoff(&self, failures: u32) -> Duration {
-        let base = self
-            .retry_start
-            .checked_mul(2u32.saturating_pow(failures.min(31)))
-            .unwrap_or(self.retry_max)
-            .min(self.retry_max);
-        base.mul_f64(rand::random_range(
-            (1.0 - RETRY_JITTER)..(1.0 + RETRY_JITTER),
-        ))
-    }
 }
 
 impl Refresh {
@@ -274,7 +257,7 @@ impl Refresh {
             // Never established (or never had an expiry): nothing to keep alive.
             return;
         };
-        let delay = self.config.backoff(slot.failures);
+        let delay = self.config.retry.wait(slot.failures);
         slot.failures = slot.failures.saturating_add(1);
         if Instant::now() + delay >= expires_at {
             warn!(connection.id = %handle.id(), error = %error, failures = slot.failures,
@@ -333,8 +316,8 @@ impl Handler for Refresh {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::rt::begin::{begin, Begin};
     use crate::core::Chain;
-    use crate::handlers::begin::Begin;
     use crate::handlers::update_path;
     use nsm_proto::connection::PathSegment;
     use prost_types::Timestamp;
@@ -663,7 +646,9 @@ mod tests {
     async fn a_refresh_cut_off_by_the_deadline_is_retried() {
         let r = refresh();
         let far = Far::with_lifetimes(&[30]);
-        let begin = Begin::new(CancellationToken::new(), Duration::from_secs(1));
+        let begin = begin()
+            .root(CancellationToken::new())
+            .default_timeout(Duration::from_secs(1));
         let chain = chain_with(begin, &r, &far);
         let t0 = Instant::now();
         chain.request(&mut Cx::client(), req("a")).await.unwrap();

@@ -32,38 +32,9 @@ use nsm_proto::networkservice::NetworkServiceRequest;
 use tracing::{debug, warn};
 
 use crate::core::{Cx, Handler, Next};
-use crate::handlers::discover::{prefix_error, Candidates};
+use crate::handlers::selection::{prefix_error, Candidates, SelectedEndpoint};
 use crate::transport::{ClientUrl, Url};
 use crate::{Error, Result};
-
-/// The endpoint a connection was last sent to, and its URL; kept in the connection's
-/// state so a Close can reach it without the registry.
-#[derive(Debug, Default)]
-pub(crate) struct SelectedEndpoint(Mutex<Option<(String, Url)>>);
-
-impl SelectedEndpoint {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(String, Url)>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether the URL of the endpoint `name` is known.
-    pub(crate) fn knows(&self, name: &str) -> bool {
-        self.url_for(name).is_some()
-    }
-
-    /// The remembered URL, if it is the one of endpoint `name` (any endpoint when `name`
-    /// is empty).
-    fn url_for(&self, name: &str) -> Option<Url> {
-        self.lock()
-            .as_ref()
-            .filter(|(n, _)| name.is_empty() || n == name)
-            .map(|(_, u)| u.clone())
-    }
-
-    fn set(&self, name: &str, url: Url) {
-        *self.lock() = Some((name.to_string(), url));
-    }
-}
 
 /// See the [module docs](self).
 #[derive(Clone, Default)]
@@ -234,8 +205,9 @@ mod tests {
 
     use super::*;
     use crate::core::Chain;
+    use crate::handlers::discover::discover;
     use crate::handlers::discover::test_support::*;
-    use crate::handlers::discover::{discover, Candidates};
+    use crate::handlers::selection::Candidates;
     use crate::handlers::{begin, update_path};
 
     fn chain(reg: &Arc<FakeRegistry>, down: &Arc<Downstream>) -> Chain {

@@ -50,7 +50,7 @@ use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next};
 use crate::Result;
 
 /// The default margin before the caller's token expiry: the request timeout.
-pub const DEFAULT_MARGIN: Duration = crate::handlers::begin::DEFAULT_TIMEOUT;
+pub const DEFAULT_MARGIN: Duration = crate::core::rt::begin::DEFAULT_TIMEOUT;
 
 /// See the [module docs](self).
 #[derive(Clone)]
@@ -412,10 +412,10 @@ impl Handler for Timeout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::rt::begin::Begin;
     use crate::core::{Chain, Peer, Side};
-    use crate::handlers::begin::Begin;
     use crate::handlers::{begin, refresh, update_path, update_token};
-    use crate::tools::token::lifetime_token;
+    use crate::token::lifetime_token;
     use crate::Error;
     use std::sync::atomic::{AtomicBool, AtomicUsize};
     use std::sync::Weak;
@@ -723,7 +723,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_timers_stop_with_their_owner() {
         let root = CancellationToken::new();
-        let b = Begin::new(root.clone(), crate::handlers::begin::DEFAULT_TIMEOUT);
+        let b = begin().root(root.clone());
         let t = timeout();
         let down = Arc::new(Downstream::default());
         let chain = Chain::builder()

@@ -33,7 +33,7 @@ use nsm_proto::networkservice::NetworkServiceRequest;
 use prost_types::Timestamp;
 
 use crate::core::{Cx, Handler, Next, Side};
-use crate::tools::token::TokenGenerator;
+use crate::token::TokenGenerator;
 use crate::{Error, Result};
 
 /// See the [module docs](self).
@@ -50,7 +50,7 @@ impl fmt::Debug for UpdateToken {
 }
 
 /// The `update_token` handler, making this hop's tokens with `generator`
-/// (for example [`lifetime_token`](crate::tools::token::lifetime_token)).
+/// (for example [`lifetime_token`](crate::token::lifetime_token)).
 pub fn update_token(generator: Arc<dyn TokenGenerator>) -> UpdateToken {
     UpdateToken { generator }
 }
@@ -122,7 +122,7 @@ mod tests {
     use super::*;
     use crate::core::{Chain, Peer};
     use crate::handlers::update_path;
-    use crate::tools::token::lifetime_token;
+    use crate::token::lifetime_token;
     use nsm_proto::connection::Path;
     use std::sync::Mutex;
     use std::time::Duration;

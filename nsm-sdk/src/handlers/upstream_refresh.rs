@@ -26,7 +26,7 @@
 //! on the return path of its Request) is not lost: a new shared stream starts with the
 //! state the next hop's `monitor` keeps (INITIAL_STATE_TRANSFER), and a stream already
 //! open keeps such a change for a follower that joins late
-//! ([`shared_monitor`](crate::transport::shared_monitor)). Hops that are themselves still returning hold such a
+//! ([`shared_monitor`](crate::transport::channels::shared_monitor)). Hops that are themselves still returning hold such a
 //! change until their own `monitor` has the connection (`monitor_relay`).
 //!
 //! With [`UpstreamRefreshOptions::local_notifications`], a refresh requested on one of
@@ -300,9 +300,10 @@ impl Handler for UpstreamRefresh {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{Chain, MonitorSource};
-    use crate::handlers::{begin, client_url, monitor, update_path, Monitor};
-    use crate::transport::{grpc_client, serve, Server, Services, Url};
+    use crate::core::Chain;
+    use crate::handlers::test_support::serve_nse;
+    use crate::handlers::{begin, client_url, update_path, Monitor};
+    use crate::transport::{grpc_client, Url};
     use nsm_proto::connection::{ConnectionEventType, Path, PathSegment};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -351,21 +352,6 @@ mod tests {
                 .filter(|c| *c == client)
                 .count()
         }
-    }
-
-    async fn serve_nse(url: &Url, nse: &Arc<Nse>) -> (Server, Monitor) {
-        let monitor = monitor();
-        let chain = Chain::builder()
-            .push(update_path("nse").trim_tail(true))
-            .push(begin())
-            .push(monitor.clone())
-            .push(nse.clone())
-            .build();
-        let source: Arc<dyn MonitorSource> = monitor.source();
-        let server = serve(url, Services::new().network_service(chain).monitor(source))
-            .await
-            .unwrap();
-        (server, monitor)
     }
 
     /// On the return path of the first Request only, runs `during` (the event that

@@ -31,7 +31,7 @@ use nsm_proto::registry::NetworkServiceEndpoint;
 
 use super::{FindStream, Query, RegistryHandler, RegistryNext};
 use crate::core::Cx;
-use crate::transport::Url;
+use crate::core::Url;
 use crate::Result;
 
 /// See the [module docs](self).

@@ -11,7 +11,8 @@
 //! query until the consumer drops it.
 //!
 //! Failure handled: the first Find failing is returned to the caller as is; later
-//! failures are retried every 100 ms doubling to 5 s, never in a tight loop.
+//! failures are retried after a [`Backoff`] of 100 ms doubling to 5 s, never in a tight
+//! loop.
 
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 
 use super::{FindStream, Query, RegistryHandler, RegistryNext, Resource};
+use crate::core::rt::Backoff;
 use crate::core::Cx;
 use crate::Result;
 
@@ -39,7 +41,9 @@ struct Reconnecting<R: Resource> {
     next: RegistryNext<R>,
     query: Query<R>,
     cx: Cx,
-    backoff: Duration,
+    backoff: Backoff,
+    /// Failed Finds in a row: the next pause's attempt.
+    failures: u32,
 }
 
 #[async_trait]
@@ -62,7 +66,8 @@ impl<R: Resource> RegistryHandler<R> for WatchReconnect {
             next,
             query,
             cx: later,
-            backoff: BACKOFF_START,
+            backoff: Backoff::new(BACKOFF_START, BACKOFF_MAX),
+            failures: 0,
         };
         Ok(Box::pin(futures::stream::unfold(
             state,
@@ -78,15 +83,15 @@ impl<R: Resource> RegistryHandler<R> for WatchReconnect {
                         }
                         s.current = None;
                     }
-                    tokio::time::sleep(s.backoff).await;
+                    tokio::time::sleep(s.backoff.wait(s.failures)).await;
                     match s.next.clone().find(&mut s.cx, s.query.clone()).await {
                         Ok(stream) => {
                             s.current = Some(stream);
-                            s.backoff = BACKOFF_START;
+                            s.failures = 0;
                         }
                         Err(e) => {
                             tracing::debug!(kind = R::KIND, error = %e, "finding again failed");
-                            s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
+                            s.failures = s.failures.saturating_add(1);
                         }
                     }
                 }

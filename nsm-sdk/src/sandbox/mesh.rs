@@ -18,8 +18,8 @@ use crate::chains::{
 use crate::core::{Chain, Cx, Handler};
 use crate::handlers::{connect, mechanisms, noop_server, passthrough, point_to_point};
 use crate::registry::{Registries, RegistryChain};
-use crate::tools::types;
 use crate::transport::{grpc_registry, serve, Channels, Server, Url};
+use crate::wire::types;
 use crate::{Error, Result};
 
 static NEXT_SANDBOX: AtomicUsize = AtomicUsize::new(0);
@@ -51,7 +51,7 @@ impl Default for SandboxBuilder {
             forwarders: 1,
             expiry: crate::chains::registry_server::DEFAULT_EXPIRY,
             transport: Transport::Memory,
-            token_lifetime: crate::tools::DEFAULT_TOKEN_LIFETIME,
+            token_lifetime: crate::token::DEFAULT_TOKEN_LIFETIME,
         }
     }
 }
@@ -107,7 +107,7 @@ impl SandboxBuilder {
             channels: Channels::new(),
             root: CancellationToken::new(),
             expiry: self.expiry,
-            tokens: Arc::new(crate::tools::lifetime_token(self.token_lifetime)),
+            tokens: Arc::new(crate::token::lifetime_token(self.token_lifetime)),
         });
         let registry_url = shared.url("registry");
         let registry = Component::new();
@@ -137,7 +137,7 @@ struct Shared {
     channels: Channels,
     root: CancellationToken,
     expiry: Duration,
-    tokens: Arc<dyn crate::tools::TokenGenerator>,
+    tokens: Arc<dyn crate::token::TokenGenerator>,
 }
 
 impl Shared {

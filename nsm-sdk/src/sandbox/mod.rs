@@ -10,7 +10,7 @@
 //! let mesh = Sandbox::builder().nodes(1).build().await?;
 //! let nse = mesh.node(0).endpoint(EndpointSpec::new("nse", "icmp")).await?;
 //! let nsc = mesh.node(0).client("nsc");
-//! let req = nsm_sdk::tools::NsUrl::parse("kernel://icmp")?.to_request();
+//! let req = nsm_sdk::config::NsUrl::parse("kernel://icmp")?.to_request();
 //! let conn = nsc.request(&mut Cx::client(), req).await?;
 //! assert_eq!(conn.path.as_ref().unwrap().path_segments.len(), 4);
 //! nsc.close(&mut Cx::client(), conn).await?;

@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 
 use super::frames::Unvectored;
 use super::memory::{self, MemoryListener};
-use super::url::Url;
+use crate::core::url::Url;
 use crate::{Error, Result};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

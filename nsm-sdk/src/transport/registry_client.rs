@@ -18,8 +18,8 @@ use tonic::codec::Streaming;
 use tonic::transport::Channel;
 use tonic::Status;
 
-use super::client::{answer, from_status, outgoing, Channels};
-use super::url::Url;
+use super::channels::{answer, from_status, outgoing, Channels};
+use crate::core::url::Url;
 use crate::core::Cx;
 use crate::registry::{FindStream, Found, Query, RegistryHandler, RegistryNext, Resource};
 use crate::{Error, Result};
@@ -202,58 +202,29 @@ async fn registry_unregister<R: RegistryWire>(reg: &GrpcRegistry<R>, cx: &Cx, r:
     answer(cx, &reg.url, &what, R::unregister(channel, request)).await
 }
 
-#[async_trait]
-impl RegistryHandler<NetworkService> for GrpcRegistry<NetworkService> {
-    async fn register(
-        &self,
-        cx: &mut Cx,
-        r: NetworkService,
-        _next: RegistryNext<NetworkService>,
-    ) -> Result<NetworkService> {
-        registry_register(self, cx, r).await
-    }
-    async fn find(
-        &self,
-        cx: &mut Cx,
-        query: Query<NetworkService>,
-        _next: RegistryNext<NetworkService>,
-    ) -> Result<FindStream<NetworkService>> {
-        registry_find(self, cx, query).await
-    }
-    async fn unregister(
-        &self,
-        cx: &mut Cx,
-        r: NetworkService,
-        _next: RegistryNext<NetworkService>,
-    ) -> Result<()> {
-        registry_unregister(self, cx, r).await
-    }
+/// The handler of one resource: the gRPC calls are written once, generic over
+/// [`RegistryWire`]; the impl is per resource because `RegistryWire` is private.
+macro_rules! grpc_registry_handler {
+    ($r:ty) => {
+        #[async_trait]
+        impl RegistryHandler<$r> for GrpcRegistry<$r> {
+            async fn register(&self, cx: &mut Cx, r: $r, _next: RegistryNext<$r>) -> Result<$r> {
+                registry_register(self, cx, r).await
+            }
+            async fn find(
+                &self,
+                cx: &mut Cx,
+                query: Query<$r>,
+                _next: RegistryNext<$r>,
+            ) -> Result<FindStream<$r>> {
+                registry_find(self, cx, query).await
+            }
+            async fn unregister(&self, cx: &mut Cx, r: $r, _next: RegistryNext<$r>) -> Result<()> {
+                registry_unregister(self, cx, r).await
+            }
+        }
+    };
 }
 
-#[async_trait]
-impl RegistryHandler<NetworkServiceEndpoint> for GrpcRegistry<NetworkServiceEndpoint> {
-    async fn register(
-        &self,
-        cx: &mut Cx,
-        r: NetworkServiceEndpoint,
-        _next: RegistryNext<NetworkServiceEndpoint>,
-    ) -> Result<NetworkServiceEndpoint> {
-        registry_register(self, cx, r).await
-    }
-    async fn find(
-        &self,
-        cx: &mut Cx,
-        query: Query<NetworkServiceEndpoint>,
-        _next: RegistryNext<NetworkServiceEndpoint>,
-    ) -> Result<FindStream<NetworkServiceEndpoint>> {
-        registry_find(self, cx, query).await
-    }
-    async fn unregister(
-        &self,
-        cx: &mut Cx,
-        r: NetworkServiceEndpoint,
-        _next: RegistryNext<NetworkServiceEndpoint>,
-    ) -> Result<()> {
-        registry_unregister(self, cx, r).await
-    }
-}
+grpc_registry_handler!(NetworkService);
+grpc_registry_handler!(NetworkServiceEndpoint);

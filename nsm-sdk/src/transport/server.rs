@@ -33,7 +33,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::edge::{MonitorEdge, NetworkServiceEdge, RegistryEdge};
 use super::listener::{bind, lock, Incoming, Listener};
-use super::url::Url;
+use crate::core::url::Url;
 use crate::core::{Chain, MonitorSource};
 use crate::registry::{Registries, RegistryChain};
 use crate::Result;

@@ -173,20 +173,21 @@ impl<R: Resource> Entry<R> {
 
 /// The `find_cache` registry handler with the default limits.
 pub fn find_cache<R: Resource + Matches>() -> FindCache<R> {
-    FindCache::new(CancellationToken::new())
+    FindCache {
+        inner: Arc::new(Inner {
+            entries: Mutex::new(HashMap::new()),
+            root: CancellationToken::new(),
+            idle: DEFAULT_IDLE,
+            max: DEFAULT_MAX_QUERIES,
+        }),
+    }
 }
 
 impl<R: Resource + Matches> FindCache<R> {
-    /// A cache whose watches stop when `root` is cancelled (or the cache is dropped).
-    pub fn new(root: CancellationToken) -> Self {
-        FindCache {
-            inner: Arc::new(Inner {
-                entries: Mutex::new(HashMap::new()),
-                root,
-                idle: DEFAULT_IDLE,
-                max: DEFAULT_MAX_QUERIES,
-            }),
-        }
+    /// Its watches stop when `root` is cancelled; dropping the cache cancels `root`
+    /// (give it a child token).
+    pub fn root(self, root: CancellationToken) -> Self {
+        self.with(|i| i.root = root)
     }
 
     /// Drops templates unused for this long (default [`DEFAULT_IDLE`]).

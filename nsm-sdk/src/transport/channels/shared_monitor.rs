@@ -58,8 +58,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
 
-use super::client::{monitor_connections, Channels};
-use super::url::Url;
+use super::{monitor_connections, Channels};
+use crate::core::url::Url;
 use crate::{Error, Result};
 
 /// How long a shared stream stays open after its last follower left.

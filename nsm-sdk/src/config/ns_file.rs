@@ -44,7 +44,7 @@ use std::path::Path;
 use nsm_proto::registry::{Destination, Match, Metadata, NetworkService};
 use serde_json::Value;
 
-use super::constants::payload;
+use crate::wire::payload;
 
 /// A NetworkService definition that cannot be loaded: which file, which field (a path
 /// like `matches[0].routes[1].destinationSelector`, empty for the whole document) and

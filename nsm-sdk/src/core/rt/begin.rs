@@ -76,9 +76,9 @@ impl std::fmt::Debug for Begin {
 }
 
 /// The `begin` handler with the default timeout, owning its connections' tasks through
-/// a fresh root token.
+/// a fresh root token; [`Begin::root`] and [`Begin::default_timeout`] change them.
 pub fn begin() -> Begin {
-    Begin::new(CancellationToken::new(), DEFAULT_TIMEOUT)
+    Begin::build(CancellationToken::new(), DEFAULT_TIMEOUT)
 }
 
 struct Inner {
@@ -134,9 +134,19 @@ impl Slot {
 }
 
 impl Begin {
-    /// A `begin` whose connections' tasks are children of `root` and whose operations
-    /// get `default_timeout` when the caller set no deadline.
-    pub fn new(root: CancellationToken, default_timeout: Duration) -> Self {
+    /// Its connections' tasks are children of `root` (cancelling `root` ends them).
+    /// A builder option: set it before the handler is shared.
+    pub fn root(self, root: CancellationToken) -> Self {
+        Begin::build(root, self.inner.default_timeout)
+    }
+
+    /// Operations get `timeout` when the caller set no deadline (default
+    /// [`DEFAULT_TIMEOUT`]). A builder option: set it before the handler is shared.
+    pub fn default_timeout(self, timeout: Duration) -> Self {
+        Begin::build(self.inner.root.clone(), timeout)
+    }
+
+    fn build(root: CancellationToken, default_timeout: Duration) -> Self {
         let inner = Arc::new_cyclic(|me| Inner {
             slots: Mutex::new(HashMap::new()),
             root,

@@ -47,6 +47,7 @@ use tracing::{debug, warn, Instrument};
 use super::slots::{Slot, Slots};
 use super::{RegistryHandler, RegistryNext};
 use crate::core::handler::WeakCursor;
+use crate::core::rt::Backoff;
 use crate::core::{spawn_owned, Cx};
 use crate::Result;
 
@@ -59,7 +60,6 @@ pub const DEFAULT_REGISTER_TIMEOUT: Duration = Duration::from_secs(15);
 
 const RETRY_START: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
-const RETRY_JITTER: f64 = 0.2;
 /// The shortest wait before a refresh, whatever the registry answered.
 const MIN_DELAY: Duration = Duration::from_millis(100);
 
@@ -68,8 +68,7 @@ struct Config {
     fraction: f64,
     jitter: f64,
     timeout: Duration,
-    retry_start: Duration,
-    retry_max: Duration,
+    retry: Backoff,
 }
 
 impl Config {
@@ -83,18 +82,6 @@ impl Config {
         let fraction = (self.fraction * (1.0 + jitter)).clamp(0.0, 1.0);
         left.mul_f64(fraction).max(MIN_DELAY)
     }
-
-    /// The wait before retry number `failures + 1` of a failing refresh.
-    fn backoff(&self, failures: u32) -> Duration {
-        let base = self
-            .retry_start
-            .checked_mul(2u32.saturating_pow(failures.min(31)))
-            .unwrap_or(self.retry_max)
-            .min(self.retry_max);
-        base.mul_f64(rand::random_range(
-            (1.0 - RETRY_JITTER)..(1.0 + RETRY_JITTER),
-        ))
-    }
 }
 
 /// See the [module docs](self).
@@ -107,20 +94,26 @@ pub struct RegistryRefresh {
 
 /// The `registry_refresh` handler: refresh at 2/3 of the remaining expiry, ±10 %.
 pub fn registry_refresh() -> RegistryRefresh {
-    RegistryRefresh::new(&CancellationToken::new())
+    RegistryRefresh::under(&CancellationToken::new())
 }
 
 impl RegistryRefresh {
-    /// A `registry_refresh` whose timers are children of `parent` (cancelling `parent`
-    /// stops them all).
-    pub fn new(parent: &CancellationToken) -> Self {
+    /// Its timers are children of `parent` (cancelling `parent` stops them all). A
+    /// builder option: set it before the handler is shared.
+    pub fn root(self, parent: &CancellationToken) -> Self {
+        RegistryRefresh {
+            config: self.config,
+            ..RegistryRefresh::under(parent)
+        }
+    }
+
+    fn under(parent: &CancellationToken) -> Self {
         RegistryRefresh {
             config: Config {
                 fraction: DEFAULT_REFRESH_FRACTION,
                 jitter: DEFAULT_REFRESH_JITTER,
                 timeout: DEFAULT_REGISTER_TIMEOUT,
-                retry_start: RETRY_START,
-                retry_max: RETRY_MAX,
+                retry: Backoff::new(RETRY_START, RETRY_MAX),
             },
             inner: Arc::new(Inner {
                 root: parent.child_token(),
@@ -159,8 +152,7 @@ impl RegistryRefresh {
 
     /// Retry a failed refresh after `start`, doubling up to `max`.
     pub fn backoff(mut self, start: Duration, max: Duration) -> Self {
-        self.config.retry_start = start.max(Duration::from_millis(1));
-        self.config.retry_max = max.max(self.config.retry_start);
+        self.config.retry = Backoff::new(start, max);
         self
     }
 
@@ -316,12 +308,12 @@ async fn run_timer(
                 }
             }
             Ok(Err(e)) => {
-                delay = config.backoff(failures);
+                delay = config.retry.wait(failures);
                 failures = failures.saturating_add(1);
                 warn!(error = %e, failures, ?delay, "refreshing the registration failed; retrying");
             }
             Err(_) => {
-                delay = config.backoff(failures);
+                delay = config.retry.wait(failures);
                 failures = failures.saturating_add(1);
                 warn!(
                     failures,

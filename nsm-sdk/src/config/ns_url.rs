@@ -13,7 +13,7 @@
 //! Every part is percent-decoded (and `+` in the query is a space, as in HTML forms).
 //!
 //! ```
-//! use nsm_sdk::tools::NsUrl;
+//! use nsm_sdk::config::NsUrl;
 //! let url = NsUrl::parse("kernel://my-service@dc.example.com/ms1?app=web").unwrap();
 //! assert_eq!(url.network_service(), "my-service@dc.example.com");
 //! assert_eq!(url.interface_name(), Some("ms1"));
@@ -28,7 +28,7 @@ use std::str::FromStr;
 use nsm_proto::connection::{Connection, Mechanism};
 use nsm_proto::networkservice::NetworkServiceRequest;
 
-use super::constants::{cls, params, MAX_INTERFACE_NAME_LEN};
+use crate::wire::{cls, params, MAX_INTERFACE_NAME_LEN};
 use crate::{Error, Result};
 
 /// A parsed NS URL; see the [module docs](self).
@@ -288,7 +288,7 @@ fn encode(s: &str, keep: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tools::constants::types;
+    use crate::wire::types;
 
     fn invalid(s: &str) -> String {
         match NsUrl::parse(s) {
