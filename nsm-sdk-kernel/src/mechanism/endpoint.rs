@@ -22,9 +22,10 @@
 
 use std::sync::Mutex;
 
+use nsm_sdk::handlers::{mechanisms, noop_server, Mechanisms};
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::tools::{check_interface_name, params};
+use nsm_sdk::tools::{check_interface_name, params, types};
 use nsm_sdk::{async_trait, Cx, Error, Handler, Next, Result};
 use tracing::debug;
 
@@ -48,6 +49,15 @@ pub fn kernel_endpoint(netns_url: impl Into<String>) -> KernelEndpoint {
         ifname: None,
         bridged: false,
     }
+}
+
+/// An endpoint's mechanisms: KERNEL with its end in the namespace `netns_url` (a
+/// `file://` URL the forwarder can open, like [`own_netns_url()`](super::own_netns_url)),
+/// and NOOP, for a client or forwarder that cannot make KERNEL.
+pub fn endpoint_mechanisms(netns_url: impl Into<String>) -> Mechanisms {
+    mechanisms()
+        .with(types::KERNEL, kernel_endpoint(netns_url))
+        .with(types::NOOP, noop_server())
 }
 
 impl KernelEndpoint {
@@ -135,9 +145,8 @@ impl Handler for KernelEndpoint {
 mod tests {
     use super::*;
     use crate::mechanism::kernel_mechanism;
-    use nsm_sdk::handlers::{begin, mechanisms};
+    use nsm_sdk::handlers::begin;
     use nsm_sdk::proto::connection::Mechanism;
-    use nsm_sdk::tools::types;
     use nsm_sdk::Chain;
 
     fn req(prefs: Vec<Mechanism>) -> NetworkServiceRequest {
@@ -156,6 +165,14 @@ mod tests {
             .push(begin())
             .push(mechanisms().with(types::KERNEL, h))
             .build()
+    }
+
+    #[test]
+    fn the_endpoint_mechanisms_are_kernel_and_noop() {
+        assert_eq!(
+            endpoint_mechanisms("file:///run/netns/x").supported(),
+            ["KERNEL", "NOOP"]
+        );
     }
 
     fn param(conn: &Connection, key: &str) -> String {

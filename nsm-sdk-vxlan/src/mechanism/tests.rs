@@ -504,3 +504,30 @@ async fn the_offer_carries_this_nodes_tunnel_and_a_kernel_answer_is_left_to_the_
     assert!(n1.devices.state().live.is_empty());
     assert!(n1.alloc().is_empty());
 }
+
+#[test]
+fn without_a_tunnel_the_forwarder_serves_kernel_and_noop() {
+    let (server, client) = forwarder_mechanisms(None);
+    assert_eq!(server.supported(), ["KERNEL", "NOOP"]);
+    assert_eq!(client.len(), 2);
+}
+
+#[tokio::test]
+async fn with_a_tunnel_the_forwarder_also_serves_vxlan() {
+    // Opening the node's netlink socket needs the rights a forwarder has.
+    let tunnel = match Tunnel::builder("192.0.2.1".parse().unwrap())
+        .underlay_mtu(1500)
+        .build()
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("skipped: cannot open a netlink socket here: {e}");
+            return;
+        }
+    };
+    assert_eq!(tunnel.mtu().get(), 1450);
+    let (server, client) = forwarder_mechanisms(Some(tunnel));
+    assert_eq!(server.supported(), ["KERNEL", "NOOP", "VXLAN"]);
+    assert_eq!(client.len(), 3);
+}
