@@ -25,7 +25,7 @@
 //!   [`kernel_client`] (NSC), [`kernel_endpoint`] (NSE) and
 //!   [`kernel_forwarder_mechanisms`] (forwarder), which make a Kernel2Kernel connection
 //!   through the whole mesh; with NOOP beside KERNEL, [`endpoint_mechanisms`] and a
-//!   client's [`preferences`].
+//!   client's [`preferences()`].
 //!
 //! A forwarder's KERNEL mechanism uses it like this (names and namespaces come from
 //! the two connections' mechanism parameters, addresses from the connection context):

@@ -16,7 +16,7 @@
 //!   each end born in its pod and programmed from the connection context.
 //!
 //! With NOOP beside KERNEL, for a mesh where some hops cannot make kernel interfaces:
-//! [`endpoint_mechanisms`] (an endpoint serving both), [`preferences`] (a client
+//! [`endpoint_mechanisms`] (an endpoint serving both), [`preferences()`] (a client
 //! offering KERNEL then NOOP for a `kernel://` NS URL, NOOP for any other) and
 //! [`KernelClient::only_when_offered`]; the forwarder's counterpart, with VXLAN, is
 //! `nsm_sdk_vxlan::forwarder_mechanisms`.
