@@ -25,12 +25,12 @@ use std::sync::Mutex;
 use nsm_sdk::handlers::{mechanisms, noop_server, Mechanisms};
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::tools::{check_interface_name, params, types};
-use nsm_sdk::{async_trait, Cx, Error, Handler, Next, Result};
+use nsm_sdk::tools::{check_interface_name, params, select_mechanism, types};
+use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use tracing::debug;
 
 use super::client::check_netns_url;
-use super::{generate_ifname, is_kernel};
+use super::generate_ifname;
 
 /// See the [module docs](self).
 #[derive(Debug, Clone)]
@@ -89,31 +89,12 @@ impl Handler for KernelEndpoint {
         next: Next,
     ) -> Result<Connection> {
         check_netns_url(&self.netns_url)?;
-        let offered = req
-            .mechanism_preferences
-            .iter()
-            .find(|m| is_kernel(m))
-            .cloned();
-        let conn = req.connection.get_or_insert_with(Default::default);
-        match (&conn.mechanism, offered) {
-            (Some(m), _) if is_kernel(m) => {}
-            (None, Some(pref)) => conn.mechanism = Some(pref),
-            (Some(m), _) => {
-                return Err(Error::invalid(format!(
-                    "kernel endpoint got a {} mechanism",
-                    m.r#type
-                )))
-            }
-            (None, None) => {
-                return Err(Error::invalid(
-                    "kernel endpoint: the request offers no KERNEL mechanism",
-                ))
-            }
-        }
-        let service = conn.network_service.clone();
-        let Some(mechanism) = conn.mechanism.as_mut() else {
-            return Err(Error::internal("kernel endpoint: mechanism vanished"));
-        };
+        let service = req
+            .connection
+            .as_ref()
+            .map(|c| c.network_service.clone())
+            .unwrap_or_default();
+        let mechanism = select_mechanism(&mut req, types::KERNEL, "kernel endpoint")?;
         let carried = mechanism.parameters.get(params::NAME).cloned();
         let name = match (&self.ifname, cx.conn()) {
             (Some(fixed), _) => fixed.clone(),
@@ -148,6 +129,7 @@ mod tests {
     use nsm_sdk::handlers::begin;
     use nsm_sdk::proto::connection::Mechanism;
     use nsm_sdk::Chain;
+    use nsm_sdk::Error;
 
     fn req(prefs: Vec<Mechanism>) -> NetworkServiceRequest {
         NetworkServiceRequest {
