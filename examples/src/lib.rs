@@ -24,9 +24,10 @@
 //! [`parse_labels`]), the life of a program ([`run`]: logging, signals, exit statuses),
 //! serving ([`serve_all`], [`shutdown_all`]), staying registered ([`registered_until`],
 //! [`Registration`]),
-//! running an endpoint ([`serve_endpoint`]), the mechanisms they serve and ask for
-//! ([`forwarder_mechanisms`], [`endpoint_mechanisms`], [`preferences`]) and the handlers the programs add to their
-//! chains ([`log_calls`], [`print_connections`]).
+//! running an endpoint ([`serve_endpoint`]) and the handlers the programs add to their
+//! chains ([`log_calls`], [`print_connections`]). The mechanisms they serve and ask for
+//! come from the library crates: `nsm_sdk_vxlan::forwarder_mechanisms`,
+//! `nsm_sdk_kernel::endpoint_mechanisms`, `nsm_sdk_kernel::preferences`.
 //!
 //! Every program logs to stderr (level from `NSM_LOG_LEVEL`, else `RUST_LOG`, else
 //! `info`), stops cleanly with exit status 0 on SIGTERM or SIGINT after undoing what
@@ -42,7 +43,6 @@ mod firewall;
 mod gateway;
 pub mod lab;
 pub mod load;
-mod mechanisms;
 pub mod metrics;
 mod process;
 mod registration;
@@ -59,10 +59,6 @@ pub use firewall::{apply_acl, firewall, nft, remove_acl, Acl, AclRule, Proto, Ve
 pub use gateway::{
     corporate_routes, nat_ruleset, route_to_corporate, stop_routing, vpn_gateway, CorporateRoutes,
     NAT_TABLE,
-};
-pub use mechanisms::{
-    endpoint_mechanisms, forwarder_mechanisms, kernel_liveness, kernel_when_offered, preferences,
-    KernelWhenOffered, MechanismChoice,
 };
 pub use process::{
     init_logging, run, runtime, serve_all, shutdown_all, stop_on_signal, terminate, Failure,

@@ -19,11 +19,13 @@
 //! - [`kernel_side_up`] / [`Created::refresh`] / [`down`] ([`veth`]): a local
 //!   connection's veth pair, the entry points of the forwarder's KERNEL mechanism.
 //! - [`ping_liveness`] ([`liveness`]): a liveness check for `heal` that pings the
-//!   endpoint's address from the client's namespace.
+//!   endpoint's address from the client's namespace ([`kernel_liveness`]: only the
+//!   KERNEL connections).
 //! - [`mechanism`]: the KERNEL mechanism handlers of the three roles —
 //!   [`kernel_client`] (NSC), [`kernel_endpoint`] (NSE) and
 //!   [`kernel_forwarder_mechanisms`] (forwarder), which make a Kernel2Kernel connection
-//!   through the whole mesh.
+//!   through the whole mesh; with NOOP beside KERNEL, [`endpoint_mechanisms`] and a
+//!   client's [`preferences()`].
 //!
 //! A forwarder's KERNEL mechanism uses it like this (names and namespaces come from
 //! the two connections' mechanism parameters, addresses from the connection context):
@@ -114,10 +116,10 @@ pub mod veth;
 
 pub use crate::apply::{apply, undo, update, Link, Netlink};
 pub use crate::error::{Error, Result};
-pub use crate::liveness::{ping, ping_liveness, PingOptions};
+pub use crate::liveness::{kernel_liveness, ping, ping_liveness, PingOptions};
 pub use crate::mechanism::{
-    kernel_client, kernel_endpoint, kernel_forwarder_client, kernel_forwarder_mechanisms,
-    kernel_forwarder_server,
+    endpoint_mechanisms, kernel_client, kernel_endpoint, kernel_forwarder_client,
+    kernel_forwarder_mechanisms, kernel_forwarder_server, preferences, MechanismChoice,
 };
 pub use crate::netns::NetNs;
 pub use crate::on_demand::OnDemandNetlink;

@@ -23,6 +23,9 @@
 //!
 //! State: none; each check opens and closes its own socket.
 //!
+//! [`kernel_liveness`] is the same check for a client whose connections may also be
+//! NOOP: only KERNEL connections are pinged.
+//!
 //! Failure handled: a connection without a (parsable) endpoint address has nothing to
 //! check and counts as alive; so does a caller that may open neither kind of ICMP
 //! socket (a warning says the check cannot judge: saying "dead" would make heal
@@ -37,6 +40,7 @@ use futures::future::BoxFuture;
 use ipnet::IpNet;
 use nsm_sdk::handlers::LivenessFn;
 use nsm_sdk::proto::connection::Connection;
+use nsm_sdk::wire::types;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, warn};
 
@@ -131,6 +135,24 @@ pub fn ping_liveness(options: PingOptions) -> LivenessFn {
         let options = options.clone();
         let conn = conn.clone();
         Box::pin(async move { options.check(&conn).await })
+    })
+}
+
+/// [`ping_liveness`] for the KERNEL connections only: a connection with another
+/// mechanism (NOOP) has no data plane to ping and counts as alive. For a client that
+/// asks for KERNEL or NOOP per NS URL.
+pub fn kernel_liveness(options: PingOptions) -> LivenessFn {
+    let ping = ping_liveness(options);
+    Arc::new(move |conn: &Connection| {
+        if conn
+            .mechanism
+            .as_ref()
+            .is_some_and(|m| m.r#type == types::KERNEL)
+        {
+            ping(conn)
+        } else {
+            Box::pin(async { true })
+        }
     })
 }
 
@@ -349,6 +371,14 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn kernel_liveness_counts_a_noop_connection_alive_without_pinging() {
+        // An address nothing answers: a ping of it would say dead.
+        let mut c = conn(&["192.0.2.1/32"]);
+        c.mechanism = Some(nsm_sdk::handlers::noop_mechanism());
+        assert!(kernel_liveness(PingOptions::new())(&c).await);
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! - [`mechanism`]: the forwarder's VXLAN handlers on top of both
 //!   ([`vxlan_forwarder_mechanisms`] with a node's [`Tunnel`]): a KERNEL client on one
 //!   node reaches a KERNEL endpoint on another, each pod's end a VXLAN device made by
-//!   its node's forwarder (parameters `src_ip`/`dst_ip`/`src_port`/`dst_port`/`vni`/`MTU`).
+//!   its node's forwarder (parameters `src_ip`/`dst_ip`/`src_port`/`dst_port`/`vni`/`MTU`);
+//!   [`forwarder_mechanisms`] serves NOOP beside KERNEL and VXLAN, the tunnel optional.
 //!
 //! # Errors
 //!
@@ -37,6 +38,7 @@ pub use crate::link::{
     tunnel_mtu, vxlan_up, VxlanLink, VxlanSpec, DEFAULT_PORT, VXLAN_OVERHEAD_V4, VXLAN_OVERHEAD_V6,
 };
 pub use crate::mechanism::{
-    vxlan_forwarder_client, vxlan_forwarder_mechanisms, vxlan_forwarder_server, Tunnel,
+    forwarder_mechanisms, vxlan_forwarder_client, vxlan_forwarder_mechanisms,
+    vxlan_forwarder_server, Tunnel,
 };
 pub use crate::vni::{parity_for, Parity, Vni, VniAllocator};

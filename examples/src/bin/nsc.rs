@@ -3,10 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use nsm_examples::{
-    kernel_liveness, kernel_when_offered, parse_duration, preferences, print_connections, run,
-    Common, Failure, MechanismChoice, DEFAULT_NSM_SOCKET,
-};
+use nsm_examples::{parse_duration, print_connections, run, Common, Failure, DEFAULT_NSM_SOCKET};
 use nsm_sdk::chains::{client, ClientOptions};
 use nsm_sdk::config::NsUrl;
 use nsm_sdk::handlers::{heal, HealOptions};
@@ -16,7 +13,7 @@ use nsm_sdk::transport::Channels;
 use nsm_sdk::transport::Url;
 use nsm_sdk::{Chain, Cx};
 use nsm_sdk_kernel::mechanism::own_netns_url;
-use nsm_sdk_kernel::{kernel_client, PingOptions};
+use nsm_sdk_kernel::{kernel_client, kernel_liveness, preferences, MechanismChoice, PingOptions};
 use tracing::{info, warn};
 
 /// A client: requests each network service through its node's manager, prints each
@@ -98,7 +95,7 @@ fn main() -> ExitCode {
                 .mechanisms(vec![])
                 .handler(heal(heal_options))
                 .handler(print_connections())
-                .handler(kernel_when_offered(kernel_client(own_netns_url()))),
+                .handler(kernel_client(own_netns_url()).only_when_offered()),
         );
         let timeout = args.request_timeout;
         let mut connections = Vec::new();

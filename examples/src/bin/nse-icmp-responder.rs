@@ -6,12 +6,10 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use ipnet::IpNet;
-use nsm_examples::{
-    endpoint_mechanisms, log_calls, parse_labels, run, serve_endpoint, EndpointArgs,
-};
+use nsm_examples::{log_calls, parse_labels, run, serve_endpoint, EndpointArgs};
 use nsm_sdk::chains::{endpoint, EndpointOptions};
 use nsm_sdk::handlers::point_to_point;
-use nsm_sdk_kernel::mechanism::own_netns_url;
+use nsm_sdk_kernel::mechanism::{endpoint_mechanisms, own_netns_url};
 
 /// An endpoint serving the given network services: each connection gets a /32 (/128)
 /// pair from the CIDR prefixes. It registers itself (and each network service the

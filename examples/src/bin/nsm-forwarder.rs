@@ -5,13 +5,10 @@ use std::net::IpAddr;
 use std::process::ExitCode;
 
 use nsm_examples::metrics::MetricsArgs;
-use nsm_examples::{
-    forwarder_mechanisms, registered_until, run, serve_all, shutdown_all, Common,
-    DEFAULT_NSM_SOCKET,
-};
+use nsm_examples::{registered_until, run, serve_all, shutdown_all, Common, DEFAULT_NSM_SOCKET};
 use nsm_sdk::chains::{forwarder, ForwarderOptions};
 use nsm_sdk::transport::Url;
-use nsm_sdk_vxlan::Tunnel;
+use nsm_sdk_vxlan::{forwarder_mechanisms, Tunnel};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 

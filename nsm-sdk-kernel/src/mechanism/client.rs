@@ -8,6 +8,9 @@
 //! ([`generate_ifname`] of the network service). A KERNEL
 //! preference the request already has is completed in place; otherwise one is
 //! appended. A refresh carries the established mechanism and passes untouched.
+//! With [`KernelClient::only_when_offered`] a request that offers no KERNEL (a client
+//! asking for NOOP only for some of its URLs) passes untouched too, instead of having
+//! KERNEL added.
 //!
 //! State: the interface name chosen for the connection (needs `begin` before it), so
 //! every attempt of a retried first request offers the same name.
@@ -33,6 +36,7 @@ pub struct KernelClient {
     netns_url: String,
     ifname: Option<String>,
     bridged: bool,
+    only_when_offered: bool,
 }
 
 /// The NSC side of KERNEL for a client whose pod namespace is `netns_url` (a `file://`
@@ -42,6 +46,7 @@ pub fn kernel_client(netns_url: impl Into<String>) -> KernelClient {
         netns_url: netns_url.into(),
         ifname: None,
         bridged: false,
+        only_when_offered: false,
     }
 }
 
@@ -63,6 +68,15 @@ impl KernelClient {
     /// puts no addresses, routes or rules on them.
     pub fn bridged(mut self) -> Self {
         self.bridged = true;
+        self
+    }
+
+    /// Fills in only a KERNEL preference the request already offers, and passes a
+    /// request that offers none on untouched: without it a NOOP-only request would get
+    /// KERNEL added, which a client that picks the mechanism per NS URL
+    /// ([`preferences`](super::preferences())) does not want.
+    pub fn only_when_offered(mut self) -> Self {
+        self.only_when_offered = true;
         self
     }
 }
@@ -100,8 +114,9 @@ impl Handler for KernelClient {
         mut req: NetworkServiceRequest,
         next: Next,
     ) -> Result<Connection> {
+        let offered = req.mechanism_preferences.iter().any(is_kernel);
         let conn = req.connection.get_or_insert_with(Default::default);
-        if conn.mechanism.is_some() {
+        if conn.mechanism.is_some() || (self.only_when_offered && !offered) {
             return next.request(cx, req).await;
         }
         check_netns_url(&self.netns_url)?;
@@ -248,6 +263,27 @@ mod tests {
             .unwrap();
         assert!(seen.prefs.is_empty());
         assert_eq!(seen.mechanism, Some(established));
+    }
+
+    #[tokio::test]
+    async fn only_when_offered_completes_a_kernel_offer_and_leaves_a_noop_request_untouched() {
+        let client = || kernel_client("file:///run/netns/pod").only_when_offered();
+        let url = nsm_sdk::config::NsUrl::parse("kernel://svc/nsm-1").unwrap();
+        let mut r = url.to_request();
+        r.mechanism_preferences = super::super::preferences(&url, Default::default());
+        let seen = offered(client(), r).await.unwrap();
+        let got: Vec<&str> = seen.prefs.iter().map(|m| m.r#type.as_str()).collect();
+        assert_eq!(got, [types::KERNEL, types::NOOP]);
+        assert_eq!(seen.prefs[0].parameters[params::NAME], "nsm-1");
+        assert_eq!(
+            seen.prefs[0].parameters[params::INODE_URL],
+            "file:///run/netns/pod"
+        );
+
+        let noop = vec![nsm_sdk::handlers::noop_mechanism()];
+        let seen = offered(client(), req("svc", noop.clone())).await.unwrap();
+        assert_eq!(seen.prefs, noop);
+        assert_eq!(seen.mechanism, None);
     }
 
     #[tokio::test]

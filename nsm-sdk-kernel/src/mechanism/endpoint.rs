@@ -23,14 +23,15 @@
 use std::sync::Mutex;
 
 use nsm_sdk::config::check_interface_name;
+use nsm_sdk::handlers::{mechanisms, noop_server, select_mechanism, Mechanisms};
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::wire::params;
-use nsm_sdk::{async_trait, Cx, Error, Handler, Next, Result};
+use nsm_sdk::wire::{params, types};
+use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use tracing::debug;
 
 use super::client::check_netns_url;
-use super::{generate_ifname, is_kernel};
+use super::generate_ifname;
 
 /// See the [module docs](self).
 #[derive(Debug, Clone)]
@@ -49,6 +50,15 @@ pub fn kernel_endpoint(netns_url: impl Into<String>) -> KernelEndpoint {
         ifname: None,
         bridged: false,
     }
+}
+
+/// An endpoint's mechanisms: KERNEL with its end in the namespace `netns_url` (a
+/// `file://` URL the forwarder can open, like [`own_netns_url()`](super::own_netns_url)),
+/// and NOOP, for a client or forwarder that cannot make KERNEL.
+pub fn endpoint_mechanisms(netns_url: impl Into<String>) -> Mechanisms {
+    mechanisms()
+        .with(types::KERNEL, kernel_endpoint(netns_url))
+        .with(types::NOOP, noop_server())
 }
 
 impl KernelEndpoint {
@@ -80,31 +90,12 @@ impl Handler for KernelEndpoint {
         next: Next,
     ) -> Result<Connection> {
         check_netns_url(&self.netns_url)?;
-        let offered = req
-            .mechanism_preferences
-            .iter()
-            .find(|m| is_kernel(m))
-            .cloned();
-        let conn = req.connection.get_or_insert_with(Default::default);
-        match (&conn.mechanism, offered) {
-            (Some(m), _) if is_kernel(m) => {}
-            (None, Some(pref)) => conn.mechanism = Some(pref),
-            (Some(m), _) => {
-                return Err(Error::invalid(format!(
-                    "kernel endpoint got a {} mechanism",
-                    m.r#type
-                )))
-            }
-            (None, None) => {
-                return Err(Error::invalid(
-                    "kernel endpoint: the request offers no KERNEL mechanism",
-                ))
-            }
-        }
-        let service = conn.network_service.clone();
-        let Some(mechanism) = conn.mechanism.as_mut() else {
-            return Err(Error::internal("kernel endpoint: mechanism vanished"));
-        };
+        let service = req
+            .connection
+            .as_ref()
+            .map(|c| c.network_service.clone())
+            .unwrap_or_default();
+        let mechanism = select_mechanism(&mut req, types::KERNEL, "kernel endpoint")?;
         let carried = mechanism.parameters.get(params::NAME).cloned();
         let name = match (&self.ifname, cx.conn()) {
             (Some(fixed), _) => fixed.clone(),
@@ -136,10 +127,10 @@ impl Handler for KernelEndpoint {
 mod tests {
     use super::*;
     use crate::mechanism::kernel_mechanism;
-    use nsm_sdk::handlers::{begin, mechanisms};
+    use nsm_sdk::handlers::begin;
     use nsm_sdk::proto::connection::Mechanism;
-    use nsm_sdk::wire::types;
     use nsm_sdk::Chain;
+    use nsm_sdk::Error;
 
     fn req(prefs: Vec<Mechanism>) -> NetworkServiceRequest {
         NetworkServiceRequest {
@@ -157,6 +148,14 @@ mod tests {
             .push(begin())
             .push(mechanisms().with(types::KERNEL, h))
             .build()
+    }
+
+    #[test]
+    fn the_endpoint_mechanisms_are_kernel_and_noop() {
+        assert_eq!(
+            endpoint_mechanisms("file:///run/netns/x").supported(),
+            ["KERNEL", "NOOP"]
+        );
     }
 
     fn param(conn: &Connection, key: &str) -> String {

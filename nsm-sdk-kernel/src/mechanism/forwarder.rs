@@ -51,6 +51,7 @@ use std::sync::{Arc, Mutex};
 use nsm_sdk::handlers::{mechanisms, Mechanisms};
 use nsm_sdk::proto::connection::{Connection, Mechanism};
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
+use nsm_sdk::handlers::select_mechanism;
 use nsm_sdk::wire::{cls, params, types};
 use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use tracing::{debug, info, warn};
@@ -179,29 +180,11 @@ impl Handler for KernelForwarderServer {
         mut req: NetworkServiceRequest,
         next: Next,
     ) -> Result<Connection> {
-        let offered = req
-            .mechanism_preferences
-            .iter()
-            .find(|m| is_kernel(m))
-            .cloned();
-        let conn = req.connection.get_or_insert_with(Default::default);
-        if conn.mechanism.is_none() {
-            conn.mechanism = offered;
-        }
-        let end = match &conn.mechanism {
-            Some(m) if is_kernel(m) => ClientEnd::parse(m)?,
-            Some(m) => {
-                return Err(nsm_sdk::Error::invalid(format!(
-                    "kernel forwarder server got a {} mechanism",
-                    m.r#type
-                )))
-            }
-            None => {
-                return Err(nsm_sdk::Error::invalid(
-                    "kernel forwarder server: the request offers no KERNEL mechanism",
-                ))
-            }
-        };
+        let end = ClientEnd::parse(select_mechanism(
+            &mut req,
+            types::KERNEL,
+            "kernel forwarder server",
+        )?)?;
         debug!(ifname = %end.0.ifname, netns = %end.0.netns, "client side of KERNEL");
         cx.ext_mut().insert(end);
         next.request(cx, req).await

@@ -15,6 +15,12 @@
 //!   then creates the connection's veth pair with [`kernel_side_up`](crate::kernel_side_up),
 //!   each end born in its pod and programmed from the connection context.
 //!
+//! With NOOP beside KERNEL, for a mesh where some hops cannot make kernel interfaces:
+//! [`endpoint_mechanisms`] (an endpoint serving both), [`preferences()`] (a client
+//! offering KERNEL then NOOP for a `kernel://` NS URL, NOOP for any other) and
+//! [`KernelClient::only_when_offered`]; the forwarder's counterpart, with VXLAN, is
+//! `nsm_sdk_vxlan::forwarder_mechanisms`.
+//!
 //! A passthrough NSE in a service chain (a firewall) asks for [`BRIDGED`] ends on both
 //! sides and joins them per connection with [`bridge_xconnect`] ([`xconnect`]).
 //!
@@ -51,14 +57,16 @@
 pub mod client;
 pub mod endpoint;
 pub mod forwarder;
+pub mod preferences;
 pub mod xconnect;
 
 pub use client::{kernel_client, own_netns_url, KernelClient};
-pub use endpoint::{kernel_endpoint, KernelEndpoint};
+pub use endpoint::{endpoint_mechanisms, kernel_endpoint, KernelEndpoint};
 pub use forwarder::{
     kernel_forwarder_client, kernel_forwarder_mechanisms, kernel_forwarder_server, KernelClientEnd,
     KernelForwarderClient, KernelForwarderServer, DEFAULT_MTU,
 };
+pub use preferences::{preferences, MechanismChoice};
 pub use xconnect::{
     bridge_xconnect, bridge_xconnect_client, bridged_client, BridgeXconnect, BridgeXconnectClient,
 };

@@ -1,6 +1,10 @@
 use std::collections::{BTreeSet, HashMap};
 
-use nsm_proto::connectioncontext::{IpContext, PolicyRoute};
+use std::net::IpAddr;
+
+use nsm_proto::connectioncontext::{
+    ConnectionContext, IpContext, IpNeighbor, PolicyRoute, Route as ProtoRoute,
+};
 
 use super::*;
 

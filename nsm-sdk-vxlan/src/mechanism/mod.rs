@@ -33,6 +33,9 @@
 //! fwd1 also records the VNIs of its client-side devices in the node's allocator, so
 //! its own server side never hands them out.
 //!
+//! [`forwarder_mechanisms`] adds NOOP beside them (and makes the tunnel optional), for
+//! a mesh where some clients or endpoints cannot make kernel interfaces.
+//!
 //! ```no_run
 //! use nsm_sdk::chains::{forwarder, ForwarderOptions};
 //! use nsm_sdk_vxlan::mechanism::{vxlan_forwarder_mechanisms, Tunnel};
@@ -64,7 +67,7 @@ pub use client::{vxlan_forwarder_client, VxlanForwarderClient, CLIENT_CLASH_RETR
 pub use server::{vxlan_forwarder_server, VxlanForwarderServer};
 pub use tunnel::{Tunnel, TunnelBuilder};
 
-use nsm_sdk::handlers::{mechanisms, Mechanisms};
+use nsm_sdk::handlers::{mechanisms, noop_client, noop_server, Mechanisms};
 use nsm_sdk::proto::connection::{Connection, Mechanism};
 use nsm_sdk::wire::{cls, types};
 use nsm_sdk::Handler;
@@ -95,6 +98,29 @@ pub fn vxlan_forwarder_mechanisms(tunnel: Tunnel) -> (Mechanisms, Vec<Arc<dyn Ha
             Arc::new(vxlan_forwarder_client(tunnel)),
         ],
     )
+}
+
+/// A forwarder's mechanisms with NOOP beside them: KERNEL (the handlers of
+/// [`kernel_forwarder_mechanisms`](nsm_sdk_kernel::kernel_forwarder_mechanisms)) and
+/// NOOP, plus VXLAN ([`vxlan_forwarder_mechanisms`]) when this node has a `tunnel`, as
+/// server-side dispatcher and client-side handlers for
+/// `ForwarderOptions::server_mechanisms` and `client_mechanisms`.
+///
+/// On the way to the endpoint a KERNEL connection offers KERNEL (then VXLAN with a
+/// tunnel) then NOOP, a NOOP one NOOP only; another node's manager keeps only the
+/// VXLAN offer. A KERNEL attempt that fails retryably (an endpoint that answers NOOP,
+/// say) makes the server side fall back to the caller's next preference.
+pub fn forwarder_mechanisms(tunnel: Option<Tunnel>) -> (Mechanisms, Vec<Arc<dyn Handler>>) {
+    let mut client: Vec<Arc<dyn Handler>> = vec![Arc::new(kernel_forwarder_client())];
+    let mut server = mechanisms()
+        .with(types::KERNEL, kernel_forwarder_server())
+        .with(types::NOOP, noop_server());
+    if let Some(tunnel) = tunnel {
+        client.push(Arc::new(vxlan_forwarder_client(tunnel.clone())));
+        server = server.with(types::VXLAN, vxlan_forwarder_server(tunnel));
+    }
+    client.push(Arc::new(noop_client()));
+    (server, client)
 }
 
 /// The VXLAN preference of a client-side forwarder: `{cls: REMOTE, type: VXLAN}` with

@@ -34,7 +34,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use nsm_sdk::proto::connection::{Connection, Mechanism};
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::wire::params;
+use nsm_sdk::handlers::select_mechanism;
+use nsm_sdk::wire::{params, types};
 use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use tracing::{debug, warn};
 
@@ -143,30 +144,13 @@ impl Handler for VxlanForwarderServer {
             .conn()
             .map(|h| h.state::<Established>())
             .ok_or_else(|| nsm_sdk::Error::internal("vxlan forwarder server needs `begin`"))?;
-        let offered = req
-            .mechanism_preferences
-            .iter()
-            .find(|m| is_vxlan(m))
-            .cloned();
+        let offer = self.read(select_mechanism(
+            &mut req,
+            types::VXLAN,
+            "vxlan forwarder server",
+        )?)?;
         let conn = req.connection.get_or_insert_with(Default::default);
-        if conn.mechanism.is_none() {
-            conn.mechanism = offered;
-        }
         let key = conn.id.clone();
-        let offer = match &conn.mechanism {
-            Some(m) if is_vxlan(m) => self.read(m)?,
-            Some(m) => {
-                return Err(nsm_sdk::Error::invalid(format!(
-                    "vxlan forwarder server got a {} mechanism",
-                    m.r#type
-                )))
-            }
-            None => {
-                return Err(nsm_sdk::Error::invalid(
-                    "vxlan forwarder server: the request offers no VXLAN mechanism",
-                ))
-            }
-        };
         let first = !established.0.load(Ordering::SeqCst);
         let mtu = min_mtu(self.tunnel.mtu(), offer.mtu);
         let vni = self.choose_vni(&key, &offer)?;

@@ -243,10 +243,24 @@ async fn a_remote_connection_gets_a_device_in_each_pod_with_one_vni_and_the_smal
     }
 }
 
-#[tokio::test]
-async fn a_clash_in_the_clients_pod_makes_the_server_pick_another_vni() {
+/// A remote connection made while the client's node refuses its next `clashes1` VNIs
+/// and the endpoint's node its next `clashes2`.
+struct Clashed {
+    n1: Node,
+    n2: Node,
+    nse: FakeNse,
+    chain: Chain,
+    conn: Connection,
+    /// The device in the client's pod.
+    s1: crate::VxlanSpec,
+    /// The device in the endpoint's pod.
+    s2: crate::VxlanSpec,
+}
+
+async fn connect_after_clashes(clashes1: usize, clashes2: usize) -> Clashed {
     let (n1, n2) = (Node::new(N1, 1450), Node::new(N2, 1450));
-    n1.devices.clash_next(1);
+    n1.devices.clash_next(clashes1);
+    n2.devices.clash_next(clashes2);
     let nse = FakeNse::default();
     let chain = remote(&n1, &n2, &nse);
     let conn = chain
@@ -255,6 +269,28 @@ async fn a_clash_in_the_clients_pod_makes_the_server_pick_another_vni() {
         .unwrap();
     let (s1, _) = n1.devices.only();
     let (s2, _) = n2.devices.only();
+    Clashed {
+        n1,
+        n2,
+        nse,
+        chain,
+        conn,
+        s1,
+        s2,
+    }
+}
+
+#[tokio::test]
+async fn a_clash_in_the_clients_pod_makes_the_server_pick_another_vni() {
+    let Clashed {
+        n1,
+        n2,
+        nse,
+        chain,
+        conn,
+        s1,
+        s2,
+    } = connect_after_clashes(1, 0).await;
     assert_eq!(s1.vni, s2.vni);
     // The first VNI is reserved on both nodes, the connection holds the second.
     assert_eq!(n2.alloc().len(), 2);
@@ -297,16 +333,14 @@ async fn clashes_beyond_the_retries_fail_unavailable_and_leave_nothing() {
 
 #[tokio::test]
 async fn a_clash_in_the_endpoints_pod_is_resolved_there_and_the_answer_carries_the_new_vni() {
-    let (n1, n2) = (Node::new(N1, 1450), Node::new(N2, 1450));
-    n2.devices.clash_next(2);
-    let nse = FakeNse::default();
-    let chain = remote(&n1, &n2, &nse);
-    let conn = chain
-        .request(&mut Cx::server(), nsc_request())
-        .await
-        .unwrap();
-    let (s1, _) = n1.devices.only();
-    let (s2, _) = n2.devices.only();
+    let Clashed {
+        n2,
+        chain,
+        conn,
+        s1,
+        s2,
+        ..
+    } = connect_after_clashes(0, 2).await;
     assert_eq!(s1.vni, s2.vni, "the client's node got the final VNI");
     assert_eq!(n2.alloc().get(&fwd2_id(&conn)), Some(s2.vni));
     assert_eq!(n2.alloc().len(), 3, "two reserved, one held");
@@ -503,4 +537,31 @@ async fn the_offer_carries_this_nodes_tunnel_and_a_kernel_answer_is_left_to_the_
     );
     assert!(n1.devices.state().live.is_empty());
     assert!(n1.alloc().is_empty());
+}
+
+#[test]
+fn without_a_tunnel_the_forwarder_serves_kernel_and_noop() {
+    let (server, client) = forwarder_mechanisms(None);
+    assert_eq!(server.supported(), ["KERNEL", "NOOP"]);
+    assert_eq!(client.len(), 2);
+}
+
+#[tokio::test]
+async fn with_a_tunnel_the_forwarder_also_serves_vxlan() {
+    // Opening the node's netlink socket needs the rights a forwarder has.
+    let tunnel = match Tunnel::builder("192.0.2.1".parse().unwrap())
+        .underlay_mtu(1500)
+        .build()
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("skipped: cannot open a netlink socket here: {e}");
+            return;
+        }
+    };
+    assert_eq!(tunnel.mtu().get(), 1450);
+    let (server, client) = forwarder_mechanisms(Some(tunnel));
+    assert_eq!(server.supported(), ["KERNEL", "NOOP", "VXLAN"]);
+    assert_eq!(client.len(), 3);
 }

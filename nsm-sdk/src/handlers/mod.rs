@@ -9,6 +9,7 @@ pub mod noop;
 pub mod point_to_point;
 pub mod retry;
 pub mod round_robin;
+pub mod select_mechanism;
 pub mod selection;
 pub mod update_path;
 
@@ -25,6 +26,7 @@ pub use noop::{noop_client, noop_mechanism, noop_server, NoopServer};
 pub use point_to_point::{point_to_point, PointToPoint};
 pub use retry::{retry, Retry};
 pub use round_robin::{round_robin, RoundRobin};
+pub use select_mechanism::select_mechanism;
 pub use selection::Candidates;
 pub use update_path::{update_path, UpdatePath};
 pub mod connect;

@@ -17,8 +17,9 @@ use nsm_proto::networkservice::NetworkServiceRequest;
 
 use super::mechanisms::{mechanism_preferences, MechanismPreferences};
 use crate::core::{Cx, Handler, Next};
+use super::select_mechanism;
 use crate::wire::{cls, types};
-use crate::{Error, Result};
+use crate::Result;
 
 /// The NOOP mechanism: `{cls: LOCAL, type: NOOP}`, no parameters.
 pub fn noop_mechanism() -> Mechanism {
@@ -44,10 +45,6 @@ pub fn noop_client() -> MechanismPreferences {
     mechanism_preferences(vec![noop_mechanism()])
 }
 
-fn is_noop(m: &Mechanism) -> bool {
-    m.r#type == types::NOOP
-}
-
 #[async_trait]
 impl Handler for NoopServer {
     async fn request(
@@ -56,27 +53,7 @@ impl Handler for NoopServer {
         mut req: NetworkServiceRequest,
         next: Next,
     ) -> Result<Connection> {
-        let offered = req
-            .mechanism_preferences
-            .iter()
-            .find(|m| is_noop(m))
-            .cloned();
-        let conn = req.connection.get_or_insert_with(Default::default);
-        match (&conn.mechanism, offered) {
-            (Some(m), _) if is_noop(m) => {}
-            (None, Some(pref)) => conn.mechanism = Some(pref),
-            (Some(m), _) => {
-                return Err(Error::invalid(format!(
-                    "noop server got a {} mechanism",
-                    m.r#type
-                )))
-            }
-            (None, None) => {
-                return Err(Error::invalid(
-                    "noop server: the request offers no NOOP mechanism",
-                ))
-            }
-        }
+        select_mechanism(&mut req, types::NOOP, "noop server")?;
         next.request(cx, req).await
     }
 }
@@ -86,6 +63,7 @@ mod tests {
     use super::*;
     use crate::core::Chain;
     use crate::handlers::mechanisms;
+    use crate::Error;
 
     #[tokio::test]
     async fn a_noop_client_reaches_a_noop_server() {

@@ -1,0 +1,308 @@
+//! The mesh under load: a sandbox, the example programs as child processes, or a
+//! running mesh; and the client chain the connections share.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nsm_sdk::chains::{client, ClientOptions};
+use nsm_sdk::handlers::{heal, HealEvent, HealOptions};
+use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Sandbox};
+use nsm_sdk::token::lifetime_token;
+use nsm_sdk::transport::{Channels, Url};
+use nsm_sdk::Chain;
+use tokio::time::Instant;
+use tracing::info;
+
+use super::children::Children;
+use super::count_requests::{CountRequests, Counts};
+use super::namespaces::Namespaces;
+use super::options::{LoadMechanism, LoadOptions, Target};
+use crate::metrics::scrape;
+use crate::process::Failure;
+
+/// The mesh under load, and the processes to sample.
+pub(super) struct Mesh {
+    pub(super) client: Chain,
+    pub(super) metrics: Vec<(String, Url)>,
+    /// Sample this process too (it is the whole mesh in sandbox mode).
+    pub(super) sample_self: bool,
+    pub(super) _sandbox: Option<(Sandbox, EndpointHandle)>,
+    pub(super) children: Children,
+    /// The namespaces of KERNEL clients: the URL of each (warm-up first), and the guard
+    /// that deletes them (after the children are gone: fields drop in order).
+    pub(super) netns_urls: Vec<String>,
+    pub(super) _namespaces: Option<Namespaces>,
+}
+
+pub(super) fn client_options(
+    opts: &LoadOptions,
+    connect_to: Url,
+    counts: &Arc<Counts>,
+) -> ClientOptions {
+    let channels = Channels::new();
+    with_handlers(
+        ClientOptions::new(&opts.name, connect_to)
+            .channels(channels.clone())
+            .tokens(Arc::new(lifetime_token(opts.token_lifetime))),
+        opts,
+        channels,
+        counts,
+    )
+}
+
+pub(super) fn with_handlers(
+    base: ClientOptions,
+    opts: &LoadOptions,
+    channels: Channels,
+    counts: &Arc<Counts>,
+) -> ClientOptions {
+    let mut o = base
+        .retry(Some(opts.request_timeout))
+        .timeout(opts.request_timeout);
+    if opts.mechanism == LoadMechanism::Kernel {
+        // Each request carries its client's KERNEL preference (see `request`).
+        o = o.mechanisms(Vec::new());
+    }
+    if opts.heal {
+        let c = counts.clone();
+        o = o.handler(heal(HealOptions::new(channels).observer(move |e| {
+            let n = match e {
+                HealEvent::Broken => &c.heal_broken,
+                HealEvent::Healed => &c.heal_healed,
+                _ => return,
+            };
+            n.fetch_add(1, Ordering::Relaxed);
+        })));
+    }
+    o.handler(CountRequests(counts.clone()))
+}
+
+pub(super) async fn start_mesh(opts: &LoadOptions, counts: &Arc<Counts>) -> Result<Mesh, Failure> {
+    let kernel = opts.mechanism == LoadMechanism::Kernel;
+    if kernel && matches!(opts.target, Target::Sandbox(_)) {
+        return Err(Failure::config(
+            "the sandbox has no KERNEL data plane: use --processes or --connect-to",
+        ));
+    }
+    // One namespace per client, one for the warm-up, one for a spawned endpoint.
+    let namespaces = if kernel {
+        // Blocks this thread for a moment before anything else runs.
+        Some(Namespaces::create(opts.clients + 2)?)
+    } else {
+        None
+    };
+    let netns_urls = namespaces
+        .as_ref()
+        .map(|ns| (0..=opts.clients).map(|n| ns.url(n)).collect())
+        .unwrap_or_default();
+    let nse_netns = namespaces
+        .as_ref()
+        .map(|ns| ns.names[opts.clients + 1].clone());
+    let mut mesh = start_mesh_in(opts, counts, nse_netns).await?;
+    mesh.netns_urls = netns_urls;
+    mesh._namespaces = namespaces;
+    Ok(mesh)
+}
+
+pub(super) async fn start_mesh_in(
+    opts: &LoadOptions,
+    counts: &Arc<Counts>,
+    nse_netns: Option<String>,
+) -> Result<Mesh, Failure> {
+    let mut metrics = opts.metrics.clone();
+    match &opts.target {
+        Target::Connect(url) => Ok(Mesh {
+            client: client(client_options(opts, url.clone(), counts)),
+            metrics,
+            sample_self: true,
+            _sandbox: None,
+            children: Children {
+                procs: Vec::new(),
+                dir: None,
+                keep: false,
+            },
+            netns_urls: Vec::new(),
+            _namespaces: None,
+        }),
+        Target::Sandbox(transport) => {
+            let mesh = Sandbox::builder()
+                .nodes(1)
+                .transport(*transport)
+                .token_lifetime(opts.token_lifetime)
+                .build()
+                .await
+                .map_err(|e| Failure::runtime(format!("cannot start the sandbox: {e}")))?;
+            let prefix = "10.0.0.0/8"
+                .parse()
+                .map_err(|_| Failure::config("prefix"))?;
+            let nse = mesh
+                .node(0)
+                .endpoint(EndpointSpec::new("nse", &opts.network_service).ipam(prefix))
+                .await
+                .map_err(|e| Failure::runtime(format!("cannot start the endpoint: {e}")))?;
+            let base = mesh.node(0).client_options(&opts.name);
+            let client = client(with_handlers(base, opts, Channels::new(), counts));
+            Ok(Mesh {
+                client,
+                metrics,
+                sample_self: true,
+                _sandbox: Some((mesh, nse)),
+                children: Children {
+                    procs: Vec::new(),
+                    dir: None,
+                    keep: false,
+                },
+                netns_urls: Vec::new(),
+                _namespaces: None,
+            })
+        }
+        Target::Processes(bin_dir) => {
+            let (children, nsmgr, spawned) = spawn_mesh(opts, bin_dir, nse_netns).await?;
+            metrics.extend(spawned);
+            Ok(Mesh {
+                client: client(client_options(opts, nsmgr, counts)),
+                metrics,
+                sample_self: true,
+                _sandbox: None,
+                children,
+                netns_urls: Vec::new(),
+                _namespaces: None,
+            })
+        }
+    }
+}
+
+/// Starts registry, nsmgr, forwarder and icmp responder on unix sockets in a new
+/// temporary directory, each with its metrics endpoint; returns them, the manager's URL
+/// and the metrics endpoints.
+pub(super) async fn spawn_mesh(
+    opts: &LoadOptions,
+    bin_dir: &Path,
+    nse_netns: Option<String>,
+) -> Result<(Children, Url, Vec<(String, Url)>), Failure> {
+    let dir = std::env::temp_dir().join(format!("nsm-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Failure::runtime(format!("cannot create {}: {e}", dir.display())))?;
+    let mut children = Children {
+        procs: Vec::new(),
+        dir: Some(dir.clone()),
+        keep: opts.keep_dir,
+    };
+    let sock = |name: &str| format!("unix://{}", dir.join(name).display());
+    let (reg, nsmgr) = (sock("registry.sock"), sock("nsmgr.sock"));
+    let mut metrics = Vec::new();
+    // (program, name, settings)
+    type Program<'a> = (&'a str, &'a str, Vec<(&'a str, String)>);
+    let programs: [Program<'_>; 4] = [
+        (
+            "nsm-registry",
+            "registry",
+            vec![("NSM_LISTEN_ON", reg.clone())],
+        ),
+        (
+            "nsmgr",
+            "nsmgr",
+            vec![
+                ("NSM_LISTEN_ON", nsmgr.clone()),
+                ("NSM_REGISTRY_URL", reg.clone()),
+            ],
+        ),
+        (
+            "nsm-forwarder",
+            "forwarder",
+            vec![
+                ("NSM_LISTEN_ON", sock("forwarder.sock")),
+                ("NSM_CONNECT_TO", nsmgr.clone()),
+            ],
+        ),
+        (
+            "nse-icmp-responder",
+            "nse",
+            vec![
+                ("NSM_LISTEN_ON", sock("nse.sock")),
+                ("NSM_CONNECT_TO", nsmgr.clone()),
+                ("NSM_SERVICE_NAMES", opts.network_service.clone()),
+                // Room for 2 addresses per connection.
+                ("NSM_CIDR_PREFIX", "172.20.0.0/14".to_string()),
+            ],
+        ),
+    ];
+    for (program, name, env) in programs {
+        let exe = bin_dir.join(program);
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))
+            .map_err(|e| Failure::runtime(format!("cannot create a log file: {e}")))?;
+        let metrics_sock = dir.join(format!("{name}.metrics.sock"));
+        // The endpoint serves no metrics.
+        let serves_metrics = name != "nse";
+        let mut cmd = match (&nse_netns, name) {
+            // The endpoint's ends of the veth pairs go into its own namespace.
+            (Some(ns), "nse") => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&exe);
+                c
+            }
+            _ => tokio::process::Command::new(&exe),
+        };
+        cmd.env("NSM_NAME", name)
+            .env("NSM_LOG_LEVEL", &opts.mesh_log_level)
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        if let Some(n) = opts.mesh_worker_threads {
+            cmd.env("NSM_WORKER_THREADS", n.to_string());
+        }
+        if serves_metrics {
+            cmd.env("NSM_METRICS_LISTEN_ON", &metrics_sock);
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| Failure::config(format!("cannot start {}: {e}", exe.display())))?;
+        children.procs.push((name.to_string(), child));
+        if serves_metrics {
+            let url = Url::Unix(metrics_sock);
+            wait_until(Duration::from_secs(20), || async {
+                scrape(&url).await.is_ok()
+            })
+            .await
+            .map_err(|()| Failure::runtime(format!("{program} did not start (log: {name}.log)")))?;
+            metrics.push((name.to_string(), url));
+        }
+        // Each program needs the one before it (its registry or manager) serving; the
+        // warm-up request waits for the forwarder and the endpoint to register.
+        if name == "registry" || name == "nsmgr" {
+            let listen = if name == "registry" { &reg } else { &nsmgr };
+            let path = PathBuf::from(listen.trim_start_matches("unix://"));
+            wait_until(Duration::from_secs(20), || {
+                let ready = path.exists();
+                async move { ready }
+            })
+            .await
+            .map_err(|()| Failure::runtime(format!("{program} does not listen")))?;
+        }
+    }
+    info!(dir = %dir.display(), "mesh processes started");
+    let nsmgr = nsmgr
+        .parse()
+        .map_err(|e| Failure::runtime(format!("{e}")))?;
+    Ok((children, nsmgr, metrics))
+}
+
+pub(super) async fn wait_until<F, Fut>(within: Duration, mut ready: F) -> Result<(), ()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + within;
+    while !ready().await {
+        if Instant::now() > until {
+            return Err(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
