@@ -48,10 +48,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use nsm_sdk::handlers::select_mechanism;
 use nsm_sdk::handlers::{mechanisms, Mechanisms};
 use nsm_sdk::proto::connection::{Connection, Mechanism};
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::handlers::select_mechanism;
 use nsm_sdk::wire::{cls, params, types};
 use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use tracing::{debug, info, warn};

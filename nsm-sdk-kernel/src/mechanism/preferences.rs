@@ -11,9 +11,9 @@
 //! State: none. Failure handled: a scheme with no mechanism here is not an error, it is
 //! requested as NOOP and logged at info.
 
+use nsm_sdk::config::NsUrl;
 use nsm_sdk::handlers::noop_mechanism;
 use nsm_sdk::proto::connection::Mechanism;
-use nsm_sdk::config::NsUrl;
 use nsm_sdk::wire::types;
 use tracing::info;
 

@@ -32,9 +32,9 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use nsm_sdk::handlers::select_mechanism;
 use nsm_sdk::proto::connection::{Connection, Mechanism};
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::handlers::select_mechanism;
 use nsm_sdk::wire::{params, types};
 use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use tracing::{debug, warn};

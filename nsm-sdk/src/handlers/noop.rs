@@ -16,8 +16,8 @@ use nsm_proto::connection::{Connection, Mechanism};
 use nsm_proto::networkservice::NetworkServiceRequest;
 
 use super::mechanisms::{mechanism_preferences, MechanismPreferences};
-use crate::core::{Cx, Handler, Next};
 use super::select_mechanism;
+use crate::core::{Cx, Handler, Next};
 use crate::wire::{cls, types};
 use crate::Result;
 
