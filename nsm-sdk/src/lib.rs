@@ -7,7 +7,8 @@
 //!
 //! Floors, from the ground up: [`error`], [`core`] (the handler trait, chains, context,
 //! per-connection handles, tower adapters), [`registry`], [`transport`], [`handlers`],
-//! [`chains`], and `sandbox` (feature `sandbox`). A floor uses only the floors below it.
+//! [`chains`], [`serving`] (running an endpoint or a forwarder as a program), and
+//! `sandbox` (feature `sandbox`). A floor uses only the floors below it.
 
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
@@ -19,6 +20,7 @@ pub mod handlers;
 pub mod registry;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
+pub mod serving;
 pub mod tools;
 pub mod transport;
 
