@@ -22,9 +22,9 @@
 //!
 //! This library is what they share: parsing ([`Common`], [`parse_duration`],
 //! [`parse_labels`]), the life of a program ([`run`]: logging, signals, exit statuses),
-//! serving ([`serve_all`], [`shutdown_all`]), staying registered ([`registered_until`],
-//! [`Registration`]),
-//! running an endpoint ([`serve_endpoint`]), the mechanisms they serve and ask for
+//! serving ([`serve_all`], [`shutdown_all`]), running an endpoint from its settings
+//! ([`serve_endpoint`], over nsm-sdk's [`serving`](nsm_sdk::serving), which also keeps
+//! the forwarder and the endpoints registered), the mechanisms they serve and ask for
 //! ([`forwarder_mechanisms`], [`endpoint_mechanisms`], [`preferences`]) and the handlers the programs add to their
 //! chains ([`log_calls`], [`print_connections`]).
 //!
@@ -45,7 +45,6 @@ pub mod load;
 mod mechanisms;
 pub mod metrics;
 mod process;
-mod registration;
 mod service_file;
 pub mod vpn_demo;
 
@@ -54,7 +53,7 @@ pub use cli::{
     DEFAULT_NSM_SOCKET,
 };
 pub use connections::{print_connection, print_connections, PrintConnections};
-pub use endpoint::{log_calls, registry_client, serve_endpoint, EndpointArgs, LogCalls};
+pub use endpoint::{log_calls, serve_endpoint, EndpointArgs, LogCalls};
 pub use firewall::{apply_acl, firewall, nft, remove_acl, Acl, AclRule, Proto, Verdict, NFT_TABLE};
 pub use gateway::{
     corporate_routes, nat_ruleset, route_to_corporate, stop_routing, vpn_gateway, CorporateRoutes,
@@ -64,12 +63,10 @@ pub use mechanisms::{
     endpoint_mechanisms, forwarder_mechanisms, kernel_liveness, kernel_when_offered, preferences,
     KernelWhenOffered, MechanismChoice,
 };
+/// Moved to nsm-sdk; re-exported for the bench and the load tool.
+pub use nsm_sdk::serving::registry_client;
 pub use process::{
     init_logging, run, runtime, serve_all, shutdown_all, stop_on_signal, terminate, Failure,
     SHUTDOWN_TIMEOUT,
-};
-pub use registration::{
-    ensure_network_service, registered_until, Registration, CALL_TIMEOUT, DEFAULT_REFRESH,
-    STARTUP_TIMEOUT,
 };
 pub use service_file::{register_services, ServiceFileArgs};
