@@ -12,6 +12,8 @@
 //! | `nse-icmp-responder` | an endpoint with point-to-point IPAM, registered with its manager |
 //! | `nsc` | a client: requests NS URLs, prints each connection as a JSON line |
 //! | `hello-endpoint` | the smallest "write your own endpoint" program |
+//! | `embed-client` | an application using a network service through the SDK's client chain (guide) |
+//! | `my-nsmgr` | the manager chain with a request counter inserted (guide) |
 //! | `nse-firewall` | a service-chain firewall: bridges each connection, filters it with nftables |
 //! | `nse-vpn-gateway` | a VPN gateway NSE: addresses, a route to the corporate networks, NAT |
 //! | `demo` | the README's first command: firewall + VPN gateway across two nodes ([`vpn_demo`]) |

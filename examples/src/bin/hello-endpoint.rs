@@ -5,6 +5,7 @@
 //! It uses nsm-sdk and crates.io crates only (clap, tokio, tracing-subscriber): copy it
 //! into the `src/main.rs` of a crate of your own and it builds.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -59,7 +60,12 @@ struct Args {
     connect_to: Url,
 
     /// Log level or tracing filter directives; logs go to stderr.
-    #[arg(long, env = "NSM_LOG_LEVEL", value_name = "LEVEL", default_value = "info")]
+    #[arg(
+        long,
+        env = "NSM_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "info"
+    )]
     log_level: String,
 }
 
@@ -76,6 +82,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     let prefix = "169.254.0.0/16".parse().expect("a valid prefix");

@@ -204,7 +204,7 @@ impl Registration {
             chain.register(&mut patience.cx(), entry.clone()).await
         })
         .await;
-        let Some(registered) = registered.inspect_err(|_| timers.cancel())? else {
+        let Some(_) = registered.inspect_err(|_| timers.cancel())? else {
             timers.cancel();
             return Ok(None);
         };
@@ -212,7 +212,6 @@ impl Registration {
             name = %entry.name,
             url = %entry.url,
             services = ?entry.network_service_names,
-            expires = ?registered.expiration_time,
             "registered endpoint"
         );
         Ok(Some(Registration {
