@@ -1,22 +1,21 @@
-//! Running an endpoint (NSE): its settings, serving it, registering it through its
-//! node's manager, and a handler that logs each call.
+//! Running an endpoint (NSE) program: its settings, and a handler that logs each call.
+//! Serving and staying registered are nsm-sdk's
+//! ([`nsm_sdk::serving::serve_endpoint`]); this module maps the settings onto it.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 use nsm_proto::connection::Connection;
 use nsm_proto::networkservice::NetworkServiceRequest;
-use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
 use nsm_sdk::chains::Endpoint;
-use nsm_sdk::registry::{Registries, RegistryChain};
-use nsm_sdk::transport::{grpc_registry, Channels, Url};
+use nsm_sdk::serving::ServeOptions;
+use nsm_sdk::transport::Url;
 use nsm_sdk::{Cx, Handler, Next};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::cli::{Common, DEFAULT_NSM_SOCKET};
-use crate::process::{serve_all, shutdown_all, Failure};
-use crate::registration::{ensure_network_service, registered_until};
+use crate::process::Failure;
 
 /// The settings of every endpoint program.
 #[derive(Debug, Clone, clap::Args)]
@@ -40,23 +39,25 @@ pub struct EndpointArgs {
     pub common: Common,
 }
 
-/// Registry chains that talk to the registry served at `url` (a node manager's or the
-/// registry's own).
-pub fn registry_client(channels: &Channels, url: &Url) -> Registries {
-    Registries {
-        ns: RegistryChain::<NetworkService>::builder()
-            .push(grpc_registry(channels.clone(), url.clone()))
-            .build(),
-        nse: RegistryChain::<NetworkServiceEndpoint>::builder()
-            .push(grpc_registry(channels.clone(), url.clone()))
-            .build(),
+impl EndpointArgs {
+    /// The SDK's serving options for these settings: serving `services`, registered
+    /// with `labels`.
+    pub fn serve_options(
+        &self,
+        services: &[String],
+        labels: &HashMap<String, String>,
+    ) -> ServeOptions {
+        ServeOptions::new(self.listen_on.clone(), self.connect_to.clone())
+            .network_services(services.iter().cloned())
+            .labels(labels.clone())
     }
 }
 
-/// Runs `endpoint` until `stop`: serves it on `args.listen_on`, registers each of
-/// `services` that the registry does not know yet, registers the endpoint for them
-/// (each with `labels`) through the manager at `args.connect_to` and keeps it
-/// registered. When `stop` is cancelled it unregisters, then stops serving.
+/// Runs `endpoint` until `stop` with nsm-sdk's
+/// [`serve_endpoint`](nsm_sdk::serving::serve_endpoint): serves it on `args.listen_on`,
+/// registers `services` and the endpoint (each with `labels`) through the manager at
+/// `args.connect_to`, keeps it registered, and unregisters when `stop` is cancelled.
+/// No network service is a configuration failure.
 pub async fn serve_endpoint(
     args: &EndpointArgs,
     endpoint: &Endpoint,
@@ -69,39 +70,8 @@ pub async fn serve_endpoint(
             "an endpoint needs at least one network service",
         ));
     }
-    let registries = registry_client(&Channels::new(), &args.connect_to);
-    let servers = serve_all(std::slice::from_ref(&args.listen_on), &endpoint.services()).await?;
-    let entry = NetworkServiceEndpoint {
-        name: endpoint.name().to_string(),
-        network_service_names: services.to_vec(),
-        network_service_labels: services
-            .iter()
-            .map(|s| {
-                let labels = NetworkServiceLabels {
-                    labels: labels.clone(),
-                };
-                (s.clone(), labels)
-            })
-            .collect(),
-        url: servers[0].url().to_string(),
-        ..Default::default()
-    };
-    let outcome = register_until(&registries, entry, &stop).await;
-    shutdown_all(servers).await;
-    outcome
-}
-
-async fn register_until(
-    registries: &Registries,
-    entry: NetworkServiceEndpoint,
-    stop: &CancellationToken,
-) -> Result<(), Failure> {
-    for service in &entry.network_service_names {
-        if !ensure_network_service(&registries.ns, service, stop).await? {
-            return Ok(());
-        }
-    }
-    registered_until(registries.nse.clone(), entry, stop).await
+    let opts = args.serve_options(services, labels);
+    Ok(nsm_sdk::serving::serve_endpoint(endpoint, opts, stop).await?)
 }
 
 /// See [`log_calls`].

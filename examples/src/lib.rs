@@ -12,6 +12,8 @@
 //! | `nse-icmp-responder` | an endpoint with point-to-point IPAM, registered with its manager |
 //! | `nsc` | a client: requests NS URLs, prints each connection as a JSON line |
 //! | `hello-endpoint` | the smallest "write your own endpoint" program |
+//! | `embed-client` | an application using a network service through the SDK's client chain (guide) |
+//! | `my-nsmgr` | the manager chain with a request counter inserted (guide) |
 //! | `nse-firewall` | a service-chain firewall: bridges each connection, filters it with nftables |
 //! | `nse-vpn-gateway` | a VPN gateway NSE: addresses, a route to the corporate networks, NAT |
 //! | `demo` | the README's first command: firewall + VPN gateway across two nodes ([`vpn_demo`]) |
@@ -22,9 +24,9 @@
 //!
 //! This library is what they share: parsing ([`Common`], [`parse_duration`],
 //! [`parse_labels`]), the life of a program ([`run`]: logging, signals, exit statuses),
-//! serving ([`serve_all`], [`shutdown_all`]), staying registered ([`registered_until`],
-//! [`Registration`]),
-//! running an endpoint ([`serve_endpoint`]) and the handlers the programs add to their
+//! serving ([`serve_all`], [`shutdown_all`]), running an endpoint from its settings
+//! ([`serve_endpoint`], over nsm-sdk's [`serving`](nsm_sdk::serving), which also keeps
+//! the forwarder and the endpoints registered) and the handlers the programs add to their
 //! chains ([`log_calls`], [`print_connections`]). The mechanisms they serve and ask for
 //! come from the library crates: `nsm_sdk_vxlan::forwarder_mechanisms`,
 //! `nsm_sdk_kernel::endpoint_mechanisms`, `nsm_sdk_kernel::preferences`.
@@ -45,7 +47,6 @@ pub mod lab;
 pub mod load;
 pub mod metrics;
 mod process;
-mod registration;
 mod service_file;
 pub mod vpn_demo;
 
@@ -54,18 +55,16 @@ pub use cli::{
     DEFAULT_NSM_SOCKET,
 };
 pub use connections::{print_connection, print_connections, PrintConnections};
-pub use endpoint::{log_calls, registry_client, serve_endpoint, EndpointArgs, LogCalls};
+pub use endpoint::{log_calls, serve_endpoint, EndpointArgs, LogCalls};
 pub use firewall::{apply_acl, firewall, nft, remove_acl, Acl, AclRule, Proto, Verdict, NFT_TABLE};
 pub use gateway::{
     corporate_routes, nat_ruleset, route_to_corporate, stop_routing, vpn_gateway, CorporateRoutes,
     NAT_TABLE,
 };
+/// Moved to nsm-sdk; re-exported for the bench and the load tool.
+pub use nsm_sdk::serving::registry_client;
 pub use process::{
     init_logging, run, runtime, serve_all, shutdown_all, stop_on_signal, terminate, Failure,
     SHUTDOWN_TIMEOUT,
-};
-pub use registration::{
-    ensure_network_service, registered_until, Registration, CALL_TIMEOUT, DEFAULT_REFRESH,
-    STARTUP_TIMEOUT,
 };
 pub use service_file::{register_services, ServiceFileArgs};

@@ -7,14 +7,15 @@ use std::path::PathBuf;
 
 use nsm_proto::registry::NetworkService;
 use nsm_sdk::config::ns_file;
+use nsm_sdk::serving::{
+    registry_client, retry_startup, DEFAULT_CALL_TIMEOUT, DEFAULT_STARTUP_TIMEOUT,
+};
 use nsm_sdk::transport::{Channels, Url};
 use nsm_sdk::Cx;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::endpoint::registry_client;
 use crate::process::Failure;
-use crate::registration::{retrying, CALL_TIMEOUT};
 
 /// The setting of programs that register network services from a file.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -46,12 +47,16 @@ pub async fn register_services(
     let registry = registry_client(&Channels::new(), url).ns;
     for ns in services {
         let what = format!("registering network service {}", ns.name);
-        let done = retrying(&what, stop, || async {
+        let done = retry_startup(&what, DEFAULT_STARTUP_TIMEOUT, stop, || async {
             registry
-                .register(&mut Cx::client().with_timeout(CALL_TIMEOUT), ns.clone())
+                .register(
+                    &mut Cx::client().with_timeout(DEFAULT_CALL_TIMEOUT),
+                    ns.clone(),
+                )
                 .await
         })
-        .await?;
+        .await
+        .map_err(|e| Failure::runtime(e.to_string()))?;
         if done.is_none() {
             return Ok(false);
         }

@@ -9,9 +9,10 @@
 //! payloads), [`core`] (the handler trait, chains, context, per-connection handles, the
 //! runtime layer `core::rt`, URLs, tower adapters), [`config`] (NS URLs and
 //! NetworkService files), [`token`] (token generators), [`registry`], [`transport`],
-//! [`handlers`], [`chains`], and `sandbox` (feature `sandbox`). A floor uses only the
-//! floors below it; `cargo nextest run -p nsm-sdk --test layers` checks it, and that no
-//! two modules at the same level import each other.
+//! [`handlers`], [`chains`], [`serving`] (running an endpoint or a forwarder as a
+//! program), and `sandbox` (feature `sandbox`). A floor uses only the floors below it;
+//! `cargo nextest run -p nsm-sdk --test layers` checks it, and that no two modules at the
+//! same level import each other.
 
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
@@ -24,6 +25,7 @@ pub mod handlers;
 pub mod registry;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
+pub mod serving;
 pub mod token;
 pub mod transport;
 pub mod wire;

@@ -23,6 +23,7 @@ const FLOORS: &[&str] = &[
     "transport",
     "handlers",
     "chains",
+    "serving",
     "sandbox",
 ];
 

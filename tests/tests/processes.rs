@@ -397,15 +397,15 @@ fn remote_mesh_over_tcp() {
 fn registrations_outlive_the_registry_expiry() {
     let mesh = Mesh::new("refresh")
         .with_env("NSM_EXPIRE_AFTER", "2s")
-        .with_env("NSM_LOG_LEVEL", "info,nsm_examples=debug");
+        .with_env("NSM_LOG_LEVEL", "info,nsm_sdk::registry::refresh=debug");
     let (reg_url, nsmgr_url) = (mesh.dir.unix("reg.sock"), mesh.dir.unix("nsmgr.sock"));
     let registry = mesh.registry(&reg_url);
     let _nsmgr = mesh.nsmgr("nsmgr", &nsmgr_url, &reg_url);
     let mut fwd = mesh.forwarder("forwarder", &mesh.dir.unix("fwd.sock"), &nsmgr_url);
     let mut nse = mesh.icmp_responder("nse", &mesh.dir.unix("nse.sock"), &nsmgr_url);
 
-    // Refreshes come every third of the 2 s expiry: four of them take the entries past
-    // the expiry of their first registration.
+    // Refreshes (nsm-sdk's registry_refresh) come at 2/3 of the 2 s expiry, jittered:
+    // four of them take the entries past the expiry of their first registration.
     nse.wait_for_lines(&["registration refreshed", "name=nse"], 4);
     fwd.wait_for_lines(&["registration refreshed", "name=forwarder"], 4);
     assert!(!registry.log().contains("expired"), "{}", registry.log());

@@ -1,14 +1,20 @@
 //! `hello-endpoint`: write your own endpoint. It serves the network service `hello`
-//! with point-to-point addresses, the NOOP mechanism and one handler of its own.
+//! with point-to-point addresses, the NOOP mechanism and one handler of its own, and
+//! stays registered with its node's manager until SIGTERM or SIGINT.
+//!
+//! It uses nsm-sdk and crates.io crates only (clap, tokio, tracing-subscriber): copy it
+//! into the `src/main.rs` of a crate of your own and it builds.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use async_trait::async_trait;
-use nsm_examples::{run, serve_endpoint, EndpointArgs};
+use clap::Parser;
 use nsm_sdk::chains::{endpoint, EndpointOptions};
 use nsm_sdk::handlers::{mechanisms, noop_server, point_to_point};
 use nsm_sdk::proto::{connection::Connection, networkservice::NetworkServiceRequest};
-use nsm_sdk::{wire::types, Cx, Error, Handler, Next, Result};
+use nsm_sdk::serving::{serve_endpoint, stop_on_signal, ServeOptions};
+use nsm_sdk::transport::Url;
+use nsm_sdk::{async_trait, wire::types, Cx, Error, Handler, Next, Result};
 
 /// Our own logic: refuse clients labelled `color=red`, greet the others with a label.
 struct Greeter;
@@ -34,22 +40,69 @@ impl Handler for Greeter {
 
 /// A tiny NSE serving `hello`, registered through its node's manager.
 #[derive(clap::Parser)]
+#[command(version)]
 struct Args {
-    #[command(flatten)]
-    endpoint: EndpointArgs,
+    /// Name of the endpoint (unique in the registry).
+    #[arg(long, env = "NSM_NAME")]
+    name: String,
+
+    /// Where to listen (tcp://host:port or unix:///path); it registers this URL.
+    #[arg(long, env = "NSM_LISTEN_ON", value_name = "URL")]
+    listen_on: Url,
+
+    /// The node manager to register through.
+    #[arg(
+        long,
+        env = "NSM_CONNECT_TO",
+        value_name = "URL",
+        default_value = "unix:///var/lib/networkservicemesh/nsm.io.sock"
+    )]
+    connect_to: Url,
+
+    /// Log level or tracing filter directives; logs go to stderr.
+    #[arg(
+        long,
+        env = "NSM_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "info"
+    )]
+    log_level: String,
 }
 
-fn main() -> ExitCode {
-    run(|args: Args, stop| async move {
-        let prefix = "169.254.0.0/16".parse().expect("a valid prefix");
-        let hello = endpoint(
-            &args.endpoint.name,
-            EndpointOptions::new()
-                .handler(Greeter)
-                .handler(point_to_point(vec![prefix]))
-                .handler(mechanisms().with(types::NOOP, noop_server())),
-        );
-        let no_labels = Default::default();
-        serve_endpoint(&args.endpoint, &hello, &["hello".into()], &no_labels, stop).await
-    })
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("hello-endpoint: bad log level {:?}: {e}", args.log_level);
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let prefix = "169.254.0.0/16".parse().expect("a valid prefix");
+    let hello = endpoint(
+        &args.name,
+        EndpointOptions::new()
+            .handler(Greeter)
+            .handler(point_to_point(vec![prefix]))
+            .handler(mechanisms().with(types::NOOP, noop_server())),
+    );
+    let opts = ServeOptions::new(args.listen_on, args.connect_to).network_service("hello");
+    let outcome = match stop_on_signal() {
+        Ok(stop) => serve_endpoint(&hello, opts, stop).await,
+        Err(e) => Err(Error::internal(format!("cannot handle signals: {e}"))),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hello-endpoint: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -5,8 +5,9 @@ use std::net::IpAddr;
 use std::process::ExitCode;
 
 use nsm_examples::metrics::MetricsArgs;
-use nsm_examples::{registered_until, run, serve_all, shutdown_all, Common, DEFAULT_NSM_SOCKET};
+use nsm_examples::{run, Common, DEFAULT_NSM_SOCKET};
 use nsm_sdk::chains::{forwarder, ForwarderOptions};
+use nsm_sdk::serving::{serve_forwarder, ServeOptions};
 use nsm_sdk::transport::Url;
 use nsm_sdk_vxlan::{forwarder_mechanisms, Tunnel};
 use tokio_util::sync::CancellationToken;
@@ -79,16 +80,14 @@ fn main() -> ExitCode {
         let root = CancellationToken::new();
         let (server_side, client_side) = forwarder_mechanisms(tunnel);
         let fwd = forwarder(
-            ForwarderOptions::new(&args.name, args.connect_to)
+            ForwarderOptions::new(&args.name, args.connect_to.clone())
                 .root(root.clone())
                 .server_mechanisms(server_side)
                 .client_mechanisms(client_side),
         );
-        let servers = serve_all(&[args.listen_on], &fwd.services()).await?;
-        let entry = fwd.registration(servers[0].url());
-        let outcome = registered_until(fwd.registries().nse.clone(), entry, &stop).await;
-        shutdown_all(servers).await;
+        let opts = ServeOptions::new(args.listen_on, args.connect_to);
+        let outcome = serve_forwarder(&fwd, opts, stop).await;
         root.cancel();
-        outcome
+        Ok(outcome?)
     })
 }

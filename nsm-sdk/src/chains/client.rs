@@ -1,8 +1,10 @@
 //! The client chain: what an NSC (or the client half of a passthrough NSE) uses to ask
 //! its node's manager for a network service.
 //!
-//! `update_path(name)`, `begin`, `refresh` (re-request before the path's tokens expire),
-//! `retry`, the application's handlers, `update_token`, mechanism preferences, the
+//! `update_path(name)`, `begin`, [`after_begin`](ClientOptions::after_begin) handlers,
+//! `refresh` (re-request before the path's tokens expire), `retry`, the application's
+//! handlers ([`handler`](ClientOptions::handler)), `update_token`, mechanism
+//! preferences, [`before_connect`](ClientOptions::before_connect) handlers, the
 //! manager's URL, and the gRPC client.
 
 use std::sync::Arc;
@@ -31,6 +33,8 @@ pub struct ClientOptions {
     retry: Option<Duration>,
     timeout: Duration,
     handlers: Vec<Arc<dyn Handler>>,
+    after_begin: Vec<Arc<dyn Handler>>,
+    before_connect: Vec<Arc<dyn Handler>>,
     root: CancellationToken,
     tokens: Arc<dyn TokenGenerator>,
 }
@@ -58,6 +62,8 @@ impl ClientOptions {
             retry: Some(Duration::from_secs(15)),
             timeout: crate::core::rt::begin::DEFAULT_TIMEOUT,
             handlers: Vec::new(),
+            after_begin: Vec::new(),
+            before_connect: Vec::new(),
             root: CancellationToken::new(),
             tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
         }
@@ -93,6 +99,22 @@ impl ClientOptions {
         self
     }
 
+    /// Inserts a handler right after `begin`: it sees each Request and Close that
+    /// `begin` lets through (with the connection's handle in [`Cx::conn`](crate::Cx::conn)),
+    /// before the chain's own handlers; handlers inserted here run in the order added.
+    pub fn after_begin(mut self, handler: impl Handler) -> Self {
+        self.after_begin.push(Arc::new(handler));
+        self
+    }
+
+    /// Inserts a handler right before the request leaves for the manager (after
+    /// `update_token` and the mechanism preferences): it sees the request as sent, and
+    /// the manager's answer first.
+    pub fn before_connect(mut self, handler: impl Handler) -> Self {
+        self.before_connect.push(Arc::new(handler));
+        self
+    }
+
     /// The token generator that signs this hop's path segment (default: unsigned tokens
     /// that live 10 minutes).
     pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
@@ -113,11 +135,13 @@ pub fn client(opts: ClientOptions) -> Chain {
     Chain::builder()
         .push(update_path(opts.name))
         .push(begin().root(opts.root).default_timeout(opts.timeout))
+        .extend(opts.after_begin)
         .push(refresh())
         .push_opt(retry)
         .extend(opts.handlers)
         .push(update_token(opts.tokens))
         .push(mechanism_preferences(opts.mechanisms))
+        .extend(opts.before_connect)
         .push(client_url(opts.connect_to))
         .push(grpc_client(opts.channels))
         .build()

@@ -1,8 +1,9 @@
 //! The endpoint chain: what an NSE serves.
 //!
-//! `update_path(name)` (trimming a stale tail), `begin`, `update_token`, `timeout`
+//! `update_path(name)` (trimming a stale tail), `begin`,
+//! [`after_begin`](EndpointOptions::after_begin) handlers, `update_token`, `timeout`
 //! (close when the caller stops refreshing), `monitor`, then the application's handlers
-//! (IPAM, mechanisms, its own logic).
+//! ([`handler`](EndpointOptions::handler): IPAM, mechanisms, its own logic).
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use crate::transport::Services;
 #[must_use]
 pub struct EndpointOptions {
     handlers: Vec<Arc<dyn Handler>>,
+    after_begin: Vec<Arc<dyn Handler>>,
     root: CancellationToken,
     tokens: Arc<dyn TokenGenerator>,
 }
@@ -35,6 +37,7 @@ impl Default for EndpointOptions {
     fn default() -> Self {
         EndpointOptions {
             handlers: Vec::new(),
+            after_begin: Vec::new(),
             root: CancellationToken::new(),
             tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
         }
@@ -54,7 +57,15 @@ impl EndpointOptions {
         self
     }
 
-    /// Appends an application handler.
+    /// Inserts a handler right after `begin`: it sees each Request and Close that
+    /// `begin` lets through (with the connection's handle in [`Cx::conn`](crate::Cx::conn)),
+    /// before the chain's own handlers; handlers inserted here run in the order added.
+    pub fn after_begin(mut self, handler: impl Handler) -> Self {
+        self.after_begin.push(Arc::new(handler));
+        self
+    }
+
+    /// Appends an application handler (after `monitor`, the end of the chain).
     pub fn handler(mut self, handler: impl Handler) -> Self {
         self.handlers.push(Arc::new(handler));
         self
@@ -114,6 +125,7 @@ pub fn endpoint(name: impl Into<String>, opts: EndpointOptions) -> Endpoint {
     let chain = Chain::builder()
         .push(update_path(name.clone()).trim_tail(true))
         .push(begin().root(opts.root))
+        .extend(opts.after_begin)
         .push(update_token(opts.tokens))
         .push(timeout())
         .push(monitor.clone())

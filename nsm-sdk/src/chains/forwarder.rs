@@ -2,10 +2,12 @@
 //! connection (the server-side mechanism), picks the endpoint, and connects to it (a
 //! local NSE, or the manager of the NSE's node).
 //!
-//! NetworkService chain: `update_path(name)`, `begin`, `monitor`, extra handlers
-//! ([`ForwarderOptions::handler`]; none by default), `mechanisms` (server side,
-//! pluggable; NOOP by default), `discover`, `netsvc_monitor` (the hop that selects the
-//! endpoint keeps it allowed by the network service), `round_robin`, `connect` (a
+//! NetworkService chain: `update_path(name)`, `begin`,
+//! [`after_begin`](ForwarderOptions::after_begin) handlers, `update_token`, `timeout`,
+//! `monitor`, extra handlers ([`ForwarderOptions::handler`]; none by default),
+//! `mechanisms` (server side, pluggable; NOOP by default), `discover`, `netsvc_monitor`
+//! (the hop that selects the endpoint keeps it allowed by the network service),
+//! `round_robin`, [`before_connect`](ForwarderOptions::before_connect) handlers, `connect` (a
 //! client chain of `begin`, `monitor_relay`, `mechanism_translation`, client-side
 //! mechanisms, `update_token`, the gRPC client).
 
@@ -39,6 +41,8 @@ pub struct ForwarderOptions {
     client_mechanisms: Vec<Arc<dyn Handler>>,
     labels: HashMap<String, String>,
     handlers: Vec<Arc<dyn Handler>>,
+    after_begin: Vec<Arc<dyn Handler>>,
+    before_connect: Vec<Arc<dyn Handler>>,
 }
 
 impl std::fmt::Debug for ForwarderOptions {
@@ -66,6 +70,8 @@ impl ForwarderOptions {
             client_mechanisms: vec![Arc::new(noop_client())],
             labels: HashMap::from([("p2p".to_string(), "true".to_string())]),
             handlers: Vec::new(),
+            after_begin: Vec::new(),
+            before_connect: Vec::new(),
         }
     }
 
@@ -103,6 +109,22 @@ impl ForwarderOptions {
     /// The labels it registers with (managers select forwarders by them).
     pub fn labels(mut self, labels: HashMap<String, String>) -> Self {
         self.labels = labels;
+        self
+    }
+
+    /// Inserts a handler right after `begin`: it sees each Request and Close that
+    /// `begin` lets through (with the connection's handle in [`Cx::conn`](crate::Cx::conn)),
+    /// before the chain's own handlers; handlers inserted here run in the order added.
+    pub fn after_begin(mut self, handler: impl Handler) -> Self {
+        self.after_begin.push(Arc::new(handler));
+        self
+    }
+
+    /// Inserts a handler right before `connect`: it sees the request once
+    /// `round_robin` has picked the endpoint (its URL in [`Cx::ext`](crate::Cx::ext) as
+    /// [`ClientUrl`](crate::transport::ClientUrl)), once per candidate tried.
+    pub fn before_connect(mut self, handler: impl Handler) -> Self {
+        self.before_connect.push(Arc::new(handler));
         self
     }
 
@@ -192,6 +214,7 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
     let chain = Chain::builder()
         .push(update_path(opts.name.clone()))
         .push(begin().root(opts.root.clone()))
+        .extend(opts.after_begin)
         .push(update_token(opts.tokens.clone()))
         .push(timeout())
         .push(monitor.clone())
@@ -200,6 +223,7 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         .push(discover(registries.clone()))
         .push(netsvc_monitor(registries.clone()))
         .push(round_robin())
+        .extend(opts.before_connect)
         .push(connect(client))
         .build();
     Forwarder {

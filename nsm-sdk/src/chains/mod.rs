@@ -6,6 +6,10 @@
 //! forwarder picks the endpoint (discover + select) and connects to it directly (local)
 //! or to the endpoint's manager (remote: the registry hands out the manager's URL for
 //! endpoints registered through it).
+//!
+//! Insertion points: each chain's options take handlers of the application at named
+//! places (`after_begin`, `handler` after `monitor`, `before_connect`; see each
+//! options type), so a chain is extended without copying its body.
 
 pub mod client;
 pub mod endpoint;
@@ -18,3 +22,6 @@ pub use endpoint::{endpoint, Endpoint, EndpointOptions};
 pub use forwarder::{forwarder, Forwarder, ForwarderOptions};
 pub use nsmgr::{nsmgr, Nsmgr, NsmgrOptions};
 pub use registry_server::{registry_server, RegistryServer};
+
+#[cfg(test)]
+mod tests;

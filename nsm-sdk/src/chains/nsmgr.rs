@@ -1,9 +1,12 @@
 //! The node manager: picks a local forwarder for each connection and is its node's
 //! registry front.
 //!
-//! NetworkService chain: `update_path(name)`, `begin`, `monitor`,
-//! `filter_mechanisms` (a request from another node's forwarder keeps only its REMOTE
-//! preferences, any other only LOCAL ones), `discover_forwarder`, `connect` (a client
+//! NetworkService chain: `update_path(name)`, `begin`,
+//! [`after_begin`](NsmgrOptions::after_begin) handlers, `update_token`, `timeout`,
+//! `monitor`, [`handler`](NsmgrOptions::handler)s, `filter_mechanisms` (a request from
+//! another node's forwarder keeps only its REMOTE preferences, any other only LOCAL
+//! ones), `discover_forwarder`, [`before_connect`](NsmgrOptions::before_connect)
+//! handlers, `connect` (a client
 //! chain of `begin`, `monitor_relay`, `update_token` and the gRPC client).
 //! Registry: endpoints registered through it (local NSEs and forwarders) are stored
 //! upstream under the manager's own URL (`local_bypass`) and resolved back to their
@@ -17,7 +20,7 @@ use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::rt::begin;
-use crate::core::{Chain, MonitorSource};
+use crate::core::{Chain, Handler, MonitorSource};
 use crate::handlers::{
     connect, discover_forwarder, filter_mechanisms, monitor_relay, timeout, update_path,
     update_token, Monitor,
@@ -38,6 +41,9 @@ pub struct NsmgrOptions {
     channels: Channels,
     root: CancellationToken,
     tokens: Arc<dyn TokenGenerator>,
+    after_begin: Vec<Arc<dyn Handler>>,
+    handlers: Vec<Arc<dyn Handler>>,
+    before_connect: Vec<Arc<dyn Handler>>,
 }
 
 impl std::fmt::Debug for NsmgrOptions {
@@ -61,6 +67,9 @@ impl NsmgrOptions {
             channels: Channels::new(),
             root: CancellationToken::new(),
             tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
+            after_begin: Vec::new(),
+            handlers: Vec::new(),
+            before_connect: Vec::new(),
         }
     }
 
@@ -74,6 +83,30 @@ impl NsmgrOptions {
     /// that live 10 minutes).
     pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
         self.tokens = tokens;
+        self
+    }
+
+    /// Inserts a handler right after `begin`: it sees each Request and Close that
+    /// `begin` lets through (with the connection's handle in [`Cx::conn`](crate::Cx::conn)),
+    /// before the chain's own handlers; handlers inserted here run in the order added.
+    pub fn after_begin(mut self, handler: impl Handler) -> Self {
+        self.after_begin.push(Arc::new(handler));
+        self
+    }
+
+    /// Appends a handler right after `monitor` (before the forwarder is picked): it
+    /// sees every Request and Close of the manager's connections, with this hop's path
+    /// segment and token in place.
+    pub fn handler(mut self, handler: impl Handler) -> Self {
+        self.handlers.push(Arc::new(handler));
+        self
+    }
+
+    /// Inserts a handler right before `connect`: it sees the request once
+    /// `discover_forwarder` has picked a forwarder (its URL in [`Cx::ext`](crate::Cx::ext)
+    /// as [`ClientUrl`](crate::transport::ClientUrl)).
+    pub fn before_connect(mut self, handler: impl Handler) -> Self {
+        self.before_connect.push(Arc::new(handler));
         self
     }
 
@@ -160,11 +193,14 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
     let chain = Chain::builder()
         .push(update_path(opts.name.clone()))
         .push(begin().root(opts.root.clone()))
+        .extend(opts.after_begin)
         .push(update_token(opts.tokens.clone()))
         .push(timeout())
         .push(monitor.clone())
+        .extend(opts.handlers)
         .push(filter_mechanisms())
         .push(discover_forwarder(registries.clone(), opts.url.clone()))
+        .extend(opts.before_connect)
         .push(connect(client))
         .build();
     Nsmgr {
