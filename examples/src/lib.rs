@@ -40,7 +40,6 @@ mod connections;
 mod endpoint;
 mod firewall;
 mod gateway;
-pub mod lab;
 pub mod load;
 mod mechanisms;
 pub mod metrics;
