@@ -1,5 +1,28 @@
-//! What the nsm-rs test suites, benches and demo programs share, written once.
+//! What the nsm-rs test suites, benches and demo programs share, written once:
+//!
+//! - [`lab`]: a lab of named network namespaces (pid-unique prefixes, veth links,
+//!   addresses, `ip netns exec`), deleted on drop even when a test fails;
+//! - [`Ns`]: one pid-unique namespace (a "pod" or a "node") read through `ip -j`;
+//! - [`can_run`] / [`require_root!`]: whether the kernel tests can run here (root, `ip`,
+//!   `ping`), saying why they skip when not;
+//! - [`eventually`]: waiting for a condition, on tokio's clock (paused time works);
+//! - [`request`] and friends: the requests and path reads every suite builds;
+//! - [`bench`]: statistics, runtimes and the timing handler of the benches;
+//! - [`sandbox`]: `nsm_sdk::sandbox` (the in-process mesh), re-exported so a suite
+//!   imports its whole kit from one place.
 
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod lab;
+mod ns;
+mod req;
+mod skip;
+mod wait;
+
+pub use lab::{Lab, LabError, LabResult};
+pub use ns::{unique, Ns};
+pub use nsm_sdk::sandbox;
+pub use req::{labels, names, refresh, request, request_labelled, request_with_context};
+pub use skip::can_run;
+pub use wait::eventually;

@@ -1,0 +1,259 @@
+//! What the benches share: percentiles of a sample, the runtimes the mesh runs on, a
+//! handler that times what passes through it, what the machine is (printed with each
+//! run), CPU time, and the addresses of a connection.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nsm_proto::connection::Connection;
+use nsm_proto::networkservice::NetworkServiceRequest;
+use nsm_sdk::{async_trait, Cx, Handler, Next};
+use tokio::runtime::{Builder, Runtime};
+
+use crate::lab::run;
+
+/// Any failure of a bench step.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A bench step's result.
+pub type Res<T> = Result<T, BoxError>;
+
+/// A client context with a 10 s deadline (a bench call never waits for ever).
+pub fn cx() -> Cx {
+    Cx::client().with_timeout(Duration::from_secs(10))
+}
+
+/// The runtime every component of the mesh runs on: `current_thread`, or (anything
+/// else, e.g. `multi_thread_2`) two workers, as many as the machine's cores.
+pub fn runtime(kind: &str) -> std::io::Result<Runtime> {
+    match kind {
+        "current_thread" => Builder::new_current_thread().enable_all().build(),
+        _ => Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build(),
+    }
+}
+
+/// Percentiles of a sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// How many.
+    pub n: usize,
+    /// The mean.
+    pub mean: Duration,
+    /// The median.
+    pub p50: Duration,
+    /// The 99th percentile (nearest rank).
+    pub p99: Duration,
+    /// The largest.
+    pub max: Duration,
+}
+
+impl Stats {
+    /// The statistics of `samples` (all zero when there are none).
+    pub fn of(samples: &[Duration]) -> Stats {
+        let mut s = samples.to_vec();
+        s.sort();
+        let n = s.len();
+        if n == 0 {
+            return Stats {
+                n,
+                mean: Duration::ZERO,
+                p50: Duration::ZERO,
+                p99: Duration::ZERO,
+                max: Duration::ZERO,
+            };
+        }
+        Stats {
+            n,
+            mean: s.iter().sum::<Duration>() / n as u32,
+            p50: s[n / 2],
+            p99: s[(n * 99).div_ceil(100) - 1],
+            max: s[n - 1],
+        }
+    }
+
+    /// `n, mean, p50, p99, max` in ms.
+    pub fn line(&self) -> String {
+        format!(
+            "n {}, mean {:.3} ms, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            self.n,
+            ms(self.mean),
+            ms(self.p50),
+            ms(self.p99),
+            ms(self.max)
+        )
+    }
+}
+
+/// `d` in milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_nanos() as f64 / 1e6
+}
+
+/// The mean of `v` (NaN when empty).
+pub fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// The median of `v` (the upper one of an even count; NaN when empty).
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// CPU time of this process so far, all threads, user + system (clock ticks of 10 ms).
+pub fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> Option<u64> { fields.get(i)?.parse::<u64>().ok() };
+    Some(Duration::from_millis((tick(11)? + tick(12)?) * 10))
+}
+
+/// The machine's load average.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// `nproc`, `uname -r`, `rustc -V` and the load: printed at the start of each bench.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = run("uname", &["-r"]).1.trim().to_string();
+    let rustc = run("rustc", &["-V"]).1.trim().to_string();
+    format!(
+        "nproc {cpus}, kernel {kernel}, {rustc}, loadavg {}",
+        loadavg()
+    )
+}
+
+/// The client's and the endpoint's address (`a.b.c.d/32`) of a connection.
+pub fn addrs(conn: &Connection) -> Res<(String, String)> {
+    let ipc = conn
+        .context
+        .as_ref()
+        .and_then(|c| c.ip_context.as_ref())
+        .ok_or("the connection has no IP context")?;
+    let host = |s: Option<&String>| -> Res<String> {
+        let s = s.ok_or("the IP context has no address")?;
+        Ok(if s.contains('/') {
+            s.clone()
+        } else {
+            format!("{s}/32")
+        })
+    };
+    Ok((
+        host(ipc.src_ip_addrs.first())?,
+        host(ipc.dst_ip_addrs.first())?,
+    ))
+}
+
+/// The address of a CIDR (`a.b.c.d/n` -> `a.b.c.d`).
+pub fn ip_of(cidr: &str) -> &str {
+    cidr.split('/').next().unwrap_or(cidr)
+}
+
+/// Times what passes through it (Request and Close separately), in call order. It
+/// keeps every duration until [`Timer::take`]; the rest of the chain's failures pass
+/// through untouched (and are timed too).
+#[derive(Debug, Clone, Default)]
+pub struct Timer {
+    /// How long each Request took the rest of the chain.
+    pub requests: Arc<Mutex<Vec<Duration>>>,
+    /// How long each Close took the rest of the chain.
+    pub closes: Arc<Mutex<Vec<Duration>>>,
+}
+
+impl Timer {
+    /// The Request and Close durations so far; the timer starts empty again.
+    pub fn take(&self) -> (Vec<Duration>, Vec<Duration>) {
+        let r = std::mem::take(&mut *self.requests.lock().unwrap_or_else(|p| p.into_inner()));
+        let c = std::mem::take(&mut *self.closes.lock().unwrap_or_else(|p| p.into_inner()));
+        (r, c)
+    }
+}
+
+#[async_trait]
+impl Handler for Timer {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        req: NetworkServiceRequest,
+        next: Next,
+    ) -> nsm_sdk::Result<Connection> {
+        let t = Instant::now();
+        let out = next.request(cx, req).await;
+        let d = t.elapsed();
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(d);
+        out
+    }
+    async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> nsm_sdk::Result<()> {
+        let t = Instant::now();
+        let out = next.close(cx, conn).await;
+        let d = t.elapsed();
+        self.closes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(d);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nsm_proto::connectioncontext::{ConnectionContext, IpContext};
+    use nsm_sdk::Chain;
+
+    #[test]
+    fn stats_take_nearest_rank_percentiles() {
+        let v: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
+        let s = Stats::of(&v);
+        assert_eq!(s.n, 100);
+        assert_eq!(s.p50, Duration::from_millis(51));
+        assert_eq!(s.p99, Duration::from_millis(99));
+        assert_eq!(s.max, Duration::from_millis(100));
+        assert_eq!(s.mean, Duration::from_micros(50_500));
+        assert_eq!(Stats::of(&[]).n, 0);
+        assert!(s.line().starts_with("n 100, mean 50.500 ms"));
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(mean(&[1.0, 2.0]), 1.5);
+    }
+
+    #[test]
+    fn addrs_read_the_ip_context() {
+        let mut conn = Connection::default();
+        assert!(addrs(&conn).is_err());
+        conn.context = Some(ConnectionContext {
+            ip_context: Some(IpContext {
+                src_ip_addrs: vec!["10.0.0.1/32".into()],
+                dst_ip_addrs: vec!["10.0.0.2".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let (c, e) = addrs(&conn).unwrap();
+        assert_eq!((c.as_str(), e.as_str()), ("10.0.0.1/32", "10.0.0.2/32"));
+        assert_eq!(ip_of(&e), "10.0.0.2");
+    }
+
+    #[tokio::test]
+    async fn the_timer_records_requests_and_closes() {
+        let timer = Timer::default();
+        let chain = Chain::builder().push(timer.clone()).build();
+        let conn = chain
+            .request(&mut cx(), crate::request("svc"))
+            .await
+            .unwrap();
+        chain.close(&mut cx(), conn).await.unwrap();
+        let (r, c) = timer.take();
+        assert_eq!((r.len(), c.len()), (1, 1));
+        assert_eq!(timer.take(), (vec![], vec![]));
+    }
+}

@@ -1,0 +1,209 @@
+//! One pid-unique network namespace for a test or a bench.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nsm_sdk_kernel::NetNs;
+use serde_json::Value;
+
+use crate::lab::{json_array, run};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other namespace, directory or socket of this machine has:
+/// `nsmt-<pid>-<what><n>`, `n` counting up in this process.
+pub fn unique(what: &str) -> String {
+    format!(
+        "nsmt-{}-{what}{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A named namespace (a "pod" or a "node") with `lo` up, deleted when it drops, also
+/// when the test panics. Its reads go through `ip -n <name> -j` (an observer
+/// independent of the SDK's netlink code) and fail the test when `ip` does.
+#[derive(Debug)]
+pub struct Ns {
+    /// Its name under `/run/netns`.
+    pub name: String,
+}
+
+impl Ns {
+    /// Makes a namespace with a [`unique`] name.
+    ///
+    /// # Panics
+    /// When `ip netns add` fails (the test cannot run).
+    pub fn new() -> Ns {
+        let name = unique("");
+        // A leftover from an earlier run with the same pid would make `add` fail.
+        let _ = run("ip", &["netns", "del", &name]);
+        let out = run("ip", &["netns", "add", &name]);
+        assert!(out.0, "ip netns add {name}: {}", out.1);
+        let ns = Ns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Its `file:///run/netns/<name>` URL, as the kernel mechanism names namespaces.
+    pub fn url(&self) -> String {
+        format!("file:///run/netns/{}", self.name)
+    }
+
+    /// Opens it.
+    ///
+    /// # Panics
+    /// When it cannot be opened.
+    pub fn open(&self) -> NetNs {
+        NetNs::named(&self.name).unwrap_or_else(|e| panic!("open {}: {e}", self.name))
+    }
+
+    /// Runs `ip -n <name> <args...>`; its stdout and stderr.
+    ///
+    /// # Panics
+    /// When `ip` fails.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        let (ok, out) = run("ip", &full);
+        assert!(ok, "ip {full:?}: {out}");
+        out
+    }
+
+    /// Runs `ip -n <name> -j <args...>`: the JSON array it prints (empty when it prints
+    /// nothing). A warning before the JSON (stderr is merged into the output, e.g. "Peer
+    /// netns reference is invalid." when another test's namespace is gone) is skipped.
+    ///
+    /// # Panics
+    /// When `ip` fails or prints no JSON array.
+    pub fn json(&self, args: &[&str]) -> Vec<Value> {
+        let mut full = vec!["-j"];
+        full.extend_from_slice(args);
+        let out = self.ip(&full);
+        json_array(&out).unwrap_or_else(|e| panic!("ip -n {} {full:?}: {e}: {out}", self.name))
+    }
+
+    /// Interface names, sorted.
+    pub fn links(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .json(&["link", "show"])
+            .iter()
+            .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The one interface the mesh made (everything but `lo`).
+    ///
+    /// # Panics
+    /// When there is not exactly one.
+    pub fn mesh_link(&self) -> String {
+        let links: Vec<String> = self.links().into_iter().filter(|l| l != "lo").collect();
+        assert_eq!(links.len(), 1, "{}: {links:?}", self.name);
+        links[0].clone()
+    }
+
+    /// What `ip -d link show dev <dev>` says of `dev` (`null` when nothing).
+    pub fn link(&self, dev: &str) -> Value {
+        self.json(&["-d", "link", "show", "dev", dev])
+            .pop()
+            .unwrap_or(Value::Null)
+    }
+
+    /// Global addresses of `dev` (both families), sorted, e.g. `["172.16.50.1/32"]`.
+    pub fn addresses(&self, dev: &str) -> Vec<String> {
+        let mut v = Vec::new();
+        for l in self.json(&["addr", "show", "dev", dev]) {
+            for a in l["addr_info"].as_array().into_iter().flatten() {
+                if a["scope"] == "global" {
+                    v.push(format!(
+                        "{}/{}",
+                        a["local"].as_str().unwrap_or("?"),
+                        a["prefixlen"]
+                    ));
+                }
+            }
+        }
+        v.sort();
+        v
+    }
+
+    /// Runs `ping -c1 <args...>` inside the namespace (blocking); whether it was
+    /// answered. `args` holds the wait (`-W1`) and the address, and any other flag.
+    pub fn ping_with(&self, args: &[&str]) -> bool {
+        let mut full = vec!["netns", "exec", &self.name, "ping", "-c1"];
+        full.extend_from_slice(args);
+        run("ip", &full).0
+    }
+
+    /// One echo request to `addr` with a 1 s wait, without blocking the runtime;
+    /// whether it was answered.
+    pub async fn ping(&self, addr: &str) -> bool {
+        self.ping_within(addr, "1").await
+    }
+
+    /// One echo request to `addr` waiting `wait` seconds (`ping -W`, e.g. `"0.2"`),
+    /// without blocking the runtime; whether it was answered.
+    pub async fn ping_within(&self, addr: &str, wait: &str) -> bool {
+        let wait = format!("-W{wait}");
+        let out = tokio::process::Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "ping", "-c1", &wait, "-q", addr,
+            ])
+            .output()
+            .await;
+        out.is_ok_and(|o| o.status.success())
+    }
+}
+
+impl Default for Ns {
+    fn default() -> Self {
+        Ns::new()
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_names_differ_and_carry_the_pid() {
+        let (a, b) = (unique("x"), unique("x"));
+        assert_ne!(a, b);
+        assert!(a.starts_with(&format!("nsmt-{}-x", std::process::id())));
+    }
+
+    #[tokio::test]
+    async fn a_namespace_holds_lo_pings_itself_and_vanishes_on_drop() {
+        if !crate::can_run("kit namespace tests") {
+            return;
+        }
+        let name;
+        {
+            let ns = Ns::new();
+            name = ns.name.clone();
+            assert_eq!(ns.links(), ["lo"]);
+            assert!(ns.ping("127.0.0.1").await);
+            assert!(ns.ping_with(&["-W1", "127.0.0.1"]));
+            let peer = Ns::new();
+            ns.ip(&[
+                "link", "add", "d0", "type", "veth", "peer", "name", "d1", "netns", &peer.name,
+            ]);
+            ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "d0"]);
+            assert_eq!(ns.mesh_link(), "d0");
+            assert_eq!(peer.mesh_link(), "d1");
+            assert_eq!(ns.addresses("d0"), ["192.0.2.1/24"]);
+            assert_eq!(ns.link("d0")["linkinfo"]["info_kind"], "veth");
+            assert!(ns.url().ends_with(&name));
+            ns.open();
+        }
+        let (_, list) = run("ip", &["netns", "list"]);
+        assert!(!list.contains(&name), "{list}");
+    }
+}
