@@ -7,6 +7,7 @@
 //!   `ping`), saying why they skip when not;
 //! - [`eventually`]: waiting for a condition, on tokio's clock (paused time works);
 //! - [`request`] and friends: the requests and path reads every suite builds;
+//! - [`kernel`]: the KERNEL mesh of the data-plane suites, built on the sandbox;
 //! - [`bench`]: statistics, runtimes and the timing handler of the benches;
 //! - [`sandbox`]: `nsm_sdk::sandbox` (the in-process mesh), re-exported so a suite
 //!   imports its whole kit from one place.
@@ -14,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod bench;
+pub mod kernel;
 pub mod lab;
 mod ns;
 mod req;

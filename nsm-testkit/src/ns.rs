@@ -128,10 +128,11 @@ impl Ns {
         v
     }
 
-    /// Runs `ping -c1 <args...>` inside the namespace (blocking); whether it was
-    /// answered. `args` holds the wait (`-W1`) and the address, and any other flag.
+    /// Runs `ping -c1 -W1 <args...>` inside the namespace (blocking); whether it was
+    /// answered. `args` ends with the address; flags before it (`-6`, `-s 1422`, a
+    /// longer `-W`) go to `ping` as they are.
     pub fn ping_with(&self, args: &[&str]) -> bool {
-        let mut full = vec!["netns", "exec", &self.name, "ping", "-c1"];
+        let mut full = vec!["netns", "exec", &self.name, "ping", "-c1", "-W1"];
         full.extend_from_slice(args);
         run("ip", &full).0
     }
@@ -190,7 +191,7 @@ mod tests {
             name = ns.name.clone();
             assert_eq!(ns.links(), ["lo"]);
             assert!(ns.ping("127.0.0.1").await);
-            assert!(ns.ping_with(&["-W1", "127.0.0.1"]));
+            assert!(ns.ping_with(&["-W2", "127.0.0.1"]));
             let peer = Ns::new();
             ns.ip(&[
                 "link", "add", "d0", "type", "veth", "peer", "name", "d1", "netns", &peer.name,
