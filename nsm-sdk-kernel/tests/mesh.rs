@@ -36,58 +36,6 @@ macro_rules! require_root {
     };
 }
 
-/// What a connection's interface is (index, MAC, MTU, flags), its global addresses and
-/// the main-table routes of the namespace (without IPv6 link-local ones, which the
-/// kernel adds on its own schedule): what a refresh must not change.
-fn state(ns: &Ns) -> Vec<String> {
-    let mut v = Vec::new();
-    for l in ns.json(&["link", "show"]) {
-        let name = l["ifname"].as_str().unwrap_or("?").to_string();
-        v.push(format!(
-            "link {name} index {} mac {} mtu {} flags {}",
-            l["ifindex"], l["address"], l["mtu"], l["flags"]
-        ));
-        for a in ns.addresses(&name) {
-            v.push(format!("addr {name} {a}"));
-        }
-    }
-    for fam in ["-4", "-6"] {
-        for r in ns.json(&[fam, "route", "show"]) {
-            if !r["dst"].as_str().unwrap_or("").starts_with("fe80:") {
-                v.push(format!("route {r}"));
-            }
-        }
-    }
-    v
-}
-
-/// Everything a connection could leave behind: links, all addresses, the routes of
-/// every table and the neighbour entries.
-fn everything(ns: &Ns) -> Vec<String> {
-    let mut v = Vec::new();
-    for l in ns.json(&["link", "show"]) {
-        v.push(format!("link {} mtu {}", l["ifname"], l["mtu"]));
-    }
-    for l in ns.json(&["addr", "show"]) {
-        for a in l["addr_info"].as_array().into_iter().flatten() {
-            v.push(format!(
-                "addr {} {}/{}",
-                l["ifname"], a["local"], a["prefixlen"]
-            ));
-        }
-    }
-    for fam in ["-4", "-6"] {
-        for r in ns.json(&[fam, "route", "show", "table", "all"]) {
-            v.push(format!("route {r}"));
-        }
-    }
-    for n in ns.json(&["neigh", "show"]) {
-        v.push(format!("neigh {n}"));
-    }
-    v.sort();
-    v
-}
-
 /// A sandbox with a KERNEL forwarder and one KERNEL endpoint in `nse`; its counter
 /// counts what reaches the endpoint's application handlers.
 struct Mesh {
@@ -134,7 +82,7 @@ fn addrs(conn: &Connection) -> (String, String) {
 async fn a_kernel_connection_pings_survives_a_refresh_unchanged_and_leaves_nothing_after_close() {
     require_root!();
     let (nsc, nse) = (Ns::new(), Ns::new());
-    let baseline = (everything(&nsc), everything(&nse));
+    let baseline = (nsc.everything(), nse.everything());
     let mesh = Mesh::start(&nse).await;
     let chain = mesh.client(Some(kernel_client(nsc.url()).ifname("nsm-1")), vec![]);
 
@@ -166,14 +114,14 @@ async fn a_kernel_connection_pings_survives_a_refresh_unchanged_and_leaves_nothi
     assert!(nsc.ping(ip_of(&endpoint_addr)).await, "client -> endpoint");
     assert!(nse.ping(ip_of(&client_addr)).await, "endpoint -> client");
 
-    let before = (state(&nsc), state(&nse));
+    let before = (nsc.state(), nse.state());
     let again = chain
         .request(&mut Cx::client(), refresh(&conn))
         .await
         .unwrap();
     assert_eq!(addrs(&again), addrs(&conn));
     assert_eq!(
-        (state(&nsc), state(&nse)),
+        (nsc.state(), nse.state()),
         before,
         "a refresh changes nothing"
     );
@@ -181,8 +129,8 @@ async fn a_kernel_connection_pings_survives_a_refresh_unchanged_and_leaves_nothi
 
     chain.close(&mut Cx::client(), again).await.unwrap();
     assert_eq!(mesh.nse.counter.closes(), 1);
-    assert_eq!(everything(&nsc), baseline.0, "client pod after Close");
-    assert_eq!(everything(&nse), baseline.1, "endpoint pod after Close");
+    assert_eq!(nsc.everything(), baseline.0, "client pod after Close");
+    assert_eq!(nse.everything(), baseline.1, "endpoint pod after Close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,8 +139,8 @@ async fn many_clients_reach_one_endpoint_and_close_leaves_every_pod_as_it_was() 
     let started = Instant::now();
     let nse = Ns::new();
     let nscs: Vec<Ns> = (0..CONNECTIONS).map(|_| Ns::new()).collect();
-    let baseline: Vec<Vec<String>> = nscs.iter().map(everything).collect();
-    let nse_baseline = everything(&nse);
+    let baseline: Vec<Vec<String>> = nscs.iter().map(Ns::everything).collect();
+    let nse_baseline = nse.everything();
     let mesh = Mesh::start(&nse).await;
 
     let chains: Vec<Chain> = nscs
@@ -238,9 +186,9 @@ async fn many_clients_reach_one_endpoint_and_close_leaves_every_pod_as_it_was() 
     .unwrap();
     assert_eq!(mesh.nse.counter.closes(), CONNECTIONS);
     for (ns, base) in nscs.iter().zip(&baseline) {
-        assert_eq!(&everything(ns), base, "{} after Close", ns.name);
+        assert_eq!(&ns.everything(), base, "{} after Close", ns.name);
     }
-    assert_eq!(everything(&nse), nse_baseline, "endpoint pod after Close");
+    assert_eq!(nse.everything(), nse_baseline, "endpoint pod after Close");
     eprintln!(
         "{CONNECTIONS} connections: set up in {set_up:?}, all done in {:?}",
         started.elapsed()
@@ -251,11 +199,11 @@ async fn many_clients_reach_one_endpoint_and_close_leaves_every_pod_as_it_was() 
 async fn bad_input_fails_with_the_right_code_and_leaves_nothing() {
     require_root!();
     let (nsc, nse) = (Ns::new(), Ns::new());
-    let baseline = (everything(&nsc), everything(&nse));
+    let baseline = (nsc.everything(), nse.everything());
     let mesh = Mesh::start(&nse).await;
     let nothing_left = |what: &str| {
-        assert_eq!(everything(&nsc), baseline.0, "client pod after {what}");
-        assert_eq!(everything(&nse), baseline.1, "endpoint pod after {what}");
+        assert_eq!(nsc.everything(), baseline.0, "client pod after {what}");
+        assert_eq!(nse.everything(), baseline.1, "endpoint pod after {what}");
     };
 
     // The client's namespace does not exist: NotFound, and the endpoint never hears of it.

@@ -23,7 +23,7 @@ mod skip;
 mod wait;
 
 pub use lab::{Lab, LabError, LabResult};
-pub use ns::{unique, Ns};
+pub use ns::{underlay, unique, Ns, UNDERLAY};
 pub use nsm_sdk::sandbox;
 pub use req::{labels, names, refresh, request, request_labelled, request_with_context};
 pub use skip::can_run;
