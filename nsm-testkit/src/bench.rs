@@ -1,7 +1,8 @@
 //! What the benches share: percentiles of a sample, the runtimes the mesh runs on, a
 //! handler that times what passes through it, what the machine is (printed with each
-//! run), CPU time, and the addresses of a connection.
+//! run), CPU time, the addresses of a connection and an `iperf3` run between pods.
 
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use nsm_sdk::{async_trait, Cx, Handler, Next};
 use tokio::runtime::{Builder, Runtime};
 
 use crate::lab::run;
+use crate::Ns;
 
 /// Any failure of a bench step.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -91,16 +93,105 @@ pub fn ms(d: Duration) -> f64 {
     d.as_nanos() as f64 / 1e6
 }
 
-/// The mean of `v` (NaN when empty).
+/// The mean of `v` (0 when empty).
 pub fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len() as f64
+    v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-/// The median of `v` (the upper one of an even count; NaN when empty).
+/// The median of `v` (the upper one of an even count; 0 when empty).
 pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+    s.get(s.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// An iperf3 server that is killed (and reaped) when dropped.
+struct IperfServer(Child);
+
+impl Drop for IperfServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The port [`iperf`] runs on.
+const IPERF_PORT: &str = "5201";
+
+/// One `iperf3` run (TCP, one stream, `seconds` long) from `client` to `addr`, served
+/// by `iperf3 -s -1` in `server`; the receiver's Gbit/s. Needs `iperf3` and `ss`.
+pub fn iperf(server: &Ns, client: &Ns, addr: &str, seconds: u32) -> Res<f64> {
+    let mut srv = IperfServer(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &server.name,
+                "iperf3",
+                "-s",
+                "-1",
+                "-p",
+                IPERF_PORT,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    // The client fails at once when nobody listens yet.
+    let sport = format!(":{IPERF_PORT}");
+    let ss = [
+        "netns",
+        "exec",
+        &server.name,
+        "ss",
+        "-Htln",
+        "sport",
+        "=",
+        &sport,
+    ];
+    let listening = (0..100).any(|_| {
+        let listens = !run("ip", &ss).1.trim().is_empty();
+        if !listens {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        listens
+    });
+    if !listening {
+        return Err(format!("iperf3 -s in {} does not listen", server.name).into());
+    }
+    let secs = seconds.to_string();
+    // stdout only: the JSON report (warnings go to stderr).
+    let o = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &client.name,
+            "iperf3",
+            "-c",
+            addr,
+            "-p",
+            IPERF_PORT,
+            "-t",
+            &secs,
+            "-P",
+            "1",
+            "-J",
+        ])
+        .output()?;
+    let (ok, out) = (o.status.success(), String::from_utf8_lossy(&o.stdout));
+    let json: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| format!("iperf3 -c {addr} (ok={ok}): {e}: {out}"))?;
+    if let Some(err) = json["error"].as_str() {
+        return Err(format!("iperf3 -c {addr}: {err}").into());
+    }
+    let bps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| format!("iperf3 -c {addr}: no end.sum_received: {out}"))?;
+    let retrans = json["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    eprintln!("    retransmits {retrans}");
+    // With -1 the server exits after the test.
+    let _ = srv.0.wait();
+    Ok(bps / 1e9)
 }
 
 /// CPU time of this process so far, all threads, user + system (clock ticks of 10 ms).
@@ -224,6 +315,7 @@ mod tests {
         assert!(s.line().starts_with("n 100, mean 50.500 ms"));
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(mean(&[1.0, 2.0]), 1.5);
+        assert_eq!((mean(&[]), median(&[])), (0.0, 0.0));
     }
 
     #[test]
