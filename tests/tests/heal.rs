@@ -27,6 +27,7 @@ use nsm_sdk::handlers::{default_reselect, heal, HealOptions, LivenessFn};
 use nsm_sdk::sandbox::{counter, Counter, EndpointHandle, EndpointSpec, Node, Sandbox};
 use nsm_sdk::transport::Channels;
 use nsm_sdk::{async_trait, Chain, Cx, Handler, Next};
+use nsm_testkit::{eventually, names, refresh, request};
 use tokio::time::Instant;
 
 /// Serialises the tests that count live tasks against all others.
@@ -106,39 +107,6 @@ fn nsc(node: &Node, opts: HealOptions) -> Nsc {
 
 fn heal_options() -> HealOptions {
     HealOptions::new(Channels::new())
-}
-
-fn request(service: &str) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(Connection {
-            network_service: service.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn refresh(conn: &Connection) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(conn.clone()),
-        ..Default::default()
-    }
-}
-
-fn names(conn: &Connection) -> Vec<String> {
-    conn.path
-        .as_ref()
-        .map(|p| p.path_segments.iter().map(|s| s.name.clone()).collect())
-        .unwrap_or_default()
-}
-
-/// Polls `check` every 10 ms until it holds; fails the test after `within`.
-async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Waits until the NSC's last answer came from `nse` and prints the heal time.

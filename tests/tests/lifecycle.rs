@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use nsm_proto::connection::Connection;
 use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::registry::NetworkServiceEndpoint;
 use nsm_sdk::handlers::{begin, client_url, noop_client, update_path, update_token};
@@ -14,27 +13,7 @@ use nsm_sdk::sandbox::{EndpointSpec, Sandbox};
 use nsm_sdk::tools::lifetime_token;
 use nsm_sdk::transport::{grpc_client, Channels};
 use nsm_sdk::{Chain, Cx};
-
-fn request(service: &str) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(Connection {
-            network_service: service.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use nsm_testkit::{eventually, request};
 
 /// 5.2 item 19: the client's token lives 2 s and it never refreshes (a dead client):
 /// the NSE must get a Close from the mesh's `timeout` before long. Our timeout closes at

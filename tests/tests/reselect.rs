@@ -30,8 +30,8 @@ use nsm_sdk::sandbox::{
 };
 use nsm_sdk::transport::Channels;
 use nsm_sdk::{async_trait, Chain, ConnHandle, Cx, Handler, Next};
+use nsm_testkit::{eventually, names, refresh, request};
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 /// Records every connection the rest of the client chain answered with, and the
 /// connection handle of the first request (for midchain events).
@@ -169,42 +169,9 @@ impl Nsc {
     }
 }
 
-fn request(service: &str) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(Connection {
-            network_service: service.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn refresh(conn: &Connection) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(conn.clone()),
-        ..Default::default()
-    }
-}
-
-fn names(conn: &Connection) -> Vec<String> {
-    conn.path
-        .as_ref()
-        .map(|p| p.path_segments.iter().map(|s| s.name.clone()).collect())
-        .unwrap_or_default()
-}
-
 /// The name at path segment `i`.
 fn at(conn: &Connection, i: usize) -> String {
     names(conn).get(i).cloned().unwrap_or_default()
-}
-
-/// Polls `check` every 10 ms until it holds; fails the test after `within`.
-async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Waits until the NSC's last answer came from `nse`.

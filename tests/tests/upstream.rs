@@ -29,6 +29,7 @@ use nsm_sdk::handlers::{heal, upstream_refresh, HealOptions, Monitor, UpstreamRe
 use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Node, Sandbox};
 use nsm_sdk::transport::Channels;
 use nsm_sdk::{async_trait, Chain, Cx, Handler, Next};
+use nsm_testkit::eventually;
 use tokio::time::Instant;
 
 /// Records every connection the rest of the client chain answered with.
@@ -106,15 +107,6 @@ fn all_in(addrs: &[String], pool: &IpNet) -> bool {
                 .map(|net| pool.contains(&net.addr()))
                 .unwrap_or(false)
         })
-}
-
-/// Polls `check` every 10 ms until it holds; fails the test after `within`.
-async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// How long to watch for something that must not happen.

@@ -3,33 +3,9 @@
 use std::time::Duration;
 
 use nsm_proto::connection::Connection;
-use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::sandbox::{EndpointSpec, Sandbox};
 use nsm_sdk::Cx;
-
-fn request(service: &str) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(Connection {
-            network_service: service.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn refresh(conn: &Connection) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(conn.clone()),
-        ..Default::default()
-    }
-}
-
-fn names(conn: &Connection) -> Vec<String> {
-    conn.path
-        .as_ref()
-        .map(|p| p.path_segments.iter().map(|s| s.name.clone()).collect())
-        .unwrap_or_default()
-}
+use nsm_testkit::{names, refresh, request};
 
 /// 5.1 item 7: local request (4 segments), refresh, Close, unregister.
 #[tokio::test]
