@@ -22,7 +22,7 @@
 mod common;
 
 use common::{request, Kind, Mesh, CLIENT_IF};
-use nsm_testkit::bench::{addrs, cx, ip_of, iperf, loadavg, machine, mean, median, runtime, Res};
+use nsm_testkit::bench::{addrs, cx, ip_of, machine, runtime, throughput_ab, Res, Side};
 use nsm_testkit::lab::run;
 use nsm_testkit::Ns;
 
@@ -97,52 +97,21 @@ fn measure(rt: &tokio::runtime::Runtime) -> Res<()> {
             return Err("a ping from the client pod fails".into());
         }
 
-        eprintln!("loadavg before: {}", loadavg());
-        let runs = std::env::var("NSM_BENCH_RUNS")
-            .ok()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(RUNS);
-        let (mut nsm, mut hand) = (Vec::new(), Vec::new());
-        for i in 0..runs {
-            let g = iperf(&nse, &nsc, peer, SECONDS)?;
-            eprintln!(
-                "run {} NSM:     {g:.2} Gbit/s (loadavg {})",
-                i + 1,
-                loadavg()
-            );
-            nsm.push(g);
-            let g = iperf(&hand_e, &hand_c, peer, SECONDS)?;
-            eprintln!(
-                "run {} by hand: {g:.2} Gbit/s (loadavg {})",
-                i + 1,
-                loadavg()
-            );
-            hand.push(g);
-        }
-        let (m_nsm, m_hand) = (mean(&nsm), mean(&hand));
-        let ratio = m_nsm / m_hand;
-        eprintln!(
-            "summary throughput: NSM Kernel2Kernel {nsm:.2?} Gbit/s, mean {m_nsm:.2}, median {:.2}",
-            median(&nsm)
-        );
-        eprintln!(
-            "summary throughput: veth by hand      {hand:.2?} Gbit/s, mean {m_hand:.2}, median {:.2}",
-            median(&hand)
-        );
-        eprintln!(
-            "summary throughput: ratio of means {:.1} %, of medians {:.1} %; target >= 95 %: {}",
-            ratio * 100.0,
-            median(&nsm) / median(&hand) * 100.0,
-            if ratio >= 0.95 { "met" } else { "NOT met" }
-        );
-        // Each NSM run against the hand-made run right after it: a change of the
-        // machine's load between pairs cancels out.
-        let pairs: Vec<f64> = nsm.iter().zip(&hand).map(|(a, b)| a / b).collect();
-        eprintln!(
-            "summary throughput: per pair (NSM run / the hand-made run after it) {:.1?} %, median {:.1} %",
-            pairs.iter().map(|r| r * 100.0).collect::<Vec<_>>(),
-            median(&pairs) * 100.0
-        );
+        throughput_ab(
+            Side {
+                name: "NSM Kernel2Kernel",
+                server: &nse,
+                client: &nsc,
+            },
+            Side {
+                name: "veth by hand",
+                server: &hand_e,
+                client: &hand_c,
+            },
+            peer,
+            RUNS,
+            SECONDS,
+        )?;
         rt.block_on(mesh.client.close(&mut cx(), conn))?;
         if nsc.links() != ["lo"] {
             return Err("the client pod is not clean after Close".into());

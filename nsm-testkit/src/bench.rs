@@ -194,6 +194,72 @@ pub fn iperf(server: &Ns, client: &Ns, addr: &str, seconds: u32) -> Res<f64> {
     Ok(bps / 1e9)
 }
 
+/// One side of a throughput comparison: what it is called in the summary, and the
+/// pods `iperf3` runs between.
+#[derive(Debug, Clone, Copy)]
+pub struct Side<'a> {
+    /// Its name in the summary, e.g. `NSM Kernel2Kernel`.
+    pub name: &'a str,
+    /// The pod of `iperf3 -s`.
+    pub server: &'a Ns,
+    /// The pod of `iperf3 -c`.
+    pub client: &'a Ns,
+}
+
+/// Alternates `runs` [`iperf`] runs of `seconds` to `peer`, NSM first then by hand
+/// (`NSM_BENCH_RUNS` overrides `runs`), printing each run, then the summary: each
+/// side's Gbit/s, mean and median, the ratio of means and of medians against the
+/// target (NSM >= 95 % of by hand), and each NSM run against the hand-made run right
+/// after it (a change of the machine's load between pairs cancels out).
+pub fn throughput_ab(
+    nsm: Side<'_>,
+    hand: Side<'_>,
+    peer: &str,
+    runs: usize,
+    seconds: u32,
+) -> Res<()> {
+    eprintln!("loadavg before: {}", loadavg());
+    let runs = std::env::var("NSM_BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(runs);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        for (label, side, out) in [("NSM:    ", nsm, &mut a), ("by hand:", hand, &mut b)] {
+            let g = iperf(side.server, side.client, peer, seconds)?;
+            eprintln!(
+                "run {} {label} {g:.2} Gbit/s (loadavg {})",
+                i + 1,
+                loadavg()
+            );
+            out.push(g);
+        }
+    }
+    let width = nsm.name.len().max(hand.name.len());
+    for (side, v) in [(nsm, &a), (hand, &b)] {
+        eprintln!(
+            "summary throughput: {:<width$} {v:.2?} Gbit/s, mean {:.2}, median {:.2}",
+            side.name,
+            mean(v),
+            median(v)
+        );
+    }
+    let ratio = mean(&a) / mean(&b);
+    eprintln!(
+        "summary throughput: ratio of means {:.1} %, of medians {:.1} %; target >= 95 %: {}",
+        ratio * 100.0,
+        median(&a) / median(&b) * 100.0,
+        if ratio >= 0.95 { "met" } else { "NOT met" }
+    );
+    let pairs: Vec<f64> = a.iter().zip(&b).map(|(a, b)| a / b).collect();
+    eprintln!(
+        "summary throughput: per pair (NSM run / the hand-made run after it) {:.1?} %, median {:.1} %",
+        pairs.iter().map(|r| r * 100.0).collect::<Vec<_>>(),
+        median(&pairs) * 100.0
+    );
+    Ok(())
+}
+
 /// CPU time of this process so far, all threads, user + system (clock ticks of 10 ms).
 pub fn cpu_time() -> Option<Duration> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
