@@ -6,6 +6,7 @@
 //! - [`can_run`] / [`require_root!`]: whether the kernel tests can run here (root, `ip`,
 //!   `ping`), saying why they skip when not;
 //! - [`eventually`]: waiting for a condition, on tokio's clock (paused time works);
+//! - [`Answers`]: a probe of what a client chain answered;
 //! - [`request`] and friends: the requests and path reads every suite builds;
 //! - [`kernel`]: the KERNEL mesh of the data-plane suites, built on the sandbox;
 //! - [`bench`]: statistics, runtimes and the timing handler of the benches;
@@ -14,6 +15,7 @@
 
 #![deny(missing_docs)]
 
+mod answers;
 pub mod bench;
 pub mod kernel;
 pub mod lab;
@@ -22,6 +24,7 @@ mod req;
 mod skip;
 mod wait;
 
+pub use answers::Answers;
 pub use lab::{Lab, LabError, LabResult};
 pub use ns::{underlay, unique, Ns, UNDERLAY};
 pub use nsm_sdk::sandbox;

@@ -29,54 +29,10 @@ use nsm_sdk::sandbox::{
     counter, inject, Counter, EndpointHandle, EndpointSpec, Inject, Node, Sandbox,
 };
 use nsm_sdk::transport::Channels;
-use nsm_sdk::{async_trait, Chain, ConnHandle, Cx, Handler, Next};
+use nsm_sdk::{async_trait, Chain, Cx, Handler, Next};
+use nsm_testkit::Answers;
 use nsm_testkit::{eventually, names, refresh, request};
 use tokio::sync::watch;
-
-/// Records every connection the rest of the client chain answered with, and the
-/// connection handle of the first request (for midchain events).
-#[derive(Clone, Default)]
-struct Answers {
-    seen: Arc<Mutex<Vec<Connection>>>,
-    handle: Arc<Mutex<Option<ConnHandle>>>,
-}
-
-#[async_trait]
-impl Handler for Answers {
-    async fn request(
-        &self,
-        cx: &mut Cx,
-        req: NetworkServiceRequest,
-        next: Next,
-    ) -> nsm_sdk::Result<Connection> {
-        {
-            let mut handle = self.handle.lock().unwrap();
-            if handle.is_none() {
-                *handle = cx.conn().cloned();
-            }
-        }
-        let conn = next.request(cx, req).await?;
-        self.seen.lock().unwrap().push(conn.clone());
-        Ok(conn)
-    }
-}
-
-impl Answers {
-    fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-    fn last(&self) -> Option<Connection> {
-        self.seen.lock().unwrap().last().cloned()
-    }
-    fn last_endpoint(&self) -> String {
-        self.last()
-            .map(|c| c.network_service_endpoint_name)
-            .unwrap_or_default()
-    }
-    fn handle(&self) -> ConnHandle {
-        self.handle.lock().unwrap().clone().expect("no request yet")
-    }
-}
 
 /// Holds requests while closed; closes pass.
 #[derive(Clone)]

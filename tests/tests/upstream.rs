@@ -30,41 +30,8 @@ use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Node, Sandbox};
 use nsm_sdk::transport::Channels;
 use nsm_sdk::{async_trait, Chain, Cx, Handler, Next};
 use nsm_testkit::eventually;
+use nsm_testkit::Answers;
 use tokio::time::Instant;
-
-/// Records every connection the rest of the client chain answered with.
-#[derive(Clone, Default)]
-struct Answers(Arc<Mutex<Vec<Connection>>>);
-
-#[async_trait]
-impl Handler for Answers {
-    async fn request(
-        &self,
-        cx: &mut Cx,
-        req: NetworkServiceRequest,
-        next: Next,
-    ) -> nsm_sdk::Result<Connection> {
-        let conn = next.request(cx, req).await?;
-        self.0.lock().unwrap().push(conn.clone());
-        Ok(conn)
-    }
-}
-
-impl Answers {
-    fn last(&self) -> Option<Connection> {
-        self.0.lock().unwrap().last().cloned()
-    }
-    /// The last answer for the connection `id`.
-    fn last_of(&self, id: &str) -> Option<Connection> {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .rev()
-            .find(|c| c.id == id)
-            .cloned()
-    }
-}
 
 fn request(service: &str, mtu: u32) -> NetworkServiceRequest {
     NetworkServiceRequest {
@@ -567,7 +534,7 @@ async fn a_refresh_asked_while_the_client_still_returns_is_not_lost() {
     tokio::time::sleep(QUIET).await;
     assert_eq!(nse.counter.requests(), 2, "one refresh, no loop");
     assert_eq!(nse.counter.unique_requests(), 1);
-    assert_eq!(answers.0.lock().unwrap().len(), 2);
+    assert_eq!(answers.count(), 2);
 
     nsc.close(&mut Cx::client(), conn).await.unwrap();
     assert_eq!(nse.counter.closes(), 1);
