@@ -19,8 +19,8 @@ pub fn unique(what: &str) -> String {
     )
 }
 
-/// A named namespace (a "pod" or a "node") with `lo` up, deleted when it drops, also
-/// when the test panics. Its reads go through `ip -n <name> -j` (an observer
+/// A named namespace (a "pod" or a "node") with `lo` up, deleted (after killing what
+/// still runs inside) when it drops, also when the test panics. Its reads go through `ip -n <name> -j` (an observer
 /// independent of the SDK's netlink code) and fail the test when `ip` does.
 #[derive(Debug)]
 pub struct Ns {
@@ -278,7 +278,12 @@ impl Default for Ns {
 }
 
 impl Drop for Ns {
+    /// Kills what still runs inside (a program a test started there), then deletes it.
     fn drop(&mut self) {
+        let (_, pids) = run("ip", &["netns", "pids", &self.name]);
+        for pid in pids.split_whitespace() {
+            let _ = run("kill", &["-KILL", pid]);
+        }
         let _ = run("ip", &["netns", "del", &self.name]);
     }
 }

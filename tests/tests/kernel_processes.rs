@@ -18,13 +18,12 @@
 //! root (or without `ip`/`ping`) each test prints a skip line and passes.
 
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use nsm_testkit::Ns as Pod;
 use nsm_tests::{bin, read_lines, TempDir};
 use serde_json::Value;
 
@@ -39,37 +38,9 @@ const POLL: Duration = Duration::from_millis(50);
 
 const SERVICE_URL: &str = "kernel://icmp-responder/nsm-1";
 
-fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    match Command::new(cmd).args(args).output() {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
-}
-
-/// Root, `ip` and `ping` are needed; otherwise the test is skipped.
-fn can_run() -> bool {
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    let tools = run("ip", &["-V"]).0 && run("ping", &["-V"]).0;
-    if !root || !tools {
-        eprintln!(
-            "skipped: kernel process tests need root, ip and ping (root={root}, tools={tools})"
-        );
-    }
-    root && tools
-}
-
 macro_rules! require_root {
     () => {
-        if !can_run() {
-            return;
-        }
+        nsm_testkit::require_root!("kernel process tests")
     };
 }
 
@@ -85,46 +56,15 @@ fn poll<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T 
     }
 }
 
-/// A named network namespace (a "pod"). Dropped (also on panic), it kills every
-/// process still inside it, then deletes it.
-struct Pod {
-    name: String,
+/// What these tests read of a pod beyond what the kit's [`Pod`] reads.
+trait PodExt {
+    fn mesh_links(&self) -> Vec<(String, u64)>;
+    fn index_of(&self, dev: &str) -> Option<u64>;
+    fn until_ping(&self, addr: &str, since: Instant, what: &str) -> Duration;
+    fn until_empty(&self, what: &str);
 }
 
-impl Pod {
-    fn new() -> Pod {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "nsmt-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
-        let _ = run("ip", &["netns", "del", &name]);
-        let out = run("ip", &["netns", "add", &name]);
-        assert!(out.0, "ip netns add {name}: {}", out.1);
-        let out = run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        assert!(out.0, "{}", out.1);
-        Pod { name }
-    }
-
-    fn json(&self, args: &[&str]) -> Vec<Value> {
-        let mut full = vec!["-n", &self.name, "-j"];
-        full.extend_from_slice(args);
-        let (ok, out) = run("ip", &full);
-        assert!(ok, "ip {full:?}: {out}");
-        // `ip` may print a warning (stderr is merged into `out`), e.g. "Peer netns reference
-        // is invalid." when another test's namespace is gone: parse the JSON array only.
-        let json = match (out.find('['), out.rfind(']')) {
-            (Some(a), Some(b)) if a < b => &out[a..=b],
-            _ => out.as_str(),
-        };
-        match serde_json::from_str::<Value>(json) {
-            Ok(Value::Array(v)) => v,
-            _ if out.trim().is_empty() => Vec::new(),
-            other => panic!("ip {full:?}: {other:?}"),
-        }
-    }
-
+impl PodExt for Pod {
     /// The links other than `lo`: (name, ifindex), sorted.
     fn mesh_links(&self) -> Vec<(String, u64)> {
         let mut v: Vec<_> = self
@@ -150,40 +90,13 @@ impl Pod {
             .map(|(_, i)| i)
     }
 
-    /// Global IPv4 addresses of `dev`, e.g. `["172.16.81.1/32"]`.
-    fn addresses(&self, dev: &str) -> Vec<String> {
-        let mut v = Vec::new();
-        for l in self.json(&["-4", "addr", "show", "dev", dev]) {
-            for a in l["addr_info"].as_array().into_iter().flatten() {
-                v.push(format!(
-                    "{}/{}",
-                    a["local"].as_str().unwrap_or("?"),
-                    a["prefixlen"]
-                ));
-            }
-        }
-        v.sort();
-        v
-    }
-
-    /// One echo request with a one second wait, by the `ping` binary inside the pod.
-    fn ping(&self, addr: &str) -> bool {
-        run(
-            "ip",
-            &[
-                "netns", "exec", &self.name, "ping", "-c1", "-W1", "-q", addr,
-            ],
-        )
-        .0
-    }
-
     /// Polls until a ping to `addr` succeeds; fails the test after [`HEAL_WITHIN`].
     /// Prints and returns the time since `since`.
     fn until_ping(&self, addr: &str, since: Instant, what: &str) -> Duration {
         poll(
             HEAL_WITHIN,
             &format!("{what}: a working ping to {addr}"),
-            || self.ping(addr).then(|| since.elapsed()),
+            || self.ping_with(&[addr]).then(|| since.elapsed()),
         );
         let took = since.elapsed();
         eprintln!("heal time ({what}): {took:?}");
@@ -197,16 +110,6 @@ impl Pod {
             &format!("{what}: only lo left in {}", self.name),
             || self.mesh_links().is_empty().then_some(()),
         );
-    }
-}
-
-impl Drop for Pod {
-    fn drop(&mut self) {
-        let (_, pids) = run("ip", &["netns", "pids", &self.name]);
-        for pid in pids.split_whitespace() {
-            let _ = run("kill", &["-KILL", pid]);
-        }
-        let _ = run("ip", &["netns", "del", &self.name]);
     }
 }
 
@@ -560,7 +463,10 @@ fn a_kernel_connection_between_two_pods_pings_and_leaves_nothing_behind() {
     let nse_links = nse_pod.mesh_links();
     assert_eq!(nse_links.len(), 1, "{nse_links:?}");
     assert_eq!(nse_pod.addresses(&nse_links[0].0), [dst.as_str()]);
-    assert!(nsc_pod.ping(host(&dst)), "ping {dst} from the client's pod");
+    assert!(
+        nsc_pod.ping_with(&[host(&dst)]),
+        "ping {dst} from the client's pod"
+    );
 
     nsc.terminate();
     nsc_pod.until_empty("after nsc's SIGTERM");
@@ -588,7 +494,7 @@ fn the_nsc_heals_over_a_forwarder_restart_and_an_endpoint_death() {
     let mut nsc = mesh.nsc(&nsc_pod, SERVICE_URL, &[]);
     let conn = nsc.next_connection();
     let (_, dst) = check_kernel_connection(&conn, &nsc, "nse-1", "172.16.81.");
-    assert!(nsc_pod.ping(host(&dst)));
+    assert!(nsc_pod.ping_with(&[host(&dst)]));
     let old_index = nsc_pod.index_of("nsm-1").expect("nsm-1");
 
     // The forwarder dies; its veth pair stays in the pods. A new forwarder process
@@ -651,8 +557,7 @@ fn the_ping_liveness_check_heals_a_deleted_interface() {
     let index = nsc_pod.index_of("nsm-1").expect("nsm-1");
 
     let broke = Instant::now();
-    let out = run("ip", &["-n", &nsc_pod.name, "link", "del", "nsm-1"]);
-    assert!(out.0, "{}", out.1);
+    nsc_pod.ip(&["link", "del", "nsm-1"]);
     poll(HEAL_WITHIN, "a new nsm-1", || {
         nsc_pod
             .index_of("nsm-1")
