@@ -18,19 +18,16 @@
 //! root (or without `ip`/`ping`) each test prints a skip line and passes.
 
 use std::fs::File;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nsm_testkit::Ns as Pod;
-use nsm_tests::{bin, read_lines, TempDir};
+use nsm_tests::{bin, Proc, TempDir};
 use serde_json::Value;
 
 /// How long a process may take to get ready, or to do what a step waits for.
 const READY: Duration = Duration::from_secs(15);
 /// How long a process may take to exit after SIGTERM.
-const EXIT: Duration = Duration::from_secs(10);
 /// How long a heal may take before the test fails.
 const HEAL_WITHIN: Duration = Duration::from_secs(10);
 /// How often the kernel's state is polled while waiting.
@@ -113,75 +110,31 @@ impl PodExt for Pod {
     }
 }
 
-/// One running program. Dropping it kills it (SIGKILL) and reaps it.
-struct Proc {
-    name: String,
-    child: Child,
-    stderr: PathBuf,
-    stdout: Option<mpsc::Receiver<String>>,
-    status: Option<ExitStatus>,
+/// The connections a client program prints on stdout, one JSON object a line.
+trait Connections {
+    fn next_connection(&mut self) -> Value;
+    fn connection_where(&mut self, within: Duration, pred: impl Fn(&Value) -> bool) -> Value;
 }
 
-impl Proc {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Polls the process's log until a line contains every one of `parts`.
-    fn wait_for_log(&mut self, parts: &[&str]) {
-        let until = Instant::now() + READY;
-        loop {
-            if self
-                .log()
-                .lines()
-                .any(|l| parts.iter().all(|p| l.contains(p)))
-            {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.status = Some(status);
-                panic!(
-                    "{} exited ({status}) before logging {parts:?}:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < until,
-                "{} did not log {parts:?} within {READY:?}:\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
+impl Connections for Proc {
     /// The next connection the process prints on stdout, parsed.
     fn next_connection(&mut self) -> Value {
-        let lines = self.stdout.as_ref().expect("stdout is captured");
-        let line = match lines.recv_timeout(READY) {
-            Ok(line) => line,
-            Err(e) => panic!(
-                "{} printed no line on stdout ({e}); its log:\n{}",
-                self.name,
-                self.log()
-            ),
-        };
+        let line = self.next_stdout_line();
         serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("{} printed no JSON ({e}): {line}", self.name))
+            .unwrap_or_else(|e| panic!("{} printed no JSON ({e}): {line}", self.name()))
     }
 
     /// Reads printed connections until one satisfies `pred`, for at most `within`.
     fn connection_where(&mut self, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let lines = self.stdout.as_ref().expect("stdout is captured");
         let until = Instant::now() + within;
         let mut seen = Vec::new();
         loop {
             let left = until.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
+            match self.stdout_within(left) {
                 Ok(line) => {
-                    let conn: Value = serde_json::from_str(&line)
-                        .unwrap_or_else(|e| panic!("{} printed no JSON ({e}): {line}", self.name));
+                    let conn: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                        panic!("{} printed no JSON ({e}): {line}", self.name())
+                    });
                     if pred(&conn) {
                         return conn;
                     }
@@ -189,61 +142,9 @@ impl Proc {
                 }
                 Err(e) => panic!(
                     "{} printed no matching connection within {within:?} ({e}); printed {seen:#?}",
-                    self.name
+                    self.name()
                 ),
             }
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM, then asserts a clean exit (status 0).
-    fn terminate(&mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -TERM {}: {status}", self.name);
-        let until = Instant::now() + EXIT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            assert!(
-                Instant::now() < until,
-                "{} still runs {EXIT:?} after SIGTERM:\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        self.status = Some(status);
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "{} after SIGTERM: {status}:\n{}",
-            self.name,
-            self.log()
-        );
-    }
-
-    /// SIGKILL: the process dies at once, undoing nothing.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        self.status = self.child.wait().ok();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.status.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("----- {} (stderr) -----\n{}", self.name, self.log());
         }
     }
 }
@@ -299,17 +200,10 @@ impl Mesh {
             } else {
                 Stdio::null()
             });
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        let stdout = child.stdout.take().map(read_lines);
-        Proc {
-            name: name.to_string(),
-            child,
-            stderr,
-            stdout,
-            status: None,
-        }
+        Proc::new(name, child, stderr, READY)
     }
 
     /// The registry and the manager, ready.
