@@ -24,7 +24,9 @@
 mod common;
 
 use common::{request, Kind, Mesh, CLIENT_IF};
-use nsm_testkit::bench::{addrs, cx, ip_of, machine, throughput_ab, Res, Side};
+use nsm_testkit::bench::{
+    address_by_hand, addrs, cx, ip_of, machine, same_shape, throughput_ab, Res, Side,
+};
 use nsm_testkit::lab::run;
 use nsm_testkit::{underlay, Ns, UNDERLAY};
 
@@ -80,23 +82,14 @@ fn measure(rt: &tokio::runtime::Runtime) -> Res<()> {
             ]);
             node.ip(&["link", "set", dev, "netns", &pod.name]);
         }
-        for (ns, dev, own, peer) in [
+        address_by_hand([
             (&hand_c, CLIENT_IF, &client_addr, &endpoint_addr),
-            (&hand_e, nse_if.as_str(), &endpoint_addr, &client_addr),
-        ] {
-            ns.ip(&["addr", "add", own, "dev", dev]);
-            ns.ip(&["link", "set", dev, "up"]);
-            ns.ip(&[
-                "route", "add", peer, "dev", dev, "scope", "global", "proto", "static",
-            ]);
-        }
-        for (nsm, hand, dev) in [(&nsc, &hand_c, CLIENT_IF), (&nse, &hand_e, nse_if.as_str())] {
-            let (a, b) = (common::shape(nsm, dev), common::shape(hand, dev));
-            eprintln!("shape {dev}: NSM {a:?}");
-            if a != b {
-                return Err(format!("{dev}: NSM {a:?} but by hand {b:?}").into());
-            }
-        }
+            (&hand_e, &nse_if, &endpoint_addr, &client_addr),
+        ]);
+        same_shape(
+            [(&nsc, &hand_c, CLIENT_IF), (&nse, &hand_e, &nse_if)],
+            common::shape,
+        )?;
         let peer = ip_of(&endpoint_addr);
         if !nsc.ping_with(&["-W2", peer]) || !hand_c.ping_with(&["-W2", peer]) {
             return Err("a ping from a client pod fails".into());

@@ -194,6 +194,34 @@ pub fn iperf(server: &Ns, client: &Ns, addr: &str, seconds: u32) -> Res<f64> {
     Ok(bps / 1e9)
 }
 
+/// Gives each hand-made link end `(pod, dev, own, peer)` what NSM gives its own: the
+/// address `own`, up, and a route to `peer` through it (`scope global proto static`).
+pub fn address_by_hand(ends: [(&Ns, &str, &str, &str); 2]) {
+    for (ns, dev, own, peer) in ends {
+        ns.ip(&["addr", "add", own, "dev", dev]);
+        ns.ip(&["link", "set", dev, "up"]);
+        ns.ip(&[
+            "route", "add", peer, "dev", dev, "scope", "global", "proto", "static",
+        ]);
+    }
+}
+
+/// Checks that each `(NSM pod, hand-made pod, dev)` has the same data-plane `shape` of
+/// `dev` (printing the NSM one), so a throughput comparison compares like with like.
+pub fn same_shape(
+    pairs: [(&Ns, &Ns, &str); 2],
+    shape: impl Fn(&Ns, &str) -> Vec<String>,
+) -> Res<()> {
+    for (nsm, hand, dev) in pairs {
+        let (a, b) = (shape(nsm, dev), shape(hand, dev));
+        eprintln!("shape {dev}: NSM {a:?}");
+        if a != b {
+            return Err(format!("{dev}: NSM {a:?} but by hand {b:?}").into());
+        }
+    }
+    Ok(())
+}
+
 /// One side of a throughput comparison: what it is called in the summary, and the
 /// pods `iperf3` runs between.
 #[derive(Debug, Clone, Copy)]
