@@ -172,6 +172,26 @@ fn heals_to_a_new_remote_endpoint_after_the_endpoint_dies() {
     scenario(false, heals_to_a_new_endpoint_after_the_endpoint_dies(true));
 }
 
+/// An NSC on `node` connected to `nse-1` (started here), whose liveness check fails
+/// while it is on `nse-1` once the returned flag is set.
+async fn on_nse1_until_broken(node: &Node) -> (EndpointHandle, Arc<AtomicBool>, Nsc, Connection) {
+    let nse1 = endpoint(node, "nse-1").await;
+    let broken = Arc::new(AtomicBool::new(false));
+    let nsc = nsc(
+        node,
+        heal_options()
+            .liveness(dead_while_on("nse-1", broken.clone()))
+            .liveness_interval(Duration::from_millis(100)),
+    );
+    let conn = nsc
+        .chain
+        .request(&mut Cx::client(), request("icmp"))
+        .await
+        .unwrap();
+    assert_eq!(conn.network_service_endpoint_name, "nse-1");
+    (nse1, broken, nsc, conn)
+}
+
 /// SCENARIOS 22: the NSE dies and the data plane to it is dead too (the liveness check
 /// fails while the connection is on NSE-1); the dead NSE stays registered. Heal
 /// reselects to NSE-2.
@@ -180,20 +200,7 @@ fn a_dead_endpoint_and_data_plane_reselect_to_the_second_endpoint() {
     scenario(false, async {
         let mesh = Sandbox::builder().nodes(1).build().await.unwrap();
         let node = mesh.node(0);
-        let nse1 = endpoint(node, "nse-1").await;
-        let broken = Arc::new(AtomicBool::new(false));
-        let nsc = nsc(
-            node,
-            heal_options()
-                .liveness(dead_while_on("nse-1", broken.clone()))
-                .liveness_interval(Duration::from_millis(100)),
-        );
-        let conn = nsc
-            .chain
-            .request(&mut Cx::client(), request("icmp"))
-            .await
-            .unwrap();
-        assert_eq!(conn.network_service_endpoint_name, "nse-1");
+        let (nse1, broken, nsc, conn) = on_nse1_until_broken(node).await;
 
         let nse2 = endpoint(node, "nse-2").await;
         let killed = Instant::now();
@@ -221,20 +228,7 @@ fn a_broken_data_plane_to_a_live_endpoint_reselects_to_the_second_endpoint() {
     scenario(false, async {
         let mesh = Sandbox::builder().nodes(1).build().await.unwrap();
         let node = mesh.node(0);
-        let nse1 = endpoint(node, "nse-1").await;
-        let broken = Arc::new(AtomicBool::new(false));
-        let nsc = nsc(
-            node,
-            heal_options()
-                .liveness(dead_while_on("nse-1", broken.clone()))
-                .liveness_interval(Duration::from_millis(100)),
-        );
-        let conn = nsc
-            .chain
-            .request(&mut Cx::client(), request("icmp"))
-            .await
-            .unwrap();
-        assert_eq!(conn.network_service_endpoint_name, "nse-1");
+        let (nse1, broken, nsc, conn) = on_nse1_until_broken(node).await;
         let nse2 = endpoint(node, "nse-2").await;
 
         let broke = Instant::now();
