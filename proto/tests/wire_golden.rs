@@ -1009,6 +1009,41 @@ mod grpc {
         assert_eq!(status.message(), format!("hit {method}"));
     }
 
+    /// Register, Find and Unregister of one generated registry server (`$service`, of
+    /// `$item`s) reach its handler as `$what Register` and so on.
+    macro_rules! registry_reached {
+        ($server:expr, $service:literal, $item:ty, $query:ty, $response:ty, $what:literal) => {{
+            let server = $server;
+            reached(
+                unary::<_, $item, $item>(
+                    server.clone(),
+                    concat!("/", $service, "/Register"),
+                    <$item>::default(),
+                )
+                .await,
+                concat!($what, " Register"),
+            );
+            reached(
+                streaming::<_, $query, $response>(
+                    server.clone(),
+                    concat!("/", $service, "/Find"),
+                    <$query>::default(),
+                )
+                .await,
+                concat!($what, " Find"),
+            );
+            reached(
+                unary::<_, $item, ()>(
+                    server,
+                    concat!("/", $service, "/Unregister"),
+                    <$item>::default(),
+                )
+                .await,
+                concat!($what, " Unregister"),
+            );
+        }};
+    }
+
     #[tokio::test]
     async fn generated_servers_answer_the_method_paths_of_the_contract() {
         let ns = NetworkServiceServer::new(Hit);
@@ -1049,62 +1084,21 @@ mod grpc {
             "MonitorConnections",
         );
 
-        let nsr = NetworkServiceRegistryServer::new(Hit);
-        reached(
-            unary::<_, NetworkService, NetworkService>(
-                nsr.clone(),
-                "/registry.NetworkServiceRegistry/Register",
-                NetworkService::default(),
-            )
-            .await,
-            "ns Register",
+        registry_reached!(
+            NetworkServiceRegistryServer::new(Hit),
+            "registry.NetworkServiceRegistry",
+            NetworkService,
+            NetworkServiceQuery,
+            NetworkServiceResponse,
+            "ns"
         );
-        reached(
-            streaming::<_, NetworkServiceQuery, NetworkServiceResponse>(
-                nsr.clone(),
-                "/registry.NetworkServiceRegistry/Find",
-                NetworkServiceQuery::default(),
-            )
-            .await,
-            "ns Find",
-        );
-        reached(
-            unary::<_, NetworkService, ()>(
-                nsr,
-                "/registry.NetworkServiceRegistry/Unregister",
-                NetworkService::default(),
-            )
-            .await,
-            "ns Unregister",
-        );
-
-        let nser = NetworkServiceEndpointRegistryServer::new(Hit);
-        reached(
-            unary::<_, NetworkServiceEndpoint, NetworkServiceEndpoint>(
-                nser.clone(),
-                "/registry.NetworkServiceEndpointRegistry/Register",
-                NetworkServiceEndpoint::default(),
-            )
-            .await,
-            "nse Register",
-        );
-        reached(
-            streaming::<_, NetworkServiceEndpointQuery, NetworkServiceEndpointResponse>(
-                nser.clone(),
-                "/registry.NetworkServiceEndpointRegistry/Find",
-                NetworkServiceEndpointQuery::default(),
-            )
-            .await,
-            "nse Find",
-        );
-        reached(
-            unary::<_, NetworkServiceEndpoint, ()>(
-                nser,
-                "/registry.NetworkServiceEndpointRegistry/Unregister",
-                NetworkServiceEndpoint::default(),
-            )
-            .await,
-            "nse Unregister",
+        registry_reached!(
+            NetworkServiceEndpointRegistryServer::new(Hit),
+            "registry.NetworkServiceEndpointRegistry",
+            NetworkServiceEndpoint,
+            NetworkServiceEndpointQuery,
+            NetworkServiceEndpointResponse,
+            "nse"
         );
     }
 }
