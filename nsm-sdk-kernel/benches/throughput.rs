@@ -91,16 +91,8 @@ fn measure(rt: &tokio::runtime::Runtime) -> Res<()> {
         }
 
         throughput_ab(
-            Side {
-                name: "NSM Kernel2Kernel",
-                server: &nse,
-                client: &nsc,
-            },
-            Side {
-                name: "veth by hand",
-                server: &hand_e,
-                client: &hand_c,
-            },
+            Side::new("NSM Kernel2Kernel", &nse, &nsc),
+            Side::new("veth by hand", &hand_e, &hand_c),
             peer,
             RUNS,
             SECONDS,

@@ -96,16 +96,8 @@ fn measure(rt: &tokio::runtime::Runtime) -> Res<()> {
         }
 
         throughput_ab(
-            Side {
-                name: "NSM Kernel2VXLAN2Kernel",
-                server: &nse,
-                client: &nsc,
-            },
-            Side {
-                name: "VXLAN by hand",
-                server: &hand_e,
-                client: &hand_c,
-            },
+            Side::new("NSM Kernel2VXLAN2Kernel", &nse, &nsc),
+            Side::new("VXLAN by hand", &hand_e, &hand_c),
             peer,
             RUNS,
             SECONDS,

@@ -234,6 +234,17 @@ pub struct Side<'a> {
     pub client: &'a Ns,
 }
 
+impl<'a> Side<'a> {
+    /// The side `name` whose `iperf3 -s` runs in `server`, `-c` in `client`.
+    pub fn new(name: &'a str, server: &'a Ns, client: &'a Ns) -> Self {
+        Side {
+            name,
+            server,
+            client,
+        }
+    }
+}
+
 /// Alternates `runs` [`iperf`] runs of `seconds` to `peer`, NSM first then by hand
 /// (`NSM_BENCH_RUNS` overrides `runs`), printing each run, then the summary: each
 /// side's Gbit/s, mean and median, the ratio of means and of medians against the
