@@ -25,9 +25,8 @@ mod common;
 
 use common::{request, Kind, Mesh, CLIENT_IF};
 use nsm_testkit::bench::{
-    address_by_hand, addrs, cx, ip_of, machine, same_shape, throughput_ab, Res, Side,
+    address_by_hand, addrs, cx, ip_of, same_shape, throughput_ab, throughput_main, Res, Side,
 };
-use nsm_testkit::lab::run;
 use nsm_testkit::{underlay, Ns, UNDERLAY};
 
 const RUNS: usize = 3;
@@ -115,29 +114,5 @@ fn measure(rt: &tokio::runtime::Runtime) -> Res<()> {
 }
 
 fn main() {
-    eprintln!("machine: {}", machine());
-    if !common::can_run() {
-        return;
-    }
-    if !run("iperf3", &["--version"]).0 {
-        eprintln!("skipped: iperf3 is not installed (apt-get install -y iperf3)");
-        return;
-    }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ERROR: {e}");
-            std::process::exit(1);
-        }
-    };
-    let result = measure(&rt);
-    drop(rt);
-    if let Err(e) = result {
-        eprintln!("ERROR: {e}");
-        std::process::exit(1);
-    }
+    throughput_main("VXLAN benches", measure);
 }

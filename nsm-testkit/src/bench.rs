@@ -299,6 +299,31 @@ pub fn throughput_ab(
     Ok(())
 }
 
+/// The `main` of a throughput bench: prints the machine, skips (saying why) without
+/// root, `ip`, `ping` or `iperf3`, then runs `measure` on a two-worker runtime; a
+/// failure is printed and the bench exits 1.
+pub fn throughput_main(what: &str, measure: impl FnOnce(&Runtime) -> Res<()>) {
+    eprintln!("machine: {}", machine());
+    if !crate::can_run(what) {
+        return;
+    }
+    if !run("iperf3", &["--version"]).0 {
+        eprintln!("skipped: iperf3 is not installed (apt-get install -y iperf3)");
+        return;
+    }
+    let result = runtime("multi_thread_2")
+        .map_err(BoxError::from)
+        .and_then(|rt| {
+            let result = measure(&rt);
+            drop(rt);
+            result
+        });
+    if let Err(e) = result {
+        eprintln!("ERROR: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// CPU time of this process so far, all threads, user + system (clock ticks of 10 ms).
 pub fn cpu_time() -> Option<Duration> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
