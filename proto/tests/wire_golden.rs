@@ -808,48 +808,43 @@ mod grpc {
         }
     }
 
-    #[tonic::async_trait]
-    impl NetworkServiceRegistry for Hit {
-        type FindStream = Empty<NetworkServiceResponse>;
-        async fn register(
-            &self,
-            _: Request<NetworkService>,
-        ) -> Result<Response<NetworkService>, Status> {
-            hit("ns Register")
-        }
-        async fn find(
-            &self,
-            _: Request<NetworkServiceQuery>,
-        ) -> Result<Response<Self::FindStream>, Status> {
-            hit("ns Find")
-        }
-        async fn unregister(&self, _: Request<NetworkService>) -> Result<Response<()>, Status> {
-            hit("ns Unregister")
-        }
+    /// A registry server (`$registry`, of `$item`s) whose every method fails with
+    /// "hit `$what` <method>".
+    macro_rules! hit_registry {
+        ($registry:ident, $item:ty, $query:ty, $response:ty, $what:literal) => {
+            #[tonic::async_trait]
+            impl $registry for Hit {
+                type FindStream = Empty<$response>;
+                async fn register(&self, _: Request<$item>) -> Result<Response<$item>, Status> {
+                    hit(concat!($what, " Register"))
+                }
+                async fn find(
+                    &self,
+                    _: Request<$query>,
+                ) -> Result<Response<Self::FindStream>, Status> {
+                    hit(concat!($what, " Find"))
+                }
+                async fn unregister(&self, _: Request<$item>) -> Result<Response<()>, Status> {
+                    hit(concat!($what, " Unregister"))
+                }
+            }
+        };
     }
 
-    #[tonic::async_trait]
-    impl NetworkServiceEndpointRegistry for Hit {
-        type FindStream = Empty<NetworkServiceEndpointResponse>;
-        async fn register(
-            &self,
-            _: Request<NetworkServiceEndpoint>,
-        ) -> Result<Response<NetworkServiceEndpoint>, Status> {
-            hit("nse Register")
-        }
-        async fn find(
-            &self,
-            _: Request<NetworkServiceEndpointQuery>,
-        ) -> Result<Response<Self::FindStream>, Status> {
-            hit("nse Find")
-        }
-        async fn unregister(
-            &self,
-            _: Request<NetworkServiceEndpoint>,
-        ) -> Result<Response<()>, Status> {
-            hit("nse Unregister")
-        }
-    }
+    hit_registry!(
+        NetworkServiceRegistry,
+        NetworkService,
+        NetworkServiceQuery,
+        NetworkServiceResponse,
+        "ns"
+    );
+    hit_registry!(
+        NetworkServiceEndpointRegistry,
+        NetworkServiceEndpoint,
+        NetworkServiceEndpointQuery,
+        NetworkServiceEndpointResponse,
+        "nse"
+    );
 
     #[test]
     fn service_names() {
