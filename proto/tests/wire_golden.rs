@@ -933,18 +933,34 @@ mod grpc {
         );
     }
 
-    /// Calls `server` on the literal `path` with a unary call; returns the status.
-    async fn unary<S, Req, Resp>(server: S, path: &'static str, req: Req) -> Status
-    where
-        S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
-            + Send
-            + 'static,
-        S: Service<
+    /// A generated server, as the in-process gRPC client of these tests calls it.
+    trait Served:
+        Service<
             http::Request<tonic::body::Body>,
             Response = http::Response<tonic::body::Body>,
             Error = Infallible,
-        >,
+            Future: Send,
+        > + Send
+        + 'static
+    {
+    }
+
+    impl<S> Served for S
+    where
+        S: Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = Infallible,
+            > + Send
+            + 'static,
         S::Future: Send,
+    {
+    }
+
+    /// Calls `server` on the literal `path` with a unary call; returns the status.
+    async fn unary<S, Req, Resp>(server: S, path: &'static str, req: Req) -> Status
+    where
+        S: Served,
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
@@ -969,15 +985,7 @@ mod grpc {
     /// status.
     async fn streaming<S, Req, Resp>(server: S, path: &'static str, req: Req) -> Status
     where
-        S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
-            + Send
-            + 'static,
-        S: Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = Infallible,
-        >,
-        S::Future: Send,
+        S: Served,
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
