@@ -2,14 +2,16 @@
 //!
 //! - [`lab`]: a lab of named network namespaces (pid-unique prefixes, veth links,
 //!   addresses, `ip netns exec`), deleted on drop even when a test fails;
-//! - [`Ns`]: one pid-unique namespace (a "pod" or a "node") read through `ip -j`;
+//! - [`Ns`]: one pid-unique namespace (a "pod" or a "node") read through `ip -j`, and
+//!   [`underlay`]: two nodes joined by a veth underlay;
 //! - [`can_run`] / [`require_root!`]: whether the kernel tests can run here (root, `ip`,
 //!   `ping`), saying why they skip when not;
 //! - [`eventually`]: waiting for a condition, on tokio's clock (paused time works);
 //! - [`Answers`]: a probe of what a client chain answered;
 //! - [`request`] and friends: the requests and path reads every suite builds;
 //! - [`kernel`]: the KERNEL mesh of the data-plane suites, built on the sandbox;
-//! - [`bench`]: statistics, runtimes and the timing handler of the benches;
+//! - [`bench`](mod@bench): statistics, runtimes, the timing handler and the `iperf3`
+//!   comparison of the benches;
 //! - [`sandbox`]: `nsm_sdk::sandbox` (the in-process mesh), re-exported so a suite
 //!   imports its whole kit from one place.
 
