@@ -43,7 +43,6 @@ mod connections;
 mod endpoint;
 mod firewall;
 mod gateway;
-pub mod lab;
 pub mod load;
 pub mod metrics;
 mod process;

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::firewall::{apply_acl, firewall, Acl};
 use crate::gateway::{route_to_corporate, vpn_gateway};
-use crate::lab::{Lab, LabError};
+use nsm_testkit::lab::{Lab, LabError};
 
 /// The network service file the demo registers.
 pub const SERVICE_FILE: &str = include_str!("../config/vpn-gateway.json");

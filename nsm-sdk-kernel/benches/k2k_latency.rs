@@ -41,10 +41,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{
-    cpu_time, cx, loadavg, machine, path_names, request, Kind, Mesh, Ns, Res, Stats, Timer,
-    CLIENT_IF,
-};
+use common::{request, Kind, Mesh, CLIENT_IF};
 use ipnet::IpNet;
 use nsm_sdk::async_trait;
 use nsm_sdk::proto::connection::Connection;
@@ -55,6 +52,10 @@ use nsm_sdk_kernel::{
     down, kernel_side_up, plan_from_context, veth_alias, veth_up, IfName, Link, Mtu, Neighbour,
     NetNs, Netlink, PodSide, Route, RtNetlink, Rule, VethEnd,
 };
+use nsm_testkit::bench::{
+    addrs, cpu_time, cx, ip_of, loadavg, machine, ms, runtime, Res, Stats, Timer,
+};
+use nsm_testkit::{names as path_names, Ns};
 use tokio::runtime::Runtime;
 
 const WARMUP: usize = 20;
@@ -135,32 +136,32 @@ fn report(name: &str, what: &str, s: &Samples) {
     );
     eprintln!(
         "summary {name}: {what}: process CPU per Request+Close {:.3} ms",
-        common::ms(s.cpu / n)
+        ms(s.cpu / n)
     );
 }
 
 fn ratio_line(name: &str, op: &str, mesh: &[Duration], a: &[Duration], b: &[Duration]) {
     let (m, a, b) = (Stats::of(mesh), Stats::of(a), Stats::of(b));
-    let r50 = common::ms(m.p50) / (common::ms(a.p50) + common::ms(b.p50));
-    let r99 = common::ms(m.p99) / (common::ms(a.p99) + common::ms(b.p99));
+    let r50 = ms(m.p50) / (ms(a.p50) + ms(b.p50));
+    let r99 = ms(m.p99) / (ms(a.p99) + ms(b.p99));
     eprintln!(
         "summary {name}: {op}: mesh p50 {:.3} ms vs floor {:.3} + {:.3} = {:.3} ms -> ratio {r50:.2}; \
          p99 {:.3} ms vs {:.3} + {:.3} = {:.3} ms -> ratio {r99:.2}",
-        common::ms(m.p50),
-        common::ms(a.p50),
-        common::ms(b.p50),
-        common::ms(a.p50) + common::ms(b.p50),
-        common::ms(m.p99),
-        common::ms(a.p99),
-        common::ms(b.p99),
-        common::ms(a.p99) + common::ms(b.p99),
+        ms(m.p50),
+        ms(a.p50),
+        ms(b.p50),
+        ms(a.p50) + ms(b.p50),
+        ms(m.p99),
+        ms(a.p99),
+        ms(b.p99),
+        ms(a.p99) + ms(b.p99),
     );
 }
 
 /// Checks the pods hold only `lo`.
 fn clean(pods: &[&Ns]) -> Res<()> {
     for ns in pods {
-        let links = ns.links()?;
+        let links = ns.links();
         if links != ["lo"] {
             return Err(format!("{} is not clean: {links:?}", ns.name).into());
         }
@@ -181,9 +182,9 @@ async fn measure(name: &str, nsc: &Ns, nse: &Ns) -> Res<()> {
     let conn = kernel.client.request(&mut cx(), request()).await?;
     let path = path_names(&conn);
     let m = conn.mechanism.clone().unwrap_or_default();
-    let nse_if = nse.mesh_link()?;
-    let (client_addr, endpoint_addr) = common::addrs(&conn)?;
-    let pinged = nsc.ping(common::ip_of(&endpoint_addr));
+    let nse_if = nse.mesh_link();
+    let (client_addr, endpoint_addr) = addrs(&conn)?;
+    let pinged = nsc.ping_with(&[ip_of(&endpoint_addr)]);
     eprintln!(
         "check {name}: path {path:?}, mechanism {} name {:?}, client {client_addr} endpoint {endpoint_addr} \
          on {nse_if}, MTU {}, ping {pinged}",
@@ -191,7 +192,7 @@ async fn measure(name: &str, nsc: &Ns, nse: &Ns) -> Res<()> {
         m.parameters.get(params::NAME),
         conn.context.as_ref().map_or(0, |c| c.mtu),
     );
-    if path != ["nsc", "nsmgr", "forwarder", "nse"] || m.r#type != types::KERNEL || !pinged {
+    if path != ["nsc", "nsmgr-0", "forwarder-0-0", "nse"] || m.r#type != types::KERNEL || !pinged {
         return Err(format!("{name}: the KERNEL connection does not work: {conn:?}").into());
     }
     kernel.client.close(&mut cx(), conn.clone()).await?;
@@ -228,7 +229,7 @@ async fn measure(name: &str, nsc: &Ns, nse: &Ns) -> Res<()> {
     for _ in 0..BLOCKS {
         // The pair exists between Request and Close (checked once per block, untimed).
         let conn = kernel.client.request(&mut cx(), request()).await?;
-        let links = nsc.links()?;
+        let links = nsc.links();
         kernel.client.close(&mut cx(), conn).await?;
         if links != ["lo", CLIENT_IF] {
             return Err(format!("{name}: client pod during a connection: {links:?}").into());
@@ -257,10 +258,10 @@ async fn measure(name: &str, nsc: &Ns, nse: &Ns) -> Res<()> {
     ratio_line(name, "Request", &k.up, &a.up, &b.up);
     ratio_line(name, "Close", &k.down, &a.down, &b.down);
     let p50 = Stats::of(&k.up).p50;
-    let r = common::ms(p50) / (common::ms(Stats::of(&a.up).p50) + common::ms(Stats::of(&b.up).p50));
+    let r = ms(p50) / (ms(Stats::of(&a.up).p50) + ms(Stats::of(&b.up).p50));
     eprintln!(
         "summary {name}: targets: mesh Request p50 {:.3} ms <= 5 ms: {}; ratio {r:.2} <= 3: {}",
-        common::ms(p50),
+        ms(p50),
         if p50 <= Duration::from_millis(5) {
             "met"
         } else {
@@ -533,16 +534,16 @@ async fn anatomy(name: &str, direct: &Direct) -> Res<()> {
         let calls = counts.get(op).map_or(1.0, |c| *c as f64 / ANATOMY as f64);
         eprintln!(
             "summary {name}: anatomy of floor a: {op:<28} {calls:>4.1} calls/sample, per sample p50 {:.3} ms, p99 {:.3} ms",
-            common::ms(st.p50),
-            common::ms(st.p99)
+            ms(st.p50),
+            ms(st.p99)
         );
     }
     Ok(())
 }
 
 fn run_one(rt_kind: &str) -> Res<()> {
-    let rt: Runtime = common::runtime(rt_kind)?;
-    let (nsc, nse) = (Ns::new()?, Ns::new()?);
+    let rt: Runtime = runtime(rt_kind)?;
+    let (nsc, nse) = (Ns::new(), Ns::new());
     eprintln!("pods: nsc {} nse {}", nsc.name, nse.name);
     let result = rt.block_on(measure(rt_kind, &nsc, &nse));
     // The meshes are gone (dropped inside `measure`); the runtime goes before the pods.

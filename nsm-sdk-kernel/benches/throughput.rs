@@ -21,118 +21,19 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-use common::{addrs, cx, ip_of, loadavg, machine, request, run, Kind, Mesh, Ns, Res, CLIENT_IF};
-use serde_json::Value;
+use common::{request, Kind, Mesh, CLIENT_IF};
+use nsm_testkit::bench::{
+    address_by_hand, addrs, cx, ip_of, same_shape, throughput_ab, throughput_main, Res, Side,
+};
+use nsm_testkit::Ns;
 
 /// Runs of each kind; `NSM_BENCH_RUNS` overrides it.
 const RUNS: usize = 3;
 const SECONDS: u32 = 5;
-const PORT: &str = "5201";
-
-/// An iperf3 server that is killed (and reaped) when dropped.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One iperf3 run from `client` to `addr` in `server`; the receiver's Gbit/s.
-fn iperf(server: &Ns, client: &Ns, addr: &str) -> Res<f64> {
-    let mut srv = Server(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &server.name,
-                "iperf3",
-                "-s",
-                "-1",
-                "-p",
-                PORT,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    // Wait until it listens.
-    let mut listening = false;
-    for _ in 0..100 {
-        let (_, out) = run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &server.name,
-                "ss",
-                "-Htln",
-                "sport",
-                "=",
-                ":5201",
-            ],
-        );
-        if !out.trim().is_empty() {
-            listening = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if !listening {
-        return Err(format!("iperf3 -s in {} does not listen", server.name).into());
-    }
-    let secs = SECONDS.to_string();
-    // stdout only: the JSON report (warnings go to stderr).
-    let o = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &client.name,
-            "iperf3",
-            "-c",
-            addr,
-            "-p",
-            PORT,
-            "-t",
-            &secs,
-            "-P",
-            "1",
-            "-J",
-        ])
-        .output()?;
-    let (ok, out) = (o.status.success(), String::from_utf8_lossy(&o.stdout));
-    let json: Value = serde_json::from_str(&out)
-        .map_err(|e| format!("iperf3 -c {addr} (ok={ok}): {e}: {out}"))?;
-    if let Some(err) = json["error"].as_str() {
-        return Err(format!("iperf3 -c {addr}: {err}").into());
-    }
-    let bps = json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .ok_or_else(|| format!("iperf3 -c {addr}: no end.sum_received: {out}"))?;
-    let retrans = json["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
-    eprintln!("    retransmits {retrans}");
-    // With -1 the server exits after the test.
-    let _ = srv.0.wait();
-    Ok(bps / 1e9)
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s.get(s.len() / 2).copied().unwrap_or(0.0)
-}
 
 fn measure(rt: &tokio::runtime::Runtime) -> Res<()> {
-    let (nsc, nse) = (Ns::new()?, Ns::new()?);
-    let (hand_c, hand_e) = (Ns::new()?, Ns::new()?);
+    let (nsc, nse) = (Ns::new(), Ns::new());
+    let (hand_c, hand_e) = (Ns::new(), Ns::new());
     eprintln!(
         "pods: NSM {} -> {}, by hand {} -> {}",
         nsc.name, nse.name, hand_c.name, hand_e.name
@@ -147,7 +48,7 @@ fn measure(rt: &tokio::runtime::Runtime) -> Res<()> {
         let conn = rt.block_on(mesh.client.request(&mut cx(), request()))?;
         let (client_addr, endpoint_addr) = addrs(&conn)?;
         let mtu = conn.context.as_ref().map_or(0, |c| c.mtu).to_string();
-        let nse_if = nse.mesh_link()?;
+        let nse_if = nse.mesh_link();
         eprintln!(
             "NSM connection: {CLIENT_IF} {client_addr} -> {nse_if} {endpoint_addr}, MTU {mtu}"
         );
@@ -175,76 +76,28 @@ fn measure(rt: &tokio::runtime::Runtime) -> Res<()> {
                 &mtu,
             ],
         )?;
-        for (ns, dev, own, peer) in [
+        address_by_hand([
             (&hand_c, CLIENT_IF, &client_addr, &endpoint_addr),
-            (&hand_e, nse_if.as_str(), &endpoint_addr, &client_addr),
-        ] {
-            ns.ip(&["addr", "add", own, "dev", dev])?;
-            ns.ip(&["link", "set", dev, "up"])?;
-            ns.ip(&[
-                "route", "add", peer, "dev", dev, "scope", "global", "proto", "static",
-            ])?;
-        }
-        for (nsm, hand, dev) in [(&nsc, &hand_c, CLIENT_IF), (&nse, &hand_e, nse_if.as_str())] {
-            let (a, b) = (nsm.shape(dev)?, hand.shape(dev)?);
-            eprintln!("shape {dev}: NSM {a:?}");
-            if a != b {
-                return Err(format!("{dev}: NSM {a:?} but by hand {b:?}").into());
-            }
-        }
+            (&hand_e, &nse_if, &endpoint_addr, &client_addr),
+        ]);
+        same_shape(
+            [(&nsc, &hand_c, CLIENT_IF), (&nse, &hand_e, &nse_if)],
+            common::shape,
+        )?;
         let peer = ip_of(&endpoint_addr);
-        if !nsc.ping(peer) || !hand_c.ping(peer) {
+        if !nsc.ping_with(&[peer]) || !hand_c.ping_with(&[peer]) {
             return Err("a ping from the client pod fails".into());
         }
 
-        eprintln!("loadavg before: {}", loadavg());
-        let runs = std::env::var("NSM_BENCH_RUNS")
-            .ok()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(RUNS);
-        let (mut nsm, mut hand) = (Vec::new(), Vec::new());
-        for i in 0..runs {
-            let g = iperf(&nse, &nsc, peer)?;
-            eprintln!(
-                "run {} NSM:     {g:.2} Gbit/s (loadavg {})",
-                i + 1,
-                loadavg()
-            );
-            nsm.push(g);
-            let g = iperf(&hand_e, &hand_c, peer)?;
-            eprintln!(
-                "run {} by hand: {g:.2} Gbit/s (loadavg {})",
-                i + 1,
-                loadavg()
-            );
-            hand.push(g);
-        }
-        let (m_nsm, m_hand) = (mean(&nsm), mean(&hand));
-        let ratio = m_nsm / m_hand;
-        eprintln!(
-            "summary throughput: NSM Kernel2Kernel {nsm:.2?} Gbit/s, mean {m_nsm:.2}, median {:.2}",
-            median(&nsm)
-        );
-        eprintln!(
-            "summary throughput: veth by hand      {hand:.2?} Gbit/s, mean {m_hand:.2}, median {:.2}",
-            median(&hand)
-        );
-        eprintln!(
-            "summary throughput: ratio of means {:.1} %, of medians {:.1} %; target >= 95 %: {}",
-            ratio * 100.0,
-            median(&nsm) / median(&hand) * 100.0,
-            if ratio >= 0.95 { "met" } else { "NOT met" }
-        );
-        // Each NSM run against the hand-made run right after it: a change of the
-        // machine's load between pairs cancels out.
-        let pairs: Vec<f64> = nsm.iter().zip(&hand).map(|(a, b)| a / b).collect();
-        eprintln!(
-            "summary throughput: per pair (NSM run / the hand-made run after it) {:.1?} %, median {:.1} %",
-            pairs.iter().map(|r| r * 100.0).collect::<Vec<_>>(),
-            median(&pairs) * 100.0
-        );
+        throughput_ab(
+            Side::new("NSM Kernel2Kernel", &nse, &nsc),
+            Side::new("veth by hand", &hand_e, &hand_c),
+            peer,
+            RUNS,
+            SECONDS,
+        )?;
         rt.block_on(mesh.client.close(&mut cx(), conn))?;
-        if nsc.links()? != ["lo"] {
+        if nsc.links() != ["lo"] {
             return Err("the client pod is not clean after Close".into());
         }
         Ok(())
@@ -256,25 +109,5 @@ fn measure(rt: &tokio::runtime::Runtime) -> Res<()> {
 }
 
 fn main() {
-    eprintln!("machine: {}", machine());
-    if !common::can_run() {
-        return;
-    }
-    if !run("iperf3", &["--version"]).0 {
-        eprintln!("skipped: iperf3 is not installed (apt-get install -y iperf3)");
-        return;
-    }
-    let rt = match common::runtime("multi_thread_2") {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ERROR: {e}");
-            std::process::exit(1);
-        }
-    };
-    let result = measure(&rt);
-    drop(rt);
-    if let Err(e) = result {
-        eprintln!("ERROR: {e}");
-        std::process::exit(1);
-    }
+    throughput_main("kernel benches", measure);
 }

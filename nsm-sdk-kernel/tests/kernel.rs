@@ -7,9 +7,11 @@
 //! each test prints a skip line and passes.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
+
+use nsm_testkit::lab::run;
+use nsm_testkit::Ns;
 
 use nsm_proto::connectioncontext::{
     ConnectionContext, IpContext, PolicyRoute, Route as ProtoRoute,
@@ -23,130 +25,9 @@ use nsm_sdk_kernel::{
     IfName, NetNs, Netlink, PingOptions, Plan, PodSide, Route, RtNetlink, VethEnd,
 };
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// A named namespace that is deleted when the guard drops (also on panic).
-struct Ns {
-    name: String,
-}
-
-impl Ns {
-    fn new() -> Ns {
-        let name = format!(
-            "nsmt-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        // A leftover from an earlier run with the same pid would make `add` fail.
-        let _ = run("ip", &["netns", "del", &name]);
-        let out = run("ip", &["netns", "add", &name]);
-        assert!(out.0, "ip netns add {name}: {}", out.1);
-        let out = run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        assert!(out.0, "{}", out.1);
-        Ns { name }
-    }
-
-    fn open(&self) -> NetNs {
-        NetNs::named(&self.name).unwrap()
-    }
-
-    /// Link names in the namespace, sorted, as `ip` lists them (`veth` ends lose
-    /// their `@ifN` suffix).
-    fn links(&self) -> Vec<String> {
-        let (ok, out) = run("ip", &["-n", &self.name, "-o", "link", "show"]);
-        assert!(ok, "{out}");
-        let mut v: Vec<String> = out
-            .lines()
-            // Link lines start with the index; `ip` may also warn (stderr is merged
-            // here), e.g. "Peer netns reference is invalid." when another test's
-            // namespace is gone.
-            .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_string())
-            .collect();
-        v.sort();
-        v
-    }
-
-    fn show(&self, args: &[&str]) -> String {
-        let mut full = vec!["-n", &self.name];
-        full.extend_from_slice(args);
-        let (ok, out) = run("ip", &full);
-        assert!(ok, "ip {full:?}: {out}");
-        out
-    }
-
-    /// Global addresses of `dev`, e.g. `["172.16.1.2/32"]`.
-    fn addresses(&self, dev: &str) -> Vec<String> {
-        let out = self.show(&["-o", "addr", "show", "dev", dev, "scope", "global"]);
-        let mut v: Vec<String> = out
-            .lines()
-            .filter_map(|l| {
-                let mut it = l.split_whitespace();
-                it.find(|w| *w == "inet" || *w == "inet6")?;
-                it.next().map(str::to_string)
-            })
-            .collect();
-        v.sort();
-        v
-    }
-
-    /// Routes through `dev`, IPv4 then IPv6, without the kernel's own.
-    fn routes(&self, dev: &str) -> Vec<String> {
-        let mut v = Vec::new();
-        for fam in ["-4", "-6"] {
-            let out = self.show(&[fam, "route", "show", "dev", dev]);
-            v.extend(
-                out.lines()
-                    .filter(|l| !l.contains("proto kernel"))
-                    .map(|l| l.trim().to_string()),
-            );
-        }
-        v
-    }
-
-    fn ping(&self, args: &[&str]) -> bool {
-        let mut full = vec!["netns", "exec", &self.name, "ping", "-c1", "-W1"];
-        full.extend_from_slice(args);
-        run("ip", &full).0
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = run("ip", &["netns", "del", &self.name]);
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    match std::process::Command::new(cmd).args(args).output() {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
-}
-
-/// Root, `ip` and `ping` are needed; otherwise the test is skipped.
-fn can_run() -> bool {
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    let tools = run("ip", &["-V"]).0 && run("ping", &["-V"]).0;
-    if !root || !tools {
-        eprintln!("skipped: kernel tests need root, ip and ping (root={root}, tools={tools})");
-    }
-    root && tools
-}
-
 macro_rules! require_root {
     () => {
-        if !can_run() {
-            return;
-        }
+        nsm_testkit::require_root!("kernel tests")
     };
 }
 
@@ -194,7 +75,7 @@ async fn a_veth_born_in_both_pods_carries_pings_between_the_context_addresses() 
 
     for ns in [&a, &b] {
         assert_eq!(ns.links(), ["lo", "nsm-1"], "born under its final name");
-        let link = ns.show(&["-d", "link", "show", "nsm-1"]);
+        let link = ns.ip(&["-d", "link", "show", "nsm-1"]);
         assert!(link.contains("mtu 1450") && link.contains("veth"), "{link}");
         assert!(link.contains(",UP"), "{link}");
     }
@@ -216,15 +97,18 @@ async fn a_veth_born_in_both_pods_carries_pings_between_the_context_addresses() 
         "{routes:?}"
     );
 
-    assert!(a.ping(&["172.16.1.1"]), "client -> endpoint");
-    assert!(b.ping(&["172.16.1.2"]), "endpoint -> client");
-    assert!(a.ping(&["-6", "2001:db8:1::1"]), "client -> endpoint, IPv6");
+    assert!(a.ping_with(&["172.16.1.1"]), "client -> endpoint");
+    assert!(b.ping_with(&["172.16.1.2"]), "endpoint -> client");
     assert!(
-        a.ping(&["-M", "do", "-s", "1422", "172.16.1.1"]),
+        a.ping_with(&["-6", "2001:db8:1::1"]),
+        "client -> endpoint, IPv6"
+    );
+    assert!(
+        a.ping_with(&["-M", "do", "-s", "1422", "172.16.1.1"]),
         "a full 1450-byte packet with DF"
     );
     assert!(
-        !a.ping(&["-M", "do", "-s", "1423", "172.16.1.1"]),
+        !a.ping_with(&["-M", "do", "-s", "1423", "172.16.1.1"]),
         "one byte more does not fit the MTU"
     );
 
@@ -292,7 +176,7 @@ async fn a_refresh_with_the_same_plan_changes_nothing_and_new_addresses_replace_
     let mut created = kernel_side_up(&a.open(), &b.open(), client.clone(), endpoint.clone())
         .await
         .unwrap();
-    let link_before = a.show(&["link", "show", "nsm-1"]);
+    let link_before = a.ip(&["link", "show", "nsm-1"]);
     let (addrs, routes) = (a.addresses("nsm-1"), a.routes("nsm-1"));
 
     // Watch the namespace: an unchanged refresh must not send a single change.
@@ -313,7 +197,7 @@ async fn a_refresh_with_the_same_plan_changes_nothing_and_new_addresses_replace_
         "an unchanged refresh changed the kernel: {}",
         String::from_utf8_lossy(&events.stdout)
     );
-    assert_eq!(a.show(&["link", "show", "nsm-1"]), link_before);
+    assert_eq!(a.ip(&["link", "show", "nsm-1"]), link_before);
     assert_eq!((a.addresses("nsm-1"), a.routes("nsm-1")), (addrs, routes));
 
     let ctx = context("172.16.1.6", "172.16.1.5", "2001:db8:1::6", "2001:db8:1::5");
@@ -335,9 +219,12 @@ async fn a_refresh_with_the_same_plan_changes_nothing_and_new_addresses_replace_
             .any(|r| r.starts_with("192.0.2.0/24 via 172.16.1.5")),
         "{routes:?}"
     );
-    assert!(a.ping(&["172.16.1.5"]));
-    assert!(a.ping(&["-6", "2001:db8:1::5"]));
-    assert!(!a.ping(&["172.16.1.1"]), "the old endpoint address is gone");
+    assert!(a.ping_with(&["172.16.1.5"]));
+    assert!(a.ping_with(&["-6", "2001:db8:1::5"]));
+    assert!(
+        !a.ping_with(&["172.16.1.1"]),
+        "the old endpoint address is gone"
+    );
 
     down(created).await.unwrap();
     assert_eq!(
@@ -363,8 +250,8 @@ async fn a_refresh_that_changes_only_the_client_address_keeps_the_client_routes(
     created.refresh(PodSide::Endpoint, endpoint).await.unwrap();
     assert_eq!(a.addresses("nsm-1"), ["172.16.1.6/32", "2001:db8:1::6/128"]);
     assert_eq!(a.routes("nsm-1"), routes, "unchanged routes survive");
-    assert!(a.ping(&["172.16.1.1"]));
-    assert!(b.ping(&["172.16.1.6"]));
+    assert!(a.ping_with(&["172.16.1.1"]));
+    assert!(b.ping_with(&["172.16.1.6"]));
     down(created).await.unwrap();
 }
 
@@ -393,7 +280,7 @@ async fn a_namespace_received_as_an_o_path_fd_works_once_reopened() {
     let created = kernel_side_up(&by_proc, &by_fd, client, endpoint)
         .await
         .unwrap();
-    assert!(a.ping(&["172.16.1.1"]));
+    assert!(a.ping_with(&["172.16.1.1"]));
     down(created).await.unwrap();
     assert_eq!(
         (a.links(), b.links()),
@@ -587,10 +474,31 @@ fn owned_plans(ctx: &ConnectionContext, id: &str) -> (Plan, Plan) {
     )
 }
 
-impl Ns {
+/// What the tests of this file read of a namespace beyond what the kit reads.
+trait NsExt {
+    fn routes(&self, dev: &str) -> Vec<String>;
+    fn index_and_alias(&self, dev: &str) -> (u64, String);
+    fn sysctl(&self, key: &str) -> String;
+}
+
+impl NsExt for Ns {
+    /// Routes through `dev`, IPv4 then IPv6, without the kernel's own.
+    fn routes(&self, dev: &str) -> Vec<String> {
+        let mut v = Vec::new();
+        for fam in ["-4", "-6"] {
+            let out = self.ip(&[fam, "route", "show", "dev", dev]);
+            v.extend(
+                out.lines()
+                    .filter(|l| !l.contains("proto kernel"))
+                    .map(|l| l.trim().to_string()),
+            );
+        }
+        v
+    }
+
     /// `ifindex` and `ifalias` of `dev`, as `ip -j` shows them.
     fn index_and_alias(&self, dev: &str) -> (u64, String) {
-        let out = self.show(&["-j", "link", "show", "dev", dev]);
+        let out = self.ip(&["-j", "link", "show", "dev", dev]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         (
             v[0]["ifindex"].as_u64().unwrap_or(0),
@@ -620,7 +528,7 @@ async fn a_pair_left_by_a_dead_forwarder_is_replaced_and_a_foreign_link_is_not()
 
     // The forwarder dies: its state goes, the pair stays and still carries traffic.
     drop(first);
-    assert!(a.ping(&["172.16.1.1"]));
+    assert!(a.ping_with(&["172.16.1.1"]));
     let again = kernel_side_up(&a.open(), &b.open(), client.clone(), endpoint.clone())
         .await
         .unwrap();
@@ -635,7 +543,7 @@ async fn a_pair_left_by_a_dead_forwarder_is_replaced_and_a_foreign_link_is_not()
             vec!["lo".into(), "nsm-1".into()]
         )
     );
-    assert!(a.ping(&["172.16.1.1"]), "the new pair works");
+    assert!(a.ping_with(&["172.16.1.1"]), "the new pair works");
 
     // Another connection wants the same name: the link is not its leftover.
     let (other_client, other_endpoint) = owned_plans(&default_context(), "conn-2");
@@ -768,9 +676,18 @@ fn policy_context(dport: &str) -> ConnectionContext {
     ctx
 }
 
-impl Ns {
+/// The policy-routing reads of a namespace.
+trait PolicyNs {
+    fn json_or_none(&self, args: &[&str]) -> Vec<serde_json::Value>;
+    fn rules(&self) -> Vec<serde_json::Value>;
+    fn table_routes(&self, table: &str) -> Vec<serde_json::Value>;
+    fn route_get(&self, dst: &str, dport: &str) -> (bool, String);
+    fn policy_table_routes(&self) -> Vec<String>;
+}
+
+impl PolicyNs for Ns {
     /// `ip -j` output as a list; a table that does not exist (yet) is empty.
-    fn json(&self, args: &[&str]) -> Vec<serde_json::Value> {
+    fn json_or_none(&self, args: &[&str]) -> Vec<serde_json::Value> {
         let mut full = vec!["-n", self.name.as_str()];
         full.extend_from_slice(args);
         let (ok, out) = run("ip", &full);
@@ -788,16 +705,16 @@ impl Ns {
     /// The IPv4 then IPv6 rules as `ip -j rule` lists them, without the kernel's own
     /// (`local`, `main`, `default`).
     fn rules(&self) -> Vec<serde_json::Value> {
-        let mut v = self.json(&["-4", "-j", "rule"]);
-        v.extend(self.json(&["-6", "-j", "rule"]));
+        let mut v = self.json_or_none(&["-4", "-j", "rule"]);
+        v.extend(self.json_or_none(&["-6", "-j", "rule"]));
         v.retain(|r| !matches!(r["table"].as_str(), Some("local" | "main" | "default")));
         v
     }
 
     /// The routes of `table`, IPv4 then IPv6, as `ip -j route` lists them.
     fn table_routes(&self, table: &str) -> Vec<serde_json::Value> {
-        let mut v = self.json(&["-4", "-j", "route", "show", "table", table]);
-        v.extend(self.json(&["-6", "-j", "route", "show", "table", table]));
+        let mut v = self.json_or_none(&["-4", "-j", "route", "show", "table", table]);
+        v.extend(self.json_or_none(&["-6", "-j", "route", "show", "table", table]));
         v
     }
 
@@ -826,7 +743,7 @@ impl Ns {
     fn policy_table_routes(&self) -> Vec<String> {
         let mut v = Vec::new();
         for fam in ["-4", "-6"] {
-            let out = self.show(&[fam, "route", "show", "table", "all"]);
+            let out = self.ip(&[fam, "route", "show", "table", "all"]);
             v.extend(
                 out.lines()
                     .filter(|l| l.contains(" table ") && !l.contains("table local"))

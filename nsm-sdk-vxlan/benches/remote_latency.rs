@@ -34,13 +34,12 @@ mod common;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use common::{
-    addrs, can_run, cx, ip_of, loadavg, machine, path_names, request, underlay, Kind, Mesh, Ns,
-    Res, Stats, CLIENT_IF, UNDERLAY,
-};
+use common::{can_run, request, Kind, Mesh, CLIENT_IF};
 use nsm_sdk::proto::connectioncontext::ConnectionContext;
 use nsm_sdk_kernel::{plan_from_context, veth_alias, NetNs, PodSide, RtNetlink};
 use nsm_sdk_vxlan::{vxlan_up, Vni, VxlanSpec};
+use nsm_testkit::bench::{addrs, cx, ip_of, loadavg, machine, ms, Res, Stats};
+use nsm_testkit::{names as path_names, underlay, Ns, UNDERLAY};
 
 const WARMUP: usize = 20;
 const BLOCKS: usize = 10;
@@ -74,7 +73,7 @@ async fn mesh_once(mesh: &Mesh, check: Option<&Ns>) -> Res<(Duration, Duration)>
     let conn = mesh.client.request(&mut cx(), request()).await?;
     let up = t.elapsed();
     if let Some(nsc) = check {
-        let (kind, ..) = nsc.kind(CLIENT_IF)?;
+        let (kind, ..) = common::kind(nsc, CLIENT_IF);
         if kind != "vxlan" {
             return Err(format!("{CLIENT_IF} is {kind:?}, not vxlan").into());
         }
@@ -146,8 +145,8 @@ fn report(what: &str, s: &Samples) {
 
 async fn bench() -> Res<()> {
     eprintln!("machine: {}", machine());
-    let nodes = underlay()?;
-    let (nsc, nse) = (Ns::new()?, Ns::new()?);
+    let nodes = underlay();
+    let (nsc, nse) = (Ns::new(), Ns::new());
     let vx = Mesh::start(
         &nodes,
         Kind::Vxlan {
@@ -161,17 +160,26 @@ async fn bench() -> Res<()> {
     // Checks before timing: the path, both devices, a ping, nothing left after Close.
     let conn = vx.client.request(&mut cx(), request()).await?;
     let names = path_names(&conn);
-    if names != ["nsc", "nsmgr-1", "fwd-1", "nsmgr-2", "fwd-2", "nse"] {
+    if names
+        != [
+            "nsc",
+            "nsmgr-0",
+            "forwarder-0-0",
+            "nsmgr-1",
+            "forwarder-1-0",
+            "nse",
+        ]
+    {
         return Err(format!("unexpected path {names:?}").into());
     }
-    let nse_if = nse.mesh_link()?;
-    let (k1, mtu1, vni1) = nsc.kind(CLIENT_IF)?;
-    let (k2, mtu2, vni2) = nse.kind(&nse_if)?;
+    let nse_if = nse.mesh_link();
+    let (k1, mtu1, vni1) = common::kind(&nsc, CLIENT_IF);
+    let (k2, mtu2, vni2) = common::kind(&nse, &nse_if);
     if (k1.as_str(), k2.as_str(), mtu1, mtu2) != ("vxlan", "vxlan", 1450, 1450) || vni1 != vni2 {
         return Err(format!("devices {k1}/{mtu1}/{vni1} and {k2}/{mtu2}/{vni2}").into());
     }
     let (_, endpoint_addr) = addrs(&conn)?;
-    if !nsc.ping(ip_of(&endpoint_addr)) {
+    if !nsc.ping_with(&["-W2", ip_of(&endpoint_addr)]) {
         return Err("no ping across the tunnel".into());
     }
     let ctx = conn.context.clone().unwrap_or_default();
@@ -183,8 +191,8 @@ async fn bench() -> Res<()> {
         .unwrap_or_default();
     vx.client.close(&mut cx(), conn).await?;
     for p in [&nsc, &nse] {
-        if p.links()? != ["lo"] {
-            return Err(format!("{} after Close: {:?}", p.name, p.links()?).into());
+        if p.links() != ["lo"] {
+            return Err(format!("{} after Close: {:?}", p.name, p.links()).into());
         }
     }
     let conn = noop.client.request(&mut cx(), request()).await?;
@@ -198,10 +206,10 @@ async fn bench() -> Res<()> {
 
     let direct = Direct {
         nodes: [
-            RtNetlink::open(&nodes[0].open()?).await?,
-            RtNetlink::open(&nodes[1].open()?).await?,
+            RtNetlink::open(&nodes[0].open()).await?,
+            RtNetlink::open(&nodes[1].open()).await?,
         ],
-        pods: [nsc.open()?, nse.open()?],
+        pods: [nsc.open(), nse.open()],
         mtu: nsm_sdk_kernel::Mtu::new(1450)?,
         ctx,
         nse_if,
@@ -233,8 +241,8 @@ async fn bench() -> Res<()> {
     report("mesh (VXLAN, 6 hops)", &mesh_s);
     report("floor a (vxlan_up x2 + down x2)", &floor_a);
     report("floor b (NOOP, 6 hops)", &floor_b);
-    let p50 = |v: &[Duration]| common::ms(Stats::of(v).p50);
-    let p99 = |v: &[Duration]| common::ms(Stats::of(v).p99);
+    let p50 = |v: &[Duration]| ms(Stats::of(v).p50);
+    let p99 = |v: &[Duration]| ms(Stats::of(v).p99);
     let floor: Vec<Duration> = floor_a
         .total()
         .iter()
@@ -257,8 +265,8 @@ async fn bench() -> Res<()> {
     );
 
     for p in [&nsc, &nse] {
-        if p.links()? != ["lo"] {
-            return Err(format!("{} after the bench: {:?}", p.name, p.links()?).into());
+        if p.links() != ["lo"] {
+            return Err(format!("{} after the bench: {:?}", p.name, p.links()).into());
         }
     }
     if vx.tunnels.iter().any(|t| !t.allocator().is_empty()) {

@@ -3,421 +3,95 @@
 //! Two "nodes" are namespaces joined by a veth underlay `ul0` (192.0.2.1/24 and
 //! 192.0.2.2/24, MTU 1500). Each node has a manager and a forwarder whose [`Tunnel`]
 //! is bound to the node's namespace (so its VXLAN devices' UDP sockets and VNIs live
-//! there); a registry serves both. Everything runs in this test process, served over
-//! unix sockets in a temporary directory. Pods are namespaces too
+//! there); a registry serves both. Everything runs in this test process, in a sandbox
+//! served over unix sockets. Pods are namespaces too
 //! (`ip netns add nsmt-<pid>-<n>`, deleted by a guard even when the test fails), named
 //! `file:///run/netns/<name>`: endpoints with point-to-point IPAM and `kernel_endpoint`,
 //! clients with `kernel_client`. What the kernel holds is read with `ip -j` (an
 //! independent observer), traffic checked with `ping` from inside a pod. Without root
 //! (or without `ip`/`ping`) each test prints a skip line and passes.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use nsm_sdk::chains::{
-    client, endpoint, forwarder, nsmgr, registry_server, ClientOptions, EndpointOptions,
-    ForwarderOptions, NsmgrOptions,
-};
-use nsm_sdk::handlers::{mechanisms, point_to_point};
+use nsm_sdk::chains::client;
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
-use nsm_sdk::registry::RegistryChain;
-use nsm_sdk::transport::{grpc_registry, serve, Channels, Server, Url};
+use nsm_sdk::sandbox::{Counter, EndpointHandle, Sandbox};
 use nsm_sdk::wire::{params, types};
-use nsm_sdk::{async_trait, Chain, Cx, Handler, Next};
-use nsm_sdk_kernel::{kernel_client, kernel_endpoint, NetNs};
+use nsm_sdk::{Chain, Cx};
 use nsm_sdk_vxlan::mechanism::{vxlan_forwarder_mechanisms, Tunnel};
 use nsm_sdk_vxlan::{Vni, VniAllocator};
-use serde_json::Value;
-use tokio_util::sync::CancellationToken;
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-fn unique(what: &str) -> String {
-    format!(
-        "nsmt-{}-{what}{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// A named namespace (a node or a pod) that is deleted when the guard drops (also on
-/// panic).
-struct Ns {
-    name: String,
-}
-
-impl Ns {
-    fn new() -> Ns {
-        let name = unique("");
-        let _ = run("ip", &["netns", "del", &name]);
-        let out = run("ip", &["netns", "add", &name]);
-        assert!(out.0, "ip netns add {name}: {}", out.1);
-        let ns = Ns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn url(&self) -> String {
-        format!("file:///run/netns/{}", self.name)
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["-n", &self.name];
-        full.extend_from_slice(args);
-        let (ok, out) = run("ip", &full);
-        assert!(ok, "ip {full:?}: {out}");
-        out
-    }
-
-    fn json(&self, args: &[&str]) -> Vec<Value> {
-        let mut full = vec!["-j"];
-        full.extend_from_slice(args);
-        let out = self.ip(&full);
-        // `ip` may print a warning (stderr is merged into `out`), e.g. "Peer netns
-        // reference is invalid." when another test's namespace is gone: parse the JSON
-        // array only.
-        let json = match (out.find('['), out.rfind(']')) {
-            (Some(a), Some(b)) if a < b => &out[a..=b],
-            _ => out.as_str(),
-        };
-        match serde_json::from_str::<Value>(json) {
-            Ok(Value::Array(v)) => v,
-            _ if out.trim().is_empty() => Vec::new(),
-            other => panic!("ip {full:?}: {other:?}"),
-        }
-    }
-
-    /// Interface names, sorted.
-    fn links(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .json(&["link", "show"])
-            .iter()
-            .filter_map(|l| l["ifname"].as_str().map(str::to_string))
-            .collect();
-        v.sort();
-        v
-    }
-
-    /// The one interface the mesh made (everything but `lo`).
-    fn mesh_link(&self) -> String {
-        let links: Vec<String> = self.links().into_iter().filter(|l| l != "lo").collect();
-        assert_eq!(links.len(), 1, "{}: {links:?}", self.name);
-        links[0].clone()
-    }
-
-    fn link(&self, dev: &str) -> Value {
-        self.json(&["-d", "link", "show", "dev", dev])
-            .pop()
-            .unwrap_or(Value::Null)
-    }
-
-    /// `(vni, local, remote, port)` of the VXLAN device `dev`.
-    fn vxlan(&self, dev: &str) -> (u64, String, String, u64) {
-        let l = self.link(dev);
-        assert_eq!(l["linkinfo"]["info_kind"], "vxlan", "{dev}: {l}");
-        let d = &l["linkinfo"]["info_data"];
-        (
-            d["id"].as_u64().unwrap_or(0),
-            d["local"].as_str().unwrap_or("").to_string(),
-            d["remote"].as_str().unwrap_or("").to_string(),
-            d["port"].as_u64().unwrap_or(0),
-        )
-    }
-
-    /// Global addresses of `dev`, e.g. `["172.16.60.1/32"]`.
-    fn addresses(&self, dev: &str) -> Vec<String> {
-        let mut v = Vec::new();
-        for l in self.json(&["addr", "show", "dev", dev]) {
-            for a in l["addr_info"].as_array().into_iter().flatten() {
-                if a["scope"] == "global" {
-                    v.push(format!(
-                        "{}/{}",
-                        a["local"].as_str().unwrap_or("?"),
-                        a["prefixlen"]
-                    ));
-                }
-            }
-        }
-        v.sort();
-        v
-    }
-
-    /// What a refresh must not change: each interface (index, MAC, MTU, flags), its
-    /// global addresses and the main-table routes (without IPv6 link-local ones).
-    fn state(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        for l in self.json(&["link", "show"]) {
-            let name = l["ifname"].as_str().unwrap_or("?").to_string();
-            v.push(format!(
-                "link {name} index {} mac {} mtu {} flags {}",
-                l["ifindex"], l["address"], l["mtu"], l["flags"]
-            ));
-            for a in self.addresses(&name) {
-                v.push(format!("addr {name} {a}"));
-            }
-        }
-        for fam in ["-4", "-6"] {
-            for r in self.json(&[fam, "route", "show"]) {
-                if !r["dst"].as_str().unwrap_or("").starts_with("fe80:") {
-                    v.push(format!("route {r}"));
-                }
-            }
-        }
-        v
-    }
-
-    /// What a connection could leave behind: links, all addresses, the routes of
-    /// every table and the policy rules, and for a pod the neighbour entries. A node's
-    /// view leaves out what its underlay gets on its own schedule: the neighbour
-    /// entries and the IPv6 link-local address and routes.
-    fn everything(&self, pod: bool) -> Vec<String> {
-        let mut v = Vec::new();
-        for l in self.json(&["link", "show"]) {
-            v.push(format!("link {} mtu {}", l["ifname"], l["mtu"]));
-        }
-        for l in self.json(&["addr", "show"]) {
-            for a in l["addr_info"].as_array().into_iter().flatten() {
-                v.push(format!(
-                    "addr {} {}/{}",
-                    l["ifname"], a["local"], a["prefixlen"]
-                ));
-            }
-        }
-        for fam in ["-4", "-6"] {
-            for r in self.json(&[fam, "route", "show", "table", "all"]) {
-                v.push(format!("route {r}"));
-            }
-            for r in self.json(&[fam, "rule", "show"]) {
-                v.push(format!("rule {r}"));
-            }
-        }
-        if pod {
-            for n in self.json(&["neigh", "show"]) {
-                v.push(format!("neigh {n}"));
-            }
-        } else {
-            v.retain(|e| !e.contains("fe80:"));
-        }
-        v.sort();
-        v
-    }
-
-    /// (tx packets, rx packets) of `dev`.
-    fn counters(&self, dev: &str) -> (u64, u64) {
-        let l = self
-            .json(&["-s", "link", "show", "dev", dev])
-            .pop()
-            .unwrap_or(Value::Null);
-        let stats = &l["stats64"];
-        (
-            stats["tx"]["packets"].as_u64().unwrap_or(0),
-            stats["rx"]["packets"].as_u64().unwrap_or(0),
-        )
-    }
-
-    /// `ping -c1` from inside the namespace, with extra arguments.
-    async fn ping_with(&self, extra: &[&str], addr: &str) -> bool {
-        let mut args = vec!["netns", "exec", &self.name, "ping", "-c1", "-W2"];
-        args.extend_from_slice(extra);
-        args.push(addr);
-        let out = tokio::process::Command::new("ip")
-            .args(&args)
-            .output()
-            .await;
-        out.is_ok_and(|o| o.status.success())
-    }
-
-    async fn ping(&self, addr: &str) -> bool {
-        self.ping_with(&[], addr).await
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = run("ip", &["netns", "del", &self.name]);
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    match std::process::Command::new(cmd).args(args).output() {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
-}
-
-/// Root, `ip` and `ping` are needed; otherwise the test is skipped.
-fn can_run() -> bool {
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    let tools = run("ip", &["-V"]).0 && run("ping", &["-V"]).0;
-    if !root || !tools {
-        eprintln!("skipped: VXLAN mesh tests need root, ip and ping (root={root}, tools={tools})");
-    }
-    root && tools
-}
+use nsm_testkit::bench::ip_of;
+use nsm_testkit::kernel::{kernel_nsc, kernel_nse, kernel_sandbox};
+use nsm_testkit::{names as path_names, refresh, underlay, Ns, UNDERLAY};
 
 macro_rules! require_root {
     () => {
-        if !can_run() {
-            return;
-        }
+        nsm_testkit::require_root!("VXLAN mesh tests")
     };
 }
 
-const UNDERLAY: [&str; 2] = ["192.0.2.1", "192.0.2.2"];
-
-/// Two nodes joined by a veth underlay `ul0` with MTU 1500.
-fn underlay() -> [Ns; 2] {
-    let nodes = [Ns::new(), Ns::new()];
-    nodes[0].ip(&[
-        "link",
-        "add",
-        "ul0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "ul0",
-        "netns",
-        &nodes[1].name,
-    ]);
-    for (n, addr) in nodes.iter().zip(UNDERLAY) {
-        n.ip(&["addr", "add", &format!("{addr}/24"), "dev", "ul0"]);
-        n.ip(&["link", "set", "ul0", "mtu", "1500", "up"]);
-    }
-    nodes
+/// `(vni, local, remote, port)` of the VXLAN device `dev` in `ns`.
+fn vxlan(ns: &Ns, dev: &str) -> (u64, String, String, u64) {
+    let l = ns.link(dev);
+    assert_eq!(l["linkinfo"]["info_kind"], "vxlan", "{dev}: {l}");
+    let d = &l["linkinfo"]["info_data"];
+    (
+        d["id"].as_u64().unwrap_or(0),
+        d["local"].as_str().unwrap_or("").to_string(),
+        d["remote"].as_str().unwrap_or("").to_string(),
+        d["port"].as_u64().unwrap_or(0),
+    )
 }
 
-/// Counts what reaches an endpoint's application handlers.
-#[derive(Clone, Default)]
-struct Count {
-    requests: Arc<AtomicUsize>,
-    closes: Arc<AtomicUsize>,
-}
-
-#[async_trait]
-impl Handler for Count {
-    async fn request(
-        &self,
-        cx: &mut Cx,
-        req: NetworkServiceRequest,
-        next: Next,
-    ) -> nsm_sdk::Result<Connection> {
-        self.requests.fetch_add(1, Ordering::SeqCst);
-        next.request(cx, req).await
-    }
-    async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> nsm_sdk::Result<()> {
-        self.closes.fetch_add(1, Ordering::SeqCst);
-        next.close(cx, conn).await
+/// What a connection could leave behind in a pod (`pod`) or a node.
+fn everything(ns: &Ns, pod: bool) -> Vec<String> {
+    if pod {
+        ns.everything()
+    } else {
+        ns.everything_of_node()
     }
 }
 
-/// A registry and, per node, a manager and a VXLAN+KERNEL forwarder, served over unix
-/// sockets; dropped, it stops them and removes its directory.
+/// A sandbox of two nodes whose forwarders have a VXLAN+KERNEL data plane, each with
+/// a [`Tunnel`] bound to its node's namespace, and the endpoints started in it.
 struct Mesh {
-    dir: PathBuf,
-    channels: Channels,
-    root: CancellationToken,
-    nsmgr_urls: Vec<Url>,
+    sandbox: Sandbox,
     tunnels: Vec<Tunnel>,
-    servers: Vec<Server>,
+    endpoints: Vec<EndpointHandle>,
 }
 
 impl Mesh {
     /// The mesh over `nodes`, node `i`'s forwarder with `allocators[i]` (a fresh one
     /// when `None`).
     async fn start(nodes: &[Ns; 2], allocators: [Option<Arc<VniAllocator>>; 2]) -> Mesh {
-        let dir = std::env::temp_dir().join(unique("mesh"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut mesh = Mesh {
-            dir,
-            channels: Channels::new(),
-            root: CancellationToken::new(),
-            nsmgr_urls: Vec::new(),
-            tunnels: Vec::new(),
-            servers: Vec::new(),
-        };
-        let registry_url = mesh.url("registry");
-        let registry = registry_server(Duration::from_secs(60));
-        mesh.servers
-            .push(serve(&registry_url, registry.services()).await.unwrap());
+        let mut tunnels = Vec::new();
         for (i, (node, allocator)) in nodes.iter().zip(allocators).enumerate() {
-            let n = i + 1;
-            let nsmgr_url = mesh.url(&format!("nsmgr-{n}"));
-            let mgr = nsmgr(
-                NsmgrOptions::new(
-                    format!("nsmgr-{n}"),
-                    nsmgr_url.clone(),
-                    registry_url.clone(),
-                )
-                .channels(mesh.channels.clone())
-                .root(mesh.root.child_token()),
-            );
-            mesh.servers
-                .push(serve(&nsmgr_url, mgr.services()).await.unwrap());
-            let mut tunnel = Tunnel::builder(UNDERLAY[i].parse().unwrap())
-                .netns(NetNs::named(&node.name).unwrap());
+            let mut tunnel = Tunnel::builder(UNDERLAY[i].parse().unwrap()).netns(node.open());
             if let Some(a) = allocator {
                 tunnel = tunnel.allocator(a);
             }
             let tunnel = tunnel.build().await.unwrap();
             assert_eq!(tunnel.mtu().get(), 1450, "the underlay's 1500 - 50");
-            let (server_side, client_side) = vxlan_forwarder_mechanisms(tunnel.clone());
-            let fwd = forwarder(
-                ForwarderOptions::new(format!("fwd-{n}"), nsmgr_url.clone())
-                    .channels(mesh.channels.clone())
-                    .root(mesh.root.child_token())
-                    .server_mechanisms(server_side)
-                    .client_mechanisms(client_side),
-            );
-            let fwd_url = mesh.url(&format!("fwd-{n}"));
-            mesh.servers
-                .push(serve(&fwd_url, fwd.services()).await.unwrap());
-            mesh.front(&nsmgr_url)
-                .1
-                .register(&mut Cx::client(), fwd.registration(&fwd_url))
-                .await
-                .unwrap();
-            mesh.nsmgr_urls.push(nsmgr_url);
-            mesh.tunnels.push(tunnel);
+            tunnels.push(tunnel);
         }
-        mesh
-    }
-
-    fn url(&self, name: &str) -> Url {
-        Url::Unix(self.dir.join(format!("{name}.sock")))
-    }
-
-    fn front(
-        &self,
-        nsmgr_url: &Url,
-    ) -> (
-        RegistryChain<NetworkService>,
-        RegistryChain<NetworkServiceEndpoint>,
-    ) {
-        (
-            RegistryChain::<NetworkService>::builder()
-                .push(grpc_registry(self.channels.clone(), nsmgr_url.clone()))
-                .build(),
-            RegistryChain::<NetworkServiceEndpoint>::builder()
-                .push(grpc_registry(self.channels.clone(), nsmgr_url.clone()))
-                .build(),
-        )
+        let per_node = tunnels.clone();
+        let sandbox = kernel_sandbox()
+            .nodes(2)
+            .forwarder_mechanisms(move |i| vxlan_forwarder_mechanisms(per_node[i].clone()))
+            .build()
+            .await
+            .unwrap();
+        Mesh {
+            sandbox,
+            tunnels,
+            endpoints: Vec::new(),
+        }
     }
 
     /// An endpoint `name` of `service` in `pod` on node `node` (0 or 1), with
-    /// addresses from `prefix`, registered through that node's manager.
+    /// addresses from `prefix`, registered through that node's manager; it lives as
+    /// long as the mesh. Its counter counts what reaches its application handlers.
     async fn add_nse(
         &mut self,
         node: usize,
@@ -425,55 +99,21 @@ impl Mesh {
         service: &str,
         pod: &Ns,
         prefix: &str,
-    ) -> Count {
-        let count = Count::default();
-        let ep = endpoint(
-            name,
-            EndpointOptions::new()
-                .root(self.root.child_token())
-                .handler(count.clone())
-                .handler(point_to_point(vec![prefix.parse().unwrap()]))
-                .handler(mechanisms().with(types::KERNEL, kernel_endpoint(pod.url()))),
-        );
-        let url = self.url(name);
-        self.servers.push(serve(&url, ep.services()).await.unwrap());
-        let (ns, nse) = self.front(&self.nsmgr_urls[node]);
-        ns.register(
-            &mut Cx::client(),
-            NetworkService {
-                name: service.into(),
-                payload: "IP".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        nse.register(
-            &mut Cx::client(),
-            NetworkServiceEndpoint {
-                name: name.into(),
-                network_service_names: vec![service.into()],
-                network_service_labels: [(service.to_string(), NetworkServiceLabels::default())]
-                    .into(),
-                url: url.to_string(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        count
+    ) -> Counter {
+        let nse = self
+            .sandbox
+            .node(node)
+            .endpoint(kernel_nse(name, service, pod, prefix))
+            .await
+            .unwrap();
+        let counter = nse.counter.clone();
+        self.endpoints.push(nse);
+        counter
     }
 
     /// A client on node `node` whose interface `ifname` goes into `pod`, no retry.
     fn client(&self, node: usize, pod: &Ns, ifname: &str) -> Chain {
-        client(
-            ClientOptions::new("nsc", self.nsmgr_urls[node].clone())
-                .channels(self.channels.clone())
-                .root(self.root.child_token())
-                .retry(None)
-                .mechanisms(vec![])
-                .handler(kernel_client(pod.url()).ifname(ifname)),
-        )
+        client(kernel_nsc(self.sandbox.node(node), pod, Some(ifname)))
     }
 
     fn allocators_empty(&self) -> bool {
@@ -481,56 +121,13 @@ impl Mesh {
     }
 }
 
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        self.root.cancel();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn request(service: &str) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(Connection {
-            network_service: service.into(),
-            ..Default::default()
-        }),
-        mechanism_preferences: vec![],
-    }
-}
-
-fn refresh(conn: &Connection) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(conn.clone()),
-        mechanism_preferences: vec![],
-    }
+    nsm_testkit::request(service)
 }
 
 /// The client's and the endpoint's address (`a.b.c.d/32`) of a connection.
 fn addrs(conn: &Connection) -> (String, String) {
-    let ipc = conn
-        .context
-        .as_ref()
-        .and_then(|c| c.ip_context.as_ref())
-        .expect("the IPAM filled the IP context");
-    let host = |s: &String| {
-        if s.contains('/') {
-            s.clone()
-        } else {
-            format!("{s}/32")
-        }
-    };
-    (host(&ipc.src_ip_addrs[0]), host(&ipc.dst_ip_addrs[0]))
-}
-
-fn ip_of(cidr: &str) -> &str {
-    cidr.split('/').next().unwrap_or(cidr)
-}
-
-fn path_names(conn: &Connection) -> Vec<String> {
-    conn.path
-        .as_ref()
-        .map(|p| p.path_segments.iter().map(|s| s.name.clone()).collect())
-        .unwrap_or_default()
+    nsm_testkit::bench::addrs(conn).expect("the IPAM filled the IP context")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -540,8 +137,8 @@ async fn kernel2vxlan2kernel_pings_across_the_underlay_at_the_tunnel_mtu_and_lea
     let (nsc, nse) = (Ns::new(), Ns::new());
     let baseline: Vec<Vec<String>> = [&nsc, &nse]
         .iter()
-        .map(|n| n.everything(true))
-        .chain(nodes.iter().map(|n| n.everything(false)))
+        .map(|n| everything(n, true))
+        .chain(nodes.iter().map(|n| everything(n, false)))
         .collect();
     let mut mesh = Mesh::start(&nodes, [None, None]).await;
     let count = mesh
@@ -555,7 +152,14 @@ async fn kernel2vxlan2kernel_pings_across_the_underlay_at_the_tunnel_mtu_and_lea
         .unwrap();
     assert_eq!(
         path_names(&conn),
-        ["nsc", "nsmgr-1", "fwd-1", "nsmgr-2", "fwd-2", "nse"]
+        [
+            "nsc",
+            "nsmgr-0",
+            "forwarder-0-0",
+            "nsmgr-1",
+            "forwarder-1-0",
+            "nse"
+        ]
     );
     let m = conn.mechanism.as_ref().unwrap();
     assert_eq!(m.r#type, types::KERNEL);
@@ -566,12 +170,12 @@ async fn kernel2vxlan2kernel_pings_across_the_underlay_at_the_tunnel_mtu_and_lea
     // A VXLAN device in each pod, one VNI, each node's socket towards the other.
     assert_eq!(nsc.links(), ["lo", "nsm-1"]);
     let nse_if = nse.mesh_link();
-    let (vni, local, remote, port) = nsc.vxlan("nsm-1");
+    let (vni, local, remote, port) = vxlan(&nsc, "nsm-1");
     assert_eq!(
         (local.as_str(), remote.as_str(), port),
         (UNDERLAY[0], UNDERLAY[1], 4789)
     );
-    let (vni2, local2, remote2, port2) = nse.vxlan(&nse_if);
+    let (vni2, local2, remote2, port2) = vxlan(&nse, &nse_if);
     assert_eq!(
         (vni2, local2.as_str(), remote2.as_str(), port2),
         (vni, UNDERLAY[1], UNDERLAY[0], 4789)
@@ -609,12 +213,12 @@ async fn kernel2vxlan2kernel_pings_across_the_underlay_at_the_tunnel_mtu_and_lea
     );
     // The tunnel MTU exactly: 1450 - 28 = 1422 bytes of ICMP payload with DF.
     assert!(
-        nsc.ping_with(&["-M", "do", "-s", "1422"], ip_of(&endpoint_addr))
+        nsc.ping_args(&["-W2", "-M", "do", "-s", "1422", ip_of(&endpoint_addr)])
             .await,
         "a DF ping of the full tunnel MTU"
     );
     assert!(
-        !nsc.ping_with(&["-M", "do", "-s", "1423"], ip_of(&endpoint_addr))
+        !nsc.ping_args(&["-W2", "-M", "do", "-s", "1423", ip_of(&endpoint_addr)])
             .await,
         "one byte more does not fit"
     );
@@ -631,15 +235,15 @@ async fn kernel2vxlan2kernel_pings_across_the_underlay_at_the_tunnel_mtu_and_lea
         before,
         "a refresh changes nothing"
     );
-    assert_eq!(nsc.vxlan("nsm-1").0, vni, "the same VNI");
+    assert_eq!(vxlan(&nsc, "nsm-1").0, vni, "the same VNI");
     assert!(nsc.ping(ip_of(&endpoint_addr)).await, "after the refresh");
 
     chain.close(&mut Cx::client(), again).await.unwrap();
-    assert_eq!(count.closes.load(Ordering::SeqCst), 1);
+    assert_eq!(count.closes(), 1);
     let after: Vec<Vec<String>> = [&nsc, &nse]
         .iter()
-        .map(|n| n.everything(true))
-        .chain(nodes.iter().map(|n| n.everything(false)))
+        .map(|n| everything(n, true))
+        .chain(nodes.iter().map(|n| everything(n, false)))
         .collect();
     for (i, (a, b)) in after.iter().zip(&baseline).enumerate() {
         assert_eq!(a, b, "namespace {i} (nsc, nse, node 1, node 2) after Close");
@@ -654,7 +258,7 @@ async fn connections_in_both_directions_ping_with_distinct_vnis_and_close_cleanl
     let (nsc1, nsc2, nsc3) = (Ns::new(), Ns::new(), Ns::new());
     let (nse_a, nse_b, nse_c) = (Ns::new(), Ns::new(), Ns::new());
     let pods = [&nsc1, &nsc2, &nsc3, &nse_a, &nse_b, &nse_c];
-    let baseline: Vec<Vec<String>> = pods.iter().map(|p| p.everything(true)).collect();
+    let baseline: Vec<Vec<String>> = pods.iter().map(|p| everything(p, true)).collect();
     let mut mesh = Mesh::start(&nodes, [None, None]).await;
     let counts = [
         mesh.add_nse(1, "nse-a", "svc-a", &nse_a, "172.16.61.0/24")
@@ -684,8 +288,8 @@ async fn connections_in_both_directions_ping_with_distinct_vnis_and_close_cleanl
     for ((_, svc, nsc, nse), conn) in clients.iter().zip(&conns) {
         assert_eq!(path_names(conn).len(), 6, "{svc}: {:?}", path_names(conn));
         let (client_addr, endpoint_addr) = addrs(conn);
-        let (vni, ..) = nsc.vxlan("nsm-1");
-        assert_eq!(nse.vxlan(&nse.mesh_link()).0, vni, "{svc}");
+        let (vni, ..) = vxlan(nsc, "nsm-1");
+        assert_eq!(vxlan(nse, &nse.mesh_link()).0, vni, "{svc}");
         assert_eq!(nsc.addresses("nsm-1"), [client_addr]);
         assert!(
             nsc.ping(ip_of(&endpoint_addr)).await,
@@ -717,10 +321,10 @@ async fn connections_in_both_directions_ping_with_distinct_vnis_and_close_cleanl
     .collect::<Result<Vec<()>, _>>()
     .unwrap();
     for c in &counts {
-        assert_eq!(c.closes.load(Ordering::SeqCst), 1);
+        assert_eq!(c.closes(), 1);
     }
     for (p, base) in pods.iter().zip(&baseline) {
-        assert_eq!(&p.everything(true), base, "{} after Close", p.name);
+        assert_eq!(&everything(p, true), base, "{} after Close", p.name);
     }
     assert!(mesh.allocators_empty());
 }
@@ -741,9 +345,9 @@ async fn until_clash(
             .request(&mut Cx::client(), request("vx-svc"))
             .await
             .expect("a clash is not the user's error");
-        let (vni, ..) = nsc.vxlan("nsm-1");
+        let (vni, ..) = vxlan(nsc, "nsm-1");
         assert!(allowed.contains(&vni), "VNI {vni} not in {allowed:?}");
-        assert_eq!(nse.vxlan(&nse.mesh_link()).0, vni);
+        assert_eq!(vxlan(nse, &nse.mesh_link()).0, vni);
         assert!(nsc.ping(ip_of(&addrs(&conn).1)).await, "VNI {vni}");
         chain.close(&mut Cx::client(), conn).await.unwrap();
         assert_eq!(nsc.links(), ["lo"]);
@@ -832,7 +436,7 @@ async fn a_device_left_for_the_same_connection_is_replaced_and_a_foreign_one_kep
         ["lo", "nsm-1"],
         "the old end and its peer are gone"
     );
-    assert!(nsc.vxlan("nsm-1").0 > 0);
+    assert!(vxlan(&nsc, "nsm-1").0 > 0);
     assert!(nsc.ping(ip_of(&addrs(&conn).1)).await);
     chain.close(&mut Cx::client(), conn).await.unwrap();
 

@@ -1,124 +1,17 @@
 //! VXLAN devices against the real kernel, as root: two "nodes" joined by a veth
 //! underlay (192.0.2.1/24 and 192.0.2.2/24) and one pod on each, all namespaces of
-//! this test (`ip netns add nsmv-<pid>-<n>`, deleted by a guard even on failure).
+//! this test (`ip netns add nsmt-<pid>-<n>`, deleted by a guard even on failure).
 //! What the kernel holds is checked with `ip`, traffic with `ping` from inside a
 //! pod. Without root (or `ip`/`ping`) the test prints a skip line and passes.
 
-use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicU32, Ordering};
-
-use nsm_sdk_kernel::{veth_alias, IfName, Mtu, NetNs, Plan, PodSide, Route, RtNetlink};
+use nsm_sdk_kernel::{veth_alias, IfName, Mtu, Plan, PodSide, Route, RtNetlink};
 use nsm_sdk_vxlan::{tunnel_mtu, vxlan_up, Error, Vni, VxlanSpec};
+use nsm_testkit::{underlay, Ns};
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-struct Ns {
-    name: String,
-}
-
-impl Ns {
-    fn new() -> Ns {
-        let name = format!(
-            "nsmv-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let _ = run("ip", &["netns", "del", &name]);
-        let out = run("ip", &["netns", "add", &name]);
-        assert!(out.0, "ip netns add {name}: {}", out.1);
-        self_ip(&name, &["link", "set", "lo", "up"]);
-        Ns { name }
-    }
-
-    fn open(&self) -> NetNs {
-        NetNs::named(&self.name).unwrap()
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        self_ip(&self.name, args)
-    }
-
-    fn links(&self) -> Vec<String> {
-        let out = self.ip(&["-o", "link", "show"]);
-        let mut v: Vec<String> = out
-            .lines()
-            // Link lines start with the index; `ip` may also print a warning (on
-            // stderr, merged here) such as "Peer netns reference is invalid." when a
-            // namespace another test used is gone.
-            .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_string())
-            .collect();
-        v.sort();
-        v
-    }
-
-    fn ping(&self, args: &[&str]) -> bool {
-        let mut full = vec!["netns", "exec", &self.name, "ping", "-c1", "-W1"];
-        full.extend_from_slice(args);
-        run("ip", &full).0
-    }
-
-    /// (tx packets, rx packets) of `dev`.
-    fn counters(&self, dev: &str) -> (u64, u64) {
-        let out = self.ip(&["-j", "-s", "link", "show", dev]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let stats = &v[0]["stats64"];
-        (
-            stats["tx"]["packets"].as_u64().unwrap(),
-            stats["rx"]["packets"].as_u64().unwrap(),
-        )
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = run("ip", &["netns", "del", &self.name]);
-    }
-}
-
-fn self_ip(ns: &str, args: &[&str]) -> String {
-    let mut full = vec!["-n", ns];
-    full.extend_from_slice(args);
-    let (ok, out) = run("ip", &full);
-    assert!(ok, "ip {full:?}: {out}");
-    out
-}
-
-fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    match std::process::Command::new(cmd).args(args).output() {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
-}
-
-fn can_run() -> bool {
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    let tools = run("ip", &["-V"]).0 && run("ping", &["-V"]).0;
-    if !root || !tools {
-        eprintln!("skipped: kernel tests need root, ip and ping (root={root}, tools={tools})");
-    }
-    root && tools
-}
-
-/// Two nodes joined by a veth underlay `ul0` with MTU 1500.
-fn underlay() -> (Ns, Ns) {
-    let (n1, n2) = (Ns::new(), Ns::new());
-    n1.ip(&[
-        "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", &n2.name,
-    ]);
-    for (n, addr) in [(&n1, "192.0.2.1/24"), (&n2, "192.0.2.2/24")] {
-        n.ip(&["addr", "add", addr, "dev", "ul0"]);
-        n.ip(&["link", "set", "ul0", "mtu", "1500", "up"]);
-    }
-    (n1, n2)
+macro_rules! require_root {
+    () => {
+        nsm_testkit::require_root!("VXLAN kernel tests")
+    };
 }
 
 fn plan(side: PodSide, own: &str, peer: &str) -> Plan {
@@ -130,10 +23,8 @@ fn plan(side: PodSide, own: &str, peer: &str) -> Plan {
 
 #[tokio::test]
 async fn a_vxlan_device_in_each_pod_carries_pings_over_the_node_underlay() {
-    if !can_run() {
-        return;
-    }
-    let (n1, n2) = underlay();
+    require_root!();
+    let [n1, n2] = underlay();
     let (p1, p2) = (Ns::new(), Ns::new());
     let node1 = RtNetlink::open(&n1.open()).await.unwrap();
     let node2 = RtNetlink::open(&n2.open()).await.unwrap();
@@ -196,8 +87,14 @@ async fn a_vxlan_device_in_each_pod_carries_pings_over_the_node_underlay() {
     );
 
     let (tx0, rx0) = n1.counters("ul0");
-    assert!(p1.ping(&["172.16.70.2"]), "pod1 -> pod2 across the tunnel");
-    assert!(p2.ping(&["172.16.70.1"]), "pod2 -> pod1 across the tunnel");
+    assert!(
+        p1.ping_with(&["172.16.70.2"]),
+        "pod1 -> pod2 across the tunnel"
+    );
+    assert!(
+        p2.ping_with(&["172.16.70.1"]),
+        "pod2 -> pod1 across the tunnel"
+    );
     let (tx1, rx1) = n1.counters("ul0");
     assert!(
         tx1 >= tx0 + 2 && rx1 >= rx0 + 2,
@@ -206,11 +103,11 @@ async fn a_vxlan_device_in_each_pod_carries_pings_over_the_node_underlay() {
 
     // The tunnel MTU exactly: 1450 - 28 = 1422 bytes of ICMP payload with DF.
     assert!(
-        p1.ping(&["-M", "do", "-s", "1422", "172.16.70.2"]),
+        p1.ping_with(&["-M", "do", "-s", "1422", "172.16.70.2"]),
         "full-size DF ping"
     );
     assert!(
-        !p1.ping(&["-M", "do", "-s", "1423", "172.16.70.2"]),
+        !p1.ping_with(&["-M", "do", "-s", "1423", "172.16.70.2"]),
         "one byte more does not fit"
     );
 
@@ -272,10 +169,8 @@ async fn a_vxlan_device_in_each_pod_carries_pings_over_the_node_underlay() {
 
 #[tokio::test]
 async fn a_name_taken_in_the_pod_is_link_exists_not_a_vni_clash() {
-    if !can_run() {
-        return;
-    }
-    let (n1, _n2) = underlay();
+    require_root!();
+    let [n1, _n2] = underlay();
     let p1 = Ns::new();
     p1.ip(&[
         "link", "add", "nsm-vx", "type", "veth", "peer", "name", "other",

@@ -808,48 +808,43 @@ mod grpc {
         }
     }
 
-    #[tonic::async_trait]
-    impl NetworkServiceRegistry for Hit {
-        type FindStream = Empty<NetworkServiceResponse>;
-        async fn register(
-            &self,
-            _: Request<NetworkService>,
-        ) -> Result<Response<NetworkService>, Status> {
-            hit("ns Register")
-        }
-        async fn find(
-            &self,
-            _: Request<NetworkServiceQuery>,
-        ) -> Result<Response<Self::FindStream>, Status> {
-            hit("ns Find")
-        }
-        async fn unregister(&self, _: Request<NetworkService>) -> Result<Response<()>, Status> {
-            hit("ns Unregister")
-        }
+    /// A registry server (`$registry`, of `$item`s) whose every method fails with
+    /// "hit `$what` <method>".
+    macro_rules! hit_registry {
+        ($registry:ident, $item:ty, $query:ty, $response:ty, $what:literal) => {
+            #[tonic::async_trait]
+            impl $registry for Hit {
+                type FindStream = Empty<$response>;
+                async fn register(&self, _: Request<$item>) -> Result<Response<$item>, Status> {
+                    hit(concat!($what, " Register"))
+                }
+                async fn find(
+                    &self,
+                    _: Request<$query>,
+                ) -> Result<Response<Self::FindStream>, Status> {
+                    hit(concat!($what, " Find"))
+                }
+                async fn unregister(&self, _: Request<$item>) -> Result<Response<()>, Status> {
+                    hit(concat!($what, " Unregister"))
+                }
+            }
+        };
     }
 
-    #[tonic::async_trait]
-    impl NetworkServiceEndpointRegistry for Hit {
-        type FindStream = Empty<NetworkServiceEndpointResponse>;
-        async fn register(
-            &self,
-            _: Request<NetworkServiceEndpoint>,
-        ) -> Result<Response<NetworkServiceEndpoint>, Status> {
-            hit("nse Register")
-        }
-        async fn find(
-            &self,
-            _: Request<NetworkServiceEndpointQuery>,
-        ) -> Result<Response<Self::FindStream>, Status> {
-            hit("nse Find")
-        }
-        async fn unregister(
-            &self,
-            _: Request<NetworkServiceEndpoint>,
-        ) -> Result<Response<()>, Status> {
-            hit("nse Unregister")
-        }
-    }
+    hit_registry!(
+        NetworkServiceRegistry,
+        NetworkService,
+        NetworkServiceQuery,
+        NetworkServiceResponse,
+        "ns"
+    );
+    hit_registry!(
+        NetworkServiceEndpointRegistry,
+        NetworkServiceEndpoint,
+        NetworkServiceEndpointQuery,
+        NetworkServiceEndpointResponse,
+        "nse"
+    );
 
     #[test]
     fn service_names() {
@@ -938,18 +933,34 @@ mod grpc {
         );
     }
 
-    /// Calls `server` on the literal `path` with a unary call; returns the status.
-    async fn unary<S, Req, Resp>(server: S, path: &'static str, req: Req) -> Status
-    where
-        S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
-            + Send
-            + 'static,
-        S: Service<
+    /// A generated server, as the in-process gRPC client of these tests calls it.
+    trait Served:
+        Service<
             http::Request<tonic::body::Body>,
             Response = http::Response<tonic::body::Body>,
             Error = Infallible,
-        >,
+            Future: Send,
+        > + Send
+        + 'static
+    {
+    }
+
+    impl<S> Served for S
+    where
+        S: Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = Infallible,
+            > + Send
+            + 'static,
         S::Future: Send,
+    {
+    }
+
+    /// Calls `server` on the literal `path` with a unary call; returns the status.
+    async fn unary<S, Req, Resp>(server: S, path: &'static str, req: Req) -> Status
+    where
+        S: Served,
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
@@ -974,15 +985,7 @@ mod grpc {
     /// status.
     async fn streaming<S, Req, Resp>(server: S, path: &'static str, req: Req) -> Status
     where
-        S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
-            + Send
-            + 'static,
-        S: Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = Infallible,
-        >,
-        S::Future: Send,
+        S: Served,
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
@@ -1007,6 +1010,41 @@ mod grpc {
     fn reached(status: Status, method: &str) {
         assert_eq!(status.code(), Code::Internal, "{status:?}");
         assert_eq!(status.message(), format!("hit {method}"));
+    }
+
+    /// Register, Find and Unregister of one generated registry server (`$service`, of
+    /// `$item`s) reach its handler as `$what Register` and so on.
+    macro_rules! registry_reached {
+        ($server:expr, $service:literal, $item:ty, $query:ty, $response:ty, $what:literal) => {{
+            let server = $server;
+            reached(
+                unary::<_, $item, $item>(
+                    server.clone(),
+                    concat!("/", $service, "/Register"),
+                    <$item>::default(),
+                )
+                .await,
+                concat!($what, " Register"),
+            );
+            reached(
+                streaming::<_, $query, $response>(
+                    server.clone(),
+                    concat!("/", $service, "/Find"),
+                    <$query>::default(),
+                )
+                .await,
+                concat!($what, " Find"),
+            );
+            reached(
+                unary::<_, $item, ()>(
+                    server,
+                    concat!("/", $service, "/Unregister"),
+                    <$item>::default(),
+                )
+                .await,
+                concat!($what, " Unregister"),
+            );
+        }};
     }
 
     #[tokio::test]
@@ -1049,62 +1087,21 @@ mod grpc {
             "MonitorConnections",
         );
 
-        let nsr = NetworkServiceRegistryServer::new(Hit);
-        reached(
-            unary::<_, NetworkService, NetworkService>(
-                nsr.clone(),
-                "/registry.NetworkServiceRegistry/Register",
-                NetworkService::default(),
-            )
-            .await,
-            "ns Register",
+        registry_reached!(
+            NetworkServiceRegistryServer::new(Hit),
+            "registry.NetworkServiceRegistry",
+            NetworkService,
+            NetworkServiceQuery,
+            NetworkServiceResponse,
+            "ns"
         );
-        reached(
-            streaming::<_, NetworkServiceQuery, NetworkServiceResponse>(
-                nsr.clone(),
-                "/registry.NetworkServiceRegistry/Find",
-                NetworkServiceQuery::default(),
-            )
-            .await,
-            "ns Find",
-        );
-        reached(
-            unary::<_, NetworkService, ()>(
-                nsr,
-                "/registry.NetworkServiceRegistry/Unregister",
-                NetworkService::default(),
-            )
-            .await,
-            "ns Unregister",
-        );
-
-        let nser = NetworkServiceEndpointRegistryServer::new(Hit);
-        reached(
-            unary::<_, NetworkServiceEndpoint, NetworkServiceEndpoint>(
-                nser.clone(),
-                "/registry.NetworkServiceEndpointRegistry/Register",
-                NetworkServiceEndpoint::default(),
-            )
-            .await,
-            "nse Register",
-        );
-        reached(
-            streaming::<_, NetworkServiceEndpointQuery, NetworkServiceEndpointResponse>(
-                nser.clone(),
-                "/registry.NetworkServiceEndpointRegistry/Find",
-                NetworkServiceEndpointQuery::default(),
-            )
-            .await,
-            "nse Find",
-        );
-        reached(
-            unary::<_, NetworkServiceEndpoint, ()>(
-                nser,
-                "/registry.NetworkServiceEndpointRegistry/Unregister",
-                NetworkServiceEndpoint::default(),
-            )
-            .await,
-            "nse Unregister",
+        registry_reached!(
+            NetworkServiceEndpointRegistryServer::new(Hit),
+            "registry.NetworkServiceEndpointRegistry",
+            NetworkServiceEndpoint,
+            NetworkServiceEndpointQuery,
+            NetworkServiceEndpointResponse,
+            "nse"
         );
     }
 }

@@ -1,14 +1,15 @@
 //! Scenario and end-to-end tests for nsm-rs, and what their process-level suites share:
 //! finding the example binaries, a temporary directory per test, reading a child's
-//! output line by line.
+//! output line by line, and a running program ([`Proc`]).
 
 #![deny(missing_docs)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdout, Command};
+use std::process::{Child, ChildStdout, Command, ExitStatus};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The path of the example binary `name`, built once if it is missing.
 ///
@@ -89,4 +90,192 @@ pub fn read_lines(out: ChildStdout) -> mpsc::Receiver<String> {
         }
     });
     rx
+}
+
+/// One running example program of a process test. Dropping it kills it (SIGKILL) and
+/// reaps it; when the test fails, its log (stderr) is printed.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Child,
+    stderr: PathBuf,
+    stdout: Option<mpsc::Receiver<String>>,
+    status: Option<ExitStatus>,
+    ready: Duration,
+}
+
+/// How long a process may take to exit after SIGTERM.
+const EXIT: Duration = Duration::from_secs(10);
+
+impl Proc {
+    /// A started program called `name` whose stderr goes to the file `stderr`; its
+    /// stdout (when piped) is read line by line. Each step waits at most `ready`.
+    pub fn new(name: &str, mut child: Child, stderr: PathBuf, ready: Duration) -> Proc {
+        let stdout = child.stdout.take().map(read_lines);
+        Proc {
+            name: name.to_string(),
+            child,
+            stderr,
+            stdout,
+            status: None,
+            ready,
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its log (stderr) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Polls the log until a line contains every one of `parts`; returns it.
+    ///
+    /// # Panics
+    /// When the process exits first or no such line comes within the ready time.
+    pub fn wait_for_log(&mut self, parts: &[&str]) -> String {
+        self.wait_for_lines(parts, 1).pop().expect("one line")
+    }
+
+    /// Polls the log until `count` lines contain every one of `parts`.
+    ///
+    /// # Panics
+    /// When the process exits first or they do not come within the ready time.
+    pub fn wait_for_lines(&mut self, parts: &[&str], count: usize) -> Vec<String> {
+        let until = Instant::now() + self.ready;
+        loop {
+            let found: Vec<String> = self
+                .log()
+                .lines()
+                .filter(|l| parts.iter().all(|p| l.contains(p)))
+                .map(str::to_string)
+                .collect();
+            if found.len() >= count {
+                return found;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.status = Some(status);
+                panic!(
+                    "{} exited ({status}) before logging {parts:?} {count} times:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < until,
+                "{} did not log {parts:?} {count} times within {:?}:\n{}",
+                self.name,
+                self.ready,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The next line the process prints on stdout.
+    ///
+    /// # Panics
+    /// When none comes within the ready time, or stdout is not captured.
+    pub fn next_stdout_line(&mut self) -> String {
+        let lines = self.stdout.as_ref().expect("stdout is captured");
+        match lines.recv_timeout(self.ready) {
+            Ok(line) => line,
+            Err(e) => panic!(
+                "{} printed no line on stdout ({e}); its log:\n{}",
+                self.name,
+                self.log()
+            ),
+        }
+    }
+
+    /// The next line on stdout within `within`, or why there is none.
+    ///
+    /// # Panics
+    /// When stdout is not captured.
+    pub fn stdout_within(&mut self, within: Duration) -> Result<String, mpsc::RecvTimeoutError> {
+        let lines = self.stdout.as_ref().expect("stdout is captured");
+        lines.recv_timeout(within)
+    }
+
+    /// A line on stdout, if the process printed one within 100 ms.
+    pub fn next_stdout_line_or_none(&mut self) -> Option<String> {
+        self.stdout
+            .as_ref()
+            .and_then(|lines| lines.recv_timeout(Duration::from_millis(100)).ok())
+    }
+
+    /// Sends `signal` (`TERM`, `HUP`...) with `kill`.
+    ///
+    /// # Panics
+    /// When `kill` fails.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {}: {status}", self.name);
+    }
+
+    /// Waits for the process to exit on its own.
+    ///
+    /// # Panics
+    /// When it still runs after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        if let Some(status) = self.status {
+            return status;
+        }
+        let until = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.status = Some(status);
+                return status;
+            }
+            assert!(
+                Instant::now() < until,
+                "{} still runs after {within:?}:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then asserts a clean exit (status 0) within 10 s.
+    pub fn terminate(&mut self) {
+        self.signal("TERM");
+        let status = self.wait_exit(EXIT);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{} after SIGTERM: {status}:\n{}",
+            self.name,
+            self.log()
+        );
+    }
+
+    /// SIGKILL: the process dies at once, undoing nothing.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        self.status = self.child.wait().ok();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("----- {} (stderr) -----\n{}", self.name, self.log());
+        }
+    }
 }

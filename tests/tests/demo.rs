@@ -62,11 +62,11 @@ fn the_demo_runs_every_step_and_exits_0() {
 /// on the same node as the client and on the other node"). In process, as root only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_firewall_on_the_other_node_filters_the_same_and_heals() {
-    if let Err(why) = nsm_examples::lab::can_build() {
+    if let Err(why) = nsm_testkit::lab::can_build() {
         eprintln!("skipped: {why}");
         return;
     }
-    if nsm_examples::lab::sh("nft", &["--version"]).is_err() {
+    if nsm_testkit::lab::sh("nft", &["--version"]).is_err() {
         eprintln!("skipped: no nft");
         return;
     }

@@ -19,10 +19,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use nsm_examples::{apply_acl, firewall, route_to_corporate, vpn_gateway, Acl};
@@ -38,6 +36,8 @@ use nsm_sdk::registry::RegistryChain;
 use nsm_sdk::transport::{grpc_registry, serve, Channels, Server, Url};
 use nsm_sdk::{Chain, Cx};
 use nsm_sdk_kernel::{kernel_client, kernel_forwarder_mechanisms, NetNs};
+use nsm_testkit::lab::run;
+use nsm_testkit::{unique, Ns};
 use nsm_tests::{bin, read_lines, TempDir};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -53,40 +53,16 @@ const ALLOWED: u16 = 5201;
 const DENIED: u16 = 8080;
 const ACL: &str = "allow icmp; allow tcp 5201; deny tcp 8080; default deny";
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-fn unique(what: &str) -> String {
-    format!(
-        "nsmt-{}-{what}{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    match Command::new(cmd).args(args).output() {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
-}
-
 /// Root, `ip`, `ping` and `nft` are needed; otherwise the test is skipped.
 fn can_run() -> bool {
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    let tools = run("ip", &["-V"]).0 && run("ping", &["-V"]).0 && run("nft", &["-v"]).0;
-    if !root || !tools {
-        eprintln!(
-            "skipped: firewall tests need root, ip, ping and nft (root={root}, tools={tools})"
-        );
+    if !nsm_testkit::can_run("firewall tests") {
+        return false;
     }
-    root && tools
+    let nft = run("nft", &["-v"]).0;
+    if !nft {
+        eprintln!("skipped: firewall tests need nft");
+    }
+    nft
 }
 
 macro_rules! require_root {
@@ -97,70 +73,19 @@ macro_rules! require_root {
     };
 }
 
-/// A named namespace (a "pod"). Dropped (also on panic), it kills what still runs
-/// inside, then is deleted.
-struct Ns {
-    name: String,
+/// What the showcase reads of a pod beyond what the kit's [`Ns`] reads.
+trait PodExt {
+    fn netns(&self) -> NetNs;
+    fn bridges(&self) -> Vec<(String, Vec<String>)>;
+    fn leftovers(&self) -> Vec<String>;
+    fn until_ping(&self, addr: &str) -> bool;
+    async fn connect(&self, addr: SocketAddr) -> std::io::Result<()>;
+    async fn listen(&self, port: u16) -> TcpListener;
 }
 
-impl Ns {
-    fn new() -> Ns {
-        let name = unique("");
-        let _ = run("ip", &["netns", "del", &name]);
-        let out = run("ip", &["netns", "add", &name]);
-        assert!(out.0, "ip netns add {name}: {}", out.1);
-        let out = run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        assert!(out.0, "{}", out.1);
-        Ns { name }
-    }
-
-    fn url(&self) -> String {
-        format!("file:///run/netns/{}", self.name)
-    }
-
+impl PodExt for Ns {
     fn netns(&self) -> NetNs {
-        NetNs::from_url(&self.url()).unwrap()
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let mut full = vec!["-n", &self.name];
-        full.extend_from_slice(args);
-        let (ok, out) = run("ip", &full);
-        assert!(ok, "ip {full:?}: {out}");
-    }
-
-    fn json(&self, args: &[&str]) -> Vec<Value> {
-        let mut full = vec!["-n", &self.name, "-j"];
-        full.extend_from_slice(args);
-        let (ok, out) = run("ip", &full);
-        assert!(ok, "ip {full:?}: {out}");
-        // `ip` may print a warning before the JSON ("Peer netns reference is invalid.").
-        let json = match (out.find('['), out.rfind(']')) {
-            (Some(a), Some(b)) if a < b => &out[a..=b],
-            _ => out.as_str(),
-        };
-        match serde_json::from_str::<Value>(json) {
-            Ok(Value::Array(v)) => v,
-            _ if out.trim().is_empty() => Vec::new(),
-            other => panic!("ip {full:?}: {other:?}"),
-        }
-    }
-
-    /// Global addresses of `dev`.
-    fn addresses(&self, dev: &str) -> Vec<String> {
-        let mut v = Vec::new();
-        for l in self.json(&["addr", "show", "dev", dev]) {
-            for a in l["addr_info"].as_array().into_iter().flatten() {
-                if a["scope"] == "global" {
-                    v.push(format!(
-                        "{}/{}",
-                        a["local"].as_str().unwrap_or("?"),
-                        a["prefixlen"]
-                    ));
-                }
-            }
-        }
-        v
+        self.open()
     }
 
     /// The bridges and, for each, its ports (sorted).
@@ -187,7 +112,7 @@ impl Ns {
     /// Everything a connection could leave behind: links (and their bridge), addresses,
     /// the routes of every table, the policy rules and the permanent neighbour entries;
     /// without the kernel's IPv6 link-local ones.
-    fn everything(&self) -> Vec<String> {
+    fn leftovers(&self) -> Vec<String> {
         let mut v = Vec::new();
         for l in self.json(&["link", "show"]) {
             v.push(format!(
@@ -225,22 +150,12 @@ impl Ns {
         v
     }
 
-    fn ping(&self, addr: &str) -> bool {
-        run(
-            "ip",
-            &[
-                "netns", "exec", &self.name, "ping", "-c1", "-W1", "-q", addr,
-            ],
-        )
-        .0
-    }
-
     /// Pings `addr` until it answers, for at most 10 s (the firewall's upstream
     /// interface joins its bridge a moment after the client has its connection).
     fn until_ping(&self, addr: &str) -> bool {
         let until = Instant::now() + Duration::from_secs(10);
         while Instant::now() < until {
-            if self.ping(addr) {
+            if self.ping_with(&[addr]) {
                 return true;
             }
         }
@@ -263,16 +178,6 @@ impl Ns {
             .await
             .unwrap()
             .unwrap()
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let (_, pids) = run("ip", &["netns", "pids", &self.name]);
-        for pid in pids.split_whitespace() {
-            let _ = run("kill", &["-KILL", pid]);
-        }
-        let _ = run("ip", &["netns", "del", &self.name]);
     }
 }
 
@@ -320,7 +225,7 @@ impl Pods {
     }
 
     fn everything(&self) -> [Vec<String>; 4] {
-        [&self.nsc, &self.fw, &self.gw, &self.corp].map(Ns::everything)
+        [&self.nsc, &self.fw, &self.gw, &self.corp].map(PodExt::leftovers)
     }
 }
 
@@ -599,7 +504,7 @@ async fn the_chain_passes_the_firewall_filters_tcp_reaches_the_corporate_host_an
         .unwrap();
     assert_eq!(names(&again), path);
     assert_eq!(pods.fw.bridges(), bridges, "a refresh keeps the bridge");
-    assert!(pods.nsc.ping(CORPORATE_HOST), "after the refresh");
+    assert!(pods.nsc.ping_with(&[CORPORATE_HOST]), "after the refresh");
 
     nsc.close(&mut Cx::client(), again).await.unwrap();
     assert_eq!(pods.fw.bridges(), [], "the firewall's bridge is gone");

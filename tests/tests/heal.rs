@@ -15,18 +15,19 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use nsm_proto::connection::{Connection, State};
-use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::chains::client;
 use nsm_sdk::core::live_tasks;
 use nsm_sdk::handlers::{default_reselect, heal, HealOptions, LivenessFn};
 use nsm_sdk::sandbox::{counter, Counter, EndpointHandle, EndpointSpec, Node, Sandbox};
 use nsm_sdk::transport::Channels;
-use nsm_sdk::{async_trait, Chain, Cx, Handler, Next};
+use nsm_sdk::{Chain, Cx};
+use nsm_testkit::Answers;
+use nsm_testkit::{eventually, names, refresh, request};
 use tokio::time::Instant;
 
 /// Serialises the tests that count live tasks against all others.
@@ -49,35 +50,6 @@ fn scenario(counts_tasks: bool, test: impl Future<Output = ()>) {
     rt.block_on(test);
     // Every task of this test is gone before the lock is released.
     drop(rt);
-}
-
-/// Records every connection the rest of the client chain answered with.
-#[derive(Clone, Default)]
-struct Answers(Arc<Mutex<Vec<Connection>>>);
-
-#[async_trait]
-impl Handler for Answers {
-    async fn request(
-        &self,
-        cx: &mut Cx,
-        req: NetworkServiceRequest,
-        next: Next,
-    ) -> nsm_sdk::Result<Connection> {
-        let conn = next.request(cx, req).await?;
-        self.0.lock().unwrap().push(conn.clone());
-        Ok(conn)
-    }
-}
-
-impl Answers {
-    fn last(&self) -> Option<Connection> {
-        self.0.lock().unwrap().last().cloned()
-    }
-    fn last_endpoint(&self) -> String {
-        self.last()
-            .map(|c| c.network_service_endpoint_name)
-            .unwrap_or_default()
-    }
 }
 
 /// An NSC on `node` with `heal(opts)`; `attempts` counts the requests heal lets through
@@ -106,39 +78,6 @@ fn nsc(node: &Node, opts: HealOptions) -> Nsc {
 
 fn heal_options() -> HealOptions {
     HealOptions::new(Channels::new())
-}
-
-fn request(service: &str) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(Connection {
-            network_service: service.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn refresh(conn: &Connection) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(conn.clone()),
-        ..Default::default()
-    }
-}
-
-fn names(conn: &Connection) -> Vec<String> {
-    conn.path
-        .as_ref()
-        .map(|p| p.path_segments.iter().map(|s| s.name.clone()).collect())
-        .unwrap_or_default()
-}
-
-/// Polls `check` every 10 ms until it holds; fails the test after `within`.
-async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Waits until the NSC's last answer came from `nse` and prints the heal time.
@@ -233,6 +172,26 @@ fn heals_to_a_new_remote_endpoint_after_the_endpoint_dies() {
     scenario(false, heals_to_a_new_endpoint_after_the_endpoint_dies(true));
 }
 
+/// An NSC on `node` connected to `nse-1` (started here), whose liveness check fails
+/// while it is on `nse-1` once the returned flag is set.
+async fn on_nse1_until_broken(node: &Node) -> (EndpointHandle, Arc<AtomicBool>, Nsc, Connection) {
+    let nse1 = endpoint(node, "nse-1").await;
+    let broken = Arc::new(AtomicBool::new(false));
+    let nsc = nsc(
+        node,
+        heal_options()
+            .liveness(dead_while_on("nse-1", broken.clone()))
+            .liveness_interval(Duration::from_millis(100)),
+    );
+    let conn = nsc
+        .chain
+        .request(&mut Cx::client(), request("icmp"))
+        .await
+        .unwrap();
+    assert_eq!(conn.network_service_endpoint_name, "nse-1");
+    (nse1, broken, nsc, conn)
+}
+
 /// SCENARIOS 22: the NSE dies and the data plane to it is dead too (the liveness check
 /// fails while the connection is on NSE-1); the dead NSE stays registered. Heal
 /// reselects to NSE-2.
@@ -241,20 +200,7 @@ fn a_dead_endpoint_and_data_plane_reselect_to_the_second_endpoint() {
     scenario(false, async {
         let mesh = Sandbox::builder().nodes(1).build().await.unwrap();
         let node = mesh.node(0);
-        let nse1 = endpoint(node, "nse-1").await;
-        let broken = Arc::new(AtomicBool::new(false));
-        let nsc = nsc(
-            node,
-            heal_options()
-                .liveness(dead_while_on("nse-1", broken.clone()))
-                .liveness_interval(Duration::from_millis(100)),
-        );
-        let conn = nsc
-            .chain
-            .request(&mut Cx::client(), request("icmp"))
-            .await
-            .unwrap();
-        assert_eq!(conn.network_service_endpoint_name, "nse-1");
+        let (nse1, broken, nsc, conn) = on_nse1_until_broken(node).await;
 
         let nse2 = endpoint(node, "nse-2").await;
         let killed = Instant::now();
@@ -282,20 +228,7 @@ fn a_broken_data_plane_to_a_live_endpoint_reselects_to_the_second_endpoint() {
     scenario(false, async {
         let mesh = Sandbox::builder().nodes(1).build().await.unwrap();
         let node = mesh.node(0);
-        let nse1 = endpoint(node, "nse-1").await;
-        let broken = Arc::new(AtomicBool::new(false));
-        let nsc = nsc(
-            node,
-            heal_options()
-                .liveness(dead_while_on("nse-1", broken.clone()))
-                .liveness_interval(Duration::from_millis(100)),
-        );
-        let conn = nsc
-            .chain
-            .request(&mut Cx::client(), request("icmp"))
-            .await
-            .unwrap();
-        assert_eq!(conn.network_service_endpoint_name, "nse-1");
+        let (nse1, broken, nsc, conn) = on_nse1_until_broken(node).await;
         let nse2 = endpoint(node, "nse-2").await;
 
         let broke = Instant::now();
@@ -322,55 +255,65 @@ fn a_broken_data_plane_to_a_live_endpoint_reselects_to_the_second_endpoint() {
     });
 }
 
-/// SCENARIOS 25 (Local): the NSE is remote; the forwarder on the NSC's node dies and a
-/// new one starts there. Heal re-routes through it to the same NSE connection (same
-/// unique id); a refresh and the Close reach the NSE.
+/// SCENARIOS 25: the NSE is remote (node 0, the NSC on node 1); the forwarder of the
+/// path on `node` dies and a new one starts there: on the NSC's node (Local, segment 2)
+/// or on the NSE's (Remote, segment 4). Heal re-routes through it to the same NSE
+/// connection (one unique id: the NSE's segment keeps its id because the NSE keeps its
+/// name, so it sees a refresh, requests 2); a refresh and the Close reach the NSE.
+async fn heals_through_a_new_forwarder(node: usize, what: &str) {
+    let mesh = Sandbox::builder().nodes(2).build().await.unwrap();
+    let nse = endpoint(mesh.node(0), "nse").await;
+    let nsc = nsc(mesh.node(1), heal_options());
+    let segment = if node == 1 { 2 } else { 4 };
+    let (old, new) = (format!("forwarder-{node}-0"), format!("forwarder-{node}-1"));
+    let conn = nsc
+        .chain
+        .request(&mut Cx::client(), request("icmp"))
+        .await
+        .unwrap();
+    assert_eq!(names(&conn)[segment], old);
+    assert_eq!(nse.counter.requests(), 1);
+
+    let killed = Instant::now();
+    assert!(mesh.node(node).kill_forwarder(&old));
+    mesh.node(node)
+        .add_forwarder(&new, HashMap::new())
+        .await
+        .unwrap();
+    eventually(
+        &format!("healed through {new}"),
+        Duration::from_secs(8),
+        || {
+            nsc.answers
+                .last()
+                .is_some_and(|c| names(&c).get(segment) == Some(&new))
+        },
+    )
+    .await;
+    eprintln!("heal time ({what}): {:?}", killed.elapsed());
+    assert_eq!(nse.counter.requests(), 2);
+    assert_eq!(nse.counter.unique_requests(), 1, "the same NSE connection");
+
+    let again = nsc
+        .chain
+        .request(&mut Cx::client(), refresh(&conn))
+        .await
+        .unwrap();
+    assert_eq!(names(&again)[segment], new);
+    assert_eq!(nse.counter.requests(), 3);
+    let closes = nse.counter.closes();
+    nsc.chain.close(&mut Cx::client(), conn).await.unwrap();
+    assert_eq!(nse.counter.closes(), closes + 1);
+}
+
 #[test]
 fn heals_through_a_new_forwarder_on_the_clients_node() {
-    scenario(false, async {
-        let mesh = Sandbox::builder().nodes(2).build().await.unwrap();
-        let nse = endpoint(mesh.node(0), "nse").await;
-        let nsc_node = mesh.node(1);
-        let nsc = nsc(nsc_node, heal_options());
-        let conn = nsc
-            .chain
-            .request(&mut Cx::client(), request("icmp"))
-            .await
-            .unwrap();
-        assert_eq!(names(&conn)[2], "forwarder-1-0");
-        assert_eq!(nse.counter.requests(), 1);
+    scenario(false, heals_through_a_new_forwarder(1, "25 local"));
+}
 
-        let killed = Instant::now();
-        assert!(nsc_node.kill_forwarder("forwarder-1-0"));
-        nsc_node
-            .add_forwarder("forwarder-1-1", HashMap::new())
-            .await
-            .unwrap();
-        eventually(
-            "healed through the new forwarder",
-            Duration::from_secs(8),
-            || {
-                nsc.answers
-                    .last()
-                    .is_some_and(|c| names(&c).get(2).map(String::as_str) == Some("forwarder-1-1"))
-            },
-        )
-        .await;
-        eprintln!("heal time (25 local): {:?}", killed.elapsed());
-        assert_eq!(nse.counter.requests(), 2);
-        assert_eq!(nse.counter.unique_requests(), 1, "the same NSE connection");
-
-        let again = nsc
-            .chain
-            .request(&mut Cx::client(), refresh(&conn))
-            .await
-            .unwrap();
-        assert_eq!(names(&again)[2], "forwarder-1-1");
-        assert_eq!(nse.counter.requests(), 3);
-        let closes = nse.counter.closes();
-        nsc.chain.close(&mut Cx::client(), conn).await.unwrap();
-        assert_eq!(nse.counter.closes(), closes + 1);
-    });
+#[test]
+fn heals_through_a_new_forwarder_on_the_endpoints_node() {
+    scenario(false, heals_through_a_new_forwarder(0, "25 remote"));
 }
 
 /// SCENARIOS 28: the NSE dies and nothing can replace it, so heal keeps trying; then
@@ -528,56 +471,6 @@ fn a_failed_refresh_then_a_dead_data_plane_reselects_exactly_once() {
         );
         nsc.chain.close(&mut Cx::client(), conn).await.unwrap();
         assert_eq!(nse2.counter.closes(), 1);
-    });
-}
-
-/// SCENARIOS 25 (Remote): the NSE is remote; the forwarder on the NSE's node dies and a
-/// new one starts there. Heal re-routes through it (segment 4) to the same NSE
-/// connection: the NSE's segment keeps its id because the NSE keeps its name, so it
-/// sees a refresh (requests 2, one unique id); a refresh and the Close reach it.
-#[test]
-fn heals_through_a_new_forwarder_on_the_endpoints_node() {
-    scenario(false, async {
-        let mesh = Sandbox::builder().nodes(2).build().await.unwrap();
-        let nse = endpoint(mesh.node(0), "nse").await;
-        let nsc = nsc(mesh.node(1), heal_options());
-        let conn = nsc
-            .chain
-            .request(&mut Cx::client(), request("icmp"))
-            .await
-            .unwrap();
-        assert_eq!(names(&conn)[4], "forwarder-0-0");
-
-        let killed = Instant::now();
-        assert!(mesh.node(0).kill_forwarder("forwarder-0-0"));
-        mesh.node(0)
-            .add_forwarder("forwarder-0-1", HashMap::new())
-            .await
-            .unwrap();
-        eventually(
-            "healed through the new remote forwarder",
-            Duration::from_secs(8),
-            || {
-                nsc.answers
-                    .last()
-                    .is_some_and(|c| names(&c).get(4).map(String::as_str) == Some("forwarder-0-1"))
-            },
-        )
-        .await;
-        eprintln!("heal time (25 remote): {:?}", killed.elapsed());
-        assert_eq!(nse.counter.requests(), 2);
-        assert_eq!(nse.counter.unique_requests(), 1, "the same NSE connection");
-
-        let again = nsc
-            .chain
-            .request(&mut Cx::client(), refresh(&conn))
-            .await
-            .unwrap();
-        assert_eq!(names(&again)[4], "forwarder-0-1");
-        assert_eq!(nse.counter.requests(), 3);
-        let closes = nse.counter.closes();
-        nsc.chain.close(&mut Cx::client(), conn).await.unwrap();
-        assert_eq!(nse.counter.closes(), closes + 1);
     });
 }
 

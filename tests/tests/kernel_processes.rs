@@ -18,20 +18,16 @@
 //! root (or without `ip`/`ping`) each test prints a skip line and passes.
 
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nsm_tests::{bin, read_lines, TempDir};
+use nsm_testkit::Ns as Pod;
+use nsm_tests::{bin, Proc, TempDir};
 use serde_json::Value;
 
 /// How long a process may take to get ready, or to do what a step waits for.
 const READY: Duration = Duration::from_secs(15);
 /// How long a process may take to exit after SIGTERM.
-const EXIT: Duration = Duration::from_secs(10);
 /// How long a heal may take before the test fails.
 const HEAL_WITHIN: Duration = Duration::from_secs(10);
 /// How often the kernel's state is polled while waiting.
@@ -39,37 +35,9 @@ const POLL: Duration = Duration::from_millis(50);
 
 const SERVICE_URL: &str = "kernel://icmp-responder/nsm-1";
 
-fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    match Command::new(cmd).args(args).output() {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
-}
-
-/// Root, `ip` and `ping` are needed; otherwise the test is skipped.
-fn can_run() -> bool {
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    let tools = run("ip", &["-V"]).0 && run("ping", &["-V"]).0;
-    if !root || !tools {
-        eprintln!(
-            "skipped: kernel process tests need root, ip and ping (root={root}, tools={tools})"
-        );
-    }
-    root && tools
-}
-
 macro_rules! require_root {
     () => {
-        if !can_run() {
-            return;
-        }
+        nsm_testkit::require_root!("kernel process tests")
     };
 }
 
@@ -85,46 +53,15 @@ fn poll<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T 
     }
 }
 
-/// A named network namespace (a "pod"). Dropped (also on panic), it kills every
-/// process still inside it, then deletes it.
-struct Pod {
-    name: String,
+/// What these tests read of a pod beyond what the kit's [`Pod`] reads.
+trait PodExt {
+    fn mesh_links(&self) -> Vec<(String, u64)>;
+    fn index_of(&self, dev: &str) -> Option<u64>;
+    fn until_ping(&self, addr: &str, since: Instant, what: &str) -> Duration;
+    fn until_empty(&self, what: &str);
 }
 
-impl Pod {
-    fn new() -> Pod {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "nsmt-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
-        let _ = run("ip", &["netns", "del", &name]);
-        let out = run("ip", &["netns", "add", &name]);
-        assert!(out.0, "ip netns add {name}: {}", out.1);
-        let out = run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        assert!(out.0, "{}", out.1);
-        Pod { name }
-    }
-
-    fn json(&self, args: &[&str]) -> Vec<Value> {
-        let mut full = vec!["-n", &self.name, "-j"];
-        full.extend_from_slice(args);
-        let (ok, out) = run("ip", &full);
-        assert!(ok, "ip {full:?}: {out}");
-        // `ip` may print a warning (stderr is merged into `out`), e.g. "Peer netns reference
-        // is invalid." when another test's namespace is gone: parse the JSON array only.
-        let json = match (out.find('['), out.rfind(']')) {
-            (Some(a), Some(b)) if a < b => &out[a..=b],
-            _ => out.as_str(),
-        };
-        match serde_json::from_str::<Value>(json) {
-            Ok(Value::Array(v)) => v,
-            _ if out.trim().is_empty() => Vec::new(),
-            other => panic!("ip {full:?}: {other:?}"),
-        }
-    }
-
+impl PodExt for Pod {
     /// The links other than `lo`: (name, ifindex), sorted.
     fn mesh_links(&self) -> Vec<(String, u64)> {
         let mut v: Vec<_> = self
@@ -150,40 +87,13 @@ impl Pod {
             .map(|(_, i)| i)
     }
 
-    /// Global IPv4 addresses of `dev`, e.g. `["172.16.81.1/32"]`.
-    fn addresses(&self, dev: &str) -> Vec<String> {
-        let mut v = Vec::new();
-        for l in self.json(&["-4", "addr", "show", "dev", dev]) {
-            for a in l["addr_info"].as_array().into_iter().flatten() {
-                v.push(format!(
-                    "{}/{}",
-                    a["local"].as_str().unwrap_or("?"),
-                    a["prefixlen"]
-                ));
-            }
-        }
-        v.sort();
-        v
-    }
-
-    /// One echo request with a one second wait, by the `ping` binary inside the pod.
-    fn ping(&self, addr: &str) -> bool {
-        run(
-            "ip",
-            &[
-                "netns", "exec", &self.name, "ping", "-c1", "-W1", "-q", addr,
-            ],
-        )
-        .0
-    }
-
     /// Polls until a ping to `addr` succeeds; fails the test after [`HEAL_WITHIN`].
     /// Prints and returns the time since `since`.
     fn until_ping(&self, addr: &str, since: Instant, what: &str) -> Duration {
         poll(
             HEAL_WITHIN,
             &format!("{what}: a working ping to {addr}"),
-            || self.ping(addr).then(|| since.elapsed()),
+            || self.ping_with(&[addr]).then(|| since.elapsed()),
         );
         let took = since.elapsed();
         eprintln!("heal time ({what}): {took:?}");
@@ -200,85 +110,31 @@ impl Pod {
     }
 }
 
-impl Drop for Pod {
-    fn drop(&mut self) {
-        let (_, pids) = run("ip", &["netns", "pids", &self.name]);
-        for pid in pids.split_whitespace() {
-            let _ = run("kill", &["-KILL", pid]);
-        }
-        let _ = run("ip", &["netns", "del", &self.name]);
-    }
+/// The connections a client program prints on stdout, one JSON object a line.
+trait Connections {
+    fn next_connection(&mut self) -> Value;
+    fn connection_where(&mut self, within: Duration, pred: impl Fn(&Value) -> bool) -> Value;
 }
 
-/// One running program. Dropping it kills it (SIGKILL) and reaps it.
-struct Proc {
-    name: String,
-    child: Child,
-    stderr: PathBuf,
-    stdout: Option<mpsc::Receiver<String>>,
-    status: Option<ExitStatus>,
-}
-
-impl Proc {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Polls the process's log until a line contains every one of `parts`.
-    fn wait_for_log(&mut self, parts: &[&str]) {
-        let until = Instant::now() + READY;
-        loop {
-            if self
-                .log()
-                .lines()
-                .any(|l| parts.iter().all(|p| l.contains(p)))
-            {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.status = Some(status);
-                panic!(
-                    "{} exited ({status}) before logging {parts:?}:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < until,
-                "{} did not log {parts:?} within {READY:?}:\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
+impl Connections for Proc {
     /// The next connection the process prints on stdout, parsed.
     fn next_connection(&mut self) -> Value {
-        let lines = self.stdout.as_ref().expect("stdout is captured");
-        let line = match lines.recv_timeout(READY) {
-            Ok(line) => line,
-            Err(e) => panic!(
-                "{} printed no line on stdout ({e}); its log:\n{}",
-                self.name,
-                self.log()
-            ),
-        };
+        let line = self.next_stdout_line();
         serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("{} printed no JSON ({e}): {line}", self.name))
+            .unwrap_or_else(|e| panic!("{} printed no JSON ({e}): {line}", self.name()))
     }
 
     /// Reads printed connections until one satisfies `pred`, for at most `within`.
     fn connection_where(&mut self, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let lines = self.stdout.as_ref().expect("stdout is captured");
         let until = Instant::now() + within;
         let mut seen = Vec::new();
         loop {
             let left = until.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
+            match self.stdout_within(left) {
                 Ok(line) => {
-                    let conn: Value = serde_json::from_str(&line)
-                        .unwrap_or_else(|e| panic!("{} printed no JSON ({e}): {line}", self.name));
+                    let conn: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                        panic!("{} printed no JSON ({e}): {line}", self.name())
+                    });
                     if pred(&conn) {
                         return conn;
                     }
@@ -286,61 +142,9 @@ impl Proc {
                 }
                 Err(e) => panic!(
                     "{} printed no matching connection within {within:?} ({e}); printed {seen:#?}",
-                    self.name
+                    self.name()
                 ),
             }
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM, then asserts a clean exit (status 0).
-    fn terminate(&mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -TERM {}: {status}", self.name);
-        let until = Instant::now() + EXIT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            assert!(
-                Instant::now() < until,
-                "{} still runs {EXIT:?} after SIGTERM:\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        self.status = Some(status);
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "{} after SIGTERM: {status}:\n{}",
-            self.name,
-            self.log()
-        );
-    }
-
-    /// SIGKILL: the process dies at once, undoing nothing.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        self.status = self.child.wait().ok();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.status.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("----- {} (stderr) -----\n{}", self.name, self.log());
         }
     }
 }
@@ -396,17 +200,10 @@ impl Mesh {
             } else {
                 Stdio::null()
             });
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        let stdout = child.stdout.take().map(read_lines);
-        Proc {
-            name: name.to_string(),
-            child,
-            stderr,
-            stdout,
-            status: None,
-        }
+        Proc::new(name, child, stderr, READY)
     }
 
     /// The registry and the manager, ready.
@@ -560,7 +357,10 @@ fn a_kernel_connection_between_two_pods_pings_and_leaves_nothing_behind() {
     let nse_links = nse_pod.mesh_links();
     assert_eq!(nse_links.len(), 1, "{nse_links:?}");
     assert_eq!(nse_pod.addresses(&nse_links[0].0), [dst.as_str()]);
-    assert!(nsc_pod.ping(host(&dst)), "ping {dst} from the client's pod");
+    assert!(
+        nsc_pod.ping_with(&[host(&dst)]),
+        "ping {dst} from the client's pod"
+    );
 
     nsc.terminate();
     nsc_pod.until_empty("after nsc's SIGTERM");
@@ -588,7 +388,7 @@ fn the_nsc_heals_over_a_forwarder_restart_and_an_endpoint_death() {
     let mut nsc = mesh.nsc(&nsc_pod, SERVICE_URL, &[]);
     let conn = nsc.next_connection();
     let (_, dst) = check_kernel_connection(&conn, &nsc, "nse-1", "172.16.81.");
-    assert!(nsc_pod.ping(host(&dst)));
+    assert!(nsc_pod.ping_with(&[host(&dst)]));
     let old_index = nsc_pod.index_of("nsm-1").expect("nsm-1");
 
     // The forwarder dies; its veth pair stays in the pods. A new forwarder process
@@ -651,8 +451,7 @@ fn the_ping_liveness_check_heals_a_deleted_interface() {
     let index = nsc_pod.index_of("nsm-1").expect("nsm-1");
 
     let broke = Instant::now();
-    let out = run("ip", &["-n", &nsc_pod.name, "link", "del", "nsm-1"]);
-    assert!(out.0, "{}", out.1);
+    nsc_pod.ip(&["link", "del", "nsm-1"]);
     poll(HEAL_WITHIN, "a new nsm-1", || {
         nsc_pod
             .index_of("nsm-1")

@@ -10,30 +10,26 @@ use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::registry::NetworkServiceEndpoint;
 use nsm_sdk::handlers::{begin, client_url, noop_client, update_path, update_token};
 use nsm_sdk::registry::Query;
-use nsm_sdk::sandbox::{EndpointSpec, Sandbox};
+use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Sandbox};
 use nsm_sdk::token::lifetime_token;
 use nsm_sdk::transport::{grpc_client, Channels};
 use nsm_sdk::{Chain, Cx};
+use nsm_testkit::{eventually, request};
 
-fn request(service: &str) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(Connection {
-            network_service: service.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// An NSE `nse` of `svc` on node 0 of `mesh`, an NSC `nsc` on node `nsc_node` and its
+/// connection to the NSE.
+async fn connected(mesh: &Sandbox, nsc_node: usize) -> (EndpointHandle, Chain, Connection) {
+    let nse = mesh
+        .node(0)
+        .endpoint(EndpointSpec::new("nse", "svc"))
+        .await
+        .unwrap();
+    let nsc = mesh.node(nsc_node).client("nsc");
+    let conn = nsc
+        .request(&mut Cx::client(), request("svc"))
+        .await
+        .unwrap();
+    (nse, nsc, conn)
 }
 
 /// 5.2 item 19: the client's token lives 2 s and it never refreshes (a dead client):
@@ -87,16 +83,7 @@ async fn a_refreshing_client_keeps_its_connection_past_the_token_lifetime() {
         .build()
         .await
         .unwrap();
-    let nse = mesh
-        .node(0)
-        .endpoint(EndpointSpec::new("nse", "svc"))
-        .await
-        .unwrap();
-    let nsc = mesh.node(0).client("nsc");
-    let conn = nsc
-        .request(&mut Cx::client(), request("svc"))
-        .await
-        .unwrap();
+    let (nse, nsc, conn) = connected(&mesh, 0).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         nse.counter.closes(),
@@ -197,16 +184,7 @@ async fn the_mesh_heals_a_registry_restart() {
         .build()
         .await
         .unwrap();
-    let nse = mesh
-        .node(0)
-        .endpoint(EndpointSpec::new("nse", "svc"))
-        .await
-        .unwrap();
-    let nsc = mesh.node(1).client("nsc");
-    let conn = nsc
-        .request(&mut Cx::client(), request("svc"))
-        .await
-        .unwrap();
+    let (nse, nsc, conn) = connected(&mesh, 1).await;
 
     mesh.kill_registry();
     mesh.start_registry().await.unwrap();

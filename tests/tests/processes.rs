@@ -14,12 +14,10 @@
 
 use std::fs::File;
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nsm_tests::{bin, read_lines, TempDir};
+use nsm_tests::{bin, Proc, TempDir};
 use serde_json::Value;
 
 /// How long a process may take to get ready, or to do what a step waits for.
@@ -37,135 +35,6 @@ fn free_port() -> u16 {
 
 fn tcp(port: u16) -> String {
     format!("tcp://127.0.0.1:{port}")
-}
-
-/// One running program. Dropping it kills it (SIGKILL) and reaps it.
-struct Proc {
-    name: String,
-    child: Child,
-    stderr: PathBuf,
-    stdout: Option<mpsc::Receiver<String>>,
-    status: Option<ExitStatus>,
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Polls the process's log until a line contains every one of `parts`; returns it.
-    fn wait_for_log(&mut self, parts: &[&str]) -> String {
-        self.wait_for_lines(parts, 1).pop().expect("one line")
-    }
-
-    /// Polls the process's log until `count` lines contain every one of `parts`.
-    fn wait_for_lines(&mut self, parts: &[&str], count: usize) -> Vec<String> {
-        let until = Instant::now() + READY;
-        loop {
-            let found: Vec<String> = self
-                .log()
-                .lines()
-                .filter(|l| parts.iter().all(|p| l.contains(p)))
-                .map(str::to_string)
-                .collect();
-            if found.len() >= count {
-                return found;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.status = Some(status);
-                panic!(
-                    "{} exited ({status}) before logging {parts:?} {count} times:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < until,
-                "{} did not log {parts:?} {count} times within {READY:?}:\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The next line the process prints on stdout.
-    fn next_stdout_line(&mut self) -> String {
-        let lines = self.stdout.as_ref().expect("stdout is captured");
-        match lines.recv_timeout(READY) {
-            Ok(line) => line,
-            Err(e) => panic!(
-                "{} printed no line on stdout ({e}); its log:\n{}",
-                self.name,
-                self.log()
-            ),
-        }
-    }
-
-    /// A line on stdout, if the process printed one before it exited.
-    fn next_stdout_line_or_none(&mut self) -> Option<String> {
-        self.stdout
-            .as_ref()
-            .and_then(|lines| lines.recv_timeout(Duration::from_millis(100)).ok())
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{signal} {}: {status}", self.name);
-    }
-
-    /// Waits for the process to exit on its own.
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        if let Some(status) = self.status {
-            return status;
-        }
-        let until = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                self.status = Some(status);
-                return status;
-            }
-            assert!(
-                Instant::now() < until,
-                "{} still runs after {within:?}:\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, then asserts a clean exit (status 0).
-    fn terminate(&mut self) {
-        self.signal("TERM");
-        let status = self.wait_exit(EXIT);
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "{} after SIGTERM: {status}:\n{}",
-            self.name,
-            self.log()
-        );
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.status.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("----- {} (stderr) -----\n{}", self.name, self.log());
-        }
-    }
 }
 
 /// Starts programs with their settings in a test's directory.
@@ -207,17 +76,10 @@ impl Mesh {
             } else {
                 Stdio::null()
             });
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        let stdout = child.stdout.take().map(read_lines);
-        Proc {
-            name: name.to_string(),
-            child,
-            stderr,
-            stdout,
-            status: None,
-        }
+        Proc::new(name, child, stderr, READY)
     }
 
     fn registry(&self, listen_on: &str) -> Proc {

@@ -29,54 +29,10 @@ use nsm_sdk::sandbox::{
     counter, inject, Counter, EndpointHandle, EndpointSpec, Inject, Node, Sandbox,
 };
 use nsm_sdk::transport::Channels;
-use nsm_sdk::{async_trait, Chain, ConnHandle, Cx, Handler, Next};
+use nsm_sdk::{async_trait, Chain, Cx, Handler, Next};
+use nsm_testkit::Answers;
+use nsm_testkit::{eventually, names, refresh, request};
 use tokio::sync::watch;
-use tokio::time::Instant;
-
-/// Records every connection the rest of the client chain answered with, and the
-/// connection handle of the first request (for midchain events).
-#[derive(Clone, Default)]
-struct Answers {
-    seen: Arc<Mutex<Vec<Connection>>>,
-    handle: Arc<Mutex<Option<ConnHandle>>>,
-}
-
-#[async_trait]
-impl Handler for Answers {
-    async fn request(
-        &self,
-        cx: &mut Cx,
-        req: NetworkServiceRequest,
-        next: Next,
-    ) -> nsm_sdk::Result<Connection> {
-        {
-            let mut handle = self.handle.lock().unwrap();
-            if handle.is_none() {
-                *handle = cx.conn().cloned();
-            }
-        }
-        let conn = next.request(cx, req).await?;
-        self.seen.lock().unwrap().push(conn.clone());
-        Ok(conn)
-    }
-}
-
-impl Answers {
-    fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-    fn last(&self) -> Option<Connection> {
-        self.seen.lock().unwrap().last().cloned()
-    }
-    fn last_endpoint(&self) -> String {
-        self.last()
-            .map(|c| c.network_service_endpoint_name)
-            .unwrap_or_default()
-    }
-    fn handle(&self) -> ConnHandle {
-        self.handle.lock().unwrap().clone().expect("no request yet")
-    }
-}
 
 /// Holds requests while closed; closes pass.
 #[derive(Clone)]
@@ -169,42 +125,9 @@ impl Nsc {
     }
 }
 
-fn request(service: &str) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(Connection {
-            network_service: service.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn refresh(conn: &Connection) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(conn.clone()),
-        ..Default::default()
-    }
-}
-
-fn names(conn: &Connection) -> Vec<String> {
-    conn.path
-        .as_ref()
-        .map(|p| p.path_segments.iter().map(|s| s.name.clone()).collect())
-        .unwrap_or_default()
-}
-
 /// The name at path segment `i`.
 fn at(conn: &Connection, i: usize) -> String {
     names(conn).get(i).cloned().unwrap_or_default()
-}
-
-/// Polls `check` every 10 ms until it holds; fails the test after `within`.
-async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Waits until the NSC's last answer came from `nse`.
@@ -660,15 +583,7 @@ async fn heal_moves_to_another_forwarder_when_the_selected_one_dies() {
         || nsc.answers.last().is_some_and(|c| at(&c, 2) != selected),
     )
     .await;
-    assert_eq!(nse.counter.unique_requests(), 1);
-    assert_eq!(nse.counter.requests(), 2);
-    assert_eq!(nse.counter.closes(), 0);
-
-    let again = nsc.refresh(&conn).await;
-    assert_ne!(at(&again, 2), selected);
-    assert_eq!(nse.counter.unique_requests(), 1);
-    assert_eq!(nse.counter.requests(), 3);
-    assert_eq!(nse.counter.closes(), 0);
+    healed_then_refreshed(&nsc, &nse, &conn, 2, &selected, 0).await;
 }
 
 /// SCENARIOS 39: one forwarder on the NSC's node, 10 on the NSE's; the NSC's Close
@@ -720,15 +635,29 @@ async fn heal_moves_to_another_remote_forwarder_when_the_selected_one_dies() {
         || nsc.answers.last().is_some_and(|c| at(&c, 4) != selected),
     )
     .await;
+    healed_then_refreshed(&nsc, &nse, &conn, 4, &selected, 1).await;
+}
+
+/// After a heal away from the forwarder `selected` (segment `segment`): the NSE saw
+/// one connection twice and `closes` Closes; a refresh with the caller's old object
+/// stays off `selected` and reaches the NSE a third time, closing nothing more.
+async fn healed_then_refreshed(
+    nsc: &Nsc,
+    nse: &EndpointHandle,
+    conn: &Connection,
+    segment: usize,
+    selected: &str,
+    closes: usize,
+) {
     assert_eq!(nse.counter.unique_requests(), 1);
     assert_eq!(nse.counter.requests(), 2);
-    assert_eq!(nse.counter.closes(), 1);
+    assert_eq!(nse.counter.closes(), closes);
 
-    let again = nsc.refresh(&conn).await;
-    assert_ne!(at(&again, 4), selected);
+    let again = nsc.refresh(conn).await;
+    assert_ne!(at(&again, segment), selected);
     assert_eq!(nse.counter.unique_requests(), 1);
     assert_eq!(nse.counter.requests(), 3);
-    assert_eq!(nse.counter.closes(), 1);
+    assert_eq!(nse.counter.closes(), closes);
 }
 
 /// A liveness check that says "dead" once `broken` is set and the connection goes

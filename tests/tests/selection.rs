@@ -3,46 +3,10 @@
 
 use std::collections::HashMap;
 
-use nsm_proto::connection::Connection;
-use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::registry::{Destination, Match, Metadata, NetworkService};
 use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Sandbox};
 use nsm_sdk::Cx;
-
-fn request(service: &str, labels: &[(&str, &str)]) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(Connection {
-            network_service: service.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn refresh(conn: &Connection) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(conn.clone()),
-        ..Default::default()
-    }
-}
-
-fn names(conn: &Connection) -> Vec<String> {
-    conn.path
-        .as_ref()
-        .map(|p| p.path_segments.iter().map(|s| s.name.clone()).collect())
-        .unwrap_or_default()
-}
-
-fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+use nsm_testkit::{labels, names, refresh, request_labelled as request};
 
 fn route(src: &[(&str, &str)], dst: &[(&str, &str)], fallthrough: bool) -> Match {
     Match {

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use ipnet::IpNet;
 use nsm_proto::connection::{Connection, ConnectionEventType, State};
 use nsm_proto::connectioncontext::ConnectionContext;
@@ -29,41 +30,9 @@ use nsm_sdk::handlers::{heal, upstream_refresh, HealOptions, Monitor, UpstreamRe
 use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Node, Sandbox};
 use nsm_sdk::transport::Channels;
 use nsm_sdk::{async_trait, Chain, Cx, Handler, Next};
+use nsm_testkit::eventually;
+use nsm_testkit::Answers;
 use tokio::time::Instant;
-
-/// Records every connection the rest of the client chain answered with.
-#[derive(Clone, Default)]
-struct Answers(Arc<Mutex<Vec<Connection>>>);
-
-#[async_trait]
-impl Handler for Answers {
-    async fn request(
-        &self,
-        cx: &mut Cx,
-        req: NetworkServiceRequest,
-        next: Next,
-    ) -> nsm_sdk::Result<Connection> {
-        let conn = next.request(cx, req).await?;
-        self.0.lock().unwrap().push(conn.clone());
-        Ok(conn)
-    }
-}
-
-impl Answers {
-    fn last(&self) -> Option<Connection> {
-        self.0.lock().unwrap().last().cloned()
-    }
-    /// The last answer for the connection `id`.
-    fn last_of(&self, id: &str) -> Option<Connection> {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .rev()
-            .find(|c| c.id == id)
-            .cloned()
-    }
-}
 
 fn request(service: &str, mtu: u32) -> NetworkServiceRequest {
     NetworkServiceRequest {
@@ -106,15 +75,6 @@ fn all_in(addrs: &[String], pool: &IpNet) -> bool {
                 .map(|net| pool.contains(&net.addr()))
                 .unwrap_or(false)
         })
-}
-
-/// Polls `check` every 10 ms until it holds; fails the test after `within`.
-async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// How long to watch for something that must not happen.
@@ -465,16 +425,19 @@ async fn without_local_notifications_only_the_asked_connection_refreshes() {
     local_notifications(false).await;
 }
 
-/// An endpoint that asks its first connection to refresh as soon as its monitor has
-/// announced it (so while the request is still on its way back to the client).
-#[derive(Clone, Default)]
-struct AsksOnce {
-    asked: Arc<AtomicBool>,
-    sent: Arc<AtomicBool>,
+/// What [`OnFirstAnswer`] does with the first answer: starts something with the call's
+/// context, then waits for the future it gives before the answer goes on.
+type FirstAct = Arc<dyn Fn(&mut Cx, &Connection) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Runs its act on the first answer that passes it, and never again.
+#[derive(Clone)]
+struct OnFirstAnswer {
+    done: Arc<AtomicBool>,
+    act: FirstAct,
 }
 
 #[async_trait]
-impl Handler for AsksOnce {
+impl Handler for OnFirstAnswer {
     async fn request(
         &self,
         cx: &mut Cx,
@@ -482,58 +445,64 @@ impl Handler for AsksOnce {
         next: Next,
     ) -> nsm_sdk::Result<Connection> {
         let conn = next.request(cx, req).await?;
-        if !self.asked.swap(true, Ordering::SeqCst) {
-            let monitor = cx
-                .ext()
-                .get::<Monitor>()
-                .expect("the endpoint's monitor")
-                .clone();
-            let handle = cx.conn().expect("a begin before").clone();
-            let sent = self.sent.clone();
-            let id = conn.id.clone();
-            handle.spawn(async move {
-                // The monitor announces the connection once this request returns.
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while Instant::now() < deadline {
-                    if let Some(mut c) = monitor.get(&id) {
-                        c.state = State::RefreshRequested as i32;
-                        monitor.publish(ConnectionEventType::Update, c);
-                        sent.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            });
+        if !self.done.swap(true, Ordering::SeqCst) {
+            (self.act)(cx, &conn).await;
         }
         Ok(conn)
     }
 }
 
-/// Holds the first answer on its way back to the client until the endpoint has asked
-/// for a refresh, and a little longer so that the managers and forwarders relay it.
-#[derive(Clone)]
-struct HoldsFirstAnswer {
-    held: Arc<AtomicBool>,
-    sent: Arc<AtomicBool>,
+/// An endpoint handler that asks its first connection to refresh as soon as its
+/// monitor has announced it (so while the request is still on its way back to the
+/// client); `sent` is set once it asked.
+fn asks_once(sent: Arc<AtomicBool>) -> OnFirstAnswer {
+    let act: FirstAct = Arc::new(move |cx: &mut Cx, conn: &Connection| {
+        let monitor = cx
+            .ext()
+            .get::<Monitor>()
+            .expect("the endpoint's monitor")
+            .clone();
+        let handle = cx.conn().expect("a begin before").clone();
+        let sent = sent.clone();
+        let id = conn.id.clone();
+        handle.spawn(async move {
+            // The monitor announces the connection once this request returns.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Some(mut c) = monitor.get(&id) {
+                    c.state = State::RefreshRequested as i32;
+                    monitor.publish(ConnectionEventType::Update, c);
+                    sent.store(true, Ordering::SeqCst);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        Box::pin(async {})
+    });
+    OnFirstAnswer {
+        done: Arc::default(),
+        act,
+    }
 }
 
-#[async_trait]
-impl Handler for HoldsFirstAnswer {
-    async fn request(
-        &self,
-        cx: &mut Cx,
-        req: NetworkServiceRequest,
-        next: Next,
-    ) -> nsm_sdk::Result<Connection> {
-        let conn = next.request(cx, req).await?;
-        if !self.held.swap(true, Ordering::SeqCst) {
+/// Holds the first answer on its way back to the client until the endpoint has asked
+/// for a refresh (`sent`), and a little longer so that the managers and forwarders
+/// relay it.
+fn holds_first_answer(sent: Arc<AtomicBool>) -> OnFirstAnswer {
+    let act: FirstAct = Arc::new(move |_: &mut Cx, _: &Connection| {
+        let sent = sent.clone();
+        Box::pin(async move {
             let deadline = Instant::now() + Duration::from_secs(5);
-            while !self.sent.load(Ordering::SeqCst) && Instant::now() < deadline {
+            while !sent.load(Ordering::SeqCst) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Ok(conn)
+        })
+    });
+    OnFirstAnswer {
+        done: Arc::default(),
+        act,
     }
 }
 
@@ -544,16 +513,13 @@ impl Handler for HoldsFirstAnswer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_asked_while_the_client_still_returns_is_not_lost() {
     let mesh = Sandbox::builder().nodes(2).build().await.unwrap();
-    let asks = AsksOnce::default();
+    let sent = Arc::new(AtomicBool::new(false));
     let nse = mesh
         .node(0)
-        .endpoint(EndpointSpec::new("nse", "svc").handler(asks.clone()))
+        .endpoint(EndpointSpec::new("nse", "svc").handler(asks_once(sent.clone())))
         .await
         .unwrap();
-    let hold = HoldsFirstAnswer {
-        held: Arc::default(),
-        sent: asks.sent.clone(),
-    };
+    let hold = holds_first_answer(sent.clone());
     let (nsc, answers) = refreshing_nsc(
         mesh.node(1),
         "nsc",
@@ -564,10 +530,7 @@ async fn a_refresh_asked_while_the_client_still_returns_is_not_lost() {
         .request(&mut Cx::client(), request("svc", 0))
         .await
         .unwrap();
-    assert!(
-        asks.sent.load(Ordering::SeqCst),
-        "asked during the return path"
-    );
+    assert!(sent.load(Ordering::SeqCst), "asked during the return path");
     eventually("the NSC refreshed", Duration::from_secs(5), || {
         nse.counter.requests() == 2
     })
@@ -575,7 +538,7 @@ async fn a_refresh_asked_while_the_client_still_returns_is_not_lost() {
     tokio::time::sleep(QUIET).await;
     assert_eq!(nse.counter.requests(), 2, "one refresh, no loop");
     assert_eq!(nse.counter.unique_requests(), 1);
-    assert_eq!(answers.0.lock().unwrap().len(), 2);
+    assert_eq!(answers.count(), 2);
 
     nsc.close(&mut Cx::client(), conn).await.unwrap();
     assert_eq!(nse.counter.closes(), 1);

@@ -3,52 +3,24 @@
 use std::time::Duration;
 
 use nsm_proto::connection::Connection;
-use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::sandbox::{EndpointSpec, Sandbox};
 use nsm_sdk::Cx;
+use nsm_testkit::{names, refresh, request};
 
-fn request(service: &str) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(Connection {
-            network_service: service.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn refresh(conn: &Connection) -> NetworkServiceRequest {
-    NetworkServiceRequest {
-        connection: Some(conn.clone()),
-        ..Default::default()
-    }
-}
-
-fn names(conn: &Connection) -> Vec<String> {
-    conn.path
-        .as_ref()
-        .map(|p| p.path_segments.iter().map(|s| s.name.clone()).collect())
-        .unwrap_or_default()
-}
-
-/// 5.1 item 7: local request (4 segments), refresh, Close, unregister.
-#[tokio::test]
-async fn local_usecase_has_four_segments_refreshes_and_closes() {
-    let mesh = Sandbox::builder().nodes(1).build().await.unwrap();
-    let nse = mesh
-        .node(0)
-        .endpoint(EndpointSpec::new("nse-1", "icmp").ipam("172.16.0.0/24".parse().unwrap()))
-        .await
-        .unwrap();
-    let nsc = mesh.node(0).client("nsc");
+/// On a mesh of `nodes` nodes, `spec`'s NSE on node 0 and an NSC on the last node:
+/// a request takes `path`; a refresh takes the same path with the same id and reaches
+/// the NSE (requests 2 of one connection); the Close reaches it; it unregisters.
+/// Returns the first connection.
+async fn request_refresh_close(nodes: usize, spec: EndpointSpec, path: &[&str]) -> Connection {
+    let mesh = Sandbox::builder().nodes(nodes).build().await.unwrap();
+    let nse = mesh.node(0).endpoint(spec).await.unwrap();
+    let nsc = mesh.node(nodes - 1).client("nsc");
     let conn = nsc
         .request(&mut Cx::client(), request("icmp"))
         .await
         .unwrap();
-    assert_eq!(names(&conn), ["nsc", "nsmgr-0", "forwarder-0-0", "nse-1"]);
-    assert_eq!(conn.network_service_endpoint_name, "nse-1");
-    let ip = conn.context.as_ref().unwrap().ip_context.as_ref().unwrap();
-    assert_eq!(ip.src_ip_addrs.len(), 1, "{ip:?}");
+    assert_eq!(names(&conn), path);
+    assert_eq!(conn.network_service_endpoint_name, nse.name);
     assert_eq!(nse.counter.requests(), 1);
 
     let again = nsc
@@ -63,43 +35,32 @@ async fn local_usecase_has_four_segments_refreshes_and_closes() {
     nsc.close(&mut Cx::client(), again).await.unwrap();
     assert_eq!(nse.counter.closes(), 1);
     nse.unregister().await.unwrap();
+    conn
+}
+
+/// 5.1 item 7: local request (4 segments, an address from the NSE's IPAM), refresh,
+/// Close, unregister.
+#[tokio::test]
+async fn local_usecase_has_four_segments_refreshes_and_closes() {
+    let spec = EndpointSpec::new("nse-1", "icmp").ipam("172.16.0.0/24".parse().unwrap());
+    let path = ["nsc", "nsmgr-0", "forwarder-0-0", "nse-1"];
+    let conn = request_refresh_close(1, spec, &path).await;
+    let ip = conn.context.as_ref().unwrap().ip_context.as_ref().unwrap();
+    assert_eq!(ip.src_ip_addrs.len(), 1, "{ip:?}");
 }
 
 /// 5.1 item 5: remote request (6 segments), refresh (same NSE, requests = 2), Close.
 #[tokio::test]
 async fn remote_usecase_has_six_segments_refreshes_and_closes() {
-    let mesh = Sandbox::builder().nodes(2).build().await.unwrap();
-    let nse = mesh
-        .node(0)
-        .endpoint(EndpointSpec::new("nse-remote", "icmp"))
-        .await
-        .unwrap();
-    let nsc = mesh.node(1).client("nsc");
-    let conn = nsc
-        .request(&mut Cx::client(), request("icmp"))
-        .await
-        .unwrap();
-    assert_eq!(
-        names(&conn),
-        [
-            "nsc",
-            "nsmgr-1",
-            "forwarder-1-0",
-            "nsmgr-0",
-            "forwarder-0-0",
-            "nse-remote"
-        ]
-    );
-    let again = nsc
-        .request(&mut Cx::client(), refresh(&conn))
-        .await
-        .unwrap();
-    assert_eq!(names(&again).len(), 6);
-    assert_eq!(nse.counter.requests(), 2);
-    assert_eq!(nse.counter.unique_requests(), 1);
-    nsc.close(&mut Cx::client(), again).await.unwrap();
-    assert_eq!(nse.counter.closes(), 1);
-    nse.unregister().await.unwrap();
+    let path = [
+        "nsc",
+        "nsmgr-1",
+        "forwarder-1-0",
+        "nsmgr-0",
+        "forwarder-0-0",
+        "nse-remote",
+    ];
+    request_refresh_close(2, EndpointSpec::new("nse-remote", "icmp"), &path).await;
 }
 
 /// A re-request with the returned connection refreshes the same path: every hop keeps

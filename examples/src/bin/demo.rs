@@ -23,8 +23,8 @@ fn step(n: usize, what: &str) {
 
 #[tokio::main]
 async fn main() {
-    let kernel = nsm_examples::lab::can_build().and_then(|()| {
-        nsm_examples::lab::sh("nft", &["--version"])
+    let kernel = nsm_testkit::lab::can_build().and_then(|()| {
+        nsm_testkit::lab::sh("nft", &["--version"])
             .map(|_| ())
             .map_err(|e| format!("no usable `nft` command ({e})"))
     });

@@ -16,7 +16,7 @@ use crate::chains::{
     ForwarderOptions, NsmgrOptions,
 };
 use crate::core::{Chain, Cx, Handler};
-use crate::handlers::{connect, mechanisms, noop_server, passthrough, point_to_point};
+use crate::handlers::{connect, mechanisms, noop_server, passthrough, point_to_point, Mechanisms};
 use crate::registry::{Registries, RegistryChain};
 use crate::transport::{grpc_registry, serve, Channels, Server, Url};
 use crate::wire::types;
@@ -33,6 +33,22 @@ pub enum Transport {
     Unix,
 }
 
+/// The forwarder mechanisms of a node: the server-side dispatcher and the client-side
+/// handlers, as [`ForwarderOptions::server_mechanisms`] and
+/// [`ForwarderOptions::client_mechanisms`] take them.
+pub type ForwarderMechanisms = (Mechanisms, Vec<Arc<dyn Handler>>);
+
+/// Makes the mechanisms of each forwarder the sandbox starts (or restarts), given the
+/// index of its node.
+#[derive(Clone)]
+struct MechanismsFn(Arc<dyn Fn(usize) -> ForwarderMechanisms + Send + Sync>);
+
+impl std::fmt::Debug for MechanismsFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MechanismsFn")
+    }
+}
+
 /// Builds a [`Sandbox`].
 #[derive(Debug, Clone)]
 #[must_use]
@@ -42,6 +58,7 @@ pub struct SandboxBuilder {
     expiry: Duration,
     transport: Transport,
     token_lifetime: Duration,
+    forwarder_mechanisms: Option<MechanismsFn>,
 }
 
 impl Default for SandboxBuilder {
@@ -52,6 +69,7 @@ impl Default for SandboxBuilder {
             expiry: crate::chains::registry_server::DEFAULT_EXPIRY,
             transport: Transport::Memory,
             token_lifetime: crate::token::DEFAULT_TOKEN_LIFETIME,
+            forwarder_mechanisms: None,
         }
     }
 }
@@ -88,6 +106,19 @@ impl SandboxBuilder {
         self
     }
 
+    /// The mechanisms of every forwarder, made by `make(node index)` each time a
+    /// forwarder starts or restarts (a restart gets fresh mechanism state, as a new
+    /// process would). By default a forwarder has the forwarder chain's defaults
+    /// (NOOP). A data-plane suite gives its own here, e.g. the KERNEL mechanism, or
+    /// VXLAN with a tunnel in each node's namespace.
+    pub fn forwarder_mechanisms(
+        mut self,
+        make: impl Fn(usize) -> ForwarderMechanisms + Send + Sync + 'static,
+    ) -> Self {
+        self.forwarder_mechanisms = Some(MechanismsFn(Arc::new(make)));
+        self
+    }
+
     /// Starts the registry, then each node's manager and forwarders.
     pub async fn build(self) -> Result<Sandbox> {
         let id = NEXT_SANDBOX.fetch_add(1, Ordering::SeqCst);
@@ -108,6 +139,7 @@ impl SandboxBuilder {
             root: CancellationToken::new(),
             expiry: self.expiry,
             tokens: Arc::new(crate::token::lifetime_token(self.token_lifetime)),
+            forwarder_mechanisms: self.forwarder_mechanisms,
         });
         let registry_url = shared.url("registry");
         let registry = Component::new();
@@ -138,6 +170,7 @@ struct Shared {
     root: CancellationToken,
     expiry: Duration,
     tokens: Arc<dyn crate::token::TokenGenerator>,
+    forwarder_mechanisms: Option<MechanismsFn>,
 }
 
 impl Shared {
@@ -329,6 +362,7 @@ pub struct EndpointSpec {
     services: Vec<String>,
     labels: HashMap<String, String>,
     prefix: Option<IpNet>,
+    mechanisms: Option<Mechanisms>,
     handlers: Vec<Arc<dyn Handler>>,
     register: bool,
     serve: bool,
@@ -371,6 +405,12 @@ impl EndpointSpec {
     /// Hands out point-to-point addresses from `prefix`.
     pub fn ipam(mut self, prefix: IpNet) -> Self {
         self.prefix = Some(prefix);
+        self
+    }
+
+    /// The endpoint's mechanisms (default: NOOP only), e.g. KERNEL into a pod.
+    pub fn mechanisms(mut self, m: Mechanisms) -> Self {
+        self.mechanisms = Some(m);
         self
     }
 
@@ -582,14 +622,19 @@ impl Node {
             }
         };
         let token = self.shared.root.child_token();
-        let fwd = forwarder(
-            ForwarderOptions::new(name, self.nsmgr_url.clone())
-                .channels(self.shared.channels.clone())
-                .root(token.clone())
-                .tokens(self.shared.tokens.clone())
-                .labels(labels.clone())
-                .handler(counter.clone()),
-        );
+        let mut opts = ForwarderOptions::new(name, self.nsmgr_url.clone())
+            .channels(self.shared.channels.clone())
+            .root(token.clone())
+            .tokens(self.shared.tokens.clone())
+            .labels(labels.clone())
+            .handler(counter.clone());
+        if let Some(make) = &self.shared.forwarder_mechanisms {
+            let (server_side, client_side) = (make.0)(self.index);
+            opts = opts
+                .server_mechanisms(server_side)
+                .client_mechanisms(client_side);
+        }
+        let fwd = forwarder(opts);
         let server = serve(&url, fwd.services()).await?;
         let component = Component::new();
         component.set(server, token);
@@ -668,7 +713,10 @@ impl Node {
         if let Some(p) = spec.prefix {
             opts = opts.handler(point_to_point(vec![p]));
         }
-        opts = opts.handler(mechanisms().with(types::NOOP, noop_server()));
+        opts = opts.handler(
+            spec.mechanisms
+                .unwrap_or_else(|| mechanisms().with(types::NOOP, noop_server())),
+        );
         for h in spec.handlers {
             opts = opts.handler_arc(h);
         }
@@ -787,5 +835,87 @@ fn forwarder_registration(
         )]),
         url: url.to_string(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handlers::noop_client;
+    use nsm_proto::connection::Connection;
+    use nsm_proto::networkservice::NetworkServiceRequest;
+
+    fn request(service: &str) -> NetworkServiceRequest {
+        NetworkServiceRequest {
+            connection: Some(Connection {
+                network_service: service.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn forwarders_take_the_mechanisms_made_for_their_node_at_each_start() {
+        let made = Arc::new(Mutex::new(Vec::new()));
+        // The forwarder's client side counts what it sends on: proof the given
+        // handlers, not the defaults, are in the chain.
+        let sent = counter();
+        let (m, s) = (made.clone(), sent.clone());
+        let mesh = Sandbox::builder()
+            .nodes(2)
+            .forwarder_mechanisms(move |node| {
+                m.lock().unwrap().push(node);
+                let client_side: Vec<Arc<dyn Handler>> =
+                    vec![Arc::new(s.clone()), Arc::new(noop_client())];
+                (mechanisms().with(types::NOOP, noop_server()), client_side)
+            })
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(*made.lock().unwrap(), [0, 1]);
+        let _nse = mesh
+            .node(1)
+            .endpoint(EndpointSpec::new("nse", "svc"))
+            .await
+            .unwrap();
+        let nsc = mesh.node(0).client("nsc");
+        let conn = nsc
+            .request(&mut Cx::client(), request("svc"))
+            .await
+            .unwrap();
+        // Both forwarders of the remote path send on through the given client side.
+        assert_eq!(sent.requests(), 2);
+        nsc.close(&mut Cx::client(), conn).await.unwrap();
+        mesh.node(1)
+            .restart_forwarder("forwarder-1-0")
+            .await
+            .unwrap();
+        assert_eq!(
+            *made.lock().unwrap(),
+            [0, 1, 1],
+            "a restart makes fresh ones"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_without_the_spec_mechanism_refuses_the_request() {
+        let mesh = Sandbox::builder().build().await.unwrap();
+        // An endpoint that only knows a mechanism nobody offers: the default NOOP is
+        // replaced, not added to.
+        let _nse = mesh
+            .node(0)
+            .endpoint(
+                EndpointSpec::new("nse", "svc")
+                    .mechanisms(mechanisms().with("UNKNOWN", noop_server())),
+            )
+            .await
+            .unwrap();
+        let nsc = client(mesh.node(0).client_options("nsc").retry(None));
+        let err = nsc
+            .request(&mut Cx::client(), request("svc"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("UNKNOWN"), "{err}");
     }
 }

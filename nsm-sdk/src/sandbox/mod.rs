@@ -22,5 +22,7 @@
 pub mod mesh;
 pub mod testing;
 
-pub use mesh::{EndpointHandle, EndpointSpec, Node, Sandbox, SandboxBuilder, Transport};
+pub use mesh::{
+    EndpointHandle, EndpointSpec, ForwarderMechanisms, Node, Sandbox, SandboxBuilder, Transport,
+};
 pub use testing::{counter, inject, Counter, Inject};

@@ -53,6 +53,22 @@ pub fn sh(cmd: &str, args: &[&str]) -> LabResult<String> {
     }
 }
 
+/// Runs a command; `(exited 0, stdout then stderr)`. For checks whose failure is an
+/// answer (a ping that must not cross), not an error.
+pub fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    match Command::new(cmd).args(args).output() {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
 /// Whether this process can build a lab: root, with `ip` available.
 pub fn can_build() -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
@@ -280,7 +296,7 @@ impl Drop for Lab {
     }
 }
 
-fn json_array(out: &str) -> LabResult<Vec<Value>> {
+pub(crate) fn json_array(out: &str) -> LabResult<Vec<Value>> {
     // `ip` may print a warning before the JSON (e.g. about a namespace that is gone).
     let json = match (out.find('['), out.rfind(']')) {
         (Some(a), Some(b)) if a < b => &out[a..=b],
