@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{ArgMatches, Parser};
 
 /// Where a node's manager listens for its local clients, endpoints and forwarders.
-pub const DEFAULT_NSM_SOCKET: &str = "unix:///var/lib/networkservicemesh/nsm.io.sock";
+pub const DEFAULT_NSM_SOCKET: &str = nsm_sdk::serving::DEFAULT_MANAGER_URL;
 
 /// Settings every program has; put it in a program's arguments with
 /// `#[command(flatten)]`.

@@ -13,7 +13,6 @@
 //! `closed <id>`. It uses nsm-sdk and crates.io crates only (clap, tokio, tokio-util,
 //! tracing, tracing-subscriber): it builds as the `src/main.rs` of a crate of your own.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -22,10 +21,11 @@ use nsm_sdk::chains::{client, ClientOptions};
 use nsm_sdk::config::NsUrl;
 use nsm_sdk::handlers::{heal, HealOptions};
 use nsm_sdk::proto::{connection::Connection, networkservice::NetworkServiceRequest};
-use nsm_sdk::serving::stop_on_signal;
+use nsm_sdk::serving::{stop_on_signal, DEFAULT_MANAGER_URL};
 use nsm_sdk::transport::{Channels, Url};
 use nsm_sdk::{async_trait, Cx, Error, Handler, Next, Result};
 use tokio::sync::mpsc;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
 /// How long a Request (retries included) or the Close may take.
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -76,42 +76,25 @@ struct Args {
     name: String,
 
     /// Its node's manager.
-    #[arg(
-        long,
-        env = "NSM_CONNECT_TO",
-        value_name = "URL",
-        default_value = "unix:///var/lib/networkservicemesh/nsm.io.sock"
-    )]
+    #[arg(long, env = "NSM_CONNECT_TO", value_name = "URL", default_value = DEFAULT_MANAGER_URL)]
     connect_to: Url,
 
     /// The network service to use, as an NS URL (noop://service?label=value).
     #[arg(long, env = "NSM_NETWORK_SERVICE", value_name = "NS-URL")]
     network_service: NsUrl,
-
-    /// Log level or tracing filter directives; logs go to stderr.
-    #[arg(
-        long,
-        env = "NSM_LOG_LEVEL",
-        value_name = "LEVEL",
-        default_value = "info"
-    )]
-    log_level: String,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
-        Ok(filter) => filter,
-        Err(e) => {
-            eprintln!("embed-client: bad log level {:?}: {e}", args.log_level);
-            return ExitCode::from(2);
-        }
-    };
+    // NSM_LOG_LEVEL: a level or tracing filter directives (default info), to stderr.
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .with_env_var("NSM_LOG_LEVEL")
+        .from_env_lossy();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,

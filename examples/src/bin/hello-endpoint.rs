@@ -5,16 +5,16 @@
 //! It uses nsm-sdk and crates.io crates only (clap, tokio, tracing-subscriber): copy it
 //! into the `src/main.rs` of a crate of your own and it builds.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use nsm_sdk::chains::{endpoint, EndpointOptions};
 use nsm_sdk::handlers::{mechanisms, noop_server, point_to_point};
 use nsm_sdk::proto::{connection::Connection, networkservice::NetworkServiceRequest};
-use nsm_sdk::serving::{serve_endpoint, stop_on_signal, ServeOptions};
+use nsm_sdk::serving::{serve_endpoint, stop_on_signal, ServeOptions, DEFAULT_MANAGER_URL};
 use nsm_sdk::transport::Url;
 use nsm_sdk::{async_trait, wire::types, Cx, Error, Handler, Next, Result};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
 /// Our own logic: refuse clients labelled `color=red`, greet the others with a label.
 struct Greeter;
@@ -51,38 +51,21 @@ struct Args {
     listen_on: Url,
 
     /// The node manager to register through.
-    #[arg(
-        long,
-        env = "NSM_CONNECT_TO",
-        value_name = "URL",
-        default_value = "unix:///var/lib/networkservicemesh/nsm.io.sock"
-    )]
+    #[arg(long, env = "NSM_CONNECT_TO", value_name = "URL", default_value = DEFAULT_MANAGER_URL)]
     connect_to: Url,
-
-    /// Log level or tracing filter directives; logs go to stderr.
-    #[arg(
-        long,
-        env = "NSM_LOG_LEVEL",
-        value_name = "LEVEL",
-        default_value = "info"
-    )]
-    log_level: String,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
-        Ok(filter) => filter,
-        Err(e) => {
-            eprintln!("hello-endpoint: bad log level {:?}: {e}", args.log_level);
-            return ExitCode::from(2);
-        }
-    };
+    // NSM_LOG_LEVEL: a level or tracing filter directives (default info), to stderr.
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .with_env_var("NSM_LOG_LEVEL")
+        .from_env_lossy();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     let prefix = "169.254.0.0/16".parse().expect("a valid prefix");

@@ -11,7 +11,6 @@
 //! `src/main.rs` of a crate of your own.
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,11 +18,12 @@ use std::time::Duration;
 use clap::Parser;
 use nsm_sdk::chains::{nsmgr, NsmgrOptions};
 use nsm_sdk::proto::{connection::Connection, networkservice::NetworkServiceRequest};
-use nsm_sdk::serving::stop_on_signal;
+use nsm_sdk::serving::{stop_on_signal, DEFAULT_MANAGER_URL};
 use nsm_sdk::transport::{serve, Url};
 use nsm_sdk::{async_trait, Cx, Error, Handler, Next, Result};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
 /// Counts Requests per network service (refreshes included). State: the counts.
 #[derive(Clone, Default)]
@@ -63,42 +63,25 @@ struct Args {
 
     /// Where to listen: a unix socket, or a tcp URL with a fixed port (the manager
     /// registers its endpoints under this URL).
-    #[arg(
-        long,
-        env = "NSM_LISTEN_ON",
-        value_name = "URL",
-        default_value = "unix:///var/lib/networkservicemesh/nsm.io.sock"
-    )]
+    #[arg(long, env = "NSM_LISTEN_ON", value_name = "URL", default_value = DEFAULT_MANAGER_URL)]
     listen_on: Url,
 
     /// The registry.
     #[arg(long, env = "NSM_REGISTRY_URL", value_name = "URL")]
     registry_url: Url,
-
-    /// Log level or tracing filter directives; logs go to stderr.
-    #[arg(
-        long,
-        env = "NSM_LOG_LEVEL",
-        value_name = "LEVEL",
-        default_value = "info"
-    )]
-    log_level: String,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
-        Ok(filter) => filter,
-        Err(e) => {
-            eprintln!("my-nsmgr: bad log level {:?}: {e}", args.log_level);
-            return ExitCode::from(2);
-        }
-    };
+    // NSM_LOG_LEVEL: a level or tracing filter directives (default info), to stderr.
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .with_env_var("NSM_LOG_LEVEL")
+        .from_env_lossy();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,

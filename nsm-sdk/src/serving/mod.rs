@@ -35,7 +35,8 @@ mod serve;
 mod signal;
 
 pub use options::{
-    ServeOptions, DEFAULT_CALL_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STARTUP_TIMEOUT,
+    ServeOptions, DEFAULT_CALL_TIMEOUT, DEFAULT_MANAGER_URL, DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_STARTUP_TIMEOUT,
 };
 pub use registration::{ensure_network_service, registry_client, retry_startup, Registration};
 pub use serve::{serve_endpoint, serve_forwarder};
