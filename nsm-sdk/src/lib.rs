@@ -8,6 +8,8 @@
 //! Floors, from the ground up: [`error`], [`core`] (the handler trait, chains, context,
 //! per-connection handles, tower adapters), [`registry`], [`transport`], [`handlers`],
 //! [`chains`], and `sandbox` (feature `sandbox`). A floor uses only the floors below it.
+//! [`security`] (identities, mTLS configs, path tokens, policies) stands beside them and
+//! uses only [`error`] and the wire types; the transport and the handlers will use it.
 
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
@@ -19,6 +21,7 @@ pub mod handlers;
 pub mod registry;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
+pub mod security;
 pub mod tools;
 pub mod transport;
 
