@@ -26,6 +26,7 @@
 //! [`policy::CLIENT`], [`policy::MONITOR`] or [`policy::REGISTRY`].
 
 pub mod identity;
+pub mod jwt;
 pub mod source;
 pub mod tls;
 
