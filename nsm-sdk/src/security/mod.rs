@@ -27,6 +27,7 @@
 
 pub mod identity;
 pub mod jwt;
+pub mod policy;
 pub mod source;
 pub mod tls;
 
@@ -37,5 +38,6 @@ mod error;
 
 pub use error::SecurityError;
 pub use identity::{SpiffeId, Svid, TrustBundle};
+pub use policy::PolicySet;
 pub use source::{FileSource, Identity, SecurityConfig};
 pub use tls::PeerIdentity;
