@@ -162,7 +162,10 @@ impl LeafInfo {
         // The SPIFFE X.509-SVID spec: exactly one URI SAN, and it is the SPIFFE ID.
         let spiffe = uris
             .iter()
-            .filter(|u| u.len() >= SCHEME.len() && u[..SCHEME.len()].eq_ignore_ascii_case(SCHEME))
+            .filter(|u| {
+                u.get(..SCHEME.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(SCHEME))
+            })
             .count();
         if spiffe == 0 {
             return Err(SecurityError::NoSpiffeId);

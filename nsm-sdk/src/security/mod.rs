@@ -22,7 +22,7 @@
 //! streams with tokio-rustls, and put the [`PeerIdentity`] of each accepted connection
 //! into `Cx`. `update_token` will sign with [`jwt::sign`] using the current SVID and the
 //! next hop's identity; an `authorize` handler will build the policy input with
-//! [`policy::PathInput`] and call [`PolicySet::check`] with [`policy::SERVER`],
+//! [`policy::path_input`] and call [`PolicySet::check`] with [`policy::SERVER`],
 //! [`policy::CLIENT`], [`policy::MONITOR`] or [`policy::REGISTRY`].
 
 pub mod identity;

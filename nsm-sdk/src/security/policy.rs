@@ -330,6 +330,12 @@ mod tests {
         }
     }
 
+    /// A fresh mesh, and the default policies compiled once for all tests.
+    fn setup() -> (Mesh, &'static PolicySet) {
+        static SET: std::sync::OnceLock<PolicySet> = std::sync::OnceLock::new();
+        (mesh(), SET.get_or_init(|| PolicySet::defaults().unwrap()))
+    }
+
     fn peer(svid: &Svid) -> PeerIdentity {
         PeerIdentity::from_leaf(svid.leaf().clone()).unwrap()
     }
@@ -380,9 +386,8 @@ mod tests {
 
     #[test]
     fn a_good_path_passes_the_server_and_client_policies() {
-        let m = mesh();
-        let set = PolicySet::defaults().unwrap();
-        server_check(&set, &path_at_nsmgr(&m), &m.nsc).unwrap();
+        let (m, set) = setup();
+        server_check(set, &path_at_nsmgr(&m), &m.nsc).unwrap();
         // The nsc checks the path nsmgr returns: nsmgr's segment follows its own.
         let mut returned = path_at_nsmgr(&m);
         returned.index = 0;
@@ -397,25 +402,20 @@ mod tests {
 
     #[test]
     fn tokens_valid_refuses_a_token_that_does_not_decode() {
-        let m = mesh();
-        let set = PolicySet::defaults().unwrap();
+        let (m, set) = setup();
         let mut path = path_at_nsmgr(&m);
         path.path_segments[1].token = "nsm-rs".into();
-        assert_eq!(
-            refused_by(server_check(&set, &path, &m.nsc)),
-            "tokens_valid"
-        );
+        assert_eq!(refused_by(server_check(set, &path, &m.nsc)), "tokens_valid");
         let empty = ProtoPath::default();
         assert_eq!(
-            refused_by(server_check(&set, &empty, &m.nsc)),
+            refused_by(server_check(set, &empty, &m.nsc)),
             "tokens_valid"
         );
     }
 
     #[test]
     fn prev_token_signed_refuses_a_forged_token() {
-        let m = mesh();
-        let set = PolicySet::defaults().unwrap();
+        let (m, set) = setup();
         let forger = svid(&m.ca, "forger");
         // The forger signs "as the nsc": same claims, other key.
         let mut path = path_at_nsmgr(&m);
@@ -427,7 +427,7 @@ mod tests {
         .unwrap();
         path.path_segments[0].token = forged;
         assert_eq!(
-            refused_by(server_check(&set, &path, &m.nsc)),
+            refused_by(server_check(set, &path, &m.nsc)),
             "prev_token_signed"
         );
         // A first hop with no caller segment has nothing signed by the peer.
@@ -435,27 +435,25 @@ mod tests {
         alone.index = 0;
         alone.path_segments.remove(0);
         assert_eq!(
-            refused_by(server_check(&set, &alone, &m.nsc)),
+            refused_by(server_check(set, &alone, &m.nsc)),
             "prev_token_signed"
         );
     }
 
     #[test]
     fn prev_token_signed_refuses_a_token_replayed_by_another_peer() {
-        let m = mesh();
-        let set = PolicySet::defaults().unwrap();
+        let (m, set) = setup();
         // The forwarder-like peer replays the nsc's genuine token on its own connection.
         let thief = svid(&m.ca, "thief");
         assert_eq!(
-            refused_by(server_check(&set, &path_at_nsmgr(&m), &thief)),
+            refused_by(server_check(set, &path_at_nsmgr(&m), &thief)),
             "prev_token_signed"
         );
     }
 
     #[test]
     fn tokens_expired_refuses_an_expired_token() {
-        let m = mesh();
-        let set = PolicySet::defaults().unwrap();
+        let (m, set) = setup();
         let mut path = path_at_nsmgr(&m);
         path.path_segments[1].token = jwt::sign_at(
             &m.nsmgr,
@@ -467,42 +465,39 @@ mod tests {
         .unwrap()
         .token;
         assert_eq!(
-            refused_by(server_check(&set, &path, &m.nsc)),
+            refused_by(server_check(set, &path, &m.nsc)),
             "tokens_expired"
         );
     }
 
     #[test]
     fn tokens_chained_refuses_an_audience_mismatch() {
-        let m = mesh();
-        let set = PolicySet::defaults().unwrap();
+        let (m, set) = setup();
         // The nsc's token was made for the nse, not for nsmgr which holds the next segment.
         let mut path = path_at_nsmgr(&m);
         path.path_segments[0].token = token(&m.nsc, &m.nse);
         assert_eq!(
-            refused_by(server_check(&set, &path, &m.nsc)),
+            refused_by(server_check(set, &path, &m.nsc)),
             "tokens_chained"
         );
     }
 
     #[test]
     fn tokens_chained_refuses_a_token_replayed_from_another_path() {
-        let m = mesh();
-        let set = PolicySet::defaults().unwrap();
+        let (m, set) = setup();
         // The nsc's genuine token from a path to another manager, replayed here.
         let other_mgr = svid(&m.ca, "nsmgr-2");
         let mut path = path_at_nsmgr(&m);
         path.path_segments[0].token = token(&m.nsc, &other_mgr);
         assert_eq!(
-            refused_by(server_check(&set, &path, &m.nsc)),
+            refused_by(server_check(set, &path, &m.nsc)),
             "tokens_chained"
         );
     }
 
     #[test]
     fn next_token_signed_refuses_a_returned_path_the_server_did_not_sign() {
-        let m = mesh();
-        let set = PolicySet::defaults().unwrap();
+        let (m, set) = setup();
         let mut returned = path_at_nsmgr(&m);
         returned.index = 0;
         let input = path_input(
@@ -525,8 +520,7 @@ mod tests {
 
     #[test]
     fn service_connection_shows_a_subscriber_only_paths_it_signed() {
-        let m = mesh();
-        let set = PolicySet::defaults().unwrap();
+        let (m, set) = setup();
         let path = path_at_nsmgr(&m);
         set.check(MONITOR, &monitor_input(&path, m.nsc.id()))
             .unwrap();
@@ -554,11 +548,10 @@ mod tests {
 
     #[test]
     fn hostile_indexes_do_not_panic() {
-        let m = mesh();
-        let set = PolicySet::defaults().unwrap();
+        let (m, set) = setup();
         let mut path = path_at_nsmgr(&m);
         path.index = u32::MAX;
-        assert!(server_check(&set, &path, &m.nsc).is_err());
+        assert!(server_check(set, &path, &m.nsc).is_err());
         let input = path_input(
             &path,
             Some(&peer(&m.nsmgr)),

@@ -276,7 +276,7 @@ impl SecurityConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::security::dev_ca::{tempdir, DevCa};
+    use crate::security::dev_ca::{tempdir, DevCa, SvidFiles};
     use crate::security::identity::SpiffeId;
     use std::collections::HashMap;
 
@@ -288,22 +288,27 @@ mod tests {
         Duration::from_secs(n)
     }
 
-    #[tokio::test]
-    async fn a_rewritten_set_is_published_on_the_watch() {
+    /// A fresh directory with a CA and the files of `spiffe://example.org/<name>`.
+    fn svid_files(name: &str) -> (std::path::PathBuf, DevCa, SvidFiles) {
         let dir = tempdir();
         let ca = DevCa::new("example.org").unwrap();
         let files = ca
-            .issue(&id("spiffe://example.org/a"), secs(3600))
+            .issue(&id(&format!("spiffe://example.org/{name}")), secs(3600))
             .unwrap()
             .write(&dir, "svid")
             .unwrap();
-        let source = FileSource::start_with_poll(
-            &files.cert,
-            &files.key,
-            &files.ca,
-            Duration::from_millis(20),
-        )
-        .unwrap();
+        (dir, ca, files)
+    }
+
+    fn fast_source(files: &SvidFiles) -> FileSource {
+        let poll = Duration::from_millis(20);
+        FileSource::start_with_poll(&files.cert, &files.key, &files.ca, poll).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_rewritten_set_is_published_on_the_watch() {
+        let (dir, ca, files) = svid_files("a");
+        let source = fast_source(&files);
         assert_eq!(source.svid().id(), &id("spiffe://example.org/a"));
         let mut watch = source.watch();
         ca.issue(&id("spiffe://example.org/b"), secs(3600))
@@ -321,20 +326,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_half_written_set_keeps_the_last_good_identity_until_it_matches_again() {
-        let dir = tempdir();
-        let ca = DevCa::new("example.org").unwrap();
-        let files = ca
-            .issue(&id("spiffe://example.org/a"), secs(3600))
-            .unwrap()
-            .write(&dir, "svid")
-            .unwrap();
-        let source = FileSource::start_with_poll(
-            &files.cert,
-            &files.key,
-            &files.ca,
-            Duration::from_millis(20),
-        )
-        .unwrap();
+        let (dir, ca, files) = svid_files("a");
+        let source = fast_source(&files);
         let next = ca.issue(&id("spiffe://example.org/b"), secs(3600)).unwrap();
         // Only the certificate so far: it does not match the old key.
         std::fs::write(&files.cert, &next.cert_pem).unwrap();
@@ -351,13 +344,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_polling_task_ends_with_the_source() {
-        let dir = tempdir();
-        let ca = DevCa::new("example.org").unwrap();
-        let files = ca
-            .issue(&id("spiffe://example.org/a"), secs(3600))
-            .unwrap()
-            .write(&dir, "svid")
-            .unwrap();
+        let (dir, _ca, files) = svid_files("a");
         let source = FileSource::start(&files.cert, &files.key, &files.ca).unwrap();
         let mut watch = source.watch();
         drop(source);
@@ -380,13 +367,7 @@ mod tests {
             "{msg}"
         );
 
-        let dir = tempdir();
-        let ca = DevCa::new("example.org").unwrap();
-        let files = ca
-            .issue(&id("spiffe://example.org/nsc"), secs(3600))
-            .unwrap()
-            .write(&dir, "nsc")
-            .unwrap();
+        let (dir, _ca, files) = svid_files("nsc");
         let path = |p: &Path| p.display().to_string();
         let mut vars = HashMap::from([
             (ENV_CERT, path(&files.cert)),
