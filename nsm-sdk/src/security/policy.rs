@@ -46,18 +46,19 @@ use super::tls::PeerIdentity;
 /// Environment variable naming a directory of `*.rego` files that replaces the defaults.
 pub const ENV_POLICIES_DIR: &str = "NSM_POLICIES_DIR";
 
-/// The policies a server checks on every Request and Close it receives.
+/// The policies a server checks on every Request and Close it receives. Expiry comes
+/// before the signature check so that an expired caller token is reported as such.
 pub const SERVER: &[&str] = &[
     "tokens_valid",
-    "prev_token_signed",
     "tokens_expired",
+    "prev_token_signed",
     "tokens_chained",
 ];
 /// The policies a client checks on the path a server returns.
 pub const CLIENT: &[&str] = &[
     "tokens_valid",
-    "next_token_signed",
     "tokens_expired",
+    "next_token_signed",
     "tokens_chained",
 ];
 /// The policy MonitorConnection checks per connection and subscriber.
@@ -454,20 +455,25 @@ mod tests {
     #[test]
     fn tokens_expired_refuses_an_expired_token() {
         let (m, set) = setup();
-        let mut path = path_at_nsmgr(&m);
-        path.path_segments[1].token = jwt::sign_at(
-            &m.nsmgr,
-            m.nse.id(),
-            None,
-            Duration::from_secs(60),
-            SystemTime::now() - Duration::from_secs(120),
-        )
-        .unwrap()
-        .token;
-        assert_eq!(
-            refused_by(server_check(set, &path, &m.nsc)),
-            "tokens_expired"
-        );
+        let expired = |from: &Svid, to: &Svid| {
+            let two_minutes_ago = SystemTime::now() - Duration::from_secs(120);
+            let minute = Duration::from_secs(60);
+            jwt::sign_at(from, to.id(), None, minute, two_minutes_ago)
+                .unwrap()
+                .token
+        };
+        // This hop's own segment, and the caller's (correctly signed, but expired).
+        for (i, token) in [
+            (1, expired(&m.nsmgr, &m.nse)),
+            (0, expired(&m.nsc, &m.nsmgr)),
+        ] {
+            let mut path = path_at_nsmgr(&m);
+            path.path_segments[i].token = token;
+            assert_eq!(
+                refused_by(server_check(set, &path, &m.nsc)),
+                "tokens_expired"
+            );
+        }
     }
 
     #[test]
