@@ -13,7 +13,7 @@
 //! - [`jwt`]: ES256 path tokens as Go NSM makes them (`sub`, `aud`, `exp`).
 //! - [`policy`]: a [`PolicySet`] of Rego policies (Go NSM's defaults shipped in the crate,
 //!   or a directory), compiled once and evaluated per call.
-//! - [`dev_ca`] (feature `dev-ca`): a throw-away CA for demos, load runs and tests.
+//! - `dev_ca` (feature `dev-ca`): a throw-away CA for demos, load runs and tests.
 //!
 //! # How the transport and the handlers will use it
 //! Nothing here touches a socket or a chain yet. The transport will build its servers
