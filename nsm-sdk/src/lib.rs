@@ -6,7 +6,8 @@
 //! here interoperate with other NSM implementations.
 //!
 //! Floors, from the ground up: [`error`], [`wire`] (the wire constants of mechanisms and
-//! payloads), [`core`] (the handler trait, chains, context, per-connection handles, the
+//! payloads), [`security`] (SPIFFE identities, mTLS configs, signed path tokens, Rego
+//! policies), [`core`] (the handler trait, chains, context, per-connection handles, the
 //! runtime layer `core::rt`, URLs, tower adapters), [`config`] (NS URLs and
 //! NetworkService files), [`token`] (token generators), [`registry`], [`transport`],
 //! [`handlers`], [`chains`], [`serving`] (running an endpoint or a forwarder as a
@@ -25,6 +26,7 @@ pub mod handlers;
 pub mod registry;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
+pub mod security;
 pub mod serving;
 pub mod token;
 pub mod transport;

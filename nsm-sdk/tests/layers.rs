@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 const FLOORS: &[&str] = &[
     "error",
     "wire",
+    "security",
     "core",
     "config",
     "token",

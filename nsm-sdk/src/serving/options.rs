@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use crate::transport::{Channels, Url};
 
-/// How long one registry call may take.
 /// Where a node's manager listens for the pods of its node, as NSM deployments mount it.
 pub const DEFAULT_MANAGER_URL: &str = "unix:///var/lib/networkservicemesh/nsm.io.sock";
-
+/// How long one registry call may take.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a component keeps trying to reach its manager when it starts (the manager
 /// may be starting too).

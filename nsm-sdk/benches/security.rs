@@ -1,0 +1,93 @@
+//! The CPU cost of the security pieces that run per call.
+//!
+//! - `security/jwt/sign`, `security/jwt/verify`: one ES256 path token made with an SVID
+//!   key, and checked against the signer's certificate.
+//! - `security/policy/server_input`: the input of the server policies for a 3-segment
+//!   path (decoding every token, verifying the caller's against the peer certificate).
+//! - `security/policy/server_eval`: the four server policies on that input (Rego only).
+//! - `security/policy/one_eval`: one policy (`tokens_chained`) on that input.
+//!
+//! Run: `cargo bench -p nsm-sdk --features dev-ca --bench security -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+use std::time::{Duration, SystemTime};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use nsm_sdk::proto::connection::{Path, PathSegment};
+use nsm_sdk::security::dev_ca::DevCa;
+use nsm_sdk::security::policy::{self, path_input, PolicySet, Verify};
+use nsm_sdk::security::{jwt, PeerIdentity, SpiffeId, Svid};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn svid(ca: &DevCa, name: &str) -> Svid {
+    let id = SpiffeId::parse(&format!("spiffe://bench.local/{name}")).expect("valid id");
+    let issued = ca.issue(&id, HOUR).expect("issued");
+    Svid::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).expect("svid")
+}
+
+fn bench(c: &mut Criterion) {
+    let ca = DevCa::new("bench.local").expect("ca");
+    let (nsc, nsmgr, fwd, nse) = (
+        svid(&ca, "nsc"),
+        svid(&ca, "nsmgr"),
+        svid(&ca, "forwarder"),
+        svid(&ca, "nse"),
+    );
+    let token = |from: &Svid, to: &Svid| jwt::sign(from, to.id(), None, HOUR).expect("signed");
+
+    c.bench_function("security/jwt/sign", |b| {
+        b.iter(|| black_box(jwt::sign(&nsc, nsmgr.id(), None, HOUR).expect("signed")))
+    });
+    let t = token(&nsc, &nsmgr).token;
+    c.bench_function("security/jwt/verify", |b| {
+        b.iter(|| black_box(jwt::verify(&t, nsc.leaf()).expect("verified")))
+    });
+
+    let segment = |name: &str, token: String| PathSegment {
+        name: name.into(),
+        id: format!("{name}-id"),
+        token,
+        ..Default::default()
+    };
+    // The path as the forwarder sees it: nsc, nsmgr, then its own segment.
+    let path = Path {
+        index: 2,
+        path_segments: vec![
+            segment("nsc", token(&nsc, &nsmgr).token),
+            segment("nsmgr", token(&nsmgr, &fwd).token),
+            segment("forwarder", token(&fwd, &nse).token),
+        ],
+    };
+    let peer = PeerIdentity::from_leaf(nsmgr.leaf().clone()).expect("peer");
+    let set = PolicySet::defaults().expect("policies");
+
+    c.bench_function("security/policy/server_input", |b| {
+        b.iter(|| {
+            black_box(path_input(
+                &path,
+                Some(&peer),
+                Verify::Previous,
+                SystemTime::now(),
+            ))
+        })
+    });
+    let input = path_input(&path, Some(&peer), Verify::Previous, SystemTime::now());
+    set.check(policy::SERVER, &input)
+        .expect("a good path passes");
+    c.bench_function("security/policy/server_eval", |b| {
+        b.iter(|| {
+            set.check(policy::SERVER, black_box(&input))
+                .expect("passes")
+        })
+    });
+    c.bench_function("security/policy/one_eval", |b| {
+        b.iter(|| {
+            set.check(&["tokens_chained"], black_box(&input))
+                .expect("passes")
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,276 @@
+//! Signed path tokens: ES256 JWTs as Go NSM makes them.
+//!
+//! Each hop puts a token into its path segment: `sub` is the hop's own SPIFFE ID, `aud`
+//! the next hop's, `exp` the earliest of now + the token lifetime, the hop's own
+//! certificate NotAfter and the next hop's certificate NotAfter (a token never outlives
+//! the identities it binds). [`sign`] makes one with the SVID's key; [`verify`] checks one
+//! against the signer's certificate (signature with the certificate's public key, and
+//! `exp`); [`decode_unverified`] reads the claims for policy input.
+//!
+//! State: none. Failures handled: a key that cannot sign ES256 (not P-256 or not PKCS#8),
+//! a token signed by another key, an expired token, a certificate that is not P-256;
+//! each is a [`SecurityError::Token`] (PermissionDenied at the edge). The audience is
+//! not checked by [`verify`]: the policies check the chain of `aud` and `sub`
+//! ([`Claims::is_for`] for a direct check).
+
+use std::time::{Duration, SystemTime};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::error::SecurityError;
+use super::identity::{system_to_unix, SpiffeId, Svid};
+
+/// The claims of a path token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The signer's SPIFFE ID.
+    pub sub: String,
+    /// The SPIFFE IDs the token is meant for (one, the next hop, when made here). Go's
+    /// JWT library writes a single audience as a string; both forms are read.
+    #[serde(
+        serialize_with = "audience_out",
+        deserialize_with = "audience_in",
+        default
+    )]
+    pub aud: Vec<String>,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: i64,
+}
+
+impl Claims {
+    /// Whether `id` is one of the token's audiences.
+    pub fn is_for(&self, id: &SpiffeId) -> bool {
+        self.aud.iter().any(|a| a == id.as_str())
+    }
+}
+
+fn audience_out<S: Serializer>(aud: &[String], s: S) -> Result<S::Ok, S::Error> {
+    match aud {
+        [one] => s.serialize_str(one),
+        many => many.serialize(s),
+    }
+}
+
+fn audience_in<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Aud {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Aud::deserialize(d)? {
+        Aud::One(a) => vec![a],
+        Aud::Many(a) => a,
+    })
+}
+
+/// A token and its expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedToken {
+    /// The compact JWT.
+    pub token: String,
+    /// The expiry written into it (whole seconds).
+    pub expires: SystemTime,
+}
+
+/// Signs a token for `audience` (the next hop) with `svid`'s key, expiring at the
+/// earliest of now + `max_lifetime`, the SVID's NotAfter and `audience_not_after` (the
+/// next hop's certificate NotAfter, when known).
+pub fn sign(
+    svid: &Svid,
+    audience: &SpiffeId,
+    audience_not_after: Option<SystemTime>,
+    max_lifetime: Duration,
+) -> Result<SignedToken, SecurityError> {
+    sign_at(
+        svid,
+        audience,
+        audience_not_after,
+        max_lifetime,
+        SystemTime::now(),
+    )
+}
+
+/// [`sign`] as if the time were `now` (tests make expired tokens with it).
+pub fn sign_at(
+    svid: &Svid,
+    audience: &SpiffeId,
+    audience_not_after: Option<SystemTime>,
+    max_lifetime: Duration,
+    now: SystemTime,
+) -> Result<SignedToken, SecurityError> {
+    let key = svid.pkcs8().ok_or_else(|| {
+        SecurityError::Token("signing needs the SVID key as PKCS#8 (BEGIN PRIVATE KEY)".into())
+    })?;
+    let mut expires = (now + max_lifetime).min(svid.not_after());
+    if let Some(peer) = audience_not_after {
+        expires = expires.min(peer);
+    }
+    let claims = Claims {
+        sub: svid.id().to_string(),
+        aud: vec![audience.to_string()],
+        exp: system_to_unix(expires),
+    };
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::ES256),
+        &claims,
+        &EncodingKey::from_ec_der(key),
+    )
+    .map_err(|e| SecurityError::Token(format!("cannot sign: {e}")))?;
+    Ok(SignedToken {
+        token,
+        expires: std::time::UNIX_EPOCH + Duration::from_secs(claims.exp.max(0).unsigned_abs()),
+    })
+}
+
+/// Checks `token` against the certificate of its supposed signer (DER): the ES256
+/// signature with the certificate's public key, and `exp` (no leeway).
+pub fn verify(token: &str, signer_cert: &[u8]) -> Result<Claims, SecurityError> {
+    let point = p256_public_key(signer_cert)?;
+    let mut validation = Validation::new(Algorithm::ES256);
+    validation.leeway = 0;
+    // The policies check the audience chain; sub and exp must be there.
+    validation.validate_aud = false;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_ec_der(&point), &validation)
+        .map(|data| data.claims)
+        .map_err(|e| SecurityError::Token(format!("refused: {e}")))
+}
+
+/// Reads a token's claims without checking anything (for policy input and logs).
+pub fn decode_unverified(token: &str) -> Result<Claims, SecurityError> {
+    jsonwebtoken::dangerous::insecure_decode::<Claims>(token)
+        .map(|data| data.claims)
+        .map_err(|e| SecurityError::Token(format!("does not decode: {e}")))
+}
+
+/// The uncompressed P-256 point of a certificate's public key.
+fn p256_public_key(cert: &[u8]) -> Result<Vec<u8>, SecurityError> {
+    let (_, cert) = X509Certificate::from_der(cert)
+        .map_err(|e| SecurityError::Token(format!("signer certificate does not parse: {e}")))?;
+    let spki = cert.public_key();
+    let is_p256 = spki.algorithm.algorithm == x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+        && spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .is_some_and(|curve| curve == x509_parser::oid_registry::OID_EC_P256);
+    if !is_p256 {
+        return Err(SecurityError::Token(
+            "signer certificate key is not ECDSA P-256 (ES256)".into(),
+        ));
+    }
+    Ok(spki.subject_public_key.data.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::dev_ca::DevCa;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    fn svid(ca: &DevCa, name: &str, lifetime: Duration) -> Svid {
+        let issued = ca
+            .issue(&id(&format!("spiffe://example.org/{name}")), lifetime)
+            .unwrap();
+        Svid::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap()
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn a_signed_token_verifies_against_the_signers_certificate() {
+        let ca = DevCa::new("example.org").unwrap();
+        let nsc = svid(&ca, "nsc", HOUR);
+        let nsmgr = id("spiffe://example.org/nsmgr");
+        let signed = sign(&nsc, &nsmgr, None, Duration::from_secs(600)).unwrap();
+        let claims = verify(&signed.token, nsc.leaf()).unwrap();
+        assert_eq!(claims.sub, "spiffe://example.org/nsc");
+        assert!(claims.is_for(&nsmgr));
+        assert_eq!(claims.exp, system_to_unix(signed.expires));
+        assert_eq!(decode_unverified(&signed.token).unwrap(), claims);
+        // Go writes a single audience as a string.
+        let raw = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(&signed.token)
+            .unwrap()
+            .claims;
+        assert_eq!(raw["aud"], "spiffe://example.org/nsmgr");
+    }
+
+    #[test]
+    fn a_token_signed_by_another_key_is_refused() {
+        let ca = DevCa::new("example.org").unwrap();
+        let nsc = svid(&ca, "nsc", HOUR);
+        let forger = svid(&ca, "forger", HOUR);
+        let forged = sign(&forger, &id("spiffe://example.org/nsmgr"), None, HOUR).unwrap();
+        let err = verify(&forged.token, nsc.leaf()).unwrap_err();
+        assert!(err.to_string().contains("InvalidSignature"), "{err}");
+        // Claims rewritten after signing break the signature too.
+        let good = sign(&nsc, &id("spiffe://example.org/nsmgr"), None, HOUR).unwrap();
+        let mut parts: Vec<&str> = good.token.split('.').collect();
+        let other = sign(&nsc, &id("spiffe://example.org/evil"), None, HOUR).unwrap();
+        parts[1] = other.token.split('.').nth(1).unwrap();
+        assert!(verify(&parts.join("."), nsc.leaf()).is_err());
+    }
+
+    #[test]
+    fn an_expired_token_is_refused() {
+        let ca = DevCa::new("example.org").unwrap();
+        let nsc = svid(&ca, "nsc", HOUR);
+        let old = sign_at(
+            &nsc,
+            &id("spiffe://example.org/nsmgr"),
+            None,
+            Duration::from_secs(60),
+            SystemTime::now() - Duration::from_secs(120),
+        )
+        .unwrap();
+        let err = verify(&old.token, nsc.leaf()).unwrap_err();
+        assert!(err.to_string().contains("ExpiredSignature"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_audience_is_detectable() {
+        let ca = DevCa::new("example.org").unwrap();
+        let nsc = svid(&ca, "nsc", HOUR);
+        let t = sign(&nsc, &id("spiffe://example.org/nsmgr-1"), None, HOUR).unwrap();
+        let claims = verify(&t.token, nsc.leaf()).unwrap();
+        assert!(!claims.is_for(&id("spiffe://example.org/nsmgr-2")));
+    }
+
+    #[test]
+    fn expiry_is_bounded_by_both_certificates() {
+        let ca = DevCa::new("example.org").unwrap();
+        let short = svid(&ca, "short", Duration::from_secs(300));
+        let t = sign(&short, &id("spiffe://example.org/x"), None, HOUR).unwrap();
+        assert_eq!(system_to_unix(t.expires), system_to_unix(short.not_after()));
+        let long = svid(&ca, "long", HOUR * 24);
+        let peer_end = SystemTime::now() + Duration::from_secs(100);
+        let t = sign(&long, &id("spiffe://example.org/x"), Some(peer_end), HOUR).unwrap();
+        assert_eq!(system_to_unix(t.expires), system_to_unix(peer_end));
+        let t = sign(
+            &long,
+            &id("spiffe://example.org/x"),
+            None,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let left = t.expires.duration_since(SystemTime::now()).unwrap();
+        assert!(left <= Duration::from_secs(60));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(decode_unverified("not.a.token").is_err());
+        assert!(decode_unverified("").is_err());
+        let ca = DevCa::new("example.org").unwrap();
+        let nsc = svid(&ca, "nsc", HOUR);
+        assert!(verify("a.b.c", nsc.leaf()).is_err());
+        assert!(verify("x", b"not a certificate").is_err());
+    }
+}
