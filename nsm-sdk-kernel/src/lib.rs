@@ -57,7 +57,7 @@
 //! forwarder creates **one veth pair** whose client end is created directly inside the
 //! client's namespace and whose endpoint end is created directly inside the endpoint's
 //! namespace, both under their final names, by a single `RTM_NEWLINK` carrying
-//! `IFLA_NET_NS_FD` on the link and on the peer (verified on the CI kernel, KERNEL.md
+//! `IFLA_NET_NS_FD` on the link and on the peer (verified on the CI kernel, docs/KERNEL.md
 //! 1.4 and 4). Each end is then programmed from its own side's plan by a netlink socket
 //! opened inside that pod.
 //!
@@ -89,7 +89,7 @@
 //! Each end carries an alias naming its connection ([`veth_alias`]), so a forwarder
 //! that replaces a dead one recognises the pairs its predecessor left in the kernel
 //! and replaces them when the connections are requested again, while a link of
-//! anything else that holds a wanted name is left alone (KERNEL.md 1.4).
+//! anything else that holds a wanted name is left alone (docs/KERNEL.md 1.4).
 //! A design that must keep the client's device across an endpoint change would use
 //! the two-pair + tc variant; nothing in the plan/apply layers would change.
 //!

@@ -9,7 +9,7 @@
 //! Working inside a namespace ([`NetNs::run`]) happens on a fresh, short-lived OS thread
 //! that `setns()`es, does its work and exits. `setns` changes only the calling thread, so
 //! doing it on a tokio worker or in `spawn_blocking` would leak the namespace into
-//! unrelated tasks later scheduled on that pooled thread (KERNEL.md 5.3, verified).
+//! unrelated tasks later scheduled on that pooled thread (docs/KERNEL.md 5.3, verified).
 //! A netlink socket belongs forever to the namespace of the thread that created it, so
 //! [`crate::RtNetlink::open`] creates its socket through `run` and then uses it from
 //! any task.

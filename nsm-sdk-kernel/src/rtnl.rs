@@ -11,7 +11,7 @@
 //! [`Error::LinkExists`]); deleting an address, route, neighbour or rule that is
 //! absent is not an error. Rules are added with the action `FR_ACT_TO_TBL` set
 //! explicitly: rtnetlink's default (`Unspec`) installs a rule that makes every
-//! matching packet fail with EINVAL (KERNEL.md 5.3).
+//! matching packet fail with EINVAL (docs/KERNEL.md 5.3).
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -270,7 +270,7 @@ fn to_rule(msg: &RuleMessage) -> Option<Rule> {
 /// The add request's message for `rule`.
 fn rule_message(handle: &Handle, rule: &Rule) -> rtnetlink::RuleAddRequest {
     // The action must be set: rtnetlink's default is `Unspec`, which the kernel
-    // accepts and then fails every matching packet with EINVAL (KERNEL.md 5.3).
+    // accepts and then fails every matching packet with EINVAL (docs/KERNEL.md 5.3).
     let mut req = handle
         .rule()
         .add()

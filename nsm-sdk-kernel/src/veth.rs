@@ -6,7 +6,7 @@
 //! ([`veth_alias`]: which connection and side it serves), then programs each end from
 //! its own [`Plan`] through a [`Netlink`] bound to that pod's namespace.
 //!
-//! **Leftovers after a forwarder restart** (KERNEL.md 1.4): a forwarder that dies
+//! **Leftovers after a forwarder restart** (docs/KERNEL.md 1.4): a forwarder that dies
 //! leaves its pairs in the kernel (they keep carrying traffic), and the forwarder that
 //! replaces it knows nothing of them. When it is asked for the same connection again
 //! (the client's heal re-requests it), the names are taken by the old pair. An end

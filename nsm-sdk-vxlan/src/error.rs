@@ -2,7 +2,7 @@
 //!
 //! The kernel answers a second VXLAN device with the same VNI and UDP port in one
 //! namespace with a bare `EEXIST` (its explanatory text is not shown by rtnetlink,
-//! KERNEL.md 5.3). [`crate::vxlan_up`] checks that the interface name is free in the
+//! docs/KERNEL.md 5.3). [`crate::vxlan_up`] checks that the interface name is free in the
 //! pod first, so an `EEXIST` on the creation itself is reported as
 //! [`Error::VniClash`]: the caller picks another VNI.
 

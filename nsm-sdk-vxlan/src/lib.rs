@@ -9,7 +9,7 @@
 //! - [`vxlan_up`] / [`VxlanLink`] ([`link`]): one side's VXLAN device, created by a
 //!   netlink socket of the **node** namespace directly inside the **pod** namespace
 //!   (`IFLA_NET_NS_FD`), so its UDP socket stays on the node's underlay while the pod
-//!   sees the device (KERNEL.md 3.4, 3.5 design C1/D). Addresses and routes are then
+//!   sees the device (docs/KERNEL.md 3.4, 3.5 design C1/D). Addresses and routes are then
 //!   programmed inside the pod with nsm-sdk-kernel's plan/apply.
 //! - [`mechanism`]: the forwarder's VXLAN handlers on top of both
 //!   ([`vxlan_forwarder_mechanisms`] with a node's [`Tunnel`]): a KERNEL client on one

@@ -5,7 +5,7 @@
 //! with `id <vni> local <node underlay IP> remote <peer node underlay IP> dstport
 //! <port>` and the tunnel MTU set explicitly. The device keeps its UDP socket in the
 //! namespace it was created from, so the encapsulated traffic uses the node's
-//! underlay while the pod only sees the device (KERNEL.md 3.4/3.5, verified by
+//! underlay while the pod only sees the device (docs/KERNEL.md 3.4/3.5, verified by
 //! `kernel-e2e-recipe.sh` and the rtnetlink probe's `remote` mode). It is then marked
 //! with the plan's alias (`nsm-client-<id>` / `nsm-endpoint-<id>`, see
 //! [`nsm_sdk_kernel::veth_alias`]; the kernel ignores an alias in `RTM_NEWLINK`) and

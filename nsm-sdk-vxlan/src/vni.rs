@@ -1,7 +1,7 @@
 //! [`VniAllocator`]: the server side's VNI choice, unique per node.
 //!
 //! What it does: hands out 24-bit VXLAN network identifiers keyed by connection id.
-//! The rule kept for wire compatibility with NSM (sdk `mechanisms/vxlan/vni`, KERNEL.md
+//! The rule kept for wire compatibility with NSM (sdk `mechanisms/vxlan/vni`, docs/KERNEL.md
 //! 3.2): the **server** side (the forwarder on the endpoint's node) picks the VNI, and
 //! it is **even** when `src_ip ≤ dst_ip` (byte-wise comparison of the addresses, the
 //! `orig_*` ones when NAT is in play) and **odd** otherwise ([`parity_for`]), so the

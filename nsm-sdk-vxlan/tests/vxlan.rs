@@ -135,7 +135,7 @@ async fn a_vxlan_device_in_each_pod_carries_pings_over_the_node_underlay() {
     );
     assert!(nsm_sdk::Error::from(clash).is_retryable());
     assert_eq!(p3.links(), ["lo"]);
-    // Another port lifts the conflict (KERNEL.md 3.2).
+    // Another port lifts the conflict (docs/KERNEL.md 3.2).
     let other_port = vxlan_up(
         &node1,
         &p3.open(),

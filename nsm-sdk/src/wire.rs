@@ -1,5 +1,5 @@
 //! The exact strings of NSM API v1 that mechanisms and payloads use on the wire
-//! (`spec/wire.md`, "Mechanism constants"). Other implementations match on them, so
+//! (`docs/WIRE.md`, "Mechanism constants"). Other implementations match on them, so
 //! they are spelled here once and used everywhere else through these names.
 
 /// Mechanism classes (`Mechanism.cls`).

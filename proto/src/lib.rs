@@ -1,6 +1,6 @@
 //! The Network Service Mesh API v1 on the wire: prost messages and tonic stubs for the
 //! packages `connection`, `connectioncontext`, `networkservice` and `registry`, written
-//! field for field from the project's wire contract (`spec/wire.md`).
+//! field for field from the project's wire contract (`docs/WIRE.md`).
 //!
 //! Module names are the proto package names. The protobuf JSON mapping of any message is
 //! available through [`json`], backed by the compiled descriptors.

@@ -1,8 +1,8 @@
-//! Golden bytes of the NSM API v1 wire contract (`spec/wire.md`).
+//! Golden bytes of the NSM API v1 wire contract (`docs/WIRE.md`).
 //!
 //! Every message type of the contract is built with a known value in every field and
 //! its `encode_to_vec()` compared with bytes written here by hand from the field numbers
-//! and wire types of wire.md (tag byte = field << 3 | wire type; 0 = varint,
+//! and wire types of docs/WIRE.md (tag byte = field << 3 | wire type; 0 = varint,
 //! 2 = length-delimited; a map entry is an embedded message with key = 1, value = 2).
 //! The golden bytes are literals, never produced by an encoder; nested messages reuse
 //! the literal of the inner message. Each golden is also decoded back and compared with

@@ -1,4 +1,4 @@
-//! Heal scenarios through a sandbox mesh (SCENARIOS.md 5.3: 21, 22, 23, 24, 25 local and remote, 28, 30, 32).
+//! Heal scenarios through a sandbox mesh (docs/SCENARIOS.md 5.3: 21, 22, 23, 24, 25 local and remote, 28, 30, 32).
 //!
 //! The NSC chain is the client chain with `heal` among the application handlers, that
 //! is after `begin` and `retry` (see the `heal` module docs for why after `retry`), and
@@ -106,7 +106,7 @@ async fn endpoint(node: &Node, name: &str) -> EndpointHandle {
         .unwrap()
 }
 
-/// SCENARIOS 21: the NSE dies (and the registry notices); a new NSE appears on its
+/// docs/SCENARIOS.md 21: the NSE dies (and the registry notices); a new NSE appears on its
 /// node. Heal moves the connection to it; a refresh with the caller's old connection
 /// object works and reaches the new NSE; Close with the old object reaches it once.
 async fn heals_to_a_new_endpoint_after_the_endpoint_dies(remote: bool) {
@@ -192,7 +192,7 @@ async fn on_nse1_until_broken(node: &Node) -> (EndpointHandle, Arc<AtomicBool>, 
     (nse1, broken, nsc, conn)
 }
 
-/// SCENARIOS 22: the NSE dies and the data plane to it is dead too (the liveness check
+/// docs/SCENARIOS.md 22: the NSE dies and the data plane to it is dead too (the liveness check
 /// fails while the connection is on NSE-1); the dead NSE stays registered. Heal
 /// reselects to NSE-2.
 #[test]
@@ -220,7 +220,7 @@ fn a_dead_endpoint_and_data_plane_reselect_to_the_second_endpoint() {
     });
 }
 
-/// SCENARIOS 23: the NSE is alive but the data plane to it breaks (the liveness check
+/// docs/SCENARIOS.md 23: the NSE is alive but the data plane to it breaks (the liveness check
 /// fails). Heal reselects anyway: the old path is closed (NSE-1 gets its Close) and
 /// the connection lands on NSE-2; refresh and Close behave as in 21.
 #[test]
@@ -255,7 +255,7 @@ fn a_broken_data_plane_to_a_live_endpoint_reselects_to_the_second_endpoint() {
     });
 }
 
-/// SCENARIOS 25: the NSE is remote (node 0, the NSC on node 1); the forwarder of the
+/// docs/SCENARIOS.md 25: the NSE is remote (node 0, the NSC on node 1); the forwarder of the
 /// path on `node` dies and a new one starts there: on the NSC's node (Local, segment 2)
 /// or on the NSE's (Remote, segment 4). Heal re-routes through it to the same NSE
 /// connection (one unique id: the NSE's segment keeps its id because the NSE keeps its
@@ -316,7 +316,7 @@ fn heals_through_a_new_forwarder_on_the_endpoints_node() {
     scenario(false, heals_through_a_new_forwarder(0, "25 remote"));
 }
 
-/// SCENARIOS 28: the NSE dies and nothing can replace it, so heal keeps trying; then
+/// docs/SCENARIOS.md 28: the NSE dies and nothing can replace it, so heal keeps trying; then
 /// the NSC closes. Every task heal and the relays started ends (the live task count
 /// returns to where it was before the connection). `unregister`: the registry noticed
 /// the death (the variant "NSE expired" of the Go test).
@@ -378,7 +378,7 @@ fn close_ends_every_heal_task_after_the_registry_forgot_the_endpoint() {
     scenario(true, close_ends_every_heal_task(true));
 }
 
-/// SCENARIOS 32: the NSC's reselect function adds a label (and clears the NSE name, as
+/// docs/SCENARIOS.md 32: the NSC's reselect function adds a label (and clears the NSE name, as
 /// the default does); after the NSE dies, the request that reaches NSE-2 carries it.
 #[test]
 fn a_custom_reselect_function_shapes_the_reselect_request() {
@@ -418,7 +418,7 @@ fn a_custom_reselect_function_shapes_the_reselect_request() {
     });
 }
 
-/// SCENARIOS 30 (refresh failed, data plane broken). Go advances a mock clock past the
+/// docs/SCENARIOS.md 30 (refresh failed, data plane broken). Go advances a mock clock past the
 /// refresh point of a 15-minute token; here the tokens live 6 s, so the first refresh
 /// comes 1.2-2.4 s after the request, in real time. NSE-1 fails every request after the
 /// first, so that refresh fails; heal keeps re-requesting while the liveness check says
@@ -474,7 +474,7 @@ fn a_failed_refresh_then_a_dead_data_plane_reselects_exactly_once() {
     });
 }
 
-/// SCENARIOS 24 (skipped in Go, issue #1573): the NSE dies but the liveness check says
+/// docs/SCENARIOS.md 24 (skipped in Go, issue #1573): the NSE dies but the liveness check says
 /// the data plane is healthy: the NSC must not move to the new NSE. Our heal keeps
 /// re-requesting the same path (with backoff) while the data plane is reported alive,
 /// and reselects only once it is reported dead.

@@ -1,5 +1,5 @@
 //! Lifetimes: a client that stops refreshing is closed by the mesh, a dead endpoint
-//! expires from the registry, a live one stays (SCENARIOS.md 5.2 items 19 and 20).
+//! expires from the registry, a live one stays (docs/SCENARIOS.md 5.2 items 19 and 20).
 
 use std::sync::Arc;
 use std::time::Duration;

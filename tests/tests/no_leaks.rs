@@ -1,4 +1,4 @@
-//! SCENARIOS.md 5.1 item 11: request, Close and unregister leave no task behind.
+//! docs/SCENARIOS.md 5.1 item 11: request, Close and unregister leave no task behind.
 //!
 //! Alone in its test binary on purpose: `live_tasks()` counts the whole process, so no
 //! other test may run beside it. Checked by counting, not by sleeping: the count is

@@ -1,4 +1,4 @@
-//! Reselect and forwarder selection through restarts and deaths (SCENARIOS.md 5.3: 26,
+//! Reselect and forwarder selection through restarts and deaths (docs/SCENARIOS.md 5.3: 26,
 //! 29, 31; 5.4: 33, 34, 35; 5.5: 36-40; 5.2: 18).
 //!
 //! The NSC chain is the client chain with `heal` among the application handlers (after
@@ -157,7 +157,7 @@ fn labels() -> HashMap<String, String> {
 // 5.3 item 26: TestNSMGR_HealNSMgr
 // ---------------------------------------------------------------------------------
 
-/// SCENARIOS 26, Local Restored: the NSE is on another node; the NSC's own NSMgr
+/// docs/SCENARIOS.md 26, Local Restored: the NSE is on another node; the NSC's own NSMgr
 /// restarts (fresh state, same URL; the node's forwarder and endpoints register with
 /// it again). Heal re-requests the same path through the restored NSMgr, which takes
 /// the forwarder from the path: the NSE sees a refresh of the same connection
@@ -199,7 +199,7 @@ async fn heals_through_the_restarted_local_nsmgr_to_the_same_endpoint() {
     assert_eq!(nse.counter.requests(), 3);
 }
 
-/// SCENARIOS 26, Remote New: NSE-2 waits on a third node; the NSMgr of the NSE's node
+/// docs/SCENARIOS.md 26, Remote New: NSE-2 waits on a third node; the NSMgr of the NSE's node
 /// dies for good. Heal moves the connection to NSE-2; a refresh with the old object
 /// and the Close reach NSE-2; the unreachable NSE-1 gets nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,7 +231,7 @@ async fn heals_to_an_endpoint_on_a_third_node_when_the_remote_nsmgr_dies() {
 // 5.3 item 29: Test_ForwarderShouldBeSelectedCorrectlyOnNSMgrRestart
 // ---------------------------------------------------------------------------------
 
-/// SCENARIOS 29: 10 times: refresh, restart the NSMgr of the NSE's node (it loses its
+/// docs/SCENARIOS.md 29: 10 times: refresh, restart the NSMgr of the NSE's node (it loses its
 /// state; the node's NSE and forwarders register again), add another forwarder there.
 /// The forwarder first selected stays in the path every time: the restarted NSMgr
 /// takes it from the path (the segment after its own), although a new forwarder comes
@@ -288,7 +288,7 @@ async fn remote_forwarder_stays_selected_across_nsmgr_restarts() {
 // 5.4 items 33-35: reselect_test.go
 // ---------------------------------------------------------------------------------
 
-/// SCENARIOS 33: restart the NSMgr(s) as configured, kill the NSE (it stays
+/// docs/SCENARIOS.md 33: restart the NSMgr(s) as configured, kill the NSE (it stays
 /// registered), start NSE-2 on its node. After heal: the NSC sent exactly 1 Close
 /// (`begin` closing the old path before the reselect), every forwarder got exactly 1
 /// Close although a restarted NSMgr knows nothing to pass on (the forwarder closes its
@@ -371,7 +371,7 @@ async fn remote_reselect_after_both_nsmgrs_restarted_closes_every_forwarder_once
     reselect_after_nsmgr_restart(2, true, true).await;
 }
 
-/// SCENARIOS 34: the forwarder on the NSC's node restarts (fresh state, same name and
+/// docs/SCENARIOS.md 34: the forwarder on the NSC's node restarts (fresh state, same name and
 /// URL), the NSE dies, NSE-2 starts on its node. After heal the restarted forwarder got
 /// no Close (it knows nothing of the connection, so its `begin` stops the Close), the
 /// remote forwarder 1 (from its RESELECT_REQUESTED handling), NSE-2 none; a refresh
@@ -429,7 +429,7 @@ async fn remote_path_local_forwarder_restart_then_endpoint_death_reselects() {
     reselect_after_local_forwarder_restart(2).await;
 }
 
-/// SCENARIOS 35: the registry dies, then the NSC closes. The Close still reaches the
+/// docs/SCENARIOS.md 35: the registry dies, then the NSC closes. The Close still reaches the
 /// forwarder and the NSE, exactly once each: every hop remembers where it sent the
 /// connection and needs no lookup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,7 +451,7 @@ async fn close_reaches_every_hop_after_the_registry_died() {
 // 5.5 items 36-40: select_forwarder_test.go
 // ---------------------------------------------------------------------------------
 
-/// SCENARIOS 36 (as the Go test): the NSE fails every request after the first, so a
+/// docs/SCENARIOS.md 36 (as the Go test): the NSE fails every request after the first, so a
 /// refresh (1 s deadline) fails; every hop keeps the established connection, and the
 /// caller's Close then reaches the NSE (1 Close). No heal, so nothing else closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,7 +478,7 @@ async fn close_after_a_failed_refresh_reaches_the_endpoint() {
     assert_eq!(nse.counter.closes(), 1);
 }
 
-/// SCENARIOS 36 (as SCENARIOS.md words it, with heal): the failed refresh leaves the
+/// docs/SCENARIOS.md 36 (as docs/SCENARIOS.md words it, with heal): the failed refresh leaves the
 /// hops DOWN; heal re-requests, then reselects, and the reselect's Close of the old
 /// path reaches the NSE (1 Close). Heal keeps trying (the NSE fails everything); the
 /// caller's Close then succeeds without another NSE Close (the old path is gone) and
@@ -512,7 +512,7 @@ async fn heal_closes_the_endpoint_once_after_a_failed_refresh() {
     assert_eq!(nse.counter.requests(), requests, "heal went on after Close");
 }
 
-/// SCENARIOS 37: 10 forwarders; the NSE fails the first 5 requests, so the NSMgr fails
+/// docs/SCENARIOS.md 37: 10 forwarders; the NSE fails the first 5 requests, so the NSMgr fails
 /// over forwarder by forwarder and the 6th carries the connection (6 requests, 6
 /// connection ids: each failed forwarder made its own). Then, 3 times: Close, and
 /// re-Request with the old connection while the NSE fails the next 2 requests. The
@@ -552,7 +552,7 @@ async fn a_re_request_after_close_moves_to_another_forwarder_when_the_old_one_fa
     nsc.close(&conn).await;
 }
 
-/// SCENARIOS 38: 10 forwarders; the NSC's Close always fails (Go: so that a Close from
+/// docs/SCENARIOS.md 38: 10 forwarders; the NSC's Close always fails (Go: so that a Close from
 /// heal cannot clear the forwarder name). The selected forwarder dies. Heal re-requests
 /// the same path; the NSMgr, whose remembered forwarder does not answer, fails over to
 /// another one within that request, which refreshes the same NSE connection: NSE
@@ -586,7 +586,7 @@ async fn heal_moves_to_another_forwarder_when_the_selected_one_dies() {
     healed_then_refreshed(&nsc, &nse, &conn, 2, &selected, 0).await;
 }
 
-/// SCENARIOS 39: one forwarder on the NSC's node, 10 on the NSE's; the NSC's Close
+/// docs/SCENARIOS.md 39: one forwarder on the NSC's node, 10 on the NSE's; the NSC's Close
 /// always fails. The registry restarts (empty; registrations come back at 2/3 of their
 /// 3 s expiry), then the selected remote forwarder (segment 4) dies. Heal's re-request
 /// fails (the registry does not know the NSE yet), so heal reselects until the
@@ -669,7 +669,7 @@ fn dead_through(forwarder: Arc<Mutex<String>>, broken: Arc<AtomicBool>) -> Liven
     })
 }
 
-/// SCENARIOS 40: 10 forwarders; the NSC's heal has a liveness check. The registry
+/// docs/SCENARIOS.md 40: 10 forwarders; the NSC's heal has a liveness check. The registry
 /// restarts (registrations come back at 2/3 of their 3 s expiry) and the selected
 /// forwarder restarts (same name and URL) while the data plane is reported alive. Heal
 /// re-requests the same path until it works again, never reselecting while the data
@@ -763,7 +763,7 @@ impl Handler for KillForwarders {
     }
 }
 
-/// SCENARIOS 18 (5 rounds instead of 15): a midchain refresh (a Request event queued on
+/// docs/SCENARIOS.md 18 (5 rounds instead of 15): a midchain refresh (a Request event queued on
 /// the NSC's connection, as the refresh timer does) is under way when the forwarder
 /// dies: the NSE kills it while it handles the refresh, so the answer cannot get back.
 /// The refresh returns an error; the forwarder is started again when it has returned;
@@ -817,7 +817,7 @@ async fn heal_recovers_when_the_forwarder_dies_during_a_midchain_refresh() {
     nsc.close(&conn).await;
 }
 
-/// SCENARIOS 31 (refresh failed, control plane broken): a refresh is paused inside the
+/// docs/SCENARIOS.md 31 (refresh failed, control plane broken): a refresh is paused inside the
 /// NSC's client chain (at the gate) when the forwarder dies; it then fails. A new
 /// forwarder appears and heal delivers exactly one more request to the NSE. (Go
 /// triggers the refresh with a mock clock; here it is the same Request event the

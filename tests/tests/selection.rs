@@ -1,4 +1,4 @@
-//! Service function chains and selection by labels (SCENARIOS.md 5.1: 8, 9, 10;
+//! Service function chains and selection by labels (docs/SCENARIOS.md 5.1: 8, 9, 10;
 //! 5.2: 14, 15, 16).
 
 use std::collections::HashMap;

@@ -1,5 +1,5 @@
 //! What happens upstream when the service or the endpoint changes its mind
-//! (SCENARIOS.md 5.1 item 3; 5.6: 41, 42, 43).
+//! (docs/SCENARIOS.md 5.1 item 3; 5.6: 41, 42, 43).
 //!
 //! - A network service that stops allowing a connection's endpoint: the forwarder's
 //!   `netsvc_monitor` notices it in the registry and the NSC's `heal` moves the
@@ -146,7 +146,7 @@ fn strict_endpoint(name: &str, service: &str, pool: IpNet) -> EndpointSpec {
         .handler(StrictPool(pool))
 }
 
-/// SCENARIOS 3: the NSC is connected to nse-1 (addresses from pool 1). The network
+/// docs/SCENARIOS.md 3: the NSC is connected to nse-1 (addresses from pool 1). The network
 /// service gets a match that only nse-2 (`experimental=true`) satisfies. The
 /// forwarder's netsvc_monitor notices, the NSC's heal moves the connection, and the
 /// next refresh lands on nse-2 with addresses from pool 2 only (the endpoints keep to
@@ -318,7 +318,7 @@ async fn mtu_endpoint(node: &Node, name: &str, service: &str) -> EndpointHandle 
         .unwrap()
 }
 
-/// SCENARIOS 41: NSC-1 (with upstream_refresh) connects with MTU 1500; NSC-2 (without)
+/// docs/SCENARIOS.md 41: NSC-1 (with upstream_refresh) connects with MTU 1500; NSC-2 (without)
 /// connects with MTU 1000. The endpoint asks NSC-1's connection to refresh, across the
 /// remote path, and NSC-1 refreshes by itself: 3 requests at the endpoint, and NSC-1's
 /// connection now has the MTU 1000.
@@ -357,7 +357,7 @@ async fn a_client_refreshes_when_the_endpoint_asks() {
     assert_eq!(nse.counter.closes(), 2);
 }
 
-/// SCENARIOS 42: NSC-1 holds a connection to NSE-1 (which asks for refreshes) and one
+/// docs/SCENARIOS.md 42: NSC-1 holds a connection to NSE-1 (which asks for refreshes) and one
 /// to NSE-2. When NSE-1 asks NSC-1's connection to refresh, the other connection
 /// refreshes too with local notifications, and only then.
 async fn local_notifications(on: bool) {
@@ -506,7 +506,7 @@ fn holds_first_answer(sent: Arc<AtomicBool>) -> OnFirstAnswer {
     }
 }
 
-/// SCENARIOS 43: the endpoint asks for a refresh while the NSC is still on the return
+/// docs/SCENARIOS.md 43: the endpoint asks for a refresh while the NSC is still on the return
 /// path of its Request (its upstream_refresh does not follow the next hop yet). The
 /// refresh is not lost: the managers and forwarders keep the state the endpoint
 /// published, and the NSC's subscription starts with it. NSE requests = 2.

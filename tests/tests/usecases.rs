@@ -1,4 +1,4 @@
-//! Basic usecases through a sandbox mesh (SCENARIOS.md 5.1: 5, 7, 2, 1, 4, 6).
+//! Basic usecases through a sandbox mesh (docs/SCENARIOS.md 5.1: 5, 7, 2, 1, 4, 6).
 
 use std::time::Duration;
 

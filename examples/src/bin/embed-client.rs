@@ -105,6 +105,7 @@ async fn main() -> ExitCode {
     }
 }
 
+// guide: begin
 async fn run(args: Args) -> Result<()> {
     let stop = stop_on_signal().map_err(|e| Error::internal(format!("signals: {e}")))?;
     let (events, mut answers) = mpsc::unbounded_channel();
@@ -145,3 +146,4 @@ async fn run(args: Args) -> Result<()> {
     println!("closed {id}");
     Ok(())
 }
+// guide: end

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
+// guide: begin
 /// Counts Requests per network service (refreshes included). State: the counts.
 #[derive(Clone, Default)]
 struct CountPerService(Arc<Mutex<HashMap<String, u64>>>);
@@ -52,6 +53,8 @@ impl Handler for CountPerService {
         next.request(cx, req).await
     }
 }
+
+// guide: end
 
 /// A node manager that counts Requests per network service.
 #[derive(clap::Parser)]
@@ -92,6 +95,7 @@ async fn main() -> ExitCode {
     }
 }
 
+// guide: begin
 async fn run(args: Args) -> Result<()> {
     let stop = stop_on_signal().map_err(|e| Error::internal(format!("signals: {e}")))?;
     let counts = CountPerService::default();
@@ -115,3 +119,4 @@ async fn run(args: Args) -> Result<()> {
     info!(?counts, "requests per network service");
     Ok(())
 }
+// guide: end

@@ -5,7 +5,7 @@
 //! endpoint's own side into the connection's mechanism before passing the Request on —
 //! `inodeURL` = the endpoint's network namespace, `name` = the endpoint's interface for
 //! this connection — so the forwarder reads both from the answer and creates the
-//! endpoint's end there (KERNEL.md 1.5). The name is the one set with
+//! endpoint's end there (docs/KERNEL.md 1.5). The name is the one set with
 //! [`KernelEndpoint::ifname`] (then the endpoint serves one connection at a time: a
 //! second one would need the same name in the same namespace), else one generated per
 //! connection from the network service ([`generate_ifname`]).

@@ -7,7 +7,7 @@
 //! - **NSE** ([`kernel_endpoint`], under [`mechanisms`](nsm_sdk::handlers::mechanisms())):
 //!   writes its own side into the connection's KERNEL mechanism — `inodeURL` = the
 //!   endpoint's namespace, `name` = the endpoint's interface for this connection — so
-//!   the forwarder learns where to put the endpoint's end (KERNEL.md 1.5).
+//!   the forwarder learns where to put the endpoint's end (docs/KERNEL.md 1.5).
 //! - **forwarder** ([`kernel_forwarder_mechanisms`]): the server side
 //!   ([`kernel_forwarder_server`]) reads the client's side from the incoming mechanism;
 //!   the client side ([`kernel_forwarder_client`], in the chain towards the endpoint)

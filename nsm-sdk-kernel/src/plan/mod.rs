@@ -2,7 +2,7 @@
 //!
 //! A [`Plan`] says what one pod interface should look like: its name, MTU, addresses,
 //! routes and static neighbours. [`plan_from_context`] computes it from a connection's
-//! `ConnectionContext` with NSM's rules (KERNEL.md 2.2), [`Plan::changes`] diffs two
+//! `ConnectionContext` with NSM's rules (docs/KERNEL.md 2.2), [`Plan::changes`] diffs two
 //! plans into the [`Op`]s that turn one into the other, and [`crate::apply()`] runs them
 //! through a [`crate::Netlink`]. Everything here is pure, so it is tested without root.
 //!
@@ -24,11 +24,11 @@
 //!
 //! Each `PolicyRoute { from, proto, dst_port, src_port, routes }` of the context
 //! becomes a [`Policy`] of the client's plan, as Go's sdk-kernel `iprule` element does
-//! on the client (NSC) side only (KERNEL.md 2.3): a routing table of its own holding
+//! on the client (NSC) side only (docs/KERNEL.md 2.3): a routing table of its own holding
 //! the policy's routes through the interface (a default route when it has none), and
 //! a rule
 //! `from <from> [ipproto <proto>] [sport <src_port>] [dport <dst_port>] lookup <table>`
-//! with the action "to table" set explicitly (KERNEL.md 5.3: a rule without it
+//! with the action "to table" set explicitly (docs/KERNEL.md 5.3: a rule without it
 //! installs but makes every matching packet fail with EINVAL).
 //!
 //! Table ids are chosen when the plan is applied ([`crate::update`], which calls

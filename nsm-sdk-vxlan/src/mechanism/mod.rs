@@ -3,7 +3,7 @@
 //!
 //! The remote path is `nsc → nsmgr1 → fwd1 → nsmgr2 → fwd2 → nse`. Each forwarder
 //! makes its own pod's end; the mechanism between the two forwarders carries the
-//! tunnel (KERNEL.md 3):
+//! tunnel (docs/KERNEL.md 3):
 //!
 //! - **fwd1** (the client's node) serves KERNEL to the client and, in its client chain,
 //!   [`vxlan_forwarder_client`] offers `{cls: REMOTE, type: VXLAN, src_ip, src_port,

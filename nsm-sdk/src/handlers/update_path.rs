@@ -1,7 +1,7 @@
 //! `update_path`: this hop's path segment and connection id.
 //!
 //! What it does: applies the wire contract's path rules to every Request and Close (see
-//! `spec/wire.md`, "Path semantics"): finds or creates this hop's segment, sets the
+//! `docs/WIRE.md`, "Path semantics"): finds or creates this hop's segment, sets the
 //! connection id the rest of the chain sees to that segment's id, and on the way back
 //! restores the id and index the caller sent, so each caller sees its own view with
 //! the whole path. With [`UpdatePath::trim_tail`] (endpoints) it drops the segments
