@@ -259,7 +259,10 @@ fn remote_mesh_over_tcp() {
 fn registrations_outlive_the_registry_expiry() {
     let mesh = Mesh::new("refresh")
         .with_env("NSM_EXPIRE_AFTER", "2s")
-        .with_env("NSM_LOG_LEVEL", "info,nsm_sdk::registry::refresh=debug");
+        .with_env(
+            "NSM_LOG_LEVEL",
+            "info,nsm_sdk::registry::registry_refresh=debug",
+        );
     let (reg_url, nsmgr_url) = (mesh.dir.unix("reg.sock"), mesh.dir.unix("nsmgr.sock"));
     let registry = mesh.registry(&reg_url);
     let _nsmgr = mesh.nsmgr("nsmgr", &nsmgr_url, &reg_url);

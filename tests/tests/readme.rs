@@ -18,7 +18,7 @@ fn excerpts(source: &str) -> Vec<String> {
         match (line.trim(), current.as_mut()) {
             ("// guide: begin", None) => current = Some(Vec::new()),
             ("// guide: end", Some(lines)) => {
-                out.push(lines.join("\n"));
+                out.push(lines.join("\n").trim_matches('\n').to_string());
                 current = None;
             }
             (_, Some(lines)) => lines.push(line),
@@ -69,6 +69,10 @@ fn the_client_and_manager_guides_quote_the_programs() {
 
 #[test]
 fn excerpts_are_found_between_their_markers() {
-    let source = "a\n// guide: begin\nb\n  c\n// guide: end\nd\n    // guide: begin\ne\n// guide: end\n";
-    assert_eq!(excerpts(source), vec!["b\n  c".to_string(), "e".to_string()]);
+    let source =
+        "a\n// guide: begin\nb\n  c\n// guide: end\nd\n    // guide: begin\ne\n// guide: end\n";
+    assert_eq!(
+        excerpts(source),
+        vec!["b\n  c".to_string(), "e".to_string()]
+    );
 }

@@ -13,6 +13,7 @@
 //! `closed <id>`. It uses nsm-sdk and crates.io crates only (clap, tokio, tokio-util,
 //! tracing, tracing-subscriber): it builds as the `src/main.rs` of a crate of your own.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use nsm_sdk::serving::{stop_on_signal, DEFAULT_MANAGER_URL};
 use nsm_sdk::transport::{Channels, Url};
 use nsm_sdk::{async_trait, Cx, Error, Handler, Next, Result};
 use tokio::sync::mpsc;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::EnvFilter;
 
 /// How long a Request (retries included) or the Close may take.
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -82,19 +83,29 @@ struct Args {
     /// The network service to use, as an NS URL (noop://service?label=value).
     #[arg(long, env = "NSM_NETWORK_SERVICE", value_name = "NS-URL")]
     network_service: NsUrl,
+
+    /// Log level or tracing filter directives; logs go to stderr.
+    #[arg(
+        long,
+        env = "NSM_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "info"
+    )]
+    log_level: String,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    // NSM_LOG_LEVEL: a level or tracing filter directives (default info), to stderr.
-    let filter = EnvFilter::builder()
-        .with_default_directive(LevelFilter::INFO.into())
-        .with_env_var("NSM_LOG_LEVEL")
-        .from_env_lossy();
+    let Ok(filter) = EnvFilter::try_new(&args.log_level) else {
+        eprintln!("embed-client: bad log level {:?}", args.log_level);
+        return ExitCode::from(2);
+    };
+    let ansi = std::io::stderr().is_terminal();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,

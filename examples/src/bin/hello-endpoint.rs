@@ -5,6 +5,7 @@
 //! It uses nsm-sdk and crates.io crates only (clap, tokio, tracing-subscriber): copy it
 //! into the `src/main.rs` of a crate of your own and it builds.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,7 +15,7 @@ use nsm_sdk::proto::{connection::Connection, networkservice::NetworkServiceReque
 use nsm_sdk::serving::{serve_endpoint, stop_on_signal, ServeOptions, DEFAULT_MANAGER_URL};
 use nsm_sdk::transport::Url;
 use nsm_sdk::{async_trait, wire::types, Cx, Error, Handler, Next, Result};
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::EnvFilter;
 
 /// Our own logic: refuse clients labelled `color=red`, greet the others with a label.
 struct Greeter;
@@ -53,19 +54,29 @@ struct Args {
     /// The node manager to register through.
     #[arg(long, env = "NSM_CONNECT_TO", value_name = "URL", default_value = DEFAULT_MANAGER_URL)]
     connect_to: Url,
+
+    /// Log level or tracing filter directives; logs go to stderr.
+    #[arg(
+        long,
+        env = "NSM_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "info"
+    )]
+    log_level: String,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    // NSM_LOG_LEVEL: a level or tracing filter directives (default info), to stderr.
-    let filter = EnvFilter::builder()
-        .with_default_directive(LevelFilter::INFO.into())
-        .with_env_var("NSM_LOG_LEVEL")
-        .from_env_lossy();
+    let Ok(filter) = EnvFilter::try_new(&args.log_level) else {
+        eprintln!("hello-endpoint: bad log level {:?}", args.log_level);
+        return ExitCode::from(2);
+    };
+    let ansi = std::io::stderr().is_terminal();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
 
     let prefix = "169.254.0.0/16".parse().expect("a valid prefix");

@@ -11,6 +11,7 @@
 //! `src/main.rs` of a crate of your own.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use nsm_sdk::transport::{serve, Url};
 use nsm_sdk::{async_trait, Cx, Error, Handler, Next, Result};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::EnvFilter;
 
 // guide: begin
 /// Counts Requests per network service (refreshes included). State: the counts.
@@ -72,19 +73,29 @@ struct Args {
     /// The registry.
     #[arg(long, env = "NSM_REGISTRY_URL", value_name = "URL")]
     registry_url: Url,
+
+    /// Log level or tracing filter directives; logs go to stderr.
+    #[arg(
+        long,
+        env = "NSM_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "info"
+    )]
+    log_level: String,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    // NSM_LOG_LEVEL: a level or tracing filter directives (default info), to stderr.
-    let filter = EnvFilter::builder()
-        .with_default_directive(LevelFilter::INFO.into())
-        .with_env_var("NSM_LOG_LEVEL")
-        .from_env_lossy();
+    let Ok(filter) = EnvFilter::try_new(&args.log_level) else {
+        eprintln!("my-nsmgr: bad log level {:?}", args.log_level);
+        return ExitCode::from(2);
+    };
+    let ansi = std::io::stderr().is_terminal();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,8 +22,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use super::crypto::provider;
 use super::error::{cut, SecurityError};
-use super::tls::provider;
 
 /// Longest SPIFFE ID accepted, in bytes (the SPIFFE spec's URI limit).
 pub const MAX_SPIFFE_ID_LEN: usize = 2048;

@@ -34,6 +34,7 @@ pub mod tls;
 #[cfg(any(test, feature = "dev-ca"))]
 pub mod dev_ca;
 
+mod crypto;
 mod error;
 
 pub use error::SecurityError;

@@ -25,11 +25,11 @@
 //! client passes to rustls (SNI) is not checked by these verifiers; the transport can
 //! pass any valid DNS name (e.g. the service's name) or the peer's IP.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -40,23 +40,13 @@ use rustls::{
 };
 use tokio::sync::watch;
 
+pub use super::crypto::provider;
 use super::error::SecurityError;
 use super::identity::{certificate_pem, LeafInfo, SpiffeId};
 use super::source::Identity;
 
 /// The ALPN protocol both sides offer: gRPC runs over HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
-
-/// The rustls crypto provider used everywhere in this module: ring, made once and passed
-/// explicitly (no process-wide default is assumed or installed).
-pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    // Deprecated only because ring has no post-quantum key exchange (aws-lc-rs has);
-    // ring is the project's choice: it builds with no C toolchain beyond cc.
-    #[allow(deprecated)]
-    let make = rustls::crypto::ring::default_provider;
-    PROVIDER.get_or_init(|| Arc::new(make())).clone()
-}
 
 /// A verified peer: its SPIFFE ID and its leaf certificate.
 ///
