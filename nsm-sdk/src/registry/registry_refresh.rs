@@ -358,9 +358,9 @@ impl RegistryHandler<NetworkServiceEndpoint> for RegistryRefresh {
                 Ok(out)
             }
             Err(e) => {
-                if slot.timer.is_none() {
-                    self.inner.forget(&name, &mut slot);
-                }
+                // Without a timer there is nothing to cancel or count: the slots can
+                // drop it themselves.
+                self.inner.slots.register_failed(&name, &mut slot);
                 Err(e)
             }
         }

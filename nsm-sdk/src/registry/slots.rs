@@ -68,6 +68,14 @@ impl Slots {
         slot.timer.take()
     }
 
+    /// A Register of `name` failed: the slot goes if it was made for this call (no
+    /// timer), and stays with its timer if an earlier registration still holds it.
+    pub(crate) fn register_failed(&self, name: &str, slot: &mut Slot) {
+        if slot.timer.is_none() {
+            self.forget(name, slot);
+        }
+    }
+
     /// How many names have a slot.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
