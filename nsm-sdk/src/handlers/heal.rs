@@ -645,7 +645,7 @@ impl Handler for Heal {
 mod tests {
     use super::*;
     use crate::core::Chain;
-    use crate::handlers::test_support::serve_nse;
+    use crate::handlers::test_support::{eventually, serve_nse};
     use crate::handlers::{begin, client_url, retry, update_path};
     use crate::transport::{grpc_client, Url};
     use nsm_proto::connection::ConnectionEventType;
@@ -720,6 +720,20 @@ mod tests {
             .build()
     }
 
+    /// Heal options whose liveness check, run every `interval`, finds the data plane
+    /// dead while the returned flag is set.
+    fn switchable_liveness(interval: Duration) -> (HealOptions, Arc<AtomicBool>) {
+        let dead = Arc::new(AtomicBool::new(false));
+        let check = dead.clone();
+        let opts = HealOptions::new(Channels::new())
+            .liveness(Arc::new(move |_: &Connection| {
+                let dead = check.load(Ordering::SeqCst);
+                Box::pin(async move { !dead })
+            }))
+            .liveness_interval(interval);
+        (opts, dead)
+    }
+
     fn request() -> NetworkServiceRequest {
         NetworkServiceRequest {
             connection: Some(Connection {
@@ -728,14 +742,6 @@ mod tests {
                 ..Default::default()
             }),
             ..Default::default()
-        }
-    }
-
-    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !check() {
-            assert!(tokio::time::Instant::now() < deadline, "{what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -858,17 +864,8 @@ mod tests {
         let u = url();
         let nse = Arc::new(Nse::default());
         let (_server, _monitor) = serve_nse(&u, &nse).await;
-        let dead = Arc::new(AtomicBool::new(false));
-        let check = dead.clone();
-        let chain = nsc(
-            &u,
-            HealOptions::new(Channels::new())
-                .liveness(Arc::new(move |_: &Connection| {
-                    let dead = check.load(Ordering::SeqCst);
-                    Box::pin(async move { !dead })
-                }))
-                .liveness_interval(Duration::from_millis(20)),
-        );
+        let (opts, dead) = switchable_liveness(Duration::from_millis(20));
+        let chain = nsc(&u, opts);
         let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(nse.requests(), 1, "a live data plane is left alone");
@@ -920,17 +917,8 @@ mod tests {
         let u = url();
         let nse = Arc::new(Nse::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
-        let dead = Arc::new(AtomicBool::new(false));
-        let check = dead.clone();
-        let chain = nsc(
-            &u,
-            HealOptions::new(Channels::new())
-                .liveness(Arc::new(move |_: &Connection| {
-                    let dead = check.load(Ordering::SeqCst);
-                    Box::pin(async move { !dead })
-                }))
-                .liveness_interval(Duration::from_secs(60)),
-        );
+        let (opts, dead) = switchable_liveness(Duration::from_secs(60));
+        let chain = nsc(&u, opts);
         let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
         eventually("heal subscribed", || monitor.subscriber_count() == 1).await;
         nse.fail.store(true, Ordering::SeqCst);

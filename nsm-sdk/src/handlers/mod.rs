@@ -54,6 +54,7 @@ pub use filter_mechanisms::{filter_mechanisms, FilterMechanisms};
 #[cfg(test)]
 pub(crate) mod test_support {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use crate::core::{Chain, Handler, MonitorSource};
     use crate::handlers::{begin, monitor, update_path, Monitor};
@@ -74,5 +75,15 @@ pub(crate) mod test_support {
             .await
             .unwrap();
         (server, monitor)
+    }
+
+    /// Waits (in tokio time, 5 ms steps) until `check` holds; fails the test with
+    /// `what` after 5 s.
+    pub(crate) async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }

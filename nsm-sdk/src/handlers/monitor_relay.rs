@@ -537,6 +537,7 @@ mod tests {
     use super::*;
     use crate::core::{Chain, MonitorSource};
     use crate::handlers::monitor::filter_events;
+    use crate::handlers::test_support::eventually;
     use crate::handlers::{begin, connect, monitor, update_path};
     use crate::transport::{grpc_client, serve, Server, Services};
     use nsm_proto::connection::ConnectionEvent;
@@ -652,14 +653,6 @@ mod tests {
             .expect("the stream goes on")
             .unwrap();
         event.connections.into_values().next().unwrap()
-    }
-
-    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !check() {
-            assert!(tokio::time::Instant::now() < deadline, "{what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
     }
 
     #[tokio::test]

@@ -817,6 +817,7 @@ mod tests {
     use super::*;
     use crate::core::rt::begin::begin;
     use crate::core::Chain;
+    use crate::handlers::test_support::eventually;
     use crate::handlers::{discover, monitor, round_robin, update_path, Monitor};
     use crate::registry::{memory, Found, Memory, RegistryChain, RegistryHandler, RegistryNext};
     use nsm_proto::connection::State;
@@ -1045,14 +1046,6 @@ mod tests {
         NetworkServiceRequest {
             connection: Some(c),
             ..Default::default()
-        }
-    }
-
-    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !check() {
-            assert!(tokio::time::Instant::now() < deadline, "{what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

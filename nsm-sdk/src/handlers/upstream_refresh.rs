@@ -301,9 +301,9 @@ impl Handler for UpstreamRefresh {
 mod tests {
     use super::*;
     use crate::core::Chain;
-    use crate::handlers::test_support::serve_nse;
+    use crate::handlers::test_support::{eventually, serve_nse};
     use crate::handlers::{begin, client_url, update_path, Monitor};
-    use crate::transport::{grpc_client, Url};
+    use crate::transport::{grpc_client, Server, Url};
     use nsm_proto::connection::{ConnectionEventType, Path, PathSegment};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -425,25 +425,24 @@ mod tests {
         monitor.publish(ConnectionEventType::Update, at_nse);
     }
 
-    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !check() {
-            assert!(tokio::time::Instant::now() < deadline, "{what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    #[tokio::test]
-    async fn a_refresh_requested_by_the_endpoint_re_requests_the_connection() {
+    /// A served endpoint and a client whose connection "a" to it upstream_refresh
+    /// follows: the endpoint, its server and monitor, the client chain, the connection.
+    async fn following() -> (Arc<Nse>, Server, Monitor, Chain, Connection) {
         let u = url();
         let nse = Arc::new(Nse::default());
-        let (_server, monitor) = serve_nse(&u, &nse).await;
+        let (server, monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(&u, UpstreamRefreshOptions::new(Channels::new()));
         let conn = chain
             .request(&mut Cx::client(), request("a"))
             .await
             .unwrap();
         eventually("following", || monitor.subscriber_count() == 1).await;
+        (nse, server, monitor, chain, conn)
+    }
+
+    #[tokio::test]
+    async fn a_refresh_requested_by_the_endpoint_re_requests_the_connection() {
+        let (nse, _server, monitor, chain, conn) = following().await;
         publish(&monitor, &conn, State::RefreshRequested);
         eventually("refreshed", || nse.requests_of("a") == 2).await;
         let nse_id = &conn.path.as_ref().unwrap().path_segments[1].id;
@@ -456,15 +455,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_states_are_left_to_heal() {
-        let u = url();
-        let nse = Arc::new(Nse::default());
-        let (_server, monitor) = serve_nse(&u, &nse).await;
-        let chain = nsc(&u, UpstreamRefreshOptions::new(Channels::new()));
-        let conn = chain
-            .request(&mut Cx::client(), request("a"))
-            .await
-            .unwrap();
-        eventually("following", || monitor.subscriber_count() == 1).await;
+        let (nse, _server, monitor, chain, conn) = following().await;
         publish(&monitor, &conn, State::Down);
         publish(&monitor, &conn, State::Up);
         tokio::time::sleep(Duration::from_millis(100)).await;
