@@ -645,7 +645,7 @@ impl Handler for Heal {
 mod tests {
     use super::*;
     use crate::core::Chain;
-    use crate::handlers::test_support::{eventually, serve_nse};
+    use crate::handlers::test_support::{eventually, serve_nse, TestHop};
     use crate::handlers::{begin, client_url, retry, update_path};
     use crate::transport::{grpc_client, Url};
     use nsm_proto::connection::ConnectionEventType;
@@ -659,51 +659,6 @@ mod tests {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)
         ))
-    }
-
-    /// The next hop: an endpoint "nse" that records requests and closes, and can be
-    /// made to fail requests.
-    #[derive(Default)]
-    struct Nse {
-        requests: Mutex<Vec<Connection>>,
-        closes: AtomicUsize,
-        fail: AtomicBool,
-        /// Every request that arrived, and those in RESELECT_REQUESTED, failed or not.
-        attempts: AtomicUsize,
-        reselects: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl Handler for Arc<Nse> {
-        async fn request(
-            &self,
-            cx: &mut Cx,
-            req: NetworkServiceRequest,
-            next: Next,
-        ) -> Result<Connection> {
-            self.attempts.fetch_add(1, Ordering::SeqCst);
-            if is_reselect(&req) {
-                self.reselects.fetch_add(1, Ordering::SeqCst);
-            }
-            if self.fail.load(Ordering::SeqCst) {
-                return Err(Error::unavailable("injected"));
-            }
-            self.requests
-                .lock()
-                .unwrap()
-                .push(req.connection.clone().unwrap_or_default());
-            next.request(cx, req).await
-        }
-        async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
-            self.closes.fetch_add(1, Ordering::SeqCst);
-            next.close(cx, conn).await
-        }
-    }
-
-    impl Nse {
-        fn requests(&self) -> usize {
-            self.requests.lock().unwrap().len()
-        }
     }
 
     fn nsc(url: &Url, opts: HealOptions) -> Chain {
@@ -759,7 +714,7 @@ mod tests {
     #[tokio::test]
     async fn a_down_event_re_requests_the_same_path() {
         let u = url();
-        let nse = Arc::new(Nse::default());
+        let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(&u, HealOptions::new(Channels::new()));
         let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
@@ -769,17 +724,17 @@ mod tests {
         down.state = State::Down as i32;
         monitor.publish(ConnectionEventType::Update, down);
         eventually("a re-request reached the endpoint", || nse.requests() == 2).await;
-        let again = nse.requests.lock().unwrap()[1].clone();
+        let again = nse.passed(1);
         assert_eq!(again.network_service_endpoint_name, "nse", "same path");
         assert_ne!(again.state, State::ReselectRequested as i32);
-        assert_eq!(nse.closes.load(Ordering::SeqCst), 0, "nothing was closed");
+        assert_eq!(nse.closes(), 0, "nothing was closed");
         chain.close(&mut Cx::client(), conn).await.unwrap();
     }
 
     #[tokio::test]
     async fn the_observer_is_told_of_each_break_and_heal() {
         let u = url();
-        let nse = Arc::new(Nse::default());
+        let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let events = Arc::new(Mutex::new(Vec::new()));
         let seen = events.clone();
@@ -811,7 +766,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_re_request_reselects_and_backs_off_without_waiting_for_retry() {
         let u = url();
-        let nse = Arc::new(Nse::default());
+        let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(
             &u,
@@ -831,10 +786,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         monitor.publish(ConnectionEventType::Update, down);
         // The re-request fails; the reselect closes the old path first.
-        eventually("the reselect closed the old path", || {
-            nse.closes.load(Ordering::SeqCst) == 1
-        })
-        .await;
+        eventually("the reselect closed the old path", || nse.closes() == 1).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         nse.fail.store(false, Ordering::SeqCst);
         eventually("a reselect reached the endpoint", || nse.requests() == 2).await;
@@ -843,26 +795,18 @@ mod tests {
             "heal's attempts were held up by retry: {:?}",
             started.elapsed()
         );
-        let again = nse.requests.lock().unwrap()[1].clone();
+        let again = nse.passed(1);
         assert_eq!(again.labels["reselected"], "yes");
         assert_eq!(again.state, State::ReselectRequested as i32);
-        assert_eq!(
-            nse.closes.load(Ordering::SeqCst),
-            1,
-            "the old path closed once"
-        );
+        assert_eq!(nse.closes(), 1, "the old path closed once");
         chain.close(&mut Cx::client(), conn).await.unwrap();
-        assert_eq!(
-            nse.closes.load(Ordering::SeqCst),
-            2,
-            "Close reached the new path"
-        );
+        assert_eq!(nse.closes(), 2, "Close reached the new path");
     }
 
     #[tokio::test]
     async fn a_failing_liveness_check_reselects() {
         let u = url();
-        let nse = Arc::new(Nse::default());
+        let nse = Arc::new(TestHop::default());
         let (_server, _monitor) = serve_nse(&u, &nse).await;
         let (opts, dead) = switchable_liveness(Duration::from_millis(20));
         let chain = nsc(&u, opts);
@@ -872,7 +816,7 @@ mod tests {
         dead.store(true, Ordering::SeqCst);
         eventually("reselected", || nse.requests() >= 2).await;
         dead.store(false, Ordering::SeqCst);
-        let again = nse.requests.lock().unwrap()[1].clone();
+        let again = nse.passed(1);
         assert_eq!(again.state, State::ReselectRequested as i32);
         assert!(again.network_service_endpoint_name.is_empty());
         chain.close(&mut Cx::client(), conn).await.unwrap();
@@ -881,7 +825,7 @@ mod tests {
     #[tokio::test]
     async fn a_callers_refresh_equal_to_heals_queued_attempt_stays_the_callers() {
         let u = url();
-        let nse = Arc::new(Nse::default());
+        let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(&u, HealOptions::new(Channels::new()));
         let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
@@ -907,7 +851,7 @@ mod tests {
             "the caller's retry was cut short as if it were heal's attempt: {err}"
         );
         assert!(started.elapsed() >= Duration::from_millis(500), "{err}");
-        assert!(nse.attempts.load(Ordering::SeqCst) >= 3);
+        assert!(nse.attempts() >= 3);
         nse.fail.store(false, Ordering::SeqCst);
         chain.close(&mut Cx::client(), conn).await.unwrap();
     }
@@ -915,7 +859,7 @@ mod tests {
     #[tokio::test]
     async fn with_a_live_data_plane_a_failed_re_request_is_tried_again_not_reselected() {
         let u = url();
-        let nse = Arc::new(Nse::default());
+        let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let (opts, dead) = switchable_liveness(Duration::from_secs(60));
         let chain = nsc(&u, opts);
@@ -926,17 +870,14 @@ mod tests {
         let mut down = monitor.get(&nse_id).unwrap();
         down.state = State::Down as i32;
         monitor.publish(ConnectionEventType::Update, down);
-        eventually("heal re-requested three times", || {
-            nse.attempts.load(Ordering::SeqCst) >= 4
-        })
-        .await;
-        assert_eq!(nse.reselects.load(Ordering::SeqCst), 0, "no reselect");
-        assert_eq!(nse.closes.load(Ordering::SeqCst), 0, "the path stays");
+        eventually("heal re-requested three times", || nse.attempts() >= 4).await;
+        assert_eq!(nse.attempts_where(is_reselect), 0, "no reselect");
+        assert_eq!(nse.closes(), 0, "the path stays");
 
         // The data plane dies too: now heal reselects (closing the old path first).
         dead.store(true, Ordering::SeqCst);
-        eventually("reselected", || nse.reselects.load(Ordering::SeqCst) >= 1).await;
-        assert_eq!(nse.closes.load(Ordering::SeqCst), 1);
+        eventually("reselected", || nse.attempts_where(is_reselect) >= 1).await;
+        assert_eq!(nse.closes(), 1);
         dead.store(false, Ordering::SeqCst);
         nse.fail.store(false, Ordering::SeqCst);
         eventually("healed", || nse.requests() == 2).await;
@@ -946,7 +887,7 @@ mod tests {
     #[tokio::test]
     async fn close_ends_the_heal_task_even_while_it_heals() {
         let u = url();
-        let nse = Arc::new(Nse::default());
+        let nse = Arc::new(TestHop::default());
         let (server, _monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(&u, HealOptions::new(Channels::new()));
         let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
@@ -955,7 +896,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         chain.close(&mut Cx::client(), conn).await.unwrap();
         // Were heal still trying, it would reach the endpoint served again.
-        let back = Arc::new(Nse::default());
+        let back = Arc::new(TestHop::default());
         let (_server, _monitor) = serve_nse(&u, &back).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(back.requests(), 0, "heal went on after Close");
@@ -964,7 +905,7 @@ mod tests {
     #[tokio::test]
     async fn a_refresh_keeps_the_watch() {
         let u = url();
-        let nse = Arc::new(Nse::default());
+        let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let channels = Channels::new();
         let chain = nsc(&u, HealOptions::new(channels.clone()));

@@ -234,22 +234,16 @@ impl RegistryHandler<NetworkServiceEndpoint> for Expire {
         let weak_next = next.downgrade();
 
         let mut slot = self.inner.lock(&name).await;
-        match next.register(cx, r).await {
-            Ok(mut out) => {
-                if let Some(theirs) = out.expiration_time.as_ref().and_then(to_system_time) {
-                    at = at.min(theirs);
-                }
-                out.expiration_time = Some(at.into());
-                self.inner.schedule(&mut slot, out.clone(), at, weak_next);
-                Ok(out)
-            }
-            Err(e) => {
-                // Without a timer there is nothing to cancel or count: the slots can
-                // drop it themselves.
-                self.inner.slots.register_failed(&name, &mut slot);
-                Err(e)
-            }
+        let mut out = next
+            .register(cx, r)
+            .await
+            .inspect_err(|_| self.inner.slots.register_failed(&name, &mut slot))?;
+        if let Some(theirs) = out.expiration_time.as_ref().and_then(to_system_time) {
+            at = at.min(theirs);
         }
+        out.expiration_time = Some(at.into());
+        self.inner.schedule(&mut slot, out.clone(), at, weak_next);
+        Ok(out)
     }
 
     async fn unregister(

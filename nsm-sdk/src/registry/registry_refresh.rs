@@ -337,33 +337,27 @@ impl RegistryHandler<NetworkServiceEndpoint> for RegistryRefresh {
         let asked = time_left(r.expiration_time.as_ref());
         let weak_next = next.downgrade();
         let mut slot = self.inner.lock(&name).await;
-        match next.register(cx, r.clone()).await {
-            Ok(out) => {
-                match time_left(out.expiration_time.as_ref()) {
-                    Some(left) => {
-                        let mut entry = r;
-                        entry.initial_registration_time = out.initial_registration_time;
-                        let what = Refreshing {
-                            entry,
-                            asked,
-                            cx: cx.fork(None),
-                            next: weak_next,
-                        };
-                        let delay = self.config.delay(left);
-                        debug!(name = %name, ?left, ?delay, "registration refresh scheduled");
-                        self.schedule(&mut slot, what, delay);
-                    }
-                    None => self.inner.forget(&name, &mut slot),
-                }
-                Ok(out)
+        let out = next
+            .register(cx, r.clone())
+            .await
+            .inspect_err(|_| self.inner.slots.register_failed(&name, &mut slot))?;
+        match time_left(out.expiration_time.as_ref()) {
+            Some(left) => {
+                let mut entry = r;
+                entry.initial_registration_time = out.initial_registration_time;
+                let what = Refreshing {
+                    entry,
+                    asked,
+                    cx: cx.fork(None),
+                    next: weak_next,
+                };
+                let delay = self.config.delay(left);
+                debug!(name = %name, ?left, ?delay, "registration refresh scheduled");
+                self.schedule(&mut slot, what, delay);
             }
-            Err(e) => {
-                // Without a timer there is nothing to cancel or count: the slots can
-                // drop it themselves.
-                self.inner.slots.register_failed(&name, &mut slot);
-                Err(e)
-            }
+            None => self.inner.forget(&name, &mut slot),
         }
+        Ok(out)
     }
 
     async fn unregister(
