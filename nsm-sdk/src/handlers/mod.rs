@@ -119,6 +119,14 @@ pub(crate) mod test_support {
         pub(crate) fn passed(&self, i: usize) -> Connection {
             self.passed.lock().unwrap()[i].clone()
         }
+        /// The endpoint named in each Request it passed on, in order.
+        pub(crate) fn passed_endpoints(&self) -> Vec<String> {
+            let passed = self.passed.lock().unwrap();
+            passed
+                .iter()
+                .map(|c| c.network_service_endpoint_name.clone())
+                .collect()
+        }
         /// How many Closes arrived.
         pub(crate) fn closes(&self) -> usize {
             self.closes.load(Ordering::SeqCst)
