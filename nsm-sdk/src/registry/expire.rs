@@ -35,9 +35,9 @@ use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use super::slots::{Slot, Slots, Timer};
 use super::{RegistryHandler, RegistryNext};
 use crate::core::handler::WeakCursor;
+use crate::core::rt::keyed_timers::{KeyedTimers, Slot, Timer};
 use crate::core::{spawn_owned, Cx};
 use crate::Result;
 
@@ -70,7 +70,7 @@ impl Expire {
             inner: Arc::new_cyclic(|me| Inner {
                 default: default.min(MAX_EXPIRATION),
                 root: parent.child_token(),
-                slots: Slots::default(),
+                slots: KeyedTimers::default(),
                 scheduled: AtomicUsize::new(0),
                 me: me.clone(),
             }),
@@ -100,7 +100,7 @@ impl fmt::Debug for Expire {
 struct Inner {
     default: Duration,
     root: CancellationToken,
-    slots: Slots,
+    slots: KeyedTimers,
     scheduled: AtomicUsize,
     me: Weak<Inner>,
 }

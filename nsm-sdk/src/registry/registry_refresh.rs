@@ -44,9 +44,9 @@ use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
-use super::slots::{Slot, Slots};
 use super::{RegistryHandler, RegistryNext};
 use crate::core::handler::WeakCursor;
+use crate::core::rt::keyed_timers::{KeyedTimers, Slot};
 use crate::core::rt::Backoff;
 use crate::core::{spawn_owned, Cx};
 use crate::Result;
@@ -117,7 +117,7 @@ impl RegistryRefresh {
             },
             inner: Arc::new(Inner {
                 root: parent.child_token(),
-                slots: Slots::default(),
+                slots: KeyedTimers::default(),
                 pending: Arc::new(AtomicUsize::new(0)),
             }),
         }
@@ -175,7 +175,7 @@ impl fmt::Debug for RegistryRefresh {
 
 struct Inner {
     root: CancellationToken,
-    slots: Slots,
+    slots: KeyedTimers,
     pending: Arc<AtomicUsize>,
 }
 

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod begin;
+pub(crate) mod keyed_timers;
 
 pub use backoff::Backoff;
 pub use begin::{begin, Begin};

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The slots of every name, and the generation counter of their timers.
 #[derive(Default)]
-pub(crate) struct Slots {
+pub(crate) struct KeyedTimers {
     map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
     generation: AtomicU64,
 }
@@ -31,7 +31,7 @@ pub(crate) struct Timer {
     pub(crate) generation: u64,
 }
 
-impl Slots {
+impl KeyedTimers {
     /// Exclusive access to the slot of `name`, created on demand.
     pub(crate) async fn lock(&self, name: &str) -> OwnedMutexGuard<Slot> {
         loop {
