@@ -37,8 +37,8 @@ use tracing::{info, warn, Instrument};
 
 use super::{RegistryHandler, RegistryNext};
 use crate::core::handler::WeakCursor;
-use crate::core::rt::keyed_timers::{KeyedTimers, Slot, Timer};
-use crate::core::{spawn_owned, Cx};
+use crate::core::rt::keyed_timers::{Firing, KeyedTimers, Slot};
+use crate::core::Cx;
 use crate::Result;
 
 /// The usual registry expiration: one minute.
@@ -69,8 +69,7 @@ impl Expire {
         Expire {
             inner: Arc::new_cyclic(|me| Inner {
                 default: default.min(MAX_EXPIRATION),
-                root: parent.child_token(),
-                slots: KeyedTimers::default(),
+                slots: KeyedTimers::new(parent),
                 scheduled: AtomicUsize::new(0),
                 me: me.clone(),
             }),
@@ -99,16 +98,10 @@ impl fmt::Debug for Expire {
 
 struct Inner {
     default: Duration,
-    root: CancellationToken,
+    /// One timer per endpoint name, under the handler's root token.
     slots: KeyedTimers,
     scheduled: AtomicUsize,
     me: Weak<Inner>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.root.cancel();
-    }
 }
 
 fn to_system_time(t: &Timestamp) -> Option<SystemTime> {
@@ -121,29 +114,17 @@ impl Inner {
         self.slots.lock(name).await
     }
 
-    /// Replaces the slot's timer (without cancelling the old one), keeping the count.
-    fn swap_timer(&self, slot: &mut Slot, timer: Option<Timer>) -> Option<Timer> {
-        let had = slot.timer.is_some();
-        let has = timer.is_some();
-        let old = std::mem::replace(&mut slot.timer, timer);
-        match (had, has) {
-            (false, true) => {
-                self.scheduled.fetch_add(1, Ordering::SeqCst);
-            }
-            (true, false) => {
-                self.scheduled.fetch_sub(1, Ordering::SeqCst);
-            }
-            _ => {}
+    /// Counts a timer that stopped being the slot's.
+    fn uncount(&self, had: bool) {
+        if had {
+            self.scheduled.fetch_sub(1, Ordering::SeqCst);
         }
-        old
     }
 
     /// Cancels the slot's timer and removes the slot (the caller holds it).
     fn forget(&self, name: &str, slot: &mut Slot) {
-        if let Some(t) = self.swap_timer(slot, None) {
-            t.token.cancel();
-        }
-        self.slots.forget(name, slot);
+        let had = self.slots.forget(name, slot);
+        self.uncount(had);
     }
 
     /// Sets the slot's timer to unregister `entry` through `next` at `at`.
@@ -154,26 +135,22 @@ impl Inner {
         at: SystemTime,
         next: WeakCursor<dyn RegistryHandler<NetworkServiceEndpoint>>,
     ) {
-        let timer = self.slots.timer(&self.root);
-        let (token, generation) = (timer.token.clone(), timer.generation);
-        let old = self.swap_timer(slot, Some(timer));
-        if let Some(old) = old {
-            old.token.cancel();
-        }
         // Wall clock for the deadline, tokio time for the wait.
         let delay = at.duration_since(SystemTime::now()).unwrap_or_default();
         let me = self.me.clone();
         let span = tracing::info_span!("expire", name = %entry.name);
-        spawn_owned(
-            token,
+        let had = self.slots.arm(slot, |generation| {
             async move {
                 tokio::time::sleep(delay).await;
                 if let Some(inner) = me.upgrade() {
                     inner.fire(entry, generation, next).await;
                 }
             }
-            .instrument(span),
-        );
+            .instrument(span)
+        });
+        if !had {
+            self.scheduled.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     /// The timer of `entry` fired: unregister it unless a newer operation took over.
@@ -184,18 +161,12 @@ impl Inner {
         next: WeakCursor<dyn RegistryHandler<NetworkServiceEndpoint>>,
     ) {
         let mut slot = self.lock(&entry.name).await;
-        match slot.timer.as_ref() {
-            Some(t) if t.generation == generation => {
-                // Not cancelled: this very task runs under that token.
-                self.swap_timer(&mut slot, None);
-            }
-            Some(_) => return,
-            None => {
-                // The slot was made afresh by this lookup; nobody else needs it.
-                self.forget(&entry.name, &mut slot);
-                return;
-            }
+        if self.slots.firing(&entry.name, &mut slot, generation) != Firing::Current {
+            return;
         }
+        // Not cancelled: this very task runs under that token.
+        let had = slot.disarm_fired();
+        self.uncount(had);
         let name = entry.name.clone();
         match next.upgrade() {
             Some(next) => {
@@ -237,7 +208,7 @@ impl RegistryHandler<NetworkServiceEndpoint> for Expire {
         let mut out = next
             .register(cx, r)
             .await
-            .inspect_err(|_| self.inner.slots.register_failed(&name, &mut slot))?;
+            .inspect_err(|_| self.inner.slots.forget_unarmed(&name, &mut slot))?;
         if let Some(theirs) = out.expiration_time.as_ref().and_then(to_system_time) {
             at = at.min(theirs);
         }
@@ -255,7 +226,7 @@ impl RegistryHandler<NetworkServiceEndpoint> for Expire {
         let name = r.name.clone();
         let mut slot = self.inner.lock(&name).await;
         let res = next.unregister(cx, r).await;
-        if res.is_ok() || slot.timer.is_none() {
+        if res.is_ok() || !slot.is_armed() {
             self.inner.forget(&name, &mut slot);
         }
         res

@@ -46,9 +46,9 @@ use tracing::{debug, warn, Instrument};
 
 use super::{RegistryHandler, RegistryNext};
 use crate::core::handler::WeakCursor;
-use crate::core::rt::keyed_timers::{KeyedTimers, Slot};
+use crate::core::rt::keyed_timers::{Firing, KeyedTimers, Slot};
 use crate::core::rt::Backoff;
-use crate::core::{spawn_owned, Cx};
+use crate::core::Cx;
 use crate::Result;
 
 /// The default fraction of the remaining expiry at which an entry is refreshed.
@@ -116,8 +116,7 @@ impl RegistryRefresh {
                 retry: Backoff::new(RETRY_START, RETRY_MAX),
             },
             inner: Arc::new(Inner {
-                root: parent.child_token(),
-                slots: KeyedTimers::default(),
+                slots: KeyedTimers::new(parent),
                 pending: Arc::new(AtomicUsize::new(0)),
             }),
         }
@@ -174,15 +173,9 @@ impl fmt::Debug for RegistryRefresh {
 }
 
 struct Inner {
-    root: CancellationToken,
+    /// One timer per endpoint name, under the handler's root token.
     slots: KeyedTimers,
     pending: Arc<AtomicUsize>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.root.cancel();
-    }
 }
 
 /// What a timer re-registers, and how.
@@ -224,9 +217,7 @@ impl Inner {
 
     /// Cancels the slot's timer and removes the slot (the caller holds it).
     fn forget(&self, name: &str, slot: &mut Slot) {
-        if let Some(t) = self.slots.forget(name, slot) {
-            t.token.cancel();
-        }
+        self.slots.forget(name, slot);
     }
 }
 
@@ -234,24 +225,17 @@ impl RegistryRefresh {
     /// Replaces the slot's timer by one that refreshes `what` after `delay`, and again
     /// after each answer.
     fn schedule(&self, slot: &mut Slot, what: Refreshing, delay: Duration) {
-        let timer = self.inner.slots.timer(&self.inner.root);
-        let (token, generation) = (timer.token.clone(), timer.generation);
-        let old = slot.timer.replace(timer);
-        if let Some(old) = old {
-            old.token.cancel();
-        }
         let span = tracing::debug_span!("registry_refresh", name = %what.entry.name);
         let guard = PendingGuard::new(&self.inner.pending);
         let inner = Arc::downgrade(&self.inner);
         let config = self.config;
-        spawn_owned(
-            token,
+        self.inner.slots.arm(slot, |generation| {
             async move {
                 let _guard = guard;
                 run_timer(inner, config, generation, what, delay).await;
             }
-            .instrument(span),
-        );
+            .instrument(span)
+        });
     }
 }
 
@@ -270,14 +254,8 @@ async fn run_timer(
         tokio::time::sleep(delay).await;
         let Some(me) = inner.upgrade() else { return };
         let mut slot = me.lock(&name).await;
-        match slot.timer.as_ref() {
-            Some(t) if t.generation == generation => {}
-            Some(_) => return,
-            None => {
-                // The slot was made afresh by this lookup: the entry unregistered.
-                me.forget(&name, &mut slot);
-                return;
-            }
+        if me.slots.firing(&name, &mut slot, generation) != Firing::Current {
+            return;
         }
         let Some(next) = what.next.upgrade() else {
             return;
@@ -340,7 +318,7 @@ impl RegistryHandler<NetworkServiceEndpoint> for RegistryRefresh {
         let out = next
             .register(cx, r.clone())
             .await
-            .inspect_err(|_| self.inner.slots.register_failed(&name, &mut slot))?;
+            .inspect_err(|_| self.inner.slots.forget_unarmed(&name, &mut slot))?;
         match time_left(out.expiration_time.as_ref()) {
             Some(left) => {
                 let mut entry = r;
