@@ -59,13 +59,17 @@ pub struct Expire {
 
 /// The `expire` handler: entries live at most `default` unless refreshed.
 pub fn expire(default: Duration) -> Expire {
-    Expire::new(&CancellationToken::new(), default)
+    Expire::under(&CancellationToken::new(), default)
 }
 
 impl Expire {
-    /// An `expire` handler whose timers are children of `parent` (cancelling `parent`
-    /// stops them all) and whose entries live at most `default` unless refreshed.
-    pub fn new(parent: &CancellationToken, default: Duration) -> Self {
+    /// Its timers are children of `parent` (cancelling `parent` stops them all). A
+    /// builder option: set it before the handler is shared.
+    pub fn root(self, parent: &CancellationToken) -> Self {
+        Expire::under(parent, self.inner.default)
+    }
+
+    fn under(parent: &CancellationToken, default: Duration) -> Self {
         Expire {
             inner: Arc::new_cyclic(|me| Inner {
                 default: default.min(MAX_EXPIRATION),
