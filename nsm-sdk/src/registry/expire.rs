@@ -295,6 +295,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn cancelling_the_root_stops_every_timer() {
+        let parent = CancellationToken::new();
+        let exp = expire(Duration::from_secs(60)).root(&parent);
+        assert_eq!(exp.default_expiration(), Duration::from_secs(60));
+        let store = memory();
+        let reg = RegistryChain::builder()
+            .push(exp.clone())
+            .push(store.clone())
+            .build();
+        reg.register(&mut Cx::server(), nse("a")).await.unwrap();
+        settle().await;
+        assert_eq!(alive_tasks(), 1, "one timer");
+        parent.cancel();
+        sleep(Duration::from_secs(120)).await;
+        assert!(store.get("a").is_some(), "no timer fired");
+        assert_eq!(alive_tasks(), 0, "the timer task is gone");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn expiry_removes_the_endpoint_and_tells_watchers() {
         let (exp, store, reg) = setup(Duration::from_secs(60));
         let cx = &mut Cx::server();
