@@ -46,6 +46,7 @@ use tracing::{debug, warn, Instrument};
 
 use super::{RegistryHandler, RegistryNext};
 use crate::core::handler::WeakCursor;
+use crate::core::rt::count_guard::CountGuard;
 use crate::core::rt::keyed_timers::{Firing, KeyedTimers, Slot};
 use crate::core::rt::Backoff;
 use crate::core::Cx;
@@ -187,22 +188,6 @@ struct Refreshing {
     next: WeakCursor<dyn RegistryHandler<NetworkServiceEndpoint>>,
 }
 
-/// Counts a live timer while it exists.
-struct PendingGuard(Arc<AtomicUsize>);
-
-impl PendingGuard {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        PendingGuard(count.clone())
-    }
-}
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// The time left before `t`; `None` when there is no expiration.
 fn time_left(t: Option<&Timestamp>) -> Option<Duration> {
     let t = SystemTime::try_from(*t?).ok()?;
@@ -226,7 +211,7 @@ impl RegistryRefresh {
     /// after each answer.
     fn schedule(&self, slot: &mut Slot, what: Refreshing, delay: Duration) {
         let span = tracing::debug_span!("registry_refresh", name = %what.entry.name);
-        let guard = PendingGuard::new(&self.inner.pending);
+        let guard = CountGuard::new(&self.inner.pending);
         let inner = Arc::downgrade(&self.inner);
         let config = self.config;
         self.inner.slots.arm(slot, |generation| {

@@ -8,6 +8,7 @@
 
 pub mod backoff;
 pub mod begin;
+pub(crate) mod count_guard;
 pub(crate) mod keyed_timers;
 
 pub use backoff::Backoff;
