@@ -645,21 +645,11 @@ impl Handler for Heal {
 mod tests {
     use super::*;
     use crate::core::Chain;
-    use crate::handlers::test_support::{eventually, serve_nse, TestHop};
+    use crate::handlers::test_support::{eventually, memory_url, serve_nse, TestHop};
     use crate::handlers::{begin, client_url, retry, update_path};
     use crate::transport::{grpc_client, Url};
     use nsm_proto::connection::ConnectionEventType;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-    fn url() -> Url {
-        Url::Memory(format!(
-            "heal-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ))
-    }
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     fn nsc(url: &Url, opts: HealOptions) -> Chain {
         Chain::builder()
@@ -713,7 +703,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_down_event_re_requests_the_same_path() {
-        let u = url();
+        let u = memory_url("heal-test");
         let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(&u, HealOptions::new(Channels::new()));
@@ -733,7 +723,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_observer_is_told_of_each_break_and_heal() {
-        let u = url();
+        let u = memory_url("heal-test");
         let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let events = Arc::new(Mutex::new(Vec::new()));
@@ -765,7 +755,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_re_request_reselects_and_backs_off_without_waiting_for_retry() {
-        let u = url();
+        let u = memory_url("heal-test");
         let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(
@@ -805,7 +795,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_liveness_check_reselects() {
-        let u = url();
+        let u = memory_url("heal-test");
         let nse = Arc::new(TestHop::default());
         let (_server, _monitor) = serve_nse(&u, &nse).await;
         let (opts, dead) = switchable_liveness(Duration::from_millis(20));
@@ -824,7 +814,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_callers_refresh_equal_to_heals_queued_attempt_stays_the_callers() {
-        let u = url();
+        let u = memory_url("heal-test");
         let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(&u, HealOptions::new(Channels::new()));
@@ -858,7 +848,7 @@ mod tests {
 
     #[tokio::test]
     async fn with_a_live_data_plane_a_failed_re_request_is_tried_again_not_reselected() {
-        let u = url();
+        let u = memory_url("heal-test");
         let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let (opts, dead) = switchable_liveness(Duration::from_secs(60));
@@ -886,7 +876,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_ends_the_heal_task_even_while_it_heals() {
-        let u = url();
+        let u = memory_url("heal-test");
         let nse = Arc::new(TestHop::default());
         let (server, _monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(&u, HealOptions::new(Channels::new()));
@@ -904,7 +894,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refresh_keeps_the_watch() {
-        let u = url();
+        let u = memory_url("heal-test");
         let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let channels = Channels::new();

@@ -66,6 +66,17 @@ pub(crate) mod test_support {
     use crate::transport::{serve, Server, Services, Url};
     use crate::{Error, Result};
 
+    /// A URL of the in-memory transport no other test (of any process) uses:
+    /// `{prefix}-{pid}-{n}`.
+    pub(crate) fn memory_url(prefix: &str) -> Url {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        Url::Memory(format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ))
+    }
+
     /// Serves at `url` an endpoint whose own work is `nse`, behind `begin` and a
     /// `monitor` (returned, to watch or to send events through).
     pub(crate) async fn serve_nse(url: &Url, nse: &(impl Handler + Clone)) -> (Server, Monitor) {

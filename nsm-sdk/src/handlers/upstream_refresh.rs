@@ -301,21 +301,11 @@ impl Handler for UpstreamRefresh {
 mod tests {
     use super::*;
     use crate::core::Chain;
-    use crate::handlers::test_support::{eventually, serve_nse};
+    use crate::handlers::test_support::{eventually, memory_url, serve_nse};
     use crate::handlers::{begin, client_url, update_path, Monitor};
     use crate::transport::{grpc_client, Server, Url};
     use nsm_proto::connection::{ConnectionEventType, Path, PathSegment};
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-    fn url() -> Url {
-        Url::Memory(format!(
-            "upstream-refresh-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ))
-    }
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     /// The next hop: an endpoint "nse" that records the client id of each request.
     #[derive(Default)]
@@ -428,7 +418,7 @@ mod tests {
     /// A served endpoint and a client whose connection "a" to it upstream_refresh
     /// follows: the endpoint, its server and monitor, the client chain, the connection.
     async fn following() -> (Arc<Nse>, Server, Monitor, Chain, Connection) {
-        let u = url();
+        let u = memory_url("upstream-refresh-test");
         let nse = Arc::new(Nse::default());
         let (server, monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(&u, UpstreamRefreshOptions::new(Channels::new()));
@@ -467,7 +457,7 @@ mod tests {
     }
 
     async fn two_connections_one_asked(local_notifications: bool) -> Arc<Nse> {
-        let u = url();
+        let u = memory_url("upstream-refresh-test");
         let nse = Arc::new(Nse::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let channels = Channels::new();
@@ -513,7 +503,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_made_while_the_client_still_returns_is_not_lost() {
-        let u = url();
+        let u = memory_url("upstream-refresh-test");
         let nse = Arc::new(Nse::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let asker = monitor.clone();
@@ -538,7 +528,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_stops_following_and_a_broken_stream_is_followed_again_on_the_next_request() {
-        let u = url();
+        let u = memory_url("upstream-refresh-test");
         let nse = Arc::new(Nse::default());
         let (server, _monitor) = serve_nse(&u, &nse).await;
         let channels = Channels::new();
