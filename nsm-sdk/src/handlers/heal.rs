@@ -68,14 +68,13 @@ use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
 use nsm_proto::connection::{Connection, State};
 use nsm_proto::networkservice::NetworkServiceRequest;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::monitor_relay::{NextHop, DEFAULT_SUBSCRIBE_TIMEOUT};
 use crate::core::rt::begin::FromEvent;
+use crate::core::rt::conn_task::ConnTask;
 use crate::core::rt::Backoff;
-use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next};
+use crate::core::{ConnHandle, Cx, Handler, Next};
 use crate::transport::Channels;
 use crate::{Error, Result};
 
@@ -249,10 +248,9 @@ struct HealState(Mutex<HealInner>);
 
 #[derive(Default)]
 struct HealInner {
-    /// Bumped whenever the task is replaced or stopped; a task acts only while its
-    /// generation is current.
-    generation: u64,
-    task: Option<Running>,
+    /// The watch/heal task, tagged with the next hop it follows; a task acts only
+    /// while its generation is current.
+    task: ConnTask<Option<NextHop>>,
     /// A task is healing (the connection is known broken).
     healing: bool,
     /// The request of heal's own attempt in flight.
@@ -263,12 +261,6 @@ struct HealInner {
     failures: u32,
 }
 
-struct Running {
-    hop: Option<NextHop>,
-    token: CancellationToken,
-    task: JoinHandle<()>,
-}
-
 impl HealState {
     fn lock(&self) -> std::sync::MutexGuard<'_, HealInner> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
@@ -277,11 +269,8 @@ impl HealState {
 
 impl HealInner {
     fn stop(&mut self) {
-        self.generation += 1;
         self.healing = false;
-        if let Some(running) = self.task.take() {
-            running.token.cancel();
-        }
+        self.task.stop();
     }
 }
 
@@ -318,10 +307,8 @@ impl Heal {
         inner.last = Some(req);
         inner.own = None;
         let was_healing = inner.healing;
-        if let Some(running) = &inner.task {
-            if !was_healing && running.hop == hop && !running.task.is_finished() {
-                return;
-            }
+        if !was_healing && inner.task.runs_for(&hop) {
+            return;
         }
         inner.stop();
         if hop.is_none() && self.opts.liveness.is_none() {
@@ -343,20 +330,17 @@ impl Heal {
         hop: Option<NextHop>,
         start: Start,
     ) {
-        let token = handle.cancel_token().child_token();
-        let task = Task {
-            opts: self.opts.clone(),
-            handle: handle.clone(),
-            state: state.clone(),
-            generation: inner.generation,
-            hop: hop.clone(),
+        let task = |generation| {
+            Task {
+                opts: self.opts.clone(),
+                handle: handle.clone(),
+                state: state.clone(),
+                generation,
+                hop: hop.clone(),
+            }
+            .run(start)
         };
-        let join = spawn_owned(token.clone(), task.run(start));
-        inner.task = Some(Running {
-            hop,
-            token,
-            task: join,
-        });
+        inner.task.restart(handle.cancel_token(), hop.clone(), task);
     }
 }
 
@@ -395,7 +379,7 @@ impl Task {
     }
 
     fn is_current(&self) -> bool {
-        self.state.lock().generation == self.generation
+        self.state.lock().task.is_current(self.generation)
     }
 
     async fn run(self, start: Start) {
@@ -511,7 +495,7 @@ impl Task {
     async fn heal(&self, trigger: Trigger) {
         {
             let mut inner = self.state.lock();
-            if inner.generation != self.generation {
+            if !inner.task.is_current(self.generation) {
                 return;
             }
             inner.healing = true;
@@ -521,7 +505,7 @@ impl Task {
         loop {
             let req = {
                 let mut inner = self.state.lock();
-                if inner.generation != self.generation {
+                if !inner.task.is_current(self.generation) {
                     return;
                 }
                 let Some(mut req) = inner.last.clone() else {
@@ -545,7 +529,7 @@ impl Task {
             let outcome = self.handle.request_event(Some(req)).await;
             {
                 let mut inner = self.state.lock();
-                if inner.generation == self.generation {
+                if inner.task.is_current(self.generation) {
                     inner.own = None;
                 }
             }
@@ -605,7 +589,7 @@ impl Handler for Heal {
                 // keep trying to reselect, unless something else already heals.
                 let mut inner = state.lock();
                 if is_reselect(&req)
-                    && inner.task.is_none()
+                    && !inner.task.is_started()
                     && inner.last.is_some()
                     && !handle.is_closed()
                 {

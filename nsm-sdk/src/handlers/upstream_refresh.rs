@@ -53,12 +53,11 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use nsm_proto::connection::{Connection, State};
 use nsm_proto::networkservice::NetworkServiceRequest;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::monitor_relay::{NextHop, DEFAULT_SUBSCRIBE_TIMEOUT};
-use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next};
+use crate::core::rt::conn_task::ConnTask;
+use crate::core::{ConnHandle, Cx, Handler, Next};
 use crate::transport::Channels;
 use crate::Result;
 
@@ -137,28 +136,13 @@ struct FollowState(Mutex<FollowInner>);
 
 #[derive(Default)]
 struct FollowInner {
-    generation: u64,
-    running: Option<Running>,
-}
-
-struct Running {
-    hop: NextHop,
-    token: CancellationToken,
-    task: JoinHandle<()>,
+    /// The follow task, tagged with the next hop it follows.
+    task: ConnTask<NextHop>,
 }
 
 impl FollowState {
     fn lock(&self) -> std::sync::MutexGuard<'_, FollowInner> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl FollowInner {
-    fn stop(&mut self) {
-        self.generation += 1;
-        if let Some(running) = self.running.take() {
-            running.token.cancel();
-        }
     }
 }
 
@@ -175,23 +159,23 @@ impl UpstreamRefresh {
         };
         let state = handle.state::<FollowState>();
         let mut inner = state.lock();
-        if let Some(running) = &inner.running {
-            if running.hop == hop && !running.task.is_finished() {
-                return;
-            }
+        if inner.task.runs_for(&hop) {
+            return;
         }
-        inner.stop();
-        let token = handle.cancel_token().child_token();
-        let follower = Follower {
-            hop: hop.clone(),
-            opts: self.opts.clone(),
-            handle: handle.clone(),
-            state: state.clone(),
-            generation: inner.generation,
-            local: self.opts.local_notifications.then(|| self.local.clone()),
+        let follower = |generation| {
+            Follower {
+                hop: hop.clone(),
+                opts: self.opts.clone(),
+                handle: handle.clone(),
+                state: state.clone(),
+                generation,
+                local: self.opts.local_notifications.then(|| self.local.clone()),
+            }
+            .run()
         };
-        let task = spawn_owned(token.clone(), follower.run());
-        inner.running = Some(Running { hop, token, task });
+        inner
+            .task
+            .restart(handle.cancel_token(), hop.clone(), follower);
     }
 }
 
@@ -225,7 +209,7 @@ impl Follower {
         while let Some(item) = events.next().await {
             match item {
                 Ok(copy) if copy.state == State::RefreshRequested as i32 => {
-                    if self.state.lock().generation != self.generation {
+                    if !self.state.lock().task.is_current(self.generation) {
                         return;
                     }
                     info!(connection.id = %self.id(), "upstream_refresh: the endpoint asks for a refresh");
@@ -289,7 +273,7 @@ impl Handler for UpstreamRefresh {
     async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
         if let Some(handle) = cx.conn() {
             if let Some(state) = handle.get_state::<FollowState>() {
-                state.lock().stop();
+                state.lock().task.stop();
             }
             self.lock_local().remove(handle.id());
         }
