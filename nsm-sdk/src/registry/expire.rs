@@ -31,12 +31,12 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use prost_types::Timestamp;
-use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use super::{RegistryHandler, RegistryNext};
 use crate::core::handler::WeakCursor;
+use crate::core::rt::keyed_lock::Guard;
 use crate::core::rt::keyed_timers::{Firing, KeyedTimers, Slot};
 use crate::core::Cx;
 use crate::Result;
@@ -114,7 +114,7 @@ fn to_system_time(t: &Timestamp) -> Option<SystemTime> {
 
 impl Inner {
     /// Exclusive access to the slot of `name`, created on demand.
-    async fn lock(&self, name: &str) -> OwnedMutexGuard<Slot> {
+    async fn lock(&self, name: &str) -> Guard<Slot> {
         self.slots.lock(name).await
     }
 
@@ -126,7 +126,7 @@ impl Inner {
     }
 
     /// Cancels the slot's timer and removes the slot (the caller holds it).
-    fn forget(&self, name: &str, slot: &mut Slot) {
+    fn forget(&self, name: &str, slot: &mut Guard<Slot>) {
         let had = self.slots.forget(name, slot);
         self.uncount(had);
     }
@@ -134,7 +134,7 @@ impl Inner {
     /// Sets the slot's timer to unregister `entry` through `next` at `at`.
     fn schedule(
         &self,
-        slot: &mut Slot,
+        slot: &mut Guard<Slot>,
         entry: NetworkServiceEndpoint,
         at: SystemTime,
         next: WeakCursor<dyn RegistryHandler<NetworkServiceEndpoint>>,

@@ -40,13 +40,13 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use prost_types::Timestamp;
-use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use super::{RegistryHandler, RegistryNext};
 use crate::core::handler::WeakCursor;
 use crate::core::rt::count_guard::CountGuard;
+use crate::core::rt::keyed_lock::Guard;
 use crate::core::rt::keyed_timers::{Firing, KeyedTimers, Slot};
 use crate::core::rt::Backoff;
 use crate::core::Cx;
@@ -196,12 +196,12 @@ fn time_left(t: Option<&Timestamp>) -> Option<Duration> {
 
 impl Inner {
     /// Exclusive access to the slot of `name`, created on demand.
-    async fn lock(&self, name: &str) -> OwnedMutexGuard<Slot> {
+    async fn lock(&self, name: &str) -> Guard<Slot> {
         self.slots.lock(name).await
     }
 
     /// Cancels the slot's timer and removes the slot (the caller holds it).
-    fn forget(&self, name: &str, slot: &mut Slot) {
+    fn forget(&self, name: &str, slot: &mut Guard<Slot>) {
         self.slots.forget(name, slot);
     }
 }
@@ -209,7 +209,7 @@ impl Inner {
 impl RegistryRefresh {
     /// Replaces the slot's timer by one that refreshes `what` after `delay`, and again
     /// after each answer.
-    fn schedule(&self, slot: &mut Slot, what: Refreshing, delay: Duration) {
+    fn schedule(&self, slot: &mut Guard<Slot>, what: Refreshing, delay: Duration) {
         let span = tracing::debug_span!("registry_refresh", name = %what.entry.name);
         let guard = CountGuard::new(&self.inner.pending);
         let inner = Arc::downgrade(&self.inner);

@@ -12,20 +12,18 @@
 //! generation counter. No task of its own: each armed timer is one task, which the
 //! caller writes (it sleeps on tokio time, so paused-time tests drive it).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
-use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
+use super::keyed_lock::{Guard, KeyedLock};
 use crate::core::spawn_owned;
 
-/// The slots of every key, the generation counter of their timers and the root token
+/// The slot of every key (behind a [`KeyedLock`]), the generation counter of their timers and the root token
 /// of the timers (cancelled when they are dropped).
 pub(crate) struct KeyedTimers {
-    map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    slots: KeyedLock<Slot>,
     generation: AtomicU64,
     root: CancellationToken,
 }
@@ -33,8 +31,6 @@ pub(crate) struct KeyedTimers {
 /// One key's slot: whoever holds it is the only one acting on the key.
 #[derive(Default)]
 pub(crate) struct Slot {
-    /// Removed from the map: whoever waited for it must look the key up again.
-    dead: bool,
     timer: Option<Timer>,
 }
 
@@ -74,27 +70,15 @@ impl KeyedTimers {
     /// Timers under a child of `parent`: cancelling `parent` stops them all.
     pub(crate) fn new(parent: &CancellationToken) -> Self {
         KeyedTimers {
-            map: Mutex::default(),
+            slots: KeyedLock::default(),
             generation: AtomicU64::new(0),
             root: parent.child_token(),
         }
     }
 
     /// Exclusive access to the slot of `key`, created on demand.
-    pub(crate) async fn lock(&self, key: &str) -> OwnedMutexGuard<Slot> {
-        loop {
-            let slot = self
-                .map
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(key.to_string())
-                .or_default()
-                .clone();
-            let guard = slot.lock_owned().await;
-            if !guard.dead {
-                return guard;
-            }
-        }
+    pub(crate) async fn lock(&self, key: &str) -> Guard<Slot> {
+        self.slots.lock_or_insert(key, Slot::default).await
     }
 
     /// Replaces the slot's timer (cancelling the old one) by `task`, spawned under a
@@ -121,7 +105,7 @@ impl KeyedTimers {
     /// For a timer of `generation` that woke and holds the slot of `key`: whether it
     /// is still the slot's. A slot without a timer was made afresh by this lookup (the
     /// key was forgotten meanwhile): it is removed again.
-    pub(crate) fn firing(&self, key: &str, slot: &mut Slot, generation: u64) -> Firing {
+    pub(crate) fn firing(&self, key: &str, slot: &mut Guard<Slot>, generation: u64) -> Firing {
         match slot.timer.as_ref() {
             Some(t) if t.generation == generation => Firing::Current,
             Some(_) => Firing::Replaced,
@@ -134,12 +118,8 @@ impl KeyedTimers {
 
     /// Cancels the slot's timer and removes the slot of `key` (the caller holds it).
     /// Says whether the slot had a timer.
-    pub(crate) fn forget(&self, key: &str, slot: &mut Slot) -> bool {
-        slot.dead = true;
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+    pub(crate) fn forget(&self, key: &str, slot: &mut Guard<Slot>) -> bool {
+        self.slots.remove(key, slot);
         let had = slot.timer.take();
         if let Some(t) = &had {
             t.token.cancel();
@@ -149,7 +129,7 @@ impl KeyedTimers {
 
     /// A call for `key` failed: the slot goes if it was made for this call (no
     /// timer), and stays with its timer if an earlier call armed one.
-    pub(crate) fn forget_unarmed(&self, key: &str, slot: &mut Slot) {
+    pub(crate) fn forget_unarmed(&self, key: &str, slot: &mut Guard<Slot>) {
         if !slot.is_armed() {
             self.forget(key, slot);
         }
@@ -158,7 +138,7 @@ impl KeyedTimers {
     /// How many keys have a slot.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.slots.len()
     }
 }
 
@@ -178,6 +158,7 @@ impl Drop for KeyedTimers {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
     use std::time::Duration;
 
     /// Arms `key`'s slot with a timer that, after `delay`, counts a firing in `fired`
