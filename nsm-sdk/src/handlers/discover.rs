@@ -244,12 +244,25 @@ pub(crate) mod test_support {
                     .build(),
             }
         }
-        fn check(&self) -> Result<()> {
+        /// Counts a Find and answers it with the entries of `all` that `keep` lets
+        /// through, or fails while the registry is down.
+        fn find<R: Clone + Send + 'static>(
+            &self,
+            all: &Mutex<Vec<R>>,
+            keep: impl Fn(&R) -> bool,
+        ) -> Result<FindStream<R>> {
             self.finds.fetch_add(1, Ordering::SeqCst);
             if self.down.load(Ordering::SeqCst) {
                 return Err(Error::unavailable("registry is down"));
             }
-            Ok(())
+            let found: Vec<R> = all
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| keep(r))
+                .cloned()
+                .collect();
+            Ok(stream(found))
         }
     }
 
@@ -273,14 +286,9 @@ pub(crate) mod test_support {
             q: Query<NetworkService>,
             _: RegistryNext<NetworkService>,
         ) -> Result<FindStream<NetworkService>> {
-            self.0.check()?;
-            let all = self.0.ns.lock().unwrap().clone();
             let t = q.template;
-            Ok(stream(
-                all.into_iter()
-                    .filter(|n| t.name.is_empty() || n.name == t.name)
-                    .collect(),
-            ))
+            self.0
+                .find(&self.0.ns, |n| t.name.is_empty() || n.name == t.name)
         }
     }
 
@@ -292,20 +300,14 @@ pub(crate) mod test_support {
             q: Query<NetworkServiceEndpoint>,
             _: RegistryNext<NetworkServiceEndpoint>,
         ) -> Result<FindStream<NetworkServiceEndpoint>> {
-            self.0.check()?;
-            let all = self.0.nse.lock().unwrap().clone();
             let t = q.template;
-            Ok(stream(
-                all.into_iter()
-                    .filter(|n| t.name.is_empty() || n.name == t.name)
-                    .filter(|n| {
-                        t.network_service_names
-                            .iter()
-                            .all(|s| n.network_service_names.contains(s))
-                    })
-                    .filter(|n| n.url.contains(&t.url))
-                    .collect(),
-            ))
+            self.0.find(&self.0.nse, |n| {
+                (t.name.is_empty() || n.name == t.name)
+                    && t.network_service_names
+                        .iter()
+                        .all(|s| n.network_service_names.contains(s))
+                    && n.url.contains(&t.url)
+            })
         }
     }
 

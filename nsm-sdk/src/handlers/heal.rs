@@ -68,14 +68,13 @@ use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
 use nsm_proto::connection::{Connection, State};
 use nsm_proto::networkservice::NetworkServiceRequest;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::monitor_relay::{NextHop, DEFAULT_SUBSCRIBE_TIMEOUT};
 use crate::core::rt::begin::FromEvent;
+use crate::core::rt::conn_task::ConnTask;
 use crate::core::rt::Backoff;
-use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next};
+use crate::core::{ConnHandle, Cx, Handler, Next};
 use crate::transport::Channels;
 use crate::{Error, Result};
 
@@ -249,10 +248,9 @@ struct HealState(Mutex<HealInner>);
 
 #[derive(Default)]
 struct HealInner {
-    /// Bumped whenever the task is replaced or stopped; a task acts only while its
-    /// generation is current.
-    generation: u64,
-    task: Option<Running>,
+    /// The watch/heal task, tagged with the next hop it follows; a task acts only
+    /// while its generation is current.
+    task: ConnTask<Option<NextHop>>,
     /// A task is healing (the connection is known broken).
     healing: bool,
     /// The request of heal's own attempt in flight.
@@ -263,12 +261,6 @@ struct HealInner {
     failures: u32,
 }
 
-struct Running {
-    hop: Option<NextHop>,
-    token: CancellationToken,
-    task: JoinHandle<()>,
-}
-
 impl HealState {
     fn lock(&self) -> std::sync::MutexGuard<'_, HealInner> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
@@ -277,11 +269,8 @@ impl HealState {
 
 impl HealInner {
     fn stop(&mut self) {
-        self.generation += 1;
         self.healing = false;
-        if let Some(running) = self.task.take() {
-            running.token.cancel();
-        }
+        self.task.stop();
     }
 }
 
@@ -318,10 +307,8 @@ impl Heal {
         inner.last = Some(req);
         inner.own = None;
         let was_healing = inner.healing;
-        if let Some(running) = &inner.task {
-            if !was_healing && running.hop == hop && !running.task.is_finished() {
-                return;
-            }
+        if !was_healing && inner.task.runs_for(&hop) {
+            return;
         }
         inner.stop();
         if hop.is_none() && self.opts.liveness.is_none() {
@@ -343,20 +330,17 @@ impl Heal {
         hop: Option<NextHop>,
         start: Start,
     ) {
-        let token = handle.cancel_token().child_token();
-        let task = Task {
-            opts: self.opts.clone(),
-            handle: handle.clone(),
-            state: state.clone(),
-            generation: inner.generation,
-            hop: hop.clone(),
+        let task = |generation| {
+            Task {
+                opts: self.opts.clone(),
+                handle: handle.clone(),
+                state: state.clone(),
+                generation,
+                hop: hop.clone(),
+            }
+            .run(start)
         };
-        let join = spawn_owned(token.clone(), task.run(start));
-        inner.task = Some(Running {
-            hop,
-            token,
-            task: join,
-        });
+        inner.task.restart(handle.cancel_token(), hop.clone(), task);
     }
 }
 
@@ -395,7 +379,7 @@ impl Task {
     }
 
     fn is_current(&self) -> bool {
-        self.state.lock().generation == self.generation
+        self.state.lock().task.is_current(self.generation)
     }
 
     async fn run(self, start: Start) {
@@ -511,7 +495,7 @@ impl Task {
     async fn heal(&self, trigger: Trigger) {
         {
             let mut inner = self.state.lock();
-            if inner.generation != self.generation {
+            if !inner.task.is_current(self.generation) {
                 return;
             }
             inner.healing = true;
@@ -521,7 +505,7 @@ impl Task {
         loop {
             let req = {
                 let mut inner = self.state.lock();
-                if inner.generation != self.generation {
+                if !inner.task.is_current(self.generation) {
                     return;
                 }
                 let Some(mut req) = inner.last.clone() else {
@@ -545,7 +529,7 @@ impl Task {
             let outcome = self.handle.request_event(Some(req)).await;
             {
                 let mut inner = self.state.lock();
-                if inner.generation == self.generation {
+                if inner.task.is_current(self.generation) {
                     inner.own = None;
                 }
             }
@@ -605,7 +589,7 @@ impl Handler for Heal {
                 // keep trying to reselect, unless something else already heals.
                 let mut inner = state.lock();
                 if is_reselect(&req)
-                    && inner.task.is_none()
+                    && !inner.task.is_started()
                     && inner.last.is_some()
                     && !handle.is_closed()
                 {
@@ -645,66 +629,11 @@ impl Handler for Heal {
 mod tests {
     use super::*;
     use crate::core::Chain;
-    use crate::handlers::test_support::serve_nse;
+    use crate::handlers::test_support::{eventually, memory_url, serve_nse, TestHop};
     use crate::handlers::{begin, client_url, retry, update_path};
     use crate::transport::{grpc_client, Url};
     use nsm_proto::connection::ConnectionEventType;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-    fn url() -> Url {
-        Url::Memory(format!(
-            "heal-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ))
-    }
-
-    /// The next hop: an endpoint "nse" that records requests and closes, and can be
-    /// made to fail requests.
-    #[derive(Default)]
-    struct Nse {
-        requests: Mutex<Vec<Connection>>,
-        closes: AtomicUsize,
-        fail: AtomicBool,
-        /// Every request that arrived, and those in RESELECT_REQUESTED, failed or not.
-        attempts: AtomicUsize,
-        reselects: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl Handler for Arc<Nse> {
-        async fn request(
-            &self,
-            cx: &mut Cx,
-            req: NetworkServiceRequest,
-            next: Next,
-        ) -> Result<Connection> {
-            self.attempts.fetch_add(1, Ordering::SeqCst);
-            if is_reselect(&req) {
-                self.reselects.fetch_add(1, Ordering::SeqCst);
-            }
-            if self.fail.load(Ordering::SeqCst) {
-                return Err(Error::unavailable("injected"));
-            }
-            self.requests
-                .lock()
-                .unwrap()
-                .push(req.connection.clone().unwrap_or_default());
-            next.request(cx, req).await
-        }
-        async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
-            self.closes.fetch_add(1, Ordering::SeqCst);
-            next.close(cx, conn).await
-        }
-    }
-
-    impl Nse {
-        fn requests(&self) -> usize {
-            self.requests.lock().unwrap().len()
-        }
-    }
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     fn nsc(url: &Url, opts: HealOptions) -> Chain {
         Chain::builder()
@@ -720,6 +649,20 @@ mod tests {
             .build()
     }
 
+    /// Heal options whose liveness check, run every `interval`, finds the data plane
+    /// dead while the returned flag is set.
+    fn switchable_liveness(interval: Duration) -> (HealOptions, Arc<AtomicBool>) {
+        let dead = Arc::new(AtomicBool::new(false));
+        let check = dead.clone();
+        let opts = HealOptions::new(Channels::new())
+            .liveness(Arc::new(move |_: &Connection| {
+                let dead = check.load(Ordering::SeqCst);
+                Box::pin(async move { !dead })
+            }))
+            .liveness_interval(interval);
+        (opts, dead)
+    }
+
     fn request() -> NetworkServiceRequest {
         NetworkServiceRequest {
             connection: Some(Connection {
@@ -728,14 +671,6 @@ mod tests {
                 ..Default::default()
             }),
             ..Default::default()
-        }
-    }
-
-    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !check() {
-            assert!(tokio::time::Instant::now() < deadline, "{what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -752,8 +687,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_down_event_re_requests_the_same_path() {
-        let u = url();
-        let nse = Arc::new(Nse::default());
+        let u = memory_url("heal-test");
+        let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(&u, HealOptions::new(Channels::new()));
         let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
@@ -763,17 +698,17 @@ mod tests {
         down.state = State::Down as i32;
         monitor.publish(ConnectionEventType::Update, down);
         eventually("a re-request reached the endpoint", || nse.requests() == 2).await;
-        let again = nse.requests.lock().unwrap()[1].clone();
+        let again = nse.passed(1);
         assert_eq!(again.network_service_endpoint_name, "nse", "same path");
         assert_ne!(again.state, State::ReselectRequested as i32);
-        assert_eq!(nse.closes.load(Ordering::SeqCst), 0, "nothing was closed");
+        assert_eq!(nse.closes(), 0, "nothing was closed");
         chain.close(&mut Cx::client(), conn).await.unwrap();
     }
 
     #[tokio::test]
     async fn the_observer_is_told_of_each_break_and_heal() {
-        let u = url();
-        let nse = Arc::new(Nse::default());
+        let u = memory_url("heal-test");
+        let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let events = Arc::new(Mutex::new(Vec::new()));
         let seen = events.clone();
@@ -804,8 +739,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_re_request_reselects_and_backs_off_without_waiting_for_retry() {
-        let u = url();
-        let nse = Arc::new(Nse::default());
+        let u = memory_url("heal-test");
+        let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(
             &u,
@@ -825,10 +760,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         monitor.publish(ConnectionEventType::Update, down);
         // The re-request fails; the reselect closes the old path first.
-        eventually("the reselect closed the old path", || {
-            nse.closes.load(Ordering::SeqCst) == 1
-        })
-        .await;
+        eventually("the reselect closed the old path", || nse.closes() == 1).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         nse.fail.store(false, Ordering::SeqCst);
         eventually("a reselect reached the endpoint", || nse.requests() == 2).await;
@@ -837,45 +769,28 @@ mod tests {
             "heal's attempts were held up by retry: {:?}",
             started.elapsed()
         );
-        let again = nse.requests.lock().unwrap()[1].clone();
+        let again = nse.passed(1);
         assert_eq!(again.labels["reselected"], "yes");
         assert_eq!(again.state, State::ReselectRequested as i32);
-        assert_eq!(
-            nse.closes.load(Ordering::SeqCst),
-            1,
-            "the old path closed once"
-        );
+        assert_eq!(nse.closes(), 1, "the old path closed once");
         chain.close(&mut Cx::client(), conn).await.unwrap();
-        assert_eq!(
-            nse.closes.load(Ordering::SeqCst),
-            2,
-            "Close reached the new path"
-        );
+        assert_eq!(nse.closes(), 2, "Close reached the new path");
     }
 
     #[tokio::test]
     async fn a_failing_liveness_check_reselects() {
-        let u = url();
-        let nse = Arc::new(Nse::default());
+        let u = memory_url("heal-test");
+        let nse = Arc::new(TestHop::default());
         let (_server, _monitor) = serve_nse(&u, &nse).await;
-        let dead = Arc::new(AtomicBool::new(false));
-        let check = dead.clone();
-        let chain = nsc(
-            &u,
-            HealOptions::new(Channels::new())
-                .liveness(Arc::new(move |_: &Connection| {
-                    let dead = check.load(Ordering::SeqCst);
-                    Box::pin(async move { !dead })
-                }))
-                .liveness_interval(Duration::from_millis(20)),
-        );
+        let (opts, dead) = switchable_liveness(Duration::from_millis(20));
+        let chain = nsc(&u, opts);
         let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(nse.requests(), 1, "a live data plane is left alone");
         dead.store(true, Ordering::SeqCst);
         eventually("reselected", || nse.requests() >= 2).await;
         dead.store(false, Ordering::SeqCst);
-        let again = nse.requests.lock().unwrap()[1].clone();
+        let again = nse.passed(1);
         assert_eq!(again.state, State::ReselectRequested as i32);
         assert!(again.network_service_endpoint_name.is_empty());
         chain.close(&mut Cx::client(), conn).await.unwrap();
@@ -883,8 +798,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_callers_refresh_equal_to_heals_queued_attempt_stays_the_callers() {
-        let u = url();
-        let nse = Arc::new(Nse::default());
+        let u = memory_url("heal-test");
+        let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(&u, HealOptions::new(Channels::new()));
         let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
@@ -910,27 +825,18 @@ mod tests {
             "the caller's retry was cut short as if it were heal's attempt: {err}"
         );
         assert!(started.elapsed() >= Duration::from_millis(500), "{err}");
-        assert!(nse.attempts.load(Ordering::SeqCst) >= 3);
+        assert!(nse.attempts() >= 3);
         nse.fail.store(false, Ordering::SeqCst);
         chain.close(&mut Cx::client(), conn).await.unwrap();
     }
 
     #[tokio::test]
     async fn with_a_live_data_plane_a_failed_re_request_is_tried_again_not_reselected() {
-        let u = url();
-        let nse = Arc::new(Nse::default());
+        let u = memory_url("heal-test");
+        let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
-        let dead = Arc::new(AtomicBool::new(false));
-        let check = dead.clone();
-        let chain = nsc(
-            &u,
-            HealOptions::new(Channels::new())
-                .liveness(Arc::new(move |_: &Connection| {
-                    let dead = check.load(Ordering::SeqCst);
-                    Box::pin(async move { !dead })
-                }))
-                .liveness_interval(Duration::from_secs(60)),
-        );
+        let (opts, dead) = switchable_liveness(Duration::from_secs(60));
+        let chain = nsc(&u, opts);
         let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
         eventually("heal subscribed", || monitor.subscriber_count() == 1).await;
         nse.fail.store(true, Ordering::SeqCst);
@@ -938,17 +844,14 @@ mod tests {
         let mut down = monitor.get(&nse_id).unwrap();
         down.state = State::Down as i32;
         monitor.publish(ConnectionEventType::Update, down);
-        eventually("heal re-requested three times", || {
-            nse.attempts.load(Ordering::SeqCst) >= 4
-        })
-        .await;
-        assert_eq!(nse.reselects.load(Ordering::SeqCst), 0, "no reselect");
-        assert_eq!(nse.closes.load(Ordering::SeqCst), 0, "the path stays");
+        eventually("heal re-requested three times", || nse.attempts() >= 4).await;
+        assert_eq!(nse.attempts_where(is_reselect), 0, "no reselect");
+        assert_eq!(nse.closes(), 0, "the path stays");
 
         // The data plane dies too: now heal reselects (closing the old path first).
         dead.store(true, Ordering::SeqCst);
-        eventually("reselected", || nse.reselects.load(Ordering::SeqCst) >= 1).await;
-        assert_eq!(nse.closes.load(Ordering::SeqCst), 1);
+        eventually("reselected", || nse.attempts_where(is_reselect) >= 1).await;
+        assert_eq!(nse.closes(), 1);
         dead.store(false, Ordering::SeqCst);
         nse.fail.store(false, Ordering::SeqCst);
         eventually("healed", || nse.requests() == 2).await;
@@ -957,8 +860,8 @@ mod tests {
 
     #[tokio::test]
     async fn close_ends_the_heal_task_even_while_it_heals() {
-        let u = url();
-        let nse = Arc::new(Nse::default());
+        let u = memory_url("heal-test");
+        let nse = Arc::new(TestHop::default());
         let (server, _monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(&u, HealOptions::new(Channels::new()));
         let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
@@ -967,7 +870,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         chain.close(&mut Cx::client(), conn).await.unwrap();
         // Were heal still trying, it would reach the endpoint served again.
-        let back = Arc::new(Nse::default());
+        let back = Arc::new(TestHop::default());
         let (_server, _monitor) = serve_nse(&u, &back).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(back.requests(), 0, "heal went on after Close");
@@ -975,8 +878,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_refresh_keeps_the_watch() {
-        let u = url();
-        let nse = Arc::new(Nse::default());
+        let u = memory_url("heal-test");
+        let nse = Arc::new(TestHop::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let channels = Channels::new();
         let chain = nsc(&u, HealOptions::new(channels.clone()));

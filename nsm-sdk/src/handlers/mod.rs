@@ -55,11 +55,29 @@ pub use filter_mechanisms::{filter_mechanisms, FilterMechanisms};
 /// What the tests of several handlers share.
 #[cfg(test)]
 pub(crate) mod test_support {
-    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
-    use crate::core::{Chain, Handler, MonitorSource};
+    use async_trait::async_trait;
+    use nsm_proto::connection::Connection;
+    use nsm_proto::networkservice::NetworkServiceRequest;
+
+    use crate::core::{Chain, Cx, Handler, MonitorSource, Next};
     use crate::handlers::{begin, monitor, update_path, Monitor};
     use crate::transport::{serve, Server, Services, Url};
+    use crate::{Error, Result};
+
+    /// A URL of the in-memory transport no other test (of any process) uses:
+    /// `{prefix}-{pid}-{n}`.
+    pub(crate) fn memory_url(prefix: &str) -> Url {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        Url::Memory(format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ))
+    }
 
     /// Serves at `url` an endpoint whose own work is `nse`, behind `begin` and a
     /// `monitor` (returned, to watch or to send events through).
@@ -76,5 +94,89 @@ pub(crate) mod test_support {
             .await
             .unwrap();
         (server, monitor)
+    }
+
+    /// A next hop for the tests: keeps every Request that arrives and the connection of
+    /// each it passes on, and counts Closes; while `fail` is set it fails Requests
+    /// (Unavailable) instead of passing them on.
+    #[derive(Default)]
+    pub(crate) struct TestHop {
+        arrived: Mutex<Vec<NetworkServiceRequest>>,
+        passed: Mutex<Vec<Connection>>,
+        closes: AtomicUsize,
+        pub(crate) fail: AtomicBool,
+    }
+
+    impl TestHop {
+        /// How many Requests arrived, failed or not.
+        pub(crate) fn attempts(&self) -> usize {
+            self.arrived.lock().unwrap().len()
+        }
+        /// How many of the Requests that arrived, failed or not, `which` picks.
+        pub(crate) fn attempts_where(
+            &self,
+            which: impl Fn(&NetworkServiceRequest) -> bool,
+        ) -> usize {
+            self.arrived
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| which(r))
+                .count()
+        }
+        /// How many Requests it passed on.
+        pub(crate) fn requests(&self) -> usize {
+            self.passed.lock().unwrap().len()
+        }
+        /// The connection of the `i`-th Request it passed on (from 0), as it arrived.
+        pub(crate) fn passed(&self, i: usize) -> Connection {
+            self.passed.lock().unwrap()[i].clone()
+        }
+        /// The endpoint named in each Request it passed on, in order.
+        pub(crate) fn passed_endpoints(&self) -> Vec<String> {
+            let passed = self.passed.lock().unwrap();
+            passed
+                .iter()
+                .map(|c| c.network_service_endpoint_name.clone())
+                .collect()
+        }
+        /// How many Closes arrived.
+        pub(crate) fn closes(&self) -> usize {
+            self.closes.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait]
+    impl Handler for Arc<TestHop> {
+        async fn request(
+            &self,
+            cx: &mut Cx,
+            req: NetworkServiceRequest,
+            next: Next,
+        ) -> Result<Connection> {
+            self.arrived.lock().unwrap().push(req.clone());
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(Error::unavailable("injected"));
+            }
+            self.passed
+                .lock()
+                .unwrap()
+                .push(req.connection.clone().unwrap_or_default());
+            next.request(cx, req).await
+        }
+        async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
+            self.closes.fetch_add(1, Ordering::SeqCst);
+            next.close(cx, conn).await
+        }
+    }
+
+    /// Waits (in tokio time, 5 ms steps) until `check` holds; fails the test with
+    /// `what` after 5 s.
+    pub(crate) async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }

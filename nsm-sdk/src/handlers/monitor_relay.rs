@@ -537,34 +537,15 @@ mod tests {
     use super::*;
     use crate::core::{Chain, MonitorSource};
     use crate::handlers::monitor::filter_events;
+    use crate::handlers::test_support::{eventually, memory_url, serve_nse, TestHop};
     use crate::handlers::{begin, connect, monitor, update_path};
     use crate::transport::{grpc_client, serve, Server, Services};
     use nsm_proto::connection::ConnectionEvent;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-    fn url(name: &str) -> Url {
-        Url::Memory(format!(
-            "relay-test-{}-{name}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ))
-    }
-
-    /// A downstream endpoint ("nse") served on `url`, and its monitor.
+    /// A downstream endpoint ("nse") served on `url` (its own work only counts), and
+    /// its monitor.
     async fn downstream(url: &Url) -> (Server, Monitor) {
-        let monitor = monitor();
-        let chain = Chain::builder()
-            .push(update_path("nse").trim_tail(true))
-            .push(begin())
-            .push(monitor.clone())
-            .build();
-        let source: Arc<dyn MonitorSource> = monitor.source();
-        let server = serve(url, Services::new().network_service(chain).monitor(source))
-            .await
-            .unwrap();
-        (server, monitor)
+        serve_nse(url, &Arc::new(TestHop::default())).await
     }
 
     /// Puts the URL it holds (which a test may change) in the context, as `select`
@@ -654,18 +635,10 @@ mod tests {
         event.connections.into_values().next().unwrap()
     }
 
-    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !check() {
-            assert!(tokio::time::Instant::now() < deadline, "{what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
     #[tokio::test]
     async fn a_dead_next_hop_turns_this_hops_connection_down() {
         let channels = Channels::new();
-        let nse_url = url("nse");
+        let nse_url = memory_url("relay-test-nse");
         let (server, _nse_monitor) = downstream(&nse_url).await;
         let (chain, monitor) = hop(&nse_url, &channels);
         let conn = chain.request(&mut Cx::server(), request()).await.unwrap();
@@ -687,7 +660,7 @@ mod tests {
     async fn a_next_hop_that_does_not_know_the_connection_turns_it_down_with_its_path() {
         // A next hop whose monitor never hears of the connection: what the relay meets
         // when the next hop restarted after the Request and before the subscription.
-        let nse_url = url("nse");
+        let nse_url = memory_url("relay-test-nse");
         let forgetful = monitor();
         let chain = Chain::builder()
             .push(update_path("nse").trim_tail(true))
@@ -739,7 +712,7 @@ mod tests {
     #[tokio::test]
     async fn a_downstream_change_is_relayed_with_this_hops_mechanism() {
         let channels = Channels::new();
-        let nse_url = url("nse");
+        let nse_url = memory_url("relay-test-nse");
         let (_server, nse_monitor) = downstream(&nse_url).await;
         let (chain, monitor) = hop(&nse_url, &channels);
         let conn = chain.request(&mut Cx::server(), request()).await.unwrap();
@@ -789,7 +762,7 @@ mod tests {
     #[tokio::test]
     async fn a_change_made_while_this_hop_still_returns_is_relayed_once_announced() {
         let channels = Channels::new();
-        let nse_url = url("nse");
+        let nse_url = memory_url("relay-test-nse");
         let (_server, nse_monitor) = downstream(&nse_url).await;
         let monitor = monitor();
         let client = Chain::builder()
@@ -816,7 +789,7 @@ mod tests {
     #[tokio::test]
     async fn close_stops_the_relay_without_reporting_down() {
         let channels = Channels::new();
-        let nse_url = url("nse");
+        let nse_url = memory_url("relay-test-nse");
         let (_server, nse_monitor) = downstream(&nse_url).await;
         let (chain, monitor) = hop(&nse_url, &channels);
         let conn = chain.request(&mut Cx::server(), request()).await.unwrap();
@@ -846,8 +819,8 @@ mod tests {
     #[tokio::test]
     async fn a_refresh_keeps_the_stream_and_a_new_next_hop_replaces_it() {
         let channels = Channels::new();
-        let first = url("nse-1");
-        let second = url("nse-2");
+        let first = memory_url("relay-test-nse-1");
+        let second = memory_url("relay-test-nse-2");
         let (_s1, m1) = downstream(&first).await;
         let (_s2, m2) = downstream(&second).await;
         let (chain, _monitor, dial) = hop_with(&first, &channels);
@@ -898,7 +871,7 @@ mod tests {
             NextHop::of(&cx, &conn).is_none(),
             "no URL, nothing to follow"
         );
-        let u = url("c");
+        let u = memory_url("relay-test-c");
         cx.ext_mut().insert(ClientUrl(u.clone()));
         let hop = NextHop::of(&cx, &conn).unwrap();
         assert_eq!(

@@ -817,49 +817,12 @@ mod tests {
     use super::*;
     use crate::core::rt::begin::begin;
     use crate::core::Chain;
+    use crate::handlers::test_support::{eventually, TestHop};
     use crate::handlers::{discover, monitor, round_robin, update_path, Monitor};
     use crate::registry::{memory, Found, Memory, RegistryChain, RegistryHandler, RegistryNext};
     use nsm_proto::connection::State;
     use nsm_proto::registry::{Destination, Match, NetworkServiceLabels};
     use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// The end of the chain: counts what reaches the endpoint.
-    #[derive(Clone, Default)]
-    struct Endpoint {
-        requests: Arc<Mutex<Vec<String>>>,
-        closes: Arc<AtomicUsize>,
-    }
-
-    #[async_trait]
-    impl Handler for Endpoint {
-        async fn request(
-            &self,
-            cx: &mut Cx,
-            req: NetworkServiceRequest,
-            next: Next,
-        ) -> Result<Connection> {
-            let name = req
-                .connection
-                .as_ref()
-                .map(|c| c.network_service_endpoint_name.clone())
-                .unwrap_or_default();
-            self.requests.lock().unwrap().push(name);
-            next.request(cx, req).await
-        }
-        async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
-            self.closes.fetch_add(1, Ordering::SeqCst);
-            next.close(cx, conn).await
-        }
-    }
-
-    impl Endpoint {
-        fn requests(&self) -> Vec<String> {
-            self.requests.lock().unwrap().clone()
-        }
-        fn closes(&self) -> usize {
-            self.closes.load(Ordering::SeqCst)
-        }
-    }
 
     /// In front of the service store: a registry that matches names loosely (every
     /// service for any name), whose first watch ends after its first answer, and whose
@@ -917,7 +880,8 @@ mod tests {
         netsvc: NetsvcMonitor,
         services: Memory<NetworkService>,
         registries: Registries,
-        endpoint: Endpoint,
+        /// The end of the chain: what reaches the endpoint.
+        endpoint: Arc<TestHop>,
         front: Front,
         root: CancellationToken,
     }
@@ -934,7 +898,7 @@ mod tests {
                 .build(),
         };
         let monitor = monitor();
-        let endpoint = Endpoint::default();
+        let endpoint = Arc::new(TestHop::default());
         let root = CancellationToken::new();
         let netsvc = netsvc_monitor(registries.clone())
             .backoff(Duration::from_millis(10), Duration::from_millis(50));
@@ -1048,14 +1012,6 @@ mod tests {
         }
     }
 
-    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !check() {
-            assert!(tokio::time::Instant::now() < deadline, "{what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
     /// Two endpoints, the connection on nse-1 (registered alone first).
     async fn connected(hop: &Hop) -> Connection {
         hop.put_service(service("svc", vec![])).await;
@@ -1086,7 +1042,7 @@ mod tests {
         })
         .await;
         assert_eq!(
-            hop.endpoint.requests(),
+            hop.endpoint.passed_endpoints(),
             ["nse-1"],
             "the re-request was refused before it reached the endpoint"
         );
@@ -1113,7 +1069,7 @@ mod tests {
             hop.state(&conn.id) == Some(State::Down as i32)
         })
         .await;
-        assert_eq!(hop.endpoint.requests(), ["nse-1", "nse-2"]);
+        assert_eq!(hop.endpoint.passed_endpoints(), ["nse-1", "nse-2"]);
         hop.chain.close(&mut Cx::server(), moved).await.unwrap();
     }
 
@@ -1130,7 +1086,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
         assert!(err.to_string().contains("no longer matches"), "{err}");
-        assert!(hop.endpoint.requests().is_empty());
+        assert!(hop.endpoint.passed_endpoints().is_empty());
         // An allowed endpoint named by the request goes through.
         hop.put_endpoint(endpoint("nse-2", &["svc"], &[("experimental", "true")]))
             .await;
@@ -1164,7 +1120,7 @@ mod tests {
         })
         .await;
         assert_eq!(
-            hop.endpoint.requests(),
+            hop.endpoint.passed_endpoints(),
             ["nse-1"],
             "the allowing version caused no re-request"
         );
@@ -1182,7 +1138,7 @@ mod tests {
             .await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(hop.state(&conn.id), Some(State::Up as i32));
-        assert_eq!(hop.endpoint.requests(), ["nse-1"]);
+        assert_eq!(hop.endpoint.passed_endpoints(), ["nse-1"]);
         // The watch was alive all along.
         hop.put_service(service("svc", only_experimental("true")))
             .await;
@@ -1559,16 +1515,22 @@ mod tests {
         hop.put_service(service("svc", only_experimental("true")))
             .await;
         // Judged and re-requested; the lagging view lets the re-request through.
-        eventually("a is re-requested", || hop.endpoint.requests().len() == 2).await;
+        eventually("a is re-requested", || {
+            hop.endpoint.passed_endpoints().len() == 2
+        })
+        .await;
 
         hop.chain
             .request(&mut Cx::server(), request_of("b", "svc", ""))
             .await
             .unwrap();
-        eventually("b is re-requested", || hop.endpoint.requests().len() == 4).await;
+        eventually("b is re-requested", || {
+            hop.endpoint.passed_endpoints().len() == 4
+        })
+        .await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(
-            hop.endpoint.requests().len(),
+            hop.endpoint.passed_endpoints().len(),
             4,
             "each judged once per version: no loop of re-requests"
         );

@@ -41,6 +41,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
+use crate::core::rt::count_guard::CountGuard;
 use crate::core::rt::Backoff;
 use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next};
 use crate::{Error, Result};
@@ -140,22 +141,6 @@ impl ConnRefresh {
     }
 }
 
-/// Counts a live timer of the handler while it exists.
-struct PendingGuard(Arc<AtomicUsize>);
-
-impl PendingGuard {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        PendingGuard(count.clone())
-    }
-}
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// The time left before the earliest `expires` in the path, and how many segments the
 /// path has; `None` when no segment has an expiry.
 fn earliest_expiry(conn: &Connection) -> Option<(Duration, usize)> {
@@ -200,7 +185,7 @@ impl Refresh {
         }
         let me = self.clone();
         let h = handle.clone();
-        let guard = PendingGuard::new(&self.pending);
+        let guard = CountGuard::new(&self.pending);
         let span = tracing::debug_span!("refresh", connection.id = %handle.id());
         let mine = token.clone();
         spawn_owned(

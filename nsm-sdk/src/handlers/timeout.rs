@@ -414,52 +414,18 @@ mod tests {
     use super::*;
     use crate::core::rt::begin::Begin;
     use crate::core::{Chain, Peer, Side};
+    use crate::handlers::test_support::TestHop;
     use crate::handlers::{begin, refresh, update_path, update_token};
     use crate::token::lifetime_token;
     use crate::Error;
-    use std::sync::atomic::{AtomicBool, AtomicUsize};
     use std::sync::Weak;
     use tokio::time::sleep;
-
-    /// What this hop built downstream: counts Requests and Closes, fails when told.
-    #[derive(Default)]
-    struct Downstream {
-        requests: AtomicUsize,
-        closes: AtomicUsize,
-        fail: AtomicBool,
-    }
-
-    #[async_trait]
-    impl Handler for Arc<Downstream> {
-        async fn request(
-            &self,
-            cx: &mut Cx,
-            req: NetworkServiceRequest,
-            next: Next,
-        ) -> Result<Connection> {
-            self.requests.fetch_add(1, Ordering::SeqCst);
-            if self.fail.load(Ordering::SeqCst) {
-                return Err(Error::unavailable("injected failure"));
-            }
-            next.request(cx, req).await
-        }
-        async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
-            self.closes.fetch_add(1, Ordering::SeqCst);
-            next.close(cx, conn).await
-        }
-    }
-
-    impl Downstream {
-        fn closes(&self) -> usize {
-            self.closes.load(Ordering::SeqCst)
-        }
-    }
 
     struct Hop {
         chain: Chain,
         begin: Begin,
         timeout: Timeout,
-        down: Arc<Downstream>,
+        down: Arc<TestHop>,
     }
 
     fn server(margin: Option<Duration>) -> Hop {
@@ -474,7 +440,7 @@ mod tests {
             Some(m) => timeout().margin(m),
             None => timeout(),
         };
-        let down = Arc::new(Downstream::default());
+        let down = Arc::new(TestHop::default());
         let chain = Chain::builder()
             .push(update_path("nse"))
             .push(b.clone())
@@ -725,7 +691,7 @@ mod tests {
         let root = CancellationToken::new();
         let b = begin().root(root.clone());
         let t = timeout();
-        let down = Arc::new(Downstream::default());
+        let down = Arc::new(TestHop::default());
         let chain = Chain::builder()
             .push(update_path("nse"))
             .push(b.clone())
@@ -811,7 +777,7 @@ mod tests {
         nsc.request(&mut cx, Default::default()).await.unwrap();
         sleep(Duration::from_secs(3600)).await;
         assert_eq!(hop.down.closes(), 0, "an hour of 60 s tokens, refreshed");
-        assert!(hop.down.requests.load(Ordering::SeqCst) >= 3600 / 24);
+        assert!(hop.down.attempts() >= 3600 / 24);
         assert_eq!(hop.begin.len(), 1);
 
         let hop = server(None);

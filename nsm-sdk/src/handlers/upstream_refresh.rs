@@ -53,12 +53,11 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use nsm_proto::connection::{Connection, State};
 use nsm_proto::networkservice::NetworkServiceRequest;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::monitor_relay::{NextHop, DEFAULT_SUBSCRIBE_TIMEOUT};
-use crate::core::{spawn_owned, ConnHandle, Cx, Handler, Next};
+use crate::core::rt::conn_task::ConnTask;
+use crate::core::{ConnHandle, Cx, Handler, Next};
 use crate::transport::Channels;
 use crate::Result;
 
@@ -137,28 +136,13 @@ struct FollowState(Mutex<FollowInner>);
 
 #[derive(Default)]
 struct FollowInner {
-    generation: u64,
-    running: Option<Running>,
-}
-
-struct Running {
-    hop: NextHop,
-    token: CancellationToken,
-    task: JoinHandle<()>,
+    /// The follow task, tagged with the next hop it follows.
+    task: ConnTask<NextHop>,
 }
 
 impl FollowState {
     fn lock(&self) -> std::sync::MutexGuard<'_, FollowInner> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl FollowInner {
-    fn stop(&mut self) {
-        self.generation += 1;
-        if let Some(running) = self.running.take() {
-            running.token.cancel();
-        }
     }
 }
 
@@ -175,23 +159,23 @@ impl UpstreamRefresh {
         };
         let state = handle.state::<FollowState>();
         let mut inner = state.lock();
-        if let Some(running) = &inner.running {
-            if running.hop == hop && !running.task.is_finished() {
-                return;
-            }
+        if inner.task.runs_for(&hop) {
+            return;
         }
-        inner.stop();
-        let token = handle.cancel_token().child_token();
-        let follower = Follower {
-            hop: hop.clone(),
-            opts: self.opts.clone(),
-            handle: handle.clone(),
-            state: state.clone(),
-            generation: inner.generation,
-            local: self.opts.local_notifications.then(|| self.local.clone()),
+        let follower = |generation| {
+            Follower {
+                hop: hop.clone(),
+                opts: self.opts.clone(),
+                handle: handle.clone(),
+                state: state.clone(),
+                generation,
+                local: self.opts.local_notifications.then(|| self.local.clone()),
+            }
+            .run()
         };
-        let task = spawn_owned(token.clone(), follower.run());
-        inner.running = Some(Running { hop, token, task });
+        inner
+            .task
+            .restart(handle.cancel_token(), hop.clone(), follower);
     }
 }
 
@@ -225,7 +209,7 @@ impl Follower {
         while let Some(item) = events.next().await {
             match item {
                 Ok(copy) if copy.state == State::RefreshRequested as i32 => {
-                    if self.state.lock().generation != self.generation {
+                    if !self.state.lock().task.is_current(self.generation) {
                         return;
                     }
                     info!(connection.id = %self.id(), "upstream_refresh: the endpoint asks for a refresh");
@@ -289,7 +273,7 @@ impl Handler for UpstreamRefresh {
     async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
         if let Some(handle) = cx.conn() {
             if let Some(state) = handle.get_state::<FollowState>() {
-                state.lock().stop();
+                state.lock().task.stop();
             }
             self.lock_local().remove(handle.id());
         }
@@ -301,21 +285,11 @@ impl Handler for UpstreamRefresh {
 mod tests {
     use super::*;
     use crate::core::Chain;
-    use crate::handlers::test_support::serve_nse;
+    use crate::handlers::test_support::{eventually, memory_url, serve_nse};
     use crate::handlers::{begin, client_url, update_path, Monitor};
-    use crate::transport::{grpc_client, Url};
+    use crate::transport::{grpc_client, Server, Url};
     use nsm_proto::connection::{ConnectionEventType, Path, PathSegment};
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-    fn url() -> Url {
-        Url::Memory(format!(
-            "upstream-refresh-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ))
-    }
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     /// The next hop: an endpoint "nse" that records the client id of each request.
     #[derive(Default)]
@@ -425,25 +399,24 @@ mod tests {
         monitor.publish(ConnectionEventType::Update, at_nse);
     }
 
-    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !check() {
-            assert!(tokio::time::Instant::now() < deadline, "{what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    #[tokio::test]
-    async fn a_refresh_requested_by_the_endpoint_re_requests_the_connection() {
-        let u = url();
+    /// A served endpoint and a client whose connection "a" to it upstream_refresh
+    /// follows: the endpoint, its server and monitor, the client chain, the connection.
+    async fn following() -> (Arc<Nse>, Server, Monitor, Chain, Connection) {
+        let u = memory_url("upstream-refresh-test");
         let nse = Arc::new(Nse::default());
-        let (_server, monitor) = serve_nse(&u, &nse).await;
+        let (server, monitor) = serve_nse(&u, &nse).await;
         let chain = nsc(&u, UpstreamRefreshOptions::new(Channels::new()));
         let conn = chain
             .request(&mut Cx::client(), request("a"))
             .await
             .unwrap();
         eventually("following", || monitor.subscriber_count() == 1).await;
+        (nse, server, monitor, chain, conn)
+    }
+
+    #[tokio::test]
+    async fn a_refresh_requested_by_the_endpoint_re_requests_the_connection() {
+        let (nse, _server, monitor, chain, conn) = following().await;
         publish(&monitor, &conn, State::RefreshRequested);
         eventually("refreshed", || nse.requests_of("a") == 2).await;
         let nse_id = &conn.path.as_ref().unwrap().path_segments[1].id;
@@ -456,15 +429,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_states_are_left_to_heal() {
-        let u = url();
-        let nse = Arc::new(Nse::default());
-        let (_server, monitor) = serve_nse(&u, &nse).await;
-        let chain = nsc(&u, UpstreamRefreshOptions::new(Channels::new()));
-        let conn = chain
-            .request(&mut Cx::client(), request("a"))
-            .await
-            .unwrap();
-        eventually("following", || monitor.subscriber_count() == 1).await;
+        let (nse, _server, monitor, chain, conn) = following().await;
         publish(&monitor, &conn, State::Down);
         publish(&monitor, &conn, State::Up);
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -476,7 +441,7 @@ mod tests {
     }
 
     async fn two_connections_one_asked(local_notifications: bool) -> Arc<Nse> {
-        let u = url();
+        let u = memory_url("upstream-refresh-test");
         let nse = Arc::new(Nse::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let channels = Channels::new();
@@ -522,7 +487,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_made_while_the_client_still_returns_is_not_lost() {
-        let u = url();
+        let u = memory_url("upstream-refresh-test");
         let nse = Arc::new(Nse::default());
         let (_server, monitor) = serve_nse(&u, &nse).await;
         let asker = monitor.clone();
@@ -547,7 +512,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_stops_following_and_a_broken_stream_is_followed_again_on_the_next_request() {
-        let u = url();
+        let u = memory_url("upstream-refresh-test");
         let nse = Arc::new(Nse::default());
         let (server, _monitor) = serve_nse(&u, &nse).await;
         let channels = Channels::new();

@@ -31,14 +31,14 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use prost_types::Timestamp;
-use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use super::slots::{Slot, Slots, Timer};
 use super::{RegistryHandler, RegistryNext};
 use crate::core::handler::WeakCursor;
-use crate::core::{spawn_owned, Cx};
+use crate::core::rt::keyed_lock::Guard;
+use crate::core::rt::keyed_timers::{Firing, KeyedTimers, Slot};
+use crate::core::Cx;
 use crate::Result;
 
 /// The usual registry expiration: one minute.
@@ -59,18 +59,21 @@ pub struct Expire {
 
 /// The `expire` handler: entries live at most `default` unless refreshed.
 pub fn expire(default: Duration) -> Expire {
-    Expire::new(&CancellationToken::new(), default)
+    Expire::under(&CancellationToken::new(), default)
 }
 
 impl Expire {
-    /// An `expire` handler whose timers are children of `parent` (cancelling `parent`
-    /// stops them all) and whose entries live at most `default` unless refreshed.
-    pub fn new(parent: &CancellationToken, default: Duration) -> Self {
+    /// Its timers are children of `parent` (cancelling `parent` stops them all). A
+    /// builder option: set it before the handler is shared.
+    pub fn root(self, parent: &CancellationToken) -> Self {
+        Expire::under(parent, self.inner.default)
+    }
+
+    fn under(parent: &CancellationToken, default: Duration) -> Self {
         Expire {
             inner: Arc::new_cyclic(|me| Inner {
                 default: default.min(MAX_EXPIRATION),
-                root: parent.child_token(),
-                slots: Slots::default(),
+                slots: KeyedTimers::new(parent),
                 scheduled: AtomicUsize::new(0),
                 me: me.clone(),
             }),
@@ -99,16 +102,10 @@ impl fmt::Debug for Expire {
 
 struct Inner {
     default: Duration,
-    root: CancellationToken,
-    slots: Slots,
+    /// One timer per endpoint name, under the handler's root token.
+    slots: KeyedTimers,
     scheduled: AtomicUsize,
     me: Weak<Inner>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.root.cancel();
-    }
 }
 
 fn to_system_time(t: &Timestamp) -> Option<SystemTime> {
@@ -117,63 +114,47 @@ fn to_system_time(t: &Timestamp) -> Option<SystemTime> {
 
 impl Inner {
     /// Exclusive access to the slot of `name`, created on demand.
-    async fn lock(&self, name: &str) -> OwnedMutexGuard<Slot> {
+    async fn lock(&self, name: &str) -> Guard<Slot> {
         self.slots.lock(name).await
     }
 
-    /// Replaces the slot's timer (without cancelling the old one), keeping the count.
-    fn swap_timer(&self, slot: &mut Slot, timer: Option<Timer>) -> Option<Timer> {
-        let had = slot.timer.is_some();
-        let has = timer.is_some();
-        let old = std::mem::replace(&mut slot.timer, timer);
-        match (had, has) {
-            (false, true) => {
-                self.scheduled.fetch_add(1, Ordering::SeqCst);
-            }
-            (true, false) => {
-                self.scheduled.fetch_sub(1, Ordering::SeqCst);
-            }
-            _ => {}
+    /// Counts a timer that stopped being the slot's.
+    fn uncount(&self, had: bool) {
+        if had {
+            self.scheduled.fetch_sub(1, Ordering::SeqCst);
         }
-        old
     }
 
     /// Cancels the slot's timer and removes the slot (the caller holds it).
-    fn forget(&self, name: &str, slot: &mut Slot) {
-        if let Some(t) = self.swap_timer(slot, None) {
-            t.token.cancel();
-        }
-        self.slots.forget(name, slot);
+    fn forget(&self, name: &str, slot: &mut Guard<Slot>) {
+        let had = self.slots.forget(name, slot);
+        self.uncount(had);
     }
 
     /// Sets the slot's timer to unregister `entry` through `next` at `at`.
     fn schedule(
         &self,
-        slot: &mut Slot,
+        slot: &mut Guard<Slot>,
         entry: NetworkServiceEndpoint,
         at: SystemTime,
         next: WeakCursor<dyn RegistryHandler<NetworkServiceEndpoint>>,
     ) {
-        let timer = self.slots.timer(&self.root);
-        let (token, generation) = (timer.token.clone(), timer.generation);
-        let old = self.swap_timer(slot, Some(timer));
-        if let Some(old) = old {
-            old.token.cancel();
-        }
         // Wall clock for the deadline, tokio time for the wait.
         let delay = at.duration_since(SystemTime::now()).unwrap_or_default();
         let me = self.me.clone();
         let span = tracing::info_span!("expire", name = %entry.name);
-        spawn_owned(
-            token,
+        let had = self.slots.arm(slot, |generation| {
             async move {
                 tokio::time::sleep(delay).await;
                 if let Some(inner) = me.upgrade() {
                     inner.fire(entry, generation, next).await;
                 }
             }
-            .instrument(span),
-        );
+            .instrument(span)
+        });
+        if !had {
+            self.scheduled.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     /// The timer of `entry` fired: unregister it unless a newer operation took over.
@@ -184,18 +165,12 @@ impl Inner {
         next: WeakCursor<dyn RegistryHandler<NetworkServiceEndpoint>>,
     ) {
         let mut slot = self.lock(&entry.name).await;
-        match slot.timer.as_ref() {
-            Some(t) if t.generation == generation => {
-                // Not cancelled: this very task runs under that token.
-                self.swap_timer(&mut slot, None);
-            }
-            Some(_) => return,
-            None => {
-                // The slot was made afresh by this lookup; nobody else needs it.
-                self.forget(&entry.name, &mut slot);
-                return;
-            }
+        if self.slots.firing(&entry.name, &mut slot, generation) != Firing::Current {
+            return;
         }
+        // Not cancelled: this very task runs under that token.
+        let had = slot.disarm_fired();
+        self.uncount(had);
         let name = entry.name.clone();
         match next.upgrade() {
             Some(next) => {
@@ -234,22 +209,16 @@ impl RegistryHandler<NetworkServiceEndpoint> for Expire {
         let weak_next = next.downgrade();
 
         let mut slot = self.inner.lock(&name).await;
-        match next.register(cx, r).await {
-            Ok(mut out) => {
-                if let Some(theirs) = out.expiration_time.as_ref().and_then(to_system_time) {
-                    at = at.min(theirs);
-                }
-                out.expiration_time = Some(at.into());
-                self.inner.schedule(&mut slot, out.clone(), at, weak_next);
-                Ok(out)
-            }
-            Err(e) => {
-                if slot.timer.is_none() {
-                    self.inner.forget(&name, &mut slot);
-                }
-                Err(e)
-            }
+        let mut out = next
+            .register(cx, r)
+            .await
+            .inspect_err(|_| self.inner.slots.forget_unarmed(&name, &mut slot))?;
+        if let Some(theirs) = out.expiration_time.as_ref().and_then(to_system_time) {
+            at = at.min(theirs);
         }
+        out.expiration_time = Some(at.into());
+        self.inner.schedule(&mut slot, out.clone(), at, weak_next);
+        Ok(out)
     }
 
     async fn unregister(
@@ -261,7 +230,7 @@ impl RegistryHandler<NetworkServiceEndpoint> for Expire {
         let name = r.name.clone();
         let mut slot = self.inner.lock(&name).await;
         let res = next.unregister(cx, r).await;
-        if res.is_ok() || slot.timer.is_none() {
+        if res.is_ok() || !slot.is_armed() {
             self.inner.forget(&name, &mut slot);
         }
         res
@@ -323,6 +292,25 @@ mod tests {
             Ok(d) => d.as_secs_f64(),
             Err(e) => -e.duration().as_secs_f64(),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelling_the_root_stops_every_timer() {
+        let parent = CancellationToken::new();
+        let exp = expire(Duration::from_secs(60)).root(&parent);
+        assert_eq!(exp.default_expiration(), Duration::from_secs(60));
+        let store = memory();
+        let reg = RegistryChain::builder()
+            .push(exp.clone())
+            .push(store.clone())
+            .build();
+        reg.register(&mut Cx::server(), nse("a")).await.unwrap();
+        settle().await;
+        assert_eq!(alive_tasks(), 1, "one timer");
+        parent.cancel();
+        sleep(Duration::from_secs(120)).await;
+        assert!(store.get("a").is_some(), "no timer fired");
+        assert_eq!(alive_tasks(), 0, "the timer task is gone");
     }
 
     #[tokio::test(start_paused = true)]

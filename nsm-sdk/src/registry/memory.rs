@@ -498,6 +498,19 @@ mod tests {
         RegistryChain::builder().push(store.clone()).build()
     }
 
+    /// A watching Find of `template` through `reg`.
+    async fn watch<R: Stored>(reg: &RegistryChain<R>, cx: &mut Cx, template: R) -> FindStream<R> {
+        reg.find(
+            cx,
+            Query {
+                template,
+                watch: true,
+            },
+        )
+        .await
+        .unwrap()
+    }
+
     async fn next_item<R: Stored>(s: &mut FindStream<R>) -> Found<R> {
         tokio::time::timeout(Duration::from_secs(5), s.next())
             .await
@@ -519,16 +532,7 @@ mod tests {
         reg.register(cx, nse("a", &["svc"])).await.unwrap();
         reg.register(cx, nse("other", &["svc2"])).await.unwrap();
 
-        let mut w = reg
-            .find(
-                cx,
-                Query {
-                    template: by_service("svc"),
-                    watch: true,
-                },
-            )
-            .await
-            .unwrap();
+        let mut w = watch(&reg, cx, by_service("svc")).await;
         let first = next_item(&mut w).await;
         assert_eq!((first.resource.name.as_str(), first.deleted), ("a", false));
         no_item(&mut w).await;
@@ -583,16 +587,7 @@ mod tests {
         let reg = chain(&store);
         let cx = &mut Cx::server();
         reg.register(cx, nse("gone", &["svc"])).await.unwrap();
-        let mut w = reg
-            .find(
-                cx,
-                Query {
-                    template: by_service("svc"),
-                    watch: true,
-                },
-            )
-            .await
-            .unwrap();
+        let mut w = watch(&reg, cx, by_service("svc")).await;
         assert_eq!(next_item(&mut w).await.resource.name, "gone");
 
         tokio::time::timeout(Duration::from_secs(10), async {
@@ -635,26 +630,8 @@ mod tests {
         let store = memory::<NetworkServiceEndpoint>();
         let reg = chain(&store);
         let cx = &mut Cx::server();
-        let w1 = reg
-            .find(
-                cx,
-                Query {
-                    template: Default::default(),
-                    watch: true,
-                },
-            )
-            .await
-            .unwrap();
-        let mut w2 = reg
-            .find(
-                cx,
-                Query {
-                    template: Default::default(),
-                    watch: true,
-                },
-            )
-            .await
-            .unwrap();
+        let w1 = watch(&reg, cx, Default::default()).await;
+        let mut w2 = watch(&reg, cx, Default::default()).await;
         assert_eq!(store.watchers(), 2);
         drop(w1);
         assert_eq!(store.watchers(), 1);
@@ -667,16 +644,7 @@ mod tests {
     #[tokio::test]
     async fn a_watch_stream_ends_when_the_store_is_gone() {
         let store = memory::<NetworkServiceEndpoint>();
-        let mut w = chain(&store)
-            .find(
-                &mut Cx::server(),
-                Query {
-                    template: Default::default(),
-                    watch: true,
-                },
-            )
-            .await
-            .unwrap();
+        let mut w = watch(&chain(&store), &mut Cx::server(), Default::default()).await;
         drop(store);
         let end = tokio::time::timeout(Duration::from_secs(5), w.next())
             .await
@@ -690,16 +658,7 @@ mod tests {
         let reg = chain(&store);
         let cx = &mut Cx::server();
         reg.register(cx, nse("a", &["x"])).await.unwrap();
-        let mut w = reg
-            .find(
-                cx,
-                Query {
-                    template: by_service("x"),
-                    watch: true,
-                },
-            )
-            .await
-            .unwrap();
+        let mut w = watch(&reg, cx, by_service("x")).await;
         next_item(&mut w).await;
         reg.register(cx, nse("a", &["y"])).await.unwrap();
         let del = next_item(&mut w).await;

@@ -271,7 +271,6 @@ pub use memory::{memory, Memory, Stored};
 pub use query::Matches;
 pub use validate::{validate, Validate};
 pub mod registry_refresh;
-mod slots;
 pub use registry_refresh::{registry_refresh, RegistryRefresh};
 pub mod find_cache;
 pub use find_cache::{find_cache, FindCache};

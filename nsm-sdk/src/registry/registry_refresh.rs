@@ -40,15 +40,16 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use prost_types::Timestamp;
-use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
-use super::slots::{Slot, Slots};
 use super::{RegistryHandler, RegistryNext};
 use crate::core::handler::WeakCursor;
+use crate::core::rt::count_guard::CountGuard;
+use crate::core::rt::keyed_lock::Guard;
+use crate::core::rt::keyed_timers::{Firing, KeyedTimers, Slot};
 use crate::core::rt::Backoff;
-use crate::core::{spawn_owned, Cx};
+use crate::core::Cx;
 use crate::Result;
 
 /// The default fraction of the remaining expiry at which an entry is refreshed.
@@ -116,8 +117,7 @@ impl RegistryRefresh {
                 retry: Backoff::new(RETRY_START, RETRY_MAX),
             },
             inner: Arc::new(Inner {
-                root: parent.child_token(),
-                slots: Slots::default(),
+                slots: KeyedTimers::new(parent),
                 pending: Arc::new(AtomicUsize::new(0)),
             }),
         }
@@ -174,15 +174,9 @@ impl fmt::Debug for RegistryRefresh {
 }
 
 struct Inner {
-    root: CancellationToken,
-    slots: Slots,
+    /// One timer per endpoint name, under the handler's root token.
+    slots: KeyedTimers,
     pending: Arc<AtomicUsize>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.root.cancel();
-    }
 }
 
 /// What a timer re-registers, and how.
@@ -194,22 +188,6 @@ struct Refreshing {
     next: WeakCursor<dyn RegistryHandler<NetworkServiceEndpoint>>,
 }
 
-/// Counts a live timer while it exists.
-struct PendingGuard(Arc<AtomicUsize>);
-
-impl PendingGuard {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        PendingGuard(count.clone())
-    }
-}
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// The time left before `t`; `None` when there is no expiration.
 fn time_left(t: Option<&Timestamp>) -> Option<Duration> {
     let t = SystemTime::try_from(*t?).ok()?;
@@ -218,40 +196,31 @@ fn time_left(t: Option<&Timestamp>) -> Option<Duration> {
 
 impl Inner {
     /// Exclusive access to the slot of `name`, created on demand.
-    async fn lock(&self, name: &str) -> OwnedMutexGuard<Slot> {
+    async fn lock(&self, name: &str) -> Guard<Slot> {
         self.slots.lock(name).await
     }
 
     /// Cancels the slot's timer and removes the slot (the caller holds it).
-    fn forget(&self, name: &str, slot: &mut Slot) {
-        if let Some(t) = self.slots.forget(name, slot) {
-            t.token.cancel();
-        }
+    fn forget(&self, name: &str, slot: &mut Guard<Slot>) {
+        self.slots.forget(name, slot);
     }
 }
 
 impl RegistryRefresh {
     /// Replaces the slot's timer by one that refreshes `what` after `delay`, and again
     /// after each answer.
-    fn schedule(&self, slot: &mut Slot, what: Refreshing, delay: Duration) {
-        let timer = self.inner.slots.timer(&self.inner.root);
-        let (token, generation) = (timer.token.clone(), timer.generation);
-        let old = slot.timer.replace(timer);
-        if let Some(old) = old {
-            old.token.cancel();
-        }
+    fn schedule(&self, slot: &mut Guard<Slot>, what: Refreshing, delay: Duration) {
         let span = tracing::debug_span!("registry_refresh", name = %what.entry.name);
-        let guard = PendingGuard::new(&self.inner.pending);
+        let guard = CountGuard::new(&self.inner.pending);
         let inner = Arc::downgrade(&self.inner);
         let config = self.config;
-        spawn_owned(
-            token,
+        self.inner.slots.arm(slot, |generation| {
             async move {
                 let _guard = guard;
                 run_timer(inner, config, generation, what, delay).await;
             }
-            .instrument(span),
-        );
+            .instrument(span)
+        });
     }
 }
 
@@ -270,14 +239,8 @@ async fn run_timer(
         tokio::time::sleep(delay).await;
         let Some(me) = inner.upgrade() else { return };
         let mut slot = me.lock(&name).await;
-        match slot.timer.as_ref() {
-            Some(t) if t.generation == generation => {}
-            Some(_) => return,
-            None => {
-                // The slot was made afresh by this lookup: the entry unregistered.
-                me.forget(&name, &mut slot);
-                return;
-            }
+        if me.slots.firing(&name, &mut slot, generation) != Firing::Current {
+            return;
         }
         let Some(next) = what.next.upgrade() else {
             return;
@@ -337,33 +300,27 @@ impl RegistryHandler<NetworkServiceEndpoint> for RegistryRefresh {
         let asked = time_left(r.expiration_time.as_ref());
         let weak_next = next.downgrade();
         let mut slot = self.inner.lock(&name).await;
-        match next.register(cx, r.clone()).await {
-            Ok(out) => {
-                match time_left(out.expiration_time.as_ref()) {
-                    Some(left) => {
-                        let mut entry = r;
-                        entry.initial_registration_time = out.initial_registration_time;
-                        let what = Refreshing {
-                            entry,
-                            asked,
-                            cx: cx.fork(None),
-                            next: weak_next,
-                        };
-                        let delay = self.config.delay(left);
-                        debug!(name = %name, ?left, ?delay, "registration refresh scheduled");
-                        self.schedule(&mut slot, what, delay);
-                    }
-                    None => self.inner.forget(&name, &mut slot),
-                }
-                Ok(out)
+        let out = next
+            .register(cx, r.clone())
+            .await
+            .inspect_err(|_| self.inner.slots.forget_unarmed(&name, &mut slot))?;
+        match time_left(out.expiration_time.as_ref()) {
+            Some(left) => {
+                let mut entry = r;
+                entry.initial_registration_time = out.initial_registration_time;
+                let what = Refreshing {
+                    entry,
+                    asked,
+                    cx: cx.fork(None),
+                    next: weak_next,
+                };
+                let delay = self.config.delay(left);
+                debug!(name = %name, ?left, ?delay, "registration refresh scheduled");
+                self.schedule(&mut slot, what, delay);
             }
-            Err(e) => {
-                if slot.timer.is_none() {
-                    self.inner.forget(&name, &mut slot);
-                }
-                Err(e)
-            }
+            None => self.inner.forget(&name, &mut slot),
         }
+        Ok(out)
     }
 
     async fn unregister(

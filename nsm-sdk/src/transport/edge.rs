@@ -209,91 +209,60 @@ impl<R: Resource> RegistryEdge<R> {
     }
 }
 
-#[tonic::async_trait]
-impl NetworkServiceRegistry for RegistryEdge<NetworkService> {
-    async fn register(
-        &self,
-        request: Request<NetworkService>,
-    ) -> Result<Response<NetworkService>, Status> {
-        RegistryEdge::register(self, request, "/registry.NetworkServiceRegistry/Register").await
-    }
+/// The gRPC service of one registry resource over its [`RegistryEdge`]: the two services
+/// differ only in names, so one macro writes both.
+macro_rules! registry_service {
+    ($r:ty, $service:ident, $query:ident, $response:ident, $field:ident, $path:literal) => {
+        #[tonic::async_trait]
+        impl $service for RegistryEdge<$r> {
+            async fn register(&self, request: Request<$r>) -> Result<Response<$r>, Status> {
+                RegistryEdge::register(self, request, concat!($path, "/Register")).await
+            }
 
-    type FindStream = BoxStream<'static, Result<NetworkServiceResponse, Status>>;
+            type FindStream = BoxStream<'static, Result<$response, Status>>;
 
-    async fn find(
-        &self,
-        request: Request<NetworkServiceQuery>,
-    ) -> Result<Response<Self::FindStream>, Status> {
-        let q = request.get_ref();
-        let query = Query {
-            template: q.network_service.clone().unwrap_or_default(),
-            watch: q.watch,
-        };
-        RegistryEdge::find(
-            self,
-            request,
-            query,
-            "/registry.NetworkServiceRegistry/Find",
-            |r, deleted| NetworkServiceResponse {
-                network_service: Some(r),
-                deleted,
-            },
-        )
-        .await
-    }
+            async fn find(
+                &self,
+                request: Request<$query>,
+            ) -> Result<Response<Self::FindStream>, Status> {
+                let q = request.get_ref();
+                let query = Query {
+                    template: q.$field.clone().unwrap_or_default(),
+                    watch: q.watch,
+                };
+                RegistryEdge::find(
+                    self,
+                    request,
+                    query,
+                    concat!($path, "/Find"),
+                    |r, deleted| $response {
+                        $field: Some(r),
+                        deleted,
+                    },
+                )
+                .await
+            }
 
-    async fn unregister(&self, request: Request<NetworkService>) -> Result<Response<()>, Status> {
-        RegistryEdge::unregister(self, request, "/registry.NetworkServiceRegistry/Unregister").await
-    }
+            async fn unregister(&self, request: Request<$r>) -> Result<Response<()>, Status> {
+                RegistryEdge::unregister(self, request, concat!($path, "/Unregister")).await
+            }
+        }
+    };
 }
 
-#[tonic::async_trait]
-impl NetworkServiceEndpointRegistry for RegistryEdge<NetworkServiceEndpoint> {
-    async fn register(
-        &self,
-        request: Request<NetworkServiceEndpoint>,
-    ) -> Result<Response<NetworkServiceEndpoint>, Status> {
-        RegistryEdge::register(
-            self,
-            request,
-            "/registry.NetworkServiceEndpointRegistry/Register",
-        )
-        .await
-    }
-
-    type FindStream = BoxStream<'static, Result<NetworkServiceEndpointResponse, Status>>;
-
-    async fn find(
-        &self,
-        request: Request<NetworkServiceEndpointQuery>,
-    ) -> Result<Response<Self::FindStream>, Status> {
-        let q = request.get_ref();
-        let query = Query {
-            template: q.network_service_endpoint.clone().unwrap_or_default(),
-            watch: q.watch,
-        };
-        RegistryEdge::find(
-            self,
-            request,
-            query,
-            "/registry.NetworkServiceEndpointRegistry/Find",
-            |r, deleted| NetworkServiceEndpointResponse {
-                network_service_endpoint: Some(r),
-                deleted,
-            },
-        )
-        .await
-    }
-
-    async fn unregister(
-        &self,
-        request: Request<NetworkServiceEndpoint>,
-    ) -> Result<Response<()>, Status> {
-        RegistryEdge::unregister(
-            self,
-            request,
-            "/registry.NetworkServiceEndpointRegistry/Unregister",
-        )
-        .await
-    }
-}
+registry_service!(
+    NetworkService,
+    NetworkServiceRegistry,
+    NetworkServiceQuery,
+    NetworkServiceResponse,
+    network_service,
+    "/registry.NetworkServiceRegistry"
+);
+registry_service!(
+    NetworkServiceEndpoint,
+    NetworkServiceEndpointRegistry,
+    NetworkServiceEndpointQuery,
+    NetworkServiceEndpointResponse,
+    network_service_endpoint,
+    "/registry.NetworkServiceEndpointRegistry"
+);

@@ -86,83 +86,61 @@ trait RegistryWire: Resource {
     ) -> BoxFuture<'static, Result<tonic::Response<()>, Status>>;
 }
 
-impl RegistryWire for NetworkService {
-    type Query = NetworkServiceQuery;
-    type Response = NetworkServiceResponse;
-    const SERVICE: &'static str = "NetworkServiceRegistry";
-    fn query(q: Query<Self>) -> NetworkServiceQuery {
-        NetworkServiceQuery {
-            network_service: Some(q.template),
-            watch: q.watch,
+/// Binds one resource to its generated client and messages: the two impls differ only
+/// in names, so one macro writes both.
+macro_rules! registry_wire {
+    ($r:ty, $query:ident, $response:ident, $field:ident, $client:ident, $service:literal) => {
+        impl RegistryWire for $r {
+            type Query = $query;
+            type Response = $response;
+            const SERVICE: &'static str = $service;
+            fn query(q: Query<Self>) -> $query {
+                $query {
+                    $field: Some(q.template),
+                    watch: q.watch,
+                }
+            }
+            fn found(r: $response) -> (Option<Self>, bool) {
+                (r.$field, r.deleted)
+            }
+            fn register(
+                ch: Channel,
+                r: tonic::Request<Self>,
+            ) -> BoxFuture<'static, Result<tonic::Response<Self>, Status>> {
+                Box::pin(async move { $client::new(ch).register(r).await })
+            }
+            fn find(
+                ch: Channel,
+                q: tonic::Request<$query>,
+            ) -> BoxFuture<'static, Result<tonic::Response<Streaming<$response>>, Status>> {
+                Box::pin(async move { $client::new(ch).find(q).await })
+            }
+            fn unregister(
+                ch: Channel,
+                r: tonic::Request<Self>,
+            ) -> BoxFuture<'static, Result<tonic::Response<()>, Status>> {
+                Box::pin(async move { $client::new(ch).unregister(r).await })
+            }
         }
-    }
-    fn found(r: NetworkServiceResponse) -> (Option<Self>, bool) {
-        (r.network_service, r.deleted)
-    }
-    fn register(
-        ch: Channel,
-        r: tonic::Request<Self>,
-    ) -> BoxFuture<'static, Result<tonic::Response<Self>, Status>> {
-        Box::pin(async move { NetworkServiceRegistryClient::new(ch).register(r).await })
-    }
-    fn find(
-        ch: Channel,
-        q: tonic::Request<NetworkServiceQuery>,
-    ) -> BoxFuture<'static, Result<tonic::Response<Streaming<NetworkServiceResponse>>, Status>>
-    {
-        Box::pin(async move { NetworkServiceRegistryClient::new(ch).find(q).await })
-    }
-    fn unregister(
-        ch: Channel,
-        r: tonic::Request<Self>,
-    ) -> BoxFuture<'static, Result<tonic::Response<()>, Status>> {
-        Box::pin(async move { NetworkServiceRegistryClient::new(ch).unregister(r).await })
-    }
+    };
 }
 
-impl RegistryWire for NetworkServiceEndpoint {
-    type Query = NetworkServiceEndpointQuery;
-    type Response = NetworkServiceEndpointResponse;
-    const SERVICE: &'static str = "NetworkServiceEndpointRegistry";
-    fn query(q: Query<Self>) -> NetworkServiceEndpointQuery {
-        NetworkServiceEndpointQuery {
-            network_service_endpoint: Some(q.template),
-            watch: q.watch,
-        }
-    }
-    fn found(r: NetworkServiceEndpointResponse) -> (Option<Self>, bool) {
-        (r.network_service_endpoint, r.deleted)
-    }
-    fn register(
-        ch: Channel,
-        r: tonic::Request<Self>,
-    ) -> BoxFuture<'static, Result<tonic::Response<Self>, Status>> {
-        Box::pin(async move {
-            NetworkServiceEndpointRegistryClient::new(ch)
-                .register(r)
-                .await
-        })
-    }
-    fn find(
-        ch: Channel,
-        q: tonic::Request<NetworkServiceEndpointQuery>,
-    ) -> BoxFuture<
-        'static,
-        Result<tonic::Response<Streaming<NetworkServiceEndpointResponse>>, Status>,
-    > {
-        Box::pin(async move { NetworkServiceEndpointRegistryClient::new(ch).find(q).await })
-    }
-    fn unregister(
-        ch: Channel,
-        r: tonic::Request<Self>,
-    ) -> BoxFuture<'static, Result<tonic::Response<()>, Status>> {
-        Box::pin(async move {
-            NetworkServiceEndpointRegistryClient::new(ch)
-                .unregister(r)
-                .await
-        })
-    }
-}
+registry_wire!(
+    NetworkService,
+    NetworkServiceQuery,
+    NetworkServiceResponse,
+    network_service,
+    NetworkServiceRegistryClient,
+    "NetworkServiceRegistry"
+);
+registry_wire!(
+    NetworkServiceEndpoint,
+    NetworkServiceEndpointQuery,
+    NetworkServiceEndpointResponse,
+    network_service_endpoint,
+    NetworkServiceEndpointRegistryClient,
+    "NetworkServiceEndpointRegistry"
+);
 
 async fn registry_register<R: RegistryWire>(reg: &GrpcRegistry<R>, cx: &Cx, r: R) -> Result<R> {
     let what = format!("{}/Register", R::SERVICE);

@@ -3,7 +3,7 @@
 //! What it does, per connection id (the id this hop sees, so it sits after
 //! `update_path`):
 //! 1. **Exclusivity and FIFO order**: one operation at a time, in arrival order (a
-//!    tokio `Mutex` per id, which is fair).
+//!    fair lock per id, which the runtime's keyed lock keeps).
 //! 2. **Close uses the last good connection** the chain returned, not what the caller
 //!    passed, so every later handler tears down exactly what it built. Close of an
 //!    unknown id returns Ok without going down the chain. A failed first Request
@@ -33,10 +33,9 @@
 //! Failure handled: a panicking or timed-out operation does not wedge the id; a Close
 //! whose downstream fails still forgets the connection (and returns the error).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -45,10 +44,11 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use nsm_proto::connection::{Connection, State};
 use nsm_proto::networkservice::NetworkServiceRequest;
-use tokio::sync::{oneshot, OwnedMutexGuard};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::keyed_lock::{Guard, KeyedLock};
 use crate::core::{ConnEvent, ConnHandle, Cx, EventOutcome, EventSink, Handler, Next, Side};
 use crate::{Error, Result};
 
@@ -82,20 +82,16 @@ pub fn begin() -> Begin {
 }
 
 struct Inner {
-    slots: Mutex<HashMap<String, SlotLock>>,
+    /// Each connection's slot behind a fair lock (one allocation per connection).
+    slots: KeyedLock<Slot>,
     root: CancellationToken,
     default_timeout: Duration,
     me: Weak<Inner>,
 }
 
-/// One connection's slot: a fair lock around its state, one allocation.
-type SlotLock = Arc<tokio::sync::Mutex<Slot>>;
-
 /// What a hop keeps for a connection id. Small until the first Request succeeds: what
 /// an established connection needs is in `est`, allocated then.
 struct Slot {
-    /// The slot was removed from the map; a waiter must look the id up again.
-    dead: bool,
     handle: ConnHandle,
     /// How long the first request was given; events get the same.
     timeout: Duration,
@@ -148,7 +144,7 @@ impl Begin {
 
     fn build(root: CancellationToken, default_timeout: Duration) -> Self {
         let inner = Arc::new_cyclic(|me| Inner {
-            slots: Mutex::new(HashMap::new()),
+            slots: KeyedLock::default(),
             root,
             default_timeout,
             me: me.clone(),
@@ -158,11 +154,7 @@ impl Begin {
 
     /// How many connections this hop holds (established or being established).
     pub fn len(&self) -> usize {
-        self.inner
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.inner.slots.len()
     }
 
     /// Whether this hop holds no connection.
@@ -172,13 +164,7 @@ impl Begin {
 
     /// The ids of the connections this hop holds.
     pub fn ids(&self) -> Vec<String> {
-        self.inner
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        self.inner.slots.keys()
     }
 }
 
@@ -188,54 +174,33 @@ impl Inner {
         weak
     }
 
-    fn slot(&self, id: &str, create: bool) -> Option<SlotLock> {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = slots.get(id) {
-            return Some(s.clone());
-        }
+    /// Waits for the connection's turn. `None`: the id is unknown and `create` is false.
+    async fn acquire(&self, id: &str, create: bool) -> Option<Guard<Slot>> {
         if !create {
-            return None;
+            return self.slots.lock(id).await;
         }
-        let slot = Arc::new(tokio::sync::Mutex::new(Slot {
-            dead: false,
-            handle: ConnHandle::new(id, &self.root, self.sink()),
-            timeout: self.default_timeout,
-            est: None,
-        }));
-        slots.insert(id.to_string(), slot.clone());
+        let slot = self
+            .slots
+            .lock_or_insert(id, || Slot {
+                handle: ConnHandle::new(id, &self.root, self.sink()),
+                timeout: self.default_timeout,
+                est: None,
+            })
+            .await;
         Some(slot)
     }
 
-    /// Waits for the connection's turn. `None`: the id is unknown and `create` is false.
-    async fn acquire(&self, id: &str, create: bool) -> Option<OwnedMutexGuard<Slot>> {
-        loop {
-            let slot = self.slot(id, create)?;
-            let guard = slot.lock_owned().await;
-            if !guard.dead {
-                return Some(guard);
-            }
-        }
-    }
-
-    fn forget(&self, guard: &mut OwnedMutexGuard<Slot>) {
-        guard.dead = true;
+    fn forget(&self, guard: &mut Guard<Slot>) {
         guard.est = None;
-        let lock = OwnedMutexGuard::mutex(guard);
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        if slots
-            .get(guard.handle.id())
-            .is_some_and(|s| Arc::ptr_eq(s, lock))
-        {
-            slots.remove(guard.handle.id());
-        }
-        drop(slots);
-        guard.handle.end();
+        let handle = guard.handle.clone();
+        self.slots.remove(handle.id(), guard);
+        handle.end();
     }
 
     /// Runs a Request for an acquired slot in its own task.
     async fn run_request(
         self: Arc<Self>,
-        mut guard: OwnedMutexGuard<Slot>,
+        mut guard: Guard<Slot>,
         mut cx: Cx,
         mut req: NetworkServiceRequest,
         next: Next,
@@ -336,7 +301,7 @@ impl Inner {
 
     async fn run_close(
         self: Arc<Self>,
-        mut guard: OwnedMutexGuard<Slot>,
+        mut guard: Guard<Slot>,
         mut cx: Cx,
         next: Next,
     ) -> (Cx, Result<()>) {

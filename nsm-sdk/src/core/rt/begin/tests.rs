@@ -500,8 +500,7 @@ async fn a_connection_is_stored_once_until_events_change_it() {
     let conn = chain.request(&mut cx, req("c1", "a")).await.unwrap();
     let handle = cx.conn().cloned().unwrap();
     let stored = |b: &Begin| {
-        let slot = b.inner.slot("c1", false).unwrap();
-        let guard = slot.try_lock().unwrap();
+        let guard = b.inner.slots.try_lock("c1").unwrap();
         let est = guard.est.as_ref().expect("established");
         (
             est.req.connection.clone().unwrap(),
