@@ -12,7 +12,7 @@
 //! The default generator, [`lifetime_token`], signs nothing: it hands out one opaque
 //! string and an expiry `lifetime` from now. It is enough to drive the lifecycles above
 //! and to interoperate with peers that do not check tokens. Signed tokens (JWTs bound
-//! to the hop's and the peer's identities, SCENARIOS.md 6.3) plug in later behind the
+//! to the hop's and the peer's identities, docs/SCENARIOS.md 6.3) plug in later behind the
 //! same trait.
 
 use std::fmt;

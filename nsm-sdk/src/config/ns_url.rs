@@ -1,7 +1,7 @@
 //! The NS URL: how an NSC names what it wants in one string.
 //!
 //! Format: `<mechanism>://<network-service>[/<ifname>][?label=value&...]`
-//! (SCENARIOS.md 6.9, the Go SDK's `pkg/tools/nsurl`):
+//! (docs/SCENARIOS.md 6.9, the Go SDK's `pkg/tools/nsurl`):
 //!
 //! | part | meaning |
 //! |---|---|

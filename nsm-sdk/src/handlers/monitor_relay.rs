@@ -1,5 +1,5 @@
 //! `monitor_relay`: a passthrough hop follows its downstream connection and relays what
-//! happens to it upstream (SCENARIOS 6.4, 6.6).
+//! happens to it upstream (docs/SCENARIOS.md 6.4, 6.6).
 //!
 //! Where it goes: in the client chain that `connect` runs (the NSMgr's and the
 //! forwarder's), right after that chain's `begin`:

@@ -1,5 +1,5 @@
 //! `netsvc_monitor`: a connection does not stay on an endpoint that its network service
-//! no longer allows (SCENARIOS 5.1 item 3).
+//! no longer allows (docs/SCENARIOS.md 5.1 item 3).
 //!
 //! Where it goes: in the chain of the hop that selects endpoints, right after
 //! `discover` (the forwarder here; the Go SDK has it in the manager, which selects
@@ -1126,7 +1126,7 @@ mod tests {
         );
     }
 
-    /// SCENARIOS 5.10 "netsvcmonitor: groups of similar NSs".
+    /// docs/SCENARIOS.md 5.10 "netsvcmonitor: groups of similar NSs".
     #[tokio::test(start_paused = true)]
     async fn a_similarly_named_service_is_not_judged() {
         let hop = hop(Front {
@@ -1167,7 +1167,7 @@ mod tests {
         .await;
     }
 
-    /// SCENARIOS 5.10 "netsvcmonitor: no leak without Close".
+    /// docs/SCENARIOS.md 5.10 "netsvcmonitor: no leak without Close".
     #[tokio::test(start_paused = true)]
     async fn the_watch_ends_with_the_connection_and_with_the_hop() {
         let hop = hop(Front::default());
@@ -1371,7 +1371,7 @@ mod tests {
         assert_eq!(hop.services.watchers(), 1, "one watch for both");
     }
 
-    /// SCENARIOS 5.10 "netsvcmonitor: no leak without Close", for many connections.
+    /// docs/SCENARIOS.md 5.10 "netsvcmonitor: no leak without Close", for many connections.
     #[tokio::test(start_paused = true)]
     async fn connections_that_come_and_go_leave_no_entry_and_no_task() {
         let hop = hop(Front::default());

@@ -6,7 +6,7 @@
 //! room: `dst` for the endpoint and `src` for the client, as /32 (IPv4) or /128 (IPv6).
 //! It writes them into the request's IP context: `src_ip_addrs += src`,
 //! `dst_ip_addrs += dst`, `src_routes += dst` (the client reaches the endpoint) and
-//! `dst_routes += src` (KERNEL.md 2.2). Host addresses and host routes inside its
+//! `dst_routes += src` (docs/KERNEL.md 2.2). Host addresses and host routes inside its
 //! prefixes that are not the connection's (left over from a previous endpoint) are
 //! removed, so a healed connection never carries two or swapped addresses.
 //!

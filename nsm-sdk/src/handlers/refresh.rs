@@ -5,7 +5,7 @@
 //! the earliest `expires` among the path's segments and schedules one re-request of the
 //! connection ([`ConnHandle::request_event`]) at a random fraction of the time left
 //! until then: uniformly between 0.2 and 0.4 (exactly 1/3 when the path has a single
-//! segment), SCENARIOS.md 6.11. The randomness is the point: clients that connected
+//! segment), docs/SCENARIOS.md 6.11. The randomness is the point: clients that connected
 //! together do not refresh together, so a restart or a burst of connections does not
 //! turn into a refresh storm every few minutes. A path without any `expires` is not
 //! refreshed.
@@ -73,7 +73,7 @@ pub struct Refresh {
     pending: Arc<AtomicUsize>,
 }
 
-/// The `refresh` handler with the defaults of SCENARIOS.md 6.11.
+/// The `refresh` handler with the defaults of docs/SCENARIOS.md 6.11.
 pub fn refresh() -> Refresh {
     Refresh {
         config: Config {

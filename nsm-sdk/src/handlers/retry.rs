@@ -9,7 +9,7 @@
 //! that succeeded is kept, so values the rest of the chain put in it reach the handlers
 //! before this one.
 //!
-//! Defaults (SCENARIOS.md 6.11): try timeout 15 s, interval 200 ms. Unlike the Go SDK,
+//! Defaults (docs/SCENARIOS.md 6.11): try timeout 15 s, interval 200 ms. Unlike the Go SDK,
 //! where the try timeout bounds each attempt and retries go on until the caller's
 //! context ends, here it bounds the whole retrying, so a caller without a deadline
 //! still gets an answer.

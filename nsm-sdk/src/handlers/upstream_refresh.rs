@@ -1,5 +1,5 @@
 //! `upstream_refresh`: a client refreshes its connection when the endpoint asks for it
-//! (SCENARIOS 5.6, 6.4 REFRESH_REQUESTED).
+//! (docs/SCENARIOS.md 5.6, 6.4 REFRESH_REQUESTED).
 //!
 //! Where it goes: in a client chain (an NSC's, or a passthrough's), after `begin`, among
 //! the application handlers ([`ClientOptions::handler`](crate::chains::ClientOptions::handler)),

@@ -3,7 +3,7 @@
 //! What it does (on the client side of a registration: an NSE or a forwarder
 //! registering through its nsmgr): after a successful Register it re-registers the same
 //! entry through the rest of the chain at a fraction of the time left before the
-//! `expiration_time` the registry answered with: 2/3 by default (SCENARIOS.md 6.11),
+//! `expiration_time` the registry answered with: 2/3 by default (docs/SCENARIOS.md 6.11),
 //! jittered by ±10 % so endpoints that registered together do not refresh together.
 //! Every answer schedules the next refresh the same way, until the endpoint unregisters
 //! or the handler is dropped. The re-registered entry is the one the caller registered,

@@ -1,7 +1,7 @@
 //! Endpoint and forwarder selection: which registered endpoints may serve a request.
 //!
 //! Pure functions, no I/O: [`match_endpoints`] applies a network service's `matches` to
-//! the request's labels (SCENARIOS.md 6.7, "Endpoint selection"); [`forwarder_labels`]
+//! the request's labels (docs/SCENARIOS.md 6.7, "Endpoint selection"); [`forwarder_labels`]
 //! and [`match_forwarders`] do the same for forwarders ("Forwarder selection").
 //!
 //! Selector values may be templates evaluated against the request labels, as in the Go

@@ -1,4 +1,4 @@
-//! Client-side filtering of a next hop's monitor stream (SCENARIOS 6.6, "Client-side
+//! Client-side filtering of a next hop's monitor stream (docs/SCENARIOS.md 6.6, "Client-side
 //! filtering"): what heal, the monitor relay and upstream refresh see of it.
 //!
 //! A client hop knows its own path segment (`id`, `name`) and its index in the path. It

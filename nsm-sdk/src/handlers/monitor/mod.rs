@@ -24,7 +24,7 @@
 //! - after each Close, removes the connection and publishes a DELETE, also when the
 //!   downstream Close failed;
 //! - when a Request of an established connection (a refresh) fails, stores and
-//!   publishes the connection in state DOWN (SCENARIOS 6.4); a failed first Request
+//!   publishes the connection in state DOWN (docs/SCENARIOS.md 6.4); a failed first Request
 //!   publishes nothing;
 //! - puts itself into [`Cx::ext`] so later handlers of the same call (a monitor relay, an
 //!   endpoint asking for REFRESH_REQUESTED) can [`Monitor::publish`] for this hop.

@@ -1,4 +1,4 @@
-//! Which connections a `MonitorScopeSelector` selects (SCENARIOS 6.6, "Selector
+//! Which connections a `MonitorScopeSelector` selects (docs/SCENARIOS.md 6.6, "Selector
 //! matching"), and the per-subscriber view of an event.
 
 use nsm_proto::connection::{
