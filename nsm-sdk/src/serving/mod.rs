@@ -5,7 +5,7 @@
 //! chain ([`transport::serve`](crate::transport::serve)), registers its network services
 //! (those the registry does not know yet) and itself through the manager at
 //! [`ServeOptions`]' `connect_to`, keeps the registration fresh with
-//! [`registry_refresh`](crate::registry::registry_refresh) (jittered, owned timers), and
+//! [`registry_refresh`](mod@crate::registry::registry_refresh) (jittered, owned timers), and
 //! when the stop token is cancelled unregisters, then stops serving.
 //! [`serve_forwarder`] does the same for a forwarder. [`stop_on_signal`] gives a program
 //! the token that SIGTERM or SIGINT cancels, so its `main` is a few lines:

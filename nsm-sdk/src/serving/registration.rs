@@ -1,5 +1,5 @@
 //! Staying registered: a component registers through its node's manager (retrying while
-//! the manager starts), [`registry_refresh`](crate::registry::registry_refresh) keeps the entry from expiring, and the
+//! the manager starts), [`registry_refresh`](mod@crate::registry::registry_refresh) keeps the entry from expiring, and the
 //! component unregisters when it stops.
 
 use std::future::Future;
@@ -155,13 +155,13 @@ pub(crate) async fn ensure_with(
     Ok(registered.is_some())
 }
 
-/// An endpoint (or forwarder) entry kept registered by [`registry_refresh`](crate::registry::registry_refresh) until
+/// An endpoint (or forwarder) entry kept registered by [`registry_refresh`](mod@crate::registry::registry_refresh) until
 /// [`Registration::unregister`]. Dropping it stops the refreshes (the entry then
 /// expires).
 ///
 /// The entry is sent without an expiration time, so the registry grants its full
 /// expiry each time; refreshes come at 2/3 of what it grants, jittered, and a failed
-/// refresh is retried with backoff (see [`registry_refresh`](crate::registry::registry_refresh)).
+/// refresh is retried with backoff (see [`registry_refresh`](mod@crate::registry::registry_refresh)).
 #[derive(Debug)]
 #[must_use = "dropping a Registration stops its refreshes"]
 pub struct Registration {
