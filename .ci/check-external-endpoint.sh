@@ -44,5 +44,8 @@ tracing-subscriber = { version = "0.3", features = ["env-filter", "fmt"] }
 TOML
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
+# The workspace builds dependencies without debug info ([profile.dev.package."*"]): the
+# same here, so the warm dependencies are reused instead of built again.
+export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-false}"
 cargo check --manifest-path "$crate/Cargo.toml" --bins
 echo "ok: ${programs[*]} build outside the workspace"
