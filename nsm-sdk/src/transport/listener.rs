@@ -78,7 +78,7 @@ pub(crate) async fn bind(url: &Url) -> Result<(Listener, Url)> {
         }
         Url::Unix(path) => {
             prepare_socket_path(path).await.map_err(|e| fail(&e))?;
-            let l = UnixListener::bind(path).map_err(|e| fail(&e))?;
+            let l = bind_private(path).map_err(|e| fail(&e))?;
             let meta = std::fs::symlink_metadata(path).map_err(|e| fail(&e))?;
             let file = SocketFile {
                 path: path.clone(),
@@ -95,6 +95,29 @@ pub(crate) async fn bind(url: &Url) -> Result<(Listener, Url)> {
         }
         Url::Memory(name) => Ok((Listener::Memory(memory::listen(name)?), url.clone())),
     }
+}
+
+/// Who may connect to a unix socket of ours: its owner and its group, nobody else.
+pub(crate) const SOCKET_MODE: u32 = 0o660;
+
+/// Binds a unix socket at `path` that only its owner and group can connect to. The
+/// socket is bound under a temporary name beside `path`, restricted, then renamed into
+/// place, so there is no moment at which `path` accepts anybody else (a chmod after
+/// binding at `path` would leave one).
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}.binding", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging)?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .and_then(|()| std::fs::rename(&staging, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 /// Creates the parent directories and removes a stale socket file; refuses to remove

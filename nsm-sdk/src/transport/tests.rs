@@ -371,6 +371,39 @@ async fn kill_frees_the_socket_file_and_a_stale_one_is_replaced() {
 }
 
 #[tokio::test]
+async fn a_unix_socket_admits_only_its_owner_and_group() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let sock = TempSocket::new();
+    let url = sock.url();
+    let Url::Unix(path) = &url else {
+        unreachable!()
+    };
+    let echo = Echo::default();
+    let server = serve(&url, services(&echo)).await.unwrap();
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        super::listener::SOCKET_MODE,
+        "owner and group only, whatever the umask"
+    );
+    let left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("nsm.sock")],
+        "no staging name left"
+    );
+    client_chain(&Channels::new())
+        .request(&mut cx_for(&url), request_with("c", &[]))
+        .await
+        .unwrap();
+    drop(server);
+}
+
+#[tokio::test]
 async fn a_request_where_nothing_listens_fails_fast_with_unavailable() {
     let closed_port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
