@@ -4,9 +4,10 @@
 
 #![deny(missing_docs)]
 
+use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
@@ -90,6 +91,43 @@ pub fn read_lines(out: ChildStdout) -> mpsc::Receiver<String> {
         }
     });
     rx
+}
+
+/// Starts the example program `program` as `name` with only the `NSM_*` variables of
+/// `env` (none inherited from the test's environment) and `NSM_LOG_LEVEL` from
+/// `NSM_TEST_LOG_LEVEL` (default `info`); its stderr goes to `<dir>/<name>.log`, its
+/// stdout, when `capture_stdout`, to [`Proc::next_stdout_line`]. Each step waits at
+/// most `ready`.
+///
+/// # Panics
+/// When the program cannot be started.
+pub fn start(
+    dir: &TempDir,
+    program: &str,
+    name: &str,
+    env: &[(&str, &str)],
+    capture_stdout: bool,
+    ready: Duration,
+) -> Proc {
+    let stderr = dir.0.join(format!("{name}.log"));
+    let mut cmd = Command::new(bin(program));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("NSM_")) {
+        cmd.env_remove(k);
+    }
+    let level = std::env::var("NSM_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    cmd.env("NSM_LOG_LEVEL", level)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stderr(File::create(&stderr).expect("log file"))
+        .stdout(if capture_stdout {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+    Proc::new(name, child, stderr, ready)
 }
 
 /// One running example program of a process test. Dropping it kills it (SIGKILL) and
@@ -259,6 +297,14 @@ impl Proc {
             self.name,
             self.log()
         );
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status.is_none()
     }
 
     /// SIGKILL: the process dies at once, undoing nothing.

@@ -12,12 +12,10 @@
 //! by polling log lines, never by sleeping. `NSM_TEST_LOG_LEVEL` sets the programs' log
 //! level (default `info`).
 
-use std::fs::File;
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nsm_tests::{bin, Proc, TempDir};
+use nsm_tests::{Proc, TempDir};
 use serde_json::Value;
 
 /// How long a process may take to get ready, or to do what a step waits for.
@@ -57,29 +55,16 @@ impl Mesh {
         self
     }
 
-    /// Starts `program` as `name` with `env`; its stderr goes to `<name>.log`, its stdout
-    /// (when `capture_stdout`) to [`Proc::next_stdout_line`].
+    /// Starts `program` as `name` with the mesh's and `env`'s variables
+    /// ([`nsm_tests::start`]).
     fn start(&self, program: &str, name: &str, env: &[(&str, &str)], capture_stdout: bool) -> Proc {
-        let stderr = self.dir.0.join(format!("{name}.log"));
-        let mut cmd = Command::new(bin(program));
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("NSM_")) {
-            cmd.env_remove(k);
-        }
-        let level = std::env::var("NSM_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
-        cmd.env("NSM_LOG_LEVEL", level)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stderr(File::create(&stderr).expect("log file"))
-            .stdout(if capture_stdout {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            });
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        Proc::new(name, child, stderr, READY)
+        let all: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(env.iter().copied())
+            .collect();
+        nsm_tests::start(&self.dir, program, name, &all, capture_stdout, READY)
     }
 
     fn registry(&self, listen_on: &str) -> Proc {
