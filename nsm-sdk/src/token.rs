@@ -16,6 +16,7 @@
 //! same trait.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::core::Peer;
@@ -99,6 +100,21 @@ impl TokenGenerator for LifetimeToken {
         let now = SystemTime::now();
         let expires = now.checked_add(self.lifetime).unwrap_or(now);
         Ok((self.token.clone(), expires))
+    }
+}
+
+/// A per-call value ([`Cx::ext`](crate::Cx::ext)) that a client-side `update_token` sets:
+/// the gRPC client at the end of the chain makes the outgoing token with this generator
+/// once it knows who the next hop is (the identity in the server's certificate, as Go
+/// NSM's per-RPC credentials do), writes it and its expiry into this hop's own path
+/// segment and sends them as `nsm-client-token` / `nsm-client-token-expires`. Without
+/// it, the client sends the token already in [`Cx::peer`](crate::Cx::peer).
+#[derive(Clone)]
+pub struct OutgoingToken(pub Arc<dyn TokenGenerator>);
+
+impl fmt::Debug for OutgoingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutgoingToken").finish_non_exhaustive()
     }
 }
 

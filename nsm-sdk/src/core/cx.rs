@@ -8,6 +8,7 @@ use tracing::Span;
 
 use super::conn::ConnHandle;
 use super::extensions::Extensions;
+use crate::security::PeerIdentity;
 
 /// Which side of a gRPC hop a chain runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,24 @@ pub struct Peer {
     pub token: Option<String>,
     /// When the caller's token expires (gRPC metadata `nsm-client-token-expires`).
     pub token_expires: Option<SystemTime>,
+    /// The other side's SPIFFE identity, verified by the mTLS handshake of the link the
+    /// call came on (on a server: the caller). `None` on a link without TLS.
+    pub identity: Option<PeerIdentity>,
+    /// The process at the other end of a unix socket (its `SO_PEERCRED`), as the kernel
+    /// reported it when the connection was accepted. `None` on TCP and in memory.
+    pub process: Option<PeerProcess>,
+}
+
+/// The process at the other end of a unix socket, as the kernel reports it
+/// (`SO_PEERCRED`): what it was when it connected, not what the peer claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerProcess {
+    /// Its process id, when the kernel could name it in this process's pid namespace.
+    pub pid: Option<i32>,
+    /// Its effective user id when it connected.
+    pub uid: u32,
+    /// Its effective group id when it connected.
+    pub gid: u32,
 }
 
 /// The per-call context handed to every handler.

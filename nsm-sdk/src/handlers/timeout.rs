@@ -470,6 +470,7 @@ mod tests {
             addr: None,
             token: secs.map(|_| "nsc-token".to_string()),
             token_expires: secs.map(|s| SystemTime::now() + Duration::from_secs(s)),
+            ..Default::default()
         });
         let req = NetworkServiceRequest {
             connection: Some(Connection {

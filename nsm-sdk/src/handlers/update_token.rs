@@ -204,6 +204,7 @@ mod tests {
             addr: None,
             token: Some(token.into()),
             token_expires: Some(expires),
+            ..Default::default()
         })
     }
 

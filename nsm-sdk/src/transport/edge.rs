@@ -44,6 +44,8 @@ fn server_cx<T>(request: &Request<T>, method: &'static str, id: &str) -> Result<
         addr: info.and_then(|i| i.remote.clone()),
         token,
         token_expires,
+        identity: info.and_then(|i| i.identity.clone()),
+        process: info.and_then(|i| i.process),
     };
     let deadline = metadata::read_timeout(request.metadata())
         .and_then(|t| tokio::time::Instant::now().checked_add(t));

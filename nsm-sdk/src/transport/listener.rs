@@ -26,6 +26,8 @@ use tracing::{debug, warn};
 use super::frames::Unvectored;
 use super::memory::{self, MemoryListener};
 use crate::core::url::Url;
+use crate::core::PeerProcess;
+use crate::security::PeerIdentity;
 use crate::{Error, Result};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -178,39 +180,43 @@ impl Stream for Incoming {
         };
         // Unix sockets and memory pipes without vectored writes (one write per gRPC
         // message, see `frames`); TCP as it is.
-        let accepted: io::Result<(Box<dyn Io>, Option<String>)> = match listener {
-            Listener::Tcp(l) => match l.poll_accept(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok((s, addr))) => {
-                    if let Err(e) = s.set_nodelay(true) {
-                        debug!(error = %e, "cannot set TCP_NODELAY");
+        let accepted: io::Result<(Box<dyn Io>, Option<String>, Option<PeerProcess>)> =
+            match listener {
+                Listener::Tcp(l) => match l.poll_accept(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok((s, addr))) => {
+                        if let Err(e) = s.set_nodelay(true) {
+                            debug!(error = %e, "cannot set TCP_NODELAY");
+                        }
+                        Ok((Box::new(s), Some(addr.to_string()), None))
                     }
-                    Ok((Box::new(s), Some(addr.to_string())))
-                }
-                Poll::Ready(Err(e)) => Err(e),
-            },
-            Listener::Unix { listener: l, .. } => match l.poll_accept(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok((s, addr))) => {
-                    let remote = addr
-                        .as_pathname()
-                        .map(|p| format!("unix://{}", p.display()));
-                    Ok((Box::new(Unvectored(s)), remote))
-                }
-                Poll::Ready(Err(e)) => Err(e),
-            },
-            Listener::Memory(l) => match l.poll_accept(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(s)) => Ok((Box::new(Unvectored(s)), None)),
-                Poll::Ready(None) => return Poll::Ready(None),
-            },
-        };
+                    Poll::Ready(Err(e)) => Err(e),
+                },
+                Listener::Unix { listener: l, .. } => match l.poll_accept(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok((s, addr))) => {
+                        let remote = addr
+                            .as_pathname()
+                            .map(|p| format!("unix://{}", p.display()));
+                        let process = peer_process(&s);
+                        Ok((Box::new(Unvectored(s)), remote, process))
+                    }
+                    Poll::Ready(Err(e)) => Err(e),
+                },
+                Listener::Memory(l) => match l.poll_accept(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(s)) => Ok((Box::new(Unvectored(s)), None, None)),
+                    Poll::Ready(None) => return Poll::Ready(None),
+                },
+            };
         drop(slot);
         match accepted {
-            Ok((io, remote)) => {
+            Ok((io, remote, process)) => {
                 let info = ConnInfo {
                     id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
                     remote,
+                    identity: None,
+                    process,
                 };
                 debug!(conn = info.id, remote = ?info.remote, "connection accepted");
                 Poll::Ready(Some(Ok(ServerIo::new(io, info, &this.killed))))
@@ -234,6 +240,21 @@ impl Drop for Incoming {
     }
 }
 
+/// The credentials the kernel recorded for the peer of a unix socket.
+pub(crate) fn peer_process(s: &tokio::net::UnixStream) -> Option<PeerProcess> {
+    match s.peer_cred() {
+        Ok(c) => Some(PeerProcess {
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        }),
+        Err(e) => {
+            debug!(error = %e, "cannot read the peer credentials of a unix socket");
+            None
+        }
+    }
+}
+
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
@@ -242,6 +263,10 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 pub(crate) struct ConnInfo {
     pub(crate) id: u64,
     pub(crate) remote: Option<String>,
+    /// The peer's verified identity, on a TLS link.
+    pub(crate) identity: Option<PeerIdentity>,
+    /// The peer process, on a unix socket.
+    pub(crate) process: Option<PeerProcess>,
 }
 
 /// An accepted connection that fails every read and write once the server is killed,
