@@ -22,7 +22,8 @@ use rcgen::{
 use time::OffsetDateTime;
 
 use super::error::SecurityError;
-use super::identity::SpiffeId;
+use super::identity::{SpiffeId, Svid, TrustBundle};
+use super::source::Identity;
 
 /// A CA made on the spot for one trust domain.
 pub struct DevCa {
@@ -48,6 +49,16 @@ pub struct IssuedSvid {
     pub key_pem: String,
     /// The issuing CA's certificate: the trust bundle.
     pub bundle_pem: String,
+}
+
+impl IssuedSvid {
+    /// This SVID with its bundle, loaded.
+    pub fn identity(&self) -> Result<Identity, SecurityError> {
+        Ok(Identity::new(
+            Svid::from_pem(self.cert_pem.as_bytes(), self.key_pem.as_bytes())?,
+            TrustBundle::from_pem(self.bundle_pem.as_bytes())?,
+        ))
+    }
 }
 
 impl std::fmt::Debug for IssuedSvid {
@@ -117,6 +128,13 @@ impl DevCa {
             now - time::Duration::minutes(1),
             now + lifetime,
         )
+    }
+
+    /// An identity for `spiffe://<trust domain>/<name>`, valid for a day, with this CA
+    /// as its bundle: what a program, a sandbox component or a test runs with.
+    pub fn identity(&self, name: &str) -> Result<Identity, SecurityError> {
+        let id = SpiffeId::parse(&format!("spiffe://{}/{name}", self.trust_domain))?;
+        self.issue(&id, Duration::from_secs(24 * 3600))?.identity()
     }
 
     /// Issues an SVID for `id` that expired a minute ago (valid for one hour before that).

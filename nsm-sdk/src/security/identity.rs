@@ -226,13 +226,27 @@ impl Svid {
     /// private key (PKCS#8, SEC1 or PKCS#1). Refuses a key that does not match the leaf,
     /// a leaf without exactly one SPIFFE ID, and a leaf that has expired.
     pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Svid, SecurityError> {
+        Svid::parse(cert_pem, key_pem, true)
+    }
+
+    /// [`Svid::from_pem`] that keeps an expired leaf: for tests of what peers do with
+    /// one.
+    #[cfg(test)]
+    pub(crate) fn from_pem_even_expired(
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<Svid, SecurityError> {
+        Svid::parse(cert_pem, key_pem, false)
+    }
+
+    fn parse(cert_pem: &[u8], key_pem: &[u8], fresh: bool) -> Result<Svid, SecurityError> {
         let chain = read_certificates(cert_pem, "certificate")?;
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| SecurityError::Pem {
             what: "key",
             reason: e.to_string(),
         })?;
         let info = LeafInfo::parse(&chain[0])?;
-        if info.not_after < SystemTime::now() {
+        if fresh && info.not_after < SystemTime::now() {
             return Err(SecurityError::Expired {
                 not_after: system_to_unix(info.not_after),
             });

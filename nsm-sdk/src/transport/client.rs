@@ -6,11 +6,14 @@ use async_trait::async_trait;
 use nsm_proto::connection::Connection;
 use nsm_proto::networkservice::network_service_client::NetworkServiceClient;
 use nsm_proto::networkservice::NetworkServiceRequest;
+use prost_types::Timestamp;
+use tonic::transport::Channel;
 use tracing::debug;
 
 use super::channels::{answer, outgoing, Channels};
 use crate::core::url::{ClientUrl, Url};
 use crate::core::{Cx, Handler, Next};
+use crate::token::OutgoingToken;
 use crate::{Error, Result};
 
 fn client_url(cx: &Cx) -> Result<Url> {
@@ -35,6 +38,11 @@ pub struct GrpcClient {
 /// named by the call's [`ClientUrl`] and answers with the peer's reply (it does not call
 /// `next`).
 ///
+/// On an mTLS pool ([`Channels::tls`]) the server's verified identity becomes the
+/// call's [`Peer::identity`](crate::core::Peer::identity), and a call carrying an
+/// [`OutgoingToken`] (set by a client-side `update_token`) is signed for that identity
+/// (`aud` = the next hop) into the hop's own path segment and the call's metadata.
+///
 /// State: none besides the shared channel pool. Failures: no `ClientUrl` is
 /// [`Error::Internal`]; an unreachable peer or a broken connection is
 /// [`Error::Unavailable`]; the peer's own statuses are [`Error::Remote`] with their code;
@@ -43,27 +51,58 @@ pub fn grpc_client(channels: Channels) -> GrpcClient {
     GrpcClient { channels }
 }
 
+impl GrpcClient {
+    /// The channel to the call's peer. On an mTLS pool the peer's verified identity
+    /// becomes [`Peer::identity`](crate::core::Peer::identity) of `cx` (so a client-side
+    /// authorize can check the answer against it) and, when the call carries an
+    /// [`OutgoingToken`], the token is made for that identity now: into this hop's own
+    /// path segment of `conn` and into the metadata of the call.
+    async fn prepare(&self, cx: &mut Cx, url: &Url, conn: &mut Connection) -> Result<Channel> {
+        let (channel, server) = self.channels.connected(url).await?;
+        if server.is_some() {
+            cx.peer_mut().identity = server;
+        }
+        if let Some(OutgoingToken(generator)) = cx.ext().get::<OutgoingToken>().cloned() {
+            let (token, expires) = generator.generate(cx.peer())?;
+            let index = conn.path.as_ref().map_or(0, |p| p.index) as usize;
+            if let Some(own) = conn
+                .path
+                .as_mut()
+                .and_then(|p| p.path_segments.get_mut(index))
+            {
+                own.token = token.clone();
+                own.expires = Some(Timestamp::from(expires));
+            }
+            let peer = cx.peer_mut();
+            peer.token = Some(token);
+            peer.token_expires = Some(expires);
+        }
+        Ok(channel)
+    }
+}
+
 #[async_trait]
 impl Handler for GrpcClient {
     async fn request(
         &self,
         cx: &mut Cx,
-        req: NetworkServiceRequest,
+        mut req: NetworkServiceRequest,
         _next: Next,
     ) -> Result<Connection> {
         const WHAT: &str = "Request";
         let url = client_url(cx)?;
-        let channel = self.channels.channel(&url)?;
+        let conn = req.connection.get_or_insert_with(Default::default);
+        let channel = self.prepare(cx, &url, conn).await?;
         let request = outgoing(cx, &url, WHAT, req)?;
         debug!(parent: cx.span(), url = %url, "sending Request");
         let mut client = NetworkServiceClient::new(channel);
         answer(cx, &url, WHAT, client.request(request)).await
     }
 
-    async fn close(&self, cx: &mut Cx, conn: Connection, _next: Next) -> Result<()> {
+    async fn close(&self, cx: &mut Cx, mut conn: Connection, _next: Next) -> Result<()> {
         const WHAT: &str = "Close";
         let url = client_url(cx)?;
-        let channel = self.channels.channel(&url)?;
+        let channel = self.prepare(cx, &url, &mut conn).await?;
         let request = outgoing(cx, &url, WHAT, conn)?;
         debug!(parent: cx.span(), url = %url, "sending Close");
         let mut client = NetworkServiceClient::new(channel);

@@ -16,15 +16,18 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::stream::Stream;
+use futures::future::BoxFuture;
+use futures::ready;
+use futures::stream::{FuturesUnordered, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::frames::Unvectored;
 use super::memory::{self, MemoryListener};
+use super::tls::Tls;
 use crate::core::url::Url;
 use crate::core::PeerProcess;
 use crate::security::PeerIdentity;
@@ -142,22 +145,157 @@ async fn prepare_socket_path(path: &Path) -> io::Result<()> {
     }
 }
 
-/// The accept loop's stream of connections, each wrapped so the kill token breaks it.
+/// How many TLS handshakes a server runs at once; beyond that it stops accepting until
+/// one finishes (each is bounded by [`HANDSHAKE_TIMEOUT`](super::tls::HANDSHAKE_TIMEOUT)).
+const MAX_HANDSHAKES: usize = 1024;
+
+/// The accept loop's stream of connections, each wrapped so the kill token breaks it;
+/// with TLS, each yielded once its handshake succeeded (handshakes run concurrently, a
+/// slow or failing one holds up nobody).
 pub(crate) struct Incoming {
     listener: Arc<Mutex<Option<Listener>>>,
     killed: CancellationToken,
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+    tls: Option<Tls>,
+    handshakes: FuturesUnordered<BoxFuture<'static, Option<ServerIo>>>,
 }
 
 impl Incoming {
     /// The accept stream over the listener in `listener`; connections break when
-    /// `killed` fires.
-    pub(crate) fn new(listener: Arc<Mutex<Option<Listener>>>, killed: CancellationToken) -> Self {
+    /// `killed` fires; with `tls`, every connection is mTLS.
+    pub(crate) fn new(
+        listener: Arc<Mutex<Option<Listener>>>,
+        killed: CancellationToken,
+        tls: Option<Tls>,
+    ) -> Self {
         Incoming {
             listener,
             killed,
             backoff: None,
+            tls,
+            handshakes: FuturesUnordered::new(),
         }
+    }
+
+    /// Accepts one connection: `Ready(None)` when the listener is gone.
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Accepted>>> {
+        if let Some(sleep) = &mut self.backoff {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.backoff = None;
+        }
+        let mut slot = lock(&self.listener);
+        let Some(listener) = slot.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let accepted = match listener {
+            Listener::Tcp(l) => match ready!(l.poll_accept(cx)) {
+                Ok((s, addr)) => {
+                    if let Err(e) = s.set_nodelay(true) {
+                        debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                    Ok(Accepted::new(
+                        Box::new(s),
+                        Some(addr.to_string()),
+                        None,
+                        false,
+                    ))
+                }
+                Err(e) => Err(e),
+            },
+            Listener::Unix { listener: l, .. } => match ready!(l.poll_accept(cx)) {
+                Ok((s, addr)) => {
+                    let remote = addr
+                        .as_pathname()
+                        .map(|p| format!("unix://{}", p.display()));
+                    let process = peer_process(&s);
+                    Ok(Accepted::new(Box::new(s), remote, process, true))
+                }
+                Err(e) => Err(e),
+            },
+            Listener::Memory(l) => match ready!(l.poll_accept(cx)) {
+                Some(s) => Ok(Accepted::new(Box::new(s), None, None, true)),
+                None => return Poll::Ready(None),
+            },
+        };
+        drop(slot);
+        if let Err(e) = &accepted {
+            // Out of descriptors and the like: wait a little instead of spinning.
+            warn!(error = %e, "accept failed");
+            let mut sleep = Box::pin(tokio::time::sleep(Duration::from_millis(50)));
+            let _ = sleep.as_mut().poll(cx);
+            self.backoff = Some(sleep);
+        }
+        Poll::Ready(Some(accepted))
+    }
+}
+
+/// A connection just accepted, before any handshake.
+struct Accepted {
+    io: Box<dyn Io>,
+    info: ConnInfo,
+    /// Unix sockets and memory pipes go without vectored writes (one write per gRPC
+    /// message, see `frames`); TCP as it is.
+    local: bool,
+}
+
+impl Accepted {
+    fn new(
+        io: Box<dyn Io>,
+        remote: Option<String>,
+        process: Option<PeerProcess>,
+        local: bool,
+    ) -> Self {
+        let info = ConnInfo {
+            id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+            remote,
+            identity: None,
+            process,
+        };
+        debug!(conn = info.id, remote = ?info.remote, "connection accepted");
+        Accepted { io, info, local }
+    }
+
+    fn plain(self, killed: &CancellationToken) -> ServerIo {
+        let io: Box<dyn Io> = if self.local {
+            Box::new(Unvectored(self.io))
+        } else {
+            self.io
+        };
+        ServerIo::new(io, self.info, killed)
+    }
+
+    /// The handshake, then the connection with the peer's identity; `None` when the
+    /// handshake fails or the server is killed meanwhile.
+    fn secure(self, tls: Tls, killed: CancellationToken) -> BoxFuture<'static, Option<ServerIo>> {
+        Box::pin(async move {
+            let Accepted {
+                io,
+                mut info,
+                local,
+            } = self;
+            let handshake = tokio::select! {
+                _ = killed.cancelled() => return None,
+                handshake = tls.accept(io) => handshake,
+            };
+            match handshake {
+                Ok((stream, peer)) => {
+                    debug!(conn = info.id, peer = %peer.id, "TLS peer verified");
+                    info.identity = Some(peer);
+                    let io: Box<dyn Io> = if local {
+                        Box::new(Unvectored(stream))
+                    } else {
+                        Box::new(stream)
+                    };
+                    Some(ServerIo::new(io, info, &killed))
+                }
+                Err(e) => {
+                    info!(conn = info.id, remote = ?info.remote, error = %e, "TLS handshake refused");
+                    None
+                }
+            }
+        })
     }
 }
 
@@ -168,66 +306,27 @@ impl Stream for Incoming {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        if let Some(sleep) = &mut this.backoff {
-            if sleep.as_mut().poll(cx).is_pending() {
+        loop {
+            while let Poll::Ready(Some(done)) = this.handshakes.poll_next_unpin(cx) {
+                if let Some(io) = done {
+                    return Poll::Ready(Some(Ok(io)));
+                }
+            }
+            if this.handshakes.len() >= MAX_HANDSHAKES {
+                // Woken when a handshake finishes.
                 return Poll::Pending;
             }
-            this.backoff = None;
-        }
-        let mut slot = lock(&this.listener);
-        let Some(listener) = slot.as_mut() else {
-            return Poll::Ready(None);
-        };
-        // Unix sockets and memory pipes without vectored writes (one write per gRPC
-        // message, see `frames`); TCP as it is.
-        let accepted: io::Result<(Box<dyn Io>, Option<String>, Option<PeerProcess>)> =
-            match listener {
-                Listener::Tcp(l) => match l.poll_accept(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok((s, addr))) => {
-                        if let Err(e) = s.set_nodelay(true) {
-                            debug!(error = %e, "cannot set TCP_NODELAY");
-                        }
-                        Ok((Box::new(s), Some(addr.to_string()), None))
-                    }
-                    Poll::Ready(Err(e)) => Err(e),
-                },
-                Listener::Unix { listener: l, .. } => match l.poll_accept(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok((s, addr))) => {
-                        let remote = addr
-                            .as_pathname()
-                            .map(|p| format!("unix://{}", p.display()));
-                        let process = peer_process(&s);
-                        Ok((Box::new(Unvectored(s)), remote, process))
-                    }
-                    Poll::Ready(Err(e)) => Err(e),
-                },
-                Listener::Memory(l) => match l.poll_accept(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Some(s)) => Ok((Box::new(Unvectored(s)), None, None)),
-                    Poll::Ready(None) => return Poll::Ready(None),
-                },
+            let accepted = match ready!(this.poll_accept(cx)) {
+                None => return Poll::Ready(None),
+                // Already logged; the backoff is armed.
+                Some(Err(_)) => return Poll::Pending,
+                Some(Ok(accepted)) => accepted,
             };
-        drop(slot);
-        match accepted {
-            Ok((io, remote, process)) => {
-                let info = ConnInfo {
-                    id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
-                    remote,
-                    identity: None,
-                    process,
-                };
-                debug!(conn = info.id, remote = ?info.remote, "connection accepted");
-                Poll::Ready(Some(Ok(ServerIo::new(io, info, &this.killed))))
-            }
-            Err(e) => {
-                // Out of descriptors and the like: wait a little instead of spinning.
-                warn!(error = %e, "accept failed");
-                let mut sleep = Box::pin(tokio::time::sleep(Duration::from_millis(50)));
-                let _ = sleep.as_mut().poll(cx);
-                this.backoff = Some(sleep);
-                Poll::Pending
+            match &this.tls {
+                None => return Poll::Ready(Some(Ok(accepted.plain(&this.killed)))),
+                Some(tls) => this
+                    .handshakes
+                    .push(accepted.secure(tls.clone(), this.killed.clone())),
             }
         }
     }

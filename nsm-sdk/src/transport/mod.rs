@@ -10,6 +10,7 @@ pub mod memory;
 pub mod metadata;
 pub mod registry_client;
 pub mod server;
+pub mod tls;
 
 /// The URL types live in core so the registry can use them; re-exported where dialing
 /// and serving use them.
@@ -18,6 +19,7 @@ pub use channels::{monitor_connections, Channels, DEFAULT_CONNECT_TIMEOUT};
 pub use client::{grpc_client, GrpcClient};
 pub use registry_client::{grpc_registry, GrpcRegistry};
 pub use server::{serve, Server, Services};
+pub use tls::Tls;
 
 #[cfg(test)]
 mod tests;

@@ -33,6 +33,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::edge::{MonitorEdge, NetworkServiceEdge, RegistryEdge};
 use super::listener::{bind, lock, Incoming, Listener};
+use super::tls::Tls;
 use crate::core::url::Url;
 use crate::core::{Chain, MonitorSource};
 use crate::registry::{Registries, RegistryChain};
@@ -55,6 +56,7 @@ pub struct Services {
     monitor: Option<Arc<dyn MonitorSource>>,
     ns_registry: Option<RegistryChain<NetworkService>>,
     nse_registry: Option<RegistryChain<NetworkServiceEndpoint>>,
+    tls: Option<Tls>,
 }
 
 impl fmt::Debug for Services {
@@ -64,6 +66,7 @@ impl fmt::Debug for Services {
             .field("monitor", &self.monitor.is_some())
             .field("ns_registry", &self.ns_registry)
             .field("nse_registry", &self.nse_registry)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -95,6 +98,14 @@ impl Services {
     /// Answers `registry.NetworkServiceEndpointRegistry` with `chain`.
     pub fn nse_registry(mut self, chain: RegistryChain<NetworkServiceEndpoint>) -> Self {
         self.nse_registry = Some(chain);
+        self
+    }
+
+    /// Serves over mTLS with `tls`: every connection must present an SVID the trust
+    /// bundle vouches for, and its identity is the [`Peer::identity`](crate::core::Peer)
+    /// of every call on it. Without this the server speaks plaintext.
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -204,7 +215,8 @@ pub async fn serve(url: &Url, services: Services) -> Result<Server> {
         }));
     }
 
-    let incoming = Incoming::new(listener.clone(), killed.clone());
+    let secure = services.tls.is_some();
+    let incoming = Incoming::new(listener.clone(), killed.clone(), services.tls);
     let signal = graceful.clone().cancelled_owned();
     let span = tracing::info_span!("server", url = %url);
     let task = tokio::spawn(
@@ -220,7 +232,7 @@ pub async fn serve(url: &Url, services: Services) -> Result<Server> {
         }
         .instrument(span),
     );
-    info!(url = %url, "serving");
+    info!(url = %url, mtls = secure, "serving");
     Ok(Server {
         url,
         listener,

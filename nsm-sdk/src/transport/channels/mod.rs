@@ -17,10 +17,12 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
 use hyper_util::rt::TokioIo;
 use nsm_proto::connection::monitor_connection_client::MonitorConnectionClient;
 use nsm_proto::connection::{ConnectionEvent, MonitorScopeSelector};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Status;
 use tower::service_fn;
@@ -30,8 +32,10 @@ use self::shared_monitor::SharedMonitors;
 use super::frames::Unvectored;
 use super::memory;
 use super::metadata;
+use super::tls::Tls;
 use crate::core::url::Url;
 use crate::core::Cx;
+use crate::security::PeerIdentity;
 use crate::{Error, Result};
 
 /// How long opening a connection to a peer may take before the call fails.
@@ -43,6 +47,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Channels are created on first use without connecting (creation never blocks); they
 /// connect on the first call and reconnect after a failure, each attempt bounded by the
 /// connect timeout, so a call to a dead peer fails fast. TCP_NODELAY is on.
+///
+/// With [`Channels::tls`], every link is mTLS and the pool remembers, per peer, the
+/// identity the last handshake verified ([`Channels::connected`] connects first when it
+/// does not know it yet), so a client can sign its token for the next hop.
 #[derive(Clone)]
 pub struct Channels {
     inner: Arc<Pool>,
@@ -50,14 +58,27 @@ pub struct Channels {
 
 struct Pool {
     connect_timeout: Duration,
-    channels: Mutex<HashMap<Url, Channel>>,
+    tls: Option<Tls>,
+    channels: Mutex<HashMap<Url, Entry>>,
     monitors: Arc<SharedMonitors>,
+}
+
+/// One peer's channel and what the handshakes on it learned.
+#[derive(Clone)]
+struct Entry {
+    channel: Channel,
+    /// The identity of the peer's last verified handshake (TLS only).
+    server: Arc<Mutex<Option<PeerIdentity>>>,
+    /// Held while a first connection is made to learn `server`, so concurrent first
+    /// calls make one connection, not one each.
+    connecting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl fmt::Debug for Channels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Channels")
             .field("connect_timeout", &self.inner.connect_timeout)
+            .field("tls", &self.inner.tls.is_some())
             .field("peers", &self.len())
             .finish()
     }
@@ -77,13 +98,29 @@ impl Channels {
 
     /// An empty pool whose connection attempts give up after `timeout`.
     pub fn with_connect_timeout(timeout: Duration) -> Self {
+        Self::make(timeout, None)
+    }
+
+    /// A new, empty pool like this one whose links are all mTLS with `tls` (the pool it
+    /// is called on is not changed).
+    pub fn tls(&self, tls: Tls) -> Self {
+        Self::make(self.inner.connect_timeout, Some(tls))
+    }
+
+    fn make(connect_timeout: Duration, tls: Option<Tls>) -> Self {
         Channels {
             inner: Arc::new(Pool {
-                connect_timeout: timeout,
+                connect_timeout,
+                tls,
                 channels: Mutex::new(HashMap::new()),
                 monitors: Arc::default(),
             }),
         }
+    }
+
+    /// Whether this pool's links are mTLS.
+    pub fn is_secure(&self) -> bool {
+        self.inner.tls.is_some()
     }
 
     /// The shared monitor streams of this pool ([`shared_monitor`]).
@@ -99,9 +136,53 @@ impl Channels {
     /// The channel to `url`, created (not connected) on first use. Must be called
     /// inside a tokio runtime.
     pub fn channel(&self, url: &Url) -> Result<Channel> {
+        Ok(self.entry(url)?.channel)
+    }
+
+    /// The channel to `url` and, on an mTLS pool, the identity of the peer there: when
+    /// no handshake with it has been made yet, connects first (bounded by the connect
+    /// timeout; a peer that cannot be reached is [`Error::Unavailable`]). On a plaintext
+    /// pool this is [`Channels::channel`] and no identity.
+    pub async fn connected(&self, url: &Url) -> Result<(Channel, Option<PeerIdentity>)> {
+        let entry = self.entry(url)?;
+        let Some(tls) = &self.inner.tls else {
+            return Ok((entry.channel, None));
+        };
+        if let Some(id) = lock(&entry.server).clone() {
+            return Ok((entry.channel, Some(id)));
+        }
+        let _connecting = entry.connecting.lock().await;
+        // Another call may have connected while this one waited.
+        let entry = self.entry(url)?;
+        if let Some(id) = lock(&entry.server).clone() {
+            return Ok((entry.channel, Some(id)));
+        }
+        let endpoint = endpoint(url, self.inner.connect_timeout)?;
+        let connector = connector(url, Some(tls.clone()), entry.server.clone());
+        let channel = tokio::time::timeout(
+            self.inner.connect_timeout,
+            endpoint.connect_with_connector(connector),
+        )
+        .await
+        .map_err(|_| Error::unavailable(format!("cannot connect to {url}: timed out")))?
+        .map_err(|e| Error::unavailable(format!("cannot connect to {url}: {}", chain(&e))))?;
+        let id = lock(&entry.server).clone().ok_or_else(|| {
+            Error::unavailable(format!("{url}: connected without a verified peer"))
+        })?;
+        // The connected channel replaces the lazy one (calls in flight on that go on).
         let mut map = self.lock();
-        if let Some(ch) = map.get(url) {
-            return Ok(ch.clone());
+        if let Some(e) = map.get_mut(url) {
+            if Arc::ptr_eq(&e.server, &entry.server) {
+                e.channel = channel.clone();
+            }
+        }
+        Ok((channel, Some(id)))
+    }
+
+    fn entry(&self, url: &Url) -> Result<Entry> {
+        let mut map = self.lock();
+        if let Some(e) = map.get(url) {
+            return Ok(e.clone());
         }
         // A channel runs a task; without a runtime creating one would panic.
         if tokio::runtime::Handle::try_current().is_err() {
@@ -109,10 +190,23 @@ impl Channels {
                 "cannot dial {url}: channels are made inside a tokio runtime"
             )));
         }
-        let ch = new_channel(url, self.inner.connect_timeout)?;
-        debug!(url = %url, "new channel");
-        map.insert(url.clone(), ch.clone());
-        Ok(ch)
+        let server = Arc::new(Mutex::new(None));
+        let endpoint = endpoint(url, self.inner.connect_timeout)?;
+        let channel = match (url, &self.inner.tls) {
+            // tonic's own connector: TCP as it is, TCP_NODELAY on.
+            (Url::Tcp { .. }, None) => endpoint.connect_lazy(),
+            (_, tls) => {
+                endpoint.connect_with_connector_lazy(connector(url, tls.clone(), server.clone()))
+            }
+        };
+        debug!(url = %url, tls = self.inner.tls.is_some(), "new channel");
+        let entry = Entry {
+            channel,
+            server,
+            connecting: Arc::default(),
+        };
+        map.insert(url.clone(), entry.clone());
+        Ok(entry)
     }
 
     /// Drops the pool's channel to `url` (calls in flight on it go on); returns whether
@@ -131,60 +225,103 @@ impl Channels {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Url, Channel>> {
-        self.inner
-            .channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Url, Entry>> {
+        lock(&self.inner.channels)
     }
 }
 
-fn new_channel(url: &Url, connect_timeout: Duration) -> Result<Channel> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An error and its sources, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// The tonic endpoint of `url`. Unix sockets and memory pipes are reached through a
+/// custom connector; their URI only names the `:authority`, as gRPC over unix sockets
+/// does elsewhere.
+fn endpoint(url: &Url, connect_timeout: Duration) -> Result<Endpoint> {
     let bad = |e: &dyn fmt::Display| Error::invalid(format!("cannot dial {url}: {e}"));
-    match url {
+    let endpoint = match url {
         Url::Tcp { host, port } => {
             let host = if host.contains(':') {
                 format!("[{host}]")
             } else {
                 host.clone()
             };
-            let endpoint = Endpoint::from_shared(format!("http://{host}:{port}"))
+            Endpoint::from_shared(format!("http://{host}:{port}"))
                 .map_err(|e| bad(&e))?
                 .tcp_nodelay(true)
-                .connect_timeout(connect_timeout);
-            Ok(endpoint.connect_lazy())
         }
-        Url::Unix(path) => {
-            let path = path.clone();
-            let endpoint = local_endpoint(connect_timeout);
-            Ok(
-                endpoint.connect_with_connector_lazy(service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        tokio::net::UnixStream::connect(&path)
-                            .await
-                            .map(|s| TokioIo::new(Unvectored(s)))
-                    }
-                })),
-            )
-        }
-        Url::Memory(name) => {
-            let name = name.clone();
-            let endpoint = local_endpoint(connect_timeout);
-            Ok(
-                endpoint.connect_with_connector_lazy(service_fn(move |_: Uri| {
-                    let connected = memory::connect(&name).map(|s| TokioIo::new(Unvectored(s)));
-                    async move { connected }
-                })),
-            )
-        }
-    }
+        Url::Unix(_) | Url::Memory(_) => Endpoint::from_static("http://localhost"),
+    };
+    Ok(endpoint.connect_timeout(connect_timeout))
 }
 
-/// The endpoint of a peer reached through a custom connector; the URI only names the
-/// `:authority`, as gRPC over unix sockets does elsewhere.
-fn local_endpoint(connect_timeout: Duration) -> Endpoint {
-    Endpoint::from_static("http://localhost").connect_timeout(connect_timeout)
+type BoxedIo = TokioIo<Box<dyn Io>>;
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// Opens a connection to `url`: the stream, then with `tls` the handshake, whose verified
+/// peer goes into `server`. Unix sockets and memory pipes without vectored writes (see
+/// `frames`).
+fn connector(
+    url: &Url,
+    tls: Option<Tls>,
+    server: Arc<Mutex<Option<PeerIdentity>>>,
+) -> impl tower::Service<
+    Uri,
+    Response = BoxedIo,
+    Error = std::io::Error,
+    Future = BoxFuture<'static, std::io::Result<BoxedIo>>,
+> + Clone
+       + Send
+       + 'static {
+    let url = url.clone();
+    service_fn(move |_: Uri| {
+        let (url, tls, server) = (url.clone(), tls.clone(), server.clone());
+        let connecting: BoxFuture<'static, std::io::Result<BoxedIo>> = Box::pin(async move {
+            let (raw, local): (Box<dyn Io>, bool) = match &url {
+                Url::Tcp { host, port } => {
+                    let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                    s.set_nodelay(true)?;
+                    (Box::new(s), false)
+                }
+                Url::Unix(path) => (Box::new(tokio::net::UnixStream::connect(path).await?), true),
+                Url::Memory(name) => {
+                    let pipe = memory::connect(name).map_err(|e| {
+                        std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())
+                    })?;
+                    (Box::new(pipe), true)
+                }
+            };
+            let io: Box<dyn Io> = match tls {
+                None => raw,
+                Some(tls) => {
+                    let (stream, peer) = tls.connect(raw).await?;
+                    debug!(url = %url, peer = %peer.id, "TLS server verified");
+                    *lock(&server) = Some(peer);
+                    Box::new(stream)
+                }
+            };
+            Ok(TokioIo::new(if local {
+                Box::new(Unvectored(io))
+            } else {
+                io
+            }))
+        });
+        connecting
+    })
 }
 
 /// A status from a call: the peer's own answer is [`Error::Remote`]; a failure of the

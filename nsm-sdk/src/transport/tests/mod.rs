@@ -26,6 +26,8 @@ use crate::registry::{
 };
 use crate::{Error, Result};
 
+mod tls;
+
 const PROMPTLY: Duration = Duration::from_secs(1);
 
 /// A fresh unix socket path in its own directory under the system temp dir; the

@@ -1,0 +1,220 @@
+//! mTLS on every kind of link, with certificates from a real (throw-away) CA: who gets
+//! in, who does not, and what each side learns of the other.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
+
+use super::*;
+use crate::security::dev_ca::DevCa;
+use crate::security::{Identity, SpiffeId, Svid, TrustBundle};
+use crate::token::OutgoingToken;
+
+fn tls(identity: Identity) -> Tls {
+    Tls::new(identity.fixed()).unwrap()
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).unwrap()
+}
+
+/// A server on `url` that answers over mTLS as `spiffe://example.org/server`.
+async fn secure_server(ca: &DevCa, url: &Url, echo: &Echo) -> Server {
+    let identity = ca.identity("server").unwrap();
+    serve(url, services(echo).tls(tls(identity))).await.unwrap()
+}
+
+#[tokio::test]
+async fn each_side_of_an_mtls_link_learns_the_others_spiffe_id() {
+    let ca = DevCa::new("example.org").unwrap();
+    let channels = Channels::new().tls(tls(ca.identity("client").unwrap()));
+    assert!(channels.is_secure());
+    let client = client_chain(&channels);
+    let (_sock, urls) = every_kind();
+    for url in urls {
+        let echo = Echo::default();
+        let server = secure_server(&ca, &url, &echo).await;
+        let mut cx = cx_for(server.url());
+        let conn = client
+            .request(&mut cx, request_with("c-1", &[]))
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(conn.labels["served"], "yes", "{url}");
+        let seen = echo
+            .last()
+            .peer
+            .identity
+            .expect("the server knows its caller");
+        assert_eq!(seen.id, id("spiffe://example.org/client"), "{url}");
+        let known = cx
+            .peer()
+            .identity
+            .clone()
+            .expect("the client knows its server");
+        assert_eq!(known.id, id("spiffe://example.org/server"), "{url}");
+        client.close(&mut cx_for(server.url()), conn).await.unwrap();
+        assert_eq!(*echo.closed.lock().unwrap(), ["c-1"], "{url}");
+    }
+}
+
+/// Counts the calls that reach the server's chain.
+#[derive(Clone, Default)]
+struct Reached(Arc<AtomicUsize>);
+
+#[async_trait]
+impl Handler for Reached {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        req: NetworkServiceRequest,
+        next: Next,
+    ) -> Result<Connection> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        next.request(cx, req).await
+    }
+}
+
+/// Calls a server that runs as `spiffe://example.org/server` with `channels`; the
+/// caller must be refused before the server's chain sees anything.
+async fn refused(channels: Channels, url: &Url, server_ca: &DevCa) -> Error {
+    let reached = Reached::default();
+    let chain = Chain::builder().push(reached.clone()).build();
+    let identity = server_ca.identity("server").unwrap();
+    let server = serve(
+        url,
+        Services::new().network_service(chain).tls(tls(identity)),
+    )
+    .await
+    .unwrap();
+    let err = client_chain(&channels)
+        .request(&mut cx_for(server.url()), request_with("c", &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reached.0.load(Ordering::SeqCst),
+        0,
+        "{url}: nothing is made"
+    );
+    err
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused_and_nothing_is_made() {
+    let ca = DevCa::new("example.org").unwrap();
+    let (_sock, urls) = every_kind();
+    for url in urls {
+        let err = refused(Channels::new(), &url, &ca).await;
+        assert_eq!(err.code(), Code::Unavailable, "{url}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_from_another_ca_is_refused_and_nothing_is_made() {
+    let ca = DevCa::new("example.org").unwrap();
+    let other = DevCa::new("example.org").unwrap();
+    let (_sock, urls) = every_kind();
+    for url in urls {
+        let channels = Channels::new().tls(tls(other.identity("intruder").unwrap()));
+        let err = refused(channels, &url, &ca).await;
+        assert_eq!(err.code(), Code::Unavailable, "{url}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_with_an_expired_certificate_is_refused_and_nothing_is_made() {
+    let ca = DevCa::new("example.org").unwrap();
+    let issued = ca.issue_expired(&id("spiffe://example.org/late")).unwrap();
+    let expired = Identity::new(
+        Svid::from_pem_even_expired(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap(),
+        TrustBundle::from_pem(issued.bundle_pem.as_bytes()).unwrap(),
+    );
+    let (_sock, urls) = every_kind();
+    for url in urls {
+        let channels = Channels::new().tls(tls(expired.clone()));
+        let err = refused(channels, &url, &ca).await;
+        assert_eq!(err.code(), Code::Unavailable, "{url}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_refuses_a_server_from_another_ca() {
+    let ca = DevCa::new("example.org").unwrap();
+    let rogue = DevCa::new("example.org").unwrap();
+    let echo = Echo::default();
+    let server = secure_server(&rogue, &inmem_url(), &echo).await;
+    let channels = Channels::new().tls(tls(ca.identity("client").unwrap()));
+    let err = client_chain(&channels)
+        .request(&mut cx_for(server.url()), request_with("c", &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(echo.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_plaintext_client_cannot_talk_to_a_secure_server_nor_the_reverse() {
+    let ca = DevCa::new("example.org").unwrap();
+    let echo = Echo::default();
+    let plain = serve(&inmem_url(), services(&echo)).await.unwrap();
+    let channels = Channels::new().tls(tls(ca.identity("client").unwrap()));
+    let err = client_chain(&channels)
+        .request(&mut cx_for(plain.url()), request_with("c", &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(echo.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_outgoing_token_is_made_for_the_server_the_handshake_verified() {
+    let ca = DevCa::new("example.org").unwrap();
+    let echo = Echo::default();
+    let server = secure_server(&ca, &inmem_url(), &echo).await;
+    let channels = Channels::new().tls(tls(ca.identity("client").unwrap()));
+    let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(4_000_000_000);
+    let generator = move |peer: &Peer| -> Result<(String, SystemTime)> {
+        let aud = peer.identity.as_ref().map(|p| p.id.to_string());
+        Ok((format!("for {}", aud.unwrap_or_default()), expires))
+    };
+    let mut cx = cx_for(server.url());
+    cx.ext_mut().insert(OutgoingToken(Arc::new(generator)));
+    let mut req = request_with("c-1", &[]);
+    req.connection.as_mut().unwrap().path = Some(nsm_proto::connection::Path {
+        index: 0,
+        path_segments: vec![Default::default()],
+    });
+    client_chain(&channels).request(&mut cx, req).await.unwrap();
+    let seen = echo.last().peer;
+    assert_eq!(
+        seen.token.as_deref(),
+        Some("for spiffe://example.org/server")
+    );
+    assert_eq!(seen.token_expires, Some(expires));
+    assert_eq!(
+        cx.peer().token.as_deref(),
+        Some("for spiffe://example.org/server"),
+        "the client's own segment and metadata carry the same token"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_first_calls_to_a_peer_all_succeed_on_one_channel() {
+    let ca = DevCa::new("example.org").unwrap();
+    let echo = Echo::default();
+    let server = secure_server(&ca, &inmem_url(), &echo).await;
+    let channels = Channels::new().tls(tls(ca.identity("client").unwrap()));
+    let client = client_chain(&channels);
+    let calls = (0..50).map(|i| {
+        let client = client.clone();
+        let url = server.url().clone();
+        async move {
+            client
+                .request(&mut cx_for(&url), request_with(&format!("c-{i}"), &[]))
+                .await
+        }
+    });
+    for out in futures::future::join_all(calls).await {
+        out.unwrap();
+    }
+    assert_eq!(channels.len(), 1);
+    assert_eq!(echo.seen.lock().unwrap().len(), 50);
+}
