@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use nsm_proto::connection::Connection;
 use nsm_proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::chains::Endpoint;
+use nsm_sdk::chains::{Endpoint, Security};
 use nsm_sdk::serving::ServeOptions;
 use nsm_sdk::transport::Url;
 use nsm_sdk::{Cx, Handler, Next};
@@ -46,8 +46,10 @@ impl EndpointArgs {
         &self,
         services: &[String],
         labels: &HashMap<String, String>,
+        security: &Security,
     ) -> ServeOptions {
         ServeOptions::new(self.listen_on.clone(), self.connect_to.clone())
+            .security(security)
             .network_services(services.iter().cloned())
             .labels(labels.clone())
     }
@@ -63,6 +65,7 @@ pub async fn serve_endpoint(
     endpoint: &Endpoint,
     services: &[String],
     labels: &HashMap<String, String>,
+    security: &Security,
     stop: CancellationToken,
 ) -> Result<(), Failure> {
     if services.is_empty() {
@@ -70,7 +73,7 @@ pub async fn serve_endpoint(
             "an endpoint needs at least one network service",
         ));
     }
-    let opts = args.serve_options(services, labels);
+    let opts = args.serve_options(services, labels, security);
     Ok(nsm_sdk::serving::serve_endpoint(endpoint, opts, stop).await?)
 }
 

@@ -63,7 +63,7 @@ pub use gateway::{
 /// Moved to nsm-sdk; re-exported for the bench and the load tool.
 pub use nsm_sdk::serving::registry_client;
 pub use process::{
-    init_logging, run, runtime, serve_all, shutdown_all, stop_on_signal, terminate, Failure,
-    SHUTDOWN_TIMEOUT,
+    init_logging, run, runtime, security, serve_all, shutdown_all, stop_on_signal, terminate,
+    Failure, SHUTDOWN_TIMEOUT,
 };
 pub use service_file::{register_services, ServiceFileArgs};

@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use nsm_sdk::chains::Security;
 use nsm_sdk::transport::{serve, Server, Services, Url};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -185,6 +186,17 @@ pub fn stop_on_signal() -> std::io::Result<CancellationToken> {
         std::process::exit(1);
     });
     Ok(stop)
+}
+
+/// The program's security, from its environment ([`Security::from_env`]): its identity
+/// files (`NSM_TLS_CERT`, `NSM_TLS_KEY`, `NSM_TLS_CA`, watched for rotation) and its
+/// policies, or plaintext with `NSM_INSECURE=true`. Without either, a configuration
+/// failure (exit status 2) whose one line names the three variables.
+pub fn security() -> Result<Security, Failure> {
+    Security::from_env().map_err(|e| match e {
+        nsm_sdk::Error::Internal(reason) => Failure::Config(reason),
+        e => Failure::Config(e.to_string()),
+    })
 }
 
 /// Serves `services` on each of `urls` (one server per URL, sharing the chains).

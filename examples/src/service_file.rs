@@ -6,11 +6,12 @@
 use std::path::PathBuf;
 
 use nsm_proto::registry::NetworkService;
+use nsm_sdk::chains::Security;
 use nsm_sdk::config::ns_file;
 use nsm_sdk::serving::{
     registry_client, retry_startup, DEFAULT_CALL_TIMEOUT, DEFAULT_STARTUP_TIMEOUT,
 };
-use nsm_sdk::transport::{Channels, Url};
+use nsm_sdk::transport::Url;
 use nsm_sdk::Cx;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -42,9 +43,10 @@ impl ServiceFileArgs {
 pub async fn register_services(
     url: &Url,
     services: &[NetworkService],
+    security: &Security,
     stop: &CancellationToken,
 ) -> Result<bool, Failure> {
-    let registry = registry_client(&Channels::new(), url).ns;
+    let registry = registry_client(&security.channels(), url).ns;
     for ns in services {
         let what = format!("registering network service {}", ns.name);
         let done = retry_startup(&what, DEFAULT_STARTUP_TIMEOUT, stop, || async {

@@ -22,13 +22,15 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use nsm_sdk::chains::{
     client, forwarder, nsmgr, registry_server, ClientOptions, EndpointOptions, ForwarderOptions,
-    NsmgrOptions,
+    NsmgrOptions, Security,
 };
 use nsm_sdk::config::{ns_file, NsUrl};
 use nsm_sdk::handlers::{heal, HealOptions};
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
 use nsm_sdk::registry::RegistryChain;
+use nsm_sdk::security::dev_ca::DevCa;
+use nsm_sdk::security::PolicySet;
 use nsm_sdk::transport::{grpc_registry, serve, Channels, Server, Url};
 use nsm_sdk::{Chain, Cx};
 use nsm_sdk_kernel::kernel_client;
@@ -49,6 +51,8 @@ const CORPORATE: &str = "10.60.0.0/24";
 const CORPORATE_HOST: &str = "10.60.0.10";
 const CLIENT_CIDR: &str = "172.16.80.0/24";
 const STEPS: usize = 9;
+/// The trust domain of the demo's throw-away CA.
+const TRUST_DOMAIN: &str = "nsm.demo";
 
 /// A demo failure: the step and what went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +94,10 @@ struct Node {
 /// The demo's mesh: servers, channels and the socket directory, stopped on drop.
 struct Mesh {
     dir: PathBuf,
+    /// The throw-away CA of this run: every component has an SVID of its own from it.
+    ca: DevCa,
+    /// The pool of the demo itself (registering the forwarders, endpoints and the
+    /// network service), as `spiffe://nsm.demo/demo`.
     channels: Channels,
     root: CancellationToken,
     servers: Vec<Server>,
@@ -104,6 +112,16 @@ impl Drop for Mesh {
 }
 
 impl Mesh {
+    /// The security of the component `name`: mTLS with its own SVID
+    /// (`spiffe://nsm.demo/<name>`), signed tokens, the default policies.
+    fn security(&self, name: &str) -> Result<Security, DemoError> {
+        let identity = self.ca.identity(name).map_err(nsm_sdk::Error::from)?;
+        Ok(Security::with_identity(
+            identity.fixed(),
+            PolicySet::defaults().map_err(nsm_sdk::Error::from)?,
+        )?)
+    }
+
     fn url(&self, name: &str) -> Url {
         Url::Unix(self.dir.join(format!("{name}.sock")))
     }
@@ -206,17 +224,24 @@ pub async fn run_with(fw_node: FirewallNode) -> Result<(), DemoError> {
     step(2, "starting the control plane: a registry, and a manager and a VXLAN/KERNEL forwarder per node");
     let dir = std::env::temp_dir().join(format!("nsm-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| mesh_err("socket directory", e))?;
+    let ca = DevCa::new(TRUST_DOMAIN).map_err(nsm_sdk::Error::from)?;
     let mut mesh = Mesh {
         dir,
+        ca,
         channels: Channels::new(),
         root: CancellationToken::new(),
         servers: Vec::new(),
         nodes: Vec::new(),
     };
+    mesh.channels = mesh.security("demo")?.channels();
+    eprintln!(
+        "      security on: a throw-away CA ({TRUST_DOMAIN}), an SVID per component, mTLS on every link, signed path tokens, the default policies"
+    );
     let registry_url = mesh.url("registry");
     let registry = registry_server(Duration::from_secs(600));
+    let registry_services = mesh.security("registry")?.serve(registry.services());
     mesh.servers
-        .push(serve(&registry_url, registry.services()).await?);
+        .push(serve(&registry_url, registry_services).await?);
     for (i, tunnel_ip) in ["192.0.2.1", "192.0.2.2"].iter().enumerate() {
         let n = i + 1;
         let nsmgr_url = mesh.url(&format!("nsmgr-{n}"));
@@ -226,7 +251,7 @@ pub async fn run_with(fw_node: FirewallNode) -> Result<(), DemoError> {
                 nsmgr_url.clone(),
                 registry_url.clone(),
             )
-            .channels(mesh.channels.clone())
+            .security(&mesh.security(&format!("nsmgr-{n}"))?)
             .root(mesh.root.child_token()),
         );
         mesh.servers.push(serve(&nsmgr_url, mgr.services()).await?);
@@ -247,7 +272,7 @@ pub async fn run_with(fw_node: FirewallNode) -> Result<(), DemoError> {
         let fwd_url = mesh.url(&format!("forwarder-{n}"));
         let fwd = forwarder(
             ForwarderOptions::new(format!("forwarder-{n}"), nsmgr_url.clone())
-                .channels(mesh.channels.clone())
+                .security(&mesh.security(&format!("forwarder-{n}"))?)
                 .root(mesh.root.child_token())
                 .server_mechanisms(server_side)
                 .client_mechanisms(client_side),
@@ -295,7 +320,9 @@ pub async fn run_with(fw_node: FirewallNode) -> Result<(), DemoError> {
         &lab.url("gw1"),
         vec![cidr],
         vec![corporate],
-        EndpointOptions::new().root(gw1_root.clone()),
+        EndpointOptions::new()
+            .security(&mesh.security("gw-1")?)
+            .root(gw1_root.clone()),
     );
     let gw1_url = mesh.url("gw-1");
     let gw1_server = serve(&gw1_url, gw1.services()).await?;
@@ -310,15 +337,20 @@ pub async fn run_with(fw_node: FirewallNode) -> Result<(), DemoError> {
     apply_acl(&lab.netns("firewall")?, &acl)
         .await
         .map_err(|e| mesh_err("firewall ACL", e))?;
+    let fw_security = mesh.security("firewall")?;
+    let fw_channels = fw_security.channels();
     let fw_client = ClientOptions::new("firewall-client", mesh.nodes[fw_at].nsmgr_url.clone())
-        .channels(mesh.channels.clone())
+        .security(&fw_security)
+        .channels(fw_channels.clone())
         .root(mesh.root.child_token())
-        .handler(heal(HealOptions::new(mesh.channels.clone())));
+        .handler(heal(HealOptions::new(fw_channels)));
     let fw = firewall(
         "firewall",
         &lab.url("firewall"),
         HashMap::from([("app".to_string(), "firewall".to_string())]),
-        EndpointOptions::new().root(mesh.root.child_token()),
+        EndpointOptions::new()
+            .security(&fw_security)
+            .root(mesh.root.child_token()),
         fw_client,
     );
     let fw_url = mesh.url("firewall");
@@ -331,12 +363,15 @@ pub async fn run_with(fw_node: FirewallNode) -> Result<(), DemoError> {
         4,
         "the client pod on node 1 requests kernel://vpn-gateway/nsm-1",
     );
+    let nsc_security = mesh.security("nsc")?;
+    let nsc_channels = nsc_security.channels();
     let nsc: Chain = client(
         ClientOptions::new("nsc", mesh.nodes[0].nsmgr_url.clone())
-            .channels(mesh.channels.clone())
+            .security(&nsc_security)
+            .channels(nsc_channels.clone())
             .root(mesh.root.child_token())
             .mechanisms(vec![])
-            .handler(heal(HealOptions::new(mesh.channels.clone())))
+            .handler(heal(HealOptions::new(nsc_channels)))
             .handler(kernel_client(lab.url("nsc")).ifname("nsm-1")),
     );
     let url = NsUrl::parse("kernel://vpn-gateway/nsm-1")?;
@@ -416,7 +451,9 @@ pub async fn run_with(fw_node: FirewallNode) -> Result<(), DemoError> {
         &lab.url("gw2"),
         vec![cidr],
         vec![corporate],
-        EndpointOptions::new().root(mesh.root.child_token()),
+        EndpointOptions::new()
+            .security(&mesh.security("gw-2")?)
+            .root(mesh.root.child_token()),
     );
     let gw2_url = mesh.url("gw-2");
     mesh.servers.push(serve(&gw2_url, gw2.services()).await?);

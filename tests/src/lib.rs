@@ -9,8 +9,10 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use nsm_sdk::security::dev_ca::DevCa;
 
 /// The path of the example binary `name`, built once if it is missing.
 ///
@@ -45,10 +47,13 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A fresh directory for one test's sockets and logs, removed when the test passes and
-/// kept (with a line saying where) when it fails.
+/// A fresh directory for one test's sockets, logs and identity files, removed when the
+/// test passes and kept (with a line saying where) when it fails.
 #[derive(Debug)]
-pub struct TempDir(pub PathBuf);
+pub struct TempDir(pub PathBuf, OnceLock<DevCa>);
+
+/// The trust domain of the CA every process test makes for its programs.
+pub const TRUST_DOMAIN: &str = "nsm.test";
 
 impl TempDir {
     /// A new directory named after `prefix`, `test`, the process and a counter.
@@ -60,7 +65,22 @@ impl TempDir {
             NEXT.fetch_add(1, Ordering::SeqCst)
         ));
         std::fs::create_dir_all(&path).expect("temp dir");
-        TempDir(path)
+        TempDir(path, OnceLock::new())
+    }
+
+    /// This test's CA (trust domain [`TRUST_DOMAIN`]), made on first use.
+    pub fn ca(&self) -> &DevCa {
+        self.1
+            .get_or_init(|| DevCa::new(TRUST_DOMAIN).expect("a throw-away CA"))
+    }
+
+    /// The identity files of `spiffe://nsm.test/<name>`, written into this directory,
+    /// as the `NSM_TLS_*` variables that give them to a program.
+    pub fn identity(&self, name: &str) -> [(&'static str, String); 3] {
+        self.ca()
+            .write_identity(&self.0, name)
+            .expect("identity files")
+            .env()
     }
 
     /// The `unix://` URL of the socket `name` in this directory.
@@ -94,7 +114,9 @@ pub fn read_lines(out: ChildStdout) -> mpsc::Receiver<String> {
 }
 
 /// Starts the example program `program` as `name` with only the `NSM_*` variables of
-/// `env` (none inherited from the test's environment) and `NSM_LOG_LEVEL` from
+/// `env` (none inherited from the test's environment), secure: unless `env` says
+/// `NSM_INSECURE` or names its own `NSM_TLS_CERT`, the program gets the identity
+/// `spiffe://nsm.test/<name>` from the test's CA ([`TempDir::identity`]). `NSM_LOG_LEVEL` from
 /// `NSM_TEST_LOG_LEVEL` (default `info`); its stderr goes to `<dir>/<name>.log`, its
 /// stdout, when `capture_stdout`, to [`Proc::next_stdout_line`]. Each step waits at
 /// most `ready`.
@@ -115,6 +137,12 @@ pub fn start(
         cmd.env_remove(k);
     }
     let level = std::env::var("NSM_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let chooses = env
+        .iter()
+        .any(|(k, _)| *k == "NSM_INSECURE" || *k == "NSM_TLS_CERT");
+    if !chooses {
+        cmd.envs(dir.identity(name));
+    }
     cmd.env("NSM_LOG_LEVEL", level)
         .envs(env.iter().copied())
         .stdin(Stdio::null())

@@ -18,12 +18,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use nsm_sdk::chains::{client, ClientOptions};
+use nsm_sdk::chains::{client, ClientOptions, Security};
 use nsm_sdk::config::NsUrl;
 use nsm_sdk::handlers::{heal, HealOptions};
 use nsm_sdk::proto::{connection::Connection, networkservice::NetworkServiceRequest};
 use nsm_sdk::serving::{stop_on_signal, DEFAULT_MANAGER_URL};
-use nsm_sdk::transport::{Channels, Url};
+use nsm_sdk::transport::Url;
 use nsm_sdk::{async_trait, Cx, Error, Handler, Next, Result};
 use tokio::sync::mpsc;
 use tracing_subscriber::EnvFilter;
@@ -107,7 +107,15 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .init();
-    match run(args).await {
+    // No identity files and no NSM_INSECURE=true: refuse to start (exit status 2).
+    let security = match Security::from_env() {
+        Ok(security) => security,
+        Err(e) => {
+            eprintln!("embed-client: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args, security).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("embed-client: {e}");
@@ -117,14 +125,17 @@ async fn main() -> ExitCode {
 }
 
 // guide: begin
-async fn run(args: Args) -> Result<()> {
+async fn run(args: Args, security: Security) -> Result<()> {
     let stop = stop_on_signal().map_err(|e| Error::internal(format!("signals: {e}")))?;
     let (events, mut answers) = mpsc::unbounded_channel();
+    let channels = security.channels();
     let nsc = client(
         ClientOptions::new(&args.name, args.connect_to)
+            .security(&security)
+            .channels(channels.clone())
             .retry(Some(TIMEOUT))
             .timeout(TIMEOUT)
-            .handler(heal(HealOptions::new(Channels::new())))
+            .handler(heal(HealOptions::new(channels)))
             .handler(Follow(events)),
     );
     let mut req = args.network_service.to_request();

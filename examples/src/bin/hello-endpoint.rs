@@ -9,7 +9,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nsm_sdk::chains::{endpoint, EndpointOptions};
+use nsm_sdk::chains::{endpoint, EndpointOptions, Security};
 use nsm_sdk::handlers::{mechanisms, noop_server, point_to_point};
 use nsm_sdk::proto::{connection::Connection, networkservice::NetworkServiceRequest};
 use nsm_sdk::serving::{serve_endpoint, stop_on_signal, ServeOptions, DEFAULT_MANAGER_URL};
@@ -78,16 +78,27 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .init();
+    // No identity files and no NSM_INSECURE=true: refuse to start (exit status 2).
+    let security = match Security::from_env() {
+        Ok(security) => security,
+        Err(e) => {
+            eprintln!("hello-endpoint: {e}");
+            return ExitCode::from(2);
+        }
+    };
 
     let prefix = "169.254.0.0/16".parse().expect("a valid prefix");
     let hello = endpoint(
         &args.name,
         EndpointOptions::new()
+            .security(&security)
             .handler(Greeter)
             .handler(point_to_point(vec![prefix]))
             .handler(mechanisms().with(types::NOOP, noop_server())),
     );
-    let opts = ServeOptions::new(args.listen_on, args.connect_to).network_service("hello");
+    let opts = ServeOptions::new(args.listen_on, args.connect_to)
+        .security(&security)
+        .network_service("hello");
     let outcome = match stop_on_signal() {
         Ok(stop) => serve_endpoint(&hello, opts, stop).await,
         Err(e) => Err(Error::internal(format!("cannot handle signals: {e}"))),

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use nsm_sdk::chains::{nsmgr, NsmgrOptions};
+use nsm_sdk::chains::{nsmgr, NsmgrOptions, Security};
 use nsm_sdk::proto::{connection::Connection, networkservice::NetworkServiceRequest};
 use nsm_sdk::serving::{stop_on_signal, DEFAULT_MANAGER_URL};
 use nsm_sdk::transport::{serve, Url};
@@ -97,7 +97,15 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .init();
-    match run(args).await {
+    // No identity files and no NSM_INSECURE=true: refuse to start (exit status 2).
+    let security = match Security::from_env() {
+        Ok(security) => security,
+        Err(e) => {
+            eprintln!("my-nsmgr: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args, security).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("my-nsmgr: {e}");
@@ -107,13 +115,14 @@ async fn main() -> ExitCode {
 }
 
 // guide: begin
-async fn run(args: Args) -> Result<()> {
+async fn run(args: Args, security: Security) -> Result<()> {
     let stop = stop_on_signal().map_err(|e| Error::internal(format!("signals: {e}")))?;
     let counts = CountPerService::default();
     // Owns the manager's tasks (connections, registry watches): cancelled on the way out.
     let root = CancellationToken::new();
     let manager = nsmgr(
         NsmgrOptions::new(&args.name, args.listen_on.clone(), args.registry_url)
+            .security(&security)
             .root(root.clone())
             .handler(counts.clone()),
     );

@@ -3,13 +3,14 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use nsm_examples::{parse_duration, print_connections, run, Common, Failure, DEFAULT_NSM_SOCKET};
+use nsm_examples::{
+    parse_duration, print_connections, run, security, Common, Failure, DEFAULT_NSM_SOCKET,
+};
 use nsm_sdk::chains::{client, ClientOptions};
 use nsm_sdk::config::NsUrl;
 use nsm_sdk::handlers::{heal, HealOptions};
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::transport::Channels;
 use nsm_sdk::transport::Url;
 use nsm_sdk::{Chain, Cx};
 use nsm_sdk_kernel::mechanism::own_netns_url;
@@ -84,12 +85,16 @@ enum Liveness {
 
 fn main() -> ExitCode {
     run(|args: Args, stop| async move {
-        let mut heal_options = HealOptions::new(Channels::new());
+        let security = security()?;
+        let channels = security.channels();
+        let mut heal_options = HealOptions::new(channels.clone());
         if args.liveness == Liveness::Ping {
             heal_options = heal_options.liveness(kernel_liveness(PingOptions::new()));
         }
         let nsc = client(
             ClientOptions::new(&args.name, args.connect_to)
+                .security(&security)
+                .channels(channels)
                 .retry(Some(args.request_timeout))
                 .timeout(args.request_timeout)
                 .mechanisms(vec![])

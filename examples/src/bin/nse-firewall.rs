@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use nsm_examples::{
-    apply_acl, firewall, parse_labels, register_services, remove_acl, run, serve_endpoint, Acl,
-    EndpointArgs, Failure, ServiceFileArgs,
+    apply_acl, firewall, parse_labels, register_services, remove_acl, run, security,
+    serve_endpoint, Acl, EndpointArgs, Failure, ServiceFileArgs,
 };
 use nsm_sdk::chains::{ClientOptions, EndpointOptions};
 use nsm_sdk_kernel::mechanism::own_netns_url;
@@ -66,9 +66,10 @@ fn acl(args: &Args) -> Result<Acl, Failure> {
 
 fn main() -> ExitCode {
     run(|args: Args, stop| async move {
+        let security = security()?;
         let acl = acl(&args)?;
         let services = args.service_file.load()?;
-        if !register_services(&args.endpoint.connect_to, &services, &stop).await? {
+        if !register_services(&args.endpoint.connect_to, &services, &security, &stop).await? {
             return Ok(());
         }
         let ns = NetNs::current().map_err(|e| Failure::runtime(e.to_string()))?;
@@ -76,16 +77,25 @@ fn main() -> ExitCode {
         info!(rules = acl.rules.len(), default = ?acl.default, "access list installed");
         let name = &args.endpoint.name;
         let client = ClientOptions::new(format!("{name}-client"), args.endpoint.connect_to.clone())
+            .security(&security)
             .retry(None);
         let fw = firewall(
             name,
             &own_netns_url(),
             args.labels.clone(),
-            EndpointOptions::new(),
+            EndpointOptions::new().security(&security),
             client,
         );
         let services = [args.service_name.clone()];
-        let outcome = serve_endpoint(&args.endpoint, &fw, &services, &args.labels, stop).await;
+        let outcome = serve_endpoint(
+            &args.endpoint,
+            &fw,
+            &services,
+            &args.labels,
+            &security,
+            stop,
+        )
+        .await;
         if let Err(e) = remove_acl(&ns).await {
             warn!(error = %e, "removing the access list failed");
         }

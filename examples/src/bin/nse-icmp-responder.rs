@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use ipnet::IpNet;
-use nsm_examples::{log_calls, parse_labels, run, serve_endpoint, EndpointArgs};
+use nsm_examples::{log_calls, parse_labels, run, security, serve_endpoint, EndpointArgs};
 use nsm_sdk::chains::{endpoint, EndpointOptions};
 use nsm_sdk::handlers::point_to_point;
 use nsm_sdk_kernel::mechanism::{endpoint_mechanisms, own_netns_url};
@@ -54,9 +54,11 @@ struct Args {
 
 fn main() -> ExitCode {
     run(|args: Args, stop| async move {
+        let security = security()?;
         let responder = endpoint(
             &args.endpoint.name,
             EndpointOptions::new()
+                .security(&security)
                 .handler(log_calls())
                 .handler(point_to_point(args.cidr_prefix).strict(true))
                 .handler(endpoint_mechanisms(own_netns_url())),
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
             &responder,
             &args.service_names,
             &labels,
+            &security,
             stop,
         )
         .await

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use ipnet::IpNet;
 use nsm_examples::{
-    parse_labels, register_services, route_to_corporate, run, serve_endpoint, stop_routing,
-    vpn_gateway, EndpointArgs, Failure, ServiceFileArgs,
+    parse_labels, register_services, route_to_corporate, run, security, serve_endpoint,
+    stop_routing, vpn_gateway, EndpointArgs, Failure, ServiceFileArgs,
 };
 use nsm_sdk::chains::EndpointOptions;
 use nsm_sdk_kernel::mechanism::own_netns_url;
@@ -65,8 +65,9 @@ struct Args {
 
 fn main() -> ExitCode {
     run(|args: Args, stop| async move {
+        let security = security()?;
         let services = args.service_file.load()?;
-        if !register_services(&args.endpoint.connect_to, &services, &stop).await? {
+        if !register_services(&args.endpoint.connect_to, &services, &security, &stop).await? {
             return Ok(());
         }
         let ns = NetNs::current().map_err(|e| Failure::runtime(e.to_string()))?;
@@ -78,13 +79,14 @@ fn main() -> ExitCode {
             &own_netns_url(),
             args.cidr_prefix.clone(),
             args.corporate_prefix.clone(),
-            EndpointOptions::new(),
+            EndpointOptions::new().security(&security),
         );
         let outcome = serve_endpoint(
             &args.endpoint,
             &gateway,
             &args.service_names,
             &args.labels,
+            &security,
             stop,
         )
         .await;

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::process::ExitCode;
 
 use nsm_examples::metrics::MetricsArgs;
-use nsm_examples::{run, Common, DEFAULT_NSM_SOCKET};
+use nsm_examples::{run, security, Common, DEFAULT_NSM_SOCKET};
 use nsm_sdk::chains::{forwarder, ForwarderOptions};
 use nsm_sdk::serving::{serve_forwarder, ServeOptions};
 use nsm_sdk::transport::Url;
@@ -62,6 +62,7 @@ struct Args {
 
 fn main() -> ExitCode {
     run(|args: Args, stop| async move {
+        let security = security()?;
         let tunnel = match args.tunnel_ip {
             Some(ip) => match Tunnel::builder(ip).port(args.tunnel_port).build().await {
                 Ok(t) => Some(t),
@@ -81,11 +82,12 @@ fn main() -> ExitCode {
         let (server_side, client_side) = forwarder_mechanisms(tunnel);
         let fwd = forwarder(
             ForwarderOptions::new(&args.name, args.connect_to.clone())
+                .security(&security)
                 .root(root.clone())
                 .server_mechanisms(server_side)
                 .client_mechanisms(client_side),
         );
-        let opts = ServeOptions::new(args.listen_on, args.connect_to);
+        let opts = ServeOptions::new(args.listen_on, args.connect_to).security(&security);
         let outcome = serve_forwarder(&fwd, opts, stop).await;
         root.cancel();
         Ok(outcome?)

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use nsm_examples::metrics::MetricsArgs;
-use nsm_examples::{parse_duration, run, serve_all, shutdown_all, Common};
+use nsm_examples::{parse_duration, run, security, serve_all, shutdown_all, Common};
 use nsm_sdk::chains::registry_server;
 use nsm_sdk::transport::Url;
 use tracing::info;
@@ -32,9 +32,11 @@ struct Args {
 fn main() -> ExitCode {
     run(|args: Args, stop| async move {
         info!(expire_after = ?args.expire_after, "starting the registry");
+        let security = security()?;
         let _metrics = args.metrics.serve().await?;
         let registry = registry_server(args.expire_after);
-        let servers = serve_all(&[args.listen_on], &registry.services()).await?;
+        let services = security.serve(registry.services());
+        let servers = serve_all(&[args.listen_on], &services).await?;
         stop.cancelled().await;
         shutdown_all(servers).await;
         Ok(())

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use nsm_examples::metrics::MetricsArgs;
-use nsm_examples::{run, serve_all, shutdown_all, Common, Failure, DEFAULT_NSM_SOCKET};
+use nsm_examples::{run, security, serve_all, shutdown_all, Common, Failure, DEFAULT_NSM_SOCKET};
 use nsm_sdk::chains::{nsmgr, NsmgrOptions};
 use nsm_sdk::transport::Url;
 use tokio_util::sync::CancellationToken;
@@ -44,10 +44,14 @@ fn main() -> ExitCode {
             )),
             Some(url) => url.clone(),
         };
+        let security = security()?;
         let _metrics = args.metrics.serve().await?;
         let root = CancellationToken::new();
-        let manager =
-            nsmgr(NsmgrOptions::new(&args.name, own_url, args.registry_url).root(root.clone()));
+        let manager = nsmgr(
+            NsmgrOptions::new(&args.name, own_url, args.registry_url)
+                .security(&security)
+                .root(root.clone()),
+        );
         let servers = serve_all(&args.listen_on, &manager.services()).await?;
         stop.cancelled().await;
         shutdown_all(servers).await;

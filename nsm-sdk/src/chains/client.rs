@@ -13,6 +13,7 @@ use std::time::Duration;
 use nsm_proto::connection::Mechanism;
 use tokio_util::sync::CancellationToken;
 
+use super::security::Security;
 use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::noop_mechanism;
@@ -37,6 +38,7 @@ pub struct ClientOptions {
     before_connect: Vec<Arc<dyn Handler>>,
     root: CancellationToken,
     tokens: Arc<dyn TokenGenerator>,
+    security: Security,
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -66,6 +68,7 @@ impl ClientOptions {
             before_connect: Vec::new(),
             root: CancellationToken::new(),
             tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
+            security: Security::insecure(),
         }
     }
 
@@ -119,6 +122,16 @@ impl ClientOptions {
     /// that live 10 minutes).
     pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
         self.tokens = tokens;
+        self
+    }
+
+    /// Secures the component with `security` ([`Security`]): a new channel pool (mTLS
+    /// when secure; to share a pool, pass one made by [`Security::channels`] to
+    /// `.channels` after this), signed path tokens, and the authorize policies.
+    pub fn security(mut self, security: &Security) -> Self {
+        self.channels = security.channels();
+        self.tokens = security.tokens(DEFAULT_TOKEN_LIFETIME);
+        self.security = security.clone();
         self
     }
 

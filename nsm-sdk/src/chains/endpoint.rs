@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::security::Security;
 use crate::core::rt::begin;
 use crate::core::{Chain, Handler, MonitorSource};
 use crate::handlers::{timeout, update_path, update_token, Monitor};
@@ -23,6 +24,7 @@ pub struct EndpointOptions {
     after_begin: Vec<Arc<dyn Handler>>,
     root: CancellationToken,
     tokens: Arc<dyn TokenGenerator>,
+    security: Security,
 }
 
 impl std::fmt::Debug for EndpointOptions {
@@ -40,6 +42,7 @@ impl Default for EndpointOptions {
             after_begin: Vec::new(),
             root: CancellationToken::new(),
             tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
+            security: Security::insecure(),
         }
     }
 }
@@ -77,6 +80,14 @@ impl EndpointOptions {
         self
     }
 
+    /// Secures the endpoint with `security` ([`Security`]): signed path tokens, mTLS on
+    /// its servers ([`Endpoint::services`]) and the authorize policies.
+    pub fn security(mut self, security: &Security) -> Self {
+        self.tokens = security.tokens(DEFAULT_TOKEN_LIFETIME);
+        self.security = security.clone();
+        self
+    }
+
     /// Owns every task of the endpoint's connections under this token.
     pub fn root(mut self, root: CancellationToken) -> Self {
         self.root = root;
@@ -91,6 +102,7 @@ pub struct Endpoint {
     name: String,
     chain: Chain,
     monitor: Monitor,
+    security: Security,
 }
 
 impl Endpoint {
@@ -112,9 +124,11 @@ impl Endpoint {
     /// The gRPC services to serve: NetworkService and MonitorConnection.
     pub fn services(&self) -> Services {
         let source: Arc<dyn MonitorSource> = self.monitor.source();
-        Services::new()
-            .network_service(self.chain.clone())
-            .monitor(source)
+        self.security.serve(
+            Services::new()
+                .network_service(self.chain.clone())
+                .monitor(source),
+        )
     }
 }
 
@@ -135,5 +149,6 @@ pub fn endpoint(name: impl Into<String>, opts: EndpointOptions) -> Endpoint {
         name,
         chain,
         monitor,
+        security: opts.security,
     }
 }

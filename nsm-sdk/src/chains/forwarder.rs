@@ -17,6 +17,7 @@ use std::sync::Arc;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
 use tokio_util::sync::CancellationToken;
 
+use super::security::Security;
 use crate::core::rt::begin;
 use crate::core::{Chain, Handler, MonitorSource};
 use crate::handlers::{
@@ -43,6 +44,7 @@ pub struct ForwarderOptions {
     handlers: Vec<Arc<dyn Handler>>,
     after_begin: Vec<Arc<dyn Handler>>,
     before_connect: Vec<Arc<dyn Handler>>,
+    security: Security,
 }
 
 impl std::fmt::Debug for ForwarderOptions {
@@ -72,6 +74,7 @@ impl ForwarderOptions {
             handlers: Vec::new(),
             after_begin: Vec::new(),
             before_connect: Vec::new(),
+            security: Security::insecure(),
         }
     }
 
@@ -85,6 +88,16 @@ impl ForwarderOptions {
     /// that live 10 minutes).
     pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
         self.tokens = tokens;
+        self
+    }
+
+    /// Secures the component with `security` ([`Security`]): a new channel pool (mTLS
+    /// when secure; to share a pool, pass one made by [`Security::channels`] to
+    /// `.channels` after this), signed path tokens, mTLS on its servers ([`Forwarder::services`]), and the authorize policies.
+    pub fn security(mut self, security: &Security) -> Self {
+        self.channels = security.channels();
+        self.tokens = security.tokens(DEFAULT_TOKEN_LIFETIME);
+        self.security = security.clone();
         self
     }
 
@@ -145,6 +158,7 @@ pub struct Forwarder {
     monitor: Monitor,
     registries: Registries,
     labels: HashMap<String, String>,
+    security: Security,
 }
 
 impl Forwarder {
@@ -182,9 +196,11 @@ impl Forwarder {
     /// The gRPC services to serve: NetworkService and MonitorConnection.
     pub fn services(&self) -> Services {
         let source: Arc<dyn MonitorSource> = self.monitor.source();
-        Services::new()
-            .network_service(self.chain.clone())
-            .monitor(source)
+        self.security.serve(
+            Services::new()
+                .network_service(self.chain.clone())
+                .monitor(source),
+        )
     }
 }
 
@@ -232,5 +248,6 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         monitor,
         registries,
         labels: opts.labels,
+        security: opts.security,
     }
 }

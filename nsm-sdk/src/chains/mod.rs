@@ -16,12 +16,14 @@ pub mod endpoint;
 pub mod forwarder;
 pub mod nsmgr;
 pub mod registry_server;
+pub mod security;
 
 pub use client::{client, ClientOptions};
 pub use endpoint::{endpoint, Endpoint, EndpointOptions};
 pub use forwarder::{forwarder, Forwarder, ForwarderOptions};
 pub use nsmgr::{nsmgr, Nsmgr, NsmgrOptions};
 pub use registry_server::{registry_server, RegistryServer};
+pub use security::Security;
 
 #[cfg(test)]
 mod tests;

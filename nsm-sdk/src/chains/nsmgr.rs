@@ -19,6 +19,7 @@ use std::sync::Arc;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use tokio_util::sync::CancellationToken;
 
+use super::security::Security;
 use crate::core::rt::begin;
 use crate::core::{Chain, Handler, MonitorSource};
 use crate::handlers::{
@@ -44,6 +45,7 @@ pub struct NsmgrOptions {
     after_begin: Vec<Arc<dyn Handler>>,
     handlers: Vec<Arc<dyn Handler>>,
     before_connect: Vec<Arc<dyn Handler>>,
+    security: Security,
 }
 
 impl std::fmt::Debug for NsmgrOptions {
@@ -70,6 +72,7 @@ impl NsmgrOptions {
             after_begin: Vec::new(),
             handlers: Vec::new(),
             before_connect: Vec::new(),
+            security: Security::insecure(),
         }
     }
 
@@ -110,6 +113,17 @@ impl NsmgrOptions {
         self
     }
 
+    /// Secures the manager with `security` ([`Security`]): a new channel pool (mTLS
+    /// when secure; to share a pool, pass one made by [`Security::channels`] to
+    /// `.channels` after this), signed path tokens, mTLS on its servers
+    /// ([`Nsmgr::services`]), and the authorize policies.
+    pub fn security(mut self, security: &Security) -> Self {
+        self.channels = security.channels();
+        self.tokens = security.tokens(DEFAULT_TOKEN_LIFETIME);
+        self.security = security.clone();
+        self
+    }
+
     /// Owns every task of the manager under this token.
     pub fn root(mut self, root: CancellationToken) -> Self {
         self.root = root;
@@ -125,6 +139,7 @@ pub struct Nsmgr {
     chain: Chain,
     monitor: Monitor,
     registries: Registries,
+    security: Security,
 }
 
 impl Nsmgr {
@@ -152,11 +167,13 @@ impl Nsmgr {
     /// registries.
     pub fn services(&self) -> Services {
         let source: Arc<dyn MonitorSource> = self.monitor.source();
-        Services::new()
-            .network_service(self.chain.clone())
-            .monitor(source)
-            .ns_registry(self.registries.ns.clone())
-            .nse_registry(self.registries.nse.clone())
+        self.security.serve(
+            Services::new()
+                .network_service(self.chain.clone())
+                .monitor(source)
+                .ns_registry(self.registries.ns.clone())
+                .nse_registry(self.registries.nse.clone()),
+        )
     }
 }
 
@@ -209,5 +226,6 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
         chain,
         monitor,
         registries,
+        security: opts.security,
     }
 }

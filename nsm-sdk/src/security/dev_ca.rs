@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 
 use super::error::SecurityError;
 use super::identity::{SpiffeId, Svid, TrustBundle};
-use super::source::Identity;
+use super::source::{Identity, ENV_CA, ENV_CERT, ENV_KEY};
 
 /// A CA made on the spot for one trust domain.
 pub struct DevCa {
@@ -76,6 +76,19 @@ pub struct SvidFiles {
     pub key: PathBuf,
     /// The trust bundle (`NSM_TLS_CA`).
     pub ca: PathBuf,
+}
+
+impl SvidFiles {
+    /// The environment that gives a program these files: `NSM_TLS_CERT`, `NSM_TLS_KEY`
+    /// and `NSM_TLS_CA`.
+    pub fn env(&self) -> [(&'static str, String); 3] {
+        let path = |p: &PathBuf| p.display().to_string();
+        [
+            (ENV_CERT, path(&self.cert)),
+            (ENV_KEY, path(&self.key)),
+            (ENV_CA, path(&self.ca)),
+        ]
+    }
 }
 
 fn rcgen_err(e: rcgen::Error) -> SecurityError {
@@ -135,6 +148,15 @@ impl DevCa {
     pub fn identity(&self, name: &str) -> Result<Identity, SecurityError> {
         let id = SpiffeId::parse(&format!("spiffe://{}/{name}", self.trust_domain))?;
         self.issue(&id, Duration::from_secs(24 * 3600))?.identity()
+    }
+
+    /// Issues an SVID for `spiffe://<trust domain>/<name>`, valid for a day, and writes
+    /// it into `dir` as [`IssuedSvid::write`] does: the files a program of that name is
+    /// given with [`SvidFiles::env`].
+    pub fn write_identity(&self, dir: &Path, name: &str) -> Result<SvidFiles, SecurityError> {
+        let id = SpiffeId::parse(&format!("spiffe://{}/{name}", self.trust_domain))?;
+        self.issue(&id, Duration::from_secs(24 * 3600))?
+            .write(dir, name)
     }
 
     /// Issues an SVID for `id` that expired a minute ago (valid for one hour before that).

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::chains::Security;
 use crate::transport::{Channels, Url};
 
 /// Where a node's manager listens for the pods of its node, as NSM deployments mount it.
@@ -71,6 +72,13 @@ impl ServeOptions {
     /// Shares this channel pool (one gRPC channel per peer in the process).
     pub fn channels(mut self, channels: Channels) -> Self {
         self.channels = channels;
+        self
+    }
+
+    /// Registers over the links `security` makes: a new channel pool, mTLS when secure
+    /// (what the served component's own servers use comes from its chain's options).
+    pub fn security(mut self, security: &Security) -> Self {
+        self.channels = security.channels();
         self
     }
 
