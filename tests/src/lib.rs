@@ -137,13 +137,8 @@ pub fn start(
         cmd.env_remove(k);
     }
     let level = std::env::var("NSM_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let chooses = env
-        .iter()
-        .any(|(k, _)| *k == "NSM_INSECURE" || *k == "NSM_TLS_CERT");
-    if !chooses {
-        cmd.envs(dir.identity(name));
-    }
-    cmd.env("NSM_LOG_LEVEL", level)
+    cmd.envs(identity_env(dir, name, env))
+        .env("NSM_LOG_LEVEL", level)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stderr(File::create(&stderr).expect("log file"))
@@ -156,6 +151,24 @@ pub fn start(
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
     Proc::new(name, child, stderr, ready)
+}
+
+/// The `NSM_TLS_*` variables that give the program `name` its identity
+/// (`spiffe://nsm.test/<name>`, [`TempDir::identity`]), unless `env` chooses for itself
+/// (`NSM_INSECURE` or its own `NSM_TLS_CERT`): then none.
+pub fn identity_env(
+    dir: &TempDir,
+    name: &str,
+    env: &[(&str, &str)],
+) -> Vec<(&'static str, String)> {
+    let chooses = env
+        .iter()
+        .any(|(k, _)| *k == "NSM_INSECURE" || *k == "NSM_TLS_CERT");
+    if chooses {
+        Vec::new()
+    } else {
+        dir.identity(name).to_vec()
+    }
 }
 
 /// One running example program of a process test. Dropping it kills it (SIGKILL) and

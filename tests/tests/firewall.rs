@@ -547,6 +547,7 @@ impl Proc {
         }
         let mut child = cmd
             .env("NSM_LOG_LEVEL", "info")
+            .envs(nsm_tests::identity_env(dir, program, env))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

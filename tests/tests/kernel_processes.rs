@@ -192,6 +192,7 @@ impl Mesh {
         }
         let level = std::env::var("NSM_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
         cmd.env("NSM_LOG_LEVEL", level)
+            .envs(nsm_tests::identity_env(&self.dir, name, env))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stderr(File::create(&stderr).expect("log file"))

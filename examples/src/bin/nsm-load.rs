@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use nsm_examples::load::{run_load, write_json, LoadMechanism, LoadOptions, Target};
 use nsm_examples::metrics::parse_metrics_url;
-use nsm_examples::{parse_duration, parse_labels, parse_worker_threads, run, Common, Failure};
+use nsm_examples::{
+    parse_duration, parse_labels, parse_worker_threads, run, security, Common, Failure,
+};
+use nsm_sdk::chains::Security;
 use nsm_sdk::sandbox::Transport;
 use nsm_sdk::transport::Url;
 
@@ -66,6 +69,13 @@ struct Args {
     /// Keep the temporary directory of the started programs (their logs).
     #[arg(long)]
     keep_dir: bool,
+
+    /// Start the programs and run the client without security (NSM_INSECURE=true), to
+    /// compare. By default they run with a throw-away CA: an SVID each, mTLS, signed
+    /// tokens, policies. Against a running mesh (--connect-to) the client's security
+    /// comes from NSM_TLS_CERT, NSM_TLS_KEY, NSM_TLS_CA or NSM_INSECURE=true.
+    #[arg(long)]
+    insecure: bool,
 
     /// Load a running mesh through this manager.
     #[arg(long, env = "NSM_CONNECT_TO", value_name = "URL")]
@@ -162,6 +172,11 @@ fn main() -> ExitCode {
         std::env::set_var("NSM_LOG_LEVEL", "warn");
     }
     run(|args: Args, stop| async move {
+        let client_security = if args.connect_to.is_some() {
+            security()?
+        } else {
+            Security::insecure()
+        };
         let target = if args.sandbox {
             Target::Sandbox(args.sandbox_transport)
         } else if let Some(url) = args.connect_to {
@@ -199,6 +214,8 @@ fn main() -> ExitCode {
             mesh_worker_threads: args.mesh_worker_threads,
             keep_dir: args.keep_dir,
             name: args.name,
+            insecure: args.insecure,
+            security: client_security,
             ..LoadOptions::new(target)
         };
         let report = run_load(opts, stop).await?;

@@ -7,10 +7,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nsm_sdk::chains::{client, ClientOptions};
+use nsm_sdk::chains::{client, ClientOptions, Security};
 use nsm_sdk::handlers::{heal, HealEvent, HealOptions};
 use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Sandbox};
-use nsm_sdk::token::lifetime_token;
+use nsm_sdk::security::dev_ca::DevCa;
+use nsm_sdk::security::PolicySet;
 use nsm_sdk::transport::{Channels, Url};
 use nsm_sdk::Chain;
 use tokio::time::Instant;
@@ -37,16 +38,21 @@ pub(super) struct Mesh {
     pub(super) _namespaces: Option<Namespaces>,
 }
 
+/// The trust domain of the throw-away CA of the programs nsm-load starts.
+const TRUST_DOMAIN: &str = "nsm.load";
+
 pub(super) fn client_options(
     opts: &LoadOptions,
     connect_to: Url,
+    security: &Security,
     counts: &Arc<Counts>,
 ) -> ClientOptions {
-    let channels = Channels::new();
+    let channels = security.channels();
     with_handlers(
         ClientOptions::new(&opts.name, connect_to)
+            .security(security)
             .channels(channels.clone())
-            .tokens(Arc::new(lifetime_token(opts.token_lifetime))),
+            .tokens(security.tokens(opts.token_lifetime)),
         opts,
         channels,
         counts,
@@ -115,7 +121,7 @@ pub(super) async fn start_mesh_in(
     let mut metrics = opts.metrics.clone();
     match &opts.target {
         Target::Connect(url) => Ok(Mesh {
-            client: client(client_options(opts, url.clone(), counts)),
+            client: client(client_options(opts, url.clone(), &opts.security, counts)),
             metrics,
             sample_self: true,
             _sandbox: None,
@@ -160,10 +166,10 @@ pub(super) async fn start_mesh_in(
             })
         }
         Target::Processes(bin_dir) => {
-            let (children, nsmgr, spawned) = spawn_mesh(opts, bin_dir, nse_netns).await?;
+            let (children, nsmgr, spawned, security) = spawn_mesh(opts, bin_dir, nse_netns).await?;
             metrics.extend(spawned);
             Ok(Mesh {
-                client: client(client_options(opts, nsmgr, counts)),
+                client: client(client_options(opts, nsmgr, &security, counts)),
                 metrics,
                 sample_self: true,
                 _sandbox: None,
@@ -176,13 +182,14 @@ pub(super) async fn start_mesh_in(
 }
 
 /// Starts registry, nsmgr, forwarder and icmp responder on unix sockets in a new
-/// temporary directory, each with its metrics endpoint; returns them, the manager's URL
-/// and the metrics endpoints.
+/// temporary directory, each with its metrics endpoint and (unless `opts.insecure`) an
+/// SVID of its own from a throw-away CA; returns them, the manager's URL, the metrics
+/// endpoints and the client's security (an SVID from the same CA).
 pub(super) async fn spawn_mesh(
     opts: &LoadOptions,
     bin_dir: &Path,
     nse_netns: Option<String>,
-) -> Result<(Children, Url, Vec<(String, Url)>), Failure> {
+) -> Result<(Children, Url, Vec<(String, Url)>, Security), Failure> {
     let dir = std::env::temp_dir().join(format!("nsm-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)
         .map_err(|e| Failure::runtime(format!("cannot create {}: {e}", dir.display())))?;
@@ -194,6 +201,22 @@ pub(super) async fn spawn_mesh(
     let sock = |name: &str| format!("unix://{}", dir.join(name).display());
     let (reg, nsmgr) = (sock("registry.sock"), sock("nsmgr.sock"));
     let mut metrics = Vec::new();
+    let ca = if opts.insecure {
+        None
+    } else {
+        Some(DevCa::new(TRUST_DOMAIN).map_err(|e| Failure::runtime(e.to_string()))?)
+    };
+    // Each program's security: its own SVID, or plaintext said explicitly.
+    let security_env = |name: &str| -> Result<Vec<(&'static str, String)>, Failure> {
+        match &ca {
+            None => Ok(vec![("NSM_INSECURE", "true".to_string())]),
+            Some(ca) => Ok(ca
+                .write_identity(&dir, name)
+                .map_err(|e| Failure::runtime(e.to_string()))?
+                .env()
+                .to_vec()),
+        }
+    };
     // (program, name, settings)
     type Program<'a> = (&'a str, &'a str, Vec<(&'a str, String)>);
     let programs: [Program<'_>; 4] = [
@@ -248,6 +271,7 @@ pub(super) async fn spawn_mesh(
         };
         cmd.env("NSM_NAME", name)
             .env("NSM_LOG_LEVEL", &opts.mesh_log_level)
+            .envs(security_env(name)?)
             .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -289,7 +313,18 @@ pub(super) async fn spawn_mesh(
     let nsmgr = nsmgr
         .parse()
         .map_err(|e| Failure::runtime(format!("{e}")))?;
-    Ok((children, nsmgr, metrics))
+    let security = match &ca {
+        None => Security::insecure(),
+        Some(ca) => {
+            let identity = ca
+                .identity(&opts.name)
+                .map_err(|e| Failure::runtime(e.to_string()))?;
+            let policies = PolicySet::defaults().map_err(|e| Failure::runtime(e.to_string()))?;
+            Security::with_identity(identity.fixed(), policies)
+                .map_err(|e| Failure::runtime(e.to_string()))?
+        }
+    };
+    Ok((children, nsmgr, metrics, security))
 }
 
 pub(super) async fn wait_until<F, Fut>(within: Duration, mut ready: F) -> Result<(), ()>

@@ -1,6 +1,7 @@
 //! The options of a run ([`LoadOptions`]: what to load, how many connections, how
 //! long) and their JSON form in the report.
 
+use nsm_sdk::chains::Security;
 use std::collections::HashMap;
 
 use std::path::PathBuf;
@@ -87,6 +88,12 @@ pub struct LoadOptions {
     pub keep_dir: bool,
     /// The client's name (its path segment).
     pub name: String,
+    /// Run the started programs and the client without security (`NSM_INSECURE=true`),
+    /// to compare with the default: a throw-away CA, an SVID per program and for the
+    /// client, mTLS, signed tokens and policies.
+    pub insecure: bool,
+    /// The client's security against a running mesh ([`Target::Connect`]).
+    pub security: Security,
 }
 
 impl LoadOptions {
@@ -112,6 +119,8 @@ impl LoadOptions {
             mesh_worker_threads: None,
             keep_dir: false,
             name: "nsm-load".to_string(),
+            insecure: false,
+            security: Security::insecure(),
         }
     }
 }

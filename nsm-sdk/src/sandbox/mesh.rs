@@ -1,6 +1,9 @@
 //! The sandbox mesh: a registry and N nodes (a manager and forwarders each), with
 //! endpoints and clients, all served over real gRPC in one process.
 
+use crate::chains::Security;
+use crate::security::dev_ca::DevCa;
+use crate::security::PolicySet;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,6 +52,9 @@ impl std::fmt::Debug for MechanismsFn {
     }
 }
 
+/// The trust domain of a secure sandbox's throw-away CA.
+pub const TRUST_DOMAIN: &str = "nsm.sandbox";
+
 /// Builds a [`Sandbox`].
 #[derive(Debug, Clone)]
 #[must_use]
@@ -59,6 +65,7 @@ pub struct SandboxBuilder {
     transport: Transport,
     token_lifetime: Duration,
     forwarder_mechanisms: Option<MechanismsFn>,
+    secure: bool,
 }
 
 impl Default for SandboxBuilder {
@@ -70,6 +77,7 @@ impl Default for SandboxBuilder {
             transport: Transport::Memory,
             token_lifetime: crate::token::DEFAULT_TOKEN_LIFETIME,
             forwarder_mechanisms: None,
+            secure: true,
         }
     }
 }
@@ -97,6 +105,16 @@ impl SandboxBuilder {
     /// before, servers close when a client stops refreshing.
     pub fn token_lifetime(mut self, lifetime: Duration) -> Self {
         self.token_lifetime = lifetime;
+        self
+    }
+
+    /// Runs the whole sandbox without security (plaintext, unsigned tokens, no
+    /// policies). By default it is secure: a throw-away CA (trust domain
+    /// [`TRUST_DOMAIN`]) issues one SVID, `spiffe://nsm.sandbox/sandbox`, that every
+    /// component of the sandbox presents (they share one channel pool, as one process
+    /// does); every link is mTLS, every token signed and every policy checked.
+    pub fn insecure(mut self) -> Self {
+        self.secure = false;
         self
     }
 
@@ -132,13 +150,20 @@ impl SandboxBuilder {
                 Some(dir)
             }
         };
+        let security = if self.secure {
+            let ca = DevCa::new(TRUST_DOMAIN)?;
+            Security::with_identity(ca.identity("sandbox")?.fixed(), PolicySet::defaults()?)?
+        } else {
+            Security::insecure()
+        };
         let shared = Arc::new(Shared {
             prefix: format!("sandbox-{}-{id}", std::process::id()),
             dir,
-            channels: Channels::new(),
+            channels: security.channels(),
             root: CancellationToken::new(),
             expiry: self.expiry,
-            tokens: Arc::new(crate::token::lifetime_token(self.token_lifetime)),
+            tokens: security.tokens(self.token_lifetime),
+            security,
             forwarder_mechanisms: self.forwarder_mechanisms,
         });
         let registry_url = shared.url("registry");
@@ -170,6 +195,7 @@ struct Shared {
     root: CancellationToken,
     expiry: Duration,
     tokens: Arc<dyn crate::token::TokenGenerator>,
+    security: Security,
     forwarder_mechanisms: Option<MechanismsFn>,
 }
 
@@ -280,7 +306,11 @@ impl Sandbox {
     pub async fn start_registry(&self) -> Result<()> {
         let token = self.shared.root.child_token();
         let reg = registry_server(self.shared.expiry);
-        let server = serve(&self.registry_url, reg.services()).await?;
+        let server = serve(
+            &self.registry_url,
+            self.shared.security.serve(reg.services()),
+        )
+        .await?;
         self.registry.set(server, token);
         Ok(())
     }
@@ -568,6 +598,7 @@ impl Node {
                 self.nsmgr_url.clone(),
                 self.registry_url.clone(),
             )
+            .security(&self.shared.security)
             .channels(self.shared.channels.clone())
             .tokens(self.shared.tokens.clone())
             .root(token.clone()),
@@ -623,6 +654,7 @@ impl Node {
         };
         let token = self.shared.root.child_token();
         let mut opts = ForwarderOptions::new(name, self.nsmgr_url.clone())
+            .security(&self.shared.security)
             .channels(self.shared.channels.clone())
             .root(token.clone())
             .tokens(self.shared.tokens.clone())
@@ -706,6 +738,7 @@ impl Node {
         let inject = inject();
         let root = self.shared.root.child_token();
         let mut opts = EndpointOptions::new()
+            .security(&self.shared.security)
             .root(root.clone())
             .tokens(self.shared.tokens.clone())
             .handler(counter.clone())
@@ -794,6 +827,7 @@ impl Node {
     /// Client options for a client called `name` talking to this node's manager.
     pub fn client_options(&self, name: &str) -> ClientOptions {
         ClientOptions::new(name, self.nsmgr_url.clone())
+            .security(&self.shared.security)
             .channels(self.shared.channels.clone())
             .tokens(self.shared.tokens.clone())
             .root(self.shared.root.child_token())
