@@ -21,7 +21,6 @@ use nsm_sdk::handlers::{heal, HealOptions, LivenessFn};
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::sandbox::{EndpointHandle, Sandbox};
-use nsm_sdk::transport::Channels;
 use nsm_sdk::{Chain, Cx};
 use nsm_sdk_kernel::{kernel_client, ping_liveness, PingOptions};
 use nsm_testkit::kernel::{kernel_nse, kernel_sandbox};
@@ -131,7 +130,7 @@ impl Mesh {
     /// An NSC in pod `ns` asking for interface `nsm-1`, with `heal` (and a liveness
     /// check if given) among its handlers.
     fn nsc(&self, ns: &Ns, liveness: Option<LivenessFn>) -> Chain {
-        let mut opts = HealOptions::new(Channels::new());
+        let mut opts = HealOptions::new(self.sandbox.channels());
         if let Some(check) = liveness {
             opts = opts
                 .liveness(check)

@@ -7,7 +7,7 @@ use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::registry::NetworkServiceEndpoint;
 use nsm_sdk::handlers::{client_url, noop_mechanism};
 use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Sandbox};
-use nsm_sdk::transport::{grpc_client, Channels};
+use nsm_sdk::transport::grpc_client;
 use nsm_sdk::{Chain, Cx};
 use tonic::Code;
 
@@ -21,7 +21,7 @@ async fn mesh() -> (Sandbox, Chain, EndpointHandle) {
     // A bare gRPC client: no update_path, no retry, sends exactly what it is given.
     let raw = Chain::builder()
         .push(client_url(mesh.node(0).nsmgr_url().clone()))
-        .push(grpc_client(Channels::new()))
+        .push(grpc_client(mesh.channels()))
         .build();
     (mesh, raw, nse)
 }

@@ -24,7 +24,6 @@ use nsm_sdk::chains::client;
 use nsm_sdk::core::live_tasks;
 use nsm_sdk::handlers::{default_reselect, heal, HealOptions, LivenessFn};
 use nsm_sdk::sandbox::{counter, Counter, EndpointHandle, EndpointSpec, Node, Sandbox};
-use nsm_sdk::transport::Channels;
 use nsm_sdk::{Chain, Cx};
 use nsm_testkit::Answers;
 use nsm_testkit::{eventually, names, refresh, request};
@@ -76,8 +75,8 @@ fn nsc(node: &Node, opts: HealOptions) -> Nsc {
     }
 }
 
-fn heal_options() -> HealOptions {
-    HealOptions::new(Channels::new())
+fn heal_options(node: &Node) -> HealOptions {
+    HealOptions::new(node.channels())
 }
 
 /// Waits until the NSC's last answer came from `nse` and prints the heal time.
@@ -118,7 +117,7 @@ async fn heals_to_a_new_endpoint_after_the_endpoint_dies(remote: bool) {
     let nse_node = mesh.node(0);
     let nsc_node = mesh.node(if remote { 1 } else { 0 });
     let nse1 = endpoint(nse_node, "nse-1").await;
-    let nsc = nsc(nsc_node, heal_options());
+    let nsc = nsc(nsc_node, heal_options(nsc_node));
     let conn = nsc
         .chain
         .request(&mut Cx::client(), request("icmp"))
@@ -179,7 +178,7 @@ async fn on_nse1_until_broken(node: &Node) -> (EndpointHandle, Arc<AtomicBool>, 
     let broken = Arc::new(AtomicBool::new(false));
     let nsc = nsc(
         node,
-        heal_options()
+        heal_options(node)
             .liveness(dead_while_on("nse-1", broken.clone()))
             .liveness_interval(Duration::from_millis(100)),
     );
@@ -263,7 +262,7 @@ fn a_broken_data_plane_to_a_live_endpoint_reselects_to_the_second_endpoint() {
 async fn heals_through_a_new_forwarder(node: usize, what: &str) {
     let mesh = Sandbox::builder().nodes(2).build().await.unwrap();
     let nse = endpoint(mesh.node(0), "nse").await;
-    let nsc = nsc(mesh.node(1), heal_options());
+    let nsc = nsc(mesh.node(1), heal_options(mesh.node(1)));
     let segment = if node == 1 { 2 } else { 4 };
     let (old, new) = (format!("forwarder-{node}-0"), format!("forwarder-{node}-1"));
     let conn = nsc
@@ -326,7 +325,7 @@ async fn close_ends_every_heal_task(unregister: bool) {
     let before_nse = live_tasks();
     let nse = endpoint(node, "nse-1").await;
     let baseline = if unregister { before_nse } else { live_tasks() };
-    let nsc = nsc(node, heal_options());
+    let nsc = nsc(node, heal_options(node));
     let conn = nsc
         .chain
         .request(&mut Cx::client(), request("icmp"))
@@ -388,7 +387,7 @@ fn a_custom_reselect_function_shapes_the_reselect_request() {
         let nse1 = endpoint(node, "nse-1").await;
         let nsc = nsc(
             node,
-            heal_options().reselect(|req| {
+            heal_options(node).reselect(|req| {
                 default_reselect(req);
                 if let Some(c) = req.connection.as_mut() {
                     c.labels.insert("reselected".into(), "yes".into());
@@ -439,7 +438,7 @@ fn a_failed_refresh_then_a_dead_data_plane_reselects_exactly_once() {
         let broken = Arc::new(AtomicBool::new(false));
         let nsc = nsc(
             mesh.node(0),
-            heal_options()
+            heal_options(mesh.node(0))
                 .liveness(dead_while_on("nse-1", broken.clone()))
                 .liveness_interval(Duration::from_millis(100)),
         );
@@ -486,7 +485,7 @@ fn a_healthy_data_plane_keeps_the_connection_on_its_endpoint_when_the_control_pl
         let broken = Arc::new(AtomicBool::new(false));
         let nsc = nsc(
             mesh.node(0),
-            heal_options()
+            heal_options(mesh.node(0))
                 .liveness(dead_while_on("nse-1", broken.clone()))
                 .liveness_interval(Duration::from_millis(50)),
         );

@@ -12,7 +12,7 @@ use nsm_sdk::handlers::{begin, client_url, noop_client, update_path, update_toke
 use nsm_sdk::registry::Query;
 use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Sandbox};
 use nsm_sdk::token::lifetime_token;
-use nsm_sdk::transport::{grpc_client, Channels};
+use nsm_sdk::transport::grpc_client;
 use nsm_sdk::{Chain, Cx};
 use nsm_testkit::{eventually, request};
 
@@ -53,7 +53,7 @@ async fn a_client_that_stops_refreshing_is_closed_by_the_mesh() {
         )))))
         .push(noop_client())
         .push(client_url(mesh.node(1).nsmgr_url().clone()))
-        .push(grpc_client(Channels::new()))
+        .push(grpc_client(mesh.channels()))
         .build();
     let started = tokio::time::Instant::now();
     dead.request(&mut Cx::client(), request("svc"))

@@ -28,7 +28,6 @@ use nsm_sdk::handlers::{heal, HealOptions, LivenessFn};
 use nsm_sdk::sandbox::{
     counter, inject, Counter, EndpointHandle, EndpointSpec, Inject, Node, Sandbox,
 };
-use nsm_sdk::transport::Channels;
 use nsm_sdk::{async_trait, Chain, Cx, Handler, Next};
 use nsm_testkit::Answers;
 use nsm_testkit::{eventually, names, refresh, request};
@@ -97,11 +96,11 @@ fn nsc_with(node: &Node, opts: HealOptions, inject: Option<Inject>, retry: bool)
 }
 
 fn nsc(node: &Node) -> Nsc {
-    nsc_with(node, heal_options(), None, true)
+    nsc_with(node, heal_options(node), None, true)
 }
 
-fn heal_options() -> HealOptions {
-    HealOptions::new(Channels::new())
+fn heal_options(node: &Node) -> HealOptions {
+    HealOptions::new(node.channels())
 }
 
 impl Nsc {
@@ -571,7 +570,12 @@ async fn heal_moves_to_another_forwarder_when_the_selected_one_dies() {
     let nse = endpoint(mesh.node(0), "nse-1").await;
     let fail_closes = inject();
     fail_closes.fail_closes(true);
-    let nsc = nsc_with(mesh.node(0), heal_options(), Some(fail_closes), true);
+    let nsc = nsc_with(
+        mesh.node(0),
+        heal_options(mesh.node(0)),
+        Some(fail_closes),
+        true,
+    );
     let conn = nsc.request("icmp").await;
     assert_eq!(nse.counter.requests(), 1);
     let selected = at(&conn, 2);
@@ -615,7 +619,12 @@ async fn heal_moves_to_another_remote_forwarder_when_the_selected_one_dies() {
     let nse = endpoint(mesh.node(1), "nse-1").await;
     let fail_closes = inject();
     fail_closes.fail_closes(true);
-    let nsc = nsc_with(mesh.node(0), heal_options(), Some(fail_closes), true);
+    let nsc = nsc_with(
+        mesh.node(0),
+        heal_options(mesh.node(0)),
+        Some(fail_closes),
+        true,
+    );
     let conn = nsc.request("icmp").await;
     assert_eq!(nse.counter.requests(), 1);
     let selected = at(&conn, 4);
@@ -695,7 +704,7 @@ async fn the_selected_forwarder_is_kept_while_the_data_plane_is_fine() {
     let nse = endpoint(node, "nse-1").await;
     let selected = Arc::new(Mutex::new(String::new()));
     let broken = Arc::new(AtomicBool::new(false));
-    let opts = heal_options()
+    let opts = heal_options(node)
         .liveness(dead_through(selected.clone(), broken.clone()))
         .liveness_interval(Duration::from_secs(30));
     let nsc = nsc_with(node, opts, None, true);
@@ -784,7 +793,7 @@ async fn heal_recovers_when_the_forwarder_dies_during_a_midchain_refresh() {
         }))
         .await
         .unwrap();
-    let nsc = nsc_with(mesh.node(0), heal_options(), None, false);
+    let nsc = nsc_with(mesh.node(0), heal_options(mesh.node(0)), None, false);
     let conn = nsc.request("icmp").await;
     let handle = nsc.answers.handle();
 
@@ -830,7 +839,7 @@ async fn a_refresh_paused_while_the_forwarder_dies_fails_and_heal_delivers_one_r
         .endpoint(EndpointSpec::new("nse-1", "icmp"))
         .await
         .unwrap();
-    let nsc = nsc_with(mesh.node(0), heal_options(), None, false);
+    let nsc = nsc_with(mesh.node(0), heal_options(mesh.node(0)), None, false);
     let conn = nsc.request("icmp").await;
     let handle = nsc.answers.handle();
     let before = nse.counter.requests();

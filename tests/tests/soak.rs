@@ -132,6 +132,7 @@ fn start(dir: &TempDir, program_name: &str, name: &str, env: &[(&str, String)]) 
             "NSM_LOG_LEVEL",
             "warn,nsm_sdk::serving=info,nsm_examples::metrics=info,nsm_sdk::transport::server=info",
         )
+        .envs(nsm_tests::identity_env(dir, name, &[]))
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -370,6 +371,7 @@ fn soak_of_refreshing_connections_grows_nothing() {
         ))
         .arg("--json")
         .arg(&json)
+        .envs(nsm_tests::identity_env(&dir, "nsm-load", &[]))
         .env("NSM_LOG_LEVEL", "warn")
         .stdin(Stdio::null())
         .stdout(File::create(dir.0.join("nsm-load.out")).expect("out file"))

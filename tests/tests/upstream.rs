@@ -28,7 +28,6 @@ use nsm_proto::registry::{Destination, Match, NetworkService};
 use nsm_sdk::chains::client;
 use nsm_sdk::handlers::{heal, upstream_refresh, HealOptions, Monitor, UpstreamRefreshOptions};
 use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Node, Sandbox};
-use nsm_sdk::transport::Channels;
 use nsm_sdk::{async_trait, Chain, Cx, Handler, Next};
 use nsm_testkit::eventually;
 use nsm_testkit::Answers;
@@ -99,8 +98,8 @@ fn refreshing_nsc(
     (client(options), answers)
 }
 
-fn upstream_options() -> UpstreamRefreshOptions {
-    UpstreamRefreshOptions::new(Channels::new())
+fn upstream_options(node: &Node) -> UpstreamRefreshOptions {
+    UpstreamRefreshOptions::new(node.channels())
 }
 
 /// Drops the addresses and routes of the request's IP context that are outside `pool`,
@@ -170,7 +169,7 @@ async fn moves_when_the_service_no_longer_allows_the_endpoint(remote: bool) {
     let nsc = client(
         nsc_node
             .client_options("nsc")
-            .handler(heal(HealOptions::new(Channels::new())))
+            .handler(heal(HealOptions::new(nsc_node.channels())))
             .handler(answers.clone()),
     );
     let conn = nsc
@@ -326,7 +325,8 @@ async fn mtu_endpoint(node: &Node, name: &str, service: &str) -> EndpointHandle 
 async fn a_client_refreshes_when_the_endpoint_asks() {
     let mesh = Sandbox::builder().nodes(2).build().await.unwrap();
     let nse = mtu_endpoint(mesh.node(0), "nse", "svc").await;
-    let (nsc1, answers1) = refreshing_nsc(mesh.node(1), "nsc-1", upstream_options(), None);
+    let (nsc1, answers1) =
+        refreshing_nsc(mesh.node(1), "nsc-1", upstream_options(mesh.node(1)), None);
     let conn1 = nsc1
         .request(&mut Cx::client(), request("svc", 1500))
         .await
@@ -371,7 +371,7 @@ async fn local_notifications(on: bool) {
     let (nsc1, _) = refreshing_nsc(
         node,
         "nsc-1",
-        upstream_options().local_notifications(on),
+        upstream_options(node).local_notifications(on),
         None,
     );
     let to1 = nsc1
@@ -523,7 +523,7 @@ async fn a_refresh_asked_while_the_client_still_returns_is_not_lost() {
     let (nsc, answers) = refreshing_nsc(
         mesh.node(1),
         "nsc",
-        upstream_options(),
+        upstream_options(mesh.node(1)),
         Some(Arc::new(hold)),
     );
     let conn = nsc

@@ -150,7 +150,7 @@ pub(super) async fn start_mesh_in(
                 .await
                 .map_err(|e| Failure::runtime(format!("cannot start the endpoint: {e}")))?;
             let base = mesh.node(0).client_options(&opts.name);
-            let client = client(with_handlers(base, opts, Channels::new(), counts));
+            let client = client(with_handlers(base, opts, mesh.channels(), counts));
             Ok(Mesh {
                 client,
                 metrics,

@@ -292,6 +292,17 @@ impl Sandbox {
         &self.registry_url
     }
 
+    /// The channel pool every component of the sandbox shares: a client of the
+    /// sandbox must use it (or one as secure) to be let in.
+    pub fn channels(&self) -> Channels {
+        self.shared.channels.clone()
+    }
+
+    /// The security every component of the sandbox runs with.
+    pub fn security(&self) -> &Security {
+        &self.shared.security
+    }
+
     /// A gRPC client of the central registry.
     pub fn registries(&self) -> Registries {
         registries_at(&self.shared.channels, &self.registry_url)
@@ -561,6 +572,11 @@ impl Node {
     /// The manager's URL.
     pub fn nsmgr_url(&self) -> &Url {
         &self.nsmgr_url
+    }
+
+    /// The channel pool of the sandbox ([`Sandbox::channels`]).
+    pub fn channels(&self) -> Channels {
+        self.shared.channels.clone()
     }
 
     /// A gRPC client of this node's registry front (the manager).
