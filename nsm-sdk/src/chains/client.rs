@@ -6,6 +6,8 @@
 //! handlers ([`handler`](ClientOptions::handler)), `update_token`, mechanism
 //! preferences, [`before_connect`](ClientOptions::before_connect) handlers, the
 //! manager's URL, and the gRPC client.
+//!
+//! With [`policies`](ClientOptions::policies), `authorize_client` comes last before the manager's URL.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +19,9 @@ use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::noop_mechanism;
 use crate::handlers::{
-    client_url, mechanism_preferences, refresh, retry, update_path, update_token,
+    authorize_client, client_url, mechanism_preferences, refresh, retry, update_path, update_token,
 };
+use crate::security::PolicySet;
 use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, Channels, Url};
 
@@ -37,6 +40,7 @@ pub struct ClientOptions {
     before_connect: Vec<Arc<dyn Handler>>,
     root: CancellationToken,
     tokens: Arc<dyn TokenGenerator>,
+    policies: Option<Arc<PolicySet>>,
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -66,6 +70,7 @@ impl ClientOptions {
             before_connect: Vec::new(),
             root: CancellationToken::new(),
             tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
+            policies: None,
         }
     }
 
@@ -122,6 +127,13 @@ impl ClientOptions {
         self
     }
 
+    /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_client` last before the manager's URL and the gRPC client, checking the path the manager returns. Without
+    /// them (the default) nothing is checked (insecure mode).
+    pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
+        self.policies = Some(policies);
+        self
+    }
+
     /// Owns every task of the client's connections under this token.
     pub fn root(mut self, root: CancellationToken) -> Self {
         self.root = root;
@@ -142,6 +154,7 @@ pub fn client(opts: ClientOptions) -> Chain {
         .push(update_token(opts.tokens))
         .push(mechanism_preferences(opts.mechanisms))
         .extend(opts.before_connect)
+        .push_opt(opts.policies.map(authorize_client))
         .push(client_url(opts.connect_to))
         .push(grpc_client(opts.channels))
         .build()

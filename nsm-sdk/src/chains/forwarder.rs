@@ -10,6 +10,8 @@
 //! `round_robin`, [`before_connect`](ForwarderOptions::before_connect) handlers, `connect` (a
 //! client chain of `begin`, `monitor_relay`, `mechanism_translation`, client-side
 //! mechanisms, `update_token`, the gRPC client).
+//!
+//! With [`policies`](ForwarderOptions::policies), `authorize_server` follows `update_token`, `authorize_client` precedes the client half's gRPC client, and MonitorConnection shows each subscriber only its own connections.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,13 +20,15 @@ use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkService
 use tokio_util::sync::CancellationToken;
 
 use crate::core::rt::begin;
-use crate::core::{Chain, Handler, MonitorSource};
+use crate::core::{Chain, Handler};
 use crate::handlers::{
-    connect, discover, mechanism_translation, mechanisms, monitor_relay, netsvc_monitor,
-    noop_client, noop_server, round_robin, timeout, update_path, update_token, Mechanisms, Monitor,
+    authorize_client, authorize_server, connect, discover, mechanism_translation, mechanisms,
+    monitor_relay, netsvc_monitor, noop_client, noop_server, round_robin, timeout, update_path,
+    update_token, Mechanisms, Monitor,
 };
 use crate::registry::select::FORWARDER_SERVICE;
 use crate::registry::{find_cache, watch_reconnect, Registries, RegistryChain};
+use crate::security::PolicySet;
 use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
 use crate::wire::types;
@@ -37,6 +41,7 @@ pub struct ForwarderOptions {
     channels: Channels,
     root: CancellationToken,
     tokens: Arc<dyn TokenGenerator>,
+    policies: Option<Arc<PolicySet>>,
     server_mechanisms: Mechanisms,
     client_mechanisms: Vec<Arc<dyn Handler>>,
     labels: HashMap<String, String>,
@@ -66,6 +71,7 @@ impl ForwarderOptions {
             channels: Channels::new(),
             root: CancellationToken::new(),
             tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
+            policies: None,
             server_mechanisms: mechanisms().with(types::NOOP, noop_server()),
             client_mechanisms: vec![Arc::new(noop_client())],
             labels: HashMap::from([("p2p".to_string(), "true".to_string())]),
@@ -85,6 +91,13 @@ impl ForwarderOptions {
     /// that live 10 minutes).
     pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
         self.tokens = tokens;
+        self
+    }
+
+    /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_server` after `update_token`, `authorize_client` before the gRPC client of its client half, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`). Without
+    /// them (the default) nothing is checked (insecure mode).
+    pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
+        self.policies = Some(policies);
         self
     }
 
@@ -143,6 +156,7 @@ pub struct Forwarder {
     name: String,
     chain: Chain,
     monitor: Monitor,
+    policies: Option<Arc<PolicySet>>,
     registries: Registries,
     labels: HashMap<String, String>,
 }
@@ -181,7 +195,7 @@ impl Forwarder {
 
     /// The gRPC services to serve: NetworkService and MonitorConnection.
     pub fn services(&self) -> Services {
-        let source: Arc<dyn MonitorSource> = self.monitor.source();
+        let source = super::monitor_source(&self.monitor, self.policies.as_ref());
         Services::new()
             .network_service(self.chain.clone())
             .monitor(source)
@@ -209,6 +223,7 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         .push(mechanism_translation())
         .extend(opts.client_mechanisms)
         .push(update_token(opts.tokens.clone()))
+        .push_opt(opts.policies.clone().map(authorize_client))
         .push(grpc_client(opts.channels.clone()))
         .build();
     let chain = Chain::builder()
@@ -216,6 +231,7 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         .push(begin().root(opts.root.clone()))
         .extend(opts.after_begin)
         .push(update_token(opts.tokens.clone()))
+        .push_opt(opts.policies.clone().map(authorize_server))
         .push(timeout())
         .push(monitor.clone())
         .extend(opts.handlers)
@@ -232,5 +248,6 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         monitor,
         registries,
         labels: opts.labels,
+        policies: opts.policies,
     }
 }
