@@ -6,6 +6,8 @@
 //!   path (decoding every token, verifying the caller's against the peer certificate).
 //! - `security/policy/server_eval`: the four server policies on that input (Rego only).
 //! - `security/policy/one_eval`: one policy (`tokens_chained`) on that input.
+//! - `security/authorize/server`: one server-side `authorize` of a Request with that
+//!   path (input, one ES256 verify, the four policies), as a chain runs it.
 //!
 //! Run: `cargo bench -p nsm-sdk --features dev-ca --bench security -- --warm-up-time 1 --measurement-time 3`
 
@@ -13,10 +15,16 @@ use std::hint::black_box;
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use nsm_sdk::proto::connection::{Path, PathSegment};
+use std::sync::Arc;
+
+use nsm_sdk::core::Peer;
+use nsm_sdk::handlers::authorize_server;
+use nsm_sdk::proto::connection::{Connection, Path, PathSegment};
+use nsm_sdk::proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::security::dev_ca::DevCa;
 use nsm_sdk::security::policy::{self, path_input, PolicySet, Verify};
 use nsm_sdk::security::{jwt, PeerIdentity, SpiffeId, Svid};
+use nsm_sdk::{Chain, Cx};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -85,6 +93,31 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             set.check(&["tokens_chained"], black_box(&input))
                 .expect("passes")
+        })
+    });
+
+    let chain = Chain::builder()
+        .push(authorize_server(Arc::new(set.clone())))
+        .build();
+    let req = NetworkServiceRequest {
+        connection: Some(Connection {
+            id: "forwarder-id".into(),
+            path: Some(path.clone()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let cx = Cx::server().with_peer(Peer {
+        identity: Some(peer.clone()),
+        ..Default::default()
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    c.bench_function("security/authorize/server", |b| {
+        b.iter(|| {
+            rt.block_on(chain.request(&mut cx.clone(), black_box(req.clone())))
+                .expect("authorized")
         })
     });
 }

@@ -11,16 +11,20 @@
 //!
 //! The default generator, [`lifetime_token`], signs nothing: it hands out one opaque
 //! string and an expiry `lifetime` from now. It is enough to drive the lifecycles above
-//! and to interoperate with peers that do not check tokens. Signed tokens (JWTs bound
-//! to the hop's and the peer's identities, docs/SCENARIOS.md 6.3) plug in later behind the
-//! same trait.
+//! and to interoperate with peers that do not check tokens (insecure mode).
+//! [`jwt_token`] signs: an ES256 JWT made with the hop's current SVID, `sub` its own
+//! SPIFFE ID, `aud` the peer's (when known), checked by the `authorize` handlers.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::watch;
+
 use crate::core::Peer;
-use crate::Result;
+use crate::security::identity::LeafInfo;
+use crate::security::{jwt, Identity};
+use crate::{Error, Result};
 
 /// The default token lifetime: ten minutes.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(10 * 60);
@@ -103,6 +107,58 @@ impl TokenGenerator for LifetimeToken {
     }
 }
 
+/// A generator of signed path tokens; see [`jwt_token`].
+#[derive(Clone)]
+#[must_use]
+pub struct JwtToken {
+    identity: watch::Receiver<Identity>,
+    lifetime: Duration,
+}
+
+impl fmt::Debug for JwtToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtToken")
+            .field("id", self.identity.borrow().svid.id())
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
+}
+
+/// ES256 path tokens signed with the SVID `identity` holds *when each token is made*
+/// (a rotated SVID signs the next token; nothing is rebuilt): `sub` is the SVID's SPIFFE
+/// ID, `aud` the peer's verified identity ([`Peer::identity`]; no `aud` when it is not
+/// known), and `exp` now + `lifetime`, but never after the SVID's or the peer
+/// certificate's NotAfter. `identity` is a [`FileSource::watch`](crate::security::FileSource::watch)
+/// or an [`Identity::fixed`].
+pub fn jwt_token(identity: watch::Receiver<Identity>, lifetime: Duration) -> JwtToken {
+    JwtToken {
+        identity,
+        lifetime: lifetime.min(MAX_LIFETIME),
+    }
+}
+
+impl TokenGenerator for JwtToken {
+    fn generate(&self, peer: &Peer) -> Result<(String, SystemTime)> {
+        // The Arc is cloned so no borrow of the watch is held while signing.
+        let svid = self.identity.borrow().svid.clone();
+        let audience = peer.identity.as_ref();
+        let audience_not_after = audience
+            .and_then(|p| LeafInfo::parse(&p.leaf).ok())
+            .map(|leaf| leaf.not_after);
+        let signed = jwt::sign_to(
+            &svid,
+            audience.map(|p| &p.id),
+            audience_not_after,
+            self.lifetime,
+            SystemTime::now(),
+        )
+        // Signing fails only on a local key problem: this hop cannot work, the caller
+        // cannot fix it.
+        .map_err(|e| Error::internal(e.to_string()))?;
+        Ok((signed.token, signed.expires))
+    }
+}
+
 /// A per-call value ([`Cx::ext`](crate::Cx::ext)) that a client-side `update_token` sets:
 /// the gRPC client at the end of the chain makes the outgoing token with this generator
 /// once it knows who the next hop is (the identity in the server's certificate, as Go
@@ -147,6 +203,95 @@ mod tests {
         let gen = lifetime_token(Duration::MAX);
         let (_, expires) = gen.generate(&Peer::default()).unwrap();
         assert!(expires > SystemTime::now() + Duration::from_secs(365 * 24 * 3600));
+    }
+
+    mod signed {
+        use super::*;
+        use crate::security::dev_ca::{DevCa, IssuedSvid};
+        use crate::security::{PeerIdentity, SpiffeId, Svid, TrustBundle};
+
+        const HOUR: Duration = Duration::from_secs(3600);
+
+        fn issue(ca: &DevCa, name: &str, lifetime: Duration) -> IssuedSvid {
+            let id = SpiffeId::parse(&format!("spiffe://example.org/{name}")).unwrap();
+            ca.issue(&id, lifetime).unwrap()
+        }
+
+        fn load(issued: &IssuedSvid) -> Svid {
+            Svid::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap()
+        }
+
+        fn identity(issued: &IssuedSvid) -> Identity {
+            let bundle = TrustBundle::from_pem(issued.bundle_pem.as_bytes()).unwrap();
+            Identity::new(load(issued), bundle)
+        }
+
+        fn peer(svid: &Svid) -> Peer {
+            Peer {
+                identity: Some(PeerIdentity::from_leaf(svid.leaf().clone()).unwrap()),
+                ..Default::default()
+            }
+        }
+
+        #[test]
+        fn a_jwt_token_is_signed_by_the_hop_for_its_peer() {
+            let ca = DevCa::new("example.org").unwrap();
+            let issued = issue(&ca, "nsc", HOUR);
+            let nsc = load(&issued);
+            let nsmgr = load(&issue(&ca, "nsmgr", HOUR));
+            let gen = jwt_token(identity(&issued).fixed(), Duration::from_secs(600));
+            let before = SystemTime::now();
+            let (token, expires) = gen.generate(&peer(&nsmgr)).unwrap();
+            let claims = jwt::verify(&token, nsc.leaf()).unwrap();
+            assert_eq!(claims.sub, "spiffe://example.org/nsc");
+            assert_eq!(claims.aud, vec!["spiffe://example.org/nsmgr".to_string()]);
+            assert!(expires > before + Duration::from_secs(598));
+            assert!(expires <= SystemTime::now() + Duration::from_secs(600));
+            // Another hop's certificate does not verify it.
+            assert!(jwt::verify(&token, nsmgr.leaf()).is_err());
+        }
+
+        #[test]
+        fn without_a_known_peer_the_token_has_no_audience() {
+            let ca = DevCa::new("example.org").unwrap();
+            let issued = issue(&ca, "nsc", HOUR);
+            let nsc = load(&issued);
+            let gen = jwt_token(identity(&issued).fixed(), HOUR);
+            let (token, _) = gen.generate(&Peer::default()).unwrap();
+            assert!(jwt::verify(&token, nsc.leaf()).unwrap().aud.is_empty());
+        }
+
+        #[test]
+        fn a_token_never_outlives_the_svid_nor_the_peers_certificate() {
+            let ca = DevCa::new("example.org").unwrap();
+            let issued = issue(&ca, "short", Duration::from_secs(120));
+            let short = load(&issued);
+            let gen = jwt_token(identity(&issued).fixed(), HOUR);
+            let (_, expires) = gen.generate(&Peer::default()).unwrap();
+            assert!(expires <= short.not_after());
+            let gen = jwt_token(identity(&issue(&ca, "long", HOUR * 24)).fixed(), HOUR);
+            let (_, expires) = gen.generate(&peer(&short)).unwrap();
+            assert!(expires <= short.not_after());
+            assert!(expires + Duration::from_secs(300) < SystemTime::now() + HOUR);
+        }
+
+        #[test]
+        fn a_rotated_svid_signs_the_next_token_without_a_rebuild() {
+            let ca = DevCa::new("example.org").unwrap();
+            let (old_issued, new_issued) = (issue(&ca, "nsc", HOUR), issue(&ca, "nsc", HOUR));
+            let (old, new) = (load(&old_issued), load(&new_issued));
+            let (tx, rx) = watch::channel(identity(&old_issued));
+            let gen = jwt_token(rx, HOUR);
+            let (before, _) = gen.generate(&Peer::default()).unwrap();
+            assert!(jwt::verify(&before, old.leaf()).is_ok());
+            tx.send(identity(&new_issued)).unwrap();
+            let (after, _) = gen.generate(&Peer::default()).unwrap();
+            assert!(jwt::verify(&after, new.leaf()).is_ok());
+            assert!(
+                jwt::verify(&after, old.leaf()).is_err(),
+                "signed by the new key"
+            );
+        }
     }
 
     #[test]

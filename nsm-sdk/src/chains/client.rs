@@ -6,6 +6,8 @@
 //! handlers ([`handler`](ClientOptions::handler)), `update_token`, mechanism
 //! preferences, [`before_connect`](ClientOptions::before_connect) handlers, the
 //! manager's URL, and the gRPC client.
+//!
+//! With [`policies`](ClientOptions::policies), `authorize_client` comes last before the manager's URL.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +20,9 @@ use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::noop_mechanism;
 use crate::handlers::{
-    client_url, mechanism_preferences, refresh, retry, update_path, update_token,
+    authorize_client, client_url, mechanism_preferences, refresh, retry, update_path, update_token,
 };
+use crate::security::PolicySet;
 use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, Channels, Url};
 
@@ -39,6 +42,7 @@ pub struct ClientOptions {
     root: CancellationToken,
     tokens: Arc<dyn TokenGenerator>,
     security: Security,
+    policies: Option<Arc<PolicySet>>,
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -69,6 +73,7 @@ impl ClientOptions {
             root: CancellationToken::new(),
             tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
             security: Security::insecure(),
+            policies: None,
         }
     }
 
@@ -131,7 +136,15 @@ impl ClientOptions {
     pub fn security(mut self, security: &Security) -> Self {
         self.channels = security.channels();
         self.tokens = security.tokens(DEFAULT_TOKEN_LIFETIME);
+        self.policies = security.policies();
         self.security = security.clone();
+        self
+    }
+
+    /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_client` last before the manager's URL and the gRPC client, checking the path the manager returns. Without
+    /// them (the default) nothing is checked (insecure mode).
+    pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
+        self.policies = Some(policies);
         self
     }
 
@@ -155,6 +168,7 @@ pub fn client(opts: ClientOptions) -> Chain {
         .push(update_token(opts.tokens))
         .push(mechanism_preferences(opts.mechanisms))
         .extend(opts.before_connect)
+        .push_opt(opts.policies.map(authorize_client))
         .push(client_url(opts.connect_to))
         .push(grpc_client(opts.channels))
         .build()

@@ -4,6 +4,8 @@
 //! [`after_begin`](EndpointOptions::after_begin) handlers, `update_token`, `timeout`
 //! (close when the caller stops refreshing), `monitor`, then the application's handlers
 //! ([`handler`](EndpointOptions::handler): IPAM, mechanisms, its own logic).
+//!
+//! With [`policies`](EndpointOptions::policies), `authorize_server` follows `update_token`, and MonitorConnection shows each subscriber only its own connections.
 
 use std::sync::Arc;
 
@@ -11,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::security::Security;
 use crate::core::rt::begin;
-use crate::core::{Chain, Handler, MonitorSource};
-use crate::handlers::{timeout, update_path, update_token, Monitor};
+use crate::core::{Chain, Handler};
+use crate::handlers::{authorize_server, timeout, update_path, update_token, Monitor};
+use crate::security::PolicySet;
 use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::Services;
 
@@ -25,6 +28,7 @@ pub struct EndpointOptions {
     root: CancellationToken,
     tokens: Arc<dyn TokenGenerator>,
     security: Security,
+    policies: Option<Arc<PolicySet>>,
 }
 
 impl std::fmt::Debug for EndpointOptions {
@@ -43,6 +47,7 @@ impl Default for EndpointOptions {
             root: CancellationToken::new(),
             tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
             security: Security::insecure(),
+            policies: None,
         }
     }
 }
@@ -57,6 +62,13 @@ impl EndpointOptions {
     /// that live 10 minutes).
     pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
         self.tokens = tokens;
+        self
+    }
+
+    /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_server` after `update_token`, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`). Without
+    /// them (the default) nothing is checked (insecure mode).
+    pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
+        self.policies = Some(policies);
         self
     }
 
@@ -103,6 +115,7 @@ pub struct Endpoint {
     chain: Chain,
     monitor: Monitor,
     security: Security,
+    policies: Option<Arc<PolicySet>>,
 }
 
 impl Endpoint {
@@ -123,7 +136,7 @@ impl Endpoint {
 
     /// The gRPC services to serve: NetworkService and MonitorConnection.
     pub fn services(&self) -> Services {
-        let source: Arc<dyn MonitorSource> = self.monitor.source();
+        let source = super::monitor_source(&self.monitor, self.policies.as_ref());
         self.security.serve(
             Services::new()
                 .network_service(self.chain.clone())
@@ -141,6 +154,7 @@ pub fn endpoint(name: impl Into<String>, opts: EndpointOptions) -> Endpoint {
         .push(begin().root(opts.root))
         .extend(opts.after_begin)
         .push(update_token(opts.tokens))
+        .push_opt(opts.policies.clone().map(authorize_server))
         .push(timeout())
         .push(monitor.clone())
         .extend(opts.handlers)
@@ -150,5 +164,6 @@ pub fn endpoint(name: impl Into<String>, opts: EndpointOptions) -> Endpoint {
         chain,
         monitor,
         security: opts.security,
+        policies: opts.policies,
     }
 }

@@ -10,6 +10,8 @@
 //! `round_robin`, [`before_connect`](ForwarderOptions::before_connect) handlers, `connect` (a
 //! client chain of `begin`, `monitor_relay`, `mechanism_translation`, client-side
 //! mechanisms, `update_token`, the gRPC client).
+//!
+//! With [`policies`](ForwarderOptions::policies), `authorize_server` follows `update_token`, `authorize_client` precedes the client half's gRPC client, and MonitorConnection shows each subscriber only its own connections.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,13 +21,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::security::Security;
 use crate::core::rt::begin;
-use crate::core::{Chain, Handler, MonitorSource};
+use crate::core::{Chain, Handler};
 use crate::handlers::{
-    connect, discover, mechanism_translation, mechanisms, monitor_relay, netsvc_monitor,
-    noop_client, noop_server, round_robin, timeout, update_path, update_token, Mechanisms, Monitor,
+    authorize_client, authorize_server, connect, discover, mechanism_translation, mechanisms,
+    monitor_relay, netsvc_monitor, noop_client, noop_server, round_robin, timeout, update_path,
+    update_token, Mechanisms, Monitor,
 };
 use crate::registry::select::FORWARDER_SERVICE;
 use crate::registry::{find_cache, watch_reconnect, Registries, RegistryChain};
+use crate::security::PolicySet;
 use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
 use crate::wire::types;
@@ -38,6 +42,7 @@ pub struct ForwarderOptions {
     channels: Channels,
     root: CancellationToken,
     tokens: Arc<dyn TokenGenerator>,
+    policies: Option<Arc<PolicySet>>,
     server_mechanisms: Mechanisms,
     client_mechanisms: Vec<Arc<dyn Handler>>,
     labels: HashMap<String, String>,
@@ -68,6 +73,7 @@ impl ForwarderOptions {
             channels: Channels::new(),
             root: CancellationToken::new(),
             tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
+            policies: None,
             server_mechanisms: mechanisms().with(types::NOOP, noop_server()),
             client_mechanisms: vec![Arc::new(noop_client())],
             labels: HashMap::from([("p2p".to_string(), "true".to_string())]),
@@ -97,7 +103,15 @@ impl ForwarderOptions {
     pub fn security(mut self, security: &Security) -> Self {
         self.channels = security.channels();
         self.tokens = security.tokens(DEFAULT_TOKEN_LIFETIME);
+        self.policies = security.policies();
         self.security = security.clone();
+        self
+    }
+
+    /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_server` after `update_token`, `authorize_client` before the gRPC client of its client half, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`). Without
+    /// them (the default) nothing is checked (insecure mode).
+    pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
+        self.policies = Some(policies);
         self
     }
 
@@ -156,6 +170,7 @@ pub struct Forwarder {
     name: String,
     chain: Chain,
     monitor: Monitor,
+    policies: Option<Arc<PolicySet>>,
     registries: Registries,
     labels: HashMap<String, String>,
     security: Security,
@@ -195,7 +210,7 @@ impl Forwarder {
 
     /// The gRPC services to serve: NetworkService and MonitorConnection.
     pub fn services(&self) -> Services {
-        let source: Arc<dyn MonitorSource> = self.monitor.source();
+        let source = super::monitor_source(&self.monitor, self.policies.as_ref());
         self.security.serve(
             Services::new()
                 .network_service(self.chain.clone())
@@ -225,6 +240,7 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         .push(mechanism_translation())
         .extend(opts.client_mechanisms)
         .push(update_token(opts.tokens.clone()))
+        .push_opt(opts.policies.clone().map(authorize_client))
         .push(grpc_client(opts.channels.clone()))
         .build();
     let chain = Chain::builder()
@@ -232,6 +248,7 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         .push(begin().root(opts.root.clone()))
         .extend(opts.after_begin)
         .push(update_token(opts.tokens.clone()))
+        .push_opt(opts.policies.clone().map(authorize_server))
         .push(timeout())
         .push(monitor.clone())
         .extend(opts.handlers)
@@ -249,5 +266,6 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         registries,
         labels: opts.labels,
         security: opts.security,
+        policies: opts.policies,
     }
 }

@@ -25,5 +25,20 @@ pub use nsmgr::{nsmgr, Nsmgr, NsmgrOptions};
 pub use registry_server::{registry_server, RegistryServer};
 pub use security::Security;
 
+/// What a hop serves as MonitorConnection: its monitor, filtered per subscriber when
+/// policies are configured.
+fn monitor_source(
+    monitor: &crate::handlers::Monitor,
+    policies: Option<&std::sync::Arc<crate::security::PolicySet>>,
+) -> std::sync::Arc<dyn crate::core::MonitorSource> {
+    match policies {
+        Some(p) => std::sync::Arc::new(crate::handlers::monitor::authorized(
+            monitor.source(),
+            p.clone(),
+        )),
+        None => monitor.source(),
+    }
+}
+
 #[cfg(test)]
 mod tests;

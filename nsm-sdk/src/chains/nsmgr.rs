@@ -13,6 +13,8 @@
 //! local URL for local use; network services pass through. Watching Finds to the
 //! registry reconnect by themselves when it restarts (`watch_reconnect`); repeated
 //! Finds are answered from memory kept current by one watch per query (`find_cache`).
+//!
+//! With [`policies`](NsmgrOptions::policies), `authorize_server` follows `update_token`, `authorize_client` precedes the client half's gRPC client, and MonitorConnection shows each subscriber only its own connections.
 
 use std::sync::Arc;
 
@@ -21,14 +23,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::security::Security;
 use crate::core::rt::begin;
-use crate::core::{Chain, Handler, MonitorSource};
+use crate::core::{Chain, Handler};
 use crate::handlers::{
-    connect, discover_forwarder, filter_mechanisms, monitor_relay, timeout, update_path,
-    update_token, Monitor,
+    authorize_client, authorize_server, connect, discover_forwarder, filter_mechanisms,
+    monitor_relay, timeout, update_path, update_token, Monitor,
 };
 use crate::registry::{
     find_cache, local_bypass, validate, watch_reconnect, Registries, RegistryChain,
 };
+use crate::security::PolicySet;
 use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
 
@@ -42,6 +45,7 @@ pub struct NsmgrOptions {
     channels: Channels,
     root: CancellationToken,
     tokens: Arc<dyn TokenGenerator>,
+    policies: Option<Arc<PolicySet>>,
     after_begin: Vec<Arc<dyn Handler>>,
     handlers: Vec<Arc<dyn Handler>>,
     before_connect: Vec<Arc<dyn Handler>>,
@@ -69,6 +73,7 @@ impl NsmgrOptions {
             channels: Channels::new(),
             root: CancellationToken::new(),
             tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
+            policies: None,
             after_begin: Vec::new(),
             handlers: Vec::new(),
             before_connect: Vec::new(),
@@ -86,6 +91,13 @@ impl NsmgrOptions {
     /// that live 10 minutes).
     pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
         self.tokens = tokens;
+        self
+    }
+
+    /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_server` after `update_token`, `authorize_client` before the gRPC client of its client half, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`). Without
+    /// them (the default) nothing is checked (insecure mode).
+    pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
+        self.policies = Some(policies);
         self
     }
 
@@ -140,6 +152,7 @@ pub struct Nsmgr {
     monitor: Monitor,
     registries: Registries,
     security: Security,
+    policies: Option<Arc<PolicySet>>,
 }
 
 impl Nsmgr {
@@ -166,7 +179,7 @@ impl Nsmgr {
     /// The gRPC services to serve: NetworkService, MonitorConnection and both
     /// registries.
     pub fn services(&self) -> Services {
-        let source: Arc<dyn MonitorSource> = self.monitor.source();
+        let source = super::monitor_source(&self.monitor, self.policies.as_ref());
         self.security.serve(
             Services::new()
                 .network_service(self.chain.clone())
@@ -205,6 +218,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
         .push(begin().root(opts.root.clone()))
         .push(monitor_relay(opts.channels.clone()))
         .push(update_token(opts.tokens.clone()))
+        .push_opt(opts.policies.clone().map(authorize_client))
         .push(grpc_client(opts.channels.clone()))
         .build();
     let chain = Chain::builder()
@@ -212,6 +226,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
         .push(begin().root(opts.root.clone()))
         .extend(opts.after_begin)
         .push(update_token(opts.tokens.clone()))
+        .push_opt(opts.policies.clone().map(authorize_server))
         .push(timeout())
         .push(monitor.clone())
         .extend(opts.handlers)
@@ -227,5 +242,6 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
         monitor,
         registries,
         security: opts.security,
+        policies: opts.policies,
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::security::{FileSource, Identity, PolicySet, SecurityConfig, SpiffeId};
-use crate::token::{lifetime_token, TokenGenerator};
+use crate::token::{jwt_token, lifetime_token, TokenGenerator};
 use crate::transport::{Channels, Services, Tls};
 use crate::Result;
 
@@ -137,6 +137,9 @@ impl Security {
     /// The generator of this component's path tokens, each living `lifetime`: signed
     /// when secure, else unsigned.
     pub fn tokens(&self, lifetime: Duration) -> Arc<dyn TokenGenerator> {
-        Arc::new(lifetime_token(lifetime))
+        match &self.secure {
+            Some(secure) => Arc::new(jwt_token(secure.identity.clone(), lifetime)),
+            None => Arc::new(lifetime_token(lifetime)),
+        }
     }
 }

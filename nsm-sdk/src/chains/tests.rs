@@ -242,3 +242,66 @@ async fn forwarder_before_connect_sees_the_endpoint_it_picked() {
     assert_eq!(last[0].client_url.as_ref(), Some(&nse_url), "{last:?}");
     registry.kill();
 }
+
+#[tokio::test]
+async fn with_policies_an_endpoint_authorizes_its_callers_and_filters_its_monitor() {
+    use crate::core::Peer;
+    use crate::handlers::authorize::tests::{identity, peer_id, policies, token, Ids};
+    use crate::token::jwt_token;
+    use futures::StreamExt;
+    use nsm_proto::connection::MonitorScopeSelector;
+
+    let ids = Ids::new();
+    let (nsc, me) = (ids.issue("nsc"), ids.issue("nse"));
+    let open = endpoint("nse", EndpointOptions::new());
+    // Policies need signed tokens of the hop's own too.
+    let signed = Arc::new(jwt_token(identity(&me).fixed(), Duration::from_secs(600)));
+    let guarded = endpoint(
+        "nse",
+        EndpointOptions::new().tokens(signed).policies(policies()),
+    );
+    let caller = |token: &str| {
+        server_cx().with_peer(Peer {
+            identity: Some(peer_id(&nsc)),
+            token: Some(token.into()),
+            ..Default::default()
+        })
+    };
+    // Today's unsigned tokens: served without policies, refused with them.
+    open.chain()
+        .request(&mut caller("nsm-rs"), incoming("svc"))
+        .await
+        .unwrap();
+    let e = guarded
+        .chain()
+        .request(&mut caller("nsm-rs"), incoming("svc"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
+    guarded
+        .chain()
+        .request(&mut caller(&token(&nsc, &me).token), incoming("svc"))
+        .await
+        .unwrap();
+
+    // Served, its MonitorConnection shows the connection only to a subscriber whose
+    // identity is in the path: over a link without TLS, to nobody.
+    for (nse, expected) in [(&open, 1), (&guarded, 0)] {
+        let url = inmem("authorized-monitor");
+        let server = serve(&url, nse.services()).await.unwrap();
+        let channels = crate::transport::Channels::new();
+        let mut events =
+            crate::transport::monitor_connections(&channels, &url, MonitorScopeSelector::default())
+                .await
+                .unwrap();
+        let initial = events.next().await.unwrap().unwrap();
+        assert_eq!(initial.connections.len(), expected);
+        drop(events);
+        server.shutdown().await;
+    }
+    let mine = super::monitor_source(guarded.monitor(), Some(&policies()))
+        .subscribe_as(MonitorScopeSelector::default(), Some(&peer_id(&nsc)))
+        .next()
+        .await;
+    assert_eq!(mine.unwrap().unwrap().connections.len(), 1);
+}

@@ -51,6 +51,8 @@ pub mod upstream_refresh;
 pub use upstream_refresh::{upstream_refresh, UpstreamRefresh, UpstreamRefreshOptions};
 pub mod filter_mechanisms;
 pub use filter_mechanisms::{filter_mechanisms, FilterMechanisms};
+pub mod authorize;
+pub use authorize::{authorize_client, authorize_server, Authorize};
 
 /// What the tests of several handlers share.
 #[cfg(test)]

@@ -9,7 +9,9 @@
 //! - **client side**: sets its own segment's token and expiry from the generator and
 //!   puts them in [`Cx::peer_mut`], so the gRPC client at the end of the chain sends
 //!   them as metadata; the next hop's server-side `update_token` copies them back into
-//!   this segment.
+//!   this segment. It also puts the generator in [`Cx::ext`] as [`OutgoingToken`]: the
+//!   gRPC client re-signs with it once the handshake has named the next hop, so a
+//!   signed token's `aud` is the hop it goes to.
 //!
 //! How the pieces fit: the expiries written here drive the connection's lifecycle. The
 //! client-side [`refresh`](mod@super::refresh) re-requests before the earliest `expires` in
@@ -33,7 +35,7 @@ use nsm_proto::networkservice::NetworkServiceRequest;
 use prost_types::Timestamp;
 
 use crate::core::{Cx, Handler, Next, Side};
-use crate::token::TokenGenerator;
+use crate::token::{OutgoingToken, TokenGenerator};
 use crate::{Error, Result};
 
 /// See the [module docs](self).
@@ -86,6 +88,8 @@ impl UpdateToken {
         }
         if cx.side() == Side::Client {
             set_outgoing(cx, token, expires);
+            cx.ext_mut()
+                .insert(OutgoingToken(Arc::clone(&self.generator)));
         }
         Ok(())
     }
@@ -230,6 +234,10 @@ mod tests {
         assert_eq!(segs[1].expires, ts(500));
         // The server does not touch the peer: it is the caller's.
         assert_eq!(cx.peer().token.as_deref(), Some("nsc-token"));
+        assert!(
+            cx.ext().get::<OutgoingToken>().is_none(),
+            "a server sends nothing"
+        );
     }
 
     #[tokio::test]
@@ -304,6 +312,15 @@ mod tests {
         assert_eq!((own.token.as_str(), own.expires), ("nsc-token", ts(700)));
         assert_eq!(peer.token.as_deref(), Some("nsc-token"));
         assert_eq!(peer.token_expires, Some(at(700)));
+        // The transport can re-sign for the next hop with the same generator.
+        let outgoing = cx
+            .ext()
+            .get::<OutgoingToken>()
+            .expect("set for the transport");
+        assert_eq!(
+            outgoing.0.generate(&Peer::default()).unwrap().0,
+            "nsc-token"
+        );
 
         chain.close(&mut Cx::client(), conn).await.unwrap();
         let (_, peer) = seen.last();

@@ -101,6 +101,19 @@ pub fn sign_at(
     max_lifetime: Duration,
     now: SystemTime,
 ) -> Result<SignedToken, SecurityError> {
+    sign_to(svid, Some(audience), audience_not_after, max_lifetime, now)
+}
+
+/// [`sign_at`] for an audience that may be unknown (no `aud` claim then): a hop that
+/// does not know its peer yet (a client before its handshake, a peer without TLS) still
+/// signs, as Go NSM does; the policies refuse such a token wherever a chain needs it.
+pub fn sign_to(
+    svid: &Svid,
+    audience: Option<&SpiffeId>,
+    audience_not_after: Option<SystemTime>,
+    max_lifetime: Duration,
+    now: SystemTime,
+) -> Result<SignedToken, SecurityError> {
     let key = svid.pkcs8().ok_or_else(|| {
         SecurityError::Token("signing needs the SVID key as PKCS#8 (BEGIN PRIVATE KEY)".into())
     })?;
@@ -110,7 +123,7 @@ pub fn sign_at(
     }
     let claims = Claims {
         sub: svid.id().to_string(),
-        aud: vec![audience.to_string()],
+        aud: audience.map(|a| a.to_string()).into_iter().collect(),
         exp: system_to_unix(expires),
     };
     let token = jsonwebtoken::encode(

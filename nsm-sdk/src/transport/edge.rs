@@ -143,7 +143,7 @@ impl MonitorConnection for MonitorEdge {
         debug!(parent: cx.span(), "monitor subscribed");
         let events = self
             .source
-            .subscribe(request.into_inner())
+            .subscribe_as(request.into_inner(), cx.peer().identity.as_ref())
             .map(|r| r.map_err(Status::from))
             .boxed();
         Ok(Response::new(until_shutdown(events, self.graceful.clone())))

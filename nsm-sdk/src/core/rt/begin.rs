@@ -31,7 +31,9 @@
 //! chain, and the connection a caller was last given if events have changed it since.
 //!
 //! Failure handled: a panicking or timed-out operation does not wedge the id; a Close
-//! whose downstream fails still forgets the connection (and returns the error).
+//! whose downstream fails still forgets the connection (and returns the error), but a
+//! Close or reselect that a handler refused before anything was torn down ([`Refused`],
+//! `authorize`) leaves the connection as it was.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -56,10 +58,19 @@ use crate::{Error, Result};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Put in [`Cx::ext`] by `begin` for the rest of an operation that an event started
-/// (guarantee 3), and taken out for every other operation; a handler that queued an
-/// event can tell it from a caller's request with the same content (`heal` does).
+/// (guarantee 3: a Request or a Close), and taken out for every other operation; a
+/// handler that queued an event can tell it from a caller's request with the same
+/// content (`heal` does), and `authorize` lets the hop's own operations (a `timeout`
+/// close) pass.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct FromEvent;
+
+/// Put in [`Cx::ext`] by a handler after `begin` that refused a caller's operation
+/// before anything further down ran (`authorize`): `begin` then leaves the connection
+/// exactly as it was. A refused Close does not forget the connection, and a refused
+/// reselect does not close the old path first.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused;
 
 /// See the [module docs](self).
 #[derive(Clone)]
@@ -227,6 +238,9 @@ impl Inner {
                     let mut close_cx = cx.clone();
                     let old = stored.clone();
                     if let Err(e) = next.clone().close(&mut close_cx, old).await {
+                        if close_cx.ext().get::<Refused>().is_some() {
+                            return (cx, Err(e));
+                        }
                         tracing::debug!(error = %e, "closing the old downstream before reselect failed");
                     }
                     est.up = false;
@@ -287,6 +301,7 @@ impl Inner {
                 (cx, Ok(conn))
             }
             Err(e) => {
+                cx.ext_mut().remove::<Refused>();
                 // On the client side a connection that was up and lost its path to a
                 // failed reselect stays (with no connection: a Close goes nowhere), so
                 // whoever reselects (heal) can try again.
@@ -304,7 +319,13 @@ impl Inner {
         mut guard: Guard<Slot>,
         mut cx: Cx,
         next: Next,
+        from_event: bool,
     ) -> (Cx, Result<()>) {
+        if from_event {
+            cx.ext_mut().insert(FromEvent);
+        } else {
+            cx.ext_mut().remove::<FromEvent>();
+        }
         let Some(conn) = guard.conn().cloned() else {
             self.forget(&mut guard);
             return (cx, Ok(()));
@@ -321,7 +342,10 @@ impl Inner {
                 "close of connection {id} timed out"
             ))),
         };
-        self.forget(&mut guard);
+        // A refused Close tore nothing down: the connection stays as it was.
+        if cx.ext_mut().remove::<Refused>().is_none() {
+            self.forget(&mut guard);
+        }
         (cx, result)
     }
 }
@@ -456,7 +480,9 @@ impl Handler for Begin {
         };
         let task_cx = std::mem::take(cx).with_span(span.clone());
         let inner = self.inner.clone();
-        let op = inner.run_close(guard, task_cx, next).instrument(span);
+        let op = inner
+            .run_close(guard, task_cx, next, false)
+            .instrument(span);
         run_detached(op, cx).await
     }
 }
@@ -503,7 +529,7 @@ impl Inner {
                 r.map(Some)
             }
             ConnEvent::Close => {
-                let (_, r) = self.run_close(guard, cx, next).instrument(span).await;
+                let (_, r) = self.run_close(guard, cx, next, true).instrument(span).await;
                 r.map(|()| None)
             }
         }

@@ -56,8 +56,11 @@
 //! shutdown token ([`MonitorBuilder::shutdown`]) fires or every `Monitor` clone is
 //! gone.
 //!
-//! Client side, [`filter`] turns a next hop's stream into the client's own view.
+//! Client side, [`filter`] turns a next hop's stream into the client's own view. With
+//! policies, a hop serves [`authorized`] around its source: each subscriber sees only
+//! the connections whose path holds its identity.
 
+pub mod authorized;
 pub mod filter;
 pub mod selector;
 
@@ -78,6 +81,7 @@ use tokio_util::sync::CancellationToken;
 use crate::core::{Cx, Handler, MonitorSource, Next, Side};
 use crate::Result;
 
+pub use authorized::{authorized, Authorized};
 pub use filter::{filter_events, ClientFilter};
 
 /// How many events a subscriber may fall behind before it is re-synchronised.
