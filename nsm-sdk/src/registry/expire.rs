@@ -39,6 +39,7 @@ use crate::core::handler::WeakCursor;
 use crate::core::rt::keyed_lock::Guard;
 use crate::core::rt::keyed_timers::{Firing, KeyedTimers, Slot};
 use crate::core::Cx;
+use crate::wire::bounds::Shown;
 use crate::Result;
 
 /// The usual registry expiration: one minute.
@@ -142,7 +143,7 @@ impl Inner {
         // Wall clock for the deadline, tokio time for the wait.
         let delay = at.duration_since(SystemTime::now()).unwrap_or_default();
         let me = self.me.clone();
-        let span = tracing::info_span!("expire", name = %entry.name);
+        let span = tracing::info_span!("expire", name = %Shown(&entry.name));
         let had = self.slots.arm(slot, |generation| {
             async move {
                 tokio::time::sleep(delay).await;
@@ -178,14 +179,16 @@ impl Inner {
                 let res =
                     tokio::time::timeout(UNREGISTER_TIMEOUT, next.unregister(&mut cx, entry)).await;
                 match res {
-                    Ok(Ok(())) => info!(name = %name, "network service endpoint expired"),
+                    Ok(Ok(())) => info!(name = %Shown(&name), "network service endpoint expired"),
                     Ok(Err(e)) => {
-                        warn!(name = %name, error = %e, "unregister of an expired endpoint failed")
+                        warn!(name = %Shown(&name), error = %e, "unregister of an expired endpoint failed")
                     }
-                    Err(_) => warn!(name = %name, "unregister of an expired endpoint timed out"),
+                    Err(_) => {
+                        warn!(name = %Shown(&name), "unregister of an expired endpoint timed out")
+                    }
                 }
             }
-            None => warn!(name = %name, "endpoint expired but its registry chain is gone"),
+            None => warn!(name = %Shown(&name), "endpoint expired but its registry chain is gone"),
         }
         self.forget(&name, &mut slot);
     }

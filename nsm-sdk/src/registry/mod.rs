@@ -15,6 +15,7 @@ use futures::stream::BoxStream;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 
 use crate::core::{Cursor, Cx};
+use crate::wire::bounds;
 use crate::Result;
 
 /// A registry entry: a network service or an endpoint.
@@ -27,6 +28,8 @@ pub trait Resource:
     fn name(&self) -> &str;
     /// Sets the entry's name.
     fn set_name(&mut self, name: String);
+    /// Checks the entry against the input bounds ([`crate::wire::bounds`]).
+    fn check(&self) -> Result<()>;
 }
 
 impl Resource for NetworkService {
@@ -37,6 +40,9 @@ impl Resource for NetworkService {
     fn set_name(&mut self, name: String) {
         self.name = name;
     }
+    fn check(&self) -> Result<()> {
+        bounds::check_ns(self)
+    }
 }
 
 impl Resource for NetworkServiceEndpoint {
@@ -46,6 +52,9 @@ impl Resource for NetworkServiceEndpoint {
     }
     fn set_name(&mut self, name: String) {
         self.name = name;
+    }
+    fn check(&self) -> Result<()> {
+        bounds::check_nse(self)
     }
 }
 
