@@ -21,7 +21,7 @@ pub use client::{client, ClientOptions};
 pub use endpoint::{endpoint, Endpoint, EndpointOptions};
 pub use forwarder::{forwarder, Forwarder, ForwarderOptions};
 pub use nsmgr::{nsmgr, Nsmgr, NsmgrOptions};
-pub use registry_server::{registry_server, RegistryServer};
+pub use registry_server::{registry_server, registry_server_with, RegistryServer};
 
 #[cfg(test)]
 mod tests;

@@ -5,8 +5,10 @@
 //! expiration is lowered to the downstream one if that is earlier. Then a timer is set
 //! for that time: when it fires and no newer Register of the same name came, the entry
 //! is unregistered **through the rest of the chain**, so the store tells its watchers
-//! (`deleted = true`). A refresh (another Register) reschedules; a successful
-//! Unregister cancels the timer. Network services pass through untouched.
+//! (`deleted = true`); that call carries [`ExpiryCleanup`], so `authorize` after
+//! `expire` lets it through and frees the name. A refresh (another Register)
+//! reschedules; a successful Unregister cancels the timer. Network services pass
+//! through untouched.
 //!
 //! Expiry is a setting of its own ([`DEFAULT_EXPIRATION`] is the usual one), independent
 //! of token lifetimes. Timers run on tokio time, so paused-time tests drive them.
@@ -50,6 +52,13 @@ const UNREGISTER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Expirations further than this are capped (keeps time arithmetic from overflowing).
 const MAX_EXPIRATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Marks the Unregister that [`Expire`] makes when an entry expires (a [`Cx::ext`]
+/// value): the registry's own cleanup, not a peer's call, so the handlers after
+/// `expire` (`authorize`) let it through whoever owns the name. Peers cannot set it:
+/// the extensions of a call are made in process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryCleanup;
 
 /// See the [module docs](self).
 #[derive(Clone)]
@@ -176,6 +185,7 @@ impl Inner {
         match next.upgrade() {
             Some(next) => {
                 let mut cx = Cx::server().with_timeout(UNREGISTER_TIMEOUT);
+                cx.ext_mut().insert(ExpiryCleanup);
                 let res =
                     tokio::time::timeout(UNREGISTER_TIMEOUT, next.unregister(&mut cx, entry)).await;
                 match res {

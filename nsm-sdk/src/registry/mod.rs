@@ -268,13 +268,15 @@ pub struct Registries {
 
 pub mod select;
 
+pub mod authorize;
 pub mod expire;
 pub mod local_bypass;
 pub mod memory;
 pub mod query;
 pub mod validate;
 
-pub use expire::{expire, Expire, DEFAULT_EXPIRATION};
+pub use authorize::{authorize, Authorize};
+pub use expire::{expire, Expire, ExpiryCleanup, DEFAULT_EXPIRATION};
 pub use local_bypass::{local_bypass, LocalBypass};
 pub use memory::{memory, Memory, Stored};
 pub use query::Matches;
