@@ -1,13 +1,16 @@
 //! The registry server: network services and endpoints in memory, endpoints expiring.
 //!
 //! Endpoint chain: `validate`, `expire(expiry)`, `memory`. Network service chain:
-//! `validate`, `memory`.
+//! `validate`, `memory`. With a [`PolicySet`] ([`registry_server_with`]), `authorize`
+//! comes before `memory` in both: a name can be changed only by the identity that
+//! registered it, until it is unregistered or expires.
 
 use std::time::Duration;
 
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 
-use crate::registry::{expire, memory, validate, Registries, RegistryChain};
+use crate::registry::{authorize, expire, memory, validate, Registries, RegistryChain};
+use crate::security::PolicySet;
 use crate::transport::Services;
 
 /// Default time an endpoint stays registered without a refresh.
@@ -35,17 +38,118 @@ impl RegistryServer {
 
 /// The registry server; endpoints expire `expiry` after their last registration.
 pub fn registry_server(expiry: Duration) -> RegistryServer {
+    registry_server_with(expiry, None)
+}
+
+/// The registry server; endpoints expire `expiry` after their last registration; with
+/// `policies`, names are owned by the identity that registered them (the
+/// [`policy::REGISTRY`](crate::security::policy::REGISTRY) policies, checked with the
+/// caller's mTLS identity).
+pub fn registry_server_with(expiry: Duration, policies: Option<PolicySet>) -> RegistryServer {
+    let mut ns = RegistryChain::<NetworkService>::builder().push(validate());
+    let mut nse = RegistryChain::<NetworkServiceEndpoint>::builder()
+        .push(validate())
+        .push(expire(expiry));
+    if let Some(policies) = policies {
+        // One owner map per resource: a service and an endpoint may share a name.
+        ns = ns.push(authorize(policies.clone()));
+        nse = nse.push(authorize(policies));
+    }
     RegistryServer {
         registries: Registries {
-            ns: RegistryChain::<NetworkService>::builder()
-                .push(validate())
-                .push(memory())
-                .build(),
-            nse: RegistryChain::<NetworkServiceEndpoint>::builder()
-                .push(validate())
-                .push(expire(expiry))
-                .push(memory())
-                .build(),
+            ns: ns.push(memory()).build(),
+            nse: nse.push(memory()).build(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Peer;
+    use crate::security::dev_ca::DevCa;
+    use crate::security::{PeerIdentity, SpiffeId, Svid};
+    use crate::Cx;
+    use tonic::Code;
+
+    fn peers() -> (Cx, Cx) {
+        let ca = DevCa::new("example.org").unwrap();
+        let cx = |name: &str| {
+            let id = SpiffeId::parse(&format!("spiffe://example.org/{name}")).unwrap();
+            let issued = ca.issue(&id, Duration::from_secs(3600)).unwrap();
+            let svid =
+                Svid::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+            Cx::server().with_peer(Peer {
+                identity: Some(PeerIdentity::from_leaf(svid.leaf().clone()).unwrap()),
+                ..Default::default()
+            })
+        };
+        (cx("victim"), cx("attacker"))
+    }
+
+    fn nse(url: &str) -> NetworkServiceEndpoint {
+        NetworkServiceEndpoint {
+            name: "nse-victim".into(),
+            network_service_names: vec!["svc".into()],
+            url: url.into(),
+            ..Default::default()
+        }
+    }
+
+    async fn found_urls(reg: &RegistryServer, cx: &mut Cx) -> Vec<String> {
+        let template = NetworkServiceEndpoint {
+            name: "nse-victim".into(),
+            ..Default::default()
+        };
+        let found = reg.registries().nse.list(cx, template).await.unwrap();
+        found.into_iter().map(|e| e.url).collect()
+    }
+
+    #[tokio::test]
+    async fn with_policies_a_name_owned_by_another_identity_cannot_be_taken_over() {
+        let (mut victim, mut attacker) = peers();
+        let reg = registry_server_with(DEFAULT_EXPIRY, Some(PolicySet::defaults().unwrap()));
+        let nse_chain = &reg.registries().nse;
+        nse_chain
+            .register(&mut victim, nse("tcp://victim:1"))
+            .await
+            .unwrap();
+        let e = nse_chain
+            .register(&mut attacker, nse("tcp://attacker:1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        let e = nse_chain
+            .unregister(&mut attacker, nse(""))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        assert_eq!(found_urls(&reg, &mut attacker).await, ["tcp://victim:1"]);
+        // The owner's refresh still works after the refused attempts.
+        nse_chain
+            .register(&mut victim, nse("tcp://victim:1"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn without_policies_the_registry_is_as_before() {
+        let (mut victim, mut other) = peers();
+        let reg = registry_server(DEFAULT_EXPIRY);
+        let nse_chain = &reg.registries().nse;
+        nse_chain
+            .register(&mut victim, nse("tcp://victim:1"))
+            .await
+            .unwrap();
+        nse_chain
+            .register(&mut other, nse("tcp://other:1"))
+            .await
+            .unwrap();
+        assert_eq!(found_urls(&reg, &mut other).await, ["tcp://other:1"]);
+        // Calls without an identity are served too.
+        nse_chain
+            .unregister(&mut Cx::server(), nse(""))
+            .await
+            .unwrap();
     }
 }

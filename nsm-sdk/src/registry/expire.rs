@@ -5,8 +5,10 @@
 //! expiration is lowered to the downstream one if that is earlier. Then a timer is set
 //! for that time: when it fires and no newer Register of the same name came, the entry
 //! is unregistered **through the rest of the chain**, so the store tells its watchers
-//! (`deleted = true`). A refresh (another Register) reschedules; a successful
-//! Unregister cancels the timer. Network services pass through untouched.
+//! (`deleted = true`); that call carries [`ExpiryCleanup`], so `authorize` after
+//! `expire` lets it through and frees the name. A refresh (another Register)
+//! reschedules; a successful Unregister cancels the timer. Network services pass
+//! through untouched.
 //!
 //! Expiry is a setting of its own ([`DEFAULT_EXPIRATION`] is the usual one), independent
 //! of token lifetimes. Timers run on tokio time, so paused-time tests drive them.
@@ -39,6 +41,7 @@ use crate::core::handler::WeakCursor;
 use crate::core::rt::keyed_lock::Guard;
 use crate::core::rt::keyed_timers::{Firing, KeyedTimers, Slot};
 use crate::core::Cx;
+use crate::wire::bounds::Shown;
 use crate::Result;
 
 /// The usual registry expiration: one minute.
@@ -49,6 +52,13 @@ const UNREGISTER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Expirations further than this are capped (keeps time arithmetic from overflowing).
 const MAX_EXPIRATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Marks the Unregister that [`Expire`] makes when an entry expires (a [`Cx::ext`]
+/// value): the registry's own cleanup, not a peer's call, so the handlers after
+/// `expire` (`authorize`) let it through whoever owns the name. Peers cannot set it:
+/// the extensions of a call are made in process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryCleanup;
 
 /// See the [module docs](self).
 #[derive(Clone)]
@@ -142,7 +152,7 @@ impl Inner {
         // Wall clock for the deadline, tokio time for the wait.
         let delay = at.duration_since(SystemTime::now()).unwrap_or_default();
         let me = self.me.clone();
-        let span = tracing::info_span!("expire", name = %entry.name);
+        let span = tracing::info_span!("expire", name = %Shown(&entry.name));
         let had = self.slots.arm(slot, |generation| {
             async move {
                 tokio::time::sleep(delay).await;
@@ -175,17 +185,20 @@ impl Inner {
         match next.upgrade() {
             Some(next) => {
                 let mut cx = Cx::server().with_timeout(UNREGISTER_TIMEOUT);
+                cx.ext_mut().insert(ExpiryCleanup);
                 let res =
                     tokio::time::timeout(UNREGISTER_TIMEOUT, next.unregister(&mut cx, entry)).await;
                 match res {
-                    Ok(Ok(())) => info!(name = %name, "network service endpoint expired"),
+                    Ok(Ok(())) => info!(name = %Shown(&name), "network service endpoint expired"),
                     Ok(Err(e)) => {
-                        warn!(name = %name, error = %e, "unregister of an expired endpoint failed")
+                        warn!(name = %Shown(&name), error = %e, "unregister of an expired endpoint failed")
                     }
-                    Err(_) => warn!(name = %name, "unregister of an expired endpoint timed out"),
+                    Err(_) => {
+                        warn!(name = %Shown(&name), "unregister of an expired endpoint timed out")
+                    }
                 }
             }
-            None => warn!(name = %name, "endpoint expired but its registry chain is gone"),
+            None => warn!(name = %Shown(&name), "endpoint expired but its registry chain is gone"),
         }
         self.forget(&name, &mut slot);
     }

@@ -46,6 +46,7 @@ use tracing::{debug, warn};
 use super::query::Matches;
 use super::{FindStream, Found, Query, RegistryHandler, RegistryNext, Resource};
 use crate::core::Cx;
+use crate::wire::bounds::Shown;
 use crate::{Error, Result};
 
 /// How many events a watcher may have unread before it lags and re-lists.
@@ -305,7 +306,7 @@ impl<R: Stored> RegistryHandler<R> for Memory<R> {
         st.notify(old.as_ref(), Some(&r), now);
         debug!(
             kind = R::KIND,
-            name = r.name(),
+            name = %Shown(r.name()),
             refresh = old.is_some(),
             "registered"
         );
@@ -366,7 +367,7 @@ impl<R: Stored> RegistryHandler<R> for Memory<R> {
         if let Some(old) = st.entries.remove(r.name()) {
             st.unindex(&old);
             st.notify(Some(&old), None, now);
-            debug!(kind = R::KIND, name = r.name(), "unregistered");
+            debug!(kind = R::KIND, name = %Shown(r.name()), "unregistered");
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ use futures::stream::BoxStream;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 
 use crate::core::{Cursor, Cx};
+use crate::wire::bounds;
 use crate::Result;
 
 /// A registry entry: a network service or an endpoint.
@@ -27,6 +28,8 @@ pub trait Resource:
     fn name(&self) -> &str;
     /// Sets the entry's name.
     fn set_name(&mut self, name: String);
+    /// Checks the entry against the input bounds ([`crate::wire::bounds`]).
+    fn check(&self) -> Result<()>;
 }
 
 impl Resource for NetworkService {
@@ -37,6 +40,9 @@ impl Resource for NetworkService {
     fn set_name(&mut self, name: String) {
         self.name = name;
     }
+    fn check(&self) -> Result<()> {
+        bounds::check_ns(self)
+    }
 }
 
 impl Resource for NetworkServiceEndpoint {
@@ -46,6 +52,9 @@ impl Resource for NetworkServiceEndpoint {
     }
     fn set_name(&mut self, name: String) {
         self.name = name;
+    }
+    fn check(&self) -> Result<()> {
+        bounds::check_nse(self)
     }
 }
 
@@ -259,13 +268,15 @@ pub struct Registries {
 
 pub mod select;
 
+pub mod authorize;
 pub mod expire;
 pub mod local_bypass;
 pub mod memory;
 pub mod query;
 pub mod validate;
 
-pub use expire::{expire, Expire, DEFAULT_EXPIRATION};
+pub use authorize::{authorize, Authorize};
+pub use expire::{expire, Expire, ExpiryCleanup, DEFAULT_EXPIRATION};
 pub use local_bypass::{local_bypass, LocalBypass};
 pub use memory::{memory, Memory, Stored};
 pub use query::Matches;

@@ -99,18 +99,8 @@ impl From<SecurityError> for crate::Error {
     }
 }
 
-/// Cuts a string from a peer or a file to at most `max` bytes (on a char boundary), so
-/// that a hostile value never lands whole in an error or a log line.
-pub(crate) fn cut(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
-}
+/// One helper for every peer string quoted in an error or a log line.
+pub(crate) use crate::wire::bounds::cut;
 
 #[cfg(test)]
 mod tests {
@@ -136,14 +126,5 @@ mod tests {
         for var in ["NSM_TLS_CERT", "NSM_TLS_KEY", "NSM_TLS_CA", "NSM_INSECURE"] {
             assert!(msg.contains(var), "{msg}");
         }
-    }
-
-    #[test]
-    fn cut_keeps_short_strings_and_bounds_long_ones_on_a_char_boundary() {
-        assert_eq!(cut("abc", 256), "abc");
-        let long = "é".repeat(300);
-        let c = cut(&long, 255);
-        assert!(c.len() <= 258);
-        assert!(c.ends_with("..."));
     }
 }

@@ -95,7 +95,7 @@ impl Handler for GrpcClient {
         let channel = self.prepare(cx, &url, conn).await?;
         let request = outgoing(cx, &url, WHAT, req)?;
         debug!(parent: cx.span(), url = %url, "sending Request");
-        let mut client = NetworkServiceClient::new(channel);
+        let mut client = sized!(NetworkServiceClient::new(channel));
         answer(cx, &url, WHAT, client.request(request)).await
     }
 
@@ -105,7 +105,7 @@ impl Handler for GrpcClient {
         let channel = self.prepare(cx, &url, &mut conn).await?;
         let request = outgoing(cx, &url, WHAT, conn)?;
         debug!(parent: cx.span(), url = %url, "sending Close");
-        let mut client = NetworkServiceClient::new(channel);
+        let mut client = sized!(NetworkServiceClient::new(channel));
         answer(cx, &url, WHAT, client.close(request)).await
     }
 }

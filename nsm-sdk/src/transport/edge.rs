@@ -23,6 +23,7 @@ use super::listener::ConnInfo;
 use super::metadata;
 use crate::core::{Chain, Cx, MonitorSource, Peer};
 use crate::registry::{Query, RegistryChain, Resource};
+use crate::wire::bounds;
 use crate::Result;
 
 /// The server-side context of a call: peer (address, token), deadline and span.
@@ -53,6 +54,14 @@ fn server_cx<T>(request: &Request<T>, method: &'static str, id: &str) -> Result<
         .with_peer(peer)
         .with_deadline(deadline)
         .with_span(span))
+}
+
+/// Refuses a message over the bounds (InvalidArgument) before any handler sees it.
+fn bounded<T>(message: &T, check: fn(&T) -> Result<()>) -> Result<(), Status> {
+    check(message).map_err(|e| {
+        debug!(error = %e, "rejected call over the input bounds");
+        Status::from(e)
+    })
 }
 
 fn respond<T>(cx: &Cx, out: Result<T>) -> Result<Response<T>, Status> {
@@ -93,6 +102,7 @@ impl NetworkServiceRpc for NetworkServiceEdge {
         &self,
         request: Request<NetworkServiceRequest>,
     ) -> Result<Response<Connection>, Status> {
+        bounded(request.get_ref(), bounds::check_request)?;
         let id = request
             .get_ref()
             .connection
@@ -110,6 +120,7 @@ impl NetworkServiceRpc for NetworkServiceEdge {
     }
 
     async fn close(&self, request: Request<Connection>) -> Result<Response<()>, Status> {
+        bounded(request.get_ref(), bounds::check_connection)?;
         let id = request.get_ref().id.clone();
         let mut cx = server_cx(&request, "/networkservice.NetworkService/Close", &id)?;
         let span = cx.span().clone();
@@ -135,6 +146,7 @@ impl MonitorConnection for MonitorEdge {
         &self,
         request: Request<MonitorScopeSelector>,
     ) -> Result<Response<Self::MonitorConnectionsStream>, Status> {
+        bounded(request.get_ref(), bounds::check_selector)?;
         let cx = server_cx(
             &request,
             "/connection.MonitorConnection/MonitorConnections",
@@ -161,6 +173,7 @@ impl<R: Resource> RegistryEdge<R> {
         request: Request<R>,
         method: &'static str,
     ) -> Result<Response<R>, Status> {
+        bounded(request.get_ref(), R::check)?;
         let mut cx = server_cx(&request, method, request.get_ref().name())?;
         let span = cx.span().clone();
         let out = self
@@ -176,6 +189,7 @@ impl<R: Resource> RegistryEdge<R> {
         request: Request<R>,
         method: &'static str,
     ) -> Result<Response<()>, Status> {
+        bounded(request.get_ref(), R::check)?;
         let mut cx = server_cx(&request, method, request.get_ref().name())?;
         let span = cx.span().clone();
         let out = self
@@ -197,6 +211,7 @@ impl<R: Resource> RegistryEdge<R> {
     where
         W: Send + 'static,
     {
+        bounded(&query.template, R::check)?;
         let mut cx = server_cx(&request, method, query.template.name())?;
         let span = cx.span().clone();
         let found = self.chain.find(&mut cx, query).instrument(span).await;

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tonic::metadata::{MetadataMap, MetadataValue};
 
+use crate::wire::bounds::{cut, MAX_TOKEN_LEN};
 use crate::{Error, Result};
 
 /// Metadata key of the caller's token for this call.
@@ -33,6 +34,12 @@ pub fn read_token(md: &MetadataMap) -> Result<(Option<String>, Option<SystemTime
             .transpose()
     };
     let token = text(CLIENT_TOKEN)?;
+    if let Some(t) = token.as_deref().filter(|t| t.len() > MAX_TOKEN_LEN) {
+        return Err(Error::invalid(format!(
+            "metadata {CLIENT_TOKEN}: {} bytes, at most {MAX_TOKEN_LEN}",
+            t.len()
+        )));
+    }
     let expires = text(CLIENT_TOKEN_EXPIRES)?
         .map(|s| {
             parse_rfc3339(&s)
@@ -127,7 +134,8 @@ pub fn format_rfc3339(t: SystemTime) -> String {
 /// Parses an RFC 3339 time (`2006-01-02T15:04:05.999999999Z07:00`; `Z` or a numeric
 /// offset; fraction optional, digits past nanoseconds ignored).
 pub fn parse_rfc3339(s: &str) -> Result<SystemTime> {
-    let bad = |why: &str| Error::invalid(format!("{s:?} is not an RFC 3339 time: {why}"));
+    let bad =
+        |why: &str| Error::invalid(format!("{:?} is not an RFC 3339 time: {why}", cut(s, 64)));
     let b = s.as_bytes();
     if b.len() < 20 {
         return Err(bad("too short"));

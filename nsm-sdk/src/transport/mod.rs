@@ -1,6 +1,17 @@
 //! Transports: tonic over `tcp://` and `unix://`, and an in-memory transport for tests;
 //! the gRPC edges of chains (servers and the client at the end of a client chain).
 
+/// A generated tonic client or server with both message limits set to
+/// [`MAX_MESSAGE_SIZE`](crate::wire::bounds::MAX_MESSAGE_SIZE): tonic's defaults are 4 MiB
+/// to decode and no limit to encode, and every end of every link says the same.
+macro_rules! sized {
+    ($service:expr) => {
+        $service
+            .max_decoding_message_size($crate::wire::bounds::MAX_MESSAGE_SIZE)
+            .max_encoding_message_size($crate::wire::bounds::MAX_MESSAGE_SIZE)
+    };
+}
+
 pub mod channels;
 pub mod client;
 mod edge;

@@ -107,19 +107,19 @@ macro_rules! registry_wire {
                 ch: Channel,
                 r: tonic::Request<Self>,
             ) -> BoxFuture<'static, Result<tonic::Response<Self>, Status>> {
-                Box::pin(async move { $client::new(ch).register(r).await })
+                Box::pin(async move { sized!($client::new(ch)).register(r).await })
             }
             fn find(
                 ch: Channel,
                 q: tonic::Request<$query>,
             ) -> BoxFuture<'static, Result<tonic::Response<Streaming<$response>>, Status>> {
-                Box::pin(async move { $client::new(ch).find(q).await })
+                Box::pin(async move { sized!($client::new(ch)).find(q).await })
             }
             fn unregister(
                 ch: Channel,
                 r: tonic::Request<Self>,
             ) -> BoxFuture<'static, Result<tonic::Response<()>, Status>> {
-                Box::pin(async move { $client::new(ch).unregister(r).await })
+                Box::pin(async move { sized!($client::new(ch)).unregister(r).await })
             }
         }
     };

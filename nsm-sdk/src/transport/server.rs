@@ -194,25 +194,29 @@ pub async fn serve(url: &Url, services: Services) -> Result<Server> {
 
     let mut routes = Routes::default();
     if let Some(chain) = services.network_service {
-        routes = routes.add_service(NetworkServiceServer::new(NetworkServiceEdge { chain }));
+        routes = routes.add_service(sized!(NetworkServiceServer::new(NetworkServiceEdge {
+            chain
+        })));
     }
     if let Some(source) = services.monitor {
-        routes = routes.add_service(MonitorConnectionServer::new(MonitorEdge {
+        routes = routes.add_service(sized!(MonitorConnectionServer::new(MonitorEdge {
             source,
             graceful: graceful.clone(),
-        }));
+        })));
     }
     if let Some(chain) = services.ns_registry {
-        routes = routes.add_service(NetworkServiceRegistryServer::new(RegistryEdge {
+        routes = routes.add_service(sized!(NetworkServiceRegistryServer::new(RegistryEdge {
             chain,
             graceful: graceful.clone(),
-        }));
+        })));
     }
     if let Some(chain) = services.nse_registry {
-        routes = routes.add_service(NetworkServiceEndpointRegistryServer::new(RegistryEdge {
-            chain,
-            graceful: graceful.clone(),
-        }));
+        routes = routes.add_service(sized!(NetworkServiceEndpointRegistryServer::new(
+            RegistryEdge {
+                chain,
+                graceful: graceful.clone(),
+            }
+        )));
     }
 
     let secure = services.tls.is_some();

@@ -387,7 +387,7 @@ pub async fn monitor_connections(
     selector: MonitorScopeSelector,
 ) -> Result<BoxStream<'static, Result<ConnectionEvent>>> {
     let channel = channels.channel(url)?;
-    let mut client = MonitorConnectionClient::new(channel);
+    let mut client = sized!(MonitorConnectionClient::new(channel));
     let events = client
         .monitor_connections(selector)
         .await

@@ -1,6 +1,9 @@
 //! The exact strings of NSM API v1 that mechanisms and payloads use on the wire
 //! (`docs/WIRE.md`, "Mechanism constants"). Other implementations match on them, so
-//! they are spelled here once and used everywhere else through these names.
+//! they are spelled here once and used everywhere else through these names; and the
+//! bounds of what a peer may send ([`bounds`]).
+
+pub mod bounds;
 
 /// Mechanism classes (`Mechanism.cls`).
 pub mod cls {
