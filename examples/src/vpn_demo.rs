@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use nsm_sdk::chains::{
-    client, forwarder, nsmgr, registry_server, ClientOptions, EndpointOptions, ForwarderOptions,
-    NsmgrOptions, Security,
+    client, forwarder, nsmgr, ClientOptions, EndpointOptions, ForwarderOptions, NsmgrOptions,
+    Security,
 };
 use nsm_sdk::config::{ns_file, NsUrl};
 use nsm_sdk::handlers::{heal, HealOptions};
@@ -238,8 +238,9 @@ pub async fn run_with(fw_node: FirewallNode) -> Result<(), DemoError> {
         "      security on: a throw-away CA ({TRUST_DOMAIN}), an SVID per component, mTLS on every link, signed path tokens, the default policies"
     );
     let registry_url = mesh.url("registry");
-    let registry = registry_server(Duration::from_secs(600));
-    let registry_services = mesh.security("registry")?.serve(registry.services());
+    let registry_security = mesh.security("registry")?;
+    let registry = registry_security.registry_server(Duration::from_secs(600));
+    let registry_services = registry_security.serve(registry.services());
     mesh.servers
         .push(serve(&registry_url, registry_services).await?);
     for (i, tunnel_ip) in ["192.0.2.1", "192.0.2.2"].iter().enumerate() {

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use nsm_examples::metrics::MetricsArgs;
 use nsm_examples::{parse_duration, run, security, serve_all, shutdown_all, Common};
-use nsm_sdk::chains::registry_server;
 use nsm_sdk::transport::Url;
 use tracing::info;
 
@@ -34,7 +33,7 @@ fn main() -> ExitCode {
         info!(expire_after = ?args.expire_after, "starting the registry");
         let security = security()?;
         let _metrics = args.metrics.serve().await?;
-        let registry = registry_server(args.expire_after);
+        let registry = security.registry_server(args.expire_after);
         let services = security.serve(registry.services());
         let servers = serve_all(&[args.listen_on], &services).await?;
         stop.cancelled().await;

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::registry_server::{registry_server_with, RegistryServer};
 use crate::security::{FileSource, Identity, PolicySet, SecurityConfig, SpiffeId};
 use crate::token::{jwt_token, lifetime_token, TokenGenerator};
 use crate::transport::{Channels, Services, Tls};
@@ -116,6 +117,13 @@ impl Security {
     /// The policies, when secure.
     pub fn policies(&self) -> Option<Arc<PolicySet>> {
         self.secure.as_ref().map(|s| s.policies.clone())
+    }
+
+    /// A registry server whose endpoints expire `expiry` after their last registration,
+    /// secured: names owned by the identity that registered them (and its servers mTLS
+    /// through [`Security::serve`]).
+    pub fn registry_server(&self, expiry: Duration) -> RegistryServer {
+        registry_server_with(expiry, self.policies().map(|p| (*p).clone()))
     }
 
     /// A new channel pool: mTLS when secure, else plaintext.

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::testing::{counter, inject, Counter, Inject};
 use crate::chains::{
-    client, endpoint, forwarder, nsmgr, registry_server, ClientOptions, Endpoint, EndpointOptions,
-    ForwarderOptions, NsmgrOptions,
+    client, endpoint, forwarder, nsmgr, ClientOptions, Endpoint, EndpointOptions, ForwarderOptions,
+    NsmgrOptions,
 };
 use crate::core::{Chain, Cx, Handler};
 use crate::handlers::{connect, mechanisms, noop_server, passthrough, point_to_point, Mechanisms};
@@ -316,7 +316,7 @@ impl Sandbox {
     /// Starts the registry (again) with an empty store on its URL.
     pub async fn start_registry(&self) -> Result<()> {
         let token = self.shared.root.child_token();
-        let reg = registry_server(self.shared.expiry);
+        let reg = self.shared.security.registry_server(self.shared.expiry);
         let server = serve(
             &self.registry_url,
             self.shared.security.serve(reg.services()),
