@@ -246,7 +246,8 @@ mod tests {
             assert_eq!(claims.sub, "spiffe://example.org/nsc");
             assert_eq!(claims.aud, vec!["spiffe://example.org/nsmgr".to_string()]);
             assert!(expires > before + Duration::from_secs(598));
-            assert!(expires <= SystemTime::now() + Duration::from_secs(600));
+            // `exp` is whole seconds, the lifetime rounded up.
+            assert!(expires <= SystemTime::now() + Duration::from_secs(601));
             // Another hop's certificate does not verify it.
             assert!(jwt::verify(&token, nsmgr.leaf()).is_err());
         }

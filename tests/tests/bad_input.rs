@@ -12,7 +12,15 @@ use nsm_sdk::{Chain, Cx};
 use tonic::Code;
 
 async fn mesh() -> (Sandbox, Chain, EndpointHandle) {
-    let mesh = Sandbox::builder().nodes(1).build().await.unwrap();
+    // Plaintext on purpose: the bare client below signs no token, and what is tested is
+    // the status each kind of bad input gets (a secure mesh refuses an unsigned call
+    // with PermissionDenied before looking at it; transport/tls tests cover that).
+    let mesh = Sandbox::builder()
+        .nodes(1)
+        .insecure()
+        .build()
+        .await
+        .unwrap();
     let nse = mesh
         .node(0)
         .endpoint(EndpointSpec::new("nse", "svc").ipam("10.80.0.0/24".parse().unwrap()))

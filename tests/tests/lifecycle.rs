@@ -1,7 +1,6 @@
 //! Lifetimes: a client that stops refreshing is closed by the mesh, a dead endpoint
 //! expires from the registry, a live one stays (docs/SCENARIOS.md 5.2 items 19 and 20).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -11,7 +10,6 @@ use nsm_proto::registry::NetworkServiceEndpoint;
 use nsm_sdk::handlers::{begin, client_url, noop_client, update_path, update_token};
 use nsm_sdk::registry::Query;
 use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Sandbox};
-use nsm_sdk::token::lifetime_token;
 use nsm_sdk::transport::grpc_client;
 use nsm_sdk::{Chain, Cx};
 use nsm_testkit::{eventually, request};
@@ -48,9 +46,7 @@ async fn a_client_that_stops_refreshing_is_closed_by_the_mesh() {
     let dead = Chain::builder()
         .push(update_path("dead-nsc"))
         .push(begin())
-        .push(update_token(Arc::new(lifetime_token(Duration::from_secs(
-            2,
-        )))))
+        .push(update_token(mesh.security().tokens(Duration::from_secs(2))))
         .push(noop_client())
         .push(client_url(mesh.node(1).nsmgr_url().clone()))
         .push(grpc_client(mesh.channels()))

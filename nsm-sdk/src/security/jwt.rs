@@ -117,14 +117,18 @@ pub fn sign_to(
     let key = svid.pkcs8().ok_or_else(|| {
         SecurityError::Token("signing needs the SVID key as PKCS#8 (BEGIN PRIVATE KEY)".into())
     })?;
-    let mut expires = (now + max_lifetime).min(svid.not_after());
+    // `exp` is whole seconds: the lifetime is rounded up to the next second, so a short
+    // lifetime (1 s) is not cut to nothing, then capped by both certificates (rounded
+    // down: never past their NotAfter).
+    let wanted = system_to_unix(now + max_lifetime + Duration::from_millis(999));
+    let mut cap = svid.not_after();
     if let Some(peer) = audience_not_after {
-        expires = expires.min(peer);
+        cap = cap.min(peer);
     }
     let claims = Claims {
         sub: svid.id().to_string(),
         aud: audience.map(|a| a.to_string()).into_iter().collect(),
-        exp: system_to_unix(expires),
+        exp: wanted.min(system_to_unix(cap)),
     };
     let token = jsonwebtoken::encode(
         &Header::new(Algorithm::ES256),
@@ -274,7 +278,9 @@ mod tests {
         )
         .unwrap();
         let left = t.expires.duration_since(SystemTime::now()).unwrap();
-        assert!(left <= Duration::from_secs(60));
+        // Whole seconds: the lifetime rounded up, never cut short.
+        assert!(left <= Duration::from_secs(61), "{left:?}");
+        assert!(left >= Duration::from_secs(59), "{left:?}");
     }
 
     #[test]
