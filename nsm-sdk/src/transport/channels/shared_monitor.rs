@@ -24,7 +24,9 @@
 //!   DOWN, REFRESH_REQUESTED...) is kept for a while (the last [`RECENT`] of them): a
 //!   follower that joins after its Request returned gets it, so a death or a refresh
 //!   request between the answer and the join is not missed (the follower leaves out
-//!   copies of an earlier incarnation of its connection by their expiry);
+//!   copies of an earlier incarnation of its connection by their expiry); a newer
+//!   change of the same connection replaces the kept one, and an UP nobody takes
+//!   clears it (a failed refresh then a successful one leave nothing stale);
 //! - when the shared stream breaks or ends (the peer died or restarted), every follower
 //!   gets the error and its stream ends, exactly as with a stream of its own;
 //! - a stream with no follower left stays open for [`DEFAULT_LINGER`], so connections
@@ -287,12 +289,20 @@ impl Peer {
                         Some(_) => {}
                     }
                 }
-                if !delivered && (gone || !up) {
-                    if let Some(event) = undelivered {
-                        if state.recent.len() >= RECENT {
-                            state.recent.pop_front();
+                if !delivered {
+                    // The newest change of a place supersedes what was kept of it: a
+                    // DOWN followed by UP (a failed refresh, then a successful one)
+                    // leaves nothing for a follower that joins after both.
+                    state
+                        .recent
+                        .retain(|(rid, rindex, _)| !(*rid == id && *rindex == index));
+                    if gone || !up {
+                        if let Some(event) = undelivered {
+                            if state.recent.len() >= RECENT {
+                                state.recent.pop_front();
+                            }
+                            state.recent.push_back((id, index, event));
                         }
-                        state.recent.push_back((id, index, event));
                     }
                 }
             }
@@ -857,6 +867,43 @@ mod tests {
                 .await
                 .is_err(),
             "nothing more for b"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_kept_change_is_replaced_by_a_newer_one_and_cleared_by_up() {
+        let u = url();
+        let (_server, monitor) = peer(&u).await;
+        let channels = Channels::new();
+        let mut first = follow(&channels, &u, "a").await;
+        monitor.publish(ConnectionEventType::Update, conn("nsmgr", "a", State::Up));
+        next(&mut first).await;
+        // `b`'s refresh fails (DOWN), then its heal succeeds (UP), both before a
+        // follower of `b` joins: nothing stale is left for it.
+        monitor.publish(ConnectionEventType::Update, conn("nsmgr", "b", State::Down));
+        monitor.publish(ConnectionEventType::Update, conn("nsmgr", "b", State::Up));
+        // `c` goes DOWN then is deleted: the follower gets the DELETE only.
+        monitor.publish(ConnectionEventType::Update, conn("nsmgr", "c", State::Down));
+        monitor.publish(ConnectionEventType::Delete, conn("nsmgr", "c", State::Down));
+        monitor.publish(ConnectionEventType::Update, conn("nsmgr", "a", State::Down));
+        next(&mut first).await;
+        let mut b = follow(&channels, &u, "b").await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), b.next())
+                .await
+                .is_err(),
+            "a DOWN superseded by UP reached the follower"
+        );
+        let mut c = follow(&channels, &u, "c").await;
+        assert_eq!(
+            next(&mut c).await.r#type,
+            ConnectionEventType::Delete as i32
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), c.next())
+                .await
+                .is_err(),
+            "the superseded DOWN reached the follower too"
         );
     }
 
