@@ -12,7 +12,8 @@
 //! - [`kernel_forwarder_client`] (in the client chain towards the endpoint, after
 //!   `mechanism_translation`): offers an empty KERNEL preference on a first request;
 //!   when the endpoint has answered, reads the endpoint's `name` and `inodeURL` from the
-//!   returned mechanism and creates the pair with [`kernel_side_up`], the client's end
+//!   returned mechanism, checks that the endpoint may name that namespace
+//!   ([`check_answer`]: its own, or one it could enter, else PermissionDenied) and creates the pair with [`kernel_side_up`], the client's end
 //!   programmed from [`end_plan`] for [`PodSide::Client`] (with the context's
 //!   policy routes: a rule and a routing table each in the client's pod, as Go's
 //!   `iprule` on the NSC side), the endpoint's for [`PodSide::Endpoint`] (an end whose
@@ -48,6 +49,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use nsm_sdk::handlers::netns_owner::check_answer;
 use nsm_sdk::handlers::select_mechanism;
 use nsm_sdk::handlers::{mechanisms, Mechanisms};
 use nsm_sdk::proto::connection::{Connection, Mechanism};
@@ -388,7 +390,13 @@ impl Handler for KernelForwarderClient {
             // end.
             return Ok(out);
         }
-        match self.pair_up(&end, &mut out, &slot).await {
+        // The namespace the endpoint names must be its own (or one it could enter):
+        // checked against who answered before anything is made there.
+        let made = match check_answer(cx.peer(), &out) {
+            Ok(()) => self.pair_up(&end, &mut out, &slot).await,
+            Err(e) => Err(e),
+        };
+        match made {
             Ok(()) => {
                 slot.established.store(true, Ordering::SeqCst);
                 Ok(out)

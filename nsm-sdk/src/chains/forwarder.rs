@@ -12,6 +12,11 @@
 //! mechanisms, `update_token`, the gRPC client).
 //!
 //! With [`policies`](ForwarderOptions::policies), `authorize_server` follows `update_token`, `authorize_client` precedes the client half's gRPC client, and MonitorConnection shows each subscriber only its own connections.
+//!
+//! `netns_owner` follows (`authorize_server`): a KERNEL mechanism's namespace is
+//! accepted from the forwarder's own manager (the server at its manager URL, as the TLS
+//! handshake proves it) and otherwise only from a local process that is in it or could
+//! enter it itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,8 +29,8 @@ use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::{
     authorize_client, authorize_server, connect, discover, mechanism_translation, mechanisms,
-    monitor_relay, netsvc_monitor, noop_client, noop_server, round_robin, timeout, update_path,
-    update_token, Mechanisms, Monitor,
+    monitor_relay, netns_owner, netsvc_monitor, noop_client, noop_server, round_robin, timeout,
+    update_path, update_token, Mechanisms, Monitor,
 };
 use crate::registry::select::FORWARDER_SERVICE;
 use crate::registry::{find_cache, watch_reconnect, Registries, RegistryChain};
@@ -249,6 +254,7 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         .extend(opts.after_begin)
         .push(update_token(opts.tokens.clone()))
         .push_opt(opts.policies.clone().map(authorize_server))
+        .push(netns_owner().trusting_server_at(opts.channels.clone(), opts.nsmgr_url.clone()))
         .push(timeout())
         .push(monitor.clone())
         .extend(opts.handlers)

@@ -14,7 +14,10 @@
 //! registry reconnect by themselves when it restarts (`watch_reconnect`); repeated
 //! Finds are answered from memory kept current by one watch per query (`find_cache`).
 //!
-//! With [`policies`](NsmgrOptions::policies), `authorize_server` follows `update_token`, `authorize_client` precedes the client half's gRPC client, and MonitorConnection shows each subscriber only its own connections.
+//! With [`policies`](NsmgrOptions::policies), `authorize_server` follows `update_token`, `authorize_client` precedes the client half's gRPC client, MonitorConnection shows each subscriber only its own connections, and the registry front keeps each name for the identity that registered it (`registry::authorize`).
+//!
+//! `netns_owner` follows (`authorize_server`): a local client may name in a KERNEL
+//! mechanism only a network namespace it is in or could enter itself.
 
 use std::sync::Arc;
 
@@ -26,10 +29,11 @@ use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::{
     authorize_client, authorize_server, connect, discover_forwarder, filter_mechanisms,
-    monitor_relay, timeout, update_path, update_token, Monitor,
+    monitor_relay, netns_owner, timeout, update_path, update_token, Monitor,
 };
 use crate::registry::{
-    find_cache, local_bypass, validate, watch_reconnect, Registries, RegistryChain,
+    authorize as registry_authorize, find_cache, local_bypass, validate, watch_reconnect,
+    Registries, RegistryChain,
 };
 use crate::security::PolicySet;
 use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
@@ -192,9 +196,17 @@ impl Nsmgr {
 
 /// The manager.
 pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
+    // Names registered through this manager belong to the identity that registered them
+    // here: the registry behind it sees only the manager's identity for all of them.
+    let owners = || {
+        opts.policies
+            .as_ref()
+            .map(|p| registry_authorize((**p).clone()))
+    };
     let registries = Registries {
         ns: RegistryChain::<NetworkService>::builder()
             .push(validate())
+            .push_opt(owners())
             .push(watch_reconnect())
             .push(find_cache().root(opts.root.child_token()))
             .push(grpc_registry(
@@ -204,6 +216,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
             .build(),
         nse: RegistryChain::<NetworkServiceEndpoint>::builder()
             .push(validate())
+            .push_opt(owners())
             .push(local_bypass(opts.url.clone()))
             .push(watch_reconnect())
             .push(find_cache().root(opts.root.child_token()))
@@ -227,6 +240,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
         .extend(opts.after_begin)
         .push(update_token(opts.tokens.clone()))
         .push_opt(opts.policies.clone().map(authorize_server))
+        .push(netns_owner())
         .push(timeout())
         .push(monitor.clone())
         .extend(opts.handlers)

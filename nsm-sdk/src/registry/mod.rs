@@ -249,6 +249,13 @@ impl<R: Resource> RegistryChainBuilder<R> {
         self.handlers.push(h);
         self
     }
+    /// Appends a handler when there is one.
+    pub fn push_opt(self, h: Option<impl RegistryHandler<R>>) -> Self {
+        match h {
+            Some(h) => self.push(h),
+            None => self,
+        }
+    }
     /// The chain.
     pub fn build(self) -> RegistryChain<R> {
         RegistryChain {

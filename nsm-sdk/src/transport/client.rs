@@ -43,6 +43,9 @@ pub struct GrpcClient {
 /// [`OutgoingToken`] (set by a client-side `update_token`) is signed for that identity
 /// (`aud` = the next hop) into the hop's own path segment and the call's metadata.
 ///
+/// After a Request over a unix socket, [`Peer::process`](crate::core::Peer::process)
+/// of `cx` is the server's process (`SO_PEERCRED` of the connection).
+///
 /// State: none besides the shared channel pool. Failures: no `ClientUrl` is
 /// [`Error::Internal`]; an unreachable peer or a broken connection is
 /// [`Error::Unavailable`]; the peer's own statuses are [`Error::Remote`] with their code;
@@ -96,7 +99,13 @@ impl Handler for GrpcClient {
         let request = outgoing(cx, &url, WHAT, req)?;
         debug!(parent: cx.span(), url = %url, "sending Request");
         let mut client = sized!(NetworkServiceClient::new(channel));
-        answer(cx, &url, WHAT, client.request(request)).await
+        let out = answer(cx, &url, WHAT, client.request(request)).await;
+        if matches!(url, Url::Unix(_)) {
+            // Who answered, for handlers that check the answer against its author (the
+            // namespace an endpoint names, `netns_owner::check_answer`).
+            cx.peer_mut().process = self.channels.peer_process(&url);
+        }
+        out
     }
 
     async fn close(&self, cx: &mut Cx, mut conn: Connection, _next: Next) -> Result<()> {

@@ -30,11 +30,12 @@ use tracing::debug;
 
 use self::shared_monitor::SharedMonitors;
 use super::frames::Unvectored;
+use super::listener::peer_process;
 use super::memory;
 use super::metadata;
 use super::tls::Tls;
 use crate::core::url::Url;
-use crate::core::Cx;
+use crate::core::{Cx, PeerProcess};
 use crate::security::PeerIdentity;
 use crate::{Error, Result};
 
@@ -69,6 +70,8 @@ struct Entry {
     channel: Channel,
     /// The identity of the peer's last verified handshake (TLS only).
     server: Arc<Mutex<Option<PeerIdentity>>>,
+    /// The process at the other end of the last unix-socket connection (`SO_PEERCRED`).
+    process: Arc<Mutex<Option<PeerProcess>>>,
     /// Held while a first connection is made to learn `server`, so concurrent first
     /// calls make one connection, not one each.
     connecting: Arc<tokio::sync::Mutex<()>>,
@@ -158,7 +161,12 @@ impl Channels {
             return Ok((entry.channel, Some(id)));
         }
         let endpoint = endpoint(url, self.inner.connect_timeout)?;
-        let connector = connector(url, Some(tls.clone()), entry.server.clone());
+        let connector = connector(
+            url,
+            Some(tls.clone()),
+            entry.server.clone(),
+            entry.process.clone(),
+        );
         let channel = tokio::time::timeout(
             self.inner.connect_timeout,
             endpoint.connect_with_connector(connector),
@@ -191,22 +199,36 @@ impl Channels {
             )));
         }
         let server = Arc::new(Mutex::new(None));
+        let process = Arc::new(Mutex::new(None));
         let endpoint = endpoint(url, self.inner.connect_timeout)?;
         let channel = match (url, &self.inner.tls) {
             // tonic's own connector: TCP as it is, TCP_NODELAY on.
             (Url::Tcp { .. }, None) => endpoint.connect_lazy(),
-            (_, tls) => {
-                endpoint.connect_with_connector_lazy(connector(url, tls.clone(), server.clone()))
-            }
+            (_, tls) => endpoint.connect_with_connector_lazy(connector(
+                url,
+                tls.clone(),
+                server.clone(),
+                process.clone(),
+            )),
         };
         debug!(url = %url, tls = self.inner.tls.is_some(), "new channel");
         let entry = Entry {
             channel,
             server,
+            process,
             connecting: Arc::default(),
         };
         map.insert(url.clone(), entry.clone());
         Ok(entry)
+    }
+
+    /// The process serving `url`, a unix socket, as the kernel reported it
+    /// (`SO_PEERCRED`) when the pool last connected there; `None` before the first
+    /// connection and for TCP and memory peers.
+    pub fn peer_process(&self, url: &Url) -> Option<PeerProcess> {
+        let entry = self.lock().get(url).map(|e| e.process.clone())?;
+        let process = *lock(&entry);
+        process
     }
 
     /// Drops the pool's channel to `url` (calls in flight on it go on); returns whether
@@ -272,13 +294,14 @@ type BoxedIo = TokioIo<Box<dyn Io>>;
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
-/// Opens a connection to `url`: the stream, then with `tls` the handshake, whose verified
-/// peer goes into `server`. Unix sockets and memory pipes without vectored writes (see
+/// Opens a connection to `url`: the stream (a unix socket's peer credentials go into
+/// `process`), then with `tls` the handshake, whose verified peer goes into `server`. Unix sockets and memory pipes without vectored writes (see
 /// `frames`).
 fn connector(
     url: &Url,
     tls: Option<Tls>,
     server: Arc<Mutex<Option<PeerIdentity>>>,
+    process: Arc<Mutex<Option<PeerProcess>>>,
 ) -> impl tower::Service<
     Uri,
     Response = BoxedIo,
@@ -289,7 +312,8 @@ fn connector(
        + 'static {
     let url = url.clone();
     service_fn(move |_: Uri| {
-        let (url, tls, server) = (url.clone(), tls.clone(), server.clone());
+        let (url, tls, server, process) =
+            (url.clone(), tls.clone(), server.clone(), process.clone());
         let connecting: BoxFuture<'static, std::io::Result<BoxedIo>> = Box::pin(async move {
             let (raw, local): (Box<dyn Io>, bool) = match &url {
                 Url::Tcp { host, port } => {
@@ -297,7 +321,11 @@ fn connector(
                     s.set_nodelay(true)?;
                     (Box::new(s), false)
                 }
-                Url::Unix(path) => (Box::new(tokio::net::UnixStream::connect(path).await?), true),
+                Url::Unix(path) => {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    *lock(&process) = peer_process(&s);
+                    (Box::new(s), true)
+                }
                 Url::Memory(name) => {
                     let pipe = memory::connect(name).map_err(|e| {
                         std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())

@@ -184,11 +184,18 @@ async fn request_and_close_round_trip_over_tcp_unix_and_inmem() {
             assert_ne!(*port, 0, "the server reports the port it got");
         }
 
+        let mut cx = cx_for(server.url());
         let conn = client
-            .request(&mut cx_for(server.url()), request_with("c-1", &[]))
+            .request(&mut cx, request_with("c-1", &[]))
             .await
             .unwrap_or_else(|e| panic!("{url}: {e}"));
         assert_eq!(conn.id, "c-1");
+        // Over a unix socket the client learns who answered (SO_PEERCRED): this process.
+        let answered_by = cx.peer().process.as_ref().and_then(|p| p.pid);
+        match url {
+            Url::Unix(_) => assert_eq!(answered_by, Some(std::process::id() as i32)),
+            _ => assert_eq!(answered_by, None, "{url}"),
+        }
         assert_eq!(
             conn.labels.get("served").map(String::as_str),
             Some("yes"),
