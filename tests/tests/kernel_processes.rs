@@ -510,3 +510,298 @@ fn a_kernel_request_to_a_noop_only_endpoint_falls_back_to_noop() {
     );
     nsc.terminate();
 }
+
+/// What the attacker is told about its victim (environment variable
+/// [`ATTACK_PLAN`], JSON).
+const ATTACK_PLAN: &str = "NSM_TEST_ATTACK_PLAN";
+
+/// The four attacks of a local process against a working connection, by a process that
+/// holds a valid SVID of its own identity (`spiffe://nsm.test/attacker`) from the
+/// mesh's CA and runs without capabilities (root's uid, every capability dropped, as
+/// in an unprivileged pod): each is refused, and the victim's connection keeps working.
+#[test]
+fn a_local_attacker_with_its_own_svid_can_neither_close_nor_plant_nor_take_over_nor_read() {
+    require_root!();
+    let (nsc_pod, nse_pod) = (Pod::new(), Pod::new());
+    let mesh = Mesh::new("attacks");
+    let (_registry, _nsmgr) = mesh.control_plane();
+    let _fwd = mesh.forwarder("forwarder");
+    let _nse = mesh.nse("nse", &nse_pod, "172.16.83.0/24");
+    let mut nsc = mesh.nsc(&nsc_pod, SERVICE_URL, &[]);
+    let conn = nsc.next_connection();
+    let (_, dst) = check_kernel_connection(&conn, &nsc, "nse", "172.16.83.");
+    let links = nsc_pod.mesh_links();
+    let victim_netns = format!("file:///proc/{}/ns/net", nsc.pid());
+
+    let plan = serde_json::json!({
+        "nsmgr": mesh.nsmgr_url,
+        "forwarder": mesh.forwarder_url,
+        "registry": mesh.dir.unix("registry.sock"),
+        "connection": conn,
+        "netns": victim_netns,
+    });
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = Command::new("setpriv")
+        .args([
+            "--no-new-privs",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ])
+        .arg(exe)
+        .args(["attacker_process", "--exact", "--ignored", "--nocapture"])
+        .env(ATTACK_PLAN, plan.to_string())
+        .envs(mesh.dir.identity("attacker"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("setpriv runs the attacker");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the attacker failed: {said}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: std::collections::HashMap<&str, &str> = said
+        .lines()
+        .filter_map(|l| l.strip_prefix("ATTACK "))
+        .filter_map(|l| l.split_once(' '))
+        .collect();
+    let expect = |what: &str, outcome: &str| {
+        assert_eq!(results.get(what).copied(), Some(outcome), "{what}: {said}")
+    };
+    // The attacker is unprivileged, and its credentials are good: its own name is its.
+    expect("capabilities", "0");
+    expect("register-own-name", "Ok");
+    // 1. Close of the victim's connection.
+    expect("close", "PermissionDenied");
+    // 2. An interface into the victim's namespace, through the manager or straight at
+    //    the forwarder.
+    expect("request-nsmgr", "PermissionDenied");
+    expect("request-forwarder", "PermissionDenied");
+    // 3. The victim endpoint's name, through the manager or at the registry.
+    expect("register-nsmgr", "PermissionDenied");
+    expect("register-registry", "PermissionDenied");
+    expect("find-nse", &mesh.nsmgr_url);
+    // 4. The monitors show it nothing of others.
+    expect("monitor-nsmgr", "0");
+    expect("monitor-forwarder", "0");
+
+    // Nothing new in the victim's pod, and its connection still works.
+    assert_eq!(nsc_pod.mesh_links(), links, "the victim's pod changed");
+    assert!(nsc_pod.ping_with(&[host(&dst)]), "the victim's ping");
+    assert!(
+        nsc.stdout_within(Duration::from_millis(200)).is_err(),
+        "the victim's connection changed (healed or closed)"
+    );
+    nsc.terminate();
+    nsc_pod.until_empty("after nsc's SIGTERM");
+}
+
+/// The attacker of the test above, run by it as a separate process (it does nothing
+/// without the plan). Prints `ATTACK <what> <outcome>` lines.
+#[test]
+#[ignore = "the attacker process of a_local_attacker_with_its_own_svid_..."]
+fn attacker_process() {
+    let Ok(plan) = std::env::var(ATTACK_PLAN) else {
+        return;
+    };
+    let plan: Value = serde_json::from_str(&plan).expect("the plan");
+    tokio::runtime::Runtime::new()
+        .expect("a runtime")
+        .block_on(attacker::run(plan));
+}
+
+mod attacker {
+    use std::collections::HashMap;
+    use std::time::{Duration, SystemTime};
+
+    use futures::StreamExt;
+    use nsm_proto::connection::{Connection, Mechanism, MonitorScopeSelector, Path, PathSegment};
+    use nsm_proto::networkservice::NetworkServiceRequest;
+    use nsm_proto::registry::NetworkServiceEndpoint;
+    use nsm_sdk::chains::Security;
+    use nsm_sdk::handlers::{client_url, update_token};
+    use nsm_sdk::registry::{Query, RegistryChain};
+    use nsm_sdk::transport::{grpc_client, grpc_registry, monitor_connections, Channels, Url};
+    use nsm_sdk::wire::{cls, params, types};
+    use nsm_sdk::{Chain, Cx};
+    use serde_json::Value;
+
+    fn say(what: &str, outcome: impl std::fmt::Display) {
+        println!("ATTACK {what} {outcome}");
+    }
+
+    fn outcome<T>(r: &nsm_sdk::Result<T>) -> String {
+        match r {
+            Ok(_) => "Ok".into(),
+            Err(e) => format!("{:?}", e.code()),
+        }
+    }
+
+    fn url(plan: &Value, key: &str) -> Url {
+        plan[key].as_str().expect("a URL").parse().expect("a URL")
+    }
+
+    /// A bare client hop: signs its own token for the peer, sends what it is given.
+    fn raw(security: &Security, channels: &Channels, to: Url) -> Chain {
+        Chain::builder()
+            .push(update_token(security.tokens(Duration::from_secs(60))))
+            .push(client_url(to))
+            .push(grpc_client(channels.clone()))
+            .build()
+    }
+
+    /// The victim's connection as it printed it, with the attacker's token in its
+    /// first segment (the transport signs it).
+    fn victim(plan: &Value) -> Connection {
+        let c = &plan["connection"];
+        let segments = c["path"]["pathSegments"]
+            .as_array()
+            .expect("segments")
+            .iter()
+            .map(|s| PathSegment {
+                name: s["name"].as_str().unwrap_or_default().into(),
+                id: s["id"].as_str().unwrap_or_default().into(),
+                ..Default::default()
+            })
+            .collect();
+        Connection {
+            id: c["id"].as_str().unwrap_or_default().into(),
+            network_service: c["networkService"].as_str().unwrap_or_default().into(),
+            path: Some(Path {
+                index: 0,
+                path_segments: segments,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A request of its own for an interface in the victim's namespace.
+    fn plant(plan: &Value, service: &str) -> NetworkServiceRequest {
+        let id = format!("attack-{}", std::process::id());
+        NetworkServiceRequest {
+            connection: Some(Connection {
+                id: id.clone(),
+                network_service: service.into(),
+                path: Some(Path {
+                    index: 0,
+                    path_segments: vec![PathSegment {
+                        name: "attacker".into(),
+                        id,
+                        ..Default::default()
+                    }],
+                }),
+                ..Default::default()
+            }),
+            mechanism_preferences: vec![Mechanism {
+                cls: cls::LOCAL.into(),
+                r#type: types::KERNEL.into(),
+                parameters: HashMap::from([
+                    (params::NAME.into(), "evil-1".into()),
+                    (
+                        params::INODE_URL.into(),
+                        plan["netns"].as_str().unwrap_or_default().into(),
+                    ),
+                ]),
+            }],
+        }
+    }
+
+    fn endpoint(name: &str) -> NetworkServiceEndpoint {
+        NetworkServiceEndpoint {
+            name: name.into(),
+            url: "unix:///tmp/attacker.sock".into(),
+            network_service_names: vec!["icmp-responder".into()],
+            expiration_time: Some((SystemTime::now() + Duration::from_secs(60)).into()),
+            ..Default::default()
+        }
+    }
+
+    /// How many connections the first event of `url`'s monitor shows.
+    async fn monitor_shows(channels: &Channels, url: &Url) -> String {
+        match monitor_connections(channels, url, MonitorScopeSelector::default()).await {
+            Ok(mut events) => {
+                match tokio::time::timeout(Duration::from_secs(5), events.next()).await {
+                    Ok(Some(Ok(e))) => e.connections.len().to_string(),
+                    other => format!("no-event:{other:?}"),
+                }
+            }
+            Err(e) => format!("{:?}", e.code()),
+        }
+    }
+
+    pub(super) async fn run(plan: Value) {
+        let caps = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("CapEff:"))
+                    .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+            })
+            .unwrap_or(u64::MAX);
+        say("capabilities", caps);
+        let security = Security::from_env().expect("the attacker's own SVID");
+        let channels = security.channels();
+        let (nsmgr, forwarder, registry) = (
+            url(&plan, "nsmgr"),
+            url(&plan, "forwarder"),
+            url(&plan, "registry"),
+        );
+        let service = victim(&plan).network_service;
+
+        let close = raw(&security, &channels, nsmgr.clone())
+            .close(&mut Cx::client(), victim(&plan))
+            .await;
+        say("close", outcome(&close));
+
+        for (what, to) in [("request-nsmgr", &nsmgr), ("request-forwarder", &forwarder)] {
+            let r = raw(&security, &channels, to.clone())
+                .request(&mut Cx::client(), plant(&plan, &service))
+                .await;
+            say(what, outcome(&r));
+        }
+
+        let via_nsmgr = RegistryChain::<NetworkServiceEndpoint>::builder()
+            .push(grpc_registry(channels.clone(), nsmgr.clone()))
+            .build();
+        let own = via_nsmgr
+            .register(&mut Cx::client(), endpoint("attacker-nse"))
+            .await;
+        say("register-own-name", outcome(&own));
+        let r = via_nsmgr.register(&mut Cx::client(), endpoint("nse")).await;
+        say("register-nsmgr", outcome(&r));
+        let at_registry = RegistryChain::<NetworkServiceEndpoint>::builder()
+            .push(grpc_registry(channels.clone(), registry.clone()))
+            .build();
+        let r = at_registry
+            .register(&mut Cx::client(), endpoint("nse"))
+            .await;
+        say("register-registry", outcome(&r));
+        let found = at_registry
+            .find(
+                &mut Cx::client(),
+                Query {
+                    template: NetworkServiceEndpoint {
+                        name: "nse".into(),
+                        ..Default::default()
+                    },
+                    watch: false,
+                },
+            )
+            .await;
+        let url = match found {
+            Ok(mut s) => match s.next().await {
+                Some(Ok(f)) => f.resource.url,
+                other => format!("none:{other:?}"),
+            },
+            Err(e) => format!("{:?}", e.code()),
+        };
+        say("find-nse", url);
+
+        say("monitor-nsmgr", monitor_shows(&channels, &nsmgr).await);
+        say(
+            "monitor-forwarder",
+            monitor_shows(&channels, &forwarder).await,
+        );
+    }
+}

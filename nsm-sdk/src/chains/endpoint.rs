@@ -96,6 +96,7 @@ impl EndpointOptions {
     /// its servers ([`Endpoint::services`]) and the authorize policies.
     pub fn security(mut self, security: &Security) -> Self {
         self.tokens = security.tokens(DEFAULT_TOKEN_LIFETIME);
+        self.policies = security.policies();
         self.security = security.clone();
         self
     }

@@ -136,6 +136,7 @@ impl NsmgrOptions {
     pub fn security(mut self, security: &Security) -> Self {
         self.channels = security.channels();
         self.tokens = security.tokens(DEFAULT_TOKEN_LIFETIME);
+        self.policies = security.policies();
         self.security = security.clone();
         self
     }
