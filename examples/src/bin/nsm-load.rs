@@ -130,6 +130,12 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     settle: Duration,
 
+    /// With --processes: rewrite every started program's and this client's identity
+    /// files with new SVIDs this often during the soak (certificate rotation under
+    /// load; the report counts rotations and checks the manager serves the newest).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    rotate_every: Option<Duration>,
+
     /// Also sample the processes this often during the soak (soak+<seconds>s stages).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     sample_every: Option<Duration>,
@@ -177,6 +183,14 @@ fn main() -> ExitCode {
         } else {
             Security::insecure()
         };
+        if args.rotate_every.is_some()
+            && (args.sandbox || args.connect_to.is_some() || args.insecure)
+        {
+            return Err(Failure::config(
+                "--rotate-every rewrites the identity files of the programs nsm-load starts: \
+                 not with --sandbox, --connect-to or --insecure",
+            ));
+        }
         let target = if args.sandbox {
             Target::Sandbox(args.sandbox_transport)
         } else if let Some(url) = args.connect_to {
@@ -215,6 +229,7 @@ fn main() -> ExitCode {
             keep_dir: args.keep_dir,
             name: args.name,
             insecure: args.insecure,
+            rotate_every: args.rotate_every.filter(|d| !d.is_zero()),
             security: client_security,
             ..LoadOptions::new(target)
         };

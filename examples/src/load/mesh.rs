@@ -10,8 +10,10 @@ use std::time::Duration;
 use nsm_sdk::chains::{client, ClientOptions, Security};
 use nsm_sdk::handlers::{heal, HealEvent, HealOptions};
 use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Sandbox};
-use nsm_sdk::security::dev_ca::DevCa;
+use nsm_sdk::security::dev_ca::{DevCa, SvidFiles};
 use nsm_sdk::security::PolicySet;
+use nsm_sdk::security::{FileSource, Svid};
+use nsm_sdk::transport::Tls;
 use nsm_sdk::transport::{Channels, Url};
 use nsm_sdk::Chain;
 use tokio::time::Instant;
@@ -36,6 +38,49 @@ pub(super) struct Mesh {
     /// that deletes them (after the children are gone: fields drop in order).
     pub(super) netns_urls: Vec<String>,
     pub(super) _namespaces: Option<Namespaces>,
+    /// The identity files of the started programs and the client (secure processes
+    /// only), for rotation.
+    pub(super) identities: Option<Identities>,
+}
+
+/// The identity files nsm-load wrote for the programs it started and for itself, and
+/// the CA that issued them.
+pub(super) struct Identities {
+    ca: DevCa,
+    dir: PathBuf,
+    /// The names with files: every program, then the client.
+    names: Vec<String>,
+    /// The manager's URL and files, whose served certificate
+    /// [`Identities::serves_newest`] checks.
+    nsmgr: (Url, SvidFiles),
+    /// The client's TLS, for that check.
+    tls: Tls,
+}
+
+impl Identities {
+    /// Rewrites every identity file with a new SVID (new key, same SPIFFE ID), each set
+    /// atomically file by file as a rotating agent does.
+    pub(super) fn rotate(&self) -> Result<(), Failure> {
+        for name in &self.names {
+            self.ca
+                .write_identity(&self.dir, name)
+                .map_err(|e| Failure::runtime(format!("cannot rotate {name}'s SVID: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Whether a new handshake with the manager gets the certificate now in its file.
+    pub(super) async fn serves_newest(&self) -> Result<bool, Failure> {
+        let (url, files) = &self.nsmgr;
+        let newest = Svid::load(&files.cert, &files.key)
+            .map_err(|e| Failure::runtime(format!("cannot read the manager's SVID: {e}")))?;
+        let (_, served) = Channels::new()
+            .tls(self.tls.clone())
+            .connected(url)
+            .await
+            .map_err(|e| Failure::runtime(format!("cannot reach the manager: {e}")))?;
+        Ok(served.is_some_and(|p| p.leaf == *newest.leaf()))
+    }
 }
 
 /// The trust domain of the throw-away CA of the programs nsm-load starts.
@@ -132,6 +177,7 @@ pub(super) async fn start_mesh_in(
             },
             netns_urls: Vec::new(),
             _namespaces: None,
+            identities: None,
         }),
         Target::Sandbox(transport) => {
             let mesh = Sandbox::builder()
@@ -163,10 +209,12 @@ pub(super) async fn start_mesh_in(
                 },
                 netns_urls: Vec::new(),
                 _namespaces: None,
+                identities: None,
             })
         }
         Target::Processes(bin_dir) => {
-            let (children, nsmgr, spawned, security) = spawn_mesh(opts, bin_dir, nse_netns).await?;
+            let (children, nsmgr, spawned, security, identities) =
+                spawn_mesh(opts, bin_dir, nse_netns).await?;
             metrics.extend(spawned);
             Ok(Mesh {
                 client: client(client_options(opts, nsmgr, &security, counts)),
@@ -176,6 +224,7 @@ pub(super) async fn start_mesh_in(
                 children,
                 netns_urls: Vec::new(),
                 _namespaces: None,
+                identities,
             })
         }
     }
@@ -189,7 +238,16 @@ pub(super) async fn spawn_mesh(
     opts: &LoadOptions,
     bin_dir: &Path,
     nse_netns: Option<String>,
-) -> Result<(Children, Url, Vec<(String, Url)>, Security), Failure> {
+) -> Result<
+    (
+        Children,
+        Url,
+        Vec<(String, Url)>,
+        Security,
+        Option<Identities>,
+    ),
+    Failure,
+> {
     let dir = std::env::temp_dir().join(format!("nsm-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)
         .map_err(|e| Failure::runtime(format!("cannot create {}: {e}", dir.display())))?;
@@ -206,15 +264,19 @@ pub(super) async fn spawn_mesh(
     } else {
         Some(DevCa::new(TRUST_DOMAIN).map_err(|e| Failure::runtime(e.to_string()))?)
     };
+    let mut written: Vec<(String, SvidFiles)> = Vec::new();
     // Each program's security: its own SVID, or plaintext said explicitly.
-    let security_env = |name: &str| -> Result<Vec<(&'static str, String)>, Failure> {
+    let mut security_env = |name: &str| -> Result<Vec<(&'static str, String)>, Failure> {
         match &ca {
             None => Ok(vec![("NSM_INSECURE", "true".to_string())]),
-            Some(ca) => Ok(ca
-                .write_identity(&dir, name)
-                .map_err(|e| Failure::runtime(e.to_string()))?
-                .env()
-                .to_vec()),
+            Some(ca) => {
+                let files = ca
+                    .write_identity(&dir, name)
+                    .map_err(|e| Failure::runtime(e.to_string()))?;
+                let env = files.env().to_vec();
+                written.push((name.to_string(), files));
+                Ok(env)
+            }
         }
     };
     // (program, name, settings)
@@ -313,18 +375,35 @@ pub(super) async fn spawn_mesh(
     let nsmgr = nsmgr
         .parse()
         .map_err(|e| Failure::runtime(format!("{e}")))?;
-    let security = match &ca {
-        None => Security::insecure(),
-        Some(ca) => {
-            let identity = ca
-                .identity(&opts.name)
-                .map_err(|e| Failure::runtime(e.to_string()))?;
-            let policies = PolicySet::defaults().map_err(|e| Failure::runtime(e.to_string()))?;
-            Security::with_identity(identity.fixed(), policies)
-                .map_err(|e| Failure::runtime(e.to_string()))?
-        }
+    let Some(ca) = ca else {
+        return Ok((children, nsmgr, metrics, Security::insecure(), None));
     };
-    Ok((children, nsmgr, metrics, security))
+    // The client's identity is a file set too, watched, so it rotates with the rest.
+    let runtime = |e: &dyn std::fmt::Display| Failure::runtime(e.to_string());
+    let own = ca
+        .write_identity(&dir, &opts.name)
+        .map_err(|e| runtime(&e))?;
+    let source = FileSource::start(&own.cert, &own.key, &own.ca).map_err(|e| runtime(&e))?;
+    let policies = PolicySet::defaults().map_err(|e| runtime(&e))?;
+    let security = Security::watching(source, policies).map_err(|e| runtime(&e))?;
+    written.push((opts.name.clone(), own));
+    let nsmgr_files = written
+        .iter()
+        .find(|(n, _)| n == "nsmgr")
+        .map(|(_, f)| f.clone())
+        .ok_or_else(|| Failure::runtime("the manager has no identity files"))?;
+    let tls = security
+        .tls()
+        .cloned()
+        .ok_or_else(|| Failure::runtime("a secure client without TLS"))?;
+    let identities = Identities {
+        ca,
+        dir: dir.clone(),
+        names: written.into_iter().map(|(n, _)| n).collect(),
+        nsmgr: (nsmgr.clone(), nsmgr_files),
+        tls,
+    };
+    Ok((children, nsmgr, metrics, security, Some(identities)))
 }
 
 pub(super) async fn wait_until<F, Fut>(within: Duration, mut ready: F) -> Result<(), ()>

@@ -92,6 +92,9 @@ pub struct LoadOptions {
     /// to compare with the default: a throw-away CA, an SVID per program and for the
     /// client, mTLS, signed tokens and policies.
     pub insecure: bool,
+    /// With started programs: rewrite every program's and the client's identity files
+    /// with new SVIDs this often during the soak (rotation under load).
+    pub rotate_every: Option<Duration>,
     /// The client's security against a running mesh ([`Target::Connect`]).
     pub security: Security,
 }
@@ -120,6 +123,7 @@ impl LoadOptions {
             keep_dir: false,
             name: "nsm-load".to_string(),
             insecure: false,
+            rotate_every: None,
             security: Security::insecure(),
         }
     }

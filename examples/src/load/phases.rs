@@ -24,6 +24,10 @@ use super::report::{merge, Report};
 use crate::metrics::{sample, scrape};
 use crate::process::Failure;
 
+/// How long after the last rotation the manager's served certificate is checked: the
+/// programs poll their identity files every 500 ms.
+const ROTATION_SETTLE: Duration = Duration::from_millis(1500);
+
 /// The request of client `n` (0 is the warm-up's).
 pub(super) fn request(opts: &LoadOptions, mesh: &Mesh, n: usize) -> NetworkServiceRequest {
     let mechanism_preferences = match mesh.netns_urls.get(n) {
@@ -189,10 +193,23 @@ pub(super) async fn phases(
     );
     let started = Instant::now();
     let end = started + opts.duration;
+    let rotation = match (opts.rotate_every, &mesh.identities) {
+        (Some(every), Some(ids)) => Some((every, ids)),
+        (Some(_), None) => {
+            return Err(Failure::config(
+                "--rotate-every needs programs started by nsm-load with identities",
+            ))
+        }
+        _ => None,
+    };
+    let mut next_sample = opts.sample_every.map(|every| started + every);
+    let mut next_rotation = rotation.map(|(every, _)| started + every);
+    let mut last_rotation = None;
     loop {
-        let next = opts
-            .sample_every
-            .map_or(end, |every| (Instant::now() + every).min(end));
+        let next = [next_sample, next_rotation]
+            .into_iter()
+            .flatten()
+            .fold(end, Instant::min);
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
             _ = stop.cancelled() => {
@@ -203,10 +220,29 @@ pub(super) async fn phases(
         if next >= end {
             break;
         }
-        let stage = format!("soak+{:.0}s", started.elapsed().as_secs_f64());
-        sample_all(mesh, report, &stage).await;
+        if let (Some(at), Some((every, ids))) = (next_rotation, rotation) {
+            if at <= next {
+                ids.rotate()?;
+                report.soak.rotations += 1;
+                last_rotation = Some(Instant::now());
+                next_rotation = Some(at + every);
+            }
+        }
+        if let (Some(at), Some(every)) = (next_sample, opts.sample_every) {
+            if at <= next {
+                let stage = format!("soak+{:.0}s", started.elapsed().as_secs_f64());
+                sample_all(mesh, report, &stage).await;
+                next_sample = Some(Instant::now() + every);
+            }
+        }
     }
     report.soak.seconds = started.elapsed().as_secs_f64();
+    if let (Some((_, ids)), Some(at)) = (rotation, last_rotation) {
+        // The programs poll their files (FileSource, every 500 ms): give them that and
+        // a margin before asking for a new handshake.
+        tokio::time::sleep_until(at + ROTATION_SETTLE).await;
+        report.soak.rotated_certificate_served = Some(ids.serves_newest().await?);
+    }
     let window = counts.take();
     report.soak.refreshes = window.latency.count();
     report.soak.latency = window.latency.latency();

@@ -40,6 +40,12 @@ pub struct Soak {
     pub heal_broken: u64,
     /// Connections healed.
     pub heal_healed: u64,
+    /// How many times every program's and the client's identity files were rewritten
+    /// with new SVIDs (`--rotate-every`).
+    pub rotations: u64,
+    /// After the last rotation, whether a new handshake with the manager got its newest
+    /// certificate (`None` without rotations).
+    pub rotated_certificate_served: Option<bool>,
 }
 
 /// A whole run.
@@ -129,7 +135,9 @@ impl Report {
             "soak": {"seconds": self.soak.seconds, "refreshes": self.soak.refreshes,
                      "refreshes_per_second": self.soak.refreshes as f64 / self.soak.seconds.max(1e-9),
                      "refresh_latency_ms": self.soak.latency.json(), "errors": errs(&self.soak.errors),
-                     "heal_broken": self.soak.heal_broken, "heal_healed": self.soak.heal_healed},
+                     "heal_broken": self.soak.heal_broken, "heal_healed": self.soak.heal_healed,
+                     "rotations": self.soak.rotations,
+                     "rotated_certificate_served": self.soak.rotated_certificate_served},
             "close": {"seconds": self.close.seconds, "ok": self.close.ok,
                       "latency_ms": self.close.latency.json(), "errors": errs(&self.close.errors)},
             "refresh_errors_outside_soak": errs(&self.other_refresh_errors),
@@ -178,6 +186,13 @@ impl Report {
             s.heal_broken,
             s.heal_healed
         );
+        if let Some(served) = s.rotated_certificate_served {
+            out += &format!(
+                "rotation: {} rotations of every SVID; the manager serves the newest: {}\n",
+                s.rotations,
+                if served { "yes" } else { "NO" }
+            );
+        }
         let c = &self.close.latency;
         out += &format!(
             "close:   {} closed in {:.3} s; latency ms p50 {:.2} p99 {:.2} max {:.2}; errors: {}\n",

@@ -70,6 +70,12 @@ impl Security {
         }
     }
 
+    /// Secure with the identity files `source` watches (rotated files take effect on
+    /// the next handshake; the security keeps the source alive) and `policies`.
+    pub fn watching(source: FileSource, policies: PolicySet) -> Result<Self> {
+        Security::build(source.watch(), policies, Some(source))
+    }
+
     /// Secure with `identity` (a [`FileSource::watch`], or [`Identity::fixed`] for an
     /// identity made in memory) and `policies`.
     pub fn with_identity(identity: watch::Receiver<Identity>, policies: PolicySet) -> Result<Self> {

@@ -19,8 +19,13 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use rustls::pki_types::{CertificateDer, UnixTime};
+
 use super::error::SecurityError;
 use super::identity::{system_to_unix, SpiffeId, Svid};
+use super::tls::{verify_chain, PeerIdentity};
 
 /// The claims of a path token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,12 +135,12 @@ pub fn sign_to(
         aud: audience.map(|a| a.to_string()).into_iter().collect(),
         exp: wanted.min(system_to_unix(cap)),
     };
-    let token = jsonwebtoken::encode(
-        &Header::new(Algorithm::ES256),
-        &claims,
-        &EncodingKey::from_ec_der(key),
-    )
-    .map_err(|e| SecurityError::Token(format!("cannot sign: {e}")))?;
+    // The signer's certificate chain travels in the header (`x5c`, RFC 7515): after a
+    // rotation the peer still holds the certificate of the handshake, not the new one.
+    let mut header = Header::new(Algorithm::ES256);
+    header.x5c = Some(svid.chain().iter().map(|c| STANDARD.encode(c)).collect());
+    let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_der(key))
+        .map_err(|e| SecurityError::Token(format!("cannot sign: {e}")))?;
     Ok(SignedToken {
         token,
         expires: std::time::UNIX_EPOCH + Duration::from_secs(claims.exp.max(0).unsigned_abs()),
@@ -154,6 +159,42 @@ pub fn verify(token: &str, signer_cert: &[u8]) -> Result<Claims, SecurityError> 
     jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_ec_der(&point), &validation)
         .map(|data| data.claims)
         .map_err(|e| SecurityError::Token(format!("refused: {e}")))
+}
+
+/// Checks `token` as signed by the TLS peer `peer`: with the certificate of the
+/// handshake, or, when the peer's SVID was rotated since, with the certificate the
+/// token carries (`x5c`) if that chains to the bundle the handshake used, is valid now
+/// for the peer's role (`server`: it authenticated as a server) and names the same
+/// SPIFFE ID. So a refresh that coincides with a rotation is not refused.
+pub fn verify_by(token: &str, peer: &PeerIdentity, server: bool) -> Result<Claims, SecurityError> {
+    let first = match verify(token, &peer.leaf) {
+        Ok(claims) => return Ok(claims),
+        Err(e) => e,
+    };
+    let (Some(bundle), Ok(header)) = (&peer.bundle, jsonwebtoken::decode_header(token)) else {
+        return Err(first);
+    };
+    let chain: Vec<CertificateDer<'static>> = header
+        .x5c
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|c| STANDARD.decode(c).ok())
+        .map(CertificateDer::from)
+        .collect();
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err(first);
+    };
+    if leaf == &peer.leaf {
+        return Err(first);
+    }
+    let id = verify_chain(leaf, intermediates, bundle, UnixTime::now(), server)?;
+    if id != peer.id {
+        return Err(SecurityError::Token(format!(
+            "refused: signed by {id}, not by the peer {}",
+            peer.id
+        )));
+    }
+    verify(token, leaf)
 }
 
 /// Reads a token's claims without checking anything (for policy input and logs).
@@ -217,6 +258,48 @@ mod tests {
             .unwrap()
             .claims;
         assert_eq!(raw["aud"], "spiffe://example.org/nsmgr");
+    }
+
+    /// The peer of a handshake with `svid`, checked against `ca`'s bundle.
+    fn peer_of(ca: &DevCa, svid: &Svid) -> PeerIdentity {
+        let mut peer = PeerIdentity::from_leaf(svid.leaf().clone()).unwrap();
+        let bundle = crate::security::TrustBundle::from_pem(ca.bundle_pem().as_bytes()).unwrap();
+        peer.bundle = Some(std::sync::Arc::new(bundle));
+        peer
+    }
+
+    #[test]
+    fn a_token_signed_with_a_rotated_svid_of_the_peers_identity_verifies() {
+        let ca = DevCa::new("example.org").unwrap();
+        let before = svid(&ca, "nsc", HOUR);
+        let rotated = svid(&ca, "nsc", HOUR);
+        let peer = peer_of(&ca, &before);
+        let to = id("spiffe://example.org/nsmgr");
+        let token = sign(&rotated, &to, None, HOUR).unwrap().token;
+        assert!(verify(&token, &peer.leaf).is_err(), "another key");
+        assert_eq!(
+            verify_by(&token, &peer, false).unwrap().sub,
+            "spiffe://example.org/nsc"
+        );
+        // The handshake's own certificate still verifies.
+        let token = sign(&before, &to, None, HOUR).unwrap().token;
+        verify_by(&token, &peer, false).unwrap();
+        // Another identity of the same CA carrying its own certificate: refused.
+        let other = svid(&ca, "forger", HOUR);
+        let token = sign(&other, &to, None, HOUR).unwrap().token;
+        let err = verify_by(&token, &peer, false).unwrap_err();
+        assert!(err.to_string().contains("not by the peer"), "{err}");
+        // The same identity from another CA: its certificate does not chain.
+        let rogue = DevCa::new("example.org").unwrap();
+        let token = sign(&svid(&rogue, "nsc", HOUR), &to, None, HOUR)
+            .unwrap()
+            .token;
+        assert!(verify_by(&token, &peer, false).is_err());
+        // Without the handshake's bundle nothing but the handshake's certificate counts.
+        let token = sign(&rotated, &to, None, HOUR).unwrap().token;
+        let mut bare = peer.clone();
+        bare.bundle = None;
+        assert!(verify_by(&token, &bare, false).is_err());
     }
 
     #[test]

@@ -253,8 +253,10 @@ pub fn path_input(
                 Json::Null,
                 |c| json!({"sub": c.sub, "aud": c.aud, "exp": c.exp}),
             );
-            let signed_by_peer =
-                Some(i) == checked && peer.is_some_and(|p| jwt::verify(&s.token, &p.leaf).is_ok());
+            // The caller authenticated as the TLS client, the server as the server.
+            let signed_by_peer = Some(i) == checked
+                && peer
+                    .is_some_and(|p| jwt::verify_by(&s.token, p, verify == Verify::Next).is_ok());
             json!({
                 "name": s.name,
                 "id": s.id,

@@ -42,7 +42,7 @@ use tokio::sync::watch;
 
 pub use super::crypto::provider;
 use super::error::SecurityError;
-use super::identity::{certificate_pem, LeafInfo, SpiffeId};
+use super::identity::{certificate_pem, LeafInfo, SpiffeId, TrustBundle};
 use super::source::Identity;
 
 /// The ALPN protocol both sides offer: gRPC runs over HTTP/2.
@@ -53,12 +53,16 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// Made after a handshake that one of this module's verifiers accepted; the transport
 /// will put it into `Cx`, tokens are verified against [`PeerIdentity::leaf`] and policies
 /// receive [`PeerIdentity::certificate_pem`] as `auth_info.certificate`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct PeerIdentity {
     /// The SPIFFE ID in the peer's leaf certificate.
     pub id: SpiffeId,
     /// The peer's leaf certificate, DER.
     pub leaf: CertificateDer<'static>,
+    /// The trust bundle the handshake verified the peer against (set by the transport):
+    /// a token the peer signs with a rotated SVID of the same identity is checked
+    /// against it ([`jwt::verify_by`](super::jwt::verify_by)).
+    pub bundle: Option<Arc<TrustBundle>>,
 }
 
 impl PeerIdentity {
@@ -74,7 +78,11 @@ impl PeerIdentity {
     /// The identity in a leaf certificate.
     pub fn from_leaf(leaf: CertificateDer<'static>) -> Result<PeerIdentity, SecurityError> {
         let id = SpiffeId::from_certificate(&leaf)?;
-        Ok(PeerIdentity { id, leaf })
+        Ok(PeerIdentity {
+            id,
+            leaf,
+            bundle: None,
+        })
     }
 
     /// The leaf as PEM, as policies receive it.
@@ -82,6 +90,16 @@ impl PeerIdentity {
         certificate_pem(&self.leaf)
     }
 }
+
+/// Two identities are equal when their SPIFFE IDs and certificates are: the bundle is
+/// how one was checked, not what it is.
+impl PartialEq for PeerIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && self.leaf == other.leaf
+    }
+}
+
+impl Eq for PeerIdentity {}
 
 impl std::fmt::Debug for PeerIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -226,6 +244,35 @@ impl SpiffeVerifier {
         self.authorize.check(&leaf.id).map_err(other_error)?;
         Ok(())
     }
+}
+
+/// Checks that `end_entity` (with `intermediates`) chains to `bundle` at `now` for
+/// `usage` (client or server authentication); returns its SPIFFE ID.
+pub(crate) fn verify_chain(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    now: UnixTime,
+    server: bool,
+) -> Result<SpiffeId, SecurityError> {
+    let usage = if server {
+        webpki::KeyUsage::server_auth()
+    } else {
+        webpki::KeyUsage::client_auth()
+    };
+    let cert = webpki::EndEntityCert::try_from(end_entity)
+        .map_err(|e| SecurityError::Tls(format!("certificate does not parse: {e}")))?;
+    cert.verify_for_usage(
+        provider().signature_verification_algorithms.all,
+        bundle.anchors(),
+        intermediates,
+        now,
+        usage,
+        None,
+        None,
+    )
+    .map_err(|e| SecurityError::Tls(format!("certificate refused: {e}")))?;
+    SpiffeId::from_certificate(end_entity)
 }
 
 fn pki_error(e: webpki::Error) -> rustls::Error {

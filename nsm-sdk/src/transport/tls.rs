@@ -41,6 +41,7 @@ const SNI: &str = "nsm.invalid";
 pub struct Tls {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    identity: watch::Receiver<Identity>,
 }
 
 impl fmt::Debug for Tls {
@@ -56,7 +57,8 @@ impl Tls {
     pub fn new(identity: watch::Receiver<Identity>) -> Result<Tls> {
         Ok(Tls {
             server: Arc::new(server_config(identity.clone())?),
-            client: Arc::new(client_config(identity, Authorize::Any)?),
+            client: Arc::new(client_config(identity.clone(), Authorize::Any)?),
+            identity,
         })
     }
 
@@ -75,7 +77,7 @@ impl Tls {
     {
         let accept = TlsAcceptor::from(self.server.clone()).accept(io);
         let stream = bounded(accept).await?;
-        let peer = PeerIdentity::from_connection(stream.get_ref().1).map_err(other)?;
+        let peer = self.verified(PeerIdentity::from_connection(stream.get_ref().1))?;
         Ok((stream, peer))
     }
 
@@ -90,8 +92,20 @@ impl Tls {
         let name = ServerName::try_from(SNI).map_err(other)?;
         let connect = TlsConnector::from(self.client.clone()).connect(name, io);
         let stream = bounded(connect).await?;
-        let peer = PeerIdentity::from_connection(stream.get_ref().1).map_err(other)?;
+        let peer = self.verified(PeerIdentity::from_connection(stream.get_ref().1))?;
         Ok((stream, peer))
+    }
+}
+
+impl Tls {
+    /// The handshake's peer, with the bundle it was verified against.
+    fn verified(
+        &self,
+        peer: std::result::Result<PeerIdentity, crate::security::SecurityError>,
+    ) -> io::Result<PeerIdentity> {
+        let mut peer = peer.map_err(other)?;
+        peer.bundle = Some(self.identity.borrow().bundle.clone());
+        Ok(peer)
     }
 }
 
