@@ -191,8 +191,13 @@ impl Mesh {
             cmd.env_remove(k);
         }
         let level = std::env::var("NSM_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+        // A program's identity is its NSM_NAME: a restarted one (another log) keeps it.
+        let identity = env
+            .iter()
+            .find(|(k, _)| *k == "NSM_NAME")
+            .map_or(name, |(_, v)| *v);
         cmd.env("NSM_LOG_LEVEL", level)
-            .envs(nsm_tests::identity_env(&self.dir, name, env))
+            .envs(nsm_tests::identity_env(&self.dir, identity, env))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stderr(File::create(&stderr).expect("log file"))

@@ -14,7 +14,7 @@
 //! registry reconnect by themselves when it restarts (`watch_reconnect`); repeated
 //! Finds are answered from memory kept current by one watch per query (`find_cache`).
 //!
-//! With [`policies`](NsmgrOptions::policies), `authorize_server` follows `update_token`, `authorize_client` precedes the client half's gRPC client, MonitorConnection shows each subscriber only its own connections, and the registry front keeps each name for the identity that registered it (`registry::authorize`).
+//! With [`policies`](NsmgrOptions::policies), `authorize_server` follows `update_token`, `authorize_client` precedes the client half's gRPC client, MonitorConnection shows each subscriber only its own connections, and the registry front keeps each endpoint name for the identity that registered it (`registry::authorize`; network services are registered by every endpoint that serves them and stay shared).
 //!
 //! `netns_owner` follows (`authorize_server`): a local client may name in a KERNEL
 //! mechanism only a network namespace it is in or could enter itself.
@@ -197,8 +197,9 @@ impl Nsmgr {
 
 /// The manager.
 pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
-    // Names registered through this manager belong to the identity that registered them
-    // here: the registry behind it sees only the manager's identity for all of them.
+    // Endpoint names registered through this manager belong to the identity that
+    // registered them here: the registry behind it sees only the manager's identity for
+    // all of them. Network services are shared: every endpoint of a service registers it.
     let owners = || {
         opts.policies
             .as_ref()
@@ -207,7 +208,6 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
     let registries = Registries {
         ns: RegistryChain::<NetworkService>::builder()
             .push(validate())
-            .push_opt(owners())
             .push(watch_reconnect())
             .push(find_cache().root(opts.root.child_token()))
             .push(grpc_registry(
