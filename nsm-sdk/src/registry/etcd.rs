@@ -340,6 +340,18 @@ fn decode_logged<R: EtcdResource>(kv: &KeyValue) -> Option<(R, String)> {
     out
 }
 
+/// Whether the failed branch of a Register transaction read `value` under `lease`: the
+/// write of an earlier try of the same transaction.
+fn holds(resp: &etcd_client::TxnResponse, value: &[u8], lease: i64) -> bool {
+    resp.op_responses().into_iter().any(|op| match op {
+        etcd_client::TxnOpResponse::Get(get) => get
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.value() == value && kv.lease() == lease),
+        _ => false,
+    })
+}
+
 /// Seconds of an etcd lease that lasts at least until `at` (at least 1).
 fn lease_ttl(at: SystemTime, now: SystemTime) -> i64 {
     let d = at.duration_since(now).unwrap_or_default();
@@ -347,15 +359,41 @@ fn lease_ttl(at: SystemTime, now: SystemTime) -> i64 {
     i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
 }
 
-async fn timed<T>(
-    what: &str,
-    call: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
-) -> Result<T> {
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(res) => res.map_err(|e| unavailable(what, e)),
-        Err(_) => Err(Error::Unavailable(format!(
-            "etcd {what}: no answer within {CALL_TIMEOUT:?}"
-        ))),
+/// Whether an etcd call failed before etcd decided anything it would not decide again:
+/// a member that cannot be reached (the balanced channel tries another next) or a
+/// cluster between leaders.
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,
+        _ => false,
+    }
+}
+
+/// Runs an etcd call, again while it fails transiently, for at most [`CALL_TIMEOUT`]:
+/// so that a dead member costs a retry, not a failed registration. Calls must be safe
+/// to repeat (reads, compare-and-swap transactions, lease grants that expire).
+async fn timed<T, Fut>(what: &str, mut call: impl FnMut() -> Fut) -> Result<T>
+where
+    Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match tokio::time::timeout_at(deadline, call()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if transient(&e) && tokio::time::Instant::now() + backoff < deadline => {
+                debug!(what, error = %e, "etcd call failed; trying again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            Ok(Err(e)) => return Err(unavailable(what, e)),
+            Err(_) => {
+                return Err(Error::Unavailable(format!(
+                    "etcd {what}: no answer within {CALL_TIMEOUT:?}"
+                )))
+            }
+        }
     }
 }
 
@@ -377,8 +415,12 @@ impl<R: EtcdResource> EtcdStore<R> {
     }
 
     async fn read(&self, key: &str) -> Result<Option<Current<R>>> {
-        let mut kv = self.etcd.client.kv_client();
-        let resp = timed("read", kv.get(key, None)).await?;
+        let kv = self.etcd.client.kv_client();
+        let resp = timed("read", || {
+            let mut kv = kv.clone();
+            async move { kv.get(key, None).await }
+        })
+        .await?;
         let Some(found) = resp.kvs().first() else {
             return Ok(None);
         };
@@ -406,8 +448,12 @@ impl<R: EtcdResource> EtcdStore<R> {
         if lease == 0 {
             return;
         }
-        let mut leases = self.etcd.client.lease_client();
-        if let Err(e) = timed("lease revoke", leases.revoke(lease)).await {
+        let leases = self.etcd.client.lease_client();
+        let revoke = || {
+            let mut leases = leases.clone();
+            async move { leases.revoke(lease).await }
+        };
+        if let Err(e) = timed("lease revoke", revoke).await {
             // It ends with its TTL anyway, and no key is attached to it any more.
             debug!(lease, error = %e, "etcd lease not revoked");
         }
@@ -434,28 +480,37 @@ impl<R: EtcdResource> EtcdStore<R> {
             stored.prepare(seen.as_ref().map(|c| &c.resource), now);
             let lease = match stored.lapses() {
                 Some(at) => {
-                    let mut leases = self.etcd.client.lease_client();
+                    let leases = self.etcd.client.lease_client();
                     let ttl = lease_ttl(at, now);
-                    timed("lease grant", leases.grant(ttl, None)).await?.id()
+                    let grant = || {
+                        let mut leases = leases.clone();
+                        async move { leases.grant(ttl, None).await }
+                    };
+                    timed("lease grant", grant).await?.id()
                 }
                 None => 0,
             };
             let value = EtcdEntry {
                 resource: stored.encode_to_vec(),
                 owner: caller.as_ref().map(|c| c.to_string()).unwrap_or_default(),
-            };
+            }
+            .encode_to_vec();
             let put = PutOptions::new().with_lease(lease);
+            // On a lost race, the key as it is: a retried transaction whose first try
+            // was applied finds its own value there.
             let txn = Txn::new()
                 .when([Self::unchanged(&key, seen.as_ref())])
-                .and_then([TxnOp::put(key.as_str(), value.encode_to_vec(), Some(put))]);
-            let mut kv = self.etcd.client.kv_client();
-            let done = match timed("register", kv.txn(txn)).await {
-                Ok(resp) => resp.succeeded(),
-                Err(e) => {
-                    self.revoke(lease).await;
-                    return Err(e);
-                }
+                .and_then([TxnOp::put(key.as_str(), value.clone(), Some(put))])
+                .or_else([TxnOp::get(key.as_str(), None)]);
+            let kv = self.etcd.client.kv_client();
+            let register = || {
+                let (mut kv, txn) = (kv.clone(), txn.clone());
+                async move { kv.txn(txn).await }
             };
+            // An unknown outcome is an error; the lease, if it holds the entry, ends
+            // with its TTL, as a registration that was never refreshed.
+            let resp = timed("register", register).await?;
+            let done = resp.succeeded() || holds(&resp, &value, lease);
             if done {
                 if let Some(old) = seen.filter(|c| c.lease != lease) {
                     self.revoke(old.lease).await;
@@ -491,8 +546,12 @@ impl<R: EtcdResource> EtcdStore<R> {
             let txn = Txn::new()
                 .when([Self::unchanged(&key, Some(&seen))])
                 .and_then([TxnOp::delete(key.as_str(), None)]);
-            let mut kv = self.etcd.client.kv_client();
-            if timed("unregister", kv.txn(txn)).await?.succeeded() {
+            let kv = self.etcd.client.kv_client();
+            let unregister = || {
+                let (mut kv, txn) = (kv.clone(), txn.clone());
+                async move { kv.txn(txn).await }
+            };
+            if timed("unregister", unregister).await?.succeeded() {
                 self.revoke(seen.lease).await;
                 debug!(kind = R::KIND, name = %Shown(&name), "unregistered from etcd");
                 return Ok(());
@@ -507,11 +566,11 @@ impl<R: EtcdResource> EtcdStore<R> {
 
     /// Every current match of `template` and the revision they were read at.
     async fn list(&self, template: &R) -> Result<(Vec<R>, i64)> {
-        let mut kv = self.etcd.client.kv_client();
-        let resp = timed(
-            "find",
-            kv.get(self.dir(), Some(GetOptions::new().with_prefix())),
-        )
+        let (kv, dir) = (self.etcd.client.kv_client(), self.dir());
+        let resp = timed("find", || {
+            let (mut kv, dir) = (kv.clone(), dir.clone());
+            async move { kv.get(dir, Some(GetOptions::new().with_prefix())).await }
+        })
         .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let now = SystemTime::now();
@@ -626,8 +685,12 @@ impl<R: EtcdResource> Follow<R> {
             .with_prefix()
             .with_prev_key()
             .with_start_revision(self.revision + 1);
-        let mut watch = self.store.etcd.client.watch_client();
-        timed("watch", watch.watch(self.store.dir(), Some(options))).await
+        let (watch, dir) = (self.store.etcd.client.watch_client(), self.store.dir());
+        timed("watch", || {
+            let (mut watch, dir, options) = (watch.clone(), dir.clone(), options.clone());
+            async move { watch.watch(dir, Some(options)).await }
+        })
+        .await
     }
 
     /// Handles one step of the watch; Err when it broke.
