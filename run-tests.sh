@@ -10,6 +10,10 @@ command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
 # Not needed by the tests: the throughput benches (BENCHMARKS.md) use it.
 command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)
 command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
+# The registry's etcd store: its tests start real etcd members; etcd-client's build
+# script compiles the etcd protos with protoc.
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 if [ ${#need_apt[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
   echo "installing: ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null

@@ -4,6 +4,7 @@
 //!   addresses, `ip netns exec`), deleted on drop even when a test fails;
 //! - [`Ns`]: one pid-unique namespace (a "pod" or a "node") read through `ip -j`, and
 //!   [`underlay`]: two nodes joined by a veth underlay;
+//! - `etcd` (feature `etcd`): real etcd members on loopback for the registry's store;
 //! - [`can_run`] / [`require_root!`]: whether the kernel tests can run here (root, `ip`,
 //!   `ping`), saying why they skip when not;
 //! - [`eventually`]: waiting for a condition, on tokio's clock (paused time works);
@@ -19,6 +20,8 @@
 
 mod answers;
 pub mod bench;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod kernel;
 pub mod lab;
 mod ns;

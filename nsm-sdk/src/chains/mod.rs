@@ -22,7 +22,9 @@ pub use client::{client, ClientOptions};
 pub use endpoint::{endpoint, Endpoint, EndpointOptions};
 pub use forwarder::{forwarder, Forwarder, ForwarderOptions};
 pub use nsmgr::{nsmgr, Nsmgr, NsmgrOptions};
-pub use registry_server::{registry_server, registry_server_with, RegistryServer};
+pub use registry_server::{
+    registry_server, registry_server_on, registry_server_with, RegistryServer, Store,
+};
 pub use security::Security;
 
 /// What a hop serves as MonitorConnection: its monitor, filtered per subscriber when

@@ -4,6 +4,11 @@
 //! `validate`, `memory`. With a [`PolicySet`] ([`registry_server_with`]), `authorize`
 //! comes before `memory` in both: a name can be changed only by the identity that
 //! registered it, until it is unregistered or expires.
+//!
+//! On etcd ([`Store::Etcd`], feature `etcd`, [`registry_server_on`]): endpoint chain
+//! `validate`, `expire(expiry).stamp_only()`, the etcd store; network service chain
+//! `validate`, the etcd store. The store keeps the owners (in etcd, so they hold across
+//! replicas) and expires endpoints through etcd leases; no `authorize`, no timers.
 
 use std::time::Duration;
 
@@ -41,11 +46,64 @@ pub fn registry_server(expiry: Duration) -> RegistryServer {
     registry_server_with(expiry, None)
 }
 
+/// Where a registry server keeps its entries.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub enum Store {
+    /// In the process's memory (the default): gone when the process stops.
+    #[default]
+    Memory,
+    /// In etcd (feature `etcd`): durable, shared by every registry on the same etcd
+    /// and prefix.
+    #[cfg(feature = "etcd")]
+    Etcd(crate::registry::Etcd),
+}
+
 /// The registry server; endpoints expire `expiry` after their last registration; with
 /// `policies`, names are owned by the identity that registered them (the
 /// [`policy::REGISTRY`](crate::security::policy::REGISTRY) policies, checked with the
 /// caller's mTLS identity).
 pub fn registry_server_with(expiry: Duration, policies: Option<PolicySet>) -> RegistryServer {
+    registry_server_on(Store::Memory, expiry, policies)
+}
+
+/// [`registry_server_with`] on `store`.
+pub fn registry_server_on(
+    store: Store,
+    expiry: Duration,
+    policies: Option<PolicySet>,
+) -> RegistryServer {
+    match store {
+        Store::Memory => in_memory(expiry, policies),
+        #[cfg(feature = "etcd")]
+        Store::Etcd(etcd) => on_etcd(&etcd, expiry, policies),
+    }
+}
+
+#[cfg(feature = "etcd")]
+fn on_etcd(
+    etcd: &crate::registry::Etcd,
+    expiry: Duration,
+    policies: Option<PolicySet>,
+) -> RegistryServer {
+    let (mut ns, mut nse) = (etcd.store(), etcd.store());
+    if let Some(policies) = policies {
+        ns = ns.policies(policies.clone());
+        nse = nse.policies(policies);
+    }
+    RegistryServer {
+        registries: Registries {
+            ns: RegistryChain::builder().push(validate()).push(ns).build(),
+            nse: RegistryChain::builder()
+                .push(validate())
+                .push(expire(expiry).stamp_only())
+                .push(nse)
+                .build(),
+        },
+    }
+}
+
+fn in_memory(expiry: Duration, policies: Option<PolicySet>) -> RegistryServer {
     let mut ns = RegistryChain::<NetworkService>::builder().push(validate());
     let mut nse = RegistryChain::<NetworkServiceEndpoint>::builder()
         .push(validate())

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::registry_server::{registry_server_with, RegistryServer};
+use super::registry_server::{registry_server_on, registry_server_with, RegistryServer, Store};
 use crate::security::{FileSource, Identity, PolicySet, SecurityConfig, SpiffeId};
 use crate::token::{jwt_token, lifetime_token, TokenGenerator};
 use crate::transport::{Channels, Services, Tls};
@@ -130,6 +130,12 @@ impl Security {
     /// through [`Security::serve`]).
     pub fn registry_server(&self, expiry: Duration) -> RegistryServer {
         registry_server_with(expiry, self.policies().map(|p| (*p).clone()))
+    }
+
+    /// [`Security::registry_server`] keeping its entries in `store` (etcd: the owners
+    /// of names too, so they hold across replicas).
+    pub fn registry_server_on(&self, store: Store, expiry: Duration) -> RegistryServer {
+        registry_server_on(store, expiry, self.policies().map(|p| (*p).clone()))
     }
 
     /// A new channel pool: mTLS when secure, else plaintext.

@@ -110,7 +110,8 @@ impl Lapsing for NetworkServiceEndpoint {
     }
 }
 
-fn caller<R: Resource>(cx: &Cx, name: &str) -> Result<SpiffeId> {
+/// The caller's verified SPIFFE ID (its mTLS identity), or PermissionDenied.
+pub(crate) fn caller<R: Resource>(cx: &Cx, name: &str) -> Result<SpiffeId> {
     cx.peer()
         .identity
         .as_ref()
@@ -124,6 +125,22 @@ fn caller<R: Resource>(cx: &Cx, name: &str) -> Result<SpiffeId> {
         })
 }
 
+/// Asks the [`policy::REGISTRY`] policies whether `caller` may change `name`, owned by
+/// `owner` (`None`: free); PermissionDenied when not. Shared with the stores that keep
+/// owners themselves (etcd).
+pub(crate) fn allowed<R: Resource>(
+    policies: &PolicySet,
+    caller: &SpiffeId,
+    name: &str,
+    owner: Option<&SpiffeId>,
+) -> Result<()> {
+    let input = registry_input(caller, name, owner);
+    policies.check(policy::REGISTRY, &input).map_err(|e| {
+        debug!(kind = R::KIND, name = %Shown(name), caller = %caller, error = %e, "registry call refused");
+        Error::PermissionDenied(format!("{} {}: {e}", R::KIND, Shown(name)))
+    })
+}
+
 impl Inner {
     /// Asks the policies whether `caller` may change `name`, owned by `owner`.
     fn allow<R: Resource>(
@@ -135,11 +152,7 @@ impl Inner {
         let owner = owner
             .filter(|o| o.current(SystemTime::now()))
             .map(|o| &o.id);
-        let input = registry_input(caller, name, owner);
-        self.policies.check(policy::REGISTRY, &input).map_err(|e| {
-            debug!(kind = R::KIND, name = %Shown(name), caller = %caller, error = %e, "registry call refused");
-            Error::PermissionDenied(format!("{} {}: {e}", R::KIND, Shown(name)))
-        })
+        allowed::<R>(&self.policies, caller, name, owner)
     }
 
     async fn register<R: Lapsing>(&self, cx: &mut Cx, r: R, next: RegistryNext<R>) -> Result<R> {

@@ -10,6 +10,10 @@
 //! reschedules; a successful Unregister cancels the timer. Network services pass
 //! through untouched.
 //!
+//! With [`Expire::stamp_only`] it only sets `expiration_time` and keeps no timer: for a
+//! store that expires entries itself (etcd's leases), where a timer of one replica
+//! would delete an entry that was refreshed through another.
+//!
 //! Expiry is a setting of its own ([`DEFAULT_EXPIRATION`] is the usual one), independent
 //! of token lifetimes. Timers run on tokio time, so paused-time tests drive them.
 //!
@@ -69,19 +73,27 @@ pub struct Expire {
 
 /// The `expire` handler: entries live at most `default` unless refreshed.
 pub fn expire(default: Duration) -> Expire {
-    Expire::under(&CancellationToken::new(), default)
+    Expire::under(&CancellationToken::new(), default, true)
 }
 
 impl Expire {
     /// Its timers are children of `parent` (cancelling `parent` stops them all). A
     /// builder option: set it before the handler is shared.
     pub fn root(self, parent: &CancellationToken) -> Self {
-        Expire::under(parent, self.inner.default)
+        Expire::under(parent, self.inner.default, self.inner.timers)
     }
 
-    fn under(parent: &CancellationToken, default: Duration) -> Self {
+    /// Only stamps `expiration_time` on a Register; no timer, no Unregister of its own:
+    /// the store after it expires entries (etcd leases). A builder option: set it before
+    /// the handler is shared.
+    pub fn stamp_only(self) -> Self {
+        Expire::under(&CancellationToken::new(), self.inner.default, false)
+    }
+
+    fn under(parent: &CancellationToken, default: Duration, timers: bool) -> Self {
         Expire {
             inner: Arc::new_cyclic(|me| Inner {
+                timers,
                 default: default.min(MAX_EXPIRATION),
                 slots: KeyedTimers::new(parent),
                 scheduled: AtomicUsize::new(0),
@@ -111,11 +123,23 @@ impl fmt::Debug for Expire {
 }
 
 struct Inner {
+    /// False with [`Expire::stamp_only`].
+    timers: bool,
     default: Duration,
     /// One timer per endpoint name, under the handler's root token.
     slots: KeyedTimers,
     scheduled: AtomicUsize,
     me: Weak<Inner>,
+}
+
+/// Sets the answer's expiration to the earlier of `at` and the downstream one; returns it.
+fn lower_expiration(out: &mut NetworkServiceEndpoint, at: SystemTime) -> SystemTime {
+    let at = match out.expiration_time.as_ref().and_then(to_system_time) {
+        Some(theirs) => at.min(theirs),
+        None => at,
+    };
+    out.expiration_time = Some(at.into());
+    at
 }
 
 fn to_system_time(t: &Timestamp) -> Option<SystemTime> {
@@ -218,6 +242,11 @@ impl RegistryHandler<NetworkServiceEndpoint> for Expire {
             at = at.min(asked);
         }
         r.expiration_time = Some(at.into());
+        if !self.inner.timers {
+            let mut out = next.register(cx, r).await?;
+            lower_expiration(&mut out, at);
+            return Ok(out);
+        }
         let name = r.name.clone();
         let weak_next = next.downgrade();
 
@@ -226,10 +255,7 @@ impl RegistryHandler<NetworkServiceEndpoint> for Expire {
             .register(cx, r)
             .await
             .inspect_err(|_| self.inner.slots.forget_unarmed(&name, &mut slot))?;
-        if let Some(theirs) = out.expiration_time.as_ref().and_then(to_system_time) {
-            at = at.min(theirs);
-        }
-        out.expiration_time = Some(at.into());
+        let at = lower_expiration(&mut out, at);
         self.inner.schedule(&mut slot, out.clone(), at, weak_next);
         Ok(out)
     }
@@ -240,6 +266,9 @@ impl RegistryHandler<NetworkServiceEndpoint> for Expire {
         r: NetworkServiceEndpoint,
         next: RegistryNext<NetworkServiceEndpoint>,
     ) -> Result<()> {
+        if !self.inner.timers {
+            return next.unregister(cx, r).await;
+        }
         let name = r.name.clone();
         let mut slot = self.inner.lock(&name).await;
         let res = next.unregister(cx, r).await;
@@ -324,6 +353,25 @@ mod tests {
         sleep(Duration::from_secs(120)).await;
         assert!(store.get("a").is_some(), "no timer fired");
         assert_eq!(alive_tasks(), 0, "the timer task is gone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stamp_only_sets_the_expiration_and_leaves_removal_to_the_store() {
+        let exp = expire(Duration::from_secs(10)).stamp_only();
+        let store = memory();
+        let reg = RegistryChain::builder()
+            .push(exp.clone())
+            .push(store.clone())
+            .build();
+        let out = reg.register(&mut Cx::server(), nse("a")).await.unwrap();
+        let left = secs_from_now(&out.expiration_time);
+        assert!((9.0..=10.0).contains(&left), "{left}");
+        settle().await;
+        assert_eq!((exp.pending(), alive_tasks()), (0, 0), "no timer");
+        sleep(Duration::from_secs(60)).await;
+        assert!(store.get("a").is_some(), "nobody removed it");
+        reg.unregister(&mut Cx::server(), nse("a")).await.unwrap();
+        assert!(store.get("a").is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -276,6 +276,8 @@ pub struct Registries {
 pub mod select;
 
 pub mod authorize;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod expire;
 pub mod local_bypass;
 pub mod memory;
@@ -283,6 +285,8 @@ pub mod query;
 pub mod validate;
 
 pub use authorize::{authorize, Authorize};
+#[cfg(feature = "etcd")]
+pub use etcd::{Etcd, EtcdConfig, EtcdResource, EtcdStore, EtcdTls};
 pub use expire::{expire, Expire, ExpiryCleanup, DEFAULT_EXPIRATION};
 pub use local_bypass::{local_bypass, LocalBypass};
 pub use memory::{memory, Memory, Stored};
