@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use ring::rand::SystemRandom;
+use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
@@ -217,8 +219,8 @@ pub struct Svid {
     id: SpiffeId,
     not_after: SystemTime,
     certified: Arc<CertifiedKey>,
-    /// PKCS#8 DER of the key, for ES256 tokens.
-    pkcs8: Option<Vec<u8>>,
+    /// The key, parsed once, for ES256 tokens (a P-256 key in PKCS#8 that ring takes).
+    es256: Option<Arc<EcdsaKeyPair>>,
 }
 
 impl Svid {
@@ -267,11 +269,17 @@ impl Svid {
         certified
             .keys_match()
             .map_err(|e| SecurityError::KeyMismatch(e.to_string()))?;
+        // Parsed once: signing a token with it then costs one ECDSA signature.
+        let es256 = pkcs8.as_deref().and_then(|der| {
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &SystemRandom::new())
+                .ok()
+                .map(Arc::new)
+        });
         Ok(Svid {
             id: info.id,
             not_after: info.not_after,
             certified: Arc::new(certified),
-            pkcs8,
+            es256,
         })
     }
 
@@ -307,9 +315,9 @@ impl Svid {
         self.certified.clone()
     }
 
-    /// The key as PKCS#8 DER, if it was given in that form (tokens need it).
-    pub(crate) fn pkcs8(&self) -> Option<&[u8]> {
-        self.pkcs8.as_deref()
+    /// The key as ring's ES256 signer, when it is a P-256 key in PKCS#8.
+    pub(crate) fn es256(&self) -> Option<&EcdsaKeyPair> {
+        self.es256.as_deref()
     }
 }
 
@@ -460,7 +468,7 @@ mod tests {
         assert_eq!(svid.id(), &id("spiffe://example.org/nsc"));
         assert_eq!(svid.chain().len(), 1);
         assert!(svid.not_after() > SystemTime::now());
-        assert!(svid.pkcs8().is_some());
+        assert!(svid.es256().is_some());
         assert!(!format!("{svid:?}").contains("PRIVATE"));
         let bundle = TrustBundle::from_pem(ca.bundle_pem().as_bytes()).unwrap();
         assert_eq!(bundle.anchors().len(), 1);

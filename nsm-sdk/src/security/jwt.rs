@@ -15,11 +15,13 @@
 
 use std::time::{Duration, SystemTime};
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, Header};
+use ring::rand::SystemRandom;
+use ring::signature::{EcdsaKeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use base64::engine::general_purpose::STANDARD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use rustls::pki_types::{CertificateDer, UnixTime};
 
@@ -119,8 +121,10 @@ pub fn sign_to(
     max_lifetime: Duration,
     now: SystemTime,
 ) -> Result<SignedToken, SecurityError> {
-    let key = svid.pkcs8().ok_or_else(|| {
-        SecurityError::Token("signing needs the SVID key as PKCS#8 (BEGIN PRIVATE KEY)".into())
+    let key = svid.es256().ok_or_else(|| {
+        SecurityError::Token(
+            "signing needs the SVID key as a P-256 key in PKCS#8 (BEGIN PRIVATE KEY)".into(),
+        )
     })?;
     // `exp` is whole seconds: the lifetime is rounded up to the next second, so a short
     // lifetime (1 s) is not cut to nothing, then capped by both certificates (rounded
@@ -139,8 +143,7 @@ pub fn sign_to(
     // rotation the peer still holds the certificate of the handshake, not the new one.
     let mut header = Header::new(Algorithm::ES256);
     header.x5c = Some(svid.chain().iter().map(|c| STANDARD.encode(c)).collect());
-    let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_der(key))
-        .map_err(|e| SecurityError::Token(format!("cannot sign: {e}")))?;
+    let token = es256_encode(key, &header, &claims)?;
     Ok(SignedToken {
         token,
         expires: std::time::UNIX_EPOCH + Duration::from_secs(claims.exp.max(0).unsigned_abs()),
@@ -150,15 +153,64 @@ pub fn sign_to(
 /// Checks `token` against the certificate of its supposed signer (DER): the ES256
 /// signature with the certificate's public key, and `exp` (no leeway).
 pub fn verify(token: &str, signer_cert: &[u8]) -> Result<Claims, SecurityError> {
+    let refused = |why: &str| SecurityError::Token(format!("refused: {why}"));
     let point = p256_public_key(signer_cert)?;
-    let mut validation = Validation::new(Algorithm::ES256);
-    validation.leeway = 0;
-    // The policies check the audience chain; sub and exp must be there.
-    validation.validate_aud = false;
-    validation.set_required_spec_claims(&["exp", "sub"]);
-    jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_ec_der(&point), &validation)
-        .map(|data| data.claims)
-        .map_err(|e| SecurityError::Token(format!("refused: {e}")))
+    let (signed, signature) = token
+        .rsplit_once('.')
+        .ok_or_else(|| refused("not a compact JWS"))?;
+    let (header, payload) = signed
+        .split_once('.')
+        .ok_or_else(|| refused("not a compact JWS"))?;
+    let header: Header = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(header)
+            .map_err(|_| refused("the header is not base64url"))?,
+    )
+    .map_err(|_| refused("the header is not a JWS header"))?;
+    if header.alg != Algorithm::ES256 {
+        return Err(refused("not ES256"));
+    }
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| refused("the signature is not base64url"))?;
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
+        .verify(signed.as_bytes(), &signature)
+        .map_err(|_| refused("InvalidSignature"))?;
+    // The policies check the audience chain; sub and exp must be there (serde says so).
+    let claims: Claims = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(payload)
+            .map_err(|_| refused("the claims are not base64url"))?,
+    )
+    .map_err(|e| refused(&format!("the claims do not decode: {e}")))?;
+    if claims.exp < system_to_unix(SystemTime::now()) {
+        return Err(refused("ExpiredSignature"));
+    }
+    Ok(claims)
+}
+
+/// A compact ES256 JWS of `claims` with `header`, signed with ring (fixed r||s).
+fn es256_encode(
+    key: &EcdsaKeyPair,
+    header: &Header,
+    claims: &Claims,
+) -> Result<String, SecurityError> {
+    let part = |v: Result<Vec<u8>, serde_json::Error>| {
+        v.map(|bytes| URL_SAFE_NO_PAD.encode(bytes))
+            .map_err(|e| SecurityError::Token(format!("cannot sign: {e}")))
+    };
+    let signed = format!(
+        "{}.{}",
+        part(serde_json::to_vec(header))?,
+        part(serde_json::to_vec(claims))?
+    );
+    let signature = key
+        .sign(&SystemRandom::new(), signed.as_bytes())
+        .map_err(|_| SecurityError::Token("cannot sign: the key refused".into()))?;
+    Ok(format!(
+        "{signed}.{}",
+        URL_SAFE_NO_PAD.encode(signature.as_ref())
+    ))
 }
 
 /// Checks `token` as signed by the TLS peer `peer`: with the certificate of the
@@ -258,6 +310,41 @@ mod tests {
             .unwrap()
             .claims;
         assert_eq!(raw["aud"], "spiffe://example.org/nsmgr");
+    }
+
+    #[test]
+    fn tokens_interoperate_with_another_jose_library_both_ways() {
+        use rustls::pki_types::pem::PemObject;
+        let ca = DevCa::new("example.org").unwrap();
+        let issued = ca.issue(&id("spiffe://example.org/nsc"), HOUR).unwrap();
+        let nsc = Svid::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+        let to = id("spiffe://example.org/nsmgr");
+        // Ours, read by jsonwebtoken with the certificate's key.
+        let ours = sign(&nsc, &to, None, HOUR).unwrap();
+        let point = p256_public_key(nsc.leaf()).unwrap();
+        let mut validation = jsonwebtoken::Validation::new(Algorithm::ES256);
+        validation.validate_aud = false;
+        let theirs = jsonwebtoken::decode::<Claims>(
+            &ours.token,
+            &jsonwebtoken::DecodingKey::from_ec_der(&point),
+            &validation,
+        )
+        .unwrap();
+        assert_eq!(theirs.claims.sub, "spiffe://example.org/nsc");
+        // jsonwebtoken's, verified here.
+        let der = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(issued.key_pem.as_bytes())
+            .unwrap();
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::ES256),
+            &theirs.claims,
+            &jsonwebtoken::EncodingKey::from_ec_der(der.secret_pkcs8_der()),
+        )
+        .unwrap();
+        assert_eq!(verify(&token, nsc.leaf()).unwrap(), theirs.claims);
+        // A token whose signature was cut is refused, not a panic.
+        let cut = &token[..token.len() - 10];
+        assert!(verify(cut, nsc.leaf()).is_err());
+        assert!(verify("a.b", nsc.leaf()).is_err());
     }
 
     /// The peer of a handshake with `svid`, checked against `ca`'s bundle.

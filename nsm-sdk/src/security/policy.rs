@@ -316,6 +316,8 @@ mod tests {
         SpiffeId::parse(s).unwrap()
     }
 
+    use rustls_pki_types::pem::PemObject;
+
     fn svid(ca: &DevCa, name: &str) -> Svid {
         let issued = ca
             .issue(&id(&format!("spiffe://example.org/{name}")), HOUR)
@@ -419,13 +421,19 @@ mod tests {
     #[test]
     fn prev_token_signed_refuses_a_forged_token() {
         let (m, set) = setup();
-        let forger = svid(&m.ca, "forger");
-        // The forger signs "as the nsc": same claims, other key.
+        let forger =
+            m.ca.issue(&id("spiffe://example.org/forger"), HOUR)
+                .unwrap();
+        // The forger signs "as the nsc": same claims, other key (another JWT library).
         let mut path = path_at_nsmgr(&m);
         let forged = jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
             &jwt::decode_unverified(&path.path_segments[0].token).unwrap(),
-            &jsonwebtoken::EncodingKey::from_ec_der(forger.pkcs8().unwrap()),
+            &jsonwebtoken::EncodingKey::from_ec_der(
+                rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(forger.key_pem.as_bytes())
+                    .unwrap()
+                    .secret_pkcs8_der(),
+            ),
         )
         .unwrap();
         path.path_segments[0].token = forged;
