@@ -16,7 +16,7 @@ use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use nsm_sdk::chains::Security;
 use nsm_sdk::registry::{FindStream, Found, Query, RegistryChain, RegistryHandler, Resource};
 use nsm_sdk::security::PolicySet;
-use nsm_sdk::transport::{grpc_registry, GrpcRegistry};
+use nsm_sdk::transport::{grpc_registry, GrpcRegistry, RegistryUrls};
 use nsm_sdk::Cx;
 use nsm_testkit::etcd::EtcdCluster;
 use nsm_tests::{start, Proc, TempDir};
@@ -51,7 +51,7 @@ where
 {
     let identity = dir.ca().identity(who).expect("an SVID").fixed();
     let security = Security::with_identity(identity, PolicySet::defaults().unwrap()).unwrap();
-    let url = url.parse().expect("a registry URL");
+    let url: RegistryUrls = url.parse().expect("a registry URL");
     RegistryChain::builder()
         .push(grpc_registry::<R>(security.channels(), url))
         .build()
