@@ -146,7 +146,7 @@ fn moved_from(current: &AtomicUsize, failed: usize, len: usize) {
 
 /// Binds a resource to its generated gRPC client and messages.
 trait RegistryWire: Resource {
-    type Query: Send + 'static;
+    type Query: Clone + Send + 'static;
     type Response: Send + 'static;
     const SERVICE: &'static str;
     fn query(q: Query<Self>) -> Self::Query;
@@ -222,22 +222,34 @@ registry_wire!(
     "NetworkServiceEndpointRegistry"
 );
 
+/// A gRPC call of one resource's client.
+type Call<M, T> =
+    fn(Channel, tonic::Request<M>) -> BoxFuture<'static, Result<tonic::Response<T>, Status>>;
+
+/// Sends `msg` with `call` to the current URL, then to each next one while unavailable.
+async fn call_each<R: RegistryWire, M: Clone, T>(
+    reg: &GrpcRegistry<R>,
+    cx: &Cx,
+    what: &str,
+    msg: M,
+    call: Call<M, T>,
+) -> Result<(usize, T)> {
+    reg.each_url(cx, what, |url| {
+        let sent = reg
+            .channels
+            .channel(&url)
+            .and_then(|ch| Ok((ch, outgoing(cx, &url, what, msg.clone())?)));
+        async move {
+            let (channel, request) = sent?;
+            answer(cx, &url, what, call(channel, request)).await
+        }
+    })
+    .await
+}
+
 async fn registry_register<R: RegistryWire>(reg: &GrpcRegistry<R>, cx: &Cx, r: R) -> Result<R> {
     let what = format!("{}/Register", R::SERVICE);
-    let (_, answer_) = reg
-        .each_url(cx, &what, |url| {
-            let sent = reg
-                .channels
-                .channel(&url)
-                .and_then(|ch| Ok((ch, outgoing(cx, &url, &what, r.clone())?)));
-            let what = &what;
-            async move {
-                let (channel, request) = sent?;
-                answer(cx, &url, what, R::register(channel, request)).await
-            }
-        })
-        .await?;
-    Ok(answer_)
+    Ok(call_each(reg, cx, &what, r, R::register).await?.1)
 }
 
 async fn registry_find<R: RegistryWire>(
@@ -246,19 +258,7 @@ async fn registry_find<R: RegistryWire>(
     query: Query<R>,
 ) -> Result<FindStream<R>> {
     let what = format!("{}/Find", R::SERVICE);
-    let (index, responses) = reg
-        .each_url(cx, &what, |url| {
-            let sent = reg
-                .channels
-                .channel(&url)
-                .and_then(|ch| Ok((ch, outgoing(cx, &url, &what, R::query(query.clone()))?)));
-            let what = &what;
-            async move {
-                let (channel, request) = sent?;
-                answer(cx, &url, what, R::find(channel, request)).await
-            }
-        })
-        .await?;
+    let (index, responses) = call_each(reg, cx, &what, R::query(query), R::find).await?;
     let urls = reg.urls.urls();
     let url = urls[index].clone();
     let (current, len) = (reg.current.clone(), urls.len());
@@ -286,19 +286,9 @@ async fn registry_find<R: RegistryWire>(
 
 async fn registry_unregister<R: RegistryWire>(reg: &GrpcRegistry<R>, cx: &Cx, r: R) -> Result<()> {
     let what = format!("{}/Unregister", R::SERVICE);
-    reg.each_url(cx, &what, |url| {
-        let sent = reg
-            .channels
-            .channel(&url)
-            .and_then(|ch| Ok((ch, outgoing(cx, &url, &what, r.clone())?)));
-        let what = &what;
-        async move {
-            let (channel, request) = sent?;
-            answer(cx, &url, what, R::unregister(channel, request)).await
-        }
-    })
-    .await
-    .map(|_| ())
+    call_each(reg, cx, &what, r, R::unregister)
+        .await
+        .map(|_| ())
 }
 
 /// The handler of one resource: the gRPC calls are written once, generic over
