@@ -4,20 +4,28 @@
 //! SIGKILLed still expires and its watchers are told; every replica restarted, nothing
 //! is lost; a 3-member etcd cluster losing a member and then its leader keeps every
 //! acknowledged registration; etcd unreachable at start exits 1, a half TLS
-//! configuration exits 2.
+//! configuration exits 2; a manager given both replicas' URLs, its replica SIGKILLed,
+//! still connects new clients and keeps existing connections and registrations
+//! refreshing.
 
 #![cfg(feature = "etcd")]
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
+
+use nsm_proto::connection::Connection;
+use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
-use nsm_sdk::chains::Security;
+use nsm_sdk::chains::{client as client_chain, ClientOptions, Security};
 use nsm_sdk::registry::{FindStream, Found, Query, RegistryChain, RegistryHandler, Resource};
 use nsm_sdk::security::PolicySet;
-use nsm_sdk::transport::{grpc_registry, GrpcRegistry};
+use nsm_sdk::transport::{grpc_registry, GrpcRegistry, RegistryUrls};
 use nsm_sdk::Cx;
+use nsm_sdk::{async_trait, Chain, Handler, Next};
 use nsm_testkit::etcd::EtcdCluster;
 use nsm_tests::{start, Proc, TempDir};
 use tonic::Code;
@@ -25,6 +33,11 @@ use tonic::Code;
 const READY: Duration = Duration::from_secs(20);
 
 fn replica(dir: &TempDir, name: &str, etcd: &str) -> (Proc, String) {
+    replica_expiring(dir, name, etcd, "60s")
+}
+
+/// A replica whose endpoints expire after `expire_after` unless refreshed.
+fn replica_expiring(dir: &TempDir, name: &str, etcd: &str, expire_after: &str) -> (Proc, String) {
     let url = dir.unix(&format!("{name}.sock"));
     let mut p = start(
         dir,
@@ -33,7 +46,7 @@ fn replica(dir: &TempDir, name: &str, etcd: &str) -> (Proc, String) {
         &[
             ("NSM_LISTEN_ON", url.as_str()),
             ("NSM_ETCD_ENDPOINTS", etcd),
-            ("NSM_EXPIRE_AFTER", "60s"),
+            ("NSM_EXPIRE_AFTER", expire_after),
         ],
         false,
         READY,
@@ -51,7 +64,7 @@ where
 {
     let identity = dir.ca().identity(who).expect("an SVID").fixed();
     let security = Security::with_identity(identity, PolicySet::defaults().unwrap()).unwrap();
-    let url = url.parse().expect("a registry URL");
+    let url: RegistryUrls = url.parse().expect("a registry URL");
     RegistryChain::builder()
         .push(grpc_registry::<R>(security.channels(), url))
         .build()
@@ -331,4 +344,182 @@ async fn etcd_unreachable_at_start_exits_1_and_half_tls_exits_2() {
     let status = p.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(2), "{}", p.log());
     assert!(p.log().contains("NSM_ETCD_KEY"), "{}", p.log());
+}
+
+/// Counts the Requests of a client chain (first ones and refreshes) that succeeded and
+/// that failed.
+#[derive(Default)]
+struct Outcomes {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+#[async_trait]
+impl Handler for Outcomes {
+    async fn request(
+        &self,
+        cx: &mut Cx,
+        req: NetworkServiceRequest,
+        next: Next,
+    ) -> nsm_sdk::Result<Connection> {
+        let out = next.request(cx, req).await;
+        match &out {
+            Ok(_) => self.ok.fetch_add(1, Ordering::SeqCst),
+            Err(_) => self.failed.fetch_add(1, Ordering::SeqCst),
+        };
+        out
+    }
+}
+
+/// A client (NOOP mechanism) of the manager at `url` as `spiffe://nsm.test/<who>`,
+/// whose path tokens live `tokens` (it refreshes before they expire).
+fn nsc(dir: &TempDir, who: &str, url: &str, tokens: Duration, outcomes: &Arc<Outcomes>) -> Chain {
+    let identity = dir.ca().identity(who).expect("an SVID").fixed();
+    let security = Security::with_identity(identity, PolicySet::defaults().unwrap()).unwrap();
+    client_chain(
+        ClientOptions::new(who, url.parse().expect("the manager's URL"))
+            .security(&security)
+            .tokens(security.tokens(tokens))
+            .handler(outcomes.clone()),
+    )
+}
+
+fn icmp_request() -> NetworkServiceRequest {
+    NetworkServiceRequest {
+        connection: Some(Connection {
+            network_service: "icmp-responder".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_given_both_replicas_fails_over_when_its_replica_is_sigkilled() {
+    let etcd = EtcdCluster::start(1).await;
+    let dir = TempDir::new("etcd", "failover");
+    // Endpoints expire 3 s after each registration: they stay only if their refreshes
+    // (every 2 s, through the manager) keep reaching a live replica.
+    let (mut a, a_url) = replica_expiring(&dir, "registry-a", &etcd.endpoints_env(), "3s");
+    let (_b, b_url) = replica_expiring(&dir, "registry-b", &etcd.endpoints_env(), "3s");
+    let both = format!("{a_url},{b_url}");
+    let mgr_url = dir.unix("nsmgr.sock");
+    let mut mgr = start(
+        &dir,
+        "nsmgr",
+        "nsmgr",
+        &[
+            ("NSM_NAME", "nsmgr"),
+            ("NSM_LISTEN_ON", &mgr_url),
+            ("NSM_REGISTRY_URL", &both),
+        ],
+        false,
+        READY,
+    );
+    mgr.wait_for_log(&["serving", &mgr_url]);
+    let refresh_log = "info,nsm_sdk::registry::registry_refresh=debug";
+    let mut fwd = start(
+        &dir,
+        "nsm-forwarder",
+        "forwarder",
+        &[
+            ("NSM_NAME", "forwarder"),
+            ("NSM_LISTEN_ON", &dir.unix("fwd.sock")),
+            ("NSM_CONNECT_TO", &mgr_url),
+            ("NSM_LOG_LEVEL", refresh_log),
+        ],
+        false,
+        READY,
+    );
+    fwd.wait_for_log(&["registered endpoint", "name=forwarder"]);
+    let mut nse = start(
+        &dir,
+        "nse-icmp-responder",
+        "nse",
+        &[
+            ("NSM_NAME", "nse"),
+            ("NSM_LISTEN_ON", &dir.unix("nse.sock")),
+            ("NSM_CONNECT_TO", &mgr_url),
+            ("NSM_SERVICE_NAMES", "icmp-responder"),
+            ("NSM_CIDR_PREFIX", "172.16.1.0/24"),
+            ("NSM_LOG_LEVEL", refresh_log),
+        ],
+        false,
+        READY,
+    );
+    nse.wait_for_log(&["registered endpoint", "name=nse"]);
+
+    // A connection that refreshes every 2 s or so (3 s tokens).
+    let existing = Arc::new(Outcomes::default());
+    let first = nsc(&dir, "nsc-1", &mgr_url, Duration::from_secs(3), &existing);
+    let conn = first
+        .request(&mut cx(), icmp_request())
+        .await
+        .expect("the first client connects");
+    while existing.ok.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let nse_refreshes = nse.log().matches("registration refreshed").count();
+    let fwd_refreshes = fwd.log().matches("registration refreshed").count();
+
+    // The manager's replica (the first URL) dies.
+    a.kill9();
+    let killed = Instant::now();
+    let fresh = Arc::new(Outcomes::default());
+    let second = nsc(&dir, "nsc-2", &mgr_url, Duration::from_secs(60), &fresh);
+    second
+        .request(&mut cx(), icmp_request())
+        .await
+        .expect("a new client connects with replica A dead");
+    let failover = killed.elapsed();
+    eprintln!("new client connected {failover:?} after the manager's replica was SIGKILLed");
+    assert_eq!(fresh.failed.load(Ordering::SeqCst), 0, "no failed try");
+
+    // The existing connection and both registrations keep refreshing through B, past
+    // the 3 s expiry of everything registered before the kill.
+    let ok_before = existing.ok.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        existing.ok.load(Ordering::SeqCst) >= ok_before + 2,
+        "the existing connection refreshed {} times in 5 s",
+        existing.ok.load(Ordering::SeqCst) - ok_before
+    );
+    assert_eq!(
+        existing.failed.load(Ordering::SeqCst),
+        0,
+        "no refresh failed"
+    );
+    nse.wait_for_lines(&["registration refreshed", "name=nse"], nse_refreshes + 2);
+    fwd.wait_for_lines(
+        &["registration refreshed", "name=forwarder"],
+        fwd_refreshes + 2,
+    );
+    // Everything is still registered, seen through the replica left.
+    let names: HashSet<String> = client::<NetworkServiceEndpoint>(&dir, "watcher", &b_url)
+        .list(&mut cx(), NetworkServiceEndpoint::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(
+        names.contains("nse") && names.contains("forwarder"),
+        "{names:?}"
+    );
+    // And a third client, well after the expiry, connects too.
+    let third = nsc(&dir, "nsc-3", &mgr_url, Duration::from_secs(60), &fresh);
+    third
+        .request(&mut cx(), icmp_request())
+        .await
+        .expect("a client connects 5 s after the kill");
+    assert!(
+        !mgr.log().contains("ERROR"),
+        "the manager logged an error:\n{}",
+        mgr.log()
+    );
+    first.close(&mut cx(), conn).await.unwrap();
+    assert!(
+        failover <= Duration::from_secs(1),
+        "failover took {failover:?}, the issue asks at most 1 s"
+    );
 }

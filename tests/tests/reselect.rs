@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use nsm_proto::connection::Connection;
 use nsm_proto::networkservice::NetworkServiceRequest;
-use nsm_sdk::chains::client;
+use nsm_sdk::chains::{client, Store};
 use nsm_sdk::handlers::{heal, HealOptions, LivenessFn};
 use nsm_sdk::sandbox::{
     counter, inject, Counter, EndpointHandle, EndpointSpec, Inject, Node, Sandbox,
@@ -597,12 +597,15 @@ async fn heal_moves_to_another_forwarder_when_the_selected_one_dies() {
 /// registrations are back; the reselect reaches the NSE in RESELECT_REQUESTED through
 /// another remote forwarder, and the NSE's `begin` closes its old connection first:
 /// NSE requests 2, unique 1, closes 1 (as in Go). A refresh keeps the new forwarder.
+/// The registry is in memory whatever `NSM_SANDBOX_ETCD` says: the scenario is a
+/// registry that restarts empty, which one on etcd does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heal_moves_to_another_remote_forwarder_when_the_selected_one_dies() {
     let mesh = Sandbox::builder()
         .nodes(2)
         .forwarders_per_node(0)
         .registry_expiry(Duration::from_secs(3))
+        .registry_store(Store::Memory)
         .build()
         .await
         .unwrap();

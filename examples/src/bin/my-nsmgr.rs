@@ -20,7 +20,7 @@ use clap::Parser;
 use nsm_sdk::chains::{nsmgr, NsmgrOptions, Security};
 use nsm_sdk::proto::{connection::Connection, networkservice::NetworkServiceRequest};
 use nsm_sdk::serving::{stop_on_signal, DEFAULT_MANAGER_URL};
-use nsm_sdk::transport::{serve, Url};
+use nsm_sdk::transport::{serve, RegistryUrls, Url};
 use nsm_sdk::{async_trait, Cx, Error, Handler, Next, Result};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -70,9 +70,9 @@ struct Args {
     #[arg(long, env = "NSM_LISTEN_ON", value_name = "URL", default_value = DEFAULT_MANAGER_URL)]
     listen_on: Url,
 
-    /// The registry.
-    #[arg(long, env = "NSM_REGISTRY_URL", value_name = "URL")]
-    registry_url: Url,
+    /// The registry, or its replicas comma-separated (failed over in order).
+    #[arg(long, env = "NSM_REGISTRY_URL", value_name = "URL,...")]
+    registry_url: RegistryUrls,
 
     /// Log level or tracing filter directives; logs go to stderr.
     #[arg(

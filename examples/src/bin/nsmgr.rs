@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use nsm_examples::metrics::MetricsArgs;
 use nsm_examples::{run, security, serve_all, shutdown_all, Common, Failure, DEFAULT_NSM_SOCKET};
 use nsm_sdk::chains::{nsmgr, NsmgrOptions};
-use nsm_sdk::transport::Url;
+use nsm_sdk::transport::{RegistryUrls, Url};
 use tokio_util::sync::CancellationToken;
 
 /// The node manager: picks one of its node's forwarders for each client connection,
@@ -24,9 +24,10 @@ struct Args {
     #[arg(long, env = "NSM_LISTEN_ON", value_name = "URL,...", value_delimiter = ',', default_value = DEFAULT_NSM_SOCKET)]
     listen_on: Vec<Url>,
 
-    /// The registry.
-    #[arg(long, env = "NSM_REGISTRY_URL", value_name = "URL")]
-    registry_url: Url,
+    /// The registry, or its replicas comma-separated: calls go to the first that answers
+    /// and move to the next when one is unavailable.
+    #[arg(long, env = "NSM_REGISTRY_URL", value_name = "URL,...")]
+    registry_url: RegistryUrls,
 
     #[command(flatten)]
     metrics: MetricsArgs,

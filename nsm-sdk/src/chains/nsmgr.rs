@@ -37,7 +37,7 @@ use crate::registry::{
 };
 use crate::security::PolicySet;
 use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
-use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
+use crate::transport::{grpc_client, grpc_registry, Channels, RegistryUrls, Services, Url};
 
 /// What a manager is made of.
 #[derive(Clone)]
@@ -45,7 +45,7 @@ use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
 pub struct NsmgrOptions {
     name: String,
     url: Url,
-    registry_url: Url,
+    registry_urls: RegistryUrls,
     channels: Channels,
     root: CancellationToken,
     tokens: Arc<dyn TokenGenerator>,
@@ -61,19 +61,22 @@ impl std::fmt::Debug for NsmgrOptions {
         f.debug_struct("NsmgrOptions")
             .field("name", &self.name)
             .field("url", &self.url)
-            .field("registry_url", &self.registry_url)
+            .field("registry_urls", &self.registry_urls.to_string())
             .finish()
     }
 }
 
 impl NsmgrOptions {
     /// A manager called `name`, reachable at `url` (what it registers upstream), using the
-    /// registry at `registry_url`.
-    pub fn new(name: impl Into<String>, url: Url, registry_url: Url) -> Self {
+    /// registry at `registry`: one [`Url`] or a [`RegistryUrls`] list of replicas, which
+    /// its registry client fails over between (a call or watch that meets an
+    /// unavailable replica goes on to the next; see
+    /// [`grpc_registry`](crate::transport::grpc_registry)).
+    pub fn new(name: impl Into<String>, url: Url, registry: impl Into<RegistryUrls>) -> Self {
         NsmgrOptions {
             name: name.into(),
             url,
-            registry_url,
+            registry_urls: registry.into(),
             channels: Channels::new(),
             root: CancellationToken::new(),
             tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
@@ -212,7 +215,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
             .push(find_cache().root(opts.root.child_token()))
             .push(grpc_registry(
                 opts.channels.clone(),
-                opts.registry_url.clone(),
+                opts.registry_urls.clone(),
             ))
             .build(),
         nse: RegistryChain::<NetworkServiceEndpoint>::builder()
@@ -223,7 +226,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
             .push(find_cache().root(opts.root.child_token()))
             .push(grpc_registry(
                 opts.channels.clone(),
-                opts.registry_url.clone(),
+                opts.registry_urls.clone(),
             ))
             .build(),
     };

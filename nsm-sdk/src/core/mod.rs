@@ -19,4 +19,4 @@ pub use cx::{Cx, Peer, PeerProcess, Side};
 pub use extensions::Extensions;
 pub use handler::{Chain, ChainBuilder, Cursor, Handler, Next};
 pub use monitor::MonitorSource;
-pub use url::{ClientUrl, Url};
+pub use url::{ClientUrl, RegistryUrls, Url};

@@ -84,6 +84,69 @@ impl fmt::Display for Url {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientUrl(pub Url);
 
+/// The registry replicas a client may use, in order of preference: one URL or several
+/// (`NSM_REGISTRY_URL=tcp://a:5002,tcp://b:5002`). A registry client over the list
+/// ([`grpc_registry`](crate::transport::grpc_registry)) sends each call to its current
+/// URL and moves to the next one when that one is unavailable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RegistryUrls(Vec<Url>);
+
+impl RegistryUrls {
+    /// The list; `None` when it is empty.
+    pub fn new(urls: impl IntoIterator<Item = Url>) -> Option<Self> {
+        let urls: Vec<Url> = urls.into_iter().collect();
+        (!urls.is_empty()).then_some(RegistryUrls(urls))
+    }
+
+    /// The URLs, first preferred.
+    pub fn urls(&self) -> &[Url] {
+        &self.0
+    }
+
+    /// The preferred URL.
+    pub fn first(&self) -> &Url {
+        // Never empty: every constructor checks.
+        &self.0[0]
+    }
+}
+
+impl From<Url> for RegistryUrls {
+    fn from(url: Url) -> Self {
+        RegistryUrls(vec![url])
+    }
+}
+
+impl From<&Url> for RegistryUrls {
+    fn from(url: &Url) -> Self {
+        RegistryUrls(vec![url.clone()])
+    }
+}
+
+impl FromStr for RegistryUrls {
+    type Err = Error;
+
+    /// Comma-separated URLs; blanks around each are ignored, an empty item is an error.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let urls = s
+            .split(',')
+            .map(|u| u.trim().parse::<Url>())
+            .collect::<Result<Vec<_>, _>>()?;
+        RegistryUrls::new(urls).ok_or_else(|| Error::invalid(format!("no registry URL in {s:?}")))
+    }
+}
+
+impl fmt::Display for RegistryUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, url) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{url}")?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +186,20 @@ mod tests {
             let e = s.parse::<Url>().unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{s}: {e}");
         }
+    }
+
+    #[test]
+    fn registry_urls_parse_a_comma_separated_list_in_order() {
+        let list: RegistryUrls = "tcp://a:1, unix:///run/b.sock".parse().unwrap();
+        assert_eq!(list.urls().len(), 2);
+        assert_eq!(list.first(), &"tcp://a:1".parse::<Url>().unwrap());
+        assert_eq!(list.to_string(), "tcp://a:1,unix:///run/b.sock");
+        let one: RegistryUrls = "tcp://a:1".parse().unwrap();
+        assert_eq!(one, RegistryUrls::from("tcp://a:1".parse::<Url>().unwrap()));
+        for bad in ["", "tcp://a:1,", ",tcp://a:1", "tcp://a:1,http://b:2"] {
+            let e = bad.parse::<RegistryUrls>().unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}: {e}");
+        }
+        assert!(RegistryUrls::new(Vec::new()).is_none());
     }
 }

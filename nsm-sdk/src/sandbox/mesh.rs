@@ -1,7 +1,7 @@
 //! The sandbox mesh: a registry and N nodes (a manager and forwarders each), with
 //! endpoints and clients, all served over real gRPC in one process.
 
-use crate::chains::Security;
+use crate::chains::{Security, Store};
 use crate::security::dev_ca::DevCa;
 use crate::security::PolicySet;
 use std::collections::HashMap;
@@ -55,6 +55,14 @@ impl std::fmt::Debug for MechanismsFn {
 /// The trust domain of a secure sandbox's throw-away CA.
 pub const TRUST_DOMAIN: &str = "nsm.sandbox";
 
+/// The environment switch that puts the registry of every sandbox built without
+/// [`SandboxBuilder::registry_store`] on etcd: the members' client URLs,
+/// comma-separated (`http://127.0.0.1:2379`). Each sandbox keeps its entries under a
+/// prefix of its own, `/nsm-sandbox/<uuid>/`, so sandboxes running at once on one etcd
+/// never see each other's. Set with a build of nsm-sdk without the feature `etcd`, every
+/// sandbox fails to build rather than run on memory unnoticed.
+pub const ETCD_ENV: &str = "NSM_SANDBOX_ETCD";
+
 /// Builds a [`Sandbox`].
 #[derive(Debug, Clone)]
 #[must_use]
@@ -66,6 +74,7 @@ pub struct SandboxBuilder {
     token_lifetime: Duration,
     forwarder_mechanisms: Option<MechanismsFn>,
     secure: bool,
+    store: Option<Store>,
 }
 
 impl Default for SandboxBuilder {
@@ -78,6 +87,7 @@ impl Default for SandboxBuilder {
             token_lifetime: crate::token::DEFAULT_TOKEN_LIFETIME,
             forwarder_mechanisms: None,
             secure: true,
+            store: None,
         }
     }
 }
@@ -115,6 +125,16 @@ impl SandboxBuilder {
     /// does); every link is mTLS, every token signed and every policy checked.
     pub fn insecure(mut self) -> Self {
         self.secure = false;
+        self
+    }
+
+    /// Keeps the registry's entries in `store`, e.g. `Store::Etcd(..)` (feature `etcd`):
+    /// then the entries (and their owners) outlive [`Sandbox::kill_registry`], as
+    /// they do for a registry replica restarted on etcd, and endpoints expire through
+    /// etcd leases. By default the registry is in memory, or on etcd when the
+    /// environment says so ([`ETCD_ENV`]).
+    pub fn registry_store(mut self, store: Store) -> Self {
+        self.store = Some(store);
         self
     }
 
@@ -156,8 +176,13 @@ impl SandboxBuilder {
         } else {
             Security::insecure()
         };
+        let store = match self.store {
+            Some(store) => store,
+            None => store_from_env().await?,
+        };
         let shared = Arc::new(Shared {
             prefix: format!("sandbox-{}-{id}", std::process::id()),
+            store,
             dir,
             channels: security.channels(),
             root: CancellationToken::new(),
@@ -188,8 +213,42 @@ impl SandboxBuilder {
     }
 }
 
+/// The registry store [`ETCD_ENV`] asks for: memory when it is unset or empty.
+async fn store_from_env() -> Result<Store> {
+    let Some(endpoints) = std::env::var(ETCD_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+    else {
+        return Ok(Store::Memory);
+    };
+    on_etcd(&endpoints).await
+}
+
+#[cfg(feature = "etcd")]
+async fn on_etcd(endpoints: &str) -> Result<Store> {
+    use crate::registry::{Etcd, EtcdConfig};
+    let config = EtcdConfig::new(
+        endpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty()),
+    )
+    .prefix(format!("/nsm-sandbox/{}/", uuid::Uuid::new_v4()));
+    let etcd = Etcd::connect(&config, Duration::from_secs(10)).await?;
+    Ok(Store::Etcd(etcd))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn on_etcd(_endpoints: &str) -> Result<Store> {
+    Err(Error::invalid(format!(
+        "{ETCD_ENV} is set but nsm-sdk was built without its etcd feature"
+    )))
+}
+
 struct Shared {
     prefix: String,
+    /// Where the registry keeps its entries.
+    store: Store,
     dir: Option<std::path::PathBuf>,
     channels: Channels,
     root: CancellationToken,
@@ -313,10 +372,14 @@ impl Sandbox {
         self.registries().ns.register(&mut Cx::client(), ns).await
     }
 
-    /// Starts the registry (again) with an empty store on its URL.
+    /// Starts the registry (again) on its URL: with an empty store in memory, with
+    /// the entries it had on etcd.
     pub async fn start_registry(&self) -> Result<()> {
         let token = self.shared.root.child_token();
-        let reg = self.shared.security.registry_server(self.shared.expiry);
+        let reg = self
+            .shared
+            .security
+            .registry_server_on(self.shared.store.clone(), self.shared.expiry);
         let server = serve(
             &self.registry_url,
             self.shared.security.serve(reg.services()),
@@ -326,7 +389,8 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Kills the registry (its store is lost).
+    /// Kills the registry (a memory store is lost; entries on etcd stay, as for a
+    /// replica killed).
     pub fn kill_registry(&self) {
         self.registry.kill();
         self.shared.forget(&self.registry_url);

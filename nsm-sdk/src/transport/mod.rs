@@ -25,7 +25,7 @@ pub mod tls;
 
 /// The URL types live in core so the registry can use them; re-exported where dialing
 /// and serving use them.
-pub use crate::core::url::{ClientUrl, Url};
+pub use crate::core::url::{ClientUrl, RegistryUrls, Url};
 pub use channels::{monitor_connections, Channels, DEFAULT_CONNECT_TIMEOUT};
 pub use client::{grpc_client, GrpcClient};
 pub use registry_client::{grpc_registry, GrpcRegistry};

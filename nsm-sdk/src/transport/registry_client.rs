@@ -1,9 +1,12 @@
 //! The registry client edge: [`grpc_registry`], the registry handler that ends a
-//! registry client chain by calling a remote registry, for network services and
-//! endpoints alike.
+//! registry client chain by calling a remote registry (one URL, or several replicas
+//! failing over), for network services and endpoints alike.
 
 use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
@@ -16,10 +19,10 @@ use nsm_proto::registry::{
 };
 use tonic::codec::Streaming;
 use tonic::transport::Channel;
-use tonic::Status;
+use tonic::{Code, Status};
 
 use super::channels::{answer, from_status, outgoing, Channels};
-use crate::core::url::Url;
+use crate::core::url::{RegistryUrls, Url};
 use crate::core::Cx;
 use crate::registry::{FindStream, Found, Query, RegistryHandler, RegistryNext, Resource};
 use crate::{Error, Result};
@@ -27,7 +30,10 @@ use crate::{Error, Result};
 /// See [`grpc_registry`].
 pub struct GrpcRegistry<R> {
     channels: Channels,
-    url: Url,
+    urls: RegistryUrls,
+    /// The index of the URL calls go to: it moves on when that URL is unavailable and
+    /// stays on the one that answers (shared by clones).
+    current: Arc<AtomicUsize>,
     _resource: PhantomData<fn() -> R>,
 }
 
@@ -35,7 +41,8 @@ impl<R> Clone for GrpcRegistry<R> {
     fn clone(&self) -> Self {
         GrpcRegistry {
             channels: self.channels.clone(),
-            url: self.url.clone(),
+            urls: self.urls.clone(),
+            current: self.current.clone(),
             _resource: PhantomData,
         }
     }
@@ -45,28 +52,101 @@ impl<R: Resource> fmt::Debug for GrpcRegistry<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GrpcRegistry")
             .field("kind", &R::KIND)
-            .field("url", &self.url)
+            .field("urls", &self.urls.to_string())
+            .field("current", &self.current_url())
             .finish()
     }
 }
 
 /// The registry handler at the end of a registry client chain: sends Register, Find and
-/// Unregister to the registry at `url` and answers with its replies (it does not call
-/// `next`). A handler for both `NetworkService` and `NetworkServiceEndpoint`.
+/// Unregister to the registry at `urls` (a [`Url`] or a [`RegistryUrls`] list of
+/// replicas) and answers with its replies (it does not call `next`). A handler for both
+/// `NetworkService` and `NetworkServiceEndpoint`.
 ///
 /// Find streams the registry's responses as [`Found`] items; a response without its
 /// resource is an [`Error::InvalidArgument`] item. Errors map as for [`grpc_client`](super::grpc_client).
-pub fn grpc_registry<R: Resource>(channels: Channels, url: Url) -> GrpcRegistry<R> {
+///
+/// Several replicas: each call goes to the current URL (the first at start); a call that
+/// fails with Unavailable (connection refused or broken, or the replica's own store
+/// unavailable) is sent again to the next URL, and so on once around the list within the
+/// caller's deadline, so no call fails because one replica died while another answers.
+/// The URL that answered stays current. A Find stream that breaks with Unavailable moves
+/// the current URL on too, so the watching Find that
+/// [`watch_reconnect`](crate::registry::watch_reconnect) opens again goes to the next
+/// replica. Register and Unregister are idempotent per name, so one sent again after a
+/// replica died with it unanswered does no harm. A replica that hangs without answering
+/// is not left before the deadline.
+pub fn grpc_registry<R: Resource>(
+    channels: Channels,
+    urls: impl Into<RegistryUrls>,
+) -> GrpcRegistry<R> {
     GrpcRegistry {
         channels,
-        url,
+        urls: urls.into(),
+        current: Arc::new(AtomicUsize::new(0)),
         _resource: PhantomData,
     }
 }
 
+impl<R: Resource> GrpcRegistry<R> {
+    /// The URL calls go to now.
+    pub fn current_url(&self) -> &Url {
+        let urls = self.urls.urls();
+        &urls[self.current.load(Ordering::Relaxed) % urls.len()]
+    }
+
+    /// Runs `call` against the current URL, then against each next one while the answer
+    /// is Unavailable; returns the answer with the index of the URL that gave it.
+    async fn each_url<T, F, Fut>(&self, cx: &Cx, what: &str, mut call: F) -> Result<(usize, T)>
+    where
+        F: FnMut(Url) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let urls = self.urls.urls();
+        let start = self.current.load(Ordering::Relaxed) % urls.len();
+        let mut last = None;
+        for step in 0..urls.len() {
+            let i = (start + step) % urls.len();
+            match call(urls[i].clone()).await {
+                Ok(v) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok((i, v));
+                }
+                Err(e) if e.code() == Code::Unavailable && urls.len() > 1 => {
+                    moved_from(&self.current, i, urls.len());
+                    tracing::warn!(
+                        kind = R::KIND,
+                        call = what,
+                        url = %urls[i],
+                        error = %e,
+                        "registry replica unavailable; trying the next one"
+                    );
+                    last = Some(e);
+                    if cx.remaining().is_some_and(|left| left.is_zero()) {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::unavailable(format!("{what}: no registry answered"))))
+    }
+}
+
+/// Moves the current URL past `failed`, unless another call moved it already (two calls
+/// failing together must not skip the replica after it).
+fn moved_from(current: &AtomicUsize, failed: usize, len: usize) {
+    let _ = current.compare_exchange(
+        failed,
+        (failed + 1) % len,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+}
+
 /// Binds a resource to its generated gRPC client and messages.
 trait RegistryWire: Resource {
-    type Query: Send + 'static;
+    type Query: Clone + Send + 'static;
     type Response: Send + 'static;
     const SERVICE: &'static str;
     fn query(q: Query<Self>) -> Self::Query;
@@ -142,11 +222,34 @@ registry_wire!(
     "NetworkServiceEndpointRegistry"
 );
 
+/// A gRPC call of one resource's client.
+type Call<M, T> =
+    fn(Channel, tonic::Request<M>) -> BoxFuture<'static, Result<tonic::Response<T>, Status>>;
+
+/// Sends `msg` with `call` to the current URL, then to each next one while unavailable.
+async fn call_each<R: RegistryWire, M: Clone, T>(
+    reg: &GrpcRegistry<R>,
+    cx: &Cx,
+    what: &str,
+    msg: M,
+    call: Call<M, T>,
+) -> Result<(usize, T)> {
+    reg.each_url(cx, what, |url| {
+        let sent = reg
+            .channels
+            .channel(&url)
+            .and_then(|ch| Ok((ch, outgoing(cx, &url, what, msg.clone())?)));
+        async move {
+            let (channel, request) = sent?;
+            answer(cx, &url, what, call(channel, request)).await
+        }
+    })
+    .await
+}
+
 async fn registry_register<R: RegistryWire>(reg: &GrpcRegistry<R>, cx: &Cx, r: R) -> Result<R> {
     let what = format!("{}/Register", R::SERVICE);
-    let channel = reg.channels.channel(&reg.url)?;
-    let request = outgoing(cx, &reg.url, &what, r)?;
-    answer(cx, &reg.url, &what, R::register(channel, request)).await
+    Ok(call_each(reg, cx, &what, r, R::register).await?.1)
 }
 
 async fn registry_find<R: RegistryWire>(
@@ -155,10 +258,10 @@ async fn registry_find<R: RegistryWire>(
     query: Query<R>,
 ) -> Result<FindStream<R>> {
     let what = format!("{}/Find", R::SERVICE);
-    let channel = reg.channels.channel(&reg.url)?;
-    let request = outgoing(cx, &reg.url, &what, R::query(query))?;
-    let responses = answer(cx, &reg.url, &what, R::find(channel, request)).await?;
-    let url = reg.url.clone();
+    let (index, responses) = call_each(reg, cx, &what, R::query(query), R::find).await?;
+    let urls = reg.urls.urls();
+    let url = urls[index].clone();
+    let (current, len) = (reg.current.clone(), urls.len());
     Ok(responses
         .map(move |item| match item {
             Ok(resp) => match R::found(resp) {
@@ -168,16 +271,24 @@ async fn registry_find<R: RegistryWire>(
                     R::KIND
                 ))),
             },
-            Err(s) => Err(from_status(&url, s)),
+            Err(s) => {
+                let e = from_status(&url, s);
+                if e.code() == Code::Unavailable && len > 1 {
+                    // The replica of this stream went away: the Find opened again
+                    // goes to the next one.
+                    moved_from(&current, index, len);
+                }
+                Err(e)
+            }
         })
         .boxed())
 }
 
 async fn registry_unregister<R: RegistryWire>(reg: &GrpcRegistry<R>, cx: &Cx, r: R) -> Result<()> {
     let what = format!("{}/Unregister", R::SERVICE);
-    let channel = reg.channels.channel(&reg.url)?;
-    let request = outgoing(cx, &reg.url, &what, r)?;
-    answer(cx, &reg.url, &what, R::unregister(channel, request)).await
+    call_each(reg, cx, &what, r, R::unregister)
+        .await
+        .map(|_| ())
 }
 
 /// The handler of one resource: the gRPC calls are written once, generic over
@@ -206,3 +317,153 @@ macro_rules! grpc_registry_handler {
 
 grpc_registry_handler!(NetworkService);
 grpc_registry_handler!(NetworkServiceEndpoint);
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::registry::{memory, watch_reconnect, Memory, RegistryChain};
+    use crate::transport::{serve, Server, Services};
+
+    fn nse(name: &str) -> NetworkServiceEndpoint {
+        NetworkServiceEndpoint {
+            name: name.into(),
+            network_service_names: vec!["svc".into()],
+            url: format!("tcp://{name}:1"),
+            ..Default::default()
+        }
+    }
+
+    fn cx() -> Cx {
+        Cx::client().with_timeout(Duration::from_secs(5))
+    }
+
+    /// Two replicas of one registry: two servers over one shared store, as two
+    /// `nsm-registry` processes over one etcd.
+    async fn replicas() -> (Memory<NetworkServiceEndpoint>, Server, Server) {
+        let store = memory::<NetworkServiceEndpoint>();
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            let url = Url::Memory(format!("replica-{}", uuid::Uuid::new_v4()));
+            let chain = RegistryChain::builder().push(store.clone()).build();
+            servers.push(
+                serve(&url, Services::new().nse_registry(chain))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let b = servers.pop().unwrap();
+        let a = servers.pop().unwrap();
+        (store, a, b)
+    }
+
+    fn both(a: &Server, b: &Server) -> RegistryUrls {
+        RegistryUrls::new([a.url().clone(), b.url().clone()]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn calls_move_to_the_next_replica_when_the_current_one_dies() {
+        let (store, a, b) = replicas().await;
+        let client = grpc_registry::<NetworkServiceEndpoint>(Channels::new(), both(&a, &b));
+        let chain = RegistryChain::builder().push(client.clone()).build();
+        chain.register(&mut cx(), nse("nse-1")).await.unwrap();
+        assert_eq!(client.current_url(), a.url());
+
+        a.kill();
+        // Register, Find and Unregister each succeed: none fails because A died.
+        chain.register(&mut cx(), nse("nse-2")).await.unwrap();
+        assert_eq!(
+            client.current_url(),
+            b.url(),
+            "B answered: it stays current"
+        );
+        let mut names: Vec<String> = chain
+            .list(&mut cx(), NetworkServiceEndpoint::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["nse-1", "nse-2"]);
+        chain.unregister(&mut cx(), nse("nse-1")).await.unwrap();
+        let left = RegistryChain::builder()
+            .push(store)
+            .build()
+            .list(&mut cx(), NetworkServiceEndpoint::default())
+            .await
+            .unwrap();
+        let left: Vec<&str> = left.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(left, ["nse-2"]);
+    }
+
+    #[tokio::test]
+    async fn with_every_replica_dead_a_call_fails_unavailable_after_trying_each_once() {
+        let (_store, a, b) = replicas().await;
+        let client = grpc_registry::<NetworkServiceEndpoint>(Channels::new(), both(&a, &b));
+        let chain = RegistryChain::builder().push(client.clone()).build();
+        a.kill();
+        b.kill();
+        let e = chain.register(&mut cx(), nse("nse-1")).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e}");
+        // Once around: back at A, which is tried first when it comes back.
+        assert_eq!(client.current_url(), a.url());
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_is_not_unavailable_is_not_sent_to_another_replica() {
+        let (_store, a, b) = replicas().await;
+        let client = grpc_registry::<NetworkServiceEndpoint>(Channels::new(), both(&a, &b));
+        let chain = RegistryChain::builder().push(client.clone()).build();
+        let bad = NetworkServiceEndpoint {
+            name: "x".repeat(10_000),
+            ..Default::default()
+        };
+        let e = chain.register(&mut cx(), bad).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert_eq!(client.current_url(), a.url());
+    }
+
+    async fn next(w: &mut FindStream<NetworkServiceEndpoint>) -> Found<NetworkServiceEndpoint> {
+        tokio::time::timeout(Duration::from_secs(3), w.next())
+            .await
+            .expect("an item within 3 s")
+            .expect("the watch is open")
+            .expect("no error reaches the watcher")
+    }
+
+    #[tokio::test]
+    async fn a_watch_broken_by_a_dead_replica_reopens_on_the_next_one() {
+        let (_store, a, b) = replicas().await;
+        let client = grpc_registry::<NetworkServiceEndpoint>(Channels::new(), both(&a, &b));
+        let chain = RegistryChain::builder()
+            .push(watch_reconnect())
+            .push(client.clone())
+            .build();
+        let mut watch = chain
+            .find(
+                &mut Cx::client(),
+                Query {
+                    template: NetworkServiceEndpoint::default(),
+                    watch: true,
+                },
+            )
+            .await
+            .unwrap();
+        chain.register(&mut cx(), nse("nse-1")).await.unwrap();
+        assert_eq!(next(&mut watch).await.resource.name, "nse-1");
+
+        a.kill();
+        chain.register(&mut cx(), nse("nse-2")).await.unwrap();
+        let seen = next(&mut watch).await;
+        assert_eq!(
+            (seen.resource.name.as_str(), seen.deleted),
+            ("nse-2", false)
+        );
+        assert_eq!(client.current_url(), b.url());
+        chain.unregister(&mut cx(), nse("nse-1")).await.unwrap();
+        let seen = next(&mut watch).await;
+        assert_eq!((seen.resource.name.as_str(), seen.deleted), ("nse-1", true));
+    }
+}
