@@ -579,7 +579,7 @@ fn rotating_every_svid_under_200_refreshing_connections_loses_nothing() {
     let bin_dir = load_path.parent().expect("a directory").to_path_buf();
     let status = Command::new(&load_path)
         .args(["--processes", "--clients", "200", "--concurrency", "20"])
-        .args(["--duration", "7s", "--token-lifetime", "9s"])
+        .args(["--duration", "8s", "--token-lifetime", "15s"])
         .args(["--rotate-every", "2s", "--no-progress", "--settle", "200ms"])
         .arg("--bin-dir")
         .arg(&bin_dir)
@@ -599,7 +599,9 @@ fn rotating_every_svid_under_200_refreshing_connections_loses_nothing() {
     assert_eq!(report["setup"]["ok"], 200, "{report}");
     assert_eq!(report["close"]["ok"], 200, "{report}");
     assert!(soak["rotations"].as_u64() >= Some(3), "{soak}");
-    // 9 s tokens: every connection refreshes at least once in 7 s, across rotations.
+    // 15 s tokens: every connection refreshes 3 to 6 s after its Request, at least once
+    // in 8 s and across rotations, with 1.5 s or more to the manager's deadline (half the
+    // token) on a loaded machine.
     assert!(soak["refreshes"].as_u64() >= Some(200), "{soak}");
     assert_eq!(soak["heal_broken"], 0, "{soak}");
     assert_eq!(soak["rotated_certificate_served"], true, "{soak}");
