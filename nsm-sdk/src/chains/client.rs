@@ -15,7 +15,7 @@ use std::time::Duration;
 use nsm_proto::connection::Mechanism;
 use tokio_util::sync::CancellationToken;
 
-use super::security::Security;
+use super::security::{Secured, Security};
 use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::noop_mechanism;
@@ -23,7 +23,7 @@ use crate::handlers::{
     authorize_client, client_url, mechanism_preferences, refresh, retry, update_path, update_token,
 };
 use crate::security::PolicySet;
-use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
+use crate::token::TokenGenerator;
 use crate::transport::{grpc_client, Channels, Url};
 
 /// What a client chain is made of.
@@ -32,7 +32,6 @@ use crate::transport::{grpc_client, Channels, Url};
 pub struct ClientOptions {
     name: String,
     connect_to: Url,
-    channels: Channels,
     mechanisms: Vec<Mechanism>,
     retry: Option<Duration>,
     timeout: Duration,
@@ -40,9 +39,7 @@ pub struct ClientOptions {
     after_begin: Vec<Arc<dyn Handler>>,
     before_connect: Vec<Arc<dyn Handler>>,
     root: CancellationToken,
-    tokens: Arc<dyn TokenGenerator>,
-    security: Security,
-    policies: Option<Arc<PolicySet>>,
+    sec: Secured,
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -61,9 +58,9 @@ impl ClientOptions {
     /// NOOP mechanism, retrying for 15 s.
     pub fn new(name: impl Into<String>, connect_to: Url) -> Self {
         ClientOptions {
+            sec: Secured::default(),
             name: name.into(),
             connect_to,
-            channels: Channels::new(),
             mechanisms: vec![noop_mechanism()],
             retry: Some(Duration::from_secs(15)),
             timeout: crate::core::rt::begin::DEFAULT_TIMEOUT,
@@ -71,15 +68,12 @@ impl ClientOptions {
             after_begin: Vec::new(),
             before_connect: Vec::new(),
             root: CancellationToken::new(),
-            tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
-            security: Security::insecure(),
-            policies: None,
         }
     }
 
     /// Shares this channel pool (one gRPC channel per peer in the process).
     pub fn channels(mut self, channels: Channels) -> Self {
-        self.channels = channels;
+        self.sec.channels = channels;
         self
     }
 
@@ -126,7 +120,7 @@ impl ClientOptions {
     /// The token generator that signs this hop's path segment (default: unsigned tokens
     /// that live 10 minutes).
     pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
-        self.tokens = tokens;
+        self.sec.tokens = tokens;
         self
     }
 
@@ -134,17 +128,14 @@ impl ClientOptions {
     /// when secure; to share a pool, pass one made by [`Security::channels`] to
     /// `.channels` after this), signed path tokens, and the authorize policies.
     pub fn security(mut self, security: &Security) -> Self {
-        self.channels = security.channels();
-        self.tokens = security.tokens(DEFAULT_TOKEN_LIFETIME);
-        self.policies = security.policies();
-        self.security = security.clone();
+        self.sec.set(security);
         self
     }
 
     /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_client` last before the manager's URL and the gRPC client, checking the path the manager returns. Without
     /// them (the default) nothing is checked (insecure mode).
     pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
-        self.policies = Some(policies);
+        self.sec.policies = Some(policies);
         self
     }
 
@@ -165,11 +156,11 @@ pub fn client(opts: ClientOptions) -> Chain {
         .push(refresh())
         .push_opt(retry)
         .extend(opts.handlers)
-        .push(update_token(opts.tokens))
+        .push(update_token(opts.sec.tokens))
         .push(mechanism_preferences(opts.mechanisms))
         .extend(opts.before_connect)
-        .push_opt(opts.policies.map(authorize_client))
+        .push_opt(opts.sec.policies.map(authorize_client))
         .push(client_url(opts.connect_to))
-        .push(grpc_client(opts.channels))
+        .push(grpc_client(opts.sec.channels))
         .build()
 }

@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::security::Security;
+use super::security::{Secured, Security};
 use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::{authorize_server, timeout, update_path, update_token, Monitor};
 use crate::security::PolicySet;
-use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
+use crate::token::TokenGenerator;
 use crate::transport::Services;
 
 /// What an endpoint chain is made of.
@@ -26,9 +26,7 @@ pub struct EndpointOptions {
     handlers: Vec<Arc<dyn Handler>>,
     after_begin: Vec<Arc<dyn Handler>>,
     root: CancellationToken,
-    tokens: Arc<dyn TokenGenerator>,
-    security: Security,
-    policies: Option<Arc<PolicySet>>,
+    sec: Secured,
 }
 
 impl std::fmt::Debug for EndpointOptions {
@@ -42,12 +40,10 @@ impl std::fmt::Debug for EndpointOptions {
 impl Default for EndpointOptions {
     fn default() -> Self {
         EndpointOptions {
+            sec: Secured::default(),
             handlers: Vec::new(),
             after_begin: Vec::new(),
             root: CancellationToken::new(),
-            tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
-            security: Security::insecure(),
-            policies: None,
         }
     }
 }
@@ -61,14 +57,14 @@ impl EndpointOptions {
     /// The token generator that signs this hop's path segment (default: unsigned tokens
     /// that live 10 minutes).
     pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
-        self.tokens = tokens;
+        self.sec.tokens = tokens;
         self
     }
 
     /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_server` after `update_token`, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`). Without
     /// them (the default) nothing is checked (insecure mode).
     pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
-        self.policies = Some(policies);
+        self.sec.policies = Some(policies);
         self
     }
 
@@ -95,9 +91,7 @@ impl EndpointOptions {
     /// Secures the endpoint with `security` ([`Security`]): signed path tokens, mTLS on
     /// its servers ([`Endpoint::services`]) and the authorize policies.
     pub fn security(mut self, security: &Security) -> Self {
-        self.tokens = security.tokens(DEFAULT_TOKEN_LIFETIME);
-        self.policies = security.policies();
-        self.security = security.clone();
+        self.sec.set(security);
         self
     }
 
@@ -154,8 +148,8 @@ pub fn endpoint(name: impl Into<String>, opts: EndpointOptions) -> Endpoint {
         .push(update_path(name.clone()).trim_tail(true))
         .push(begin().root(opts.root))
         .extend(opts.after_begin)
-        .push(update_token(opts.tokens))
-        .push_opt(opts.policies.clone().map(authorize_server))
+        .push(update_token(opts.sec.tokens))
+        .push_opt(opts.sec.policies.clone().map(authorize_server))
         .push(timeout())
         .push(monitor.clone())
         .extend(opts.handlers)
@@ -164,7 +158,7 @@ pub fn endpoint(name: impl Into<String>, opts: EndpointOptions) -> Endpoint {
         name,
         chain,
         monitor,
-        security: opts.security,
-        policies: opts.policies,
+        security: opts.sec.security,
+        policies: opts.sec.policies,
     }
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
 use tokio_util::sync::CancellationToken;
 
-use super::security::Security;
+use super::security::{Secured, Security};
 use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::{
@@ -35,7 +35,7 @@ use crate::handlers::{
 use crate::registry::select::FORWARDER_SERVICE;
 use crate::registry::{find_cache, watch_reconnect, Registries, RegistryChain};
 use crate::security::PolicySet;
-use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
+use crate::token::TokenGenerator;
 use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
 use crate::wire::types;
 
@@ -44,17 +44,14 @@ use crate::wire::types;
 pub struct ForwarderOptions {
     name: String,
     nsmgr_url: Url,
-    channels: Channels,
     root: CancellationToken,
-    tokens: Arc<dyn TokenGenerator>,
-    policies: Option<Arc<PolicySet>>,
     server_mechanisms: Mechanisms,
     client_mechanisms: Vec<Arc<dyn Handler>>,
     labels: HashMap<String, String>,
     handlers: Vec<Arc<dyn Handler>>,
     after_begin: Vec<Arc<dyn Handler>>,
     before_connect: Vec<Arc<dyn Handler>>,
-    security: Security,
+    sec: Secured,
 }
 
 impl std::fmt::Debug for ForwarderOptions {
@@ -73,32 +70,29 @@ impl ForwarderOptions {
     /// mechanism and the label `p2p=true`.
     pub fn new(name: impl Into<String>, nsmgr_url: Url) -> Self {
         ForwarderOptions {
+            sec: Secured::default(),
             name: name.into(),
             nsmgr_url,
-            channels: Channels::new(),
             root: CancellationToken::new(),
-            tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
-            policies: None,
             server_mechanisms: mechanisms().with(types::NOOP, noop_server()),
             client_mechanisms: vec![Arc::new(noop_client())],
             labels: HashMap::from([("p2p".to_string(), "true".to_string())]),
             handlers: Vec::new(),
             after_begin: Vec::new(),
             before_connect: Vec::new(),
-            security: Security::insecure(),
         }
     }
 
     /// Shares this channel pool.
     pub fn channels(mut self, channels: Channels) -> Self {
-        self.channels = channels;
+        self.sec.channels = channels;
         self
     }
 
     /// The token generator that signs this hop's path segment (default: unsigned tokens
     /// that live 10 minutes).
     pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
-        self.tokens = tokens;
+        self.sec.tokens = tokens;
         self
     }
 
@@ -106,17 +100,14 @@ impl ForwarderOptions {
     /// when secure; to share a pool, pass one made by [`Security::channels`] to
     /// `.channels` after this), signed path tokens, mTLS on its servers ([`Forwarder::services`]), and the authorize policies.
     pub fn security(mut self, security: &Security) -> Self {
-        self.channels = security.channels();
-        self.tokens = security.tokens(DEFAULT_TOKEN_LIFETIME);
-        self.policies = security.policies();
-        self.security = security.clone();
+        self.sec.set(security);
         self
     }
 
     /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_server` after `update_token`, `authorize_client` before the gRPC client of its client half, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`). Without
     /// them (the default) nothing is checked (insecure mode).
     pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
-        self.policies = Some(policies);
+        self.sec.policies = Some(policies);
         self
     }
 
@@ -230,31 +221,37 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         ns: RegistryChain::<NetworkService>::builder()
             .push(watch_reconnect())
             .push(find_cache().root(opts.root.child_token()))
-            .push(grpc_registry(opts.channels.clone(), opts.nsmgr_url.clone()))
+            .push(grpc_registry(
+                opts.sec.channels.clone(),
+                opts.nsmgr_url.clone(),
+            ))
             .build(),
         nse: RegistryChain::<NetworkServiceEndpoint>::builder()
             .push(watch_reconnect())
             .push(find_cache().root(opts.root.child_token()))
-            .push(grpc_registry(opts.channels.clone(), opts.nsmgr_url.clone()))
+            .push(grpc_registry(
+                opts.sec.channels.clone(),
+                opts.nsmgr_url.clone(),
+            ))
             .build(),
     };
     let monitor = Monitor::builder().shutdown(opts.root.clone()).build();
     let client = Chain::builder()
         .push(begin().root(opts.root.clone()))
-        .push(monitor_relay(opts.channels.clone()))
+        .push(monitor_relay(opts.sec.channels.clone()))
         .push(mechanism_translation())
         .extend(opts.client_mechanisms)
-        .push(update_token(opts.tokens.clone()))
-        .push_opt(opts.policies.clone().map(authorize_client))
-        .push(grpc_client(opts.channels.clone()))
+        .push(update_token(opts.sec.tokens.clone()))
+        .push_opt(opts.sec.policies.clone().map(authorize_client))
+        .push(grpc_client(opts.sec.channels.clone()))
         .build();
     let chain = Chain::builder()
         .push(update_path(opts.name.clone()))
         .push(begin().root(opts.root.clone()))
         .extend(opts.after_begin)
-        .push(update_token(opts.tokens.clone()))
-        .push_opt(opts.policies.clone().map(authorize_server))
-        .push(netns_owner().trusting_server_at(opts.channels.clone(), opts.nsmgr_url.clone()))
+        .push(update_token(opts.sec.tokens.clone()))
+        .push_opt(opts.sec.policies.clone().map(authorize_server))
+        .push(netns_owner().trusting_server_at(opts.sec.channels.clone(), opts.nsmgr_url.clone()))
         .push(timeout())
         .push(monitor.clone())
         .extend(opts.handlers)
@@ -271,7 +268,7 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         monitor,
         registries,
         labels: opts.labels,
-        security: opts.security,
-        policies: opts.policies,
+        security: opts.sec.security,
+        policies: opts.sec.policies,
     }
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use tokio_util::sync::CancellationToken;
 
-use super::security::Security;
+use super::security::{Secured, Security};
 use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::{
@@ -36,7 +36,7 @@ use crate::registry::{
     Registries, RegistryChain,
 };
 use crate::security::PolicySet;
-use crate::token::{lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
+use crate::token::TokenGenerator;
 use crate::transport::{grpc_client, grpc_registry, Channels, RegistryUrls, Services, Url};
 
 /// What a manager is made of.
@@ -46,14 +46,11 @@ pub struct NsmgrOptions {
     name: String,
     url: Url,
     registry_urls: RegistryUrls,
-    channels: Channels,
     root: CancellationToken,
-    tokens: Arc<dyn TokenGenerator>,
-    policies: Option<Arc<PolicySet>>,
     after_begin: Vec<Arc<dyn Handler>>,
     handlers: Vec<Arc<dyn Handler>>,
     before_connect: Vec<Arc<dyn Handler>>,
-    security: Security,
+    sec: Secured,
 }
 
 impl std::fmt::Debug for NsmgrOptions {
@@ -74,37 +71,34 @@ impl NsmgrOptions {
     /// [`grpc_registry`](crate::transport::grpc_registry)).
     pub fn new(name: impl Into<String>, url: Url, registry: impl Into<RegistryUrls>) -> Self {
         NsmgrOptions {
+            sec: Secured::default(),
             name: name.into(),
             url,
             registry_urls: registry.into(),
-            channels: Channels::new(),
             root: CancellationToken::new(),
-            tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
-            policies: None,
             after_begin: Vec::new(),
             handlers: Vec::new(),
             before_connect: Vec::new(),
-            security: Security::insecure(),
         }
     }
 
     /// Shares this channel pool.
     pub fn channels(mut self, channels: Channels) -> Self {
-        self.channels = channels;
+        self.sec.channels = channels;
         self
     }
 
     /// The token generator that signs this hop's path segment (default: unsigned tokens
     /// that live 10 minutes).
     pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
-        self.tokens = tokens;
+        self.sec.tokens = tokens;
         self
     }
 
     /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_server` after `update_token`, `authorize_client` before the gRPC client of its client half, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`). Without
     /// them (the default) nothing is checked (insecure mode).
     pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
-        self.policies = Some(policies);
+        self.sec.policies = Some(policies);
         self
     }
 
@@ -137,10 +131,7 @@ impl NsmgrOptions {
     /// `.channels` after this), signed path tokens, mTLS on its servers
     /// ([`Nsmgr::services`]), and the authorize policies.
     pub fn security(mut self, security: &Security) -> Self {
-        self.channels = security.channels();
-        self.tokens = security.tokens(DEFAULT_TOKEN_LIFETIME);
-        self.policies = security.policies();
-        self.security = security.clone();
+        self.sec.set(security);
         self
     }
 
@@ -204,7 +195,8 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
     // registered them here: the registry behind it sees only the manager's identity for
     // all of them. Network services are shared: every endpoint of a service registers it.
     let owners = || {
-        opts.policies
+        opts.sec
+            .policies
             .as_ref()
             .map(|p| registry_authorize((**p).clone()))
     };
@@ -214,7 +206,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
             .push(watch_reconnect())
             .push(find_cache().root(opts.root.child_token()))
             .push(grpc_registry(
-                opts.channels.clone(),
+                opts.sec.channels.clone(),
                 opts.registry_urls.clone(),
             ))
             .build(),
@@ -225,7 +217,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
             .push(watch_reconnect())
             .push(find_cache().root(opts.root.child_token()))
             .push(grpc_registry(
-                opts.channels.clone(),
+                opts.sec.channels.clone(),
                 opts.registry_urls.clone(),
             ))
             .build(),
@@ -233,17 +225,17 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
     let monitor = Monitor::builder().shutdown(opts.root.clone()).build();
     let client = Chain::builder()
         .push(begin().root(opts.root.clone()))
-        .push(monitor_relay(opts.channels.clone()))
-        .push(update_token(opts.tokens.clone()))
-        .push_opt(opts.policies.clone().map(authorize_client))
-        .push(grpc_client(opts.channels.clone()))
+        .push(monitor_relay(opts.sec.channels.clone()))
+        .push(update_token(opts.sec.tokens.clone()))
+        .push_opt(opts.sec.policies.clone().map(authorize_client))
+        .push(grpc_client(opts.sec.channels.clone()))
         .build();
     let chain = Chain::builder()
         .push(update_path(opts.name.clone()))
         .push(begin().root(opts.root.clone()))
         .extend(opts.after_begin)
-        .push(update_token(opts.tokens.clone()))
-        .push_opt(opts.policies.clone().map(authorize_server))
+        .push(update_token(opts.sec.tokens.clone()))
+        .push_opt(opts.sec.policies.clone().map(authorize_server))
         .push(netns_owner())
         .push(timeout())
         .push(monitor.clone())
@@ -259,7 +251,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
         chain,
         monitor,
         registries,
-        security: opts.security,
-        policies: opts.policies,
+        security: opts.sec.security,
+        policies: opts.sec.policies,
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use super::registry_server::{registry_server_on, registry_server_with, RegistryServer, Store};
 use crate::security::{FileSource, Identity, PolicySet, SecurityConfig, SpiffeId};
-use crate::token::{jwt_token, lifetime_token, TokenGenerator};
+use crate::token::{jwt_token, lifetime_token, TokenGenerator, DEFAULT_TOKEN_LIFETIME};
 use crate::transport::{Channels, Services, Tls};
 use crate::Result;
 
@@ -161,5 +161,41 @@ impl Security {
             Some(secure) => Arc::new(jwt_token(secure.identity.clone(), lifetime)),
             None => Arc::new(lifetime_token(lifetime)),
         }
+    }
+}
+
+/// What `.security(..)`, `.channels(..)`, `.tokens(..)` and `.policies(..)` set in the
+/// options of every chain (client, endpoint, manager, forwarder), written once.
+#[derive(Clone)]
+pub(crate) struct Secured {
+    /// The channel pool (mTLS when secure).
+    pub(crate) channels: Channels,
+    /// How path tokens are made.
+    pub(crate) tokens: Arc<dyn TokenGenerator>,
+    /// The authorize policies (`None`: no authorize handlers).
+    pub(crate) policies: Option<Arc<PolicySet>>,
+    /// What the chain's servers are secured with.
+    pub(crate) security: Security,
+}
+
+impl Default for Secured {
+    /// Insecure: a plaintext pool, unsigned tokens of the default lifetime, no policies.
+    fn default() -> Self {
+        Secured {
+            channels: Channels::new(),
+            tokens: Arc::new(lifetime_token(DEFAULT_TOKEN_LIFETIME)),
+            policies: None,
+            security: Security::insecure(),
+        }
+    }
+}
+
+impl Secured {
+    /// Everything from `security`: a new pool, signed tokens, its policies.
+    pub(crate) fn set(&mut self, security: &Security) {
+        self.channels = security.channels();
+        self.tokens = security.tokens(DEFAULT_TOKEN_LIFETIME);
+        self.policies = security.policies();
+        self.security = security.clone();
     }
 }
