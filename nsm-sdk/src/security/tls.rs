@@ -227,11 +227,27 @@ impl SpiffeVerifier {
         now: UnixTime,
         usage: webpki::KeyUsage,
     ) -> Result<(), rustls::Error> {
-        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
         // The bundle is cloned out (an Arc) so that no lock is held during validation.
         let bundle = self.identity.borrow().bundle.clone();
-        cert.verify_for_usage(
-            self.algorithms.all,
+        chains_to(end_entity, intermediates, &bundle, now, usage).map_err(pki_error)?;
+        let leaf = LeafInfo::parse(end_entity).map_err(other_error)?;
+        self.authorize.check(&leaf.id).map_err(other_error)?;
+        Ok(())
+    }
+}
+
+/// The one webpki path validation of a leaf against a bundle, for handshakes and for
+/// the certificates tokens carry.
+fn chains_to(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+) -> Result<(), webpki::Error> {
+    webpki::EndEntityCert::try_from(end_entity)?
+        .verify_for_usage(
+            provider().signature_verification_algorithms.all,
             bundle.anchors(),
             intermediates,
             now,
@@ -239,15 +255,11 @@ impl SpiffeVerifier {
             None,
             None,
         )
-        .map_err(pki_error)?;
-        let leaf = LeafInfo::parse(end_entity).map_err(other_error)?;
-        self.authorize.check(&leaf.id).map_err(other_error)?;
-        Ok(())
-    }
+        .map(|_| ())
 }
 
 /// Checks that `end_entity` (with `intermediates`) chains to `bundle` at `now` for
-/// `usage` (client or server authentication); returns its SPIFFE ID.
+/// client (`server` false) or server authentication; returns its SPIFFE ID.
 pub(crate) fn verify_chain(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
@@ -260,18 +272,8 @@ pub(crate) fn verify_chain(
     } else {
         webpki::KeyUsage::client_auth()
     };
-    let cert = webpki::EndEntityCert::try_from(end_entity)
-        .map_err(|e| SecurityError::Tls(format!("certificate does not parse: {e}")))?;
-    cert.verify_for_usage(
-        provider().signature_verification_algorithms.all,
-        bundle.anchors(),
-        intermediates,
-        now,
-        usage,
-        None,
-        None,
-    )
-    .map_err(|e| SecurityError::Tls(format!("certificate refused: {e}")))?;
+    chains_to(end_entity, intermediates, bundle, now, usage)
+        .map_err(|e| SecurityError::Tls(format!("certificate refused: {e}")))?;
     SpiffeId::from_certificate(end_entity)
 }
 
