@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
+use futures::StreamExt;
 use nsm_proto::registry::{Destination, Match, Metadata, NetworkService};
+use nsm_sdk::registry::Query;
 use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Sandbox};
 use nsm_sdk::Cx;
 use nsm_testkit::{labels, names, refresh, request_labelled as request};
@@ -268,7 +270,12 @@ async fn point_to_multipoint(nodes: usize) {
     }
     nsc.close(&mut Cx::client(), conn).await.unwrap();
 
-    mesh.register_service(p2mp_service(false)).await.unwrap();
+    let changed = mesh.register_service(p2mp_service(false)).await.unwrap();
+    // The managers learn the change through their registry watch (at once in memory,
+    // a watch round trip later on etcd): the selection is checked once both know it.
+    for n in [0, client_node] {
+        service_known(&mesh, n, &changed).await;
+    }
     let conn = nsc
         .request(&mut Cx::client(), request("svc", &[]))
         .await
@@ -279,6 +286,37 @@ async fn point_to_multipoint(nodes: usize) {
         assert_eq!(path[4], "p2p-0");
     }
     nsc.close(&mut Cx::client(), conn).await.unwrap();
+}
+
+/// Waits until node `n`'s manager answers a Find of `ns` with `ns` as it is now.
+async fn service_known(mesh: &Sandbox, n: usize, ns: &NetworkService) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let query = Query {
+            template: NetworkService {
+                name: ns.name.clone(),
+                ..Default::default()
+            },
+            watch: false,
+        };
+        let mut found = mesh
+            .node(n)
+            .registries()
+            .ns
+            .find(&mut Cx::client(), query)
+            .await
+            .unwrap();
+        if let Some(Ok(f)) = found.next().await {
+            if f.resource == *ns {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {n}'s manager never saw {ns:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// 5.2 item 15: metadata labels `p2mp=true` select the p2mp forwarder; with empty
