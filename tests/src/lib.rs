@@ -131,13 +131,43 @@ pub fn start(
     capture_stdout: bool,
     ready: Duration,
 ) -> Proc {
+    start_in(None, dir, program, name, env, capture_stdout, ready)
+}
+
+/// [`start`] inside the network namespace `pod` when given (`ip netns exec <pod>`, which
+/// execs the program: the child's pid is the program's).
+///
+/// # Panics
+/// When the program cannot be started.
+pub fn start_in(
+    pod: Option<&str>,
+    dir: &TempDir,
+    program: &str,
+    name: &str,
+    env: &[(&str, &str)],
+    capture_stdout: bool,
+    ready: Duration,
+) -> Proc {
     let stderr = dir.0.join(format!("{name}.log"));
-    let mut cmd = Command::new(bin(program));
+    let mut cmd = match pod {
+        Some(pod) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", pod]).arg(bin(program));
+            c
+        }
+        None => Command::new(bin(program)),
+    };
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("NSM_")) {
         cmd.env_remove(k);
     }
     let level = std::env::var("NSM_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    cmd.envs(identity_env(dir, name, env))
+    // A program's identity is its NSM_NAME when it has one: a restarted program (started
+    // under another name for another log) keeps it.
+    let identity = env
+        .iter()
+        .find(|(k, _)| *k == "NSM_NAME")
+        .map_or(name, |(_, v)| *v);
+    cmd.envs(identity_env(dir, identity, env))
         .env("NSM_LOG_LEVEL", level)
         .envs(env.iter().copied())
         .stdin(Stdio::null())

@@ -17,12 +17,11 @@
 //! nsm-examples --bins` after changing the examples; a missing one is built). Without
 //! root (or without `ip`/`ping`) each test prints a skip line and passes.
 
-use std::fs::File;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nsm_testkit::Ns as Pod;
-use nsm_tests::{bin, Proc, TempDir};
+use nsm_tests::{Proc, TempDir};
 use serde_json::Value;
 
 /// How long a process may take to get ready, or to do what a step waits for.
@@ -177,39 +176,8 @@ impl Mesh {
         env: &[(&str, &str)],
         capture_stdout: bool,
     ) -> Proc {
-        let stderr = self.dir.0.join(format!("{name}.log"));
-        // `ip netns exec` execs the program (no fork): the child's pid is the program's.
-        let mut cmd = match pod {
-            Some(pod) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &pod.name]).arg(bin(program));
-                c
-            }
-            None => Command::new(bin(program)),
-        };
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("NSM_")) {
-            cmd.env_remove(k);
-        }
-        let level = std::env::var("NSM_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
-        // A program's identity is its NSM_NAME: a restarted one (another log) keeps it.
-        let identity = env
-            .iter()
-            .find(|(k, _)| *k == "NSM_NAME")
-            .map_or(name, |(_, v)| *v);
-        cmd.env("NSM_LOG_LEVEL", level)
-            .envs(nsm_tests::identity_env(&self.dir, identity, env))
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stderr(File::create(&stderr).expect("log file"))
-            .stdout(if capture_stdout {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            });
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        Proc::new(name, child, stderr, READY)
+        let pod = pod.map(|p| p.name.as_str());
+        nsm_tests::start_in(pod, &self.dir, program, name, env, capture_stdout, READY)
     }
 
     /// The registry and the manager, ready.
