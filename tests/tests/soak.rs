@@ -499,6 +499,34 @@ fn netns_list() -> String {
         .unwrap_or_default()
 }
 
+/// `nsm-load --processes` with `args`, started (programs from its own directory), its
+/// report going to `<dir>/report.json` and its log to `<dir>/nsm-load.log`.
+fn spawn_load(dir: &TempDir, args: &[&str]) -> Child {
+    let load_path = program("nsm-load");
+    let bin_dir = load_path.parent().expect("a directory").to_path_buf();
+    Command::new(&load_path)
+        .arg("--processes")
+        .args(args)
+        .args(["--no-progress", "--bin-dir"])
+        .arg(&bin_dir)
+        .arg("--json")
+        .arg(dir.0.join("report.json"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(dir.0.join("nsm-load.log")).expect("log"))
+        .spawn()
+        .expect("nsm-load starts")
+}
+
+/// Waits for `load` to end, asserts it succeeded and returns its report.
+fn load_report(dir: &TempDir, mut load: Child) -> Value {
+    let status = load.wait().expect("nsm-load ends");
+    let log = std::fs::read_to_string(dir.0.join("nsm-load.log")).unwrap_or_default();
+    assert!(status.success(), "nsm-load {status}:\n{log}");
+    let json = std::fs::read_to_string(dir.0.join("report.json")).expect("report");
+    serde_json::from_str(&json).expect("JSON")
+}
+
 #[test]
 fn kernel_load_gives_each_client_an_interface_and_leaves_nothing() {
     if !can_make_namespaces() {
@@ -506,22 +534,20 @@ fn kernel_load_gives_each_client_an_interface_and_leaves_nothing() {
     }
     const N: usize = 20;
     let dir = TempDir::new("nsm", "kernel-load");
-    let json = dir.0.join("report.json");
-    let load_path = program("nsm-load");
-    let bin_dir = load_path.parent().expect("a directory").to_path_buf();
-    let mut load = Command::new(&load_path)
-        .args(["--processes", "--mechanism", "kernel", "--clients"])
-        .arg(N.to_string())
-        .args(["--concurrency", "10", "--duration", "6s", "--no-progress"])
-        .arg("--bin-dir")
-        .arg(&bin_dir)
-        .arg("--json")
-        .arg(&json)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(dir.0.join("nsm-load.log")).expect("log"))
-        .spawn()
-        .expect("nsm-load starts");
+    let clients = N.to_string();
+    let mut load = spawn_load(
+        &dir,
+        &[
+            "--mechanism",
+            "kernel",
+            "--clients",
+            &clients,
+            "--concurrency",
+            "10",
+            "--duration",
+            "6s",
+        ],
+    );
     let prefix = format!("nsmt-{}-", load.id());
     // During the soak: client 1's namespace holds nsm-1, up, with an address.
     let client = format!("{prefix}1");
@@ -545,11 +571,7 @@ fn kernel_load_gives_each_client_an_interface_and_leaves_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     };
     eprintln!("{client}: {}", link.trim());
-    let status = load.wait().expect("nsm-load ends");
-    let log = std::fs::read_to_string(dir.0.join("nsm-load.log")).unwrap_or_default();
-    assert!(status.success(), "nsm-load {status}:\n{log}");
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("JSON");
+    let report = load_report(&dir, load);
     assert_eq!(report["options"]["mechanism"], "KERNEL");
     assert_eq!(report["errors_total"], 0, "{report}");
     assert_eq!(report["setup"]["ok"], N);
@@ -574,26 +596,24 @@ fn kernel_load_gives_each_client_an_interface_and_leaves_nothing() {
 #[test]
 fn rotating_every_svid_under_200_refreshing_connections_loses_nothing() {
     let dir = TempDir::new("nsm", "rotation");
-    let json = dir.0.join("report.json");
-    let load_path = program("nsm-load");
-    let bin_dir = load_path.parent().expect("a directory").to_path_buf();
-    let status = Command::new(&load_path)
-        .args(["--processes", "--clients", "200", "--concurrency", "20"])
-        .args(["--duration", "8s", "--token-lifetime", "15s"])
-        .args(["--rotate-every", "2s", "--no-progress", "--settle", "200ms"])
-        .arg("--bin-dir")
-        .arg(&bin_dir)
-        .arg("--json")
-        .arg(&json)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(dir.0.join("nsm-load.log")).expect("log"))
-        .status()
-        .expect("nsm-load runs");
-    let log = std::fs::read_to_string(dir.0.join("nsm-load.log")).unwrap_or_default();
-    assert!(status.success(), "nsm-load {status}:\n{log}");
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("JSON");
+    let load = spawn_load(
+        &dir,
+        &[
+            "--clients",
+            "200",
+            "--concurrency",
+            "20",
+            "--duration",
+            "8s",
+            "--token-lifetime",
+            "15s",
+            "--rotate-every",
+            "2s",
+            "--settle",
+            "200ms",
+        ],
+    );
+    let report = load_report(&dir, load);
     let soak = &report["soak"];
     assert_eq!(report["errors_total"], 0, "{report}");
     assert_eq!(report["setup"]["ok"], 200, "{report}");
