@@ -16,14 +16,13 @@
 //! SPIFFE ID, `aud` the peer's (when known), checked by the `authorize` handlers.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
 use crate::core::Peer;
-use crate::security::identity::LeafInfo;
-use crate::security::{jwt, Identity};
+use crate::security::{jwt, Identity, PeerIdentity, SpiffeId, Svid};
 use crate::{Error, Result};
 
 /// The default token lifetime: ten minutes.
@@ -113,7 +112,22 @@ impl TokenGenerator for LifetimeToken {
 pub struct JwtToken {
     identity: watch::Receiver<Identity>,
     lifetime: Duration,
+    recent: Arc<Mutex<Vec<Recent>>>,
 }
+
+/// A token made in the current second, for reuse within it: same signer (the very SVID),
+/// same audience, same chain choice and same `exp` mean the same claims, so a new
+/// signature would say nothing the last one does not.
+struct Recent {
+    svid: Arc<Svid>,
+    audience: Option<SpiffeId>,
+    carry_chain: bool,
+    exp: i64,
+    token: jwt::SignedToken,
+}
+
+/// Distinct (audience, chain) pairs kept; a hop talks to a handful of neighbours.
+const RECENT: usize = 32;
 
 impl fmt::Debug for JwtToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -127,13 +141,17 @@ impl fmt::Debug for JwtToken {
 /// ES256 path tokens signed with the SVID `identity` holds *when each token is made*
 /// (a rotated SVID signs the next token; nothing is rebuilt): `sub` is the SVID's SPIFFE
 /// ID, `aud` the peer's verified identity ([`Peer::identity`]; no `aud` when it is not
-/// known), and `exp` now + `lifetime`, but never after the SVID's or the peer
-/// certificate's NotAfter. `identity` is a [`FileSource::watch`](crate::security::FileSource::watch)
+/// known), and `exp` now + `lifetime` in whole seconds, but never after the SVID's or the
+/// peer certificate's NotAfter. The certificate chain rides in the token only when the
+/// peer did not see this SVID in the link's handshake ([`jwt::needs_chain`]). Tokens with
+/// the same claims are made once: within one second, calls for the same peer get the
+/// same token. `identity` is a [`FileSource::watch`](crate::security::FileSource::watch)
 /// or an [`Identity::fixed`].
 pub fn jwt_token(identity: watch::Receiver<Identity>, lifetime: Duration) -> JwtToken {
     JwtToken {
         identity,
         lifetime: lifetime.min(MAX_LIFETIME),
+        recent: Arc::default(),
     }
 }
 
@@ -142,21 +160,47 @@ impl TokenGenerator for JwtToken {
         // The Arc is cloned so no borrow of the watch is held while signing.
         let svid = self.identity.borrow().svid.clone();
         let audience = peer.identity.as_ref();
-        let audience_not_after = audience
-            .and_then(|p| LeafInfo::parse(&p.leaf).ok())
-            .map(|leaf| leaf.not_after);
+        let now = SystemTime::now();
+        let audience_not_after = audience.map(PeerIdentity::not_after);
+        let exp = jwt::expiry(&svid, audience_not_after, self.lifetime, now);
+        let carry_chain = jwt::needs_chain(&svid, audience);
+        let id = audience.map(|p| &p.id);
+        let same = |r: &Recent| {
+            Arc::ptr_eq(&r.svid, &svid) && r.audience.as_ref() == id && r.carry_chain == carry_chain
+        };
+        if let Some(r) = lock(&self.recent).iter().find(|r| same(r) && r.exp == exp) {
+            return Ok((r.token.token.clone(), r.token.expires));
+        }
         let signed = jwt::sign_to(
             &svid,
-            audience.map(|p| &p.id),
+            id,
             audience_not_after,
             self.lifetime,
-            SystemTime::now(),
+            now,
+            carry_chain,
         )
-        // Signing fails only on a local key problem: this hop cannot work, the caller
-        // cannot fix it.
+        // Signing fails only on a local key problem: this hop cannot work, the
+        // caller cannot fix it.
         .map_err(|e| Error::internal(e.to_string()))?;
-        Ok((signed.token, signed.expires))
+        let out = (signed.token.clone(), signed.expires);
+        let mut recent = lock(&self.recent);
+        recent.retain(|r| !same(r) && Arc::ptr_eq(&r.svid, &svid));
+        if recent.len() >= RECENT {
+            recent.remove(0);
+        }
+        recent.push(Recent {
+            svid,
+            audience: id.cloned(),
+            carry_chain,
+            exp,
+            token: signed,
+        });
+        Ok(out)
     }
+}
+
+fn lock(recent: &Mutex<Vec<Recent>>) -> std::sync::MutexGuard<'_, Vec<Recent>> {
+    recent.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A per-call value ([`Cx::ext`](crate::Cx::ext)) that a client-side `update_token` sets:
@@ -292,6 +336,78 @@ mod tests {
                 jwt::verify(&after, old.leaf()).is_err(),
                 "signed by the new key"
             );
+        }
+        /// The header of a compact JWS, as JSON.
+        fn header(token: &str) -> serde_json::Value {
+            use base64::Engine;
+            let part = token.split('.').next().unwrap();
+            let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part)
+                .unwrap();
+            serde_json::from_slice(&json).unwrap()
+        }
+
+        #[test]
+        fn the_chain_rides_only_when_the_peer_did_not_see_the_signing_certificate() {
+            let ca = DevCa::new("example.org").unwrap();
+            let (old_issued, new_issued) = (issue(&ca, "nsc", HOUR), issue(&ca, "nsc", HOUR));
+            let (old, new) = (load(&old_issued), load(&new_issued));
+            let nsmgr = load(&issue(&ca, "nsmgr", HOUR));
+            let (tx, rx) = watch::channel(identity(&old_issued));
+            let gen = jwt_token(rx, HOUR);
+            // The handshake of the link presented the old SVID.
+            let mut link = peer(&nsmgr);
+            if let Some(p) = link.identity.as_mut() {
+                p.presented = Some(old.leaf().clone());
+                p.bundle = Some(Arc::new(
+                    TrustBundle::from_pem(old_issued.bundle_pem.as_bytes()).unwrap(),
+                ));
+            }
+            let (plain, _) = gen.generate(&link).unwrap();
+            assert!(header(&plain).get("x5c").is_none(), "{}", header(&plain));
+            // Unknown presentation: the chain goes along.
+            let (carried, _) = gen.generate(&peer(&nsmgr)).unwrap();
+            assert!(header(&carried)["x5c"].is_array());
+            // Rotated: the new key signs, the chain goes along, and the peer, which holds
+            // the old certificate from the handshake, accepts it through the chain.
+            tx.send(identity(&new_issued)).unwrap();
+            let (rotated, _) = gen.generate(&link).unwrap();
+            assert!(header(&rotated)["x5c"].is_array());
+            let mut seen = PeerIdentity::from_leaf(old.leaf().clone()).unwrap();
+            seen.bundle = link.identity.as_ref().unwrap().bundle.clone();
+            assert!(jwt::verify_by(&rotated, &seen, false).is_ok());
+            assert!(jwt::verify(&rotated, new.leaf()).is_ok());
+        }
+
+        #[test]
+        fn tokens_with_the_same_claims_are_signed_once() {
+            let ca = DevCa::new("example.org").unwrap();
+            let issued = issue(&ca, "nsmgr", HOUR);
+            let (nsc, nse) = (
+                load(&issue(&ca, "nsc", HOUR)),
+                load(&issue(&ca, "nse", HOUR)),
+            );
+            // Shorter than the certificates, so `exp` follows the clock.
+            let gen = jwt_token(identity(&issued).fixed(), Duration::from_secs(600));
+            // Retried until two calls fall in one second (exp is whole seconds).
+            let (a, b) = loop {
+                let (a, exp_a) = gen.generate(&peer(&nsc)).unwrap();
+                let (b, exp_b) = gen.generate(&peer(&nsc)).unwrap();
+                if exp_a == exp_b {
+                    break (a, b);
+                }
+            };
+            assert_eq!(a, b, "same signer, audience and exp: one signature");
+            let (other, _) = gen.generate(&peer(&nse)).unwrap();
+            assert_ne!(a, other);
+            assert_eq!(
+                jwt::decode_unverified(&other).unwrap().aud,
+                ["spiffe://example.org/nse"]
+            );
+            // A later second makes a new token.
+            std::thread::sleep(Duration::from_millis(1100));
+            let (later, _) = gen.generate(&peer(&nsc)).unwrap();
+            assert_ne!(a, later);
         }
     }
 

@@ -84,7 +84,8 @@ pub struct SignedToken {
 
 /// Signs a token for `audience` (the next hop) with `svid`'s key, expiring at the
 /// earliest of now + `max_lifetime`, the SVID's NotAfter and `audience_not_after` (the
-/// next hop's certificate NotAfter, when known).
+/// next hop's certificate NotAfter, when known). The token carries the signer's chain
+/// (`x5c`); [`sign_to`] can leave it out.
 pub fn sign(
     svid: &Svid,
     audience: &SpiffeId,
@@ -108,41 +109,43 @@ pub fn sign_at(
     max_lifetime: Duration,
     now: SystemTime,
 ) -> Result<SignedToken, SecurityError> {
-    sign_to(svid, Some(audience), audience_not_after, max_lifetime, now)
+    sign_to(
+        svid,
+        Some(audience),
+        audience_not_after,
+        max_lifetime,
+        now,
+        true,
+    )
 }
 
 /// [`sign_at`] for an audience that may be unknown (no `aud` claim then): a hop that
 /// does not know its peer yet (a client before its handshake, a peer without TLS) still
 /// signs, as Go NSM does; the policies refuse such a token wherever a chain needs it.
+/// `carry_chain`: whether the header carries the signer's certificate chain (`x5c`);
+/// see [`needs_chain`].
 pub fn sign_to(
     svid: &Svid,
     audience: Option<&SpiffeId>,
     audience_not_after: Option<SystemTime>,
     max_lifetime: Duration,
     now: SystemTime,
+    carry_chain: bool,
 ) -> Result<SignedToken, SecurityError> {
     let key = svid.es256().ok_or_else(|| {
         SecurityError::Token(
             "signing needs the SVID key as a P-256 key in PKCS#8 (BEGIN PRIVATE KEY)".into(),
         )
     })?;
-    // `exp` is whole seconds: the lifetime is rounded up to the next second, so a short
-    // lifetime (1 s) is not cut to nothing, then capped by both certificates (rounded
-    // down: never past their NotAfter).
-    let wanted = system_to_unix(now + max_lifetime + Duration::from_millis(999));
-    let mut cap = svid.not_after();
-    if let Some(peer) = audience_not_after {
-        cap = cap.min(peer);
-    }
     let claims = Claims {
         sub: svid.id().to_string(),
         aud: audience.map(|a| a.to_string()).into_iter().collect(),
-        exp: wanted.min(system_to_unix(cap)),
+        exp: expiry(svid, audience_not_after, max_lifetime, now),
     };
-    // The signer's certificate chain travels in the header (`x5c`, RFC 7515): after a
-    // rotation the peer still holds the certificate of the handshake, not the new one.
     let mut header = Header::new(Algorithm::ES256);
-    header.x5c = Some(svid.chain().iter().map(|c| STANDARD.encode(c)).collect());
+    if carry_chain {
+        header.x5c = Some(svid.chain().iter().map(|c| STANDARD.encode(c)).collect());
+    }
     let token = es256_encode(key, &header, &claims)?;
     Ok(SignedToken {
         token,
@@ -150,10 +153,62 @@ pub fn sign_to(
     })
 }
 
+/// The `exp` (unix seconds) of a token signed at `now`: whole seconds, the lifetime
+/// rounded up to the next second (so a short lifetime of 1 s is not cut to nothing),
+/// then capped by both certificates (rounded down: never past their NotAfter). Two
+/// tokens of one signer for one audience with the same `exp` have the same claims.
+pub fn expiry(
+    svid: &Svid,
+    audience_not_after: Option<SystemTime>,
+    max_lifetime: Duration,
+    now: SystemTime,
+) -> i64 {
+    let wanted = system_to_unix(now + max_lifetime + Duration::from_millis(999));
+    let mut cap = svid.not_after();
+    if let Some(peer) = audience_not_after {
+        cap = cap.min(peer);
+    }
+    wanted.min(system_to_unix(cap))
+}
+
+/// Whether a token `svid` signs for `peer` must carry its certificate chain (`x5c`,
+/// RFC 7515): yes unless the peer verified this very certificate in the link's
+/// handshake ([`PeerIdentity::presented`]). After a rotation the peer still holds the
+/// certificate of the handshake, not the new one, and needs the chain to check the new
+/// signature ([`verify_by`]); otherwise the chain is a kilobyte per token for nothing.
+pub fn needs_chain(svid: &Svid, peer: Option<&PeerIdentity>) -> bool {
+    peer.and_then(|p| p.presented.as_ref()) != Some(svid.leaf())
+}
+
 /// Checks `token` against the certificate of its supposed signer (DER): the ES256
 /// signature with the certificate's public key, and `exp` (no leeway).
+///
+/// A signature that verified once is remembered for the pair (token, certificate), in
+/// a small bounded cache shared by the process: signers reuse a token within its
+/// second ([`expiry`]), so a hop under load sees the same token many times and checks
+/// its signature once. `exp` is checked again on every call.
 pub fn verify(token: &str, signer_cert: &[u8]) -> Result<Claims, SecurityError> {
-    let refused = |why: &str| SecurityError::Token(format!("refused: {why}"));
+    if let Some(claims) = verified::get(token, signer_cert) {
+        return unexpired(claims);
+    }
+    let claims = verify_signature(token, signer_cert)?;
+    verified::put(token, signer_cert, &claims);
+    unexpired(claims)
+}
+
+fn refused(why: &str) -> SecurityError {
+    SecurityError::Token(format!("refused: {why}"))
+}
+
+fn unexpired(claims: Claims) -> Result<Claims, SecurityError> {
+    if claims.exp < system_to_unix(SystemTime::now()) {
+        return Err(refused("ExpiredSignature"));
+    }
+    Ok(claims)
+}
+
+/// The signature and the claims' shape, not the expiry.
+fn verify_signature(token: &str, signer_cert: &[u8]) -> Result<Claims, SecurityError> {
     let point = p256_public_key(signer_cert)?;
     let (signed, signature) = token
         .rsplit_once('.')
@@ -177,16 +232,51 @@ pub fn verify(token: &str, signer_cert: &[u8]) -> Result<Claims, SecurityError> 
         .verify(signed.as_bytes(), &signature)
         .map_err(|_| refused("InvalidSignature"))?;
     // The policies check the audience chain; sub and exp must be there (serde says so).
-    let claims: Claims = serde_json::from_slice(
-        &URL_SAFE_NO_PAD
-            .decode(payload)
-            .map_err(|_| refused("the claims are not base64url"))?,
-    )
-    .map_err(|e| refused(&format!("the claims do not decode: {e}")))?;
-    if claims.exp < system_to_unix(SystemTime::now()) {
-        return Err(refused("ExpiredSignature"));
+    claims_of(payload).map_err(|e| refused(&format!("the claims do not decode: {e}")))
+}
+
+/// The claims of a token's payload part (base64url JSON).
+fn claims_of(payload: &str) -> Result<Claims, String> {
+    let json = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| "not base64url".to_string())?;
+    serde_json::from_slice(&json).map_err(|e| e.to_string())
+}
+
+/// Signatures that verified: (token, signer certificate) -> claims. Only what verified
+/// goes in, so a peer cannot fill it with garbage; it is bounded, and cleared when full
+/// (tokens are remade every second at most, so what it loses is soon seen again).
+mod verified {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex};
+
+    use super::Claims;
+
+    /// Enough for the tokens of a busy hop's neighbours in one second.
+    const CAPACITY: usize = 256;
+
+    type Map = HashMap<Box<str>, (Box<[u8]>, Claims)>;
+
+    static CACHE: LazyLock<Mutex<Map>> = LazyLock::new(Mutex::default);
+
+    fn lock() -> std::sync::MutexGuard<'static, Map> {
+        CACHE.lock().unwrap_or_else(|e| e.into_inner())
     }
-    Ok(claims)
+
+    pub(super) fn get(token: &str, cert: &[u8]) -> Option<Claims> {
+        match lock().get(token) {
+            Some((signer, claims)) if **signer == *cert => Some(claims.clone()),
+            _ => None,
+        }
+    }
+
+    pub(super) fn put(token: &str, cert: &[u8], claims: &Claims) {
+        let mut cache = lock();
+        if cache.len() >= CAPACITY {
+            cache.clear();
+        }
+        cache.insert(token.into(), (cert.into(), claims.clone()));
+    }
 }
 
 /// A compact ES256 JWS of `claims` with `header`, signed with ring (fixed r||s).
@@ -249,11 +339,15 @@ pub fn verify_by(token: &str, peer: &PeerIdentity, server: bool) -> Result<Claim
     verify(token, leaf)
 }
 
-/// Reads a token's claims without checking anything (for policy input and logs).
+/// Reads a token's claims without checking anything (for policy input and logs): only
+/// the payload part is decoded, not the header (which may carry a certificate chain).
 pub fn decode_unverified(token: &str) -> Result<Claims, SecurityError> {
-    jsonwebtoken::dangerous::insecure_decode::<Claims>(token)
-        .map(|data| data.claims)
-        .map_err(|e| SecurityError::Token(format!("does not decode: {e}")))
+    let payload = token
+        .split('.')
+        .nth(1)
+        .filter(|_| token.split('.').count() == 3)
+        .ok_or_else(|| SecurityError::Token("does not decode: not a compact JWS".into()))?;
+    claims_of(payload).map_err(|e| SecurityError::Token(format!("does not decode: {e}")))
 }
 
 /// The uncompressed P-256 point of a certificate's public key.
@@ -419,6 +513,54 @@ mod tests {
         .unwrap();
         let err = verify(&old.token, nsc.leaf()).unwrap_err();
         assert!(err.to_string().contains("ExpiredSignature"), "{err}");
+    }
+
+    #[test]
+    fn a_remembered_signature_counts_only_for_its_signer_and_expiry_is_checked_each_time() {
+        let ca = DevCa::new("example.org").unwrap();
+        let nsc = svid(&ca, "nsc", HOUR);
+        let forger = svid(&ca, "forger", HOUR);
+        let to = id("spiffe://example.org/nsmgr");
+        let token = sign(&nsc, &to, None, HOUR).unwrap().token;
+        assert!(verify(&token, nsc.leaf()).is_ok());
+        assert!(verified::get(&token, nsc.leaf()).is_some(), "remembered");
+        // The same token presented as another identity's: not from the cache.
+        let err = verify(&token, forger.leaf()).unwrap_err();
+        assert!(err.to_string().contains("InvalidSignature"), "{err}");
+        assert!(verify(&token, nsc.leaf()).is_ok());
+        // An expired token whose signature is good: refused on every call.
+        let old = sign_at(
+            &nsc,
+            &to,
+            None,
+            Duration::from_secs(1),
+            SystemTime::now() - HOUR,
+        )
+        .unwrap()
+        .token;
+        for _ in 0..2 {
+            let err = verify(&old, nsc.leaf()).unwrap_err();
+            assert!(err.to_string().contains("ExpiredSignature"), "{err}");
+        }
+        // A tampered copy of a remembered token is checked, and refused.
+        let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+        parts[2] = parts[2].chars().rev().collect();
+        assert!(verify(&parts.join("."), nsc.leaf()).is_err());
+    }
+
+    #[test]
+    fn decoding_reads_the_claims_of_a_token_with_or_without_its_chain() {
+        let ca = DevCa::new("example.org").unwrap();
+        let nsc = svid(&ca, "nsc", HOUR);
+        let to = id("spiffe://example.org/nsmgr");
+        for carry in [true, false] {
+            let t = sign_to(&nsc, Some(&to), None, HOUR, SystemTime::now(), carry).unwrap();
+            let claims = decode_unverified(&t.token).unwrap();
+            assert_eq!(claims.sub, "spiffe://example.org/nsc");
+            assert_eq!(claims, verify(&t.token, nsc.leaf()).unwrap());
+        }
+        assert!(decode_unverified("a.b").is_err());
+        assert!(decode_unverified("a.b.c.d").is_err());
     }
 
     #[test]

@@ -102,7 +102,14 @@ const DEFAULTS: &[(&str, &str)] = &[
 #[derive(Clone)]
 pub struct PolicySet {
     policies: BTreeMap<String, CompiledPolicy>,
+    /// The lists a hop checks on every call ([`SERVER`], [`CLIENT`]), each compiled as
+    /// one query (an array of the list's rules): one evaluation per call instead of one
+    /// per policy; only a refusal evaluates the policies one by one, to name the first.
+    lists: Vec<(&'static [&'static str], CompiledPolicy)>,
 }
+
+/// The package of the generated list queries (apart from `nsm`, which users extend).
+const LISTS_PACKAGE: &str = "nsm_sdk_lists";
 
 impl std::fmt::Debug for PolicySet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -184,7 +191,31 @@ impl PolicySet {
             .map_err(|e| SecurityError::Policy(format!("{name}: {e}")))?;
             policies.insert(name.clone(), compiled);
         }
-        Ok(PolicySet { policies })
+        let mut lists = Vec::new();
+        for (i, list) in [SERVER, CLIENT].into_iter().enumerate() {
+            if !list.iter().all(|name| policies.contains_key(*name)) {
+                continue;
+            }
+            let rules: Vec<String> = list.iter().map(|name| format!("data.nsm.{name}")).collect();
+            let mut all = modules.clone();
+            all.push(PolicyModule {
+                id: format!("{LISTS_PACKAGE}_{i}.rego").into(),
+                content: format!(
+                    "package {LISTS_PACKAGE}\nimport rego.v1\nlist_{i} := [{}]\n",
+                    rules.join(", ")
+                )
+                .into(),
+            });
+            let entry = format!("data.{LISTS_PACKAGE}.list_{i}");
+            let compiled = regorus::compile_policy_with_entrypoint(
+                Value::new_object(),
+                &all,
+                entry.as_str().into(),
+            )
+            .map_err(|e| SecurityError::Policy(format!("{}: {e}", list.join(", "))))?;
+            lists.push((list, compiled));
+        }
+        Ok(PolicySet { policies, lists })
     }
 
     /// The names of the policies held.
@@ -195,6 +226,16 @@ impl PolicySet {
     /// Evaluates `names` in order against `input`; the first that does not hold refuses.
     pub fn check(&self, names: &[&str], input: &Json) -> Result<(), SecurityError> {
         let input = Value::from(input.clone());
+        if let Some((_, list)) = self.lists.iter().find(|(list, _)| *list == names) {
+            let all_true = list.eval_with_input(input.clone()).is_ok_and(|v| {
+                v.as_array().is_ok_and(|a| {
+                    a.len() == names.len() && a.iter().all(|v| *v == Value::Bool(true))
+                })
+            });
+            if all_true {
+                return Ok(());
+            }
+        }
         for name in names {
             if !self.holds(name, &input)? {
                 return Err(SecurityError::Denied {
@@ -607,6 +648,49 @@ mod tests {
             "always_no"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_list_checked_as_one_query_still_names_the_first_refusal() {
+        // The defaults with tokens_chained replaced: never holds, or undefined.
+        for replaced in [
+            "package nsm\nimport rego.v1\ndefault tokens_chained := false\n",
+            "package nsm\nimport rego.v1\ntokens_chained if { input.nothing == 1 }\n",
+        ] {
+            let sources = DEFAULTS.iter().map(|(name, text)| {
+                let text = if *name == "tokens_chained" {
+                    replaced
+                } else {
+                    text
+                };
+                (name.to_string(), text.to_string())
+            });
+            let set = PolicySet::from_sources(sources).unwrap();
+            assert_eq!(
+                set.lists.len(),
+                2,
+                "SERVER and CLIENT are compiled as one query"
+            );
+            let (m, defaults) = setup();
+            server_check(defaults, &path_at_nsmgr(&m), &m.nsc).unwrap();
+            assert_eq!(
+                refused_by(server_check(&set, &path_at_nsmgr(&m), &m.nsc)),
+                "tokens_chained"
+            );
+        }
+        // A set without some of the list's policies refuses the list (fail closed).
+        let partial = PolicySet::from_sources(
+            DEFAULTS
+                .iter()
+                .filter(|(name, _)| *name != "prev_token_signed")
+                .map(|(name, text)| (name.to_string(), text.to_string())),
+        )
+        .unwrap();
+        let (m, _) = setup();
+        assert!(matches!(
+            server_check(&partial, &path_at_nsmgr(&m), &m.nsc),
+            Err(SecurityError::Policy(_))
+        ));
     }
 
     #[test]

@@ -26,6 +26,7 @@
 //! pass any valid DNS name (e.g. the service's name) or the peer's IP.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
@@ -51,8 +52,9 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// A verified peer: its SPIFFE ID and its leaf certificate.
 ///
 /// Made after a handshake that one of this module's verifiers accepted; the transport
-/// will put it into `Cx`, tokens are verified against [`PeerIdentity::leaf`] and policies
-/// receive [`PeerIdentity::certificate_pem`] as `auth_info.certificate`.
+/// puts it into `Cx`, tokens are verified against [`PeerIdentity::leaf`] and policies
+/// receive [`PeerIdentity::certificate_pem`] as `auth_info.certificate`. What calls
+/// read often (the leaf's NotAfter and PEM) is worked out once, here, per handshake.
 #[derive(Clone)]
 pub struct PeerIdentity {
     /// The SPIFFE ID in the peer's leaf certificate.
@@ -63,6 +65,12 @@ pub struct PeerIdentity {
     /// a token the peer signs with a rotated SVID of the same identity is checked
     /// against it ([`jwt::verify_by`](super::jwt::verify_by)).
     pub bundle: Option<Arc<TrustBundle>>,
+    /// The leaf this side presented to the peer in the same handshake (set by the
+    /// transport; `None` when unknown): a token signed with that certificate is
+    /// verified by the peer with what it already holds, so it need not carry its chain.
+    pub presented: Option<CertificateDer<'static>>,
+    not_after: SystemTime,
+    pem: Arc<str>,
 }
 
 impl PeerIdentity {
@@ -77,17 +85,25 @@ impl PeerIdentity {
 
     /// The identity in a leaf certificate.
     pub fn from_leaf(leaf: CertificateDer<'static>) -> Result<PeerIdentity, SecurityError> {
-        let id = SpiffeId::from_certificate(&leaf)?;
+        let info = LeafInfo::parse(&leaf)?;
         Ok(PeerIdentity {
-            id,
+            id: info.id,
+            pem: certificate_pem(&leaf).into(),
+            not_after: info.not_after,
             leaf,
             bundle: None,
+            presented: None,
         })
     }
 
     /// The leaf as PEM, as policies receive it.
-    pub fn certificate_pem(&self) -> String {
-        certificate_pem(&self.leaf)
+    pub fn certificate_pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// The leaf's NotAfter: no token made for this peer outlives it.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
     }
 }
 

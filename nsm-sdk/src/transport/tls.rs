@@ -18,7 +18,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -75,9 +75,10 @@ impl Tls {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let presented = self.presenting();
         let accept = TlsAcceptor::from(self.server.clone()).accept(io);
         let stream = bounded(accept).await?;
-        let peer = self.verified(PeerIdentity::from_connection(stream.get_ref().1))?;
+        let peer = self.verified(PeerIdentity::from_connection(stream.get_ref().1), presented)?;
         Ok((stream, peer))
     }
 
@@ -90,21 +91,33 @@ impl Tls {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let name = ServerName::try_from(SNI).map_err(other)?;
+        let presented = self.presenting();
         let connect = TlsConnector::from(self.client.clone()).connect(name, io);
         let stream = bounded(connect).await?;
-        let peer = self.verified(PeerIdentity::from_connection(stream.get_ref().1))?;
+        let peer = self.verified(PeerIdentity::from_connection(stream.get_ref().1), presented)?;
         Ok((stream, peer))
     }
 }
 
 impl Tls {
-    /// The handshake's peer, with the bundle it was verified against.
+    /// The leaf the configs present now (they read the watch during the handshake).
+    fn presenting(&self) -> CertificateDer<'static> {
+        self.identity.borrow().svid.leaf().clone()
+    }
+
+    /// The handshake's peer, with the bundle it was verified against and the leaf this
+    /// side presented: the one read before the handshake, if the watch still holds it
+    /// (a rotation during the handshake leaves it unknown, and tokens then carry their
+    /// chain).
     fn verified(
         &self,
         peer: std::result::Result<PeerIdentity, crate::security::SecurityError>,
+        before: CertificateDer<'static>,
     ) -> io::Result<PeerIdentity> {
         let mut peer = peer.map_err(other)?;
-        peer.bundle = Some(self.identity.borrow().bundle.clone());
+        let identity = self.identity.borrow();
+        peer.bundle = Some(identity.bundle.clone());
+        peer.presented = (*identity.svid.leaf() == before).then_some(before);
         Ok(peer)
     }
 }

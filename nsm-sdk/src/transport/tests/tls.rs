@@ -169,10 +169,16 @@ async fn an_outgoing_token_is_made_for_the_server_the_handshake_verified() {
     let ca = DevCa::new("example.org").unwrap();
     let echo = Echo::default();
     let server = secure_server(&ca, &inmem_url(), &echo).await;
-    let channels = Channels::new().tls(tls(ca.identity("client").unwrap()));
+    let identity = ca.identity("client").unwrap();
+    let own_leaf = identity.svid.leaf().clone();
+    let channels = Channels::new().tls(tls(identity));
     let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(4_000_000_000);
     let generator = move |peer: &Peer| -> Result<(String, SystemTime)> {
         let aud = peer.identity.as_ref().map(|p| p.id.to_string());
+        // The generator learns which certificate the link's handshake showed the server
+        // (a token signed with it needs no chain).
+        let presented = peer.identity.as_ref().and_then(|p| p.presented.as_ref());
+        assert_eq!(presented, Some(&own_leaf));
         Ok((format!("for {}", aud.unwrap_or_default()), expires))
     };
     let mut cx = cx_for(server.url());
@@ -188,6 +194,10 @@ async fn an_outgoing_token_is_made_for_the_server_the_handshake_verified() {
         seen.token.as_deref(),
         Some("for spiffe://example.org/server")
     );
+    // And the server learns the certificate it presented to this caller.
+    let presented = seen.identity.as_ref().and_then(|p| p.presented.as_ref());
+    let presented = crate::security::SpiffeId::from_certificate(presented.unwrap()).unwrap();
+    assert_eq!(presented.as_str(), "spiffe://example.org/server");
     assert_eq!(seen.token_expires, Some(expires));
     assert_eq!(
         cx.peer().token.as_deref(),
