@@ -1,7 +1,12 @@
 //! The CPU cost of the security pieces that run per call.
 //!
 //! - `security/jwt/sign`, `security/jwt/verify`: one ES256 path token made with an SVID
-//!   key, and checked against the signer's certificate.
+//!   key (without its chain, as on a link whose handshake showed the signing
+//!   certificate), and checked against the signer's certificate the first time.
+//! - `security/jwt/verify_remembered`: the same token checked again (the signature is
+//!   remembered per token and certificate; only `exp` is checked).
+//! - `security/token/generate_same_second`: `jwt_token`'s generator asked again for the
+//!   same peer within the second (the token is reused).
 //! - `security/policy/server_input`: the input of the server policies for a 3-segment
 //!   path (decoding every token, verifying the caller's against the peer certificate).
 //! - `security/policy/server_eval`: the four server policies on that input (Rego only).
@@ -14,7 +19,7 @@
 use std::hint::black_box;
 use std::time::{Duration, SystemTime};
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use std::sync::Arc;
 
 use nsm_sdk::core::Peer;
@@ -23,7 +28,8 @@ use nsm_sdk::proto::connection::{Connection, Path, PathSegment};
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::security::dev_ca::DevCa;
 use nsm_sdk::security::policy::{self, path_input, PolicySet, Verify};
-use nsm_sdk::security::{jwt, PeerIdentity, SpiffeId, Svid};
+use nsm_sdk::security::{jwt, Identity, PeerIdentity, SpiffeId, Svid, TrustBundle};
+use nsm_sdk::token::{jwt_token, TokenGenerator};
 use nsm_sdk::{Chain, Cx};
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -42,14 +48,40 @@ fn bench(c: &mut Criterion) {
         svid(&ca, "forwarder"),
         svid(&ca, "nse"),
     );
-    let token = |from: &Svid, to: &Svid| jwt::sign(from, to.id(), None, HOUR).expect("signed");
+    let sign = |from: &Svid, to: &Svid| {
+        jwt::sign_to(from, Some(to.id()), None, HOUR, SystemTime::now(), false)
+    };
+    let token = |from: &Svid, to: &Svid| sign(from, to).expect("signed");
 
     c.bench_function("security/jwt/sign", |b| {
-        b.iter(|| black_box(jwt::sign(&nsc, nsmgr.id(), None, HOUR).expect("signed")))
+        b.iter(|| black_box(sign(&nsc, &nsmgr).expect("signed")))
+    });
+    // Fresh tokens (made outside the measurement): every verification checks a signature.
+    c.bench_function("security/jwt/verify", |b| {
+        b.iter_batched(
+            || token(&nsc, &nsmgr).token,
+            |t| black_box(jwt::verify(&t, nsc.leaf()).expect("verified")),
+            BatchSize::SmallInput,
+        )
     });
     let t = token(&nsc, &nsmgr).token;
-    c.bench_function("security/jwt/verify", |b| {
+    c.bench_function("security/jwt/verify_remembered", |b| {
         b.iter(|| black_box(jwt::verify(&t, nsc.leaf()).expect("verified")))
+    });
+    let generator = jwt_token(
+        Identity::new(
+            svid(&ca, "nsc"),
+            TrustBundle::from_pem(ca.bundle_pem().as_bytes()).expect("bundle"),
+        )
+        .fixed(),
+        Duration::from_secs(600),
+    );
+    let to_nsmgr = Peer {
+        identity: Some(PeerIdentity::from_leaf(nsmgr.leaf().clone()).expect("peer")),
+        ..Default::default()
+    };
+    c.bench_function("security/token/generate_same_second", |b| {
+        b.iter(|| black_box(generator.generate(&to_nsmgr).expect("token")))
     });
 
     let segment = |name: &str, token: String| PathSegment {

@@ -43,7 +43,7 @@ use tracing::debug;
 
 use crate::core::rt::begin::{FromEvent, Refused};
 use crate::core::{Cx, Handler, Next};
-use crate::security::policy::{self, path_input, Verify};
+use crate::security::policy::{self, Verify};
 use crate::security::{PolicySet, SpiffeId};
 use crate::{Error, Result};
 
@@ -134,12 +134,14 @@ impl Authorize {
             .as_ref()
             .and_then(|p| side_of(p, verify))
             .ok_or_else(|| denied("authorize: the path has no segment for this hop"))?;
-        let input = path_input(&side, Some(peer), verify, SystemTime::now());
         let names = match verify {
             Verify::Previous => policy::SERVER,
             Verify::Next => policy::CLIENT,
         };
-        self.policies.check(names, &input).map_err(|e| {
+        let checked = self
+            .policies
+            .check_path(names, &side, Some(peer), verify, SystemTime::now());
+        checked.map_err(|e| {
             debug!(parent: cx.span(), peer = %peer.id, error = %e, "authorize: refused");
             Error::from(e)
         })

@@ -10,6 +10,8 @@ use nsm_proto::connection::{Connection, Path, PathSegment, State};
 use nsm_proto::networkservice::NetworkServiceRequest;
 use prost_types::Timestamp;
 
+use crate::security::policy::path_input;
+
 use super::*;
 use crate::core::{Chain, Peer};
 use crate::handlers::test_support::{eventually, TestHop};

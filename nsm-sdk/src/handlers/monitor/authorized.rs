@@ -2,9 +2,9 @@
 //! connections whose path holds its identity.
 //!
 //! What it does: wraps a [`MonitorSource`] (a hop's [`Monitor::source`](super::Monitor::source))
-//! and, per event, keeps the connections for which [`policy::MONITOR`]
+//! and, per event, keeps the connections for which [`MONITOR`](crate::security::policy::MONITOR)
 //! (`service_connection`: a segment's token has `sub` = the subscriber's SPIFFE ID)
-//! holds, with [`monitor_input`]. The INITIAL_STATE_TRANSFER is always sent (possibly
+//! holds, with [`PolicySet::check_monitor`]. The INITIAL_STATE_TRANSFER is always sent (possibly
 //! empty); an UPDATE or DELETE left with no connection is not. The subscriber is the
 //! identity the transport verified ([`MonitorSource::subscribe_as`]); a subscriber
 //! without one sees nothing, and so does [`MonitorSource::subscribe`] (fail closed).
@@ -27,7 +27,6 @@ use nsm_proto::connection::{
 };
 
 use crate::core::MonitorSource;
-use crate::security::policy::{self, monitor_input};
 use crate::security::{PeerIdentity, PolicySet, SpiffeId};
 use crate::Result;
 
@@ -53,11 +52,9 @@ pub fn authorized(source: Arc<dyn MonitorSource>, policies: Arc<PolicySet>) -> A
 }
 
 fn visible(policies: &PolicySet, conn: &Connection, subscriber: &SpiffeId) -> bool {
-    conn.path.as_ref().is_some_and(|path| {
-        policies
-            .check(policy::MONITOR, &monitor_input(path, subscriber))
-            .is_ok()
-    })
+    conn.path
+        .as_ref()
+        .is_some_and(|path| policies.check_monitor(path, subscriber).is_ok())
 }
 
 impl MonitorSource for Authorized {

@@ -12,6 +12,11 @@
 //! [`MONITOR`], [`REGISTRY`]) in order and returns the first refusal as
 //! [`SecurityError::Denied`] naming the policy (PermissionDenied at the edge). A policy
 //! name the set does not hold or an evaluation error refuses too (fail closed).
+//! [`PolicySet::check_path`] and [`PolicySet::check_monitor`] take the path itself: a
+//! policy whose text is the shipped one is then decided in Rust on [`PathFacts`] (the
+//! same decision, proven against Rego by the tests of [`native`]), without building a
+//! Rego input per call; the lists [`SERVER`] and [`CLIENT`] otherwise run as one Rego
+//! query each.
 //!
 //! # Input
 //! [`path_input`] turns a Path into the input of the path policies:
@@ -37,6 +42,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use nsm_proto::connection::Path as ProtoPath;
 use regorus::{CompiledPolicy, PolicyModule, Value};
 use serde_json::{json, Value as Json};
+
+mod native;
+
+use native::Native;
+pub use native::PathFacts;
 
 use super::error::{cut, SecurityError};
 use super::identity::{system_to_unix, SpiffeId};
@@ -70,31 +80,31 @@ pub const REGISTRY: &[&str] = &["client_allowed"];
 const DEFAULTS: &[(&str, &str)] = &[
     (
         "tokens_valid",
-        include_str!("../../policies/tokens_valid.rego"),
+        include_str!("../../../policies/tokens_valid.rego"),
     ),
     (
         "tokens_expired",
-        include_str!("../../policies/tokens_expired.rego"),
+        include_str!("../../../policies/tokens_expired.rego"),
     ),
     (
         "tokens_chained",
-        include_str!("../../policies/tokens_chained.rego"),
+        include_str!("../../../policies/tokens_chained.rego"),
     ),
     (
         "prev_token_signed",
-        include_str!("../../policies/prev_token_signed.rego"),
+        include_str!("../../../policies/prev_token_signed.rego"),
     ),
     (
         "next_token_signed",
-        include_str!("../../policies/next_token_signed.rego"),
+        include_str!("../../../policies/next_token_signed.rego"),
     ),
     (
         "service_connection",
-        include_str!("../../policies/service_connection.rego"),
+        include_str!("../../../policies/service_connection.rego"),
     ),
     (
         "client_allowed",
-        include_str!("../../policies/client_allowed.rego"),
+        include_str!("../../../policies/client_allowed.rego"),
     ),
 ];
 
@@ -106,6 +116,8 @@ pub struct PolicySet {
     /// one query (an array of the list's rules): one evaluation per call instead of one
     /// per policy; only a refusal evaluates the policies one by one, to name the first.
     lists: Vec<(&'static [&'static str], CompiledPolicy)>,
+    /// The policies whose text is the shipped one, evaluated in Rust ([`native`]).
+    native: BTreeMap<String, Native>,
 }
 
 /// The package of the generated list queries (apart from `nsm`, which users extend).
@@ -181,6 +193,10 @@ impl PolicySet {
             })
             .collect();
         let mut policies = BTreeMap::new();
+        let native = sources
+            .iter()
+            .filter_map(|(name, text)| Some((name.clone(), Native::of(name, text)?)))
+            .collect();
         for (name, _) in &sources {
             let rule = format!("data.nsm.{name}");
             let compiled = regorus::compile_policy_with_entrypoint(
@@ -215,7 +231,11 @@ impl PolicySet {
             .map_err(|e| SecurityError::Policy(format!("{}: {e}", list.join(", "))))?;
             lists.push((list, compiled));
         }
-        Ok(PolicySet { policies, lists })
+        Ok(PolicySet {
+            policies,
+            lists,
+            native,
+        })
     }
 
     /// The names of the policies held.
@@ -244,6 +264,70 @@ impl PolicySet {
             }
         }
         Ok(())
+    }
+
+    /// Evaluates the path policies `names` ([`SERVER`], [`CLIENT`]) on `path` as a side
+    /// whose TLS peer is `peer` sees it at `now`: the first that does not hold refuses.
+    /// The same decision as [`PolicySet::check`] on [`path_input`]; when every policy
+    /// named is a shipped one it is taken in Rust ([`native`]) without a Rego input.
+    pub fn check_path(
+        &self,
+        names: &[&str],
+        path: &ProtoPath,
+        peer: Option<&PeerIdentity>,
+        verify: Verify,
+        now: SystemTime,
+    ) -> Result<(), SecurityError> {
+        if let Some(natives) = self.natives(names) {
+            let facts = PathFacts::new(path, peer, verify, now);
+            return natives.iter().try_for_each(|(name, native)| {
+                match native.holds(&facts, None) {
+                    Some(true) => Ok(()),
+                    _ => Err(SecurityError::Denied {
+                        policy: name.to_string(),
+                    }),
+                }
+            });
+        }
+        self.check(names, &path_input(path, peer, verify, now))
+    }
+
+    /// Evaluates [`MONITOR`]: may `subscriber` see the connection of `path`? In Rust
+    /// when the policy is the shipped one, else in Rego on [`monitor_input`].
+    pub fn check_monitor(
+        &self,
+        path: &ProtoPath,
+        subscriber: &SpiffeId,
+    ) -> Result<(), SecurityError> {
+        if let Some(natives) = self.natives(MONITOR) {
+            let facts = PathFacts::new(path, None, Verify::Previous, UNIX_EPOCH);
+            return natives.iter().try_for_each(|(name, native)| {
+                match native.holds(&facts, Some(subscriber)) {
+                    Some(true) => Ok(()),
+                    _ => Err(SecurityError::Denied {
+                        policy: name.to_string(),
+                    }),
+                }
+            });
+        }
+        self.check(MONITOR, &monitor_input(path, subscriber))
+    }
+
+    /// The native forms of `names`, if every one has one.
+    fn natives<'a>(&self, names: &[&'a str]) -> Option<Vec<(&'a str, Native)>> {
+        names
+            .iter()
+            .map(|name| Some((*name, *self.native.get(*name)?)))
+            .collect()
+    }
+
+    /// This set with every policy evaluated in Rego (to compare both ways in tests).
+    #[cfg(test)]
+    pub(crate) fn rego_only(&self) -> PolicySet {
+        PolicySet {
+            native: BTreeMap::new(),
+            ..self.clone()
+        }
     }
 
     /// Whether one policy holds for `input`.
