@@ -4,7 +4,8 @@
 //! SIGKILLed still expires and its watchers are told; every replica restarted, nothing
 //! is lost; a 3-member etcd cluster losing a member and then its leader keeps every
 //! acknowledged registration; etcd unreachable at start exits 1, a half TLS
-//! configuration exits 2; a manager given both replicas' URLs, its replica SIGKILLed,
+//! configuration exits 2; etcd over TLS with client certificates serves, a wrong CA
+//! exits 2 naming NSM_ETCD_CA; a manager given both replicas' URLs, its replica SIGKILLed,
 //! still connects new clients and keeps existing connections and registrations
 //! refreshing, and the same when its replica hangs (SIGSTOP; SIGCONT at the end).
 
@@ -344,6 +345,57 @@ async fn etcd_unreachable_at_start_exits_1_and_half_tls_exits_2() {
     let status = p.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(2), "{}", p.log());
     assert!(p.log().contains("NSM_ETCD_KEY"), "{}", p.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_on_etcd_over_tls_serves_and_a_wrong_ca_exits_2_saying_so() {
+    let etcd = EtcdCluster::start_tls(1).await;
+    let files = etcd.tls().expect("a TLS cluster").clone();
+    let dir = TempDir::new("etcd", "tls");
+    let (cert, key) = (files.cert.display(), files.key.display());
+    let (cert, key) = (cert.to_string(), key.to_string());
+    let with_ca = |name: &str, ca: &std::path::Path| {
+        let url = dir.unix(&format!("{name}.sock"));
+        let ca = ca.display().to_string();
+        let p = start(
+            &dir,
+            "nsm-registry",
+            name,
+            &[
+                ("NSM_LISTEN_ON", url.as_str()),
+                ("NSM_ETCD_ENDPOINTS", &etcd.endpoints_env()),
+                ("NSM_ETCD_CA", &ca),
+                ("NSM_ETCD_CERT", &cert),
+                ("NSM_ETCD_KEY", &key),
+            ],
+            false,
+            READY,
+        );
+        (p, url)
+    };
+    let (mut good, url) = with_ca("registry-tls", &files.ca);
+    good.wait_for_log(&["registry on etcd", "https://"]);
+    good.wait_for_log(&["serving", &url]);
+    let reg = client::<NetworkServiceEndpoint>(&dir, "nse-1", &url);
+    reg.register(&mut cx(), nse("nse-1", "tcp://10.0.0.1:5000"))
+        .await
+        .expect("a Register through the replica on etcd over TLS");
+    assert_eq!(
+        reg.list(&mut cx(), NetworkServiceEndpoint::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let (mut wrong, _) = with_ca("registry-wrong-ca", &files.other_ca);
+    let status = wrong.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(2), "{}", wrong.log());
+    let log = wrong.log();
+    assert!(
+        log.contains("NSM_ETCD_CA") && log.contains("other-ca.pem") && log.contains("not trusted"),
+        "{log}"
+    );
 }
 
 /// Counts the Requests of a client chain (first ones and refreshes) that succeeded and

@@ -497,3 +497,56 @@ async fn two_identities_racing_for_names_through_two_replicas_never_both_win() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 }
+
+#[tokio::test]
+async fn etcd_over_tls_with_a_client_certificate_and_a_wrong_ca_refused_at_connect() {
+    use nsm_sdk::registry::EtcdTls;
+    let cluster = EtcdCluster::start_tls(1).await;
+    let files = cluster.tls().expect("a TLS cluster").clone();
+    let config = |ca: &std::path::Path, client_cert: bool| {
+        let mut c = EtcdConfig::new(cluster.endpoints());
+        c.tls = Some(EtcdTls {
+            ca: Some(ca.to_path_buf()),
+            cert: client_cert.then(|| files.cert.clone()),
+            key: client_cert.then(|| files.key.clone()),
+        });
+        c
+    };
+    assert!(cluster.endpoints()[0].starts_with("https://"));
+
+    let etcd = Etcd::connect(&config(&files.ca, true), Duration::from_secs(10))
+        .await
+        .expect("etcd over TLS answers");
+    let reg = server(&etcd, None);
+    let cx = &mut Cx::server();
+    reg.registries()
+        .nse
+        .register(cx, nse("over-tls", &["svc"], "tcp://t:1"))
+        .await
+        .unwrap();
+    let found = reg
+        .registries()
+        .nse
+        .list(cx, by_service("svc"))
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+
+    // A CA that did not sign the members' certificates: refused at connect, saying so.
+    let started = std::time::Instant::now();
+    let e = Etcd::connect(&config(&files.other_ca, true), Duration::from_secs(3))
+        .await
+        .unwrap_err();
+    eprintln!("wrong CA: {e}");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("NSM_ETCD_CA"), "{e}");
+    assert!(e.to_string().contains("other-ca.pem"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // No client certificate: the members ask for one.
+    let e = Etcd::connect(&config(&files.ca, false), Duration::from_secs(3))
+        .await
+        .unwrap_err();
+    eprintln!("no client certificate: {e}");
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+}

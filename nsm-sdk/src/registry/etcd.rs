@@ -200,6 +200,44 @@ fn unavailable(what: &str, e: impl fmt::Display) -> Error {
     Error::Unavailable(format!("etcd {what}: {e}"))
 }
 
+/// The error of a first call to etcd that failed: a TLS handshake refused for a
+/// certificate is a configuration that cannot work (InvalidArgument, naming the
+/// setting to fix); anything else is Unavailable.
+fn refused(config: &EtcdConfig, endpoints: &str, e: etcd_client::Error) -> Error {
+    let text = format!("{e:?} {e}");
+    let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
+    let tls = config.tls.as_ref();
+    let file = |p: Option<&PathBuf>| p.map_or_else(|| "unset".into(), |p| p.display().to_string());
+    if has(&["InvalidCertificate", "invalid peer certificate"]) {
+        let ca = file(tls.and_then(|t| t.ca.as_ref()));
+        return Error::invalid(format!(
+            "etcd at {endpoints}: the members' certificate is not trusted: NSM_ETCD_CA \
+             ({ca}) must be the CA that signed it ({e})"
+        ));
+    }
+    if has(&[
+        "CertificateRequired",
+        "BadCertificate",
+        "UnknownCA",
+        "certificate required",
+    ]) {
+        let cert = file(tls.and_then(|t| t.cert.as_ref()));
+        return Error::invalid(format!(
+            "etcd at {endpoints}: the members refused the client certificate: NSM_ETCD_CERT \
+             and NSM_ETCD_KEY ({cert}) must be a certificate their CA signed ({e})"
+        ));
+    }
+    let e = unavailable(&format!("at {endpoints}"), e);
+    match tls {
+        // TLS 1.3 tells a client without a certificate only by closing the connection.
+        Some(t) if t.cert.is_none() => Error::Unavailable(format!(
+            "{e} (no client certificate was given: NSM_ETCD_CERT and NSM_ETCD_KEY; etcd \
+             members run with --client-cert-auth require one)"
+        )),
+        _ => e,
+    }
+}
+
 fn read_pem(path: &PathBuf, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::invalid(format!("{what} {}: {e}", path.display())))
 }
@@ -209,7 +247,8 @@ impl Etcd {
     /// of the prefix, within `within`).
     ///
     /// Fails with InvalidArgument for a configuration that cannot work (no endpoint, a
-    /// TLS file that cannot be read) and Unavailable when etcd does not answer.
+    /// TLS file that cannot be read, a CA that did not sign the members' certificates,
+    /// a client certificate they refuse) and Unavailable when etcd does not answer.
     pub async fn connect(config: &EtcdConfig, within: Duration) -> Result<Etcd> {
         if config.endpoints.is_empty() {
             return Err(Error::invalid("no etcd endpoint"));
@@ -232,10 +271,11 @@ impl Etcd {
             options = options.with_tls(opts);
         }
         let endpoints = config.endpoints.join(",");
+        let failed = |e: etcd_client::Error| refused(config, &endpoints, e);
         let connect = async {
             let client = Client::connect(&config.endpoints, Some(options))
                 .await
-                .map_err(|e| unavailable(&format!("at {endpoints}"), e))?;
+                .map_err(failed)?;
             let etcd = Etcd {
                 client: Arc::new(client),
                 prefix: config.prefix.as_str().into(),
@@ -247,7 +287,7 @@ impl Etcd {
                     Some(GetOptions::new().with_count_only()),
                 )
                 .await
-                .map_err(|e| unavailable(&format!("at {endpoints}"), e))?;
+                .map_err(failed)?;
             Ok(etcd)
         };
         tokio::time::timeout(within, connect).await.map_err(|_| {
