@@ -9,7 +9,10 @@
 //!   `%25`), written and deleted in the same transaction as the entry and under the
 //!   same lease, so the index never disagrees with the entries and expires with them.
 //!   A copy rather than a reference: a Find reads the index in one range read at one
-//!   revision, which a watch then follows, with no second read per entry.
+//!   revision, which a watch then follows, with no second read per entry. Endpoints
+//!   written by a version without the index are found by service only once they are
+//!   registered again (their next refresh) through a version with it: every replica on
+//!   one prefix should run a version with the index.
 //! - **Register** reads the key, checks ownership (with policies), prepares the entry as
 //!   memory does (initial registration time, default payload) and writes it in a
 //!   transaction that succeeds only if the key is still at the revision it read

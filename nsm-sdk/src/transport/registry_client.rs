@@ -496,25 +496,6 @@ mod tests {
         Cx::client().with_timeout(Duration::from_secs(5))
     }
 
-    /// Two replicas of one registry: two servers over one shared store, as two
-    /// `nsm-registry` processes over one etcd.
-    async fn replicas() -> (Memory<NetworkServiceEndpoint>, Server, Server) {
-        let store = memory::<NetworkServiceEndpoint>();
-        let mut servers = Vec::new();
-        for _ in 0..2 {
-            let url = Url::Memory(format!("replica-{}", uuid::Uuid::new_v4()));
-            let chain = RegistryChain::builder().push(store.clone()).build();
-            servers.push(
-                serve(&url, Services::new().nse_registry(chain))
-                    .await
-                    .unwrap(),
-            );
-        }
-        let b = servers.pop().unwrap();
-        let a = servers.pop().unwrap();
-        (store, a, b)
-    }
-
     /// A replica that stops answering when told to: its calls never return, its Find
     /// streams go silent (as a SIGSTOPped process, seen from the client).
     #[derive(Clone, Default)]
@@ -566,8 +547,10 @@ mod tests {
         }
     }
 
-    /// Two replicas over one store; the first one hangs when its [`Hang`] is told.
-    async fn replicas_one_may_hang() -> (Hang, Server, Server) {
+    /// Two replicas of one registry: two servers over one shared store, as two
+    /// `nsm-registry` processes over one etcd; the first one hangs when its [`Hang`] is
+    /// told.
+    async fn replicas() -> (Memory<NetworkServiceEndpoint>, Hang, Server, Server) {
         let store = memory::<NetworkServiceEndpoint>();
         let hang = Hang::default();
         let mut servers = Vec::new();
@@ -586,12 +569,28 @@ mod tests {
         }
         let b = servers.pop().unwrap();
         let a = servers.pop().unwrap();
-        (hang, a, b)
+        (store, hang, a, b)
+    }
+
+    /// A watching Find of every endpoint through `chain`.
+    async fn watch_all(
+        chain: &RegistryChain<NetworkServiceEndpoint>,
+    ) -> FindStream<NetworkServiceEndpoint> {
+        chain
+            .find(
+                &mut Cx::client(),
+                Query {
+                    template: NetworkServiceEndpoint::default(),
+                    watch: true,
+                },
+            )
+            .await
+            .unwrap()
     }
 
     #[tokio::test]
     async fn a_call_to_a_hung_replica_moves_on_after_the_try_timeout() {
-        let (hang, a, b) = replicas_one_may_hang().await;
+        let (_store, hang, a, b) = replicas().await;
         let client = grpc_registry::<NetworkServiceEndpoint>(Channels::new(), both(&a, &b))
             .try_timeout(Duration::from_millis(200));
         let chain = RegistryChain::builder().push(client.clone()).build();
@@ -615,7 +614,7 @@ mod tests {
 
     #[tokio::test]
     async fn with_one_url_a_slow_registry_has_the_whole_deadline() {
-        let (hang, a, _b) = replicas_one_may_hang().await;
+        let (_store, hang, a, _b) = replicas().await;
         let client = grpc_registry::<NetworkServiceEndpoint>(Channels::new(), a.url().clone())
             .try_timeout(Duration::from_millis(100));
         let chain = RegistryChain::builder().push(client).build();
@@ -634,7 +633,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_watch_on_a_replica_that_hangs_is_probed_and_reopened_on_the_next() {
-        let (hang, a, b) = replicas_one_may_hang().await;
+        let (_store, hang, a, b) = replicas().await;
         let client = grpc_registry::<NetworkServiceEndpoint>(Channels::new(), both(&a, &b))
             .try_timeout(Duration::from_millis(200))
             .probe_after(Duration::from_millis(300));
@@ -642,16 +641,7 @@ mod tests {
             .push(watch_reconnect())
             .push(client.clone())
             .build();
-        let mut watch = chain
-            .find(
-                &mut Cx::client(),
-                Query {
-                    template: NetworkServiceEndpoint::default(),
-                    watch: true,
-                },
-            )
-            .await
-            .unwrap();
+        let mut watch = watch_all(&chain).await;
         // Silent for longer than probe_after while A answers: the probe keeps it.
         tokio::time::sleep(Duration::from_millis(800)).await;
         assert_eq!(
@@ -694,7 +684,7 @@ mod tests {
 
     #[tokio::test]
     async fn calls_move_to_the_next_replica_when_the_current_one_dies() {
-        let (store, a, b) = replicas().await;
+        let (store, _hang, a, b) = replicas().await;
         let client = grpc_registry::<NetworkServiceEndpoint>(Channels::new(), both(&a, &b));
         let chain = RegistryChain::builder().push(client.clone()).build();
         chain.register(&mut cx(), nse("nse-1")).await.unwrap();
@@ -730,7 +720,7 @@ mod tests {
 
     #[tokio::test]
     async fn with_every_replica_dead_a_call_fails_unavailable_after_trying_each_once() {
-        let (_store, a, b) = replicas().await;
+        let (_store, _hang, a, b) = replicas().await;
         let client = grpc_registry::<NetworkServiceEndpoint>(Channels::new(), both(&a, &b));
         let chain = RegistryChain::builder().push(client.clone()).build();
         a.kill();
@@ -743,7 +733,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_that_is_not_unavailable_is_not_sent_to_another_replica() {
-        let (_store, a, b) = replicas().await;
+        let (_store, _hang, a, b) = replicas().await;
         let client = grpc_registry::<NetworkServiceEndpoint>(Channels::new(), both(&a, &b));
         let chain = RegistryChain::builder().push(client.clone()).build();
         let bad = NetworkServiceEndpoint {
@@ -765,22 +755,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_watch_broken_by_a_dead_replica_reopens_on_the_next_one() {
-        let (_store, a, b) = replicas().await;
+        let (_store, _hang, a, b) = replicas().await;
         let client = grpc_registry::<NetworkServiceEndpoint>(Channels::new(), both(&a, &b));
         let chain = RegistryChain::builder()
             .push(watch_reconnect())
             .push(client.clone())
             .build();
-        let mut watch = chain
-            .find(
-                &mut Cx::client(),
-                Query {
-                    template: NetworkServiceEndpoint::default(),
-                    watch: true,
-                },
-            )
-            .await
-            .unwrap();
+        let mut watch = watch_all(&chain).await;
         chain.register(&mut cx(), nse("nse-1")).await.unwrap();
         assert_eq!(next(&mut watch).await.resource.name, "nse-1");
 
