@@ -278,6 +278,11 @@ impl EtcdCluster {
         self.members.is_empty()
     }
 
+    /// The process id of member `i`, if it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(Child::id)
+    }
+
     /// Whether member `i` runs.
     pub fn running(&self, i: usize) -> bool {
         self.members[i].child.is_some()

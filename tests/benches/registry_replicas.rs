@@ -14,7 +14,8 @@
 //! * `watch`: from sending a Register of a new endpoint through A to a watching Find of
 //!   its service on B seeing it (`NSM_BENCH_SAMPLES` / 5). Memory replicas share
 //!   nothing, so on memory both are replica A (the number is the store's own cost);
-//! * `rss`: the resident memory of each replica (`VmRSS`) holding them;
+//! * `rss`: the resident memory of each replica (`VmRSS`) holding them, and of the etcd
+//!   member;
 //! * `failover` (etcd only; memory replicas share nothing to fail over to): a manager
 //!   given both URLs, with a forwarder and an endpoint; its replica SIGSTOPped, then
 //!   (A woken) the other SIGKILLed: how long after each a new client's Request succeeds.
@@ -262,6 +263,9 @@ async fn bench_store(store: &str, n: usize, per_service: usize, samples: usize) 
     let mut rss = format!("A {:.1} MiB", rss_mib(a.pid()));
     if let Some(b) = &b {
         rss.push_str(&format!(", B {:.1} MiB", rss_mib(b.pid())));
+    }
+    if let Some(pid) = etcd.as_ref().and_then(|e| e.pid(0)) {
+        rss.push_str(&format!(" (the etcd member {:.1} MiB)", rss_mib(pid)));
     }
     eprintln!(
         "{store} rss (replicas holding {} endpoints): {rss}",
