@@ -1017,6 +1017,29 @@ mod tests {
     }
 
     #[test]
+    fn a_service_is_one_key_segment_and_a_scope_names_its_entries() {
+        assert_eq!(segment("a/b"), "a%2Fb");
+        assert_eq!(
+            segment("a%2Fb"),
+            "a%252Fb",
+            "an escape in the name stays distinct"
+        );
+        assert_eq!(segment("plain"), "plain");
+        let dir = Scope::Dir("/nsm/idx/ns/a%2Fb/".into());
+        assert_eq!(
+            dir.name_of(b"/nsm/idx/ns/a%2Fb/e/1").as_deref(),
+            Some("e/1")
+        );
+        assert_eq!(dir.name_of(b"/nsm/idx/ns/a/e"), None);
+        let key = Scope::Key {
+            key: "/nsm/nse/e".into(),
+            name: "e".into(),
+        };
+        assert_eq!(key.name_of(b"/nsm/nse/e").as_deref(), Some("e"));
+        assert_eq!(key.name_of(b"/nsm/nse/e2"), None);
+    }
+
+    #[test]
     fn a_lease_lasts_at_least_until_the_expiration() {
         let now = SystemTime::now();
         assert_eq!(lease_ttl(now + Duration::from_secs(3), now), 3);
