@@ -9,6 +9,11 @@
 //! stderr); a member also dies with the thread that started it (`PR_SET_PDEATHSIG`),
 //! so a test process killed by a timeout leaves no etcd behind.
 //!
+//! [`EtcdCluster::start_tls`] starts members that serve clients over TLS only and ask
+//! for a client certificate (`--client-cert-auth`); the certificates (a CA made for the
+//! cluster, a server certificate for 127.0.0.1, a client certificate, and a second CA
+//! that signed none of them) are PEM files in the cluster's directory ([`TlsFiles`]).
+//!
 //! The members use short raft timings (heartbeat 50 ms, election 500 ms) so that a lost
 //! leader is replaced within about a second.
 
@@ -20,7 +25,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 
 /// How long a cluster (or a restarted member) may take to become healthy.
 const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
@@ -35,8 +44,9 @@ struct Member {
 }
 
 impl Member {
-    fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+    fn client_url(&self, tls: bool) -> String {
+        let scheme = if tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     fn peer_url(&self) -> String {
@@ -50,6 +60,83 @@ pub struct EtcdCluster {
     dir: PathBuf,
     members: Vec<Member>,
     initial_cluster: String,
+    tls: Option<TlsFiles>,
+}
+
+/// The PEM files of a cluster started with [`EtcdCluster::start_tls`].
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA that signed the members' and the client's certificates.
+    pub ca: PathBuf,
+    /// A client certificate the members accept, and its key.
+    pub cert: PathBuf,
+    /// The key of `cert`.
+    pub key: PathBuf,
+    /// A CA that signed none of them (to check that a wrong CA is refused).
+    pub other_ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Makes the CAs and certificates and writes them under `dir`.
+    fn write(dir: &Path) -> TlsFiles {
+        let ca = |name: &str| {
+            let key = KeyPair::generate().expect("a CA key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            let cert = params.self_signed(&key).expect("a self-signed CA");
+            (cert.pem(), Issuer::new(params, key))
+        };
+        let (ca_pem, issuer) = ca("nsm test etcd CA");
+        let (other_pem, _) = ca("nsm test etcd CA (another)");
+        let leaf = |names: &[&str], usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().expect("a key");
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let mut params = CertificateParams::new(names).expect("certificate params");
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "nsm test");
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &issuer).expect("a certificate");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_pem, server_key_pem) = leaf(
+            &["127.0.0.1", "localhost"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client_pem, client_key_pem) =
+            leaf(&["nsm-registry"], ExtendedKeyUsagePurpose::ClientAuth);
+        let dir = dir.join("tls");
+        std::fs::create_dir_all(&dir).expect("the TLS directory");
+        let put = |name: &str, pem: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).expect("a PEM file");
+            path
+        };
+        TlsFiles {
+            ca: put("ca.pem", &ca_pem),
+            cert: put("client.pem", &client_pem),
+            key: put("client-key.pem", &client_key_pem),
+            other_ca: put("other-ca.pem", &other_pem),
+            server_cert: put("server.pem", &server_pem),
+            server_key: put("server-key.pem", &server_key_pem),
+        }
+    }
+
+    /// The client's TLS options: this CA and the client certificate.
+    fn options(&self) -> TlsOptions {
+        let read = |p: &Path| std::fs::read(p).expect("a PEM file");
+        TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca)))
+            .identity(Identity::from_pem(read(&self.cert), read(&self.key)))
+    }
 }
 
 /// A free loopback port (bound, then released for etcd to take).
@@ -66,6 +153,19 @@ impl EtcdCluster {
     /// # Panics
     /// When `etcd` cannot be started or the cluster is not healthy within 30 s.
     pub async fn start(members: usize) -> EtcdCluster {
+        Self::start_with(members, false).await
+    }
+
+    /// As [`EtcdCluster::start`], the members serving clients over TLS with client
+    /// certificates ([`EtcdCluster::tls`] names the files).
+    ///
+    /// # Panics
+    /// As [`EtcdCluster::start`].
+    pub async fn start_tls(members: usize) -> EtcdCluster {
+        Self::start_with(members, true).await
+    }
+
+    async fn start_with(members: usize, tls: bool) -> EtcdCluster {
         assert!(members >= 1, "an etcd cluster has at least one member");
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -87,10 +187,12 @@ impl EtcdCluster {
             .map(|m| format!("{}={}", m.name, m.peer_url()))
             .collect::<Vec<_>>()
             .join(",");
+        let tls = tls.then(|| TlsFiles::write(&dir));
         let mut cluster = EtcdCluster {
             dir,
             members,
             initial_cluster,
+            tls,
         };
         for i in 0..cluster.members.len() {
             cluster.spawn(i);
@@ -104,13 +206,14 @@ impl EtcdCluster {
         let data = self.dir.join(&member.name);
         let log =
             File::create(self.dir.join(format!("{}.log", member.name))).expect("etcd log file");
+        let client_url = member.client_url(self.tls.is_some());
         let mut cmd = Command::new("etcd");
         cmd.arg("--name")
             .arg(&member.name)
             .arg("--data-dir")
             .arg(&data)
-            .args(["--listen-client-urls", &member.client_url()])
-            .args(["--advertise-client-urls", &member.client_url()])
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
             .args(["--listen-peer-urls", &member.peer_url()])
             .args(["--initial-advertise-peer-urls", &member.peer_url()])
             .args(["--initial-cluster", &self.initial_cluster])
@@ -121,6 +224,15 @@ impl EtcdCluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
@@ -134,9 +246,21 @@ impl EtcdCluster {
         self.members[i].child = Some(child);
     }
 
-    /// The client URLs of every member (`http://127.0.0.1:port`), killed ones included.
+    /// The client URLs of every member (`http://127.0.0.1:port`, `https://` with TLS),
+    /// killed ones included.
     pub fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(Member::client_url).collect()
+        let tls = self.tls.is_some();
+        self.members.iter().map(|m| m.client_url(tls)).collect()
+    }
+
+    /// The certificates of a cluster started with [`EtcdCluster::start_tls`].
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// Client options that reach this cluster (its TLS, if any).
+    fn options(&self) -> Option<TlsOptions> {
+        self.tls.as_ref().map(TlsFiles::options)
     }
 
     /// The client URLs, comma-separated (as `NSM_ETCD_ENDPOINTS` takes them).
@@ -152,6 +276,11 @@ impl EtcdCluster {
     /// Whether the cluster has no member (never: [`EtcdCluster::start`] makes one).
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
+    }
+
+    /// The process id of member `i`, if it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(Child::id)
     }
 
     /// Whether member `i` runs.
@@ -183,7 +312,8 @@ impl EtcdCluster {
         let until = Instant::now() + HEALTHY_WITHIN;
         loop {
             for m in self.members.iter().filter(|m| m.child.is_some()) {
-                if let Some((me, leader)) = status(&m.client_url()).await {
+                let url = m.client_url(self.tls.is_some());
+                if let Some((me, leader)) = status(&url, self.options()).await {
                     if leader != 0 && me == leader {
                         return self
                             .members
@@ -210,7 +340,10 @@ impl EtcdCluster {
         loop {
             let mut healthy = true;
             for m in self.members.iter().filter(|m| m.child.is_some()) {
-                healthy &= status(&m.client_url()).await.is_some_and(|(_, l)| l != 0);
+                let url = m.client_url(self.tls.is_some());
+                healthy &= status(&url, self.options())
+                    .await
+                    .is_some_and(|(_, l)| l != 0);
             }
             if healthy {
                 return;
@@ -242,10 +375,13 @@ impl EtcdCluster {
 }
 
 /// `(member id, leader id)` of the member at `url`, if it answers within a second.
-async fn status(url: &str) -> Option<(u64, u64)> {
-    let options = ConnectOptions::new()
+async fn status(url: &str, tls: Option<TlsOptions>) -> Option<(u64, u64)> {
+    let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_millis(500))
         .with_timeout(Duration::from_secs(1));
+    if let Some(tls) = tls {
+        options = options.with_tls(tls);
+    }
     let call = async {
         let mut client = Client::connect([url], Some(options)).await.ok()?;
         let st = client.status().await.ok()?;
@@ -285,7 +421,7 @@ mod tests {
         assert_eq!(got.kvs()[0].value(), b"v");
         let dir = cluster.dir().to_path_buf();
         drop(cluster);
-        assert!(status(&url).await.is_none(), "the member is gone");
+        assert!(status(&url, None).await.is_none(), "the member is gone");
         assert!(!dir.exists(), "the data directory is removed");
     }
 }

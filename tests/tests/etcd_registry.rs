@@ -4,9 +4,10 @@
 //! SIGKILLed still expires and its watchers are told; every replica restarted, nothing
 //! is lost; a 3-member etcd cluster losing a member and then its leader keeps every
 //! acknowledged registration; etcd unreachable at start exits 1, a half TLS
-//! configuration exits 2; a manager given both replicas' URLs, its replica SIGKILLed,
+//! configuration exits 2; etcd over TLS with client certificates serves, a wrong CA
+//! exits 2 naming NSM_ETCD_CA; a manager given both replicas' URLs, its replica SIGKILLed,
 //! still connects new clients and keeps existing connections and registrations
-//! refreshing.
+//! refreshing, and the same when its replica hangs (SIGSTOP; SIGCONT at the end).
 
 #![cfg(feature = "etcd")]
 
@@ -346,6 +347,57 @@ async fn etcd_unreachable_at_start_exits_1_and_half_tls_exits_2() {
     assert!(p.log().contains("NSM_ETCD_KEY"), "{}", p.log());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_on_etcd_over_tls_serves_and_a_wrong_ca_exits_2_saying_so() {
+    let etcd = EtcdCluster::start_tls(1).await;
+    let files = etcd.tls().expect("a TLS cluster").clone();
+    let dir = TempDir::new("etcd", "tls");
+    let (cert, key) = (files.cert.display(), files.key.display());
+    let (cert, key) = (cert.to_string(), key.to_string());
+    let with_ca = |name: &str, ca: &std::path::Path| {
+        let url = dir.unix(&format!("{name}.sock"));
+        let ca = ca.display().to_string();
+        let p = start(
+            &dir,
+            "nsm-registry",
+            name,
+            &[
+                ("NSM_LISTEN_ON", url.as_str()),
+                ("NSM_ETCD_ENDPOINTS", &etcd.endpoints_env()),
+                ("NSM_ETCD_CA", &ca),
+                ("NSM_ETCD_CERT", &cert),
+                ("NSM_ETCD_KEY", &key),
+            ],
+            false,
+            READY,
+        );
+        (p, url)
+    };
+    let (mut good, url) = with_ca("registry-tls", &files.ca);
+    good.wait_for_log(&["registry on etcd", "https://"]);
+    good.wait_for_log(&["serving", &url]);
+    let reg = client::<NetworkServiceEndpoint>(&dir, "nse-1", &url);
+    reg.register(&mut cx(), nse("nse-1", "tcp://10.0.0.1:5000"))
+        .await
+        .expect("a Register through the replica on etcd over TLS");
+    assert_eq!(
+        reg.list(&mut cx(), NetworkServiceEndpoint::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let (mut wrong, _) = with_ca("registry-wrong-ca", &files.other_ca);
+    let status = wrong.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(2), "{}", wrong.log());
+    let log = wrong.log();
+    assert!(
+        log.contains("NSM_ETCD_CA") && log.contains("other-ca.pem") && log.contains("not trusted"),
+        "{log}"
+    );
+}
+
 /// Counts the Requests of a client chain (first ones and refreshes) that succeeded and
 /// that failed.
 #[derive(Default)]
@@ -396,8 +448,61 @@ fn icmp_request() -> NetworkServiceRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manager_given_both_replicas_fails_over_when_its_replica_is_sigkilled() {
+    manager_fails_over("failover", "SIGKILLed", Proc::kill9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_given_both_replicas_fails_over_when_its_replica_hangs() {
+    let mut after = manager_fails_over("hung", "SIGSTOPped", |a| a.signal("STOP")).await;
+    // The manager's watches on the stopped replica were silent: probed, they moved too.
+    after
+        .mgr
+        .wait_for_log(&["registry replica of a watch does not answer; leaving it"]);
+    let (a, dir) = (&after.a, &after.dir);
+    a.signal("CONT");
+    // Woken, the replica serves again, and what was registered meanwhile is there.
+    let names: HashSet<String> = client::<NetworkServiceEndpoint>(dir, "watcher", &a.url)
+        .list(&mut cx(), NetworkServiceEndpoint::default())
+        .await
+        .expect("the woken replica answers")
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(
+        names.contains("nse") && names.contains("forwarder"),
+        "{names:?}"
+    );
+}
+
+/// A replica process and its URL.
+struct Replica {
+    proc: Proc,
+    url: String,
+}
+
+/// What [`manager_fails_over`] leaves running.
+struct FailedOver {
+    /// The replica that failed (still running if the failure left it so).
+    a: Replica,
+    mgr: Proc,
+    dir: TempDir,
+    _etcd: EtcdCluster,
+}
+
+impl Replica {
+    fn signal(&self, signal: &str) {
+        self.proc.signal(signal);
+    }
+}
+
+/// Two replicas on one etcd, a manager given both URLs with a forwarder and an
+/// endpoint (3 s expiry), a client refreshing every 2 s; then `fail` is done to the
+/// manager's replica (named `how` in messages): a new client must connect within 1 s,
+/// the existing connection and both registrations keep refreshing through the other
+/// replica with no failed try.
+async fn manager_fails_over(name: &str, how: &str, fail: impl FnOnce(&mut Proc)) -> FailedOver {
     let etcd = EtcdCluster::start(1).await;
-    let dir = TempDir::new("etcd", "failover");
+    let dir = TempDir::new("etcd", name);
     // Endpoints expire 3 s after each registration: they stay only if their refreshes
     // (every 2 s, through the manager) keep reaching a live replica.
     let (mut a, a_url) = replica_expiring(&dir, "registry-a", &etcd.endpoints_env(), "3s");
@@ -462,17 +567,17 @@ async fn a_manager_given_both_replicas_fails_over_when_its_replica_is_sigkilled(
     let nse_refreshes = nse.log().matches("registration refreshed").count();
     let fwd_refreshes = fwd.log().matches("registration refreshed").count();
 
-    // The manager's replica (the first URL) dies.
-    a.kill9();
+    // The manager's replica (the first URL) fails.
+    fail(&mut a);
     let killed = Instant::now();
     let fresh = Arc::new(Outcomes::default());
     let second = nsc(&dir, "nsc-2", &mgr_url, Duration::from_secs(60), &fresh);
     second
         .request(&mut cx(), icmp_request())
         .await
-        .expect("a new client connects with replica A dead");
+        .unwrap_or_else(|e| panic!("a new client connects with replica A {how}: {e}"));
     let failover = killed.elapsed();
-    eprintln!("new client connected {failover:?} after the manager's replica was SIGKILLed");
+    eprintln!("new client connected {failover:?} after the manager's replica was {how}");
     assert_eq!(fresh.failed.load(Ordering::SeqCst), 0, "no failed try");
 
     // The existing connection and both registrations keep refreshing through B, past
@@ -522,4 +627,13 @@ async fn a_manager_given_both_replicas_fails_over_when_its_replica_is_sigkilled(
         failover <= Duration::from_secs(1),
         "failover took {failover:?}, the issue asks at most 1 s"
     );
+    FailedOver {
+        a: Replica {
+            proc: a,
+            url: a_url,
+        },
+        mgr,
+        dir,
+        _etcd: etcd,
+    }
 }

@@ -1,6 +1,7 @@
 //! The registry's etcd store against real etcd members (nsm_testkit::etcd): Register,
 //! Find with watch, Unregister; lease expiry told to watchers with no registry alive;
-//! a compacted watch revision re-lists; name ownership across replicas under a race.
+//! a compacted watch revision re-lists; name ownership across replicas under a race; a
+//! Find by service reads that service's index, which follows every change.
 
 #![cfg(feature = "etcd")]
 
@@ -280,6 +281,119 @@ async fn a_watch_whose_revision_was_compacted_relists() {
     assert_eq!((del.resource.name.as_str(), del.deleted), ("new", true));
 }
 
+/// The keys under `dir` in etcd, without their prefix.
+async fn keys(etcd: &Etcd, dir: &str) -> Vec<String> {
+    let dir = format!("{}{dir}", etcd.prefix());
+    let resp = etcd
+        .client()
+        .clone()
+        .get(
+            dir.as_str(),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    resp.kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key()[dir.len()..]).into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_find_by_service_reads_that_services_index_which_follows_every_change() {
+    let cluster = EtcdCluster::start(1).await;
+    let etcd = connect(&cluster.endpoints()).await;
+    let reg = server(&etcd, None);
+    let nses = &reg.registries().nse;
+    let cx = &mut Cx::server();
+    nses.register(cx, nse("e1", &["a", "b", "a"], "tcp://e1:1"))
+        .await
+        .unwrap();
+    nses.register(cx, nse("e2", &["c/d"], "tcp://e2:1"))
+        .await
+        .unwrap();
+    nses.register(cx, nse("e3", &["c"], "tcp://e3:1"))
+        .await
+        .unwrap();
+    // One copy per service (a service named twice once), the slash escaped.
+    assert_eq!(
+        keys(&etcd, "idx/ns/").await,
+        ["a/e1", "b/e1", "c%2Fd/e2", "c/e3"]
+    );
+    let names = |found: Vec<NetworkServiceEndpoint>| {
+        let mut n: Vec<String> = found.into_iter().map(|e| e.name).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(nses.list(cx, by_service("c")).await.unwrap()), ["e3"]);
+    assert_eq!(
+        names(nses.list(cx, by_service("c/d")).await.unwrap()),
+        ["e2"]
+    );
+    // The other conditions of the template still apply to what the index gives.
+    let mut both = by_service("b");
+    both.network_service_names.push("a".into());
+    assert_eq!(names(nses.list(cx, both).await.unwrap()), ["e1"]);
+    let mut not_both = by_service("a");
+    not_both.network_service_names.push("c".into());
+    assert!(nses.list(cx, not_both).await.unwrap().is_empty());
+    // A Find by name reads that one key.
+    let by_name = nse("e2", &[], "");
+    assert_eq!(names(nses.list(cx, by_name).await.unwrap()), ["e2"]);
+
+    let mut on_a = watch(nses, by_service("a")).await;
+    let mut on_c = watch(nses, by_service("c")).await;
+    let mut on_e1 = watch(nses, nse("e1", &[], "")).await;
+    assert_eq!(next_item(&mut on_a, SOON).await.resource.name, "e1");
+    assert_eq!(next_item(&mut on_c, SOON).await.resource.name, "e3");
+    assert_eq!(next_item(&mut on_e1, SOON).await.resource.name, "e1");
+
+    // e1 moves from a and b to b and c: a's watcher hears it leave, c's hears it come.
+    nses.register(cx, nse("e1", &["b", "c"], "tcp://e1:2"))
+        .await
+        .unwrap();
+    let left = next_item(&mut on_a, SOON).await;
+    assert_eq!((left.resource.name.as_str(), left.deleted), ("e1", true));
+    assert_eq!(left.resource.url, "tcp://e1:1", "as it was");
+    let came = next_item(&mut on_c, SOON).await;
+    assert_eq!((came.resource.name.as_str(), came.deleted), ("e1", false));
+    assert_eq!(came.resource.url, "tcp://e1:2");
+    let changed = next_item(&mut on_e1, SOON).await;
+    assert_eq!(
+        (changed.resource.url.as_str(), changed.deleted),
+        ("tcp://e1:2", false)
+    );
+    assert_eq!(
+        keys(&etcd, "idx/ns/").await,
+        ["b/e1", "c%2Fd/e2", "c/e1", "c/e3"]
+    );
+    no_item(&mut on_a).await;
+
+    // Unregister removes its index keys with it.
+    nses.unregister(cx, nse("e1", &[], "")).await.unwrap();
+    let gone = next_item(&mut on_c, SOON).await;
+    assert_eq!((gone.resource.name.as_str(), gone.deleted), ("e1", true));
+    let gone = next_item(&mut on_e1, SOON).await;
+    assert_eq!((gone.resource.name.as_str(), gone.deleted), ("e1", true));
+    assert_eq!(keys(&etcd, "idx/ns/").await, ["c%2Fd/e2", "c/e3"]);
+    no_item(&mut on_c).await;
+
+    // A lease that ends takes the entry and its index keys at once.
+    let mut e = nse("short", &["c"], "tcp://short:1");
+    e.expiration_time = Some((SystemTime::now() + Duration::from_secs(1)).into());
+    nses.register(cx, e).await.unwrap();
+    let put = next_item(&mut on_c, SOON).await;
+    assert_eq!((put.resource.name.as_str(), put.deleted), ("short", false));
+    let del = next_item(&mut on_c, Duration::from_secs(10)).await;
+    assert_eq!((del.resource.name.as_str(), del.deleted), ("short", true));
+    assert_eq!(keys(&etcd, "idx/ns/").await, ["c%2Fd/e2", "c/e3"]);
+    assert_eq!(keys(&etcd, "nse/").await, ["e2", "e3"]);
+}
+
 fn peer(ca: &DevCa, name: &str) -> Cx {
     let id = SpiffeId::parse(&format!("spiffe://example.org/{name}")).unwrap();
     let issued = ca.issue(&id, Duration::from_secs(3600)).unwrap();
@@ -382,4 +496,57 @@ async fn two_identities_racing_for_names_through_two_replicas_never_both_win() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn etcd_over_tls_with_a_client_certificate_and_a_wrong_ca_refused_at_connect() {
+    use nsm_sdk::registry::EtcdTls;
+    let cluster = EtcdCluster::start_tls(1).await;
+    let files = cluster.tls().expect("a TLS cluster").clone();
+    let config = |ca: &std::path::Path, client_cert: bool| {
+        let mut c = EtcdConfig::new(cluster.endpoints());
+        c.tls = Some(EtcdTls {
+            ca: Some(ca.to_path_buf()),
+            cert: client_cert.then(|| files.cert.clone()),
+            key: client_cert.then(|| files.key.clone()),
+        });
+        c
+    };
+    assert!(cluster.endpoints()[0].starts_with("https://"));
+
+    let etcd = Etcd::connect(&config(&files.ca, true), Duration::from_secs(10))
+        .await
+        .expect("etcd over TLS answers");
+    let reg = server(&etcd, None);
+    let cx = &mut Cx::server();
+    reg.registries()
+        .nse
+        .register(cx, nse("over-tls", &["svc"], "tcp://t:1"))
+        .await
+        .unwrap();
+    let found = reg
+        .registries()
+        .nse
+        .list(cx, by_service("svc"))
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+
+    // A CA that did not sign the members' certificates: refused at connect, saying so.
+    let started = std::time::Instant::now();
+    let e = Etcd::connect(&config(&files.other_ca, true), Duration::from_secs(3))
+        .await
+        .unwrap_err();
+    eprintln!("wrong CA: {e}");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("NSM_ETCD_CA"), "{e}");
+    assert!(e.to_string().contains("other-ca.pem"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // No client certificate: the members ask for one.
+    let e = Etcd::connect(&config(&files.ca, false), Duration::from_secs(3))
+        .await
+        .unwrap_err();
+    eprintln!("no client certificate: {e}");
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
 }

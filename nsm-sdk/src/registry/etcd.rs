@@ -4,6 +4,15 @@
 //! What it does (the same contract as [`memory`](super::memory)):
 //! - Entries are keys `<prefix>ns/<name>` and `<prefix>nse/<name>`; the value is a
 //!   protobuf [`EtcdEntry`]: the resource's protobuf encoding and its owner's SPIFFE ID.
+//!   An endpoint is also copied, for each service it names, to the **index** key
+//!   `<prefix>idx/ns/<service>/<name>` (`/` and `%` in the service escaped as `%2F`,
+//!   `%25`), written and deleted in the same transaction as the entry and under the
+//!   same lease, so the index never disagrees with the entries and expires with them.
+//!   A copy rather than a reference: a Find reads the index in one range read at one
+//!   revision, which a watch then follows, with no second read per entry. Endpoints
+//!   written by a version without the index are found by service only once they are
+//!   registered again (their next refresh) through a version with it: every replica on
+//!   one prefix should run a version with the index.
 //! - **Register** reads the key, checks ownership (with policies), prepares the entry as
 //!   memory does (initial registration time, default payload) and writes it in a
 //!   transaction that succeeds only if the key is still at the revision it read
@@ -13,9 +22,11 @@
 //!   A refresh writes with a new lease and revokes the old one. Place
 //!   [`expire`](super::expire)`(..).`[`stamp_only`](super::Expire::stamp_only) before
 //!   this store: it sets the expiration; timers would race with other replicas.
-//! - **Find** is one linearizable range read of the prefix (matches
-//!   ([`Matches`](super::Matches)), endpoints whose expiration has passed left out).
-//!   With `watch`, a watch of the prefix follows from the revision after that read, so
+//! - **Find** is one linearizable read (matches ([`Matches`](super::Matches)),
+//!   endpoints whose expiration has passed left out) of only what can match: the one
+//!   key when the template names the entry, the index of the first service the
+//!   template names (`network_service_names`, exact), or else the whole directory.
+//!   With `watch`, a watch of the same keys follows from the revision after that read, so
 //!   the stream has no gap and no duplicate: a put that matches is `deleted = false`, a
 //!   delete (Unregister or lease expiry) or a put that stops matching of an entry the
 //!   stream reported is `deleted = true` with the entry as it was.
@@ -192,6 +203,44 @@ fn unavailable(what: &str, e: impl fmt::Display) -> Error {
     Error::Unavailable(format!("etcd {what}: {e}"))
 }
 
+/// The error of a first call to etcd that failed: a TLS handshake refused for a
+/// certificate is a configuration that cannot work (InvalidArgument, naming the
+/// setting to fix); anything else is Unavailable.
+fn refused(config: &EtcdConfig, endpoints: &str, e: etcd_client::Error) -> Error {
+    let text = format!("{e:?} {e}");
+    let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
+    let tls = config.tls.as_ref();
+    let file = |p: Option<&PathBuf>| p.map_or_else(|| "unset".into(), |p| p.display().to_string());
+    if has(&["InvalidCertificate", "invalid peer certificate"]) {
+        let ca = file(tls.and_then(|t| t.ca.as_ref()));
+        return Error::invalid(format!(
+            "etcd at {endpoints}: the members' certificate is not trusted: NSM_ETCD_CA \
+             ({ca}) must be the CA that signed it ({e})"
+        ));
+    }
+    if has(&[
+        "CertificateRequired",
+        "BadCertificate",
+        "UnknownCA",
+        "certificate required",
+    ]) {
+        let cert = file(tls.and_then(|t| t.cert.as_ref()));
+        return Error::invalid(format!(
+            "etcd at {endpoints}: the members refused the client certificate: NSM_ETCD_CERT \
+             and NSM_ETCD_KEY ({cert}) must be a certificate their CA signed ({e})"
+        ));
+    }
+    let e = unavailable(&format!("at {endpoints}"), e);
+    match tls {
+        // TLS 1.3 tells a client without a certificate only by closing the connection.
+        Some(t) if t.cert.is_none() => Error::Unavailable(format!(
+            "{e} (no client certificate was given: NSM_ETCD_CERT and NSM_ETCD_KEY; etcd \
+             members run with --client-cert-auth require one)"
+        )),
+        _ => e,
+    }
+}
+
 fn read_pem(path: &PathBuf, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::invalid(format!("{what} {}: {e}", path.display())))
 }
@@ -201,7 +250,8 @@ impl Etcd {
     /// of the prefix, within `within`).
     ///
     /// Fails with InvalidArgument for a configuration that cannot work (no endpoint, a
-    /// TLS file that cannot be read) and Unavailable when etcd does not answer.
+    /// TLS file that cannot be read, a CA that did not sign the members' certificates,
+    /// a client certificate they refuse) and Unavailable when etcd does not answer.
     pub async fn connect(config: &EtcdConfig, within: Duration) -> Result<Etcd> {
         if config.endpoints.is_empty() {
             return Err(Error::invalid("no etcd endpoint"));
@@ -224,10 +274,11 @@ impl Etcd {
             options = options.with_tls(opts);
         }
         let endpoints = config.endpoints.join(",");
+        let failed = |e: etcd_client::Error| refused(config, &endpoints, e);
         let connect = async {
             let client = Client::connect(&config.endpoints, Some(options))
                 .await
-                .map_err(|e| unavailable(&format!("at {endpoints}"), e))?;
+                .map_err(failed)?;
             let etcd = Etcd {
                 client: Arc::new(client),
                 prefix: config.prefix.as_str().into(),
@@ -239,7 +290,7 @@ impl Etcd {
                     Some(GetOptions::new().with_count_only()),
                 )
                 .await
-                .map_err(|e| unavailable(&format!("at {endpoints}"), e))?;
+                .map_err(failed)?;
             Ok(etcd)
         };
         tokio::time::timeout(within, connect).await.map_err(|_| {
@@ -267,12 +318,23 @@ impl Etcd {
     }
 }
 
-/// A resource the etcd store keeps: where under the prefix, and when it lapses.
+/// A resource the etcd store keeps: where under the prefix, when it lapses and which
+/// network services index it.
 pub trait EtcdResource: Stored {
     /// The directory under the prefix (`ns/`, `nse/`).
     const DIR: &'static str;
     /// When the registration lapses (an endpoint's `expiration_time`); `None`: never.
     fn lapses(&self) -> Option<SystemTime>;
+    /// The network services whose index holds this entry (an endpoint's
+    /// `network_service_names`; none for others).
+    fn services(&self) -> &[String] {
+        &[]
+    }
+    /// The network service every match of `template` serves, if the template names
+    /// one: a Find of it reads that service's index, not the whole directory.
+    fn queried_service(_template: &Self) -> Option<&str> {
+        None
+    }
 }
 
 impl EtcdResource for NetworkService {
@@ -287,6 +349,41 @@ impl EtcdResource for NetworkServiceEndpoint {
     fn lapses(&self) -> Option<SystemTime> {
         self.expiration_time
             .and_then(|t| SystemTime::try_from(t).ok())
+    }
+    fn services(&self) -> &[String] {
+        &self.network_service_names
+    }
+    fn queried_service(template: &Self) -> Option<&str> {
+        template.network_service_names.first().map(String::as_str)
+    }
+}
+
+/// A service name as one key segment: `/` (and `%`, the escape) percent-encoded, so
+/// that one service's index directory never contains another's.
+fn segment(service: &str) -> String {
+    service.replace('%', "%25").replace('/', "%2F")
+}
+
+/// What a Find reads and watches in etcd.
+#[derive(Debug, Clone, PartialEq)]
+enum Scope {
+    /// One key: the query names the entry (`name`).
+    Key { key: String, name: String },
+    /// Every key under a directory (the resource's, or a service's index); the entry's
+    /// name is the rest of its key.
+    Dir(String),
+}
+
+impl Scope {
+    /// The name of the entry at `key`, if the key is in this scope.
+    fn name_of(&self, key: &[u8]) -> Option<String> {
+        match self {
+            Scope::Key { key: k, name } => (k.as_bytes() == key).then(|| name.clone()),
+            Scope::Dir(dir) => key
+                .strip_prefix(dir.as_bytes())
+                .and_then(|n| std::str::from_utf8(n).ok())
+                .map(str::to_string),
+        }
     }
 }
 
@@ -414,6 +511,38 @@ impl<R: EtcdResource> EtcdStore<R> {
         format!("{}{}{name}", self.etcd.prefix, R::DIR)
     }
 
+    /// The index directory of `service`: a copy of each entry serving it.
+    fn index_dir(&self, service: &str) -> String {
+        format!("{}idx/ns/{}/", self.etcd.prefix, segment(service))
+    }
+
+    /// The index keys of `r`, one per service it names (each once).
+    fn index_keys(&self, r: &R) -> Vec<String> {
+        let mut keys: Vec<String> = r
+            .services()
+            .iter()
+            .map(|s| format!("{}{}", self.index_dir(s), r.name()))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// What a Find of `template` reads: the entry's key when the template names it, the
+    /// index of the service it names, or else the whole directory.
+    fn scope(&self, template: &R) -> Scope {
+        if !template.name().is_empty() {
+            Scope::Key {
+                key: self.key(template.name()),
+                name: template.name().to_string(),
+            }
+        } else if let Some(service) = R::queried_service(template) {
+            Scope::Dir(self.index_dir(service))
+        } else {
+            Scope::Dir(self.dir())
+        }
+    }
+
     async fn read(&self, key: &str) -> Result<Option<Current<R>>> {
         let kv = self.etcd.client.kv_client();
         let resp = timed("read", || {
@@ -495,12 +624,29 @@ impl<R: EtcdResource> EtcdStore<R> {
                 owner: caller.as_ref().map(|c| c.to_string()).unwrap_or_default(),
             }
             .encode_to_vec();
-            let put = PutOptions::new().with_lease(lease);
+            // The entry and its index keys in one transaction, under one lease: they
+            // appear, change and expire together.
+            let index = self.index_keys(&stored);
+            let mut ops: Vec<TxnOp> = std::iter::once(&key)
+                .chain(&index)
+                .map(|k| {
+                    let put = PutOptions::new().with_lease(lease);
+                    TxnOp::put(k.as_str(), value.clone(), Some(put))
+                })
+                .collect();
+            if let Some(old) = &seen {
+                ops.extend(
+                    self.index_keys(&old.resource)
+                        .into_iter()
+                        .filter(|k| !index.contains(k))
+                        .map(|k| TxnOp::delete(k, None)),
+                );
+            }
             // On a lost race, the key as it is: a retried transaction whose first try
             // was applied finds its own value there.
             let txn = Txn::new()
                 .when([Self::unchanged(&key, seen.as_ref())])
-                .and_then([TxnOp::put(key.as_str(), value.clone(), Some(put))])
+                .and_then(ops)
                 .or_else([TxnOp::get(key.as_str(), None)]);
             let kv = self.etcd.client.kv_client();
             let register = || {
@@ -543,9 +689,13 @@ impl<R: EtcdResource> EtcdStore<R> {
             let Some(seen) = seen else {
                 return Ok(());
             };
+            let ops: Vec<TxnOp> = std::iter::once(key.clone())
+                .chain(self.index_keys(&seen.resource))
+                .map(|k| TxnOp::delete(k, None))
+                .collect();
             let txn = Txn::new()
                 .when([Self::unchanged(&key, Some(&seen))])
-                .and_then([TxnOp::delete(key.as_str(), None)]);
+                .and_then(ops);
             let kv = self.etcd.client.kv_client();
             let unregister = || {
                 let (mut kv, txn) = (kv.clone(), txn.clone());
@@ -565,11 +715,15 @@ impl<R: EtcdResource> EtcdStore<R> {
     }
 
     /// Every current match of `template` and the revision they were read at.
-    async fn list(&self, template: &R) -> Result<(Vec<R>, i64)> {
-        let (kv, dir) = (self.etcd.client.kv_client(), self.dir());
+    async fn list(&self, template: &R, scope: &Scope) -> Result<(Vec<R>, i64)> {
+        let kv = self.etcd.client.kv_client();
+        let (key, options) = match scope {
+            Scope::Key { key, .. } => (key, None),
+            Scope::Dir(dir) => (dir, Some(GetOptions::new().with_prefix())),
+        };
         let resp = timed("find", || {
-            let (mut kv, dir) = (kv.clone(), dir.clone());
-            async move { kv.get(dir, Some(GetOptions::new().with_prefix())).await }
+            let (mut kv, options) = (kv.clone(), options.clone());
+            async move { kv.get(key.as_str(), options).await }
         })
         .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
@@ -585,10 +739,17 @@ impl<R: EtcdResource> EtcdStore<R> {
     }
 
     /// A watching Find that has told its client `known`, as of `revision`.
-    fn follow(&self, template: R, known: HashMap<String, R>, revision: i64) -> Follow<R> {
+    fn follow(
+        &self,
+        template: R,
+        scope: Scope,
+        known: HashMap<String, R>,
+        revision: i64,
+    ) -> Follow<R> {
         Follow {
             store: self.clone(),
             template,
+            scope,
             known,
             pending: VecDeque::new(),
             revision,
@@ -603,6 +764,8 @@ impl<R: EtcdResource> EtcdStore<R> {
 struct Follow<R: EtcdResource> {
     store: EtcdStore<R>,
     template: R,
+    /// What is watched: the same keys the first read read.
+    scope: Scope,
     known: HashMap<String, R>,
     pending: VecDeque<Found<R>>,
     /// The revision everything known is as of.
@@ -625,7 +788,7 @@ impl<R: EtcdResource> Follow<R> {
 
     /// Replaces what the client knows by the current state (a compacted revision).
     async fn relist(&mut self) -> Result<()> {
-        let (current, revision) = self.store.list(&self.template).await?;
+        let (current, revision) = self.store.list(&self.template, &self.scope).await?;
         let names: std::collections::HashSet<&str> = current.iter().map(|r| r.name()).collect();
         let gone: Vec<R> = self
             .known
@@ -651,13 +814,7 @@ impl<R: EtcdResource> Follow<R> {
 
     fn event(&mut self, kind: EventType, kv: &KeyValue, prev: Option<&KeyValue>) {
         self.revision = self.revision.max(kv.mod_revision());
-        let dir = self.store.dir();
-        let Some(name) = kv
-            .key()
-            .strip_prefix(dir.as_bytes())
-            .and_then(|n| std::str::from_utf8(n).ok())
-            .map(str::to_string)
-        else {
+        let Some(name) = self.scope.name_of(kv.key()) else {
             return;
         };
         match kind {
@@ -682,13 +839,16 @@ impl<R: EtcdResource> Follow<R> {
 
     async fn open(&mut self) -> Result<WatchStream> {
         let options = WatchOptions::new()
-            .with_prefix()
             .with_prev_key()
             .with_start_revision(self.revision + 1);
-        let (watch, dir) = (self.store.etcd.client.watch_client(), self.store.dir());
+        let (key, options) = match &self.scope {
+            Scope::Key { key, .. } => (key.clone(), options),
+            Scope::Dir(dir) => (dir.clone(), options.with_prefix()),
+        };
+        let watch = self.store.etcd.client.watch_client();
         timed("watch", || {
-            let (mut watch, dir, options) = (watch.clone(), dir.clone(), options.clone());
-            async move { watch.watch(dir, Some(options)).await }
+            let (mut watch, key, options) = (watch.clone(), key.clone(), options.clone());
+            async move { watch.watch(key, Some(options)).await }
         })
         .await
     }
@@ -769,7 +929,8 @@ impl<R: EtcdResource> RegistryHandler<R> for EtcdStore<R> {
         query: Query<R>,
         _next: RegistryNext<R>,
     ) -> Result<FindStream<R>> {
-        let (current, revision) = self.list(&query.template).await?;
+        let scope = self.scope(&query.template);
+        let (current, revision) = self.list(&query.template, &scope).await?;
         if !query.watch {
             let items = current.into_iter().map(|resource| {
                 Ok(Found {
@@ -779,7 +940,7 @@ impl<R: EtcdResource> RegistryHandler<R> for EtcdStore<R> {
             });
             return Ok(Box::pin(futures::stream::iter(items)));
         }
-        let mut follow = self.follow(query.template, HashMap::new(), revision);
+        let mut follow = self.follow(query.template, scope, HashMap::new(), revision);
         for r in current {
             follow.tell(r, false);
         }
@@ -853,6 +1014,29 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_service_is_one_key_segment_and_a_scope_names_its_entries() {
+        assert_eq!(segment("a/b"), "a%2Fb");
+        assert_eq!(
+            segment("a%2Fb"),
+            "a%252Fb",
+            "an escape in the name stays distinct"
+        );
+        assert_eq!(segment("plain"), "plain");
+        let dir = Scope::Dir("/nsm/idx/ns/a%2Fb/".into());
+        assert_eq!(
+            dir.name_of(b"/nsm/idx/ns/a%2Fb/e/1").as_deref(),
+            Some("e/1")
+        );
+        assert_eq!(dir.name_of(b"/nsm/idx/ns/a/e"), None);
+        let key = Scope::Key {
+            key: "/nsm/nse/e".into(),
+            name: "e".into(),
+        };
+        assert_eq!(key.name_of(b"/nsm/nse/e").as_deref(), Some("e"));
+        assert_eq!(key.name_of(b"/nsm/nse/e2"), None);
     }
 
     #[test]
