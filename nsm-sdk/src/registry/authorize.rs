@@ -84,6 +84,9 @@ struct Owner {
     id: SpiffeId,
     /// When the registration lapses (`None`: never, as network services).
     expires: Option<SystemTime>,
+    /// The registered definition (protobuf), for resources others may register as it
+    /// is ([`Resource::same_definition`]: network services).
+    definition: Option<Vec<u8>>,
 }
 
 impl Owner {
@@ -92,14 +95,19 @@ impl Owner {
     }
 }
 
-/// When a registration lapses: an endpoint's `expiration_time`; network services do not.
+/// When a registration lapses (an endpoint's `expiration_time`; network services do
+/// not), and whether its definition is shared (network services).
 trait Lapsing: Resource {
     fn lapses(&self) -> Option<SystemTime>;
+    fn shares(&self) -> bool;
 }
 
 impl Lapsing for NetworkService {
     fn lapses(&self) -> Option<SystemTime> {
         None
+    }
+    fn shares(&self) -> bool {
+        true
     }
 }
 
@@ -107,6 +115,9 @@ impl Lapsing for NetworkServiceEndpoint {
     fn lapses(&self) -> Option<SystemTime> {
         self.expiration_time
             .and_then(|t| SystemTime::try_from(t).ok())
+    }
+    fn shares(&self) -> bool {
+        false
     }
 }
 
@@ -126,15 +137,17 @@ pub(crate) fn caller<R: Resource>(cx: &Cx, name: &str) -> Result<SpiffeId> {
 }
 
 /// Asks the [`policy::REGISTRY`] policies whether `caller` may change `name`, owned by
-/// `owner` (`None`: free); PermissionDenied when not. Shared with the stores that keep
+/// `owner` (`None`: free), with a call that registers exactly what is registered
+/// (`unchanged`, [`Resource::same_definition`]); PermissionDenied when not. Shared with the stores that keep
 /// owners themselves (etcd).
 pub(crate) fn allowed<R: Resource>(
     policies: &PolicySet,
     caller: &SpiffeId,
     name: &str,
     owner: Option<&SpiffeId>,
+    unchanged: bool,
 ) -> Result<()> {
-    let input = registry_input(caller, name, owner);
+    let input = registry_input(caller, name, owner, unchanged);
     policies.check(policy::REGISTRY, &input).map_err(|e| {
         debug!(kind = R::KIND, name = %Shown(name), caller = %caller, error = %e, "registry call refused");
         Error::PermissionDenied(format!("{} {}: {e}", R::KIND, Shown(name)))
@@ -148,26 +161,36 @@ impl Inner {
         caller: &SpiffeId,
         name: &str,
         owner: Option<&Owner>,
+        unchanged: bool,
     ) -> Result<()> {
         let owner = owner
             .filter(|o| o.current(SystemTime::now()))
             .map(|o| &o.id);
-        allowed::<R>(&self.policies, caller, name, owner)
+        allowed::<R>(&self.policies, caller, name, owner, unchanged)
     }
 
     async fn register<R: Lapsing>(&self, cx: &mut Cx, r: R, next: RegistryNext<R>) -> Result<R> {
         let name = r.name().to_string();
         let caller = caller::<R>(cx, &name)?;
         let mut slot = self.owners.lock_or_insert(&name, || None).await;
-        let out = match self.allow::<R>(&caller, &name, slot.as_ref()) {
+        let current = slot.as_ref().filter(|o| o.current(SystemTime::now()));
+        let unchanged = current
+            .and_then(|o| o.definition.as_ref())
+            .and_then(|d| R::decode(d.as_slice()).ok())
+            .is_some_and(|stored| r.same_definition(&stored));
+        // Whoever registers a shared definition as it is does not become its owner.
+        let keeps_owner = unchanged && current.is_some_and(|o| o.id != caller);
+        let out = match self.allow::<R>(&caller, &name, slot.as_ref(), unchanged) {
             Ok(()) => next.register(cx, r).await,
             Err(e) => Err(e),
         };
         match &out {
+            Ok(_) if keeps_owner => {}
             Ok(stored) => {
                 **slot = Some(Owner {
                     id: caller,
                     expires: stored.lapses(),
+                    definition: stored.shares().then(|| stored.encode_to_vec()),
                 });
             }
             // A name that was free stays free (and takes no room).
@@ -188,12 +211,12 @@ impl Inner {
         let Some(mut slot) = self.owners.lock(&name).await else {
             // Nobody owns the name: nothing to protect, nothing to free.
             if let Some(caller) = &caller {
-                self.allow::<R>(caller, &name, None)?;
+                self.allow::<R>(caller, &name, None, false)?;
             }
             return next.unregister(cx, r).await;
         };
         if let Some(caller) = &caller {
-            self.allow::<R>(caller, &name, slot.as_ref())?;
+            self.allow::<R>(caller, &name, slot.as_ref(), false)?;
         }
         next.unregister(cx, r).await?;
         self.owners.remove(&name, &mut slot);
@@ -429,9 +452,42 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied);
         assert_eq!(store.get("svc").unwrap().payload, "IP");
+        // The same definition, registered by another identity (the manager of another
+        // node whose endpoint serves it too): accepted, and the owner stays.
+        reg.register(&mut as_peer(&ids.mallory), ns("IP"))
+            .await
+            .unwrap();
+        let e = reg
+            .register(&mut as_peer(&ids.mallory), ns("ETHERNET"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "still not its to change");
+        let e = reg
+            .unregister(&mut as_peer(&ids.mallory), ns("IP"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "nor to remove");
+        reg.register(&mut as_peer(&ids.alice), ns("ETHERNET"))
+            .await
+            .unwrap();
+        assert_eq!(store.get("svc").unwrap().payload, "ETHERNET");
         reg.unregister(&mut as_peer(&ids.alice), ns(""))
             .await
             .unwrap();
         assert_eq!(auth.owned(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_registered_as_it_is_by_another_identity_is_still_refused() {
+        let ids = ids();
+        let (_, store, reg) = chain(Duration::from_secs(60));
+        let mine = nse("nse-1", "tcp://127.0.0.1:1");
+        let stored = reg.register(&mut as_peer(&ids.alice), mine).await.unwrap();
+        let e = reg
+            .register(&mut as_peer(&ids.mallory), stored.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert_eq!(store.get("nse-1").unwrap().url, "tcp://127.0.0.1:1");
     }
 }

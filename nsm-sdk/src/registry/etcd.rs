@@ -600,9 +600,17 @@ impl<R: EtcdResource> EtcdStore<R> {
         };
         for _ in 0..CAS_ATTEMPTS {
             let seen = self.read(&key).await?;
+            // A shared definition registered as it is by another identity keeps its owner.
+            let mut owner = caller.as_ref().map(|c| c.to_string()).unwrap_or_default();
             if let (Some(policies), Some(caller)) = (&self.policies, &caller) {
-                let owner = seen.as_ref().and_then(|c| c.owner.as_ref());
-                allowed::<R>(policies, caller, &name, owner)?;
+                let current = seen.as_ref().and_then(|c| c.owner.as_ref());
+                let unchanged = seen
+                    .as_ref()
+                    .is_some_and(|c| r.same_definition(&c.resource));
+                allowed::<R>(policies, caller, &name, current, unchanged)?;
+                if let Some(other) = current.filter(|o| unchanged && *o != caller) {
+                    owner = other.to_string();
+                }
             }
             let now = SystemTime::now();
             let mut stored = r.clone();
@@ -621,7 +629,7 @@ impl<R: EtcdResource> EtcdStore<R> {
             };
             let value = EtcdEntry {
                 resource: stored.encode_to_vec(),
-                owner: caller.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+                owner,
             }
             .encode_to_vec();
             // The entry and its index keys in one transaction, under one lease: they
@@ -684,7 +692,7 @@ impl<R: EtcdResource> EtcdStore<R> {
             let seen = self.read(&key).await?;
             if let (Some(policies), Some(caller)) = (&self.policies, &caller) {
                 let owner = seen.as_ref().and_then(|c| c.owner.as_ref());
-                allowed::<R>(policies, caller, &name, owner)?;
+                allowed::<R>(policies, caller, &name, owner, false)?;
             }
             let Some(seen) = seen else {
                 return Ok(());

@@ -30,6 +30,14 @@ pub trait Resource:
     fn set_name(&mut self, name: String);
     /// Checks the entry against the input bounds ([`crate::wire::bounds`]).
     fn check(&self) -> Result<()>;
+    /// Whether registering `self` over `stored` (same name) changes nothing that is
+    /// shared: then an identity that does not own the name may register it too,
+    /// leaving the owner as it was. True only for a network service whose payload and
+    /// matches are the same (every endpoint of a service registers the service, each
+    /// through its own manager); an endpoint is always its owner's alone.
+    fn same_definition(&self, _stored: &Self) -> bool {
+        false
+    }
 }
 
 impl Resource for NetworkService {
@@ -42,6 +50,9 @@ impl Resource for NetworkService {
     }
     fn check(&self) -> Result<()> {
         bounds::check_ns(self)
+    }
+    fn same_definition(&self, stored: &Self) -> bool {
+        self.name == stored.name && self.payload == stored.payload && self.matches == stored.matches
     }
 }
 

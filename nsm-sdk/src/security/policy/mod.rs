@@ -410,12 +410,19 @@ pub fn monitor_input(path: &ProtoPath, subscriber: &SpiffeId) -> Json {
 }
 
 /// The input of `client_allowed`: may `caller` change the registration `name`, which
-/// `owner` holds (None: the name is free)?
-pub fn registry_input(caller: &SpiffeId, name: &str, owner: Option<&SpiffeId>) -> Json {
+/// `owner` holds (None: the name is free)? `unchanged`: the call registers exactly what
+/// is registered (a network service's same payload and matches).
+pub fn registry_input(
+    caller: &SpiffeId,
+    name: &str,
+    owner: Option<&SpiffeId>,
+    unchanged: bool,
+) -> Json {
     json!({
         "spiffe_id": caller.as_str(),
         "resource_name": name,
         "resource_owner": owner.map(SpiffeId::as_str),
+        "unchanged": unchanged,
     })
 }
 
@@ -677,14 +684,17 @@ mod tests {
         let set = PolicySet::defaults().unwrap();
         let owner = id("spiffe://example.org/nse");
         let attacker = id("spiffe://example.org/attacker");
-        set.check(REGISTRY, &registry_input(&owner, "nse-1", None))
-            .unwrap();
-        set.check(REGISTRY, &registry_input(&owner, "nse-1", Some(&owner)))
+        let input = |caller, owner, unchanged| registry_input(caller, "nse-1", owner, unchanged);
+        set.check(REGISTRY, &input(&owner, None, false)).unwrap();
+        set.check(REGISTRY, &input(&owner, Some(&owner), false))
             .unwrap();
         assert_eq!(
-            refused_by(set.check(REGISTRY, &registry_input(&attacker, "nse-1", Some(&owner)))),
+            refused_by(set.check(REGISTRY, &input(&attacker, Some(&owner), false))),
             "client_allowed"
         );
+        // Registering what is there already (a shared service's definition) is allowed.
+        set.check(REGISTRY, &input(&attacker, Some(&owner), true))
+            .unwrap();
     }
 
     #[test]
