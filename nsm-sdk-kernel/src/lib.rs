@@ -110,6 +110,7 @@ pub mod mechanism;
 pub mod netns;
 pub mod on_demand;
 pub mod plan;
+pub mod reaper;
 pub mod recorder;
 pub mod rtnl;
 pub mod veth;
@@ -128,6 +129,7 @@ pub use crate::plan::{
     PodSide, Policy, PortRange, Route, RouteScope, Rule, MAIN_TABLE, MAX_ALIAS_LEN,
     POLICY_TABLE_BASE,
 };
+pub use crate::reaper::groups_in_use;
 pub use crate::recorder::Recorder;
 pub use crate::rtnl::RtNetlink;
 pub use crate::veth::{down, kernel_side_up, veth_alias, veth_up, Created, VethEnd};

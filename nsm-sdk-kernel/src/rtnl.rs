@@ -61,6 +61,7 @@ const LOCAL_TABLE: u32 = 255;
 pub struct RtNetlink {
     handle: Handle,
     netns: String,
+    netns_id: (u64, u64),
     _conn: ConnTask,
 }
 
@@ -95,6 +96,7 @@ impl RtNetlink {
         Ok(RtNetlink {
             handle,
             netns: ns.to_string(),
+            netns_id: (ns.dev(), ns.inode()),
             _conn: ConnTask(task),
         })
     }
@@ -188,9 +190,11 @@ fn to_link(msg: netlink_packet_route::link::LinkMessage) -> Link {
         up: msg.header.flags.contains(LinkFlags::Up),
         kind: None,
         alias: None,
+        group: 0,
     };
     for a in msg.attributes {
         match a {
+            LinkAttribute::Group(g) => link.group = g,
             LinkAttribute::IfName(n) => link.name = n,
             LinkAttribute::Mtu(m) => link.mtu = m,
             LinkAttribute::IfAlias(a) if !a.is_empty() => link.alias = Some(a),
@@ -378,6 +382,35 @@ fn neighbour_ip(msg: &NeighbourMessage) -> Option<IpAddr> {
 impl Netlink for RtNetlink {
     fn netns(&self) -> &str {
         &self.netns
+    }
+
+    fn netns_id(&self) -> Option<(u64, u64)> {
+        Some(self.netns_id)
+    }
+
+    async fn set_group(&self, index: u32, group: u32) -> Result<()> {
+        let mut msg = LinkUnspec::new_with_index(index).build();
+        msg.attributes.push(LinkAttribute::Group(group));
+        match self.handle.link().set(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(ENODEV) => Err(Error::LinkNotFound {
+                name: format!("index {index}"),
+                netns: self.netns.clone(),
+            }),
+            Err(e) => Err(self.err(format!("set group {group} on link {index}"), e)),
+        }
+    }
+
+    async fn delete_group(&self, group: u32) -> Result<()> {
+        // Index 0 and IFLA_GROUP: the kernel's rtnl_group_dellink, one unregister (and
+        // one synchronisation) for every link of the group.
+        let mut req = self.handle.link().del(0);
+        req.message_mut()
+            .attributes
+            .push(LinkAttribute::Group(group));
+        req.execute()
+            .await
+            .map_err(|e| self.err(format!("delete link group {group}"), e))
     }
 
     async fn create_veth_pair(

@@ -42,6 +42,7 @@ use crate::error::{Error, Result};
 use crate::netns::NetNs;
 use crate::on_demand::OnDemandNetlink;
 use crate::plan::{IfName, Mtu, Op, Plan, PodSide, MAIN_TABLE, MAX_ALIAS_LEN};
+use crate::reaper;
 
 /// The alias of the `side` end of a connection's veth pair: `nsm-client-<id>` or
 /// `nsm-endpoint-<id>`, cut to [`MAX_ALIAS_LEN`] bytes (at a character boundary).
@@ -407,21 +408,15 @@ pub async fn down(created: Created) -> Result<()> {
     }
 }
 
+/// Deletes the pair through the [reaper](crate::reaper): at once when no other
+/// deletion is in flight, else together with the deletions queued meanwhile.
 async fn delete_pair(created: &Created) -> Result<()> {
-    for s in [&created.client, &created.endpoint] {
-        match ensure_ours(s).await {
-            Ok(()) => match s.netlink.delete_link(s.plan.ifname()).await {
-                Ok(()) | Err(Error::LinkNotFound { .. }) => {
-                    info!(ifname = %s.plan.ifname(), netns = s.netlink.netns(), "veth pair deleted");
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            },
-            Err(Error::LinkNotFound { .. }) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    let end = |s: &Side| reaper::End {
+        netlink: s.netlink.clone(),
+        name: s.plan.ifname().clone(),
+        index: s.index,
+    };
+    reaper::delete([end(&created.client), end(&created.endpoint)]).await
 }
 
 #[cfg(test)]
