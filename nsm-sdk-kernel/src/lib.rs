@@ -105,6 +105,7 @@
 
 pub mod apply;
 pub mod error;
+mod group_commit;
 pub mod liveness;
 pub mod mechanism;
 pub mod netns;

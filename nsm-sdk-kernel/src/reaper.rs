@@ -32,21 +32,22 @@
 //! [`groups_in_use`]). No link keeps a group: the group's links are gone with it, and
 //! a link whose group deletion failed is deleted on its own.
 //!
-//! State: one process-wide queue behind a `std::sync::Mutex` (never held across an
-//! await) and the set of group numbers in use. No task is spawned: the batches run in
-//! the Close futures of the waiting callers. Failure handled: a leader whose Close is
-//! cancelled (the caller went away) hands the queue on from its drop guard; the callers
-//! of the batch it was running see their reply channel close and delete their own pair
-//! one by one, so no Close waits for ever and none is lost.
+//! State: one process-wide `GroupCommit` (`group_commit.rs`) queue and the set of group numbers in use,
+//! each behind a `std::sync::Mutex` never held across an await. No task is spawned:
+//! the batches run in the Close futures of the waiting callers. Failure handled: a
+//! leader whose Close is cancelled (the caller went away) hands the queue on; the
+//! callers of the batch it was running delete their own pair alone, so no Close waits
+//! for ever (see `GroupCommit` (`group_commit.rs`)). A pair whose Close went away while it waited is
+//! still deleted.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::apply::Netlink;
 use crate::error::{Error, Result};
+use crate::group_commit::GroupCommit;
 use crate::plan::IfName;
 
 /// One end of a veth pair to delete: the handle of its namespace, its name and the
@@ -61,39 +62,9 @@ pub(crate) struct End {
 /// A veth pair to delete: its two ends (deleting either deletes both).
 pub(crate) type Pair = [End; 2];
 
-/// The queue and who leads it.
-#[derive(Debug, Default)]
-struct State {
-    /// A deletion or batch is running.
-    busy: bool,
-    queue: Vec<Job>,
-}
-
-#[derive(Debug)]
-struct Job {
-    pair: Pair,
-    /// `None` once the caller is gone: its pair is still deleted.
-    reply: Option<oneshot::Sender<Turn>>,
-}
-
-#[derive(Debug)]
-enum Turn {
-    /// The caller's pair was deleted (or not) by a batch.
-    Done(Result<()>),
-    /// The caller leads now: delete its own pair together with these.
-    Lead(Vec<Job>),
-}
-
-static STATE: Mutex<State> = Mutex::new(State {
-    busy: false,
-    queue: Vec::new(),
-});
+static REAPER: GroupCommit<Pair, Result<()>> = GroupCommit::new();
 
 static GROUPS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
-
-fn state() -> MutexGuard<'static, State> {
-    STATE.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 fn groups() -> MutexGuard<'static, BTreeSet<u32>> {
     GROUPS.lock().unwrap_or_else(|p| p.into_inner())
@@ -108,84 +79,7 @@ pub fn groups_in_use() -> usize {
 /// Deletes `pair` now when nothing else is being deleted, else together with the
 /// deletions that queue up meanwhile (see the [module docs](self)).
 pub(crate) async fn delete(pair: Pair) -> Result<()> {
-    let rx = {
-        let mut s = state();
-        if s.busy {
-            let (tx, rx) = oneshot::channel();
-            s.queue.push(Job {
-                pair: pair.clone(),
-                reply: Some(tx),
-            });
-            Some(rx)
-        } else {
-            s.busy = true;
-            None
-        }
-    };
-    let Some(rx) = rx else {
-        let _lead = Leader;
-        return delete_alone(&pair).await;
-    };
-    match rx.await {
-        Ok(Turn::Done(r)) => r,
-        Ok(Turn::Lead(mut rest)) => {
-            let _lead = Leader;
-            let (tx, mine) = oneshot::channel();
-            rest.push(Job {
-                pair: pair.clone(),
-                reply: Some(tx),
-            });
-            run_batch(rest).await;
-            match mine.await {
-                Ok(Turn::Done(r)) => r,
-                // run_batch answers every job; should it not, the pair still goes.
-                _ => delete_alone(&pair).await,
-            }
-        }
-        // The leader running our batch was cancelled.
-        Err(_) => delete_alone(&pair).await,
-    }
-}
-
-/// Held while a deletion or batch runs; on drop (done or cancelled) hands the queue to
-/// the next leader, or marks the reaper idle.
-struct Leader;
-
-impl Drop for Leader {
-    fn drop(&mut self) {
-        let mut s = state();
-        let mut jobs = std::mem::take(&mut s.queue);
-        let mut orphans = Vec::new();
-        while !jobs.is_empty() {
-            let job = jobs.remove(0);
-            let Some(reply) = job.reply else {
-                orphans.push(job);
-                continue;
-            };
-            let mut rest = std::mem::take(&mut jobs);
-            rest.append(&mut orphans);
-            match reply.send(Turn::Lead(rest)) {
-                Ok(()) => return,
-                Err(turn) => {
-                    // That caller went away: its pair still has to go.
-                    orphans.push(Job {
-                        pair: job.pair,
-                        reply: None,
-                    });
-                    if let Turn::Lead(back) = turn {
-                        jobs = back;
-                    }
-                }
-            }
-        }
-        if !orphans.is_empty() {
-            warn!(
-                pairs = orphans.len(),
-                "veth pairs of cancelled Closes were left for lack of a caller to delete them"
-            );
-        }
-        s.busy = false;
-    }
+    REAPER.submit(pair, run_batch).await
 }
 
 /// Deletes one pair with its own request, as before batching: through the first end
@@ -255,44 +149,40 @@ pub(crate) fn partition(ids: &[[Option<(u64, u64)>; 2]]) -> Vec<Vec<(usize, usiz
     out
 }
 
-/// Deletes a batch and answers every job.
-async fn run_batch(jobs: Vec<Job>) {
-    let ids: Vec<_> = jobs
+/// Deletes a batch (a lone pair too: it is alone in its namespace) and answers
+/// every pair, in order.
+async fn run_batch(pairs: Vec<Pair>) -> Vec<Result<()>> {
+    let ids: Vec<_> = pairs
         .iter()
-        .map(|j| [j.pair[0].netlink.netns_id(), j.pair[1].netlink.netns_id()])
+        .map(|p| [p[0].netlink.netns_id(), p[1].netlink.netns_id()])
         .collect();
-    let mut results: Vec<Option<Result<()>>> = jobs.iter().map(|_| None).collect();
+    let mut results: Vec<Option<Result<()>>> = pairs.iter().map(|_| None).collect();
     let mut groups_used = 0usize;
     for part in partition(&ids) {
         if part.len() < 2 {
             for (i, _) in part {
-                results[i] = Some(delete_alone(&jobs[i].pair).await);
+                results[i] = Some(delete_alone(&pairs[i]).await);
             }
             continue;
         }
         groups_used += 1;
-        let ends: Vec<&End> = part.iter().map(|&(i, e)| &jobs[i].pair[e]).collect();
+        let ends: Vec<&End> = part.iter().map(|&(i, e)| &pairs[i][e]).collect();
         let outcomes = delete_as_group(&ends).await;
         for (&(i, _), outcome) in part.iter().zip(outcomes) {
             results[i] = Some(match outcome {
                 Outcome::Done(r) => r,
-                Outcome::Alone => delete_alone(&jobs[i].pair).await,
+                Outcome::Alone => delete_alone(&pairs[i]).await,
             });
         }
     }
-    debug!(
-        pairs = jobs.len(),
-        groups = groups_used,
-        "batch of veth deletions done"
-    );
-    for (job, r) in jobs.into_iter().zip(results) {
-        let r = r.unwrap_or(Ok(()));
-        if let Some(reply) = job.reply {
-            let _ = reply.send(Turn::Done(r));
-        } else if let Err(e) = r {
-            warn!(ifname = %job.pair[0].name, error = %e, "deleting the veth pair of a cancelled Close failed");
-        }
+    if pairs.len() > 1 {
+        debug!(
+            pairs = pairs.len(),
+            groups = groups_used,
+            "batch of veth deletions done"
+        );
     }
+    results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
 }
 
 enum Outcome {
