@@ -165,6 +165,22 @@ impl RtNetlink {
             .collect())
     }
 
+    /// Sends an `RTM_SETLINK` that names its link by `IFLA_IFNAME` (index 0): the kernel
+    /// looks the name up itself, one round trip instead of a lookup and a set. A
+    /// missing link is [`Error::LinkNotFound`].
+    async fn set_by_name(
+        &self,
+        name: &IfName,
+        msg: netlink_packet_route::link::LinkMessage,
+        op: impl FnOnce() -> String,
+    ) -> Result<()> {
+        match self.handle.link().set(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(ENODEV) => Err(self.not_found(name)),
+            Err(e) => Err(self.err(op(), e)),
+        }
+    }
+
     /// Runs a delete whose "not there" errnos mean success.
     fn absent_ok(&self, op: String, r: Result<(), rtnetlink::Error>, absent: &[i32]) -> Result<()> {
         match r {
@@ -468,38 +484,24 @@ impl Netlink for RtNetlink {
     }
 
     async fn set_mtu(&self, name: &IfName, mtu: Mtu) -> Result<()> {
-        let index = self.index(name).await?;
-        let msg = LinkUnspec::new_with_index(index).mtu(mtu.get()).build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
+        let msg = LinkUnspec::new_with_name(name.as_str())
+            .mtu(mtu.get())
+            .build();
+        self.set_by_name(name, msg, || format!("set mtu {} on {name}", mtu.get()))
             .await
-            .map_err(|e| self.err(format!("set mtu {} on {name}", mtu.get()), e))
     }
 
     async fn set_mac(&self, name: &IfName, mac: [u8; 6]) -> Result<()> {
-        let index = self.index(name).await?;
-        let msg = LinkUnspec::new_with_index(index)
+        let msg = LinkUnspec::new_with_name(name.as_str())
             .address(mac.to_vec())
             .build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
+        self.set_by_name(name, msg, || format!("set the hardware address of {name}"))
             .await
-            .map_err(|e| self.err(format!("set the hardware address of {name}"), e))
     }
 
     async fn set_up(&self, name: &IfName) -> Result<()> {
-        let index = self.index(name).await?;
-        let msg = LinkUnspec::new_with_index(index).up().build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(|e| self.err(format!("set {name} up"), e))
+        let msg = LinkUnspec::new_with_name(name.as_str()).up().build();
+        self.set_by_name(name, msg, || format!("set {name} up")).await
     }
 
     async fn set_alias(&self, name: &IfName, alias: &str) -> Result<()> {
@@ -509,14 +511,9 @@ impl Netlink for RtNetlink {
                 reason: "longer than 255 bytes",
             });
         }
-        let index = self.index(name).await?;
-        let msg = LinkUnspec::new_with_index(index).alias(alias).build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
+        let msg = LinkUnspec::new_with_name(name.as_str()).alias(alias).build();
+        self.set_by_name(name, msg, || format!("set alias {alias:?} on {name}"))
             .await
-            .map_err(|e| self.err(format!("set alias {alias:?} on {name}"), e))
     }
 
     async fn add_address(&self, name: &IfName, addr: IpNet) -> Result<()> {
