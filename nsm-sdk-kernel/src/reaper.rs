@@ -1,5 +1,5 @@
-//! Group commit of veth pair deletions: Closes that arrive together are deleted
-//! together.
+//! Group commit of link deletions (veth pairs, VXLAN devices): Closes that arrive
+//! together are deleted together.
 //!
 //! Why: the kernel waits for its own synchronisation (an RCU grace period and the
 //! netdevice unregister work, about 16 ms on the CI machine) once per `RTM_DELLINK`,
@@ -59,8 +59,9 @@ pub(crate) struct End {
     pub(crate) index: u32,
 }
 
-/// A veth pair to delete: its two ends (deleting either deletes both).
-pub(crate) type Pair = [End; 2];
+/// Links to delete together, any one of which takes all along: the two ends of a veth
+/// pair, or one device (a VXLAN device).
+pub(crate) type Pair = Vec<End>;
 
 static REAPER: GroupCommit<Pair, Result<()>> = GroupCommit::new();
 
@@ -82,11 +83,25 @@ pub(crate) async fn delete(pair: Pair) -> Result<()> {
     REAPER.submit(pair, run_batch).await
 }
 
+/// Deletes the link `name` of `netlink`'s namespace if it still is the one born with
+/// `index` (else leaves it alone), through the reaper: at once when no other deletion
+/// is in flight, else in a link group with the deletions queued meanwhile. For a
+/// device without a peer, such as a connection's VXLAN device (deleted one at a time
+/// before, 50 ms each). A link already gone is not an error.
+pub async fn delete_link(netlink: Arc<dyn Netlink>, name: IfName, index: u32) -> Result<()> {
+    delete(vec![End {
+        netlink,
+        name,
+        index,
+    }])
+    .await
+}
+
 /// Deletes one pair with its own request, as before batching: through the first end
 /// that is still the link this pair created. A pair that is gone is not an error; a
 /// same-named link that is not ours is left alone.
 pub(crate) async fn delete_alone(pair: &Pair) -> Result<()> {
-    for end in pair {
+    for end in pair.iter() {
         match ensure_ours(end).await {
             Ok(()) => match end.netlink.delete_link(&end.name).await {
                 Ok(()) | Err(Error::LinkNotFound { .. }) => {
@@ -118,7 +133,7 @@ pub(crate) async fn ensure_ours(end: &End) -> Result<()> {
 /// pairs not yet placed takes those pairs (each pair once: by the end in that
 /// namespace). Returns, per namespace, which end (0 or 1) of which pairs; pairs whose
 /// ends' namespaces are unknown come last, alone.
-pub(crate) fn partition(ids: &[[Option<(u64, u64)>; 2]]) -> Vec<Vec<(usize, usize)>> {
+pub(crate) fn partition(ids: &[Vec<Option<(u64, u64)>>]) -> Vec<Vec<(usize, usize)>> {
     let mut left: BTreeSet<usize> = (0..ids.len()).collect();
     let mut out = Vec::new();
     loop {
@@ -154,7 +169,7 @@ pub(crate) fn partition(ids: &[[Option<(u64, u64)>; 2]]) -> Vec<Vec<(usize, usiz
 async fn run_batch(pairs: Vec<Pair>) -> Vec<Result<()>> {
     let ids: Vec<_> = pairs
         .iter()
-        .map(|p| [p[0].netlink.netns_id(), p[1].netlink.netns_id()])
+        .map(|p| p.iter().map(|e| e.netlink.netns_id()).collect())
         .collect();
     let mut results: Vec<Option<Result<()>>> = pairs.iter().map(|_| None).collect();
     let mut groups_used = 0usize;

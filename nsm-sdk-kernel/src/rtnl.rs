@@ -501,7 +501,8 @@ impl Netlink for RtNetlink {
 
     async fn set_up(&self, name: &IfName) -> Result<()> {
         let msg = LinkUnspec::new_with_name(name.as_str()).up().build();
-        self.set_by_name(name, msg, || format!("set {name} up")).await
+        self.set_by_name(name, msg, || format!("set {name} up"))
+            .await
     }
 
     async fn set_alias(&self, name: &IfName, alias: &str) -> Result<()> {
@@ -511,7 +512,9 @@ impl Netlink for RtNetlink {
                 reason: "longer than 255 bytes",
             });
         }
-        let msg = LinkUnspec::new_with_name(name.as_str()).alias(alias).build();
+        let msg = LinkUnspec::new_with_name(name.as_str())
+            .alias(alias)
+            .build();
         self.set_by_name(name, msg, || format!("set alias {alias:?} on {name}"))
             .await
     }

@@ -470,7 +470,7 @@ async fn delete_pair(created: &Created) -> Result<()> {
         name: s.plan.ifname().clone(),
         index: s.index,
     };
-    reaper::delete([end(&created.client), end(&created.endpoint)]).await
+    reaper::delete(vec![end(&created.client), end(&created.endpoint)]).await
 }
 
 #[cfg(test)]

@@ -15,11 +15,11 @@ fn a_batch_goes_to_the_namespace_holding_most_ends_first() {
     // Three clients (1, 2, 3) to one endpoint namespace (9), one pair 4 <-> 5, and one
     // pair whose namespaces are unknown.
     let ids = [
-        [id(1), id(9)],
-        [id(2), id(9)],
-        [id(3), id(9)],
-        [id(4), id(5)],
-        [None, None],
+        vec![id(1), id(9)],
+        vec![id(2), id(9)],
+        vec![id(3), id(9)],
+        vec![id(4), id(5)],
+        vec![None, None],
     ];
     let parts = partition(&ids);
     assert_eq!(parts[0], [(0, 1), (1, 1), (2, 1)]);
@@ -30,9 +30,9 @@ fn a_batch_goes_to_the_namespace_holding_most_ends_first() {
 
 #[test]
 fn a_pair_inside_one_namespace_counts_once_and_is_placed_once() {
-    let ids = [[id(7), id(7)], [id(7), id(8)]];
+    let ids = [vec![id(7), id(7)], vec![id(7), id(8)], vec![id(7)]];
     let parts = partition(&ids);
-    assert_eq!(parts, [vec![(0, 0), (1, 0)]]);
+    assert_eq!(parts, [vec![(0, 0), (1, 0), (2, 0)]]);
 }
 
 async fn pair(rec: &Recorder, ns: &NetNs, i: usize) -> crate::veth::Created {
