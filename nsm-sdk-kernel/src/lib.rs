@@ -18,6 +18,9 @@
 //!   [`apply()`] runs ops and rolls back on failure, [`undo()`] removes what a plan added.
 //! - [`kernel_side_up`] / [`Created::refresh`] / [`down`] ([`veth`]): a local
 //!   connection's veth pair, the entry points of the forwarder's KERNEL mechanism.
+//! - [`reaper`]: group commit of link deletions — Closes that arrive while a deletion
+//!   is in flight are deleted together as one link group per namespace (one kernel
+//!   synchronisation instead of one per link); a lone Close goes out at once.
 //! - [`ping_liveness`] ([`liveness`]): a liveness check for `heal` that pings the
 //!   endpoint's address from the client's namespace ([`kernel_liveness`]: only the
 //!   KERNEL connections).

@@ -18,7 +18,7 @@
 //! one is in flight wait in a queue; when the one in flight is done, the whole queue is
 //! handed to one of the waiting callers (the next *leader*), which deletes it as a
 //! batch and then hands on whatever queued meanwhile. A batch is split by namespace,
-//! most ends first ([`partition`]); in each namespace holding two or more of the
+//! most ends first (`partition`); in each namespace holding two or more of the
 //! batch's ends the ends are checked against a dump of its links (still the link this
 //! pair created: same index, same name), put into a fresh link group and the group is
 //! deleted with one request. Pairs left alone in their namespace, and every pair of a
@@ -26,19 +26,21 @@
 //! own outcome.
 //!
 //! Group numbers: `0x8000_0000 | pid << 8 | n` with an 8-bit counter `n` (a pid is at
-//! most 2^22), so two processes never choose the same number, and the candidate is
-//! skipped while any link of the namespace (from the dump) carries it or another batch
-//! of this process holds it; the number is released when its batch is done (see
-//! [`groups_in_use`]). No link keeps a group: the group's links are gone with it, and
-//! a link whose group deletion failed is deleted on its own.
+//! most 2^22), far from the small numbers people give groups by hand and different
+//! for two processes of one pid namespace; and a candidate is skipped while any link
+//! of the namespace carries it (the dump taken just before: a group left by a
+//! forwarder killed mid-batch, or another process's) or another batch of this process
+//! holds it. The number is released when its batch is done (see [`groups_in_use`]).
+//! No link keeps a group: the group's links are gone with it, and a link whose group
+//! deletion failed is deleted on its own.
 //!
-//! State: one process-wide `GroupCommit` (`group_commit.rs`) queue and the set of group numbers in use,
-//! each behind a `std::sync::Mutex` never held across an await. No task is spawned:
-//! the batches run in the Close futures of the waiting callers. Failure handled: a
-//! leader whose Close is cancelled (the caller went away) hands the queue on; the
-//! callers of the batch it was running delete their own pair alone, so no Close waits
-//! for ever (see `GroupCommit` (`group_commit.rs`)). A pair whose Close went away while it waited is
-//! still deleted.
+//! State: one process-wide `GroupCommit` queue (`group_commit.rs`) and the set of
+//! group numbers in use, each behind a `std::sync::Mutex` never held across an await.
+//! No task is spawned: the batches run in the Close futures of the waiting callers.
+//! Failure handled: a leader whose Close is cancelled (the caller went away) hands the
+//! queue on; the callers of the batch it was running delete their own pair alone, so
+//! no Close waits for ever. A pair whose Close went away while it waited is still
+//! deleted.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
