@@ -32,9 +32,9 @@ use ipnet::IpNet;
 use nsm_sdk::chains::client;
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::{Chain, Cx};
-use nsm_sdk_kernel::{down, kernel_client, kernel_side_up, IfName, Mtu, Plan, Route};
+use nsm_sdk_kernel::{down, kernel_side_up, IfName, Mtu, Plan, Route};
 use nsm_testkit::bench::{machine, runtime, Res};
-use nsm_testkit::kernel::{kernel_nse, kernel_sandbox};
+use nsm_testkit::kernel::{kernel_nsc, kernel_nse, kernel_sandbox};
 use nsm_testkit::{request_with_context, Ns};
 
 const SERVICE: &str = "storm-svc";
@@ -153,16 +153,7 @@ async fn mesh(nscs: &[Ns], nse: &Ns) -> Res<()> {
         .await?;
     let chains: Vec<Chain> = nscs
         .iter()
-        .map(|ns| {
-            client(
-                sandbox
-                    .node(0)
-                    .client_options("nsc")
-                    .retry(None)
-                    .mechanisms(vec![])
-                    .handler(kernel_client(ns.url())),
-            )
-        })
+        .map(|ns| client(kernel_nsc(sandbox.node(0), ns, None)))
         .collect();
     let cx = || Cx::client().with_timeout(Duration::from_secs(60));
     let started = Instant::now();

@@ -14,9 +14,9 @@ use nsm_sdk::chains::client;
 use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::sandbox::Sandbox;
 use nsm_sdk::{Chain, Cx};
-use nsm_sdk_kernel::{groups_in_use, kernel_client};
+use nsm_sdk_kernel::groups_in_use;
 use nsm_testkit::bench::ip_of;
-use nsm_testkit::kernel::{kernel_nse, kernel_sandbox};
+use nsm_testkit::kernel::{kernel_nsc, kernel_nse, kernel_sandbox};
 use nsm_testkit::{request_with_context, Ns};
 
 const SERVICE: &str = "storm-svc";
@@ -26,14 +26,15 @@ const PREFIX: &str = "172.16.48.0/22";
 const N: usize = 200;
 
 fn client_chain(sandbox: &Sandbox, pod: &Ns) -> Chain {
-    client(
-        sandbox
-            .node(0)
-            .client_options("nsc")
-            .retry(None)
-            .mechanisms(vec![])
-            .handler(kernel_client(pod.url())),
-    )
+    client(kernel_nsc(sandbox.node(0), pod, None))
+}
+
+/// The errors among `results`, as text.
+fn errors<T>(results: &[Result<T, nsm_sdk::Error>]) -> Vec<String> {
+    results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+        .collect()
 }
 
 /// The client's and the endpoint's address (`a.b.c.d/32`) of a connection.
@@ -63,10 +64,7 @@ async fn a_storm_of_requests_then_a_storm_of_closes_all_succeed_and_leave_nothin
     }))
     .await;
     let set_up = started.elapsed();
-    let failed: Vec<String> = results
-        .iter()
-        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
-        .collect();
+    let failed = errors(&results);
     assert!(
         failed.is_empty(),
         "{} Requests failed: {failed:?}",
@@ -106,10 +104,7 @@ async fn a_storm_of_requests_then_a_storm_of_closes_all_succeed_and_leave_nothin
     )
     .await;
     let torn_down = started.elapsed();
-    let failed: Vec<String> = closed
-        .iter()
-        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
-        .collect();
+    let failed = errors(&closed);
     assert!(
         failed.is_empty(),
         "{} Closes failed: {failed:?}",

@@ -53,14 +53,19 @@ async fn pair(rec: &Recorder, ns: &NetNs, i: usize) -> crate::veth::Created {
     .unwrap()
 }
 
+async fn pairs(rec: &Recorder, ns: &NetNs, n: usize) -> Vec<crate::veth::Created> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(pair(rec, ns, i).await);
+    }
+    out
+}
+
 #[tokio::test]
 async fn closes_that_arrive_together_share_group_deletions_and_each_learns_its_outcome() {
     let ns = NetNs::current().unwrap();
     let rec = Recorder::new("k", &ns).yielding();
-    let mut pairs = Vec::new();
-    for i in 0..40 {
-        pairs.push(pair(&rec, &ns, i).await);
-    }
+    let pairs = pairs(&rec, &ns, 40).await;
     // One of them was deleted behind the forwarder's back (its pod died): still Ok.
     rec.view("x", &ns)
         .delete_link(&IfName::new("c7").unwrap())
@@ -85,10 +90,7 @@ async fn closes_that_arrive_together_share_group_deletions_and_each_learns_its_o
 async fn a_failed_group_deletion_falls_back_to_one_by_one() {
     let ns = NetNs::current().unwrap();
     let rec = Recorder::new("f", &ns).yielding();
-    let mut pairs = Vec::new();
-    for i in 0..10 {
-        pairs.push(pair(&rec, &ns, i).await);
-    }
+    let pairs = pairs(&rec, &ns, 10).await;
     rec.fail_on("delete_group", 16);
     let results = futures::future::join_all(pairs.into_iter().map(down)).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
@@ -114,10 +116,7 @@ async fn a_lone_close_is_one_plain_deletion() {
 async fn a_cancelled_leader_does_not_strand_the_queue() {
     let ns = NetNs::current().unwrap();
     let rec = Recorder::new("c", &ns).yielding();
-    let mut pairs = Vec::new();
-    for i in 0..6 {
-        pairs.push(pair(&rec, &ns, i).await);
-    }
+    let pairs = pairs(&rec, &ns, 6).await;
     let mut pairs = pairs.into_iter();
     let first = pairs.next().unwrap();
     // The first Close leads and is dropped after its first poll; the others queued
