@@ -45,6 +45,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use futures::StreamExt;
 use tracing::{debug, info, warn};
 
 use crate::apply::Netlink;
@@ -188,7 +189,8 @@ async fn run_batch(pairs: Vec<Pair>) -> Vec<Result<()>> {
         for (&(i, _), outcome) in part.iter().zip(outcomes) {
             results[i] = Some(match outcome {
                 Outcome::Done(r) => r,
-                Outcome::Alone => delete_alone(&pairs[i]).await,
+                // delete_as_group turns every Grouped into Done or Alone.
+                Outcome::Grouped | Outcome::Alone => delete_alone(&pairs[i]).await,
             });
         }
     }
@@ -203,10 +205,15 @@ async fn run_batch(pairs: Vec<Pair>) -> Vec<Result<()>> {
 }
 
 enum Outcome {
+    /// In the group, to be deleted with it.
+    Grouped,
     Done(Result<()>),
     /// Not deleted by the group: delete it on its own.
     Alone,
 }
+
+/// Requests in flight at once on one socket while a batch sets link groups.
+const IN_FLIGHT: usize = 64;
 
 /// A group number this process holds until dropped.
 struct GroupNumber(u32);
@@ -246,27 +253,37 @@ async fn delete_as_group(ends: &[&End]) -> Vec<Outcome> {
     let Some(group) = GroupNumber::take(&taken) else {
         return alone();
     };
-    let mut outcomes: Vec<Outcome> = Vec::with_capacity(ends.len());
-    let mut members = 0usize;
-    for end in ends {
-        if by_index.get(&end.index) != Some(&end.name.as_str()) {
-            // Not (or no longer) the link its pair made here: the other end decides.
-            outcomes.push(Outcome::Alone);
-            continue;
-        }
-        match nl.set_group(end.index, group.0).await {
-            Ok(()) => {
-                members += 1;
-                outcomes.push(Outcome::Done(Ok(())));
+    // Pipelined on the one socket, a bounded number in flight: the kernel answers each
+    // with an ack queued on the socket, and too many unread acks would overflow its
+    // receive buffer (ENOBUFS, lost answers).
+    let join = |end: &&End| {
+        let nl = nl.clone();
+        let in_group = by_index.get(&end.index) == Some(&end.name.as_str());
+        let (index, name) = (end.index, end.name.clone());
+        async move {
+            if !in_group {
+                // Not (or no longer) the link its pair made here: the other end decides.
+                return Outcome::Alone;
             }
-            // Gone with its pod meanwhile: nothing left to delete.
-            Err(Error::LinkNotFound { .. }) => outcomes.push(Outcome::Done(Ok(()))),
-            Err(e) => {
-                warn!(ifname = %end.name, error = %e, "could not put a link into the deletion group");
-                outcomes.push(Outcome::Alone);
+            match nl.set_group(index, group.0).await {
+                Ok(()) => Outcome::Grouped,
+                // Gone with its pod meanwhile: nothing left to delete.
+                Err(Error::LinkNotFound { .. }) => Outcome::Done(Ok(())),
+                Err(e) => {
+                    warn!(ifname = %name, error = %e, "could not put a link into the deletion group");
+                    Outcome::Alone
+                }
             }
         }
-    }
+    };
+    let outcomes: Vec<Outcome> = futures::stream::iter(ends.iter().map(join))
+        .buffered(IN_FLIGHT)
+        .collect()
+        .await;
+    let members = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Grouped))
+        .count();
     if members == 0 {
         return outcomes;
     }
@@ -276,9 +293,15 @@ async fn delete_as_group(ends: &[&End]) -> Vec<Outcome> {
                 netns = nl.netns(),
                 pairs = members,
                 group = group.0,
-                "veth pairs deleted as one group"
+                "links deleted as one group"
             );
             outcomes
+                .into_iter()
+                .map(|o| match o {
+                    Outcome::Grouped => Outcome::Done(Ok(())),
+                    other => other,
+                })
+                .collect()
         }
         Err(e) => {
             warn!(netns = nl.netns(), group = group.0, error = %e, "group deletion failed, deleting one by one");

@@ -424,9 +424,12 @@ impl Netlink for RtNetlink {
         req.message_mut()
             .attributes
             .push(LinkAttribute::Group(group));
-        req.execute()
-            .await
-            .map_err(|e| self.err(format!("delete link group {group}"), e))
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            // No link carries the group (its links went with their pods meanwhile).
+            Err(e) if errno(&e) == Some(ENODEV) => Ok(()),
+            Err(e) => Err(self.err(format!("delete link group {group}"), e)),
+        }
     }
 
     async fn create_veth_pair(
