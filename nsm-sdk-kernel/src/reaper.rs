@@ -19,18 +19,20 @@
 //! handed to one of the waiting callers (the next *leader*), which deletes it as a
 //! batch and then hands on whatever queued meanwhile. A batch is split by namespace,
 //! most ends first (`partition`); in each namespace holding two or more of the
-//! batch's ends the ends are checked against a dump of its links (still the link this
-//! pair created: same index, same name), put into a fresh link group and the group is
-//! deleted with one request. Pairs left alone in their namespace, and every pair of a
+//! batch's ends the ends are put into a fresh link group, each by the index it was
+//! born with (indexes are not reused, so that is the link its pair made; a missing one
+//! went with its pod), and the group is deleted with one request. Pairs left alone in their namespace, and every pair of a
 //! group whose deletion failed, are deleted one by one as before. Each caller gets its
 //! own outcome.
 //!
 //! Group numbers: `0x8000_0000 | pid << 8 | n` with an 8-bit counter `n` (a pid is at
 //! most 2^22), far from the small numbers people give groups by hand and different
-//! for two processes of one pid namespace; and a candidate is skipped while any link
-//! of the namespace carries it (the dump taken just before: a group left by a
-//! forwarder killed mid-batch, or another process's) or another batch of this process
-//! holds it. The number is released when its batch is done (see [`groups_in_use`]).
+//! for two processes of one pid namespace, and not held by another batch of this
+//! process. A dump of the namespace's links, taken while the links are put into the
+//! group, must show the number on no other link (say a forwarder killed mid-batch left
+//! it, or another process uses it): else nothing is deleted by group, the batch's
+//! links go one by one and the number is never used again by this process. The
+//! number is released when its batch is done (see [`groups_in_use`]).
 //! No link keeps a group: the group's links are gone with it, and a link whose group
 //! deletion failed is deleted on its own.
 //!
@@ -42,7 +44,7 @@
 //! no Close waits for ever. A pair whose Close went away while it waited is still
 //! deleted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::StreamExt;
@@ -218,15 +220,26 @@ const IN_FLIGHT: usize = 64;
 /// A group number this process holds until dropped.
 struct GroupNumber(u32);
 
+/// Numbers found on a link that is not ours: never taken again by this process.
+static BURNT: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
 impl GroupNumber {
-    fn take(taken_in_ns: &BTreeSet<u32>) -> Option<GroupNumber> {
+    fn take() -> Option<GroupNumber> {
         let base = 0x8000_0000 | ((std::process::id() & 0x003f_ffff) << 8);
+        let burnt = BURNT.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut held = groups();
         let g = (0..=0xffu32)
             .map(|n| base | n)
-            .find(|g| !held.contains(g) && !taken_in_ns.contains(g))?;
+            .find(|g| !held.contains(g) && !burnt.contains(g))?;
         held.insert(g);
         Some(GroupNumber(g))
+    }
+
+    fn burn(&self) {
+        BURNT
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.0);
     }
 }
 
@@ -241,30 +254,18 @@ impl Drop for GroupNumber {
 async fn delete_as_group(ends: &[&End]) -> Vec<Outcome> {
     let nl = ends[0].netlink.clone();
     let alone = || ends.iter().map(|_| Outcome::Alone).collect();
-    let links = match nl.links().await {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(netns = nl.netns(), error = %e, "listing links for a group deletion failed");
-            return alone();
-        }
-    };
-    let by_index: HashMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
-    let taken: BTreeSet<u32> = links.iter().map(|l| l.group).collect();
-    let Some(group) = GroupNumber::take(&taken) else {
+    let Some(group) = GroupNumber::take() else {
         return alone();
     };
-    // Pipelined on the one socket, a bounded number in flight: the kernel answers each
-    // with an ack queued on the socket, and too many unread acks would overflow its
-    // receive buffer (ENOBUFS, lost answers).
+    // Each end by the index it was born with: indexes are not reused, so the link at
+    // that index is the one its pair made (a missing one went with its pod). Pipelined
+    // on the one socket, a bounded number in flight: the kernel answers each with an
+    // ack queued on the socket, and too many unread acks would overflow its receive
+    // buffer (ENOBUFS, lost answers).
     let join = |end: &&End| {
         let nl = nl.clone();
-        let in_group = by_index.get(&end.index) == Some(&end.name.as_str());
         let (index, name) = (end.index, end.name.clone());
         async move {
-            if !in_group {
-                // Not (or no longer) the link its pair made here: the other end decides.
-                return Outcome::Alone;
-            }
             match nl.set_group(index, group.0).await {
                 Ok(()) => Outcome::Grouped,
                 // Gone with its pod meanwhile: nothing left to delete.
@@ -276,10 +277,35 @@ async fn delete_as_group(ends: &[&End]) -> Vec<Outcome> {
             }
         }
     };
-    let outcomes: Vec<Outcome> = futures::stream::iter(ends.iter().map(join))
+    // The dump that proves no other link carries the number runs beside the sets (one
+    // round trip less while the runtime is busy).
+    let sets = futures::stream::iter(ends.iter().map(join))
         .buffered(IN_FLIGHT)
-        .collect()
-        .await;
+        .collect::<Vec<Outcome>>();
+    let (dump, outcomes) = futures::join!(nl.links(), sets);
+    let ours: HashSet<u32> = ends.iter().map(|e| e.index).collect();
+    match dump {
+        Ok(links)
+            if links
+                .iter()
+                .any(|l| l.group == group.0 && !ours.contains(&l.index)) =>
+        {
+            // Someone else's link carries the number: never delete it, never use the
+            // number again. Ours are deleted one by one (their group does not matter).
+            warn!(
+                netns = nl.netns(),
+                group = group.0,
+                "the link group number is taken in this namespace, deleting one by one"
+            );
+            group.burn();
+            return alone();
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(netns = nl.netns(), error = %e, "listing links for a group deletion failed, deleting one by one");
+            return alone();
+        }
+    }
     let members = outcomes
         .iter()
         .filter(|o| matches!(o, Outcome::Grouped))

@@ -136,3 +136,26 @@ async fn a_cancelled_leader_does_not_strand_the_queue() {
         .expect("queued Closes finished");
     assert!(results.iter().all(Result::is_ok), "{results:?}");
 }
+
+#[tokio::test]
+async fn a_link_of_someone_else_carrying_the_group_number_is_never_deleted() {
+    let ns = NetNs::current().unwrap();
+    let rec = Recorder::new("g", &ns).yielding();
+    // Someone else's pair in the namespace, in every group this process could choose.
+    let foreign = pair(&rec, &ns, 99).await;
+    let base = 0x8000_0000 | ((std::process::id() & 0x003f_ffff) << 8);
+    let index = foreign.index(crate::PodSide::Client);
+    rec.set_group(index, base).await.unwrap();
+    let pairs = pairs(&rec, &ns, 8).await;
+    let results = futures::future::join_all(pairs.into_iter().map(down)).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let left: Vec<String> = rec
+        .links()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    assert_eq!(left, ["c99", "e99"]);
+    assert_eq!(groups_in_use(), 0);
+}
