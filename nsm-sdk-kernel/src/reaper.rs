@@ -55,8 +55,8 @@ use crate::error::{Error, Result};
 use crate::group_commit::GroupCommit;
 use crate::plan::IfName;
 
-/// One end of a veth pair to delete: the handle of its namespace, its name and the
-/// index it was born with.
+/// A link to delete (a veth end, a VXLAN device): the handle of its namespace, its
+/// name and the index it was born with.
 #[derive(Debug, Clone)]
 pub(crate) struct End {
     pub(crate) netlink: Arc<dyn Netlink>,
@@ -110,7 +110,7 @@ pub(crate) async fn delete_alone(pair: &Pair) -> Result<()> {
         match ensure_ours(end).await {
             Ok(()) => match end.netlink.delete_link(&end.name).await {
                 Ok(()) | Err(Error::LinkNotFound { .. }) => {
-                    info!(ifname = %end.name, netns = end.netlink.netns(), "veth pair deleted");
+                    info!(ifname = %end.name, netns = end.netlink.netns(), "link deleted (with its peer, if any)");
                     return Ok(());
                 }
                 Err(e) => return Err(e),
@@ -200,7 +200,7 @@ async fn run_batch(pairs: Vec<Pair>) -> Vec<Result<()>> {
         debug!(
             pairs = pairs.len(),
             groups = groups_used,
-            "batch of veth deletions done"
+            "batch of link deletions done"
         );
     }
     results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
