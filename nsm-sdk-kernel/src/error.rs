@@ -110,6 +110,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The handle cannot do this operation (a test double without link groups).
+    #[error("{op} is not supported by the netlink handle of {netns}")]
+    Unsupported {
+        /// What was asked.
+        op: &'static str,
+        /// The namespace of the handle.
+        netns: String,
+    },
     /// A netlink request failed.
     #[error("netlink {op} in network namespace {netns}: {message}")]
     Netlink {

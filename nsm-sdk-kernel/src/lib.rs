@@ -18,6 +18,9 @@
 //!   [`apply()`] runs ops and rolls back on failure, [`undo()`] removes what a plan added.
 //! - [`kernel_side_up`] / [`Created::refresh`] / [`down`] ([`veth`]): a local
 //!   connection's veth pair, the entry points of the forwarder's KERNEL mechanism.
+//! - [`reaper`]: group commit of link deletions — Closes that arrive while a deletion
+//!   is in flight are deleted together as one link group per namespace (one kernel
+//!   synchronisation instead of one per link); a lone Close goes out at once.
 //! - [`ping_liveness`] ([`liveness`]): a liveness check for `heal` that pings the
 //!   endpoint's address from the client's namespace ([`kernel_liveness`]: only the
 //!   KERNEL connections).
@@ -105,11 +108,13 @@
 
 pub mod apply;
 pub mod error;
+mod group_commit;
 pub mod liveness;
 pub mod mechanism;
 pub mod netns;
 pub mod on_demand;
 pub mod plan;
+pub mod reaper;
 pub mod recorder;
 pub mod rtnl;
 pub mod veth;
@@ -128,6 +133,7 @@ pub use crate::plan::{
     PodSide, Policy, PortRange, Route, RouteScope, Rule, MAIN_TABLE, MAX_ALIAS_LEN,
     POLICY_TABLE_BASE,
 };
+pub use crate::reaper::groups_in_use;
 pub use crate::recorder::Recorder;
 pub use crate::rtnl::RtNetlink;
 pub use crate::veth::{down, kernel_side_up, veth_alias, veth_up, Created, VethEnd};

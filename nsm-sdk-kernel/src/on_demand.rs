@@ -76,6 +76,18 @@ impl Netlink for OnDemandNetlink {
         self.lock().take();
     }
 
+    fn netns_id(&self) -> Option<(u64, u64)> {
+        Some((self.ns.dev(), self.ns.inode()))
+    }
+
+    async fn set_group(&self, index: u32, group: u32) -> Result<()> {
+        self.get().await?.set_group(index, group).await
+    }
+
+    async fn delete_group(&self, group: u32) -> Result<()> {
+        self.get().await?.delete_group(group).await
+    }
+
     async fn create_veth_pair(
         &self,
         a: &IfName,

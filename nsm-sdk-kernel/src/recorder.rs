@@ -48,6 +48,7 @@ struct FakeLink {
     mac: Option<[u8; 6]>,
     up: bool,
     alias: Option<String>,
+    group: u32,
     peer: Option<(u64, String)>,
     addresses: Vec<IpNet>,
     routes: Vec<Route>,
@@ -148,6 +149,51 @@ impl Netlink for Recorder {
         &self.label
     }
 
+    fn netns_id(&self) -> Option<(u64, u64)> {
+        Some((0, self.ns))
+    }
+
+    async fn set_group(&self, index: u32, group: u32) -> Result<()> {
+        self.pause().await;
+        let mut w = self.world();
+        self.call(&mut w, format!("set_group {index} {group}"))?;
+        let ns = self.ns;
+        match w
+            .links
+            .iter_mut()
+            .find(|((n, _), l)| *n == ns && l.index == index)
+        {
+            Some((_, l)) => {
+                l.group = group;
+                Ok(())
+            }
+            None => Err(Error::LinkNotFound {
+                name: format!("index {index}"),
+                netns: self.label.clone(),
+            }),
+        }
+    }
+
+    async fn delete_group(&self, group: u32) -> Result<()> {
+        self.pause().await;
+        let mut w = self.world();
+        self.call(&mut w, format!("delete_group {group}"))?;
+        let ns = self.ns;
+        let doomed: Vec<_> = w
+            .links
+            .iter()
+            .filter(|((n, _), l)| *n == ns && l.group == group)
+            .map(|(k, l)| (k.clone(), l.peer.clone()))
+            .collect();
+        for (key, peer) in doomed {
+            w.links.remove(&key);
+            if let Some(peer) = peer {
+                w.links.remove(&peer);
+            }
+        }
+        Ok(())
+    }
+
     async fn create_veth_pair(
         &self,
         a: &IfName,
@@ -179,6 +225,7 @@ impl Netlink for Recorder {
                 mac: None,
                 up: false,
                 alias: None,
+                group: 0,
                 peer: Some(peer),
                 addresses: Vec::new(),
                 routes: Vec::new(),
@@ -229,6 +276,7 @@ impl Netlink for Recorder {
                 up: l.up,
                 kind: Some("veth".into()),
                 alias: l.alias.clone(),
+                group: l.group,
             })
             .collect())
     }

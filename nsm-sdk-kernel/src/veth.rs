@@ -33,15 +33,18 @@
 //! does not take along), and returns the original error, so nothing is left in either
 //! namespace. A failed refresh rolls back to the previous plan.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::apply::{run_op, update, Netlink};
+use crate::apply::{run_op, update, Link, Netlink};
 use crate::error::{Error, Result};
+use crate::group_commit::GroupCommit;
 use crate::netns::NetNs;
 use crate::on_demand::OnDemandNetlink;
 use crate::plan::{IfName, Mtu, Op, Plan, PodSide, MAIN_TABLE, MAX_ALIAS_LEN};
+use crate::reaper;
 
 /// The alias of the `side` end of a connection's veth pair: `nsm-client-<id>` or
 /// `nsm-endpoint-<id>`, cut to [`MAX_ALIAS_LEN`] bytes (at a character boundary).
@@ -305,15 +308,15 @@ async fn leftovers_of(end: &VethEnd<'_>) -> Result<Vec<IfName>> {
         };
     };
     let mut stale = Vec::new();
-    for link in end.netlink.links().await? {
+    for link in shared_links(&end.netlink).await?.iter() {
         let ours = link.alias.as_deref() == Some(alias);
         if link.name == name.as_str() {
             if !ours {
-                return Err(taken(link.alias));
+                return Err(taken(link.alias.clone()));
             }
             stale.push(name.clone());
         } else if ours {
-            match IfName::new(link.name) {
+            match IfName::new(link.name.clone()) {
                 Ok(n) => stale.push(n),
                 Err(e) => {
                     warn!(error = %e, "a link with this connection's alias has a name netlink cannot use")
@@ -322,6 +325,58 @@ async fn leftovers_of(end: &VethEnd<'_>) -> Result<Vec<IfName>> {
         }
     }
     Ok(stale)
+}
+
+/// Dumps shared by the Requests that look for leftovers at the same time.
+static DUMPS: GroupCommit<Arc<dyn Netlink>, Result<Dump>> = GroupCommit::new();
+
+/// The links of one namespace, as one dump listed them.
+type Dump = Arc<Vec<Link>>;
+
+/// The links of `nl`'s namespace, from a dump that started after this call: alone when
+/// no other dump is in flight, else shared with every Request that queued for the same
+/// namespace meanwhile. A storm of Requests into one endpoint pod would otherwise dump
+/// the pod's whole (growing) link table once per Request: quadratic work (1,000 links
+/// take about 15 ms to dump, 1,000 times). A dump that starts after the call still sees
+/// every leftover of a dead forwarder; a pair made by a concurrent Request it may miss
+/// is never a leftover of this connection, and a name it took is caught by the
+/// kernel's EEXIST at creation.
+async fn shared_links(nl: &Arc<dyn Netlink>) -> Result<Dump> {
+    if nl.netns_id().is_none() {
+        return nl.links().await.map(Arc::new);
+    }
+    DUMPS.submit(nl.clone(), dump_batch).await
+}
+
+/// One dump per namespace of the batch (concurrently), its outcome given to every job
+/// of that namespace.
+async fn dump_batch(handles: Vec<Arc<dyn Netlink>>) -> Vec<Result<Dump>> {
+    let mut first_of: HashMap<Option<(u64, u64)>, usize> = HashMap::new();
+    for (i, h) in handles.iter().enumerate() {
+        first_of.entry(h.netns_id()).or_insert(i);
+    }
+    let firsts: Vec<usize> = first_of.values().copied().collect();
+    let dumps = futures::future::join_all(firsts.iter().map(|&i| handles[i].links())).await;
+    let mut by_ns: HashMap<Option<(u64, u64)>, Result<Dump>> = HashMap::new();
+    for (&i, d) in firsts.iter().zip(dumps) {
+        by_ns.insert(handles[i].netns_id(), d.map(Arc::new));
+    }
+    handles
+        .iter()
+        .map(|h| match by_ns.get(&h.netns_id()) {
+            Some(Ok(links)) => Ok(links.clone()),
+            Some(Err(e)) => Err(Error::Netlink {
+                op: "list links".into(),
+                netns: h.netns().to_string(),
+                errno: e.errno(),
+                message: e.to_string(),
+            }),
+            None => Err(Error::Unsupported {
+                op: "list links",
+                netns: h.netns().to_string(),
+            }),
+        })
+        .collect()
 }
 
 /// Programs both fresh ends and returns their interface indexes and applied plans:
@@ -407,21 +462,15 @@ pub async fn down(created: Created) -> Result<()> {
     }
 }
 
+/// Deletes the pair through the [reaper](crate::reaper): at once when no other
+/// deletion is in flight, else together with the deletions queued meanwhile.
 async fn delete_pair(created: &Created) -> Result<()> {
-    for s in [&created.client, &created.endpoint] {
-        match ensure_ours(s).await {
-            Ok(()) => match s.netlink.delete_link(s.plan.ifname()).await {
-                Ok(()) | Err(Error::LinkNotFound { .. }) => {
-                    info!(ifname = %s.plan.ifname(), netns = s.netlink.netns(), "veth pair deleted");
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            },
-            Err(Error::LinkNotFound { .. }) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    let end = |s: &Side| reaper::End {
+        netlink: s.netlink.clone(),
+        name: s.plan.ifname().clone(),
+        index: s.index,
+    };
+    reaper::delete(vec![end(&created.client), end(&created.endpoint)]).await
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@
 
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
 
 use nsm_sdk_kernel::{
     undo, update, Error as KernelError, IfName, Mtu, NetNs, Netlink, Plan, RtNetlink,
@@ -125,7 +126,7 @@ impl VxlanSpec {
 #[derive(Debug)]
 #[must_use = "the VXLAN device stays in the kernel until `down` is called"]
 pub struct VxlanLink {
-    netlink: RtNetlink,
+    netlink: Arc<RtNetlink>,
     plan: Plan,
     index: u32,
     spec: VxlanSpec,
@@ -170,7 +171,7 @@ impl VxlanLink {
         if let Some(alias) = plan.alias().filter(|a| Some(*a) != self.plan.alias()) {
             self.netlink.set_alias(plan.ifname(), alias).await?;
         }
-        self.plan = update(Some(&self.plan), &plan, &self.netlink).await?;
+        self.plan = update(Some(&self.plan), &plan, self.netlink.as_ref()).await?;
         Ok(())
     }
 
@@ -191,16 +192,12 @@ impl VxlanLink {
     /// the same name that is not this one is left alone.
     pub async fn down(self) -> Result<()> {
         let name = self.plan.ifname();
-        match self.netlink.link(name).await? {
-            Some(l) if l.index == self.index => match self.netlink.delete_link(name).await {
-                Ok(()) | Err(KernelError::LinkNotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            },
-            Some(_) => warn!(ifname = %name, "a different link holds the name now, left alone"),
-            None => {}
-        }
+        // Through the reaper: Closes that arrive together delete their devices as one
+        // link group per pod (one kernel synchronisation instead of one per device).
+        let netlink: Arc<dyn Netlink> = self.netlink.clone();
+        nsm_sdk_kernel::reaper::delete_link(netlink, name.clone(), self.index).await?;
         // The link is gone: only the rules (which outlive links) remain to remove.
-        undo(&self.plan, &self.netlink).await?;
+        undo(&self.plan, self.netlink.as_ref()).await?;
         info!(ifname = %name, vni = %self.spec.vni, "VXLAN device deleted");
         Ok(())
     }
@@ -240,7 +237,7 @@ pub async fn vxlan_up(
         Ok((index, plan)) => {
             info!(ifname = %name, netns = %pod, vni = %spec.vni, local = %spec.local, remote = %spec.remote, port = spec.port, "VXLAN device up");
             Ok(VxlanLink {
-                netlink: pod_nl,
+                netlink: Arc::new(pod_nl),
                 plan,
                 index,
                 spec: spec.clone(),

@@ -15,12 +15,21 @@
 //!
 //! State: the interface name of each connection (needs `begin` before it), so a
 //! refresh keeps it; without `begin`, a name the mechanism already carries is kept.
+//! Also the set of names its live connections hold, shared by all of them: a
+//! generated name has only 4 random characters for a long service name
+//! (`icmp-respo-Xy3k`, 62^4 names), so among 1,000 connections into one endpoint pod
+//! two draw the same name in about 3 % of runs; the second veth pair then cannot be
+//! made (the name is taken in the pod) and its Request failed with InvalidArgument
+//! (seen once in a storm of 1,000 Requests). A name held by another live connection
+//! is therefore drawn again; a connection's name is released when its state goes
+//! (after its Close, or a first Request that failed).
 //!
 //! Failure handled: a Request with neither a KERNEL mechanism nor a KERNEL preference,
 //! or with another mechanism type, is InvalidArgument; a bad configured name or
 //! namespace URL is InvalidArgument.
 
-use std::sync::Mutex;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use nsm_sdk::config::check_interface_name;
 use nsm_sdk::handlers::{mechanisms, noop_server, select_mechanism, Mechanisms};
@@ -40,7 +49,12 @@ pub struct KernelEndpoint {
     netns_url: String,
     ifname: Option<String>,
     bridged: bool,
+    names: Names,
+    generate: fn(&str) -> String,
 }
+
+/// The interface names the live connections of one endpoint hold.
+type Names = Arc<Mutex<HashSet<String>>>;
 
 /// The NSE side of KERNEL for an endpoint whose pod namespace is `netns_url` (a
 /// `file://` URL the forwarder can open).
@@ -49,6 +63,8 @@ pub fn kernel_endpoint(netns_url: impl Into<String>) -> KernelEndpoint {
         netns_url: netns_url.into(),
         ifname: None,
         bridged: false,
+        names: Names::default(),
+        generate: generate_ifname,
     }
 }
 
@@ -79,7 +95,47 @@ impl KernelEndpoint {
 
 /// The endpoint-side interface name of one connection.
 #[derive(Debug, Default)]
-struct EndpointName(Mutex<Option<String>>);
+struct EndpointName(Mutex<Option<Lease>>);
+
+/// A name held in the endpoint's [`Names`] until dropped.
+#[derive(Debug)]
+struct Lease {
+    name: String,
+    names: Names,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        lock(&self.names).remove(&self.name);
+    }
+}
+
+fn lock(names: &Names) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    names.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl KernelEndpoint {
+    /// Holds `carried` (the name the connection had, after a heal or a restart) if no
+    /// other live connection holds it, else a fresh generated name no live connection
+    /// holds.
+    fn lease(&self, carried: Option<String>, service: &str) -> Lease {
+        let mut held = lock(&self.names);
+        let name = match carried {
+            Some(n) if !held.contains(&n) => n,
+            _ => loop {
+                let n = (self.generate)(service);
+                if !held.contains(&n) {
+                    break n;
+                }
+            },
+        };
+        held.insert(name.clone());
+        Lease {
+            name,
+            names: self.names.clone(),
+        }
+    }
+}
 
 #[async_trait]
 impl Handler for KernelEndpoint {
@@ -104,7 +160,8 @@ impl Handler for KernelEndpoint {
                 .0
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert_with(|| carried.unwrap_or_else(|| generate_ifname(&service)))
+                .get_or_insert_with(|| self.lease(carried, &service))
+                .name
                 .clone(),
             (None, None) => carried.unwrap_or_else(|| generate_ifname(&service)),
         };
@@ -208,6 +265,59 @@ mod tests {
         other.connection.as_mut().unwrap().id = "d".into();
         let other = chain.request(&mut Cx::server(), other).await.unwrap();
         assert_ne!(param(&other, params::NAME), param(&first, params::NAME));
+    }
+
+    /// Draws `icmp-respo-AAAA` twice, then `-BBBB`, then `-CCCC`, ...
+    fn colliding(_: &str) -> String {
+        static N: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let c = char::from(b'A' + n.saturating_sub(1) % 26);
+        format!("icmp-respo-{}", c.to_string().repeat(4))
+    }
+
+    #[tokio::test]
+    async fn a_generated_name_held_by_another_live_connection_is_drawn_again_and_freed_by_close() {
+        let mut h = kernel_endpoint("file:///run/netns/nse");
+        h.generate = colliding;
+        let chain = server(h);
+        let mut names = Vec::new();
+        let mut conns = Vec::new();
+        for id in ["a", "b", "c"] {
+            let mut r = req(vec![kernel_mechanism()]);
+            r.connection.as_mut().unwrap().id = id.into();
+            let conn = chain.request(&mut Cx::server(), r).await.unwrap();
+            names.push(param(&conn, params::NAME));
+            conns.push(conn);
+        }
+        let distinct: HashSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), 3, "{names:?}");
+
+        // A Close frees the name: a connection that carries it (a heal) gets it back.
+        let closed = conns.remove(0);
+        chain
+            .close(&mut Cx::server(), closed.clone())
+            .await
+            .unwrap();
+        let mut healed = req(vec![]);
+        let mut c = closed.clone();
+        c.id = "d".into();
+        healed.connection = Some(c);
+        let again = chain.request(&mut Cx::server(), healed).await.unwrap();
+        assert_eq!(param(&again, params::NAME), names[0]);
+        // ... but not a name another live connection holds.
+        let mut stolen = conns[0].clone();
+        stolen.id = "e".into();
+        let other = chain
+            .request(
+                &mut Cx::server(),
+                NetworkServiceRequest {
+                    connection: Some(stolen),
+                    mechanism_preferences: vec![],
+                },
+            )
+            .await
+            .unwrap();
+        assert!(!names.contains(&param(&other, params::NAME)), "{names:?}");
     }
 
     #[tokio::test]
