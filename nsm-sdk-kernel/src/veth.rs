@@ -424,5 +424,8 @@ async fn delete_pair(created: &Created) -> Result<()> {
     Ok(())
 }
 
+mod adopt;
+pub use adopt::kernel_side_adopt;
+
 #[cfg(test)]
 mod tests;
