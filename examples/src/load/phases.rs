@@ -372,6 +372,13 @@ pub(super) async fn phases(
     report.close.latency = Latency::of(&latency);
     merge(&mut report.other_refresh_errors, counts.take().errors);
     tokio::time::sleep(opts.settle).await;
+    if let Some(ns) = &mesh._namespaces {
+        let left = ns.leftover_links().await;
+        for (netns, links) in left.iter().take(5) {
+            warn!(%netns, ?links, "links left after Close");
+        }
+        report.left_after_close = Some(left.iter().map(|(_, l)| l.len() as u64).sum());
+    }
     sample_all(mesh, report, "after_close").await;
     Ok(())
 }

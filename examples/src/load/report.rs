@@ -113,6 +113,9 @@ pub struct Report {
     pub soak: Soak,
     /// Closing them.
     pub close: Phase,
+    /// With KERNEL: the links other than `lo` left in the clients' and the endpoint's
+    /// namespaces after the Closes and the settle pause (each counts as an error).
+    pub left_after_close: Option<u64>,
     /// Re-requests outside the soak (during setup and close) and their errors.
     pub other_refresh_errors: Errors,
     /// Samples by process, then by stage.
@@ -127,8 +130,9 @@ pub struct Report {
 }
 
 impl Report {
-    /// Failed operations of every phase, connections left unhealed and sampled
-    /// connections that did not answer a ping at the end of the soak.
+    /// Failed operations of every phase, connections left unhealed, sampled
+    /// connections that did not answer a ping at the end of the soak and links left
+    /// after Close.
     pub fn errors_total(&self) -> u64 {
         [
             &self.setup.errors,
@@ -140,6 +144,7 @@ impl Report {
         .flat_map(|e| e.values())
         .sum::<u64>()
             + u64::from(self.warmup_ms.is_none())
+            + self.left_after_close.unwrap_or(0)
             + self.soak.heal.unhealed as u64
             + self
                 .soak
@@ -204,6 +209,7 @@ impl Report {
             "close": {"seconds": self.close.seconds, "ok": self.close.ok,
                       "latency_ms": self.close.latency.json(), "errors": errs(&self.close.errors)},
             "refresh_errors_outside_soak": errs(&self.other_refresh_errors),
+            "links_left_after_close": self.left_after_close,
             "stages": self.stages,
             "processes": self.processes,
             "growth": growth,
@@ -302,6 +308,9 @@ impl Report {
             c.max,
             fmt_errors(&self.close.errors)
         );
+        if let Some(left) = self.left_after_close {
+            out += &format!("left:    {left} links in the namespaces after Close\n");
+        }
         if !self.other_refresh_errors.is_empty() {
             out += &format!(
                 "refresh errors outside the soak: {}\n",
