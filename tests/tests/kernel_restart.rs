@@ -70,8 +70,11 @@ fn ip_json(netns: &str, what: &str) -> Option<Vec<Value>> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
-/// The links other than `lo`: (name, alias, addresses).
-fn links(netns: &str) -> Option<Vec<(String, Option<String>, Vec<String>)>> {
+/// A link as read: name, alias, global addresses.
+type Read = (String, Option<String>, Vec<String>);
+
+/// The links other than `lo`.
+fn links(netns: &str) -> Option<Vec<Read>> {
     let aliases: BTreeMap<String, Option<String>> = ip_json(netns, "link")?
         .iter()
         .map(|l| {
