@@ -143,6 +143,11 @@ struct Args {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     kill_forwarder_after: Option<Duration>,
 
+    /// With --kill-forwarder-after: how long the forwarder stays down before it is
+    /// started again (a restart that takes time, as a pod's does).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    forwarder_down_for: Duration,
+
     /// With --mechanism kernel: ping N connections (spread evenly) from their clients'
     /// namespaces at the end of the soak (each that does not answer counts as an
     /// error) and, after a forwarder restart, each one as soon as it healed, until it
@@ -254,6 +259,7 @@ fn main() -> ExitCode {
             rotate_every: args.rotate_every.filter(|d| !d.is_zero()),
             security: client_security,
             kill_forwarder_after: args.kill_forwarder_after,
+            forwarder_down_for: args.forwarder_down_for,
             ping_sample: args.ping_sample,
             ..LoadOptions::new(target)
         };

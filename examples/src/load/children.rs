@@ -65,9 +65,15 @@ impl Children {
         }
     }
 
-    /// SIGKILLs the program `name` and starts it again as it was started, its stderr
-    /// going to `<name>.<restart>.log`. Returns when the new process was spawned.
-    pub(super) async fn restart(&mut self, name: &str, restart: u32) -> Result<Instant, Failure> {
+    /// SIGKILLs the program `name` and, `down_for` later, starts it again as it was
+    /// started, its stderr going to `<name>.<restart>.log`. Returns when the new process
+    /// was spawned.
+    pub(super) async fn restart(
+        &mut self,
+        name: &str,
+        restart: u32,
+        down_for: Duration,
+    ) -> Result<Instant, Failure> {
         let (spec, dir) = match (self.specs.get(name), &self.dir) {
             (Some(spec), Some(dir)) => (spec.clone(), dir.clone()),
             _ => return Err(Failure::config(format!("no started program {name}"))),
@@ -77,6 +83,7 @@ impl Children {
         };
         // Gone already or not, what counts is that it is gone before the new one starts.
         let _ = child.kill().await;
+        tokio::time::sleep(down_for).await;
         let log = std::fs::File::create(dir.join(format!("{name}.{restart}.log")))
             .map_err(|e| Failure::runtime(format!("cannot create a log file: {e}")))?;
         *child = spec.spawn(log)?;

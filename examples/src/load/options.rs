@@ -101,6 +101,8 @@ pub struct LoadOptions {
     /// it again at once (a forwarder dying under load); the report says when the
     /// connections healed, counted from the new forwarder's start.
     pub kill_forwarder_after: Option<Duration>,
+    /// How long the killed forwarder stays down before it is started again.
+    pub forwarder_down_for: Duration,
     /// With KERNEL: ping this many connections (spread evenly) from their clients'
     /// namespaces at the end of the soak, and after a forwarder restart each one as
     /// soon as it healed, until it answers (0: no pings).
@@ -134,6 +136,7 @@ impl LoadOptions {
             rotate_every: None,
             security: Security::insecure(),
             kill_forwarder_after: None,
+            forwarder_down_for: Duration::ZERO,
             ping_sample: 0,
         }
     }
@@ -154,6 +157,7 @@ pub(super) fn options_json(o: &LoadOptions) -> Value {
         "sample_every_s": o.sample_every.map(|d| d.as_secs_f64()),
         "mesh_log_level": o.mesh_log_level, "mesh_worker_threads": o.mesh_worker_threads,
         "kill_forwarder_after_s": o.kill_forwarder_after.map(|d| d.as_secs_f64()),
+        "forwarder_down_for_s": o.forwarder_down_for.as_secs_f64(),
         "ping_sample": o.ping_sample,
     })
 }

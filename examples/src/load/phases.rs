@@ -259,7 +259,10 @@ pub(super) async fn phases(
             next_kill = None;
             let killed = Instant::now();
             warn!(after = ?(killed - started), "killing the forwarder (SIGKILL) and starting it again");
-            let spawned = mesh.children.restart(FORWARDER, 1).await?;
+            let spawned = mesh
+                .children
+                .restart(FORWARDER, 1, opts.forwarder_down_for)
+                .await?;
             restart = Some((killed, spawned));
             if !targets.is_empty() {
                 pinger = Some(Box::pin(pings::ping_after_heal(

@@ -20,7 +20,7 @@
 //!   mechanism says [`BRIDGED`](super::BRIDGED) gets name and MTU only), each end marked with [`veth_alias`] of the connection's
 //!   first path segment id (so a forwarder that replaces a dead one recognises the
 //!   pair it left behind: on a re-request — the caller's connection carries its
-//!   selected mechanism — for which this forwarder holds no pair, the pair is adopted
+//!   selected mechanism, or a path beyond this hop — for which this forwarder holds no pair, the pair is adopted
 //!   in place with [`kernel_side_adopt`] when both ends are where the plans put them,
 //!   and replaced otherwise, see [`crate::veth`]). The MTU is
 //!   `context.MTU`, else the client mechanism's `MTU` parameter, else
@@ -89,7 +89,7 @@ struct ClientEnd(Arc<ClientEndInner>);
 
 struct ClientEndInner {
     /// The caller re-requests a connection it had (its connection carried a selected
-    /// mechanism).
+    /// mechanism, or a path beyond this hop).
     rerequest: bool,
     netns: NetNs,
     ifname: IfName,
@@ -192,10 +192,14 @@ impl Handler for KernelForwarderServer {
         mut req: NetworkServiceRequest,
         next: Next,
     ) -> Result<Connection> {
-        let rerequest = req
-            .connection
-            .as_ref()
-            .is_some_and(|c| c.mechanism.is_some());
+        // A connection this client had: it still names its mechanism, or (a reselect
+        // clears the mechanism but keeps the path) its path goes beyond this hop.
+        let rerequest = req.connection.as_ref().is_some_and(|c| {
+            c.mechanism.is_some()
+                || c.path
+                    .as_ref()
+                    .is_some_and(|p| p.path_segments.len() > p.index as usize + 1)
+        });
         let end = ClientEnd::parse(
             select_mechanism(&mut req, types::KERNEL, "kernel forwarder server")?,
             rerequest,
