@@ -247,7 +247,12 @@ pub(super) async fn phases(
                 report.interrupted = true;
                 break;
             }
-            _ = async { pinger.as_mut().expect("guarded").await }, if pinger.is_some() => {
+            _ = async {
+                match pinger.as_mut() {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
+                }
+            }, if pinger.is_some() => {
                 pinger = None;
                 continue;
             }

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::stream::{self, StreamExt};
 use nsm_proto::connection::Connection;
 use nsm_sdk_kernel::liveness::{endpoint_address, ping};
 use nsm_sdk_kernel::NetNs;
@@ -25,6 +25,8 @@ use super::count_requests::Counts;
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long one ping of [`ping_after_heal`] may take before the next round.
 const HEAL_PING_TIMEOUT: Duration = Duration::from_millis(300);
+/// Pings in flight at once (each runs on a thread of its own inside its namespace).
+const IN_FLIGHT: usize = 64;
 /// Pause between two rounds of [`ping_after_heal`].
 const ROUND: Duration = Duration::from_millis(50);
 
@@ -62,15 +64,12 @@ pub(super) fn sample(conns: &[(Connection, String)], want: usize) -> (Vec<PingTa
 
 /// Pings every target once (with retries within [`PING_TIMEOUT`]): how many answered.
 pub(super) async fn ping_all(targets: &[PingTarget]) -> usize {
-    join_all(
-        targets
-            .iter()
-            .map(|t| ping(Some(&t.netns), t.addr, PING_TIMEOUT)),
-    )
-    .await
-    .into_iter()
-    .filter(|r| matches!(r, Ok(true)))
-    .count()
+    stream::iter(targets)
+        .map(|t| ping(Some(&t.netns), t.addr, PING_TIMEOUT))
+        .buffer_unordered(IN_FLIGHT)
+        .filter(|r| std::future::ready(matches!(r, Ok(true))))
+        .count()
+        .await
 }
 
 /// Pings each target once heal says it healed after `since`, again every round until
@@ -93,9 +92,10 @@ pub(super) async fn ping_after_heal(
                 })
                 .collect()
         };
-        let rounds = due.iter().map(|&i| {
-            let t = &targets[i];
+        let rounds = due.into_iter().map(|i| {
+            let targets = targets.clone();
             async move {
+                let t = &targets[i];
                 let ok = matches!(
                     ping(Some(&t.netns), t.addr, HEAL_PING_TIMEOUT).await,
                     Ok(true)
@@ -103,7 +103,10 @@ pub(super) async fn ping_after_heal(
                 (i, ok.then(Instant::now))
             }
         });
-        let results = join_all(rounds).await;
+        let results: Vec<_> = stream::iter(rounds)
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
         let all = {
             let mut done = slots();
             for (i, at) in results {
