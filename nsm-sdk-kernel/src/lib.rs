@@ -90,9 +90,11 @@
 //! forwarder can always recreate the pair idempotently: creation checks that both
 //! names are free, and Close deletes only the link it created (matched by ifindex).
 //! Each end carries an alias naming its connection ([`veth_alias`]), so a forwarder
-//! that replaces a dead one recognises the pairs its predecessor left in the kernel
-//! and replaces them when the connections are requested again, while a link of
-//! anything else that holds a wanted name is left alone (docs/KERNEL.md 1.4).
+//! that replaces a dead one recognises the pairs its predecessor left in the kernel:
+//! when a connection is requested again and both ends are where its plans put them,
+//! it adopts the pair in place ([`kernel_side_adopt`]: no deletion, no new device, the
+//! data plane never stops); otherwise it deletes the leftovers and makes a new pair.
+//! A link of anything else that holds a wanted name is left alone (docs/KERNEL.md 1.4).
 //! A design that must keep the client's device across an endpoint change would use
 //! the two-pair + tc variant; nothing in the plan/apply layers would change.
 //!
@@ -136,7 +138,9 @@ pub use crate::plan::{
 pub use crate::reaper::groups_in_use;
 pub use crate::recorder::Recorder;
 pub use crate::rtnl::RtNetlink;
-pub use crate::veth::{down, kernel_side_up, veth_alias, veth_up, Created, VethEnd};
+pub use crate::veth::{
+    down, kernel_side_adopt, kernel_side_up, veth_alias, veth_up, Created, VethEnd,
+};
 
 /// The rtnetlink crate this one is built on (0.24), for operations not wrapped here.
 pub use rtnetlink;

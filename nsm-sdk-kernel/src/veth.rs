@@ -473,5 +473,8 @@ async fn delete_pair(created: &Created) -> Result<()> {
     reaper::delete(vec![end(&created.client), end(&created.endpoint)]).await
 }
 
+mod adopt;
+pub use adopt::kernel_side_adopt;
+
 #[cfg(test)]
 mod tests;

@@ -21,8 +21,10 @@ use tracing::{info, warn};
 /// pair whose ends it creates inside their network namespaces, named by the
 /// `file:///proc/<pid>/ns/net` URLs they send; needs root or CAP_NET_ADMIN and
 /// CAP_SYS_ADMIN, and the pods' PIDs visible) and NOOP (nothing is built). A restarted
-/// forwarder replaces the veth pairs its predecessor left when their connections are
-/// requested again. With a tunnel IP, also VXLAN: a KERNEL client here reaches a KERNEL
+/// forwarder finds nothing to restore at start-up: the veth pairs its predecessor left
+/// keep carrying traffic, and when the clients' heal re-requests their connections it
+/// adopts each pair in place (both ends marked with the connection's alias, where the
+/// connection puts them), so no interface is deleted or made twice. With a tunnel IP, also VXLAN: a KERNEL client here reaches a KERNEL
 /// endpoint on another node through a VXLAN device in each pod, whose UDP socket is in
 /// this forwarder's namespace (the node's, where the tunnel IP lives). Without one, a
 /// connection to another node's endpoint must be NOOP.

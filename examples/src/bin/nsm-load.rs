@@ -136,6 +136,25 @@ struct Args {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     rotate_every: Option<Duration>,
 
+    /// With --processes: SIGKILL the forwarder this long into the soak and start it
+    /// again at once (a forwarder dying under load). The report gives each connection's
+    /// time from broken to healed and when the last one healed after the new
+    /// forwarder's start.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    kill_forwarder_after: Option<Duration>,
+
+    /// With --kill-forwarder-after: how long the forwarder stays down before it is
+    /// started again (a restart that takes time, as a pod's does).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    forwarder_down_for: Duration,
+
+    /// With --mechanism kernel: ping N connections (spread evenly) from their clients'
+    /// namespaces at the end of the soak (each that does not answer counts as an
+    /// error) and, after a forwarder restart, each one as soon as it healed, until it
+    /// answers (the report says when the last one did).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    ping_sample: usize,
+
     /// Also sample the processes this often during the soak (soak+<seconds>s stages).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     sample_every: Option<Duration>,
@@ -191,6 +210,14 @@ fn main() -> ExitCode {
                  not with --sandbox, --connect-to or --insecure",
             ));
         }
+        if args.kill_forwarder_after.is_some() && !args.processes {
+            return Err(Failure::config(
+                "--kill-forwarder-after restarts the forwarder nsm-load starts: only with --processes",
+            ));
+        }
+        if args.ping_sample > 0 && args.mechanism != LoadMechanism::Kernel {
+            return Err(Failure::config("--ping-sample needs --mechanism kernel"));
+        }
         let target = if args.sandbox {
             Target::Sandbox(args.sandbox_transport)
         } else if let Some(url) = args.connect_to {
@@ -231,6 +258,9 @@ fn main() -> ExitCode {
             insecure: args.insecure,
             rotate_every: args.rotate_every.filter(|d| !d.is_zero()),
             security: client_security,
+            kill_forwarder_after: args.kill_forwarder_after,
+            forwarder_down_for: args.forwarder_down_for,
+            ping_sample: args.ping_sample,
             ..LoadOptions::new(target)
         };
         let report = run_load(opts, stop).await?;

@@ -10,6 +10,7 @@ use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::{Cx, Handler, Next};
 use tokio::time::Instant;
 
+use super::heal_times::HealTimes;
 use super::histogram::Histogram;
 use super::report::Errors;
 
@@ -24,6 +25,8 @@ pub(super) struct Counts {
     pub(super) rerequest_failed: AtomicU64,
     pub(super) heal_broken: AtomicU64,
     pub(super) heal_healed: AtomicU64,
+    /// Heal episodes per connection, timed.
+    pub(super) heals: HealTimes,
     /// Latency and errors of re-requests, since the last [`Counts::take`].
     pub(super) window: Mutex<Window>,
 }

@@ -2,7 +2,6 @@
 //! running mesh; and the client chain the connections share.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +18,7 @@ use nsm_sdk::Chain;
 use tokio::time::Instant;
 use tracing::info;
 
-use super::children::Children;
+use super::children::{Children, Spec};
 use super::count_requests::{CountRequests, Counts};
 use super::namespaces::Namespaces;
 use super::options::{LoadMechanism, LoadOptions, Target};
@@ -119,10 +118,16 @@ pub(super) fn with_handlers(
     }
     if opts.heal {
         let c = counts.clone();
-        o = o.handler(heal(HealOptions::new(channels).observer(move |e| {
+        o = o.handler(heal(HealOptions::new(channels).observer(move |e, id| {
             let n = match e {
-                HealEvent::Broken => &c.heal_broken,
-                HealEvent::Healed => &c.heal_healed,
+                HealEvent::Broken => {
+                    c.heals.broken(id);
+                    &c.heal_broken
+                }
+                HealEvent::Healed => {
+                    c.heals.healed(id);
+                    &c.heal_healed
+                }
                 _ => return,
             };
             n.fetch_add(1, Ordering::Relaxed);
@@ -170,11 +175,7 @@ pub(super) async fn start_mesh_in(
             metrics,
             sample_self: true,
             _sandbox: None,
-            children: Children {
-                procs: Vec::new(),
-                dir: None,
-                keep: false,
-            },
+            children: Children::none(),
             netns_urls: Vec::new(),
             _namespaces: None,
             identities: None,
@@ -202,11 +203,7 @@ pub(super) async fn start_mesh_in(
                 metrics,
                 sample_self: true,
                 _sandbox: Some((mesh, nse)),
-                children: Children {
-                    procs: Vec::new(),
-                    dir: None,
-                    keep: false,
-                },
+                children: Children::none(),
                 netns_urls: Vec::new(),
                 _namespaces: None,
                 identities: None,
@@ -253,6 +250,7 @@ pub(super) async fn spawn_mesh(
         .map_err(|e| Failure::runtime(format!("cannot create {}: {e}", dir.display())))?;
     let mut children = Children {
         procs: Vec::new(),
+        specs: Default::default(),
         dir: Some(dir.clone()),
         keep: opts.keep_dir,
     };
@@ -322,32 +320,30 @@ pub(super) async fn spawn_mesh(
         let metrics_sock = dir.join(format!("{name}.metrics.sock"));
         // The endpoint serves no metrics.
         let serves_metrics = name != "nse";
-        let mut cmd = match (&nse_netns, name) {
-            // The endpoint's ends of the veth pairs go into its own namespace.
-            (Some(ns), "nse") => {
-                let mut c = tokio::process::Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&exe);
-                c
-            }
-            _ => tokio::process::Command::new(&exe),
-        };
-        cmd.env("NSM_NAME", name)
-            .env("NSM_LOG_LEVEL", &opts.mesh_log_level)
-            .envs(security_env(name)?)
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true);
+        let mut spec_env: Vec<(String, String)> = vec![
+            ("NSM_NAME".into(), name.into()),
+            ("NSM_LOG_LEVEL".into(), opts.mesh_log_level.clone()),
+        ];
+        for (k, v) in security_env(name)?.into_iter().chain(env) {
+            spec_env.push((k.to_string(), v));
+        }
         if let Some(n) = opts.mesh_worker_threads {
-            cmd.env("NSM_WORKER_THREADS", n.to_string());
+            spec_env.push(("NSM_WORKER_THREADS".into(), n.to_string()));
         }
         if serves_metrics {
-            cmd.env("NSM_METRICS_LISTEN_ON", &metrics_sock);
+            spec_env.push((
+                "NSM_METRICS_LISTEN_ON".into(),
+                metrics_sock.display().to_string(),
+            ));
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| Failure::config(format!("cannot start {}: {e}", exe.display())))?;
+        let spec = Spec {
+            exe,
+            // The endpoint's ends of the veth pairs go into its own namespace.
+            netns: nse_netns.clone().filter(|_| name == "nse"),
+            env: spec_env,
+        };
+        let child = spec.spawn(log)?;
+        children.specs.insert(name.to_string(), spec);
         children.procs.push((name.to_string(), child));
         if serves_metrics {
             let url = Url::Unix(metrics_sock);

@@ -35,15 +35,18 @@
 
 mod children;
 mod count_requests;
+mod heal_times;
 mod histogram;
 mod mesh;
 mod namespaces;
 mod options;
 mod phases;
+mod pings;
 mod progress;
 mod report;
 
+pub use heal_times::HealSummary;
 pub use histogram::{Histogram, Latency};
 pub use options::{LoadMechanism, LoadOptions, Target, STAGES};
 pub use phases::run_load;
-pub use report::{write_json, Errors, Phase, Report, Soak};
+pub use report::{write_json, Errors, Phase, Pings, Report, Restart, Soak};

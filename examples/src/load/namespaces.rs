@@ -31,6 +31,36 @@ impl Namespaces {
     pub(super) fn url(&self, n: usize) -> String {
         format!("file:///run/netns/{}", self.names[n])
     }
+
+    /// The links other than `lo` in each namespace that has any: (namespace, link
+    /// names). A namespace that cannot be read counts with the error as its link.
+    pub(super) async fn leftover_links(&self) -> Vec<(String, Vec<String>)> {
+        use futures::stream::{self, StreamExt};
+        use nsm_sdk_kernel::{NetNs, Netlink, OnDemandNetlink};
+        stream::iter(self.names.iter().enumerate())
+            .map(|(n, name)| async move {
+                let links = match NetNs::from_url(&self.url(n)) {
+                    Ok(ns) => {
+                        let nl = OnDemandNetlink::new(ns);
+                        let links = nl.links().await;
+                        nl.release();
+                        links.map(|ls| {
+                            ls.into_iter()
+                                .map(|l| l.name)
+                                .filter(|n| n != "lo")
+                                .collect::<Vec<_>>()
+                        })
+                    }
+                    Err(e) => Err(e),
+                };
+                let links = links.unwrap_or_else(|e| vec![format!("(cannot read: {e})")]);
+                (name.clone(), links)
+            })
+            .buffer_unordered(16)
+            .filter(|(_, links)| std::future::ready(!links.is_empty()))
+            .collect()
+            .await
+    }
 }
 
 impl Drop for Namespaces {

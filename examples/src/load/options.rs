@@ -97,6 +97,16 @@ pub struct LoadOptions {
     pub rotate_every: Option<Duration>,
     /// The client's security against a running mesh ([`Target::Connect`]).
     pub security: Security,
+    /// With started programs: SIGKILL the forwarder this long into the soak and start
+    /// it again at once (a forwarder dying under load); the report says when the
+    /// connections healed, counted from the new forwarder's start.
+    pub kill_forwarder_after: Option<Duration>,
+    /// How long the killed forwarder stays down before it is started again.
+    pub forwarder_down_for: Duration,
+    /// With KERNEL: ping this many connections (spread evenly) from their clients'
+    /// namespaces at the end of the soak, and after a forwarder restart each one as
+    /// soon as it healed, until it answers (0: no pings).
+    pub ping_sample: usize,
 }
 
 impl LoadOptions {
@@ -125,6 +135,9 @@ impl LoadOptions {
             insecure: false,
             rotate_every: None,
             security: Security::insecure(),
+            kill_forwarder_after: None,
+            forwarder_down_for: Duration::ZERO,
+            ping_sample: 0,
         }
     }
 }
@@ -143,5 +156,8 @@ pub(super) fn options_json(o: &LoadOptions) -> Value {
         "request_timeout_s": o.request_timeout.as_secs_f64(),
         "sample_every_s": o.sample_every.map(|d| d.as_secs_f64()),
         "mesh_log_level": o.mesh_log_level, "mesh_worker_threads": o.mesh_worker_threads,
+        "kill_forwarder_after_s": o.kill_forwarder_after.map(|d| d.as_secs_f64()),
+        "forwarder_down_for_s": o.forwarder_down_for.as_secs_f64(),
+        "ping_sample": o.ping_sample,
     })
 }

@@ -1,6 +1,8 @@
 //! The run: warm-up, setup, soak and close ([`run_load`]), with the processes sampled
 //! at each stage.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +19,11 @@ use tracing::warn;
 
 use super::count_requests::{Counts, PHASE_CLOSE, PHASE_DONE, PHASE_SETUP, PHASE_SOAK};
 use super::histogram::Latency;
-use super::mesh::{start_mesh, Mesh};
+use super::mesh::{start_mesh, wait_until, Mesh};
 use super::options::{options_json, LoadOptions};
+use super::pings;
 use super::progress::Progress;
-use super::report::{merge, Report};
+use super::report::{merge, Pings, Report, Restart};
 use crate::metrics::{sample, scrape};
 use crate::process::Failure;
 
@@ -53,6 +56,9 @@ pub(super) fn request(opts: &LoadOptions, mesh: &Mesh, n: usize) -> NetworkServi
         mechanism_preferences,
     }
 }
+
+/// The started forwarder's name (`--kill-forwarder-after` restarts it).
+const FORWARDER: &str = "forwarder";
 
 /// The interface each KERNEL client gets in its namespace.
 pub(super) const KERNEL_IFNAME: &str = "nsm-1";
@@ -107,7 +113,7 @@ pub async fn run_load(opts: LoadOptions, stop: CancellationToken) -> Result<Repo
     let progress = opts
         .progress
         .then(|| Progress::start(counts.clone(), &opts));
-    let outcome = phases(&opts, &mesh, &counts, &mut report, &stop).await;
+    let outcome = phases(&opts, &mut mesh, &counts, &mut report, &stop).await;
     counts.phase.store(PHASE_DONE, Ordering::Relaxed);
     if let Some(p) = progress {
         p.stop().await;
@@ -120,7 +126,7 @@ pub async fn run_load(opts: LoadOptions, stop: CancellationToken) -> Result<Repo
 
 pub(super) async fn phases(
     opts: &LoadOptions,
-    mesh: &Mesh,
+    mesh: &mut Mesh,
     counts: &Arc<Counts>,
     report: &mut Report,
     stop: &CancellationToken,
@@ -151,7 +157,7 @@ pub(super) async fn phases(
     // Setup.
     counts.phase.store(PHASE_SETUP, Ordering::Relaxed);
     let started = Instant::now();
-    let results: Vec<(Duration, nsm_sdk::Result<Connection>)> =
+    let results: Vec<(usize, Duration, nsm_sdk::Result<Connection>)> =
         stream::iter((1..=opts.clients).map(|n| {
             let req = request(opts, mesh, n);
             let counts = counts.clone();
@@ -164,7 +170,7 @@ pub(super) async fn phases(
                 if r.is_err() {
                     counts.setup_failed.fetch_add(1, Ordering::Relaxed);
                 }
-                (t.elapsed(), r)
+                (n, t.elapsed(), r)
             }
         }))
         .buffer_unordered(opts.concurrency.max(1))
@@ -172,11 +178,18 @@ pub(super) async fn phases(
         .await;
     report.setup.seconds = started.elapsed().as_secs_f64();
     let mut conns = Vec::with_capacity(results.len());
+    // The KERNEL connections with their clients' namespaces, for pings.
+    let mut kernel_conns = Vec::new();
     let mut latency = Vec::with_capacity(results.len());
-    for (d, r) in results {
+    for (n, d, r) in results {
         latency.push(d);
         match r {
-            Ok(c) => conns.push(c),
+            Ok(c) => {
+                if let Some(url) = mesh.netns_urls.get(n) {
+                    kernel_conns.push((c.clone(), url.clone()));
+                }
+                conns.push(c)
+            }
             Err(e) => *report.setup.errors.entry(code_name(&e)).or_default() += 1,
         }
     }
@@ -204,9 +217,27 @@ pub(super) async fn phases(
     };
     let mut next_sample = opts.sample_every.map(|every| started + every);
     let mut next_rotation = rotation.map(|(every, _)| started + every);
+    let mut next_kill = match opts.kill_forwarder_after {
+        Some(_) if mesh.children.specs.contains_key(FORWARDER) => {
+            opts.kill_forwarder_after.map(|after| started + after)
+        }
+        Some(_) => {
+            return Err(Failure::config(
+                "--kill-forwarder-after needs the programs started by nsm-load (--processes)",
+            ))
+        }
+        None => None,
+    };
     let mut last_rotation = None;
+    let (targets, skipped) = pings::sample(&kernel_conns, opts.ping_sample);
+    let targets = Arc::new(targets);
+    // After a restart: when each sampled connection answered a ping after its heal.
+    let answered = Arc::new(std::sync::Mutex::new(vec![None; targets.len()]));
+    let mut pinger: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+    let mut restart: Option<(Instant, Instant)> = None;
+    let mut restart_report = None;
     loop {
-        let next = [next_sample, next_rotation]
+        let next = [next_sample, next_rotation, next_kill]
             .into_iter()
             .flatten()
             .fold(end, Instant::min);
@@ -216,9 +247,59 @@ pub(super) async fn phases(
                 report.interrupted = true;
                 break;
             }
+            _ = async {
+                match pinger.as_mut() {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
+                }
+            }, if pinger.is_some() => {
+                pinger = None;
+                continue;
+            }
         }
         if next >= end {
             break;
+        }
+        if next_kill.is_some_and(|at| at <= next) {
+            next_kill = None;
+            let killed = Instant::now();
+            warn!(after = ?(killed - started), "killing the forwarder (SIGKILL) and starting it again");
+            let spawned = mesh
+                .children
+                .restart(FORWARDER, 1, opts.forwarder_down_for)
+                .await?;
+            restart = Some((killed, spawned));
+            if !targets.is_empty() {
+                pinger = Some(Box::pin(pings::ping_after_heal(
+                    targets.clone(),
+                    counts.clone(),
+                    killed,
+                    answered.clone(),
+                )));
+            }
+            // Whether and when the new forwarder serves (its metrics answer).
+            let url = mesh
+                .metrics
+                .iter()
+                .find(|(n, _)| n == FORWARDER)
+                .map(|(_, u)| u.clone());
+            let serving = match url {
+                Some(url) => wait_until(Duration::from_secs(20), || {
+                    let url = url.clone();
+                    async move { scrape(&url).await.is_ok() }
+                })
+                .await
+                .ok()
+                .map(|()| (Instant::now() - spawned).as_secs_f64()),
+                None => None,
+            };
+            restart_report = Some(Restart {
+                killed_at: (killed - started).as_secs_f64(),
+                started_after_kill: (spawned - killed).as_secs_f64(),
+                serving_after_start: serving,
+                ping_sampled: targets.len(),
+                ..Default::default()
+            });
         }
         if let (Some(at), Some((every, ids))) = (next_rotation, rotation) {
             if at <= next {
@@ -236,6 +317,24 @@ pub(super) async fn phases(
             }
         }
     }
+    drop(pinger);
+    if let (Some(mut r), Some((_, spawned))) = (restart_report, restart) {
+        let since = |t: Instant| t.checked_duration_since(spawned).map(|d| d.as_secs_f64());
+        r.last_healed_after_start = counts.heals.last_healed().and_then(since);
+        let answered = answered.lock().unwrap_or_else(|p| p.into_inner());
+        r.pinged = answered.iter().flatten().count();
+        if r.pinged == targets.len() {
+            r.last_ping_after_start = answered.iter().flatten().max().copied().and_then(since);
+        }
+        report.soak.restart = Some(r);
+    }
+    if !targets.is_empty() || skipped > 0 {
+        report.soak.pings = Some(Pings {
+            sampled: targets.len(),
+            ok: pings::ping_all(&targets).await,
+            skipped,
+        });
+    }
     report.soak.seconds = started.elapsed().as_secs_f64();
     if let (Some((_, ids)), Some(at)) = (rotation, last_rotation) {
         // The programs poll their files (FileSource, every 500 ms): give them that and
@@ -249,6 +348,7 @@ pub(super) async fn phases(
     report.soak.errors = window.errors;
     report.soak.heal_broken = counts.heal_broken.load(Ordering::Relaxed) - broken0;
     report.soak.heal_healed = counts.heal_healed.load(Ordering::Relaxed) - healed0;
+    report.soak.heal = counts.heals.summary();
     sample_all(mesh, report, "end_of_soak").await;
 
     // Close.
@@ -280,6 +380,13 @@ pub(super) async fn phases(
     report.close.latency = Latency::of(&latency);
     merge(&mut report.other_refresh_errors, counts.take().errors);
     tokio::time::sleep(opts.settle).await;
+    if let Some(ns) = &mesh._namespaces {
+        let left = ns.leftover_links().await;
+        for (netns, links) in left.iter().take(5) {
+            warn!(%netns, ?links, "links left after Close");
+        }
+        report.left_after_close = Some(left.iter().map(|(_, l)| l.len() as u64).sum());
+    }
     sample_all(mesh, report, "after_close").await;
     Ok(())
 }

@@ -83,6 +83,22 @@ pub(super) fn bar(done: f64, total: f64) -> String {
     format!("[{}{}]", "#".repeat(filled), "-".repeat(WIDTH - filled))
 }
 
+/// The heal times so far, once any connection healed.
+fn heal_so_far(c: &Counts) -> String {
+    let h = c.heals.summary();
+    if h.healed == 0 {
+        return String::new();
+    }
+    format!(
+        " (p50 {:.0} p99 {:.0} max {:.0} ms, all within {:.1} s)",
+        h.latency.p50,
+        h.latency.p99,
+        h.latency.max,
+        h.first_broken_to_last_healed
+            .map_or(0.0, |d| d.as_secs_f64())
+    )
+}
+
 pub(super) fn progress_line(
     c: &Counts,
     phase: u8,
@@ -105,12 +121,14 @@ pub(super) fn progress_line(
             )
         }
         PHASE_SOAK => format!(
-            "{t:6.1}s soak  {} {:.0}/{:.0}s refreshes {refreshes} errors {failed} heal {}/{}",
+            "{t:6.1}s soak  {} {:.0}/{:.0}s refreshes {refreshes} errors {failed} heal {}/{} broken now {}{}",
             bar(in_phase.as_secs_f64(), soak.as_secs_f64()),
             in_phase.as_secs_f64(),
             soak.as_secs_f64(),
             c.heal_broken.load(Ordering::Relaxed),
             c.heal_healed.load(Ordering::Relaxed),
+            c.heals.unhealed(),
+            heal_so_far(c),
         ),
         PHASE_CLOSE => {
             let done = c.closed.load(Ordering::Relaxed);

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use super::heal_times::HealSummary;
 use super::histogram::Latency;
 use crate::process::Failure;
 
@@ -46,6 +47,57 @@ pub struct Soak {
     /// After the last rotation, whether a new handshake with the manager got its newest
     /// certificate (`None` without rotations).
     pub rotated_certificate_served: Option<bool>,
+    /// How long each connection took from broken to healed.
+    pub heal: HealSummary,
+    /// The forwarder killed and started again (`--kill-forwarder-after`).
+    pub restart: Option<Restart>,
+    /// The data plane checked at the end of the soak (`--ping-sample`).
+    pub pings: Option<Pings>,
+}
+
+/// A forwarder SIGKILLed and started again during the soak; times in seconds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Restart {
+    /// When it was killed, into the soak.
+    pub killed_at: f64,
+    /// From the kill to the new process's start.
+    pub started_after_kill: f64,
+    /// From the new start to its metrics endpoint answering (`None`: it never did).
+    pub serving_after_start: Option<f64>,
+    /// From the new start to the last connection healed (`None`: none healed after
+    /// it).
+    pub last_healed_after_start: Option<f64>,
+    /// Connections sampled for pings after their heal (`--ping-sample`).
+    pub ping_sampled: usize,
+    /// Of those, the ones that answered a ping after they healed, before the end of
+    /// the soak.
+    pub pinged: usize,
+    /// From the new start to the last sampled connection answering a ping after its
+    /// heal (`None`: not all answered).
+    pub last_ping_after_start: Option<f64>,
+}
+
+impl Restart {
+    fn json(&self) -> Value {
+        json!({
+            "killed_at_s": self.killed_at, "started_after_kill_s": self.started_after_kill,
+            "serving_after_start_s": self.serving_after_start,
+            "last_healed_after_start_s": self.last_healed_after_start,
+            "ping_sampled": self.ping_sampled, "pinged_after_heal": self.pinged,
+            "last_ping_after_start_s": self.last_ping_after_start,
+        })
+    }
+}
+
+/// The end-of-soak ping check.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pings {
+    /// Connections pinged.
+    pub sampled: usize,
+    /// Of those, the ones that answered.
+    pub ok: usize,
+    /// Connections picked that had no endpoint address or namespace to ping from.
+    pub skipped: usize,
 }
 
 /// A whole run.
@@ -61,6 +113,9 @@ pub struct Report {
     pub soak: Soak,
     /// Closing them.
     pub close: Phase,
+    /// With KERNEL: the links other than `lo` left in the clients' and the endpoint's
+    /// namespaces after the Closes and the settle pause (each counts as an error).
+    pub left_after_close: Option<u64>,
     /// Re-requests outside the soak (during setup and close) and their errors.
     pub other_refresh_errors: Errors,
     /// Samples by process, then by stage.
@@ -75,7 +130,9 @@ pub struct Report {
 }
 
 impl Report {
-    /// Failed operations of every phase.
+    /// Failed operations of every phase, connections left unhealed, sampled
+    /// connections that did not answer a ping at the end of the soak and links left
+    /// after Close.
     pub fn errors_total(&self) -> u64 {
         [
             &self.setup.errors,
@@ -87,6 +144,13 @@ impl Report {
         .flat_map(|e| e.values())
         .sum::<u64>()
             + u64::from(self.warmup_ms.is_none())
+            + self.left_after_close.unwrap_or(0)
+            + self.soak.heal.unhealed as u64
+            + self
+                .soak
+                .pings
+                .as_ref()
+                .map_or(0, |p| (p.sampled - p.ok) as u64)
     }
 
     /// The started programs that did not stop cleanly (exit 0) on SIGTERM.
@@ -137,10 +201,15 @@ impl Report {
                      "refresh_latency_ms": self.soak.latency.json(), "errors": errs(&self.soak.errors),
                      "heal_broken": self.soak.heal_broken, "heal_healed": self.soak.heal_healed,
                      "rotations": self.soak.rotations,
-                     "rotated_certificate_served": self.soak.rotated_certificate_served},
+                     "rotated_certificate_served": self.soak.rotated_certificate_served,
+                     "heal": self.soak.heal.json(),
+                     "forwarder_restart": self.soak.restart.as_ref().map(Restart::json),
+                     "pings": self.soak.pings.as_ref().map(|p| json!({
+                         "sampled": p.sampled, "ok": p.ok, "failed": p.sampled - p.ok, "skipped": p.skipped}))},
             "close": {"seconds": self.close.seconds, "ok": self.close.ok,
                       "latency_ms": self.close.latency.json(), "errors": errs(&self.close.errors)},
             "refresh_errors_outside_soak": errs(&self.other_refresh_errors),
+            "links_left_after_close": self.left_after_close,
             "stages": self.stages,
             "processes": self.processes,
             "growth": growth,
@@ -186,6 +255,42 @@ impl Report {
             s.heal_broken,
             s.heal_healed
         );
+        let h = &s.heal;
+        if h.healed + h.unhealed > 0 {
+            out += &format!(
+                "heal:    {} healed, {} not; broken to healed ms p50 {:.0} p99 {:.0} max {:.0}; first broken to last healed {}\n",
+                h.healed,
+                h.unhealed,
+                h.latency.p50,
+                h.latency.p99,
+                h.latency.max,
+                secs(h.first_broken_to_last_healed.map(|d| d.as_secs_f64())),
+            );
+        }
+        if let Some(r) = &s.restart {
+            out += &format!(
+                "restart: forwarder killed at {:.1} s, started {:.3} s later, serving after {}; last connection healed {} after its start",
+                r.killed_at,
+                r.started_after_kill,
+                secs(r.serving_after_start),
+                secs(r.last_healed_after_start),
+            );
+            if r.ping_sampled > 0 {
+                out += &format!(
+                    "; {} of {} sampled ping after heal, the last {} after its start",
+                    r.pinged,
+                    r.ping_sampled,
+                    secs(r.last_ping_after_start)
+                );
+            }
+            out += "\n";
+        }
+        if let Some(p) = &s.pings {
+            out += &format!(
+                "pings:   {} of {} sampled connections answer at the end of the soak ({} could not be pinged)\n",
+                p.ok, p.sampled, p.skipped
+            );
+        }
         if let Some(served) = s.rotated_certificate_served {
             out += &format!(
                 "rotation: {} rotations of every SVID; the manager serves the newest: {}\n",
@@ -203,6 +308,9 @@ impl Report {
             c.max,
             fmt_errors(&self.close.errors)
         );
+        if let Some(left) = self.left_after_close {
+            out += &format!("left:    {left} links in the namespaces after Close\n");
+        }
         if !self.other_refresh_errors.is_empty() {
             out += &format!(
                 "refresh errors outside the soak: {}\n",
@@ -255,6 +363,10 @@ impl Report {
         }
         out
     }
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.3} s"))
 }
 
 /// The metrics whose growth the report computes.

@@ -19,7 +19,10 @@
 //!   `iprule` on the NSC side), the endpoint's for [`PodSide::Endpoint`] (an end whose
 //!   mechanism says [`BRIDGED`](super::BRIDGED) gets name and MTU only), each end marked with [`veth_alias`] of the connection's
 //!   first path segment id (so a forwarder that replaces a dead one recognises the
-//!   pair it left behind and replaces it, see [`crate::veth`]). The MTU is
+//!   pair it left behind: on a re-request — the caller's connection carries its
+//!   selected mechanism, or a path beyond this hop — for which this forwarder holds no pair, the pair is adopted
+//!   in place with [`kernel_side_adopt`] when both ends are where the plans put them,
+//!   and replaced otherwise, see [`crate::veth`]). The MTU is
 //!   `context.MTU`, else the client mechanism's `MTU` parameter, else
 //!   [`DEFAULT_MTU`]; it is written back into the returned `context.MTU` so both
 //!   sides learn it. It also opens `ping_group_range` in both pods
@@ -35,7 +38,8 @@
 //! one in the chain, makes the client's end from [`KernelClientEnd`].
 //!
 //! State: per connection of the client chain (needs `begin` there), the [`Created`]
-//! pair and which namespaces and names it joins.
+//! pair and which namespaces and names it joins; per call, whether the caller
+//! re-requests (read on the server side, before the mechanism is selected).
 //!
 //! Failure handled: a bad name, URL or MTU is InvalidArgument and a missing namespace
 //! NotFound, found before the endpoint is called when they are the client's; a bad
@@ -61,7 +65,9 @@ use tracing::{debug, info, warn};
 use super::{end_plan, is_bridged, is_kernel, kernel_mechanism};
 use crate::error::Error as KernelError;
 use crate::liveness::allow_ping;
-use crate::{down, kernel_side_up, veth_alias, Created, IfName, Mtu, NetNs, Plan, PodSide};
+use crate::{
+    down, kernel_side_adopt, kernel_side_up, veth_alias, Created, IfName, Mtu, NetNs, Plan, PodSide,
+};
 
 /// The MTU of a connection whose context and client mechanism give none.
 pub const DEFAULT_MTU: u32 = 1500;
@@ -82,6 +88,9 @@ pub fn kernel_forwarder_mechanisms() -> (Mechanisms, Vec<Arc<dyn Handler>>) {
 struct ClientEnd(Arc<ClientEndInner>);
 
 struct ClientEndInner {
+    /// The caller re-requests a connection it had (its connection carried a selected
+    /// mechanism, or a path beyond this hop).
+    rerequest: bool,
     netns: NetNs,
     ifname: IfName,
     mtu: Option<Mtu>,
@@ -137,7 +146,7 @@ fn param<'a>(m: &'a Mechanism, key: &str) -> Option<&'a str> {
 }
 
 impl ClientEnd {
-    fn parse(m: &Mechanism) -> Result<ClientEnd> {
+    fn parse(m: &Mechanism, rerequest: bool) -> Result<ClientEnd> {
         let name = param(m, params::NAME).ok_or_else(|| {
             nsm_sdk::Error::invalid("the client's KERNEL mechanism has no interface name")
         })?;
@@ -156,6 +165,7 @@ impl ClientEnd {
         };
         let netns = NetNs::from_url(url)?;
         Ok(ClientEnd(Arc::new(ClientEndInner {
+            rerequest,
             netns,
             ifname,
             mtu,
@@ -182,11 +192,18 @@ impl Handler for KernelForwarderServer {
         mut req: NetworkServiceRequest,
         next: Next,
     ) -> Result<Connection> {
-        let end = ClientEnd::parse(select_mechanism(
-            &mut req,
-            types::KERNEL,
-            "kernel forwarder server",
-        )?)?;
+        // A connection this client had: it still names its mechanism, or (a reselect
+        // clears the mechanism but keeps the path) its path goes beyond this hop.
+        let rerequest = req.connection.as_ref().is_some_and(|c| {
+            c.mechanism.is_some()
+                || c.path
+                    .as_ref()
+                    .is_some_and(|p| p.path_segments.len() > p.index as usize + 1)
+        });
+        let end = ClientEnd::parse(
+            select_mechanism(&mut req, types::KERNEL, "kernel forwarder server")?,
+            rerequest,
+        )?;
         debug!(ifname = %end.0.ifname, netns = %end.0.netns, "client side of KERNEL");
         cx.ext_mut().insert(end);
         next.request(cx, req).await
@@ -299,7 +316,17 @@ async fn refresh_both(created: &mut Created, client: Plan, endpoint: Plan) -> cr
 impl KernelForwarderClient {
     /// Makes or refreshes the pair for the answer `out`, and writes the MTU into its
     /// context.
-    async fn pair_up(&self, end: &ClientEnd, out: &mut Connection, slot: &PairSlot) -> Result<()> {
+    ///
+    /// `rerequest`: the caller re-requests a connection it had (its request carried a
+    /// mechanism); when this forwarder has no pair for it (it replaces a dead one), the
+    /// pair its predecessor left is adopted rather than replaced.
+    async fn pair_up(
+        &self,
+        end: &ClientEnd,
+        out: &mut Connection,
+        slot: &PairSlot,
+        rerequest: bool,
+    ) -> Result<()> {
         let end = &end.0;
         let (nse_ns, nse_ifname, nse_bridged) = endpoint_end(out)?;
         let key = connection_key(out).to_string();
@@ -351,6 +378,26 @@ impl KernelForwarderClient {
                     warn!(error = %e, "deleting the old veth pair failed");
                 }
             }
+            None if rerequest => {
+                match kernel_side_adopt(
+                    &end.netns,
+                    &nse_ns,
+                    client_plan.clone(),
+                    endpoint_plan.clone(),
+                )
+                .await
+                {
+                    Ok(Some(created)) => {
+                        // The predecessor opened ping_group_range when it made the pair.
+                        slot.put(Pair { created, ends });
+                        return Ok(());
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(error = %e, "adopting the veth pair left by the previous forwarder failed, replacing it")
+                    }
+                }
+            }
             None => {}
         }
         let created = kernel_side_up(&end.netns, &nse_ns, client_plan, endpoint_plan).await?;
@@ -380,6 +427,7 @@ impl Handler for KernelForwarderClient {
         let slot = cx.conn().map(|h| h.state::<PairSlot>()).ok_or_else(|| {
             nsm_sdk::Error::internal("kernel forwarder client needs `begin` before it")
         })?;
+        let rerequest = end.0.rerequest;
         let conn = req.connection.get_or_insert_with(Default::default);
         if conn.mechanism.is_none() && !req.mechanism_preferences.iter().any(is_kernel) {
             req.mechanism_preferences.push(kernel_mechanism());
@@ -393,7 +441,7 @@ impl Handler for KernelForwarderClient {
         // The namespace the endpoint names must be its own (or one it could enter):
         // checked against who answered before anything is made there.
         let made = match check_answer(cx.peer(), &out) {
-            Ok(()) => self.pair_up(&end, &mut out, &slot).await,
+            Ok(()) => self.pair_up(&end, &mut out, &slot, rerequest).await,
             Err(e) => Err(e),
         };
         match made {

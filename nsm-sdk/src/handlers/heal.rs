@@ -81,8 +81,9 @@ use crate::{Error, Result};
 /// Prepares the request of a reselect from the last good one.
 pub type ReselectFn = Arc<dyn Fn(&mut NetworkServiceRequest) + Send + Sync>;
 
-/// Told of what heal does ([`HealOptions::observer`]).
-pub type HealObserver = Arc<dyn Fn(HealEvent) + Send + Sync>;
+/// Told of what heal does to which connection ([`HealOptions::observer`]): the event
+/// and the connection's id (as `begin` knows it: the id of the caller's connection).
+pub type HealObserver = Arc<dyn Fn(HealEvent, &str) + Send + Sync>;
 
 /// What heal tells its observer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,15 +205,16 @@ impl HealOptions {
         self
     }
 
-    /// Calls `f` with each [`HealEvent`] (for counting; it must not block).
-    pub fn observer(mut self, f: impl Fn(HealEvent) + Send + Sync + 'static) -> Self {
+    /// Calls `f` with each [`HealEvent`] and the id of the connection it is about (for
+    /// counting and timing heals per connection; it must not block).
+    pub fn observer(mut self, f: impl Fn(HealEvent, &str) + Send + Sync + 'static) -> Self {
         self.observer = Some(Arc::new(f));
         self
     }
 
-    fn tell(&self, event: HealEvent) {
+    fn tell(&self, event: HealEvent, connection: &str) {
         if let Some(f) = &self.observer {
-            f(event);
+            f(event, connection);
         }
     }
 }
@@ -317,7 +319,7 @@ impl Heal {
         }
         if was_healing {
             info!(connection.id = %conn.id, "heal: connection healed");
-            self.opts.tell(HealEvent::Healed);
+            self.opts.tell(HealEvent::Healed, handle.id());
         }
         self.spawn(handle, state, &mut inner, hop, Start::Watch);
     }
@@ -500,7 +502,7 @@ impl Task {
             }
             inner.healing = true;
         }
-        self.opts.tell(HealEvent::Broken);
+        self.opts.tell(HealEvent::Broken, self.id());
         let mut reselect = trigger == Trigger::Dead;
         loop {
             let req = {
@@ -714,7 +716,8 @@ mod tests {
         let seen = events.clone();
         let chain = nsc(
             &u,
-            HealOptions::new(Channels::new()).observer(move |e| seen.lock().unwrap().push(e)),
+            HealOptions::new(Channels::new())
+                .observer(move |e, id| seen.lock().unwrap().push((e, id.to_string()))),
         );
         let conn = chain.request(&mut Cx::client(), request()).await.unwrap();
         eventually("heal subscribed", || monitor.subscriber_count() == 1).await;
@@ -732,7 +735,10 @@ mod tests {
         eventually("healed", || events.lock().unwrap().len() == 2).await;
         assert_eq!(
             *events.lock().unwrap(),
-            [HealEvent::Broken, HealEvent::Healed]
+            [
+                (HealEvent::Broken, conn.id.clone()),
+                (HealEvent::Healed, conn.id.clone())
+            ]
         );
         chain.close(&mut Cx::client(), conn).await.unwrap();
     }
