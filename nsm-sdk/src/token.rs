@@ -142,7 +142,8 @@ impl fmt::Debug for JwtToken {
 /// (a rotated SVID signs the next token; nothing is rebuilt): `sub` is the SVID's SPIFFE
 /// ID, `aud` the peer's verified identity ([`Peer::identity`]; no `aud` when it is not
 /// known), and `exp` now + `lifetime` in whole seconds, but never after the SVID's or the
-/// peer certificate's NotAfter. The certificate chain rides in the token only when the
+/// peer certificate's NotAfter; the expiry it returns (the segment's `expires`) is the
+/// same to the nanosecond, never after `exp`. The certificate chain rides in the token only when the
 /// peer did not see this SVID in the link's handshake ([`jwt::needs_chain`]). Tokens with
 /// the same claims are made once: within one second, calls for the same peer get the
 /// same token. `identity` is a [`FileSource::watch`](crate::security::FileSource::watch)
@@ -168,8 +169,13 @@ impl TokenGenerator for JwtToken {
         let same = |r: &Recent| {
             Arc::ptr_eq(&r.svid, &svid) && r.audience.as_ref() == id && r.carry_chain == carry_chain
         };
+        // The segment's expiry is this call's own, to the nanosecond (as Go NSM writes
+        // it), never after the token's whole-second `exp`: `exp` cannot tell two
+        // incarnations of a connection made within one second apart, and the monitor
+        // relay's `floor` must.
+        let expires = (now + self.lifetime).min(unix(exp));
         if let Some(r) = lock(&self.recent).iter().find(|r| same(r) && r.exp == exp) {
-            return Ok((r.token.token.clone(), r.token.expires));
+            return Ok((r.token.token.clone(), expires));
         }
         let signed = jwt::sign_to(
             &svid,
@@ -182,7 +188,7 @@ impl TokenGenerator for JwtToken {
         // Signing fails only on a local key problem: this hop cannot work, the
         // caller cannot fix it.
         .map_err(|e| Error::internal(e.to_string()))?;
-        let out = (signed.token.clone(), signed.expires);
+        let out = (signed.token.clone(), expires);
         let mut recent = lock(&self.recent);
         recent.retain(|r| !same(r) && Arc::ptr_eq(&r.svid, &svid));
         if recent.len() >= RECENT {
@@ -197,6 +203,11 @@ impl TokenGenerator for JwtToken {
         });
         Ok(out)
     }
+}
+
+/// A unix time in whole seconds (`exp`) as a `SystemTime`.
+fn unix(secs: i64) -> SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_secs(secs.max(0).unsigned_abs())
 }
 
 fn lock(recent: &Mutex<Vec<Recent>>) -> std::sync::MutexGuard<'_, Vec<Recent>> {
@@ -389,15 +400,27 @@ mod tests {
             );
             // Shorter than the certificates, so `exp` follows the clock.
             let gen = jwt_token(identity(&issued).fixed(), Duration::from_secs(600));
+            let unix = super::super::unix;
             // Retried until two calls fall in one second (exp is whole seconds).
-            let (a, b) = loop {
-                let (a, exp_a) = gen.generate(&peer(&nsc)).unwrap();
-                let (b, exp_b) = gen.generate(&peer(&nsc)).unwrap();
-                if exp_a == exp_b {
-                    break (a, b);
+            let exp = |t: &str| jwt::decode_unverified(t).unwrap().exp;
+            let lifetime = Duration::from_secs(600);
+            let (a, b, window, expires) = loop {
+                let (a, _) = gen.generate(&peer(&nsc)).unwrap();
+                let before = SystemTime::now();
+                let (b, expires) = gen.generate(&peer(&nsc)).unwrap();
+                let window = (before + lifetime, SystemTime::now() + lifetime);
+                if exp(&a) == exp(&b) {
+                    break (a, b, window, expires);
                 }
             };
             assert_eq!(a, b, "same signer, audience and exp: one signature");
+            // The reused token's call still gets its own expiry (the segment's, to the
+            // nanosecond), never after the token's.
+            assert!(
+                window.0 <= expires && expires <= window.1,
+                "{expires:?} {window:?}"
+            );
+            assert!(expires <= unix(exp(&b)));
             let (other, _) = gen.generate(&peer(&nse)).unwrap();
             assert_ne!(a, other);
             assert_eq!(
