@@ -50,7 +50,6 @@ pub use native::PathFacts;
 
 use super::error::{cut, SecurityError};
 use super::identity::{system_to_unix, SpiffeId};
-use super::jwt;
 use super::tls::PeerIdentity;
 
 /// Environment variable naming a directory of `*.rego` files that replaces the defaults.
@@ -279,15 +278,7 @@ impl PolicySet {
         now: SystemTime,
     ) -> Result<(), SecurityError> {
         if let Some(natives) = self.natives(names) {
-            let facts = PathFacts::new(path, peer, verify, now);
-            return natives.iter().try_for_each(|(name, native)| {
-                match native.holds(&facts, None) {
-                    Some(true) => Ok(()),
-                    _ => Err(SecurityError::Denied {
-                        policy: name.to_string(),
-                    }),
-                }
-            });
+            return decide(&natives, &PathFacts::new(path, peer, verify, now), None);
         }
         self.check(names, &path_input(path, peer, verify, now))
     }
@@ -301,14 +292,7 @@ impl PolicySet {
     ) -> Result<(), SecurityError> {
         if let Some(natives) = self.natives(MONITOR) {
             let facts = PathFacts::new(path, None, Verify::Previous, UNIX_EPOCH);
-            return natives.iter().try_for_each(|(name, native)| {
-                match native.holds(&facts, Some(subscriber)) {
-                    Some(true) => Ok(()),
-                    _ => Err(SecurityError::Denied {
-                        policy: name.to_string(),
-                    }),
-                }
-            });
+            return decide(&natives, &facts, Some(subscriber));
         }
         self.check(MONITOR, &monitor_input(path, subscriber))
     }
@@ -347,6 +331,22 @@ impl PolicySet {
     }
 }
 
+/// The native policies in order: the first that does not hold refuses, named.
+fn decide(
+    natives: &[(&str, Native)],
+    facts: &PathFacts,
+    subscriber: Option<&SpiffeId>,
+) -> Result<(), SecurityError> {
+    natives
+        .iter()
+        .try_for_each(|(name, native)| match native.holds(facts, subscriber) {
+            Some(true) => Ok(()),
+            _ => Err(SecurityError::Denied {
+                policy: name.to_string(),
+            }),
+        })
+}
+
 /// Which neighbour's token a side verifies against its peer's certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verify {
@@ -364,24 +364,16 @@ pub fn path_input(
     verify: Verify,
     now: SystemTime,
 ) -> Json {
-    let index = path.index as usize;
-    let checked = match verify {
-        Verify::Previous => index.checked_sub(1),
-        Verify::Next => index.checked_add(1),
-    };
+    let facts = PathFacts::new(path, peer, verify, now);
     let segments: Vec<Json> = path
         .path_segments
         .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let claims = jwt::decode_unverified(&s.token).ok().map_or(
+        .zip(facts.segments())
+        .map(|(s, (claims, signed_by_peer))| {
+            let claims = claims.map_or(
                 Json::Null,
                 |c| json!({"sub": c.sub, "aud": c.aud, "exp": c.exp}),
             );
-            // The caller authenticated as the TLS client, the server as the server.
-            let signed_by_peer = Some(i) == checked
-                && peer
-                    .is_some_and(|p| jwt::verify_by(&s.token, p, verify == Verify::Next).is_ok());
             json!({
                 "name": s.name,
                 "id": s.id,
@@ -431,6 +423,7 @@ mod tests {
     use super::*;
     use crate::security::dev_ca::DevCa;
     use crate::security::identity::Svid;
+    use crate::security::jwt;
     use nsm_proto::connection::PathSegment;
     use std::time::Duration;
 

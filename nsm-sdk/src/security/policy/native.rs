@@ -107,8 +107,7 @@ struct SegmentFacts {
 impl PathFacts {
     /// The facts of `path` as a side whose TLS peer is `peer` sees them at `now`; the
     /// segment checked against the peer is the previous one on a server, the next one
-    /// on a client (see [`path_input`](super::path_input), which gives the same facts to
-    /// Rego).
+    /// on a client ([`path_input`](super::path_input) gives these facts to Rego).
     pub fn new(
         path: &ProtoPath,
         peer: Option<&PeerIdentity>,
@@ -138,6 +137,14 @@ impl PathFacts {
             segments,
             now: system_to_unix(now),
         }
+    }
+
+    /// Each segment's claims (`None`: the token does not decode) and whether it is the
+    /// checked neighbour's, signed by the peer.
+    pub(super) fn segments(&self) -> impl Iterator<Item = (Option<&Claims>, bool)> {
+        self.segments
+            .iter()
+            .map(|s| (s.claims.as_ref(), s.signed_by_peer))
     }
 
     fn signed(&self, i: Option<u64>) -> bool {
