@@ -44,7 +44,9 @@ pub struct GrpcClient {
 /// (`aud` = the next hop) into the hop's own path segment and the call's metadata.
 ///
 /// After a Request over a unix socket, [`Peer::process`](crate::core::Peer::process)
-/// of `cx` is the server's process (`SO_PEERCRED` of the connection).
+/// of `cx` is the server's process (`SO_PEERCRED` of the connection), and on an mTLS
+/// pool [`Peer::identity`](crate::core::Peer::identity) is the server of the handshake
+/// the answer came over (a server restarted since `prepare` may show a new certificate).
 ///
 /// State: none besides the shared channel pool. Failures: no `ClientUrl` is
 /// [`Error::Internal`]; an unreachable peer or a broken connection is
@@ -100,6 +102,13 @@ impl Handler for GrpcClient {
         debug!(parent: cx.span(), url = %url, "sending Request");
         let mut client = sized!(NetworkServiceClient::new(channel));
         let out = answer(cx, &url, WHAT, client.request(request)).await;
+        // The answer came over the channel's current connection: when the call made it
+        // reconnect (the server restarted, perhaps with a new certificate), the server
+        // is the one of that handshake, not the one `prepare` knew, and a client-side
+        // authorize checks the answer's token against it.
+        if let Some(server) = self.channels.peer_identity(&url) {
+            cx.peer_mut().identity = Some(server);
+        }
         if matches!(url, Url::Unix(_)) {
             // Who answered, for handlers that check the answer against its author (the
             // namespace an endpoint names, `netns_owner::check_answer`).

@@ -231,6 +231,15 @@ impl Channels {
         process
     }
 
+    /// The identity the pool's last verified handshake with `url` showed (TLS only);
+    /// `None` before the first one. A call that made the channel reconnect (the peer
+    /// restarted, perhaps with a new certificate) was answered over that handshake.
+    pub fn peer_identity(&self, url: &Url) -> Option<PeerIdentity> {
+        let entry = self.lock().get(url).map(|e| e.server.clone())?;
+        let identity = lock(&entry).clone();
+        identity
+    }
+
     /// Drops the pool's channel to `url` (calls in flight on it go on); returns whether
     /// there was one. The next call to that peer makes a new channel.
     pub fn forget(&self, url: &Url) -> bool {

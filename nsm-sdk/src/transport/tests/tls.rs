@@ -228,3 +228,43 @@ async fn concurrent_first_calls_to_a_peer_all_succeed_on_one_channel() {
     assert_eq!(channels.len(), 1);
     assert_eq!(echo.seen.lock().unwrap().len(), 50);
 }
+
+#[tokio::test]
+async fn after_a_server_restarts_with_a_new_certificate_the_answer_names_the_new_one() {
+    let ca = DevCa::new("example.org").unwrap();
+    let sock = TempSocket::new();
+    let url = sock.url();
+    let channels = Channels::new().tls(tls(ca.identity("client").unwrap()));
+    let client = client_chain(&channels);
+    let leaf_of = |cx: &Cx| cx.peer().identity.as_ref().map(|p| p.leaf.clone());
+
+    let first = ca.identity("server").unwrap();
+    let first_leaf = first.svid.leaf().clone();
+    let echo = Echo::default();
+    let server = serve(&url, services(&echo).tls(tls(first))).await.unwrap();
+    let mut cx = cx_for(&url);
+    client
+        .request(&mut cx, request_with("c-1", &[]))
+        .await
+        .unwrap();
+    assert_eq!(leaf_of(&cx), Some(first_leaf.clone()));
+    server.kill();
+    drop(server);
+
+    // The same SPIFFE ID with a new certificate and key, as a restarted workload gets.
+    let second = ca.identity("server").unwrap();
+    let second_leaf = second.svid.leaf().clone();
+    assert_ne!(first_leaf, second_leaf);
+    let _server = serve(&url, services(&echo).tls(tls(second))).await.unwrap();
+    let mut cx = cx_for(&url);
+    // The first call may find the old connection broken; the pool reconnects.
+    let mut answered = client.request(&mut cx, request_with("c-2", &[])).await;
+    if answered.is_err() {
+        cx = cx_for(&url);
+        answered = client.request(&mut cx, request_with("c-2", &[])).await;
+    }
+    answered.unwrap();
+    // What a client-side authorize checks the answer's token against: the certificate
+    // of the handshake the answer came over, not the one known before the call.
+    assert_eq!(leaf_of(&cx), Some(second_leaf));
+}
