@@ -369,7 +369,7 @@ mod tests {
             // The handshake of the link presented the old SVID.
             let mut link = peer(&nsmgr);
             if let Some(p) = link.identity.as_mut() {
-                p.presented = Some(old.leaf().clone());
+                p.presented = Some(Arc::new(old.leaf().clone()));
                 p.bundle = Some(Arc::new(
                     TrustBundle::from_pem(old_issued.bundle_pem.as_bytes()).unwrap(),
                 ));

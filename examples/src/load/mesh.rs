@@ -78,7 +78,7 @@ impl Identities {
             .connected(url)
             .await
             .map_err(|e| Failure::runtime(format!("cannot reach the manager: {e}")))?;
-        Ok(served.is_some_and(|p| p.leaf == *newest.leaf()))
+        Ok(served.is_some_and(|p| *p.leaf == *newest.leaf()))
     }
 }
 

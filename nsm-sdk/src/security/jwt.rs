@@ -177,7 +177,7 @@ pub fn expiry(
 /// certificate of the handshake, not the new one, and needs the chain to check the new
 /// signature ([`verify_by`]); otherwise the chain is a kilobyte per token for nothing.
 pub fn needs_chain(svid: &Svid, peer: Option<&PeerIdentity>) -> bool {
-    peer.and_then(|p| p.presented.as_ref()) != Some(svid.leaf())
+    peer.and_then(|p| p.presented.as_deref()) != Some(svid.leaf())
 }
 
 /// Checks `token` against the certificate of its supposed signer (DER): the ES256
@@ -326,7 +326,7 @@ pub fn verify_by(token: &str, peer: &PeerIdentity, server: bool) -> Result<Claim
     let Some((leaf, intermediates)) = chain.split_first() else {
         return Err(first);
     };
-    if leaf == &peer.leaf {
+    if *leaf == *peer.leaf {
         return Err(first);
     }
     let id = verify_chain(leaf, intermediates, bundle, UnixTime::now(), server)?;

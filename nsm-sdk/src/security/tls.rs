@@ -59,8 +59,9 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub struct PeerIdentity {
     /// The SPIFFE ID in the peer's leaf certificate.
     pub id: SpiffeId,
-    /// The peer's leaf certificate, DER.
-    pub leaf: CertificateDer<'static>,
+    /// The peer's leaf certificate, DER (shared: every call and every connection kept
+    /// by a hop holds its peer's identity).
+    pub leaf: Arc<CertificateDer<'static>>,
     /// The trust bundle the handshake verified the peer against (set by the transport):
     /// a token the peer signs with a rotated SVID of the same identity is checked
     /// against it ([`jwt::verify_by`](super::jwt::verify_by)).
@@ -68,7 +69,7 @@ pub struct PeerIdentity {
     /// The leaf this side presented to the peer in the same handshake (set by the
     /// transport; `None` when unknown): a token signed with that certificate is
     /// verified by the peer with what it already holds, so it need not carry its chain.
-    pub presented: Option<CertificateDer<'static>>,
+    pub presented: Option<Arc<CertificateDer<'static>>>,
     not_after: SystemTime,
     pem: Arc<str>,
 }
@@ -90,7 +91,7 @@ impl PeerIdentity {
             id: info.id,
             pem: certificate_pem(&leaf).into(),
             not_after: info.not_after,
-            leaf,
+            leaf: Arc::new(leaf),
             bundle: None,
             presented: None,
         })

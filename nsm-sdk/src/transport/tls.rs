@@ -117,7 +117,7 @@ impl Tls {
         let mut peer = peer.map_err(other)?;
         let identity = self.identity.borrow();
         peer.bundle = Some(identity.bundle.clone());
-        peer.presented = (*identity.svid.leaf() == before).then_some(before);
+        peer.presented = (*identity.svid.leaf() == before).then(|| Arc::new(before));
         Ok(peer)
     }
 }

@@ -178,7 +178,7 @@ async fn an_outgoing_token_is_made_for_the_server_the_handshake_verified() {
         // The generator learns which certificate the link's handshake showed the server
         // (a token signed with it needs no chain).
         let presented = peer.identity.as_ref().and_then(|p| p.presented.as_ref());
-        assert_eq!(presented, Some(&own_leaf));
+        assert_eq!(presented.map(|p| &**p), Some(&own_leaf));
         Ok((format!("for {}", aud.unwrap_or_default()), expires))
     };
     let mut cx = cx_for(server.url());
@@ -236,7 +236,7 @@ async fn after_a_server_restarts_with_a_new_certificate_the_answer_names_the_new
     let url = sock.url();
     let channels = Channels::new().tls(tls(ca.identity("client").unwrap()));
     let client = client_chain(&channels);
-    let leaf_of = |cx: &Cx| cx.peer().identity.as_ref().map(|p| p.leaf.clone());
+    let leaf_of = |cx: &Cx| cx.peer().identity.as_ref().map(|p| (*p.leaf).clone());
 
     let first = ca.identity("server").unwrap();
     let first_leaf = first.svid.leaf().clone();
