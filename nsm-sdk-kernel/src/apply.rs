@@ -50,6 +50,17 @@ pub struct Link {
     pub group: u32,
 }
 
+/// The link group (`IFLA_GROUP`) every link the mesh creates is born in.
+///
+/// The kernel ignores an alias in `RTM_NEWLINK` but honours a group, on a veth pair's
+/// both ends too: so a link holding this group and no alias is a device the mesh began
+/// to make and never marked (its forwarder died, or the Request's future was dropped,
+/// between the creation and the alias). A later Request for a device of that name
+/// replaces it instead of failing on a link "not made by the mesh". `"NSM"` in ASCII:
+/// below the numbers the [reaper](crate::reaper) takes for deletions (high bit set),
+/// and far from the small numbers people give groups by hand.
+pub const MESH_GROUP: u32 = 0x004e_534d;
+
 /// The kernel operations of the data plane, bound to one network namespace.
 ///
 /// Interfaces are named, not indexed: an index can change when a link moves between
@@ -98,8 +109,8 @@ pub trait Netlink: Send + Sync + fmt::Debug {
 
     /// Creates a veth pair whose end `a` is born in `ns_a` and whose end `b` is born in
     /// `ns_b` (both with `IFLA_NET_NS_FD`, so this handle's own namespace does not
-    /// matter), under their final names, with `mtu` on both ends if given. A name that
-    /// is taken is [`Error::LinkExists`].
+    /// matter), under their final names, with `mtu` on both ends if given, both in link
+    /// group [`MESH_GROUP`]. A name that is taken is [`Error::LinkExists`].
     async fn create_veth_pair(
         &self,
         a: &IfName,

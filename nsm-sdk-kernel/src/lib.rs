@@ -121,7 +121,7 @@ pub mod recorder;
 pub mod rtnl;
 pub mod veth;
 
-pub use crate::apply::{apply, undo, update, Link, Netlink};
+pub use crate::apply::{apply, undo, update, Link, Netlink, MESH_GROUP};
 pub use crate::error::{Error, Result};
 pub use crate::liveness::{kernel_liveness, ping, ping_liveness, PingOptions};
 pub use crate::mechanism::{

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ipnet::IpNet;
 use nsm_sdk::async_trait;
 
-use crate::apply::{Link, Netlink};
+use crate::apply::{Link, Netlink, MESH_GROUP};
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
 use crate::plan::{IfName, Mtu, Neighbour, Route, Rule, MAIN_TABLE};
@@ -225,7 +225,7 @@ impl Netlink for Recorder {
                 mac: None,
                 up: false,
                 alias: None,
-                group: 0,
+                group: MESH_GROUP,
                 peer: Some(peer),
                 addresses: Vec::new(),
                 routes: Vec::new(),

@@ -49,7 +49,7 @@ use rtnetlink::{
 };
 use tracing::debug;
 
-use crate::apply::{Link, Netlink};
+use crate::apply::{Link, Netlink, MESH_GROUP};
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
 use crate::plan::{
@@ -496,9 +496,13 @@ impl Netlink for RtNetlink {
             peer = peer.mtu(m.get());
             link = link.mtu(m.get());
         }
-        let msg = link
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
+        // IFLA_GROUP on both ends: marked as the mesh's from birth (see MESH_GROUP).
+        let mut peer = peer.build();
+        peer.attributes.push(LinkAttribute::Group(MESH_GROUP));
+        let mut msg = link
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .build();
+        msg.attributes.push(LinkAttribute::Group(MESH_GROUP));
         match self.handle.link().add(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(EEXIST) => Err(Error::LinkExists {

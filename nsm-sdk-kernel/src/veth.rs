@@ -15,9 +15,12 @@
 //! deletes it — which removes the whole old pair — before creating the new one, as
 //! sdk-vpp's `kernelvethpair` does. A link that holds the name with another alias, or
 //! none, belongs to something else: it is left untouched and the creation fails with
-//! [`Error::LinkExists`] saying what holds the name. (The kernel ignores an alias in
-//! `RTM_NEWLINK`, so it is set right after creation: a forwarder that dies in between
-//! leaves an end without alias, which then counts as foreign.)
+//! [`Error::LinkExists`] saying what holds the name. The kernel ignores an alias in
+//! `RTM_NEWLINK`, so it is set right after creation; a forwarder that dies in between
+//! (or a Request whose future is dropped there) leaves an end without alias. Both ends
+//! are born in link group [`MESH_GROUP`] (which the kernel does honour at creation), so
+//! such a half-made end under the wanted name is recognised as the mesh's and replaced
+//! too; an end without alias outside that group is foreign.
 //!
 //! State: [`Created`] holds, per side, an on-demand netlink handle (the namespace file;
 //! a socket only while a batch of operations runs), the plan that was applied
@@ -38,7 +41,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::apply::{run_op, update, Link, Netlink};
+use crate::apply::{run_op, update, Link, Netlink, MESH_GROUP};
 use crate::error::{Error, Result};
 use crate::group_commit::GroupCommit;
 use crate::netns::NetNs;
@@ -292,8 +295,10 @@ pub async fn veth_up(client: VethEnd<'_>, endpoint: VethEnd<'_>) -> Result<Creat
 }
 
 /// The links in `end`'s namespace that a new pair must replace: those carrying the
-/// end's alias (a leftover of the same connection). A link holding the end's name with
-/// another alias or none is [`Error::LinkExists`].
+/// end's alias (a leftover of the same connection) and a half-made end of the mesh
+/// under the end's name (no alias, group [`MESH_GROUP`]). A link holding the end's
+/// name with another alias, or with none outside the mesh's group, is
+/// [`Error::LinkExists`].
 async fn leftovers_of(end: &VethEnd<'_>) -> Result<Vec<IfName>> {
     let name = end.plan.ifname();
     let taken = |alias: Option<String>| Error::LinkExists {
@@ -311,8 +316,12 @@ async fn leftovers_of(end: &VethEnd<'_>) -> Result<Vec<IfName>> {
     for link in shared_links(&end.netlink).await?.iter() {
         let ours = link.alias.as_deref() == Some(alias);
         if link.name == name.as_str() {
-            if !ours {
+            let half_made = link.alias.is_none() && link.group == MESH_GROUP;
+            if !ours && !half_made {
                 return Err(taken(link.alias.clone()));
+            }
+            if half_made {
+                warn!(ifname = %name, netns = %end.netns, "a half-made end of the mesh (no alias) holds the name: replacing it");
             }
             stale.push(name.clone());
         } else if ours {

@@ -577,6 +577,47 @@ async fn a_pair_left_by_a_dead_forwarder_is_replaced_and_a_foreign_link_is_not()
     assert_eq!(b.links(), ["lo"]);
 }
 
+#[tokio::test]
+async fn a_pair_half_made_by_a_forwarder_killed_before_its_alias_is_replaced() {
+    require_root!();
+    let (a, b) = (Ns::new(), Ns::new());
+    // What a forwarder killed right after RTM_NEWLINK leaves: the pair, no aliases.
+    let (na, nb) = (a.open(), b.open());
+    let nl = RtNetlink::open(&na).await.unwrap();
+    let name = IfName::new("nsm-1").unwrap();
+    nl.create_veth_pair(&name, &na, &name, &nb, None)
+        .await
+        .unwrap();
+    let shown: serde_json::Value =
+        serde_json::from_str(&a.ip(&["-j", "-d", "link", "show", "dev", "nsm-1"])).unwrap();
+    assert_eq!(
+        shown[0]["group"].as_str(),
+        Some("5133133"),
+        "born in MESH_GROUP: {shown}"
+    );
+    assert_eq!(a.index_and_alias("nsm-1").1, "", "no alias yet");
+    let (old_a, _) = a.index_and_alias("nsm-1");
+
+    let (client, endpoint) = owned_plans(&default_context(), "conn-1");
+    let created = kernel_side_up(&na, &nb, client, endpoint).await.unwrap();
+    let (new_a, alias_a) = a.index_and_alias("nsm-1");
+    assert_ne!(new_a, old_a, "a new pair");
+    assert_eq!(alias_a, "nsm-client-conn-1");
+    assert_eq!(
+        (a.links(), b.links()),
+        (
+            vec!["lo".into(), "nsm-1".into()],
+            vec!["lo".into(), "nsm-1".into()]
+        )
+    );
+    assert!(a.ping_with(&["172.16.1.1"]), "the new pair works");
+    down(created).await.unwrap();
+    assert_eq!(
+        (a.links(), b.links()),
+        (vec!["lo".to_string()], vec!["lo".to_string()])
+    );
+}
+
 fn to(endpoint: &str) -> Connection {
     Connection {
         id: "c".into(),

@@ -8,8 +8,9 @@
 //! underlay while the pod only sees the device (docs/KERNEL.md 3.4/3.5, verified by
 //! `kernel-e2e-recipe.sh` and the rtnetlink probe's `remote` mode). It is then marked
 //! with the plan's alias (`nsm-client-<id>` / `nsm-endpoint-<id>`, see
-//! [`nsm_sdk_kernel::veth_alias`]; the kernel ignores an alias in `RTM_NEWLINK`) and
-//! programmed from its [`Plan`] (MTU, up, addresses, routes, neighbours, policies)
+//! [`nsm_sdk_kernel::veth_alias`]; the kernel ignores an alias in `RTM_NEWLINK`, so
+//! the device is born in link group [`MESH_GROUP`] instead, which marks it as the
+//! mesh's until the alias is there) and programmed from its [`Plan`] (MTU, up, addresses, routes, neighbours, policies)
 //! by nsm-sdk-kernel's [`update`] through a socket inside the pod.
 //!
 //! MTU: without `dev` the kernel gives a VXLAN device MTU 1500 and, since the outer
@@ -22,7 +23,9 @@
 //! exactly this device.
 //!
 //! Failure handled: the interface name already taken in the pod is
-//! [`nsm_sdk_kernel::Error::LinkExists`] before anything is created; an `EEXIST` on
+//! [`nsm_sdk_kernel::Error::LinkExists`] before anything is created, unless the device
+//! holding it is a half-made one of the mesh (group [`MESH_GROUP`], no alias: its
+//! forwarder died before the alias), which is replaced; an `EEXIST` on
 //! the creation itself (the name was free) is [`Error::VniClash`]: another device in
 //! the node namespace has this VNI on this port. Any failure after the device exists
 //! deletes it and returns the original error.
@@ -32,8 +35,9 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 
 use nsm_sdk_kernel::{
-    undo, update, Error as KernelError, IfName, Mtu, NetNs, Netlink, Plan, RtNetlink,
+    undo, update, Error as KernelError, IfName, Mtu, NetNs, Netlink, Plan, RtNetlink, MESH_GROUP,
 };
+use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::LinkVxlan;
 use tracing::{info, warn};
 
@@ -224,13 +228,24 @@ pub async fn vxlan_up(
     let plan = cap_mtu(plan, spec.mtu);
     let pod_nl = RtNetlink::open(pod).await?;
     let name = plan.ifname().clone();
-    if let Some(l) = pod_nl.link(&name).await? {
-        return Err(KernelError::LinkExists {
-            name: name.to_string(),
-            netns: pod.to_string(),
-            alias: Some(l.alias.unwrap_or_default()),
+    match pod_nl.link(&name).await? {
+        // Half-made by the mesh (born in its group, killed before its alias): replaced.
+        Some(l) if l.alias.is_none() && l.group == MESH_GROUP => {
+            warn!(ifname = %name, netns = %pod, "a half-made device of the mesh (no alias) holds the name: replacing it");
+            match pod_nl.delete_link(&name).await {
+                Ok(()) | Err(KernelError::LinkNotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        .into());
+        Some(l) => {
+            return Err(KernelError::LinkExists {
+                name: name.to_string(),
+                netns: pod.to_string(),
+                alias: Some(l.alias.unwrap_or_default()),
+            }
+            .into())
+        }
+        None => {}
     }
     create(node, pod, &name, spec).await?;
     match program(&pod_nl, &name, &plan).await {
@@ -260,11 +275,13 @@ async fn create(node: &RtNetlink, pod: &NetNs, name: &IfName, spec: &VxlanSpec) 
         (IpAddr::V6(l), IpAddr::V6(r)) => b.local6(l).remote6(r),
         _ => unreachable_mix()?,
     };
-    let msg = b
+    let mut msg = b
         .port(spec.port)
         .mtu(spec.mtu.get())
         .setns_by_fd(pod.as_fd().as_raw_fd())
         .build();
+    // Born in the mesh's group: recognisable as ours before the alias is set.
+    msg.attributes.push(LinkAttribute::Group(MESH_GROUP));
     match node.handle().link().add(msg).execute().await {
         Ok(()) => Ok(()),
         Err(e) => {

@@ -168,6 +168,41 @@ async fn a_vxlan_device_in_each_pod_carries_pings_over_the_node_underlay() {
 }
 
 #[tokio::test]
+async fn a_device_half_made_by_a_forwarder_killed_before_its_alias_is_replaced() {
+    require_root!();
+    let [n1, _n2] = underlay();
+    let p1 = Ns::new();
+    // What a forwarder killed right after RTM_NEWLINK leaves: the device in the mesh's
+    // group, no alias (here made by hand in the pod, with another VNI).
+    let group = nsm_sdk_kernel::MESH_GROUP.to_string();
+    p1.ip(&[
+        "link", "add", "nsm-vx", "group", &group, "type", "vxlan", "id", "78", "dstport", "4789",
+    ]);
+    let node1 = RtNetlink::open(&n1.open()).await.unwrap();
+    let link = vxlan_up(
+        &node1,
+        &p1.open(),
+        &VxlanSpec::new(
+            Vni::new(77).unwrap(),
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+            Mtu::new(1450).unwrap(),
+        ),
+        plan(PodSide::Client, "172.16.70.1", "172.16.70.2"),
+    )
+    .await
+    .unwrap();
+    let shown = p1.ip(&["-d", "link", "show", "dev", "nsm-vx"]);
+    assert!(shown.contains("vxlan id 77"), "the new device: {shown}");
+    assert!(
+        shown.contains(&format!("group {group}")),
+        "born in the mesh's group: {shown}"
+    );
+    link.down().await.unwrap();
+    assert_eq!(p1.links(), ["lo"]);
+}
+
+#[tokio::test]
 async fn a_name_taken_in_the_pod_is_link_exists_not_a_vni_clash() {
     require_root!();
     let [n1, _n2] = underlay();

@@ -279,8 +279,22 @@ impl Pods {
     }
 
     /// A link `name` (with a peer `<name>-p`) that the mesh did not make for this
-    /// connection, with `alias` if given.
+    /// connection, with `alias` if given: another connection's (an alias, the mesh's
+    /// group) or made by hand (no alias: the kernel's default group 0).
     async fn foreign(&self, name: &str, alias: Option<&str>) {
+        let a = self.half_made(name).await;
+        match alias {
+            Some(alias) => self.client.set_alias(&a, alias).await.unwrap(),
+            None => {
+                let index = self.client.link(&a).await.unwrap().unwrap().index;
+                self.client.set_group(index, 0).await.unwrap();
+            }
+        }
+    }
+
+    /// A pair `name` / `<name>-p` as a forwarder killed between the creation and the
+    /// alias leaves it: in the mesh's group, without alias.
+    async fn half_made(&self, name: &str) -> IfName {
         let (a, b) = (
             IfName::new(name).unwrap(),
             IfName::new(format!("{name}-p")).unwrap(),
@@ -289,9 +303,7 @@ impl Pods {
             .create_veth_pair(&a, &self.ns, &b, &self.ns, None)
             .await
             .unwrap();
-        if let Some(alias) = alias {
-            self.client.set_alias(&a, alias).await.unwrap();
-        }
+        a
     }
 }
 
@@ -388,6 +400,36 @@ async fn a_leftover_of_the_connection_under_another_name_is_removed_too() {
     let created = pods.up(client, endpoint).await.unwrap();
     assert_eq!(pods.link_names().await, ["nsc-0", "nse-0"]);
     down(created).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_half_made_end_left_between_creation_and_alias_is_replaced() {
+    let pods = pods();
+    pods.half_made("nsc-0").await;
+    let link = pods
+        .client
+        .link(&IfName::new("nsc-0").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((link.alias, link.group), (None, MESH_GROUP));
+    let before = pods.client.calls().len();
+    let (client, endpoint) = owned_plans("c1");
+    let created = pods.up(client, endpoint).await.unwrap();
+    assert_eq!(
+        pods.client.calls()[before..before + 2],
+        [
+            "client delete_link nsc-0",
+            "client create_veth nsc-0 nse-0 mtu=1450",
+        ]
+    );
+    assert_eq!(pods.link_names().await, ["nsc-0", "nse-0"]);
+    assert_eq!(
+        pods.alias_of("nsc-0").await.as_deref(),
+        Some("nsm-client-c1")
+    );
+    down(created).await.unwrap();
+    assert!(pods.link_names().await.is_empty());
 }
 
 #[tokio::test]
