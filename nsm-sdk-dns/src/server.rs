@@ -359,3 +359,198 @@ impl RequestHandler for Answerer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use hickory_proto::op::Message;
+    use nsm_testkit::dns::lookup;
+
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    async fn server(records: &Records) -> DnsServer {
+        DnsServer::builder(records.clone())
+            .bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// One query over UDP with or without "recursion desired"; the answer.
+    async fn ask(server: SocketAddr, name: &str, rtype: RecordType, rd: bool) -> Message {
+        let mut q = Message::query();
+        q.metadata.recursion_desired = rd;
+        q.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii(name).unwrap(),
+            rtype,
+        ));
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.connect(server).await.unwrap();
+        socket.send(&q.to_vec().unwrap()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        Message::from_vec(&buf[..n]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn it_serves_its_records_over_udp_and_tcp_and_follows_their_changes() {
+        let records = Records::new();
+        let s = server(&records).await;
+        let at = [s.local_addr()];
+        assert!(lookup(&at, &[], "web-1.vl3").await.is_err(), "not yet");
+        records
+            .set("web-1.vl3", "c1", vec![ip("172.16.0.2"), ip("fd00::2")])
+            .unwrap();
+        let mut got = lookup(&at, &[], "web-1.vl3").await.unwrap();
+        got.sort();
+        assert_eq!(got, [ip("172.16.0.2"), ip("fd00::2")]);
+        // The search domain completes a short name.
+        let mut got = lookup(&at, &["vl3".into()], "web-1").await.unwrap();
+        got.sort();
+        assert_eq!(got, [ip("172.16.0.2"), ip("fd00::2")]);
+
+        let a = ask(s.local_addr(), "WEB-1.vl3.", RecordType::A, true).await;
+        assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+        assert!(a.metadata.authoritative);
+        assert_eq!(a.answers.len(), 1);
+        assert_eq!(a.answers[0].ttl, DEFAULT_TTL);
+        // A type it has nothing of: no data, not an error.
+        let mx = ask(s.local_addr(), "web-1.vl3.", RecordType::MX, true).await;
+        assert_eq!(mx.metadata.response_code, ResponseCode::NoError);
+        assert!(mx.answers.is_empty());
+
+        // TCP, through the fanout's TCP path (a query without recursion).
+        let m = fanout_tcp(s.local_addr(), "web-1.vl3.").await;
+        assert_eq!(m.answers.len(), 1);
+
+        records.remove("web-1.vl3", "c1");
+        let gone = ask(s.local_addr(), "web-1.vl3.", RecordType::A, true).await;
+        assert_eq!(gone.metadata.response_code, ResponseCode::Refused);
+        assert!(lookup(&at, &[], "web-1.vl3").await.is_err());
+        s.shutdown().await;
+    }
+
+    async fn fanout_tcp(server: SocketAddr, name: &str) -> Message {
+        let mut stream = tokio::net::TcpStream::connect(server).await.unwrap();
+        let mut q = Message::query();
+        q.metadata.recursion_desired = false;
+        q.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii(name).unwrap(),
+            RecordType::A,
+        ));
+        let bytes = q.to_vec().unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(&(bytes.len() as u16).to_be_bytes())
+            .await
+            .unwrap();
+        stream.write_all(&bytes).await.unwrap();
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).await.unwrap();
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut buf).await.unwrap();
+        Message::from_vec(&buf).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_name_of_another_server_comes_by_fanout_and_is_cached_for_its_ttl() {
+        let (ra, rb) = (Records::new(), Records::new());
+        let a = DnsServer::builder(ra.clone())
+            .ttl(2)
+            .bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = DnsServer::builder(rb.clone())
+            .fanout(vec![silent.local_addr().unwrap(), a.local_addr()])
+            .fanout_timeout(Duration::from_millis(500))
+            .bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        ra.set("db.net", "c1", vec![ip("10.1.0.5")]).unwrap();
+        rb.set("web.net", "c2", vec![ip("10.2.0.5")]).unwrap();
+        let at_b = [b.local_addr()];
+        // A server that never answers does not hold up the one that does.
+        let started = std::time::Instant::now();
+        let first = ask(b.local_addr(), "db.net.", RecordType::A, true).await;
+        assert!(started.elapsed() < Duration::from_millis(500), "first good answer wins");
+        assert_eq!(first.answers.len(), 1);
+        assert!(!first.metadata.authoritative);
+        assert_eq!(b.cache().len(), 1, "the fanout answer is cached");
+
+        // Gone at A: B answers from its cache until the TTL (2 s) ends, then not.
+        ra.remove("db.net", "c1");
+        let cached = ask(b.local_addr(), "db.net.", RecordType::A, true).await;
+        assert_eq!(cached.answers.len(), 1, "cached");
+        assert_eq!(lookup(&at_b, &[], "web.net").await.unwrap(), [ip("10.2.0.5")]);
+        assert!(lookup(&at_b, &[], "nobody.net").await.is_err());
+        tokio::time::sleep(Duration::from_millis(2100).saturating_sub(started.elapsed())).await;
+        let after = ask(b.local_addr(), "db.net.", RecordType::A, true).await;
+        assert_eq!(after.metadata.response_code, ResponseCode::Refused);
+        ra.set("db.net", "c1", vec![ip("10.1.0.6")]).unwrap();
+        assert_eq!(lookup(&at_b, &[], "db.net").await.unwrap(), [ip("10.1.0.6")]);
+    }
+
+    #[tokio::test]
+    async fn servers_that_fan_out_to_each_other_never_loop() {
+        let (ra, rb) = (Records::new(), Records::new());
+        let a = server(&ra).await;
+        let b = DnsServer::builder(rb.clone())
+            .fanout(vec![a.local_addr()])
+            .bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        a.fanout().set_servers(vec![b.local_addr()]);
+        ra.set("a.net", "x", vec![ip("10.0.0.1")]).unwrap();
+        rb.set("b.net", "x", vec![ip("10.0.0.2")]).unwrap();
+        assert_eq!(
+            lookup(&[a.local_addr()], &[], "b.net").await.unwrap(),
+            [ip("10.0.0.2")]
+        );
+        assert_eq!(
+            lookup(&[b.local_addr()], &[], "a.net").await.unwrap(),
+            [ip("10.0.0.1")]
+        );
+        // Nobody's name: each asks the other once, without recursion; the other
+        // refuses at once instead of asking back (a loop would run into the timeout).
+        let started = std::time::Instant::now();
+        let m = ask(a.local_addr(), "none.net.", RecordType::A, true).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+        assert!(
+            started.elapsed() < DEFAULT_FANOUT_TIMEOUT,
+            "answered before the fanout timeout: {:?}",
+            started.elapsed()
+        );
+        // Without recursion, a server answers from its records only.
+        let m = ask(a.local_addr(), "b.net.", RecordType::A, false).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_server_stops_its_listeners() {
+        let records = Records::new();
+        records.set("x.net", "c", vec![ip("10.0.0.1")]).unwrap();
+        let s = server(&records).await;
+        let addr = s.local_addr();
+        assert!(lookup(&[addr], &[], "x.net").await.is_ok());
+        drop(s);
+        // The port is free again: both listeners are closed.
+        nsm_testkit::eventually("the listeners closed", Duration::from_secs(2), || {
+            std::net::UdpSocket::bind(addr).is_ok() && std::net::TcpListener::bind(addr).is_ok()
+        })
+        .await;
+        let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let e = DnsServer::builder(Records::new())
+            .bind(busy.local_addr().unwrap())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Socket { .. }), "{e}");
+    }
+}

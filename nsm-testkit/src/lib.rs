@@ -4,6 +4,7 @@
 //!   addresses, `ip netns exec`), deleted on drop even when a test fails;
 //! - [`Ns`]: one pid-unique namespace (a "pod" or a "node") read through `ip -j`, and
 //!   [`underlay`]: two nodes joined by a veth underlay;
+//! - `dns` (feature `dns`): lookups through DNS configs with a real stub resolver;
 //! - `etcd` (feature `etcd`): real etcd members on loopback for the registry's store;
 //! - [`can_run`] / [`require_root!`]: whether the kernel tests can run here (root, `ip`,
 //!   `ping`), saying why they skip when not;
@@ -20,6 +21,8 @@
 
 mod answers;
 pub mod bench;
+#[cfg(feature = "dns")]
+pub mod dns;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod kernel;
