@@ -127,7 +127,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_answer_lives_for_its_smallest_ttl_and_ages() {
         let c = Cache::new(8);
-        c.put(&n("x.net."), RecordType::A, &[a("x.net.", 10), a("x.net.", 4)]);
+        c.put(
+            &n("x.net."),
+            RecordType::A,
+            &[a("x.net.", 10), a("x.net.", 4)],
+        );
         let got = c.get(&n("X.net."), RecordType::A).unwrap();
         assert_eq!(got.len(), 2);
         assert!(got.iter().all(|r| r.ttl <= 4));
@@ -147,7 +151,10 @@ mod tests {
         c.put(&n("b."), RecordType::A, &[a("b.", 50)]);
         c.put(&n("c."), RecordType::A, &[a("c.", 50)]);
         assert_eq!(c.len(), 2);
-        assert!(c.get(&n("a."), RecordType::A).is_none(), "closest to expiry went");
+        assert!(
+            c.get(&n("a."), RecordType::A).is_none(),
+            "closest to expiry went"
+        );
         assert!(c.get(&n("c."), RecordType::A).is_some());
         c.put(&n("d."), RecordType::A, &[]);
         c.put(&n("e."), RecordType::A, &[a("e.", 0)]);

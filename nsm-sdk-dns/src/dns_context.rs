@@ -146,10 +146,7 @@ impl Handler for DnsContext {
         req: NetworkServiceRequest,
         next: Next,
     ) -> nsm_sdk::Result<Connection> {
-        let refresh = req
-            .connection
-            .as_ref()
-            .is_some_and(|c| self.known(&c.id));
+        let refresh = req.connection.as_ref().is_some_and(|c| self.known(&c.id));
         let conn = next.clone().request(cx, req).await?;
         if let Err(e) = self.update(&conn.id, configs_of(&conn)) {
             if refresh {
@@ -274,7 +271,10 @@ mod tests {
         assert_eq!(nameservers(&path), ["10.0.0.1"]);
         chain.request(&mut Cx::client(), req("c2")).await.unwrap();
         assert_eq!(nameservers(&path), ["10.0.0.1", "10.0.0.2"]);
-        assert_eq!(dns.configs(), [config("10.0.0.1", "a"), config("10.0.0.2", "b")]);
+        assert_eq!(
+            dns.configs(),
+            [config("10.0.0.1", "a"), config("10.0.0.2", "b")]
+        );
 
         // A refresh with a new config follows it.
         nse.set("c1", vec![config("10.0.0.3", "a")]);
@@ -314,10 +314,17 @@ mod tests {
         let nse = Endpoint::default();
         nse.set("c1", vec![config("10.0.0.1", "a")]);
         let chain = Chain::builder().push(dns.clone()).push(nse.clone()).build();
-        let e = chain.request(&mut Cx::client(), req("c1")).await.unwrap_err();
+        let e = chain
+            .request(&mut Cx::client(), req("c1"))
+            .await
+            .unwrap_err();
         assert!(matches!(e, nsm_sdk::Error::Internal(_)), "{e}");
         assert!(e.to_string().contains("resolv.conf"), "{e}");
-        assert_eq!(nse.closes.load(Ordering::SeqCst), 1, "what it made is closed");
+        assert_eq!(
+            nse.closes.load(Ordering::SeqCst),
+            1,
+            "what it made is closed"
+        );
         assert!(dns.configs().is_empty());
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -258,7 +258,10 @@ mod tests {
     }
 
     fn chain(names: &DnsNames, ipam: &Ipam) -> Chain {
-        Chain::builder().push(names.clone()).push(ipam.clone()).build()
+        Chain::builder()
+            .push(names.clone())
+            .push(ipam.clone())
+            .build()
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -282,7 +285,14 @@ mod tests {
             records.lookup("web-1.vl3"),
             Some(vec![ip("172.16.0.2"), ip("fd00::2")])
         );
-        let configs = &conn.context.as_ref().unwrap().dns_context.as_ref().unwrap().configs;
+        let configs = &conn
+            .context
+            .as_ref()
+            .unwrap()
+            .dns_context
+            .as_ref()
+            .unwrap()
+            .configs;
         assert_eq!(
             configs,
             &[DnsConfig {
@@ -298,7 +308,14 @@ mod tests {
             ..conn.clone()
         });
         let conn = chain.request(&mut Cx::server(), again).await.unwrap();
-        let configs = &conn.context.as_ref().unwrap().dns_context.as_ref().unwrap().configs;
+        let configs = &conn
+            .context
+            .as_ref()
+            .unwrap()
+            .dns_context
+            .as_ref()
+            .unwrap()
+            .configs;
         assert_eq!(configs.len(), 1);
         assert_eq!(names.connections(), 1);
 
@@ -366,7 +383,10 @@ mod tests {
             .request(&mut Cx::server(), req("c1", Some("web-1")))
             .await
             .unwrap_err();
-        assert!(records.lookup("web-1.vl3").is_some(), "a failed refresh keeps it");
+        assert!(
+            records.lookup("web-1.vl3").is_some(),
+            "a failed refresh keeps it"
+        );
 
         let e = chain
             .request(&mut Cx::server(), req("c3", Some("a..b")))

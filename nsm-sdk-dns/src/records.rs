@@ -157,7 +157,10 @@ mod tests {
             Some(vec![ip("10.0.0.1"), ip("fd00::1"), ip("10.0.0.2")])
         );
         assert!(r.remove("a.net", "c1"));
-        assert_eq!(r.lookup("a.net"), Some(vec![ip("10.0.0.2"), ip("10.0.0.1")]));
+        assert_eq!(
+            r.lookup("a.net"),
+            Some(vec![ip("10.0.0.2"), ip("10.0.0.1")])
+        );
         assert!(!r.remove("a.net", "c1"), "already gone");
         r.set("a.net", "c2", vec![]).unwrap();
         assert_eq!(r.lookup("a.net"), None);

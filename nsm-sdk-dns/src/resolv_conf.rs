@@ -205,7 +205,9 @@ fn render(configs: &[DnsConfig], base: &str) -> String {
         for s in &c.dns_server_ips {
             match parse_server(s) {
                 Some(a) if a.port() == 53 => push_unique(&mut servers, a.ip().to_string()),
-                Some(a) => warn!(server = %a, "a DNS server on another port than 53 cannot go into resolv.conf"),
+                Some(a) => {
+                    warn!(server = %a, "a DNS server on another port than 53 cannot go into resolv.conf")
+                }
                 None => warn!(server = %s, "a DNS server IP that does not parse is left out"),
             }
         }
@@ -297,7 +299,10 @@ mod tests {
         assert_eq!(lines(&path), ["nameserver 10.0.0.3"]);
         rc.apply(&[]).unwrap();
         assert!(!path.exists(), "no file before, none after");
-        assert!(!path.parent().unwrap().exists(), "the directory this made is gone");
+        assert!(
+            !path.parent().unwrap().exists(),
+            "the directory this made is gone"
+        );
         rc.apply(&[]).unwrap();
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -149,7 +149,9 @@ fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
             Err(e) => return Err(err(e)),
         }
     }
-    Err(err(last.unwrap_or_else(|| std::io::Error::other("no free port"))))
+    Err(err(
+        last.unwrap_or_else(|| std::io::Error::other("no free port"))
+    ))
 }
 
 /// A running DNS server; see the [module docs](self). Dropping it stops its tasks.
@@ -480,7 +482,10 @@ mod tests {
         // A server that never answers does not hold up the one that does.
         let started = std::time::Instant::now();
         let first = ask(b.local_addr(), "db.net.", RecordType::A, true).await;
-        assert!(started.elapsed() < Duration::from_millis(500), "first good answer wins");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "first good answer wins"
+        );
         assert_eq!(first.answers.len(), 1);
         assert!(!first.metadata.authoritative);
         assert_eq!(b.cache().len(), 1, "the fanout answer is cached");
@@ -489,13 +494,19 @@ mod tests {
         ra.remove("db.net", "c1");
         let cached = ask(b.local_addr(), "db.net.", RecordType::A, true).await;
         assert_eq!(cached.answers.len(), 1, "cached");
-        assert_eq!(lookup(&at_b, &[], "web.net").await.unwrap(), [ip("10.2.0.5")]);
+        assert_eq!(
+            lookup(&at_b, &[], "web.net").await.unwrap(),
+            [ip("10.2.0.5")]
+        );
         assert!(lookup(&at_b, &[], "nobody.net").await.is_err());
         tokio::time::sleep(Duration::from_millis(2100).saturating_sub(started.elapsed())).await;
         let after = ask(b.local_addr(), "db.net.", RecordType::A, true).await;
         assert_eq!(after.metadata.response_code, ResponseCode::Refused);
         ra.set("db.net", "c1", vec![ip("10.1.0.6")]).unwrap();
-        assert_eq!(lookup(&at_b, &[], "db.net").await.unwrap(), [ip("10.1.0.6")]);
+        assert_eq!(
+            lookup(&at_b, &[], "db.net").await.unwrap(),
+            [ip("10.1.0.6")]
+        );
     }
 
     #[tokio::test]

@@ -152,7 +152,11 @@ mod tests {
         assert_eq!(t.render(&conn("net", &[])).unwrap(), None);
         assert_eq!(t.render(&conn("net", &[("app", "")])).unwrap(), None);
         assert_eq!(
-            NameTemplate::parse("fixed.name").unwrap().render(&c).unwrap().as_deref(),
+            NameTemplate::parse("fixed.name")
+                .unwrap()
+                .render(&c)
+                .unwrap()
+                .as_deref(),
             Some("fixed.name.")
         );
     }
@@ -161,7 +165,10 @@ mod tests {
     fn a_bad_template_or_a_bad_rendered_name_is_an_error() {
         for bad in ["", "{labels.x", "{labels.}", "{nope}", "a}b"] {
             let e = NameTemplate::parse(bad).unwrap_err();
-            assert!(e.to_string().contains("invalid name template"), "{bad}: {e}");
+            assert!(
+                e.to_string().contains("invalid name template"),
+                "{bad}: {e}"
+            );
         }
         let t = NameTemplate::default();
         let c = conn("vl3", &[("podName", "a..b")]);

@@ -5,9 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use hickory_resolver::config::{
-    ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts,
-};
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::Name;
 use hickory_resolver::Resolver;
@@ -39,10 +37,7 @@ pub async fn lookup(
         .with_options(opts)
         .build()
         .map_err(|e| e.to_string())?;
-    let ips = resolver
-        .lookup_ip(name)
-        .await
-        .map_err(|e| e.to_string())?;
+    let ips = resolver.lookup_ip(name).await.map_err(|e| e.to_string())?;
     Ok(ips.iter().collect())
 }
 

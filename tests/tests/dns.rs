@@ -1,0 +1,353 @@
+//! DNS for connections (docs/DNS.md; docs/SCENARIOS.md 46, and the DNS parts of 48 and
+//! 49): an endpoint's DNS server names its clients and hands out its DNS config; the
+//! client keeps the configs of its connections and applies them to its pod.
+//!
+//! The sandbox tests run with security on (mTLS, signed tokens, policies) and resolve
+//! with a real stub resolver (hickory) through the configs the client holds. The
+//! kernel test (root) resolves with glibc itself: `ip netns exec <pod> getent hosts`,
+//! through the resolv.conf the client wrote for its pod, to a server inside the
+//! endpoint's pod reached over the connection's interface. Only 172.16.x.x addresses
+//! inside the test's namespaces, and loopback.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use nsm_proto::connection::Connection;
+use nsm_sdk::chains::client;
+use nsm_sdk::sandbox::{EndpointSpec, Sandbox};
+use nsm_sdk::Cx;
+use nsm_sdk_dns::{dns_context, dns_names, DnsContext, DnsServer, Records, ResolvConf};
+use nsm_testkit::dns::{lookup, lookup_in};
+use nsm_testkit::{refresh, request_labelled, unique};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// The client's address on `conn` (its source address, without the length).
+fn client_ip(conn: &Connection) -> IpAddr {
+    let src = &conn
+        .context
+        .as_ref()
+        .unwrap()
+        .ip_context
+        .as_ref()
+        .unwrap()
+        .src_ip_addrs[0];
+    ip(src.split('/').next().unwrap())
+}
+
+/// A DNS server on loopback with `records`.
+async fn server(records: &Records, fanout: Vec<SocketAddr>) -> DnsServer {
+    DnsServer::builder(records.clone())
+        .ttl(1)
+        .fanout(fanout)
+        .bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+/// Scenario 46: an endpoint with a DNS server and records, a client with the DNS
+/// context. Nothing resolves before the Request; after it `my.domain`, `my.domain.com`
+/// and, through the search domain `com`, `searched`, and the client's own name; a
+/// refresh keeps them; after Close nothing resolves and the client's name is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_usecase_names_resolve_through_the_clients_config_only_while_connected() {
+    let mesh = Sandbox::builder().build().await.unwrap();
+    assert!(
+        mesh.security().is_secure(),
+        "the scenario runs with security on"
+    );
+    let records = Records::new();
+    records
+        .set("my.domain", "static", vec![ip("4.4.4.4")])
+        .unwrap();
+    records
+        .set("my.domain.com", "static", vec![ip("4.4.4.5")])
+        .unwrap();
+    records
+        .set("searched.com", "static", vec![ip("4.4.4.6")])
+        .unwrap();
+    let dns = server(&records, vec![]).await;
+    let names = dns_names(records.clone())
+        .server_ips(vec![dns.local_addr().to_string()])
+        .search_domains(vec!["com".into()]);
+    let _nse = mesh
+        .node(0)
+        .endpoint(
+            EndpointSpec::new("nse-dns", "dns-svc")
+                .ipam("172.16.46.0/24".parse().unwrap())
+                .handler(names.clone()),
+        )
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(unique("dns"));
+    let resolv = dir.join("resolv.conf");
+    let ctx = dns_context().apply_to(ResolvConf::at(&resolv));
+    let nsc = client(mesh.node(0).client_options("nsc").handler(ctx.clone()));
+
+    assert!(
+        lookup_in(&ctx.configs(), "my.domain").await.is_err(),
+        "no config yet"
+    );
+    let at = [dns.local_addr()];
+    assert!(
+        lookup(&at, &[], "nsc-pod.dns-svc").await.is_err(),
+        "not named yet"
+    );
+
+    let req = request_labelled("dns-svc", &[("podName", "nsc-pod")]);
+    let conn = nsc.request(&mut Cx::client(), req).await.unwrap();
+    let configs = ctx.configs();
+    assert_eq!(configs.len(), 1, "{configs:?}");
+    assert_eq!(configs[0].search_domains, ["com"]);
+    let resolves = |name: &'static str, want: IpAddr| {
+        let configs = ctx.configs();
+        async move {
+            assert_eq!(
+                lookup_in(&configs, name).await,
+                Ok(vec![want]),
+                "{name} through {configs:?}"
+            );
+        }
+    };
+    resolves("my.domain", ip("4.4.4.4")).await;
+    resolves("my.domain.com", ip("4.4.4.5")).await;
+    resolves("searched", ip("4.4.4.6")).await;
+    assert_eq!(
+        lookup_in(&configs, "nsc-pod.dns-svc").await,
+        Ok(vec![client_ip(&conn)])
+    );
+    // The server is not on port 53: the pod's resolv.conf carries the search domain,
+    // and no nameserver it could not reach.
+    let file = std::fs::read_to_string(&resolv).unwrap();
+    assert!(file.contains("search com\n"), "{file}");
+    assert!(!file.contains("nameserver"), "{file}");
+
+    let conn = nsc
+        .request(&mut Cx::client(), refresh(&conn))
+        .await
+        .unwrap();
+    assert_eq!(ctx.configs(), configs, "a refresh keeps one config");
+    resolves("my.domain.com", ip("4.4.4.5")).await;
+    assert_eq!(
+        lookup_in(&ctx.configs(), "nsc-pod.dns-svc").await,
+        Ok(vec![client_ip(&conn)])
+    );
+
+    nsc.close(&mut Cx::client(), conn).await.unwrap();
+    assert!(ctx.configs().is_empty());
+    assert!(lookup_in(&ctx.configs(), "my.domain").await.is_err());
+    assert!(
+        lookup(&at, &[], "nsc-pod.dns-svc").await.is_err(),
+        "name removed"
+    );
+    assert_eq!(names.connections(), 0);
+    assert!(!resolv.exists() && !dir.exists(), "the pod's file is gone");
+}
+
+/// A client of `service` (pod `pod`) with its own DNS context.
+async fn connect(
+    mesh: &Sandbox,
+    service: &str,
+    pod: &str,
+) -> (nsm_sdk::Chain, DnsContext, Connection) {
+    let ctx = dns_context();
+    let nsc = client(mesh.node(0).client_options(pod).handler(ctx.clone()));
+    let conn = nsc
+        .request(
+            &mut Cx::client(),
+            request_labelled(service, &[("podName", pod)]),
+        )
+        .await
+        .unwrap();
+    (nsc, ctx, conn)
+}
+
+/// Scenario 49's DNS part: two endpoints whose servers fan out to each other. A client
+/// of one resolves the name of a client of the other through its own config (by
+/// fanout), across a refresh; after that client closes, its name stops resolving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_held_by_another_endpoints_server_resolves_by_fanout() {
+    let mesh = Sandbox::builder().build().await.unwrap();
+    let (ra, rb) = (Records::new(), Records::new());
+    let a = server(&ra, vec![]).await;
+    let b = server(&rb, vec![a.local_addr()]).await;
+    a.fanout().set_servers(vec![b.local_addr()]);
+    let mut endpoints = Vec::new();
+    for (name, service, records, srv, prefix) in [
+        ("nse-a", "net-a", &ra, &a, "172.16.49.0/25"),
+        ("nse-b", "net-b", &rb, &b, "172.16.49.128/25"),
+    ] {
+        let names = dns_names(records.clone()).server_ips(vec![srv.local_addr().to_string()]);
+        let nse = mesh
+            .node(0)
+            .endpoint(
+                EndpointSpec::new(name, service)
+                    .ipam(prefix.parse().unwrap())
+                    .handler(names),
+            )
+            .await
+            .unwrap();
+        endpoints.push(nse);
+    }
+    let (nsc_a, _ctx_a, alpha) = connect(&mesh, "net-a", "alpha").await;
+    let (nsc_b, ctx_b, beta) = connect(&mesh, "net-b", "beta").await;
+    assert_eq!(
+        ctx_b.configs()[0].dns_server_ips,
+        [b.local_addr().to_string()]
+    );
+
+    assert_eq!(
+        lookup_in(&ctx_b.configs(), "alpha.net-a").await,
+        Ok(vec![client_ip(&alpha)]),
+        "A's name through B's server"
+    );
+    assert_eq!(
+        lookup_in(&ctx_b.configs(), "beta.net-b").await,
+        Ok(vec![client_ip(&beta)])
+    );
+    let alpha = nsc_a
+        .request(&mut Cx::client(), refresh(&alpha))
+        .await
+        .unwrap();
+    assert_eq!(
+        lookup_in(&ctx_b.configs(), "alpha.net-a").await,
+        Ok(vec![client_ip(&alpha)])
+    );
+
+    nsc_a.close(&mut Cx::client(), alpha).await.unwrap();
+    // B may answer from its cache for the records' TTL (1 s), not longer.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while lookup_in(&ctx_b.configs(), "alpha.net-a").await.is_ok() {
+        assert!(
+            std::time::Instant::now() < until,
+            "alpha.net-a still resolves"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    nsc_b.close(&mut Cx::client(), beta).await.unwrap();
+    assert!(ra.is_empty() && rb.is_empty());
+}
+
+/// `ip netns exec <pod> getent hosts <name>`: glibc's resolver in the pod, through the
+/// resolv.conf bind-mounted from `/etc/netns/<pod>/`. The addresses, or `None`.
+fn getent(pod: &str, name: &str) -> Option<Vec<String>> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", pod, "getent", "hosts", name])
+        .output()
+        .expect("ip netns exec");
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(String::from))
+            .collect()
+    })
+}
+
+/// As root: a KERNEL client pod connected to an endpoint whose DNS server listens on
+/// port 53 of the endpoint's pod (all its addresses). The client writes
+/// `/etc/netns/<pod>/resolv.conf` with the connection's far end as nameserver; glibc in
+/// the pod resolves the client's name, a short name through the search domain and a
+/// static record, over the connection's interface; a refresh keeps it; after Close the
+/// file and its directory are gone and nothing resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_pod_resolves_with_glibc_through_its_resolv_conf_while_connected() {
+    nsm_testkit::require_root!("DNS kernel test");
+    let (nsc_pod, nse_pod) = (nsm_testkit::Ns::new(), nsm_testkit::Ns::new());
+    let records = Records::new();
+    records
+        .set("my.domain", "static", vec![ip("172.16.48.200")])
+        .unwrap();
+    let (udp, tcp) = nse_pod
+        .open()
+        .run(|| {
+            (
+                std::net::UdpSocket::bind("0.0.0.0:53"),
+                std::net::TcpListener::bind("0.0.0.0:53"),
+            )
+        })
+        .await
+        .unwrap();
+    let dns = DnsServer::builder(records.clone())
+        .serve(udp.unwrap(), tcp.unwrap())
+        .unwrap();
+    let mesh = nsm_testkit::kernel::kernel_sandbox().build().await.unwrap();
+    let names = dns_names(records.clone())
+        .server_on_connection_dst()
+        .search_domains(vec!["dns-svc".into()]);
+    let _nse = mesh
+        .node(0)
+        .endpoint(
+            nsm_testkit::kernel::kernel_nse("nse", "dns-svc", &nse_pod, "172.16.48.0/24")
+                .handler(names),
+        )
+        .await
+        .unwrap();
+    let resolv = ResolvConf::netns(&nsc_pod.name).unwrap();
+    let file = resolv.path().to_path_buf();
+    let ctx = dns_context().apply_to(resolv);
+    let opts =
+        nsm_testkit::kernel::kernel_nsc(mesh.node(0), &nsc_pod, Some("nsm-1")).handler(ctx.clone());
+    let nsc = client(opts);
+
+    assert!(!file.exists());
+    assert_eq!(
+        getent(&nsc_pod.name, "web-1.dns-svc"),
+        None,
+        "before the Request"
+    );
+
+    let req = request_labelled("dns-svc", &[("podName", "web-1")]);
+    let conn = nsc.request(&mut Cx::client(), req).await.unwrap();
+    let me = client_ip(&conn).to_string();
+    let dst = &conn
+        .context
+        .as_ref()
+        .unwrap()
+        .ip_context
+        .as_ref()
+        .unwrap()
+        .dst_ip_addrs[0];
+    let server_ip = dst.split('/').next().unwrap();
+    let content = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        content.contains(&format!("nameserver {server_ip}\n"))
+            && content.contains("search dns-svc"),
+        "{content}"
+    );
+    assert_eq!(
+        getent(&nsc_pod.name, "web-1.dns-svc"),
+        Some(vec![me.clone()])
+    );
+    assert_eq!(
+        getent(&nsc_pod.name, "web-1"),
+        Some(vec![me.clone()]),
+        "search domain"
+    );
+    assert_eq!(
+        getent(&nsc_pod.name, "my.domain"),
+        Some(vec!["172.16.48.200".to_string()])
+    );
+
+    let conn = nsc
+        .request(&mut Cx::client(), refresh(&conn))
+        .await
+        .unwrap();
+    assert_eq!(
+        getent(&nsc_pod.name, "web-1.dns-svc"),
+        Some(vec![me]),
+        "after refresh"
+    );
+
+    nsc.close(&mut Cx::client(), conn).await.unwrap();
+    assert!(!file.exists(), "resolv.conf gone");
+    assert!(
+        !file.parent().is_some_and(Path::exists),
+        "its directory gone"
+    );
+    assert_eq!(getent(&nsc_pod.name, "web-1.dns-svc"), None, "after Close");
+    assert!(records.lookup("web-1.dns-svc").is_none());
+    drop(dns);
+}
