@@ -19,11 +19,13 @@ use hickory_proto::rr::{Name, Record, RecordType};
 use tokio::time::Instant;
 
 type Key = (Name, RecordType);
+/// Answers with their expiry, by question.
+type Entries = HashMap<Key, (Vec<Record>, Instant)>;
 
 /// See the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct Cache {
-    inner: Arc<Mutex<HashMap<Key, (Vec<Record>, Instant)>>>,
+    inner: Arc<Mutex<Entries>>,
     capacity: usize,
 }
 
@@ -98,7 +100,7 @@ impl Cache {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, (Vec<Record>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

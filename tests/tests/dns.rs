@@ -246,21 +246,17 @@ fn getent(pod: &str, name: &str) -> Option<Vec<String>> {
     })
 }
 
-/// As root: a KERNEL client pod connected to an endpoint whose DNS server listens on
-/// port 53 of the endpoint's pod (all its addresses). The client writes
-/// `/etc/netns/<pod>/resolv.conf` with the connection's far end as nameserver; glibc in
-/// the pod resolves the client's name, a short name through the search domain and a
-/// static record, over the connection's interface; a refresh keeps it; after Close the
-/// file and its directory are gone and nothing resolves.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kernel_pod_resolves_with_glibc_through_its_resolv_conf_while_connected() {
-    nsm_testkit::require_root!("DNS kernel test");
-    let (nsc_pod, nse_pod) = (nsm_testkit::Ns::new(), nsm_testkit::Ns::new());
+/// A DNS server on port 53 of `pod` (all its addresses) and a KERNEL endpoint `name` of
+/// `service` in `pod` naming its clients there, with `service` as search domain.
+async fn kernel_dns_endpoint(
+    mesh: &Sandbox,
+    name: &str,
+    service: &str,
+    pod: &nsm_testkit::Ns,
+    prefix: &str,
+) -> (DnsServer, Records, nsm_sdk::sandbox::EndpointHandle) {
     let records = Records::new();
-    records
-        .set("my.domain", "static", vec![ip("172.16.48.200")])
-        .unwrap();
-    let (udp, tcp) = nse_pod
+    let (udp, tcp) = pod
         .open()
         .run(|| {
             (
@@ -273,36 +269,65 @@ async fn a_kernel_pod_resolves_with_glibc_through_its_resolv_conf_while_connecte
     let dns = DnsServer::builder(records.clone())
         .serve(udp.unwrap(), tcp.unwrap())
         .unwrap();
-    let mesh = nsm_testkit::kernel::kernel_sandbox().build().await.unwrap();
     let names = dns_names(records.clone())
         .server_on_connection_dst()
-        .search_domains(vec!["dns-svc".into()]);
-    let _nse = mesh
+        .search_domains(vec![service.into()]);
+    let nse = mesh
         .node(0)
-        .endpoint(
-            nsm_testkit::kernel::kernel_nse("nse", "dns-svc", &nse_pod, "172.16.48.0/24")
-                .handler(names),
-        )
+        .endpoint(nsm_testkit::kernel::kernel_nse(name, service, pod, prefix).handler(names))
         .await
         .unwrap();
-    let resolv = ResolvConf::netns(&nsc_pod.name).unwrap();
+    (dns, records, nse)
+}
+
+/// As root: a KERNEL client pod connected to two endpoints, each with a DNS server on
+/// port 53 of its own pod. The client writes `/etc/netns/<pod>/resolv.conf` with the
+/// far end of each connection as a nameserver; glibc in the pod (`getent hosts`)
+/// resolves the client's name at each endpoint, a short name through the search domain
+/// and a static record, over the connections' interfaces: a name the first server does
+/// not hold is answered by the second after the first refused (no proxy needed). A
+/// refresh keeps it; after each Close that endpoint's names stop resolving, and after
+/// the last the file and its directory are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_pod_resolves_with_glibc_through_its_resolv_conf_while_connected() {
+    nsm_testkit::require_root!("DNS kernel test");
+    let pod = nsm_testkit::Ns::new();
+    let (nse1_pod, nse2_pod) = (nsm_testkit::Ns::new(), nsm_testkit::Ns::new());
+    let mesh = nsm_testkit::kernel::kernel_sandbox().build().await.unwrap();
+    let (_dns1, records1, _nse1) =
+        kernel_dns_endpoint(&mesh, "nse-1", "svc-one", &nse1_pod, "172.16.48.0/25").await;
+    let (_dns2, records2, _nse2) =
+        kernel_dns_endpoint(&mesh, "nse-2", "svc-two", &nse2_pod, "172.16.48.128/25").await;
+    records1
+        .set("my.domain", "static", vec![ip("172.16.48.100")])
+        .unwrap();
+    let resolv = ResolvConf::netns(&pod.name).unwrap();
     let file = resolv.path().to_path_buf();
+    // One DNS context for the pod, in both clients (one interface each).
     let ctx = dns_context().apply_to(resolv);
-    let opts =
-        nsm_testkit::kernel::kernel_nsc(mesh.node(0), &nsc_pod, Some("nsm-1")).handler(ctx.clone());
-    let nsc = client(opts);
+    let nsc = |ifname: &str| {
+        client(
+            nsm_testkit::kernel::kernel_nsc(mesh.node(0), &pod, Some(ifname)).handler(ctx.clone()),
+        )
+    };
+    let (nsc1, nsc2) = (nsc("nsm-1"), nsc("nsm-2"));
 
     assert!(!file.exists());
     assert_eq!(
-        getent(&nsc_pod.name, "web-1.dns-svc"),
+        getent(&pod.name, "web-1.svc-one"),
         None,
         "before the Request"
     );
 
-    let req = request_labelled("dns-svc", &[("podName", "web-1")]);
-    let conn = nsc.request(&mut Cx::client(), req).await.unwrap();
-    let me = client_ip(&conn).to_string();
-    let dst = &conn
+    let conn1 = nsc1
+        .request(
+            &mut Cx::client(),
+            request_labelled("svc-one", &[("podName", "web-1")]),
+        )
+        .await
+        .unwrap();
+    let me1 = client_ip(&conn1).to_string();
+    let dst = &conn1
         .context
         .as_ref()
         .unwrap()
@@ -310,44 +335,61 @@ async fn a_kernel_pod_resolves_with_glibc_through_its_resolv_conf_while_connecte
         .as_ref()
         .unwrap()
         .dst_ip_addrs[0];
-    let server_ip = dst.split('/').next().unwrap();
+    let server1 = dst.split('/').next().unwrap();
     let content = std::fs::read_to_string(&file).unwrap();
     assert!(
-        content.contains(&format!("nameserver {server_ip}\n"))
-            && content.contains("search dns-svc"),
+        content.contains(&format!("nameserver {server1}\n")) && content.contains("search svc-one"),
         "{content}"
     );
+    assert_eq!(getent(&pod.name, "web-1.svc-one"), Some(vec![me1.clone()]));
     assert_eq!(
-        getent(&nsc_pod.name, "web-1.dns-svc"),
-        Some(vec![me.clone()])
-    );
-    assert_eq!(
-        getent(&nsc_pod.name, "web-1"),
-        Some(vec![me.clone()]),
+        getent(&pod.name, "web-1"),
+        Some(vec![me1.clone()]),
         "search domain"
     );
     assert_eq!(
-        getent(&nsc_pod.name, "my.domain"),
-        Some(vec!["172.16.48.200".to_string()])
+        getent(&pod.name, "my.domain"),
+        Some(vec!["172.16.48.100".to_string()])
     );
 
-    let conn = nsc
-        .request(&mut Cx::client(), refresh(&conn))
+    let conn2 = nsc2
+        .request(
+            &mut Cx::client(),
+            request_labelled("svc-two", &[("podName", "web-1")]),
+        )
+        .await
+        .unwrap();
+    let me2 = client_ip(&conn2).to_string();
+    assert_ne!(me1, me2);
+    // The first nameserver refuses this name; glibc asks the second.
+    assert_eq!(getent(&pod.name, "web-1.svc-two"), Some(vec![me2.clone()]));
+    assert_eq!(getent(&pod.name, "web-1.svc-one"), Some(vec![me1.clone()]));
+
+    let conn1 = nsc1
+        .request(&mut Cx::client(), refresh(&conn1))
         .await
         .unwrap();
     assert_eq!(
-        getent(&nsc_pod.name, "web-1.dns-svc"),
-        Some(vec![me]),
+        getent(&pod.name, "web-1.svc-one"),
+        Some(vec![me1]),
         "after refresh"
     );
 
-    nsc.close(&mut Cx::client(), conn).await.unwrap();
+    nsc1.close(&mut Cx::client(), conn1).await.unwrap();
+    assert_eq!(getent(&pod.name, "web-1.svc-one"), None, "after its Close");
+    assert_eq!(getent(&pod.name, "web-1.svc-two"), Some(vec![me2]));
+    let content = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        !content.contains(&format!("nameserver {server1}\n")),
+        "{content}"
+    );
+
+    nsc2.close(&mut Cx::client(), conn2).await.unwrap();
     assert!(!file.exists(), "resolv.conf gone");
     assert!(
         !file.parent().is_some_and(Path::exists),
         "its directory gone"
     );
-    assert_eq!(getent(&nsc_pod.name, "web-1.dns-svc"), None, "after Close");
-    assert!(records.lookup("web-1.dns-svc").is_none());
-    drop(dns);
+    assert_eq!(getent(&pod.name, "web-1.svc-two"), None, "after Close");
+    assert!(records1.lookup("web-1.svc-one").is_none() && records2.is_empty());
 }
