@@ -83,6 +83,7 @@ async fn dns_usecase_names_resolve_through_the_clients_config_only_while_connect
         .await
         .unwrap();
     let dir = std::env::temp_dir().join(unique("dns"));
+    let _cleanup = RemoveOnDrop(dir.clone());
     let resolv = dir.join("resolv.conf");
     let ctx = dns_context().apply_to(ResolvConf::at(&resolv));
     let nsc = client(mesh.node(0).client_options("nsc").handler(ctx.clone()));
@@ -246,6 +247,15 @@ fn getent(pod: &str, name: &str) -> Option<Vec<String>> {
     })
 }
 
+/// Removes a directory when dropped, also when the test fails half way.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A DNS server on port 53 of `pod` (all its addresses) and a KERNEL endpoint `name` of
 /// `service` in `pod` naming its clients there, with `service` as search domain.
 async fn kernel_dns_endpoint(
@@ -303,6 +313,7 @@ async fn a_kernel_pod_resolves_with_glibc_through_its_resolv_conf_while_connecte
         .unwrap();
     let resolv = ResolvConf::netns(&pod.name).unwrap();
     let file = resolv.path().to_path_buf();
+    let _cleanup = RemoveOnDrop(file.parent().unwrap().to_path_buf());
     // One DNS context for the pod, in both clients (one interface each).
     let ctx = dns_context().apply_to(resolv);
     let nsc = |ifname: &str| {
