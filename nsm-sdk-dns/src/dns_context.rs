@@ -18,7 +18,8 @@
 //! names of all of them (docs/DNS.md says where this stops: glibc reads three
 //! nameservers).
 //!
-//! State: connection id -> its configs, and the resolv.conf's own state, behind one
+//! State: connection id -> its configs (every connection with a successful Request,
+//! with or without configs, until its Close), and the resolv.conf's own state, behind one
 //! `std::sync::Mutex` (the small file is written under it, so applies stay in order).
 //!
 //! Failure handled: a resolv.conf that cannot be written fails the first Request with
@@ -93,26 +94,32 @@ impl DnsContext {
         self.inner.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets (or, with none, drops) the configs of `id`; applies when the merged set
-    /// changed.
-    fn update(&self, id: &str, configs: Vec<DnsConfig>) -> crate::Result<()> {
+    /// Sets the configs of `id` (`Some`, after a Request: the connection is known from
+    /// then on, with or without configs) or forgets it (`None`, after Close); applies
+    /// when the merged set changed. When the apply fails nothing changes, so the next
+    /// update tries again.
+    fn update(&self, id: &str, configs: Option<Vec<DnsConfig>>) -> crate::Result<()> {
         let mut conns = self.lock();
+        let previous = conns.clone();
         let before = merged(&conns);
-        match conns.iter_mut().find(|(c, _)| c == id) {
-            Some(entry) if !configs.is_empty() => entry.1 = configs,
-            Some(_) => conns.retain(|(c, _)| c != id),
-            None if !configs.is_empty() => conns.push((id.to_string(), configs)),
-            None => {}
+        match (conns.iter_mut().find(|(c, _)| c == id), configs) {
+            (Some(entry), Some(configs)) => entry.1 = configs,
+            (None, Some(configs)) => conns.push((id.to_string(), configs)),
+            (_, None) => conns.retain(|(c, _)| c != id),
         }
         let after = merged(&conns);
         if after == before {
             return Ok(());
         }
         debug!(id, configs = after.len(), "DNS configs changed");
-        match &self.inner.target {
-            Some(target) => target.apply(&after),
-            None => Ok(()),
+        let Some(target) = &self.inner.target else {
+            return Ok(());
+        };
+        let applied = target.apply(&after);
+        if applied.is_err() {
+            *conns = previous;
         }
+        applied
     }
 
     fn known(&self, id: &str) -> bool {
@@ -148,13 +155,12 @@ impl Handler for DnsContext {
     ) -> nsm_sdk::Result<Connection> {
         let refresh = req.connection.as_ref().is_some_and(|c| self.known(&c.id));
         let conn = next.clone().request(cx, req).await?;
-        if let Err(e) = self.update(&conn.id, configs_of(&conn)) {
+        if let Err(e) = self.update(&conn.id, Some(configs_of(&conn))) {
             if refresh {
                 warn!(id = %conn.id, error = %e, "DNS config not applied on refresh");
                 return Ok(conn);
             }
-            // Nothing half applied: forget it, give the pod its file back, close.
-            let _ = self.update(&conn.id, Vec::new());
+            // Nothing half applied (update kept the state it had): close.
             if let Err(close) = next.close(cx, conn.clone()).await {
                 warn!(id = %conn.id, error = %close, "close after a failed DNS apply");
             }
@@ -166,7 +172,7 @@ impl Handler for DnsContext {
     async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> nsm_sdk::Result<()> {
         let id = conn.id.clone();
         let result = next.close(cx, conn).await;
-        if let Err(e) = self.update(&id, Vec::new()) {
+        if let Err(e) = self.update(&id, None) {
             warn!(%id, error = %e, "DNS config not removed from the pod");
         }
         result
