@@ -232,21 +232,6 @@ async fn a_name_held_by_another_endpoints_server_resolves_by_fanout() {
     assert!(ra.is_empty() && rb.is_empty());
 }
 
-/// `ip netns exec <pod> getent hosts <name>`: glibc's resolver in the pod, through the
-/// resolv.conf bind-mounted from `/etc/netns/<pod>/`. The addresses, or `None`.
-fn getent(pod: &str, name: &str) -> Option<Vec<String>> {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", pod, "getent", "hosts", name])
-        .output()
-        .expect("ip netns exec");
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next().map(String::from))
-            .collect()
-    })
-}
-
 /// Removes a directory when dropped, also when the test fails half way.
 struct RemoveOnDrop(std::path::PathBuf);
 
@@ -325,7 +310,7 @@ async fn a_kernel_pod_resolves_with_glibc_through_its_resolv_conf_while_connecte
 
     assert!(!file.exists());
     assert_eq!(
-        getent(&pod.name, "web-1.svc-one"),
+        pod.getent_hosts("web-1.svc-one"),
         None,
         "before the Request"
     );
@@ -352,14 +337,14 @@ async fn a_kernel_pod_resolves_with_glibc_through_its_resolv_conf_while_connecte
         content.contains(&format!("nameserver {server1}\n")) && content.contains("search svc-one"),
         "{content}"
     );
-    assert_eq!(getent(&pod.name, "web-1.svc-one"), Some(vec![me1.clone()]));
+    assert_eq!(pod.getent_hosts("web-1.svc-one"), Some(vec![me1.clone()]));
     assert_eq!(
-        getent(&pod.name, "web-1"),
+        pod.getent_hosts("web-1"),
         Some(vec![me1.clone()]),
         "search domain"
     );
     assert_eq!(
-        getent(&pod.name, "my.domain"),
+        pod.getent_hosts("my.domain"),
         Some(vec!["172.16.48.100".to_string()])
     );
 
@@ -373,22 +358,22 @@ async fn a_kernel_pod_resolves_with_glibc_through_its_resolv_conf_while_connecte
     let me2 = client_ip(&conn2).to_string();
     assert_ne!(me1, me2);
     // The first nameserver refuses this name; glibc asks the second.
-    assert_eq!(getent(&pod.name, "web-1.svc-two"), Some(vec![me2.clone()]));
-    assert_eq!(getent(&pod.name, "web-1.svc-one"), Some(vec![me1.clone()]));
+    assert_eq!(pod.getent_hosts("web-1.svc-two"), Some(vec![me2.clone()]));
+    assert_eq!(pod.getent_hosts("web-1.svc-one"), Some(vec![me1.clone()]));
 
     let conn1 = nsc1
         .request(&mut Cx::client(), refresh(&conn1))
         .await
         .unwrap();
     assert_eq!(
-        getent(&pod.name, "web-1.svc-one"),
+        pod.getent_hosts("web-1.svc-one"),
         Some(vec![me1]),
         "after refresh"
     );
 
     nsc1.close(&mut Cx::client(), conn1).await.unwrap();
-    assert_eq!(getent(&pod.name, "web-1.svc-one"), None, "after its Close");
-    assert_eq!(getent(&pod.name, "web-1.svc-two"), Some(vec![me2]));
+    assert_eq!(pod.getent_hosts("web-1.svc-one"), None, "after its Close");
+    assert_eq!(pod.getent_hosts("web-1.svc-two"), Some(vec![me2]));
     let content = std::fs::read_to_string(&file).unwrap();
     assert!(
         !content.contains(&format!("nameserver {server1}\n")),
@@ -401,6 +386,6 @@ async fn a_kernel_pod_resolves_with_glibc_through_its_resolv_conf_while_connecte
         !file.parent().is_some_and(Path::exists),
         "its directory gone"
     );
-    assert_eq!(getent(&pod.name, "web-1.svc-two"), None, "after Close");
+    assert_eq!(pod.getent_hosts("web-1.svc-two"), None, "after Close");
     assert!(records1.lookup("web-1.svc-one").is_none() && records2.is_empty());
 }
