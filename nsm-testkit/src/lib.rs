@@ -36,6 +36,8 @@ pub use answers::Answers;
 pub use lab::{Lab, LabError, LabResult};
 pub use ns::{underlay, unique, Ns, UNDERLAY};
 pub use nsm_sdk::sandbox;
-pub use req::{labels, names, refresh, request, request_labelled, request_with_context};
+pub use req::{
+    client_without_refresh, labels, names, refresh, request, request_labelled, request_with_context,
+};
 pub use skip::can_run;
 pub use wait::eventually;

@@ -19,7 +19,7 @@ use nsm_sdk::sandbox::{EndpointSpec, Sandbox};
 use nsm_sdk::Cx;
 use nsm_sdk_dns::{dns_context, dns_names, DnsContext, DnsServer, Records, ResolvConf};
 use nsm_testkit::dns::{lookup, lookup_in};
-use nsm_testkit::{refresh, request_labelled, unique};
+use nsm_testkit::{client_without_refresh, refresh, request_labelled, unique};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -146,6 +146,34 @@ async fn dns_usecase_names_resolve_through_the_clients_config_only_while_connect
     );
     assert_eq!(names.connections(), 0);
     assert!(!resolv.exists() && !dir.exists(), "the pod's file is gone");
+}
+
+/// The endpoint's expiry of a connection (a client that stopped refreshing) removes the
+/// client's name like a Close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_connection_loses_its_name() {
+    let mesh = Sandbox::builder().build().await.unwrap();
+    let records = Records::new();
+    let names = dns_names(records.clone());
+    let nse = mesh
+        .node(0)
+        .endpoint(
+            EndpointSpec::new("nse", "svc")
+                .ipam("172.16.47.0/24".parse().unwrap())
+                .handler(names.clone()),
+        )
+        .await
+        .unwrap();
+    let dead = client_without_refresh(&mesh, 0, "dead-nsc", Duration::from_secs(2));
+    let req = request_labelled("svc", &[("podName", "gone")]);
+    dead.request(&mut Cx::client(), req).await.unwrap();
+    assert!(records.lookup("gone.svc").is_some());
+    nsm_testkit::eventually("the endpoint's expiry", Duration::from_secs(4), || {
+        nse.counter.closes() == 1
+    })
+    .await;
+    assert!(records.lookup("gone.svc").is_none(), "{records:?}");
+    assert_eq!(names.connections(), 0);
 }
 
 /// A client of `service` (pod `pod`) with its own DNS context.
