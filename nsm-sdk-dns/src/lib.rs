@@ -113,3 +113,8 @@ pub(crate) fn fqdn(name: &str) -> Result<hickory_proto::rr::Name> {
     n.set_fqdn(true);
     Ok(n.to_lowercase())
 }
+
+/// The README's example, compiled as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
