@@ -268,6 +268,14 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A Request of connection `id` (of pod `pod`) through `chain` that succeeds.
+    async fn ok(chain: &Chain, id: &str, pod: Option<&str>) -> Connection {
+        chain
+            .request(&mut Cx::server(), req(id, pod))
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_client_is_named_while_connected_and_gets_the_dns_config_once() {
         let records = Records::new();
@@ -277,10 +285,7 @@ mod tests {
             .search_domains(vec!["vl3".into()]);
         let ipam = Ipam::default();
         let chain = chain(&names, &ipam);
-        let conn = chain
-            .request(&mut Cx::server(), req("c1", Some("web-1")))
-            .await
-            .unwrap();
+        let conn = ok(&chain, "c1", Some("web-1")).await;
         assert_eq!(
             records.lookup("web-1.vl3"),
             Some(vec![ip("172.16.0.2"), ip("fd00::2")])
@@ -330,31 +335,19 @@ mod tests {
         let names = dns_names(records.clone());
         let ipam = Ipam::default();
         let chain = chain(&names, &ipam);
-        let a = chain
-            .request(&mut Cx::server(), req("c1", Some("web-1")))
-            .await
-            .unwrap();
+        let a = ok(&chain, "c1", Some("web-1")).await;
         assert!(
             a.context.as_ref().unwrap().dns_context.is_none(),
             "no server IP: no config"
         );
-        chain
-            .request(&mut Cx::server(), req("c1", Some("web-2")))
-            .await
-            .unwrap();
+        ok(&chain, "c1", Some("web-2")).await;
         assert_eq!(records.lookup("web-1.vl3"), None);
         assert!(records.lookup("web-2.vl3").is_some());
-        let b = chain
-            .request(&mut Cx::server(), req("c2", Some("web-2")))
-            .await
-            .unwrap();
+        let b = ok(&chain, "c2", Some("web-2")).await;
         chain.close(&mut Cx::server(), b).await.unwrap();
         assert!(records.lookup("web-2.vl3").is_some(), "c1 still holds it");
         // Without the label: no name, the old one dropped.
-        chain
-            .request(&mut Cx::server(), req("c1", None))
-            .await
-            .unwrap();
+        ok(&chain, "c1", None).await;
         assert!(records.is_empty());
         assert_eq!(names.connections(), 0);
     }
@@ -374,10 +367,7 @@ mod tests {
         assert!(records.is_empty());
 
         ipam.fail.store(false, Ordering::SeqCst);
-        chain
-            .request(&mut Cx::server(), req("c1", Some("web-1")))
-            .await
-            .unwrap();
+        ok(&chain, "c1", Some("web-1")).await;
         ipam.fail.store(true, Ordering::SeqCst);
         chain
             .request(&mut Cx::server(), req("c1", Some("web-1")))

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use nsm_proto::connection::Connection;
 use nsm_sdk::chains::client;
-use nsm_sdk::sandbox::{EndpointSpec, Sandbox};
+use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Sandbox};
 use nsm_sdk::Cx;
-use nsm_sdk_dns::{dns_context, dns_names, DnsContext, DnsServer, Records, ResolvConf};
+use nsm_sdk_dns::{dns_context, dns_names, DnsContext, DnsNames, DnsServer, Records, ResolvConf};
 use nsm_testkit::dns::{lookup, lookup_in};
 use nsm_testkit::{client_without_refresh, refresh, request_labelled, unique};
 
@@ -25,17 +25,31 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// The client's address on `conn` (its source address, without the length).
+/// The client's (`src`) or the endpoint's address on `conn`, without the length.
+fn conn_ip(conn: &Connection, src: bool) -> IpAddr {
+    let ctx = conn.context.as_ref().unwrap().ip_context.as_ref().unwrap();
+    let addr = if src {
+        &ctx.src_ip_addrs[0]
+    } else {
+        &ctx.dst_ip_addrs[0]
+    };
+    ip(addr.split('/').next().unwrap())
+}
+
+/// The client's address on `conn`.
 fn client_ip(conn: &Connection) -> IpAddr {
-    let src = &conn
-        .context
-        .as_ref()
-        .unwrap()
-        .ip_context
-        .as_ref()
-        .unwrap()
-        .src_ip_addrs[0];
-    ip(src.split('/').next().unwrap())
+    conn_ip(conn, true)
+}
+
+/// The endpoint's address on `conn`.
+fn endpoint_ip(conn: &Connection) -> IpAddr {
+    conn_ip(conn, false)
+}
+
+/// A Request of `nsc` for `service` as the pod `pod` (its `podName` label).
+async fn request_as(nsc: &nsm_sdk::Chain, service: &str, pod: &str) -> Connection {
+    let req = request_labelled(service, &[("podName", pod)]);
+    nsc.request(&mut Cx::client(), req).await.unwrap()
 }
 
 /// A DNS server on loopback with `records`.
@@ -46,6 +60,20 @@ async fn server(records: &Records, fanout: Vec<SocketAddr>) -> DnsServer {
         .bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap()
+}
+
+/// An endpoint `name` of `service` on node 0 handing out `prefix`, with `names`.
+async fn endpoint(
+    mesh: &Sandbox,
+    name: &str,
+    service: &str,
+    prefix: &str,
+    names: &DnsNames,
+) -> EndpointHandle {
+    let spec = EndpointSpec::new(name, service)
+        .ipam(prefix.parse().unwrap())
+        .handler(names.clone());
+    mesh.node(0).endpoint(spec).await.unwrap()
 }
 
 /// Scenario 46: an endpoint with a DNS server and records, a client with the DNS
@@ -73,15 +101,7 @@ async fn dns_usecase_names_resolve_through_the_clients_config_only_while_connect
     let names = dns_names(records.clone())
         .server_ips(vec![dns.local_addr().to_string()])
         .search_domains(vec!["com".into()]);
-    let _nse = mesh
-        .node(0)
-        .endpoint(
-            EndpointSpec::new("nse-dns", "dns-svc")
-                .ipam("172.16.46.0/24".parse().unwrap())
-                .handler(names.clone()),
-        )
-        .await
-        .unwrap();
+    let _nse = endpoint(&mesh, "nse-dns", "dns-svc", "172.16.46.0/24", &names).await;
     let dir = std::env::temp_dir().join(unique("dns"));
     let _cleanup = RemoveOnDrop(dir.clone());
     let resolv = dir.join("resolv.conf");
@@ -155,15 +175,7 @@ async fn an_expired_connection_loses_its_name() {
     let mesh = Sandbox::builder().build().await.unwrap();
     let records = Records::new();
     let names = dns_names(records.clone());
-    let nse = mesh
-        .node(0)
-        .endpoint(
-            EndpointSpec::new("nse", "svc")
-                .ipam("172.16.47.0/24".parse().unwrap())
-                .handler(names.clone()),
-        )
-        .await
-        .unwrap();
+    let nse = endpoint(&mesh, "nse", "svc", "172.16.47.0/24", &names).await;
     let dead = client_without_refresh(&mesh, 0, "dead-nsc", Duration::from_secs(2));
     let req = request_labelled("svc", &[("podName", "gone")]);
     dead.request(&mut Cx::client(), req).await.unwrap();
@@ -184,13 +196,7 @@ async fn connect(
 ) -> (nsm_sdk::Chain, DnsContext, Connection) {
     let ctx = dns_context();
     let nsc = client(mesh.node(0).client_options(pod).handler(ctx.clone()));
-    let conn = nsc
-        .request(
-            &mut Cx::client(),
-            request_labelled(service, &[("podName", pod)]),
-        )
-        .await
-        .unwrap();
+    let conn = request_as(&nsc, service, pod).await;
     (nsc, ctx, conn)
 }
 
@@ -210,16 +216,7 @@ async fn a_name_held_by_another_endpoints_server_resolves_by_fanout() {
         ("nse-b", "net-b", &rb, &b, "172.16.49.128/25"),
     ] {
         let names = dns_names(records.clone()).server_ips(vec![srv.local_addr().to_string()]);
-        let nse = mesh
-            .node(0)
-            .endpoint(
-                EndpointSpec::new(name, service)
-                    .ipam(prefix.parse().unwrap())
-                    .handler(names),
-            )
-            .await
-            .unwrap();
-        endpoints.push(nse);
+        endpoints.push(endpoint(&mesh, name, service, prefix, &names).await);
     }
     let (nsc_a, _ctx_a, alpha) = connect(&mesh, "net-a", "alpha").await;
     let (nsc_b, ctx_b, beta) = connect(&mesh, "net-b", "beta").await;
@@ -277,7 +274,7 @@ async fn kernel_dns_endpoint(
     service: &str,
     pod: &nsm_testkit::Ns,
     prefix: &str,
-) -> (DnsServer, Records, nsm_sdk::sandbox::EndpointHandle) {
+) -> (DnsServer, Records, EndpointHandle) {
     let records = Records::new();
     let (udp, tcp) = pod
         .open()
@@ -343,23 +340,9 @@ async fn a_kernel_pod_resolves_with_glibc_through_its_resolv_conf_while_connecte
         "before the Request"
     );
 
-    let conn1 = nsc1
-        .request(
-            &mut Cx::client(),
-            request_labelled("svc-one", &[("podName", "web-1")]),
-        )
-        .await
-        .unwrap();
+    let conn1 = request_as(&nsc1, "svc-one", "web-1").await;
     let me1 = client_ip(&conn1).to_string();
-    let dst = &conn1
-        .context
-        .as_ref()
-        .unwrap()
-        .ip_context
-        .as_ref()
-        .unwrap()
-        .dst_ip_addrs[0];
-    let server1 = dst.split('/').next().unwrap();
+    let server1 = endpoint_ip(&conn1).to_string();
     let content = std::fs::read_to_string(&file).unwrap();
     assert!(
         content.contains(&format!("nameserver {server1}\n")) && content.contains("search svc-one"),
@@ -376,13 +359,7 @@ async fn a_kernel_pod_resolves_with_glibc_through_its_resolv_conf_while_connecte
         Some(vec!["172.16.48.100".to_string()])
     );
 
-    let conn2 = nsc2
-        .request(
-            &mut Cx::client(),
-            request_labelled("svc-two", &[("podName", "web-1")]),
-        )
-        .await
-        .unwrap();
+    let conn2 = request_as(&nsc2, "svc-two", "web-1").await;
     let me2 = client_ip(&conn2).to_string();
     assert_ne!(me1, me2);
     // The first nameserver refuses this name; glibc asks the second.
