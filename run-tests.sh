@@ -31,7 +31,7 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 # The library crates are packageable for crates.io (metadata, readme, file list), and
 # the README's guide programs build as a crate of their own outside the workspace,
 # depending on the library crates and crates.io only.
-cargo package --quiet --no-verify --allow-dirty -p nsm-proto -p nsm-sdk -p nsm-sdk-kernel -p nsm-sdk-vxlan
+cargo package --quiet --no-verify --allow-dirty -p nsm-proto -p nsm-sdk -p nsm-sdk-kernel -p nsm-sdk-vxlan -p nsm-sdk-dns
 ./.ci/check-external-endpoint.sh
 # nextest runs each test in its own process, so process-wide counters (live tasks)
 # and kernel state of one test never disturb another.

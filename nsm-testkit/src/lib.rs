@@ -4,6 +4,7 @@
 //!   addresses, `ip netns exec`), deleted on drop even when a test fails;
 //! - [`Ns`]: one pid-unique namespace (a "pod" or a "node") read through `ip -j`, and
 //!   [`underlay`]: two nodes joined by a veth underlay;
+//! - `dns` (feature `dns`): lookups through DNS configs with a real stub resolver;
 //! - `etcd` (feature `etcd`): real etcd members on loopback for the registry's store;
 //! - [`can_run`] / [`require_root!`]: whether the kernel tests can run here (root, `ip`,
 //!   `ping`), saying why they skip when not;
@@ -20,6 +21,8 @@
 
 mod answers;
 pub mod bench;
+#[cfg(feature = "dns")]
+pub mod dns;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod kernel;
@@ -33,6 +36,8 @@ pub use answers::Answers;
 pub use lab::{Lab, LabError, LabResult};
 pub use ns::{underlay, unique, Ns, UNDERLAY};
 pub use nsm_sdk::sandbox;
-pub use req::{labels, names, refresh, request, request_labelled, request_with_context};
+pub use req::{
+    client_without_refresh, labels, names, refresh, request, request_labelled, request_with_context,
+};
 pub use skip::can_run;
 pub use wait::eventually;

@@ -82,6 +82,26 @@ impl Ns {
         json_array(&out).unwrap_or_else(|e| panic!("ip -n {} {full:?}: {e}: {out}", self.name))
     }
 
+    /// `ip netns exec <name> getent hosts <host>`: glibc's resolver inside the
+    /// namespace, through the resolv.conf `ip netns exec` bind-mounts from
+    /// `/etc/netns/<name>/` (the host's without it). The addresses, or `None` when it
+    /// does not resolve.
+    ///
+    /// # Panics
+    /// When `ip` cannot be started.
+    pub fn getent_hosts(&self, host: &str) -> Option<Vec<String>> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, "getent", "hosts", host])
+            .output()
+            .unwrap_or_else(|e| panic!("ip netns exec {}: {e}", self.name));
+        out.status.success().then(|| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next().map(String::from))
+                .collect()
+        })
+    }
+
     /// Interface names, sorted.
     pub fn links(&self) -> Vec<String> {
         let mut v: Vec<String> = self

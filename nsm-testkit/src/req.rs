@@ -60,6 +60,26 @@ pub fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         .collect()
 }
 
+/// A client `name` of `mesh`'s node `node` that never refreshes (a dead client): its
+/// path tokens live `token_lifetime`, so the mesh's `timeout` closes its connections
+/// soon after. NOOP mechanism, no retry.
+pub fn client_without_refresh(
+    mesh: &nsm_sdk::sandbox::Sandbox,
+    node: usize,
+    name: &str,
+    token_lifetime: std::time::Duration,
+) -> nsm_sdk::Chain {
+    use nsm_sdk::handlers::{begin, client_url, noop_client, update_path, update_token};
+    nsm_sdk::Chain::builder()
+        .push(update_path(name))
+        .push(begin())
+        .push(update_token(mesh.security().tokens(token_lifetime)))
+        .push(noop_client())
+        .push(client_url(mesh.node(node).nsmgr_url().clone()))
+        .push(nsm_sdk::transport::grpc_client(mesh.channels()))
+        .build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

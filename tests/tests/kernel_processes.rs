@@ -226,20 +226,21 @@ impl Mesh {
 
     /// `nse-icmp-responder` named `name` inside `pod`, handing out `prefix`, registered.
     fn nse(&self, name: &str, pod: &Pod, prefix: &str) -> Proc {
+        self.nse_with(name, pod, prefix, &[])
+    }
+
+    /// [`Mesh::nse`] with `extra` settings.
+    fn nse_with(&self, name: &str, pod: &Pod, prefix: &str, extra: &[(&str, &str)]) -> Proc {
         let listen_on = self.dir.unix(&format!("{name}.sock"));
-        let mut p = self.start(
-            "nse-icmp-responder",
-            name,
-            Some(pod),
-            &[
-                ("NSM_NAME", name),
-                ("NSM_LISTEN_ON", &listen_on),
-                ("NSM_CONNECT_TO", &self.nsmgr_url),
-                ("NSM_SERVICE_NAMES", "icmp-responder"),
-                ("NSM_CIDR_PREFIX", prefix),
-            ],
-            false,
-        );
+        let mut env = vec![
+            ("NSM_NAME", name),
+            ("NSM_LISTEN_ON", listen_on.as_str()),
+            ("NSM_CONNECT_TO", self.nsmgr_url.as_str()),
+            ("NSM_SERVICE_NAMES", "icmp-responder"),
+            ("NSM_CIDR_PREFIX", prefix),
+        ];
+        env.extend_from_slice(extra);
+        let mut p = self.start("nse-icmp-responder", name, Some(pod), &env, false);
         p.wait_for_log(&["registered endpoint", &format!("name={name}")]);
         p
     }
@@ -344,6 +345,48 @@ fn a_kernel_connection_between_two_pods_pings_and_leaves_nothing_behind() {
     fwd.terminate();
     nsmgr.terminate();
     registry.terminate();
+}
+
+/// DNS with the programs (docs/DNS.md): the endpoint serves DNS on port 53 of its pod
+/// (`NSM_DNS_LISTEN_ON`), the client writes its pod's resolv.conf (`NSM_DNS_NETNS`).
+/// glibc in the client's pod resolves the client's name (`<podName>.<service>`, and
+/// the short name through the search domain) while connected; after nsc's SIGTERM the
+/// name is gone and so is `/etc/netns/<pod>/`.
+#[test]
+fn the_programs_name_the_client_in_dns_and_give_its_pod_a_resolv_conf() {
+    require_root!();
+    let (nsc_pod, nse_pod) = (Pod::new(), Pod::new());
+    let netns_etc = std::path::PathBuf::from(format!("/etc/netns/{}", nsc_pod.name));
+    let mesh = Mesh::new("dns");
+    let (_registry, _nsmgr) = mesh.control_plane();
+    let _fwd = mesh.forwarder("forwarder");
+    let _nse = mesh.nse_with(
+        "nse",
+        &nse_pod,
+        "172.16.82.0/24",
+        &[("NSM_DNS_LISTEN_ON", "0.0.0.0:53")],
+    );
+    assert_eq!(nsc_pod.getent_hosts("web-1.icmp-responder"), None);
+    let url = format!("{SERVICE_URL}?podName=web-1");
+    let mut nsc = mesh.nsc(&nsc_pod, &url, &[("NSM_DNS_NETNS", &nsc_pod.name)]);
+    let conn = nsc.next_connection();
+    let (src, dst) = check_kernel_connection(&conn, &nsc, "nse", "172.16.82.");
+    assert_eq!(
+        conn["context"]["dnsContext"]["configs"][0]["dnsServerIps"][0],
+        host(&dst),
+        "{conn}"
+    );
+    let me = Some(vec![host(&src).to_string()]);
+    assert_eq!(nsc_pod.getent_hosts("web-1.icmp-responder"), me);
+    assert_eq!(nsc_pod.getent_hosts("web-1"), me, "search domain");
+
+    nsc.terminate();
+    assert!(
+        !netns_etc.exists(),
+        "the pod's resolv.conf and its directory are gone"
+    );
+    assert_eq!(nsc_pod.getent_hosts("web-1.icmp-responder"), None);
+    let _ = std::fs::remove_dir_all(&netns_etc);
 }
 
 /// Heal with processes: the forwarder is killed (SIGKILL) and started again on the

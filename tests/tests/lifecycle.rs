@@ -7,12 +7,10 @@ use futures::StreamExt;
 use nsm_proto::connection::Connection;
 use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::registry::NetworkServiceEndpoint;
-use nsm_sdk::handlers::{begin, client_url, noop_client, update_path, update_token};
 use nsm_sdk::registry::Query;
 use nsm_sdk::sandbox::{EndpointHandle, EndpointSpec, Sandbox};
-use nsm_sdk::transport::grpc_client;
 use nsm_sdk::{Chain, Cx};
-use nsm_testkit::{eventually, request};
+use nsm_testkit::{client_without_refresh, eventually, request};
 
 /// An NSE `nse` of `svc` on node 0 of `mesh`, an NSC `nsc` on node `nsc_node` and its
 /// connection to the NSE.
@@ -43,14 +41,7 @@ async fn a_client_that_stops_refreshing_is_closed_by_the_mesh() {
         .await
         .unwrap();
     // A client without `refresh`, signing with 2 s tokens.
-    let dead = Chain::builder()
-        .push(update_path("dead-nsc"))
-        .push(begin())
-        .push(update_token(mesh.security().tokens(Duration::from_secs(2))))
-        .push(noop_client())
-        .push(client_url(mesh.node(1).nsmgr_url().clone()))
-        .push(grpc_client(mesh.channels()))
-        .build();
+    let dead = client_without_refresh(&mesh, 1, "dead-nsc", Duration::from_secs(2));
     let started = tokio::time::Instant::now();
     dead.request(&mut Cx::client(), request("svc"))
         .await

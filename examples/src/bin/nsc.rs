@@ -13,6 +13,7 @@ use nsm_sdk::proto::connection::Connection;
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::transport::Url;
 use nsm_sdk::{Chain, Cx};
+use nsm_sdk_dns::{dns_context, ResolvConf};
 use nsm_sdk_kernel::mechanism::own_netns_url;
 use nsm_sdk_kernel::{kernel_client, kernel_liveness, preferences, MechanismChoice, PingOptions};
 use tracing::{info, warn};
@@ -70,6 +71,13 @@ struct Args {
     #[arg(long, env = "NSM_LIVENESS", value_name = "CHECK", value_enum, default_value_t = Liveness::None)]
     liveness: Liveness,
 
+    /// The pod's named network namespace: the DNS configs of the connections go into
+    /// /etc/netns/<NAME>/resolv.conf (what `ip netns exec <NAME>` bind-mounts over
+    /// /etc/resolv.conf) while they last; the pod's own file comes back after
+    /// (docs/DNS.md).
+    #[arg(long, env = "NSM_DNS_NETNS", value_name = "NAME")]
+    dns_netns: Option<String>,
+
     #[command(flatten)]
     common: Common,
 }
@@ -91,17 +99,20 @@ fn main() -> ExitCode {
         if args.liveness == Liveness::Ping {
             heal_options = heal_options.liveness(kernel_liveness(PingOptions::new()));
         }
-        let nsc = client(
-            ClientOptions::new(&args.name, args.connect_to)
-                .security(&security)
-                .channels(channels)
-                .retry(Some(args.request_timeout))
-                .timeout(args.request_timeout)
-                .mechanisms(vec![])
-                .handler(heal(heal_options))
-                .handler(print_connections())
-                .handler(kernel_client(own_netns_url()).only_when_offered()),
-        );
+        let mut options = ClientOptions::new(&args.name, args.connect_to)
+            .security(&security)
+            .channels(channels)
+            .retry(Some(args.request_timeout))
+            .timeout(args.request_timeout)
+            .mechanisms(vec![])
+            .handler(heal(heal_options))
+            .handler(print_connections())
+            .handler(kernel_client(own_netns_url()).only_when_offered());
+        if let Some(pod) = &args.dns_netns {
+            let resolv_conf = ResolvConf::netns(pod).map_err(|e| Failure::config(e.to_string()))?;
+            options = options.handler(dns_context().apply_to(resolv_conf));
+        }
+        let nsc = client(options);
         let timeout = args.request_timeout;
         let mut connections = Vec::new();
         for url in &args.network_services {
