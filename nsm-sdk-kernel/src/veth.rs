@@ -22,10 +22,18 @@
 //! such a half-made end under the wanted name is recognised as the mesh's and replaced
 //! too; an end without alias outside that group is foreign.
 //!
+//! **Neighbours**: each end gets a permanent neighbour entry for every address of the
+//! other end, on the other end's hardware address (the one its plan gave it at birth,
+//! which a refresh never changes), so the pods need no ARP or neighbour solicitation
+//! and the node's neighbour tables, whose learnt entries are limited node-wide
+//! (`gc_thresh3`, docs/KERNEL.md §8), do not fill up with two entries per connection.
+//! A neighbour the context names for the same address wins.
+//!
 //! State: [`Created`] holds, per side, an on-demand netlink handle (the namespace file;
 //! a socket only while a batch of operations runs), the plan that was applied
-//! (with the routing tables its policy routes got) and the interface index the end
-//! was born with, so a later refresh is a diff and Close deletes exactly the link it
+//! (with the routing tables its policy routes got, and the peer's neighbours), the
+//! plan it was asked for and the hardware address it was born with, the interface
+//! index the end was born with, so a later refresh is a diff and Close deletes exactly the link it
 //! made (not a same-named link made by someone else after the pair died) and the
 //! policy rules it added.
 //!
@@ -97,8 +105,28 @@ pub struct Created {
 #[derive(Debug)]
 struct Side {
     netlink: Arc<dyn Netlink>,
+    /// What was applied: `base` with the peer's neighbours, the routing tables its
+    /// policies got.
     plan: Plan,
     index: u32,
+    /// The plan the caller asked for, without the peer's neighbours.
+    base: Plan,
+    /// The hardware address the end was born (or adopted) with: what the peer's
+    /// neighbour entries name, whatever a refresh does to the addresses.
+    mac: Option<[u8; 6]>,
+}
+
+impl Side {
+    fn new(netlink: Arc<dyn Netlink>, plan: Plan, index: u32, base: Plan) -> Side {
+        let mac = base.mac();
+        Side {
+            netlink,
+            plan,
+            index,
+            base,
+            mac,
+        }
+    }
 }
 
 impl Created {
@@ -141,16 +169,20 @@ impl Created {
     /// The interface name cannot change on a live pair (that needs a new pair):
     /// [`Error::InvalidInterfaceName`]. A pair that died (its end is gone or is not
     /// the link this pair created) is [`Error::LinkNotFound`].
+    ///
+    /// Each end keeps a permanent neighbour entry for every address of the other end
+    /// (see the module docs); when this side's addresses change, the other side's entries
+    /// are brought along.
     pub async fn refresh(&mut self, side: PodSide, plan: Plan) -> Result<()> {
         let result = self.refresh_side(side, plan).await;
-        self.side(side).netlink.release();
+        self.release();
         result
     }
 
     async fn refresh_side(&mut self, side: PodSide, plan: Plan) -> Result<()> {
-        let s = match side {
-            PodSide::Client => &mut self.client,
-            PodSide::Endpoint => &mut self.endpoint,
+        let (s, other) = match side {
+            PodSide::Client => (&mut self.client, &mut self.endpoint),
+            PodSide::Endpoint => (&mut self.endpoint, &mut self.client),
         };
         if plan.ifname() != s.plan.ifname() {
             return Err(Error::InvalidInterfaceName {
@@ -163,7 +195,14 @@ impl Created {
         if let Some(alias) = plan.alias().filter(|a| Some(*a) != s.plan.alias()) {
             s.netlink.set_alias(plan.ifname(), alias).await?;
         }
-        s.plan = update(Some(&s.plan), &plan, s.netlink.as_ref()).await?;
+        let full = with_peer_neighbours(plan.clone(), &other.base, other.mac);
+        s.plan = update(Some(&s.plan), &full, s.netlink.as_ref()).await?;
+        let moved = s.base.addresses() != plan.addresses();
+        s.base = plan;
+        if moved && s.mac.is_some() {
+            let theirs = with_peer_neighbours(other.base.clone(), &s.base, s.mac);
+            other.plan = update(Some(&other.plan), &theirs, other.netlink.as_ref()).await?;
+        }
         Ok(())
     }
 }
@@ -252,6 +291,18 @@ pub async fn veth_up(client: VethEnd<'_>, endpoint: VethEnd<'_>) -> Result<Creat
             Err(e) => return Err(e),
         }
     }
+    // Each end gets a permanent neighbour entry for the other's addresses.
+    let bases = [client.plan.clone(), endpoint.plan.clone()];
+    let client = VethEnd {
+        plan: with_peer_neighbours(client.plan, &bases[1], bases[1].mac()),
+        ..client
+    };
+    let endpoint = VethEnd {
+        plan: with_peer_neighbours(endpoint.plan, &bases[0], bases[0].mac()),
+        ..endpoint
+    };
+    let [client_base, endpoint_base] = bases;
+    let (c_name, e_name) = (client.plan.ifname(), endpoint.plan.ifname());
     let mtu = match (client.plan.mtu(), endpoint.plan.mtu()) {
         (Some(a), Some(b)) => Some(Mtu::min(a, b)),
         (a, b) => a.or(b),
@@ -268,16 +319,13 @@ pub async fn veth_up(client: VethEnd<'_>, endpoint: VethEnd<'_>) -> Result<Creat
                 "veth pair up"
             );
             Ok(Created {
-                client: Side {
-                    netlink: client.netlink,
-                    plan: client_plan,
-                    index: client_index,
-                },
-                endpoint: Side {
-                    netlink: endpoint.netlink,
-                    plan: endpoint_plan,
-                    index: endpoint_index,
-                },
+                client: Side::new(client.netlink, client_plan, client_index, client_base),
+                endpoint: Side::new(
+                    endpoint.netlink,
+                    endpoint_plan,
+                    endpoint_index,
+                    endpoint_base,
+                ),
             })
         }
         Err(e) => {
@@ -484,6 +532,8 @@ async fn delete_pair(created: &Created) -> Result<()> {
 
 mod adopt;
 pub use adopt::kernel_side_adopt;
+mod neighbours;
+use neighbours::with_peer_neighbours;
 
 #[cfg(test)]
 mod tests;

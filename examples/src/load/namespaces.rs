@@ -13,15 +13,6 @@ pub(super) struct Namespaces {
 impl Namespaces {
     /// Makes `count` namespaces named `nsmt-<pid>-<n>`.
     pub(super) fn create(count: usize) -> Result<Namespaces, Failure> {
-        for family in ["ipv4", "ipv6"] {
-            let path = format!("/proc/sys/net/{family}/neigh/default/gc_thresh3");
-            let limit = std::fs::read_to_string(&path)
-                .ok()
-                .and_then(|v| v.trim().parse().ok());
-            if let Some(advice) = limit.and_then(|l| neighbour_advice(family, count, l)) {
-                tracing::warn!("{advice}");
-            }
-        }
         let pid = std::process::id();
         let names: Vec<String> = (0..count).map(|n| format!("nsmt-{pid}-{n}")).collect();
         let made = Namespaces { names };
@@ -83,21 +74,6 @@ impl Drop for Namespaces {
     }
 }
 
-/// What to tell the operator when `connections` KERNEL connections need more learnt
-/// neighbour entries (one in each pod of a connection) than the node's `family` table
-/// holds (`gc_thresh3`, node-wide: every namespace's entries count together): past it
-/// the kernel refuses new entries and those connections stay silent.
-fn neighbour_advice(family: &str, connections: usize, gc_thresh3: usize) -> Option<String> {
-    let needed = connections.saturating_mul(2);
-    (needed > gc_thresh3).then(|| {
-        format!(
-            "{connections} KERNEL connections need about {needed} {family} neighbour entries, \
-             more than this node's table holds (net.{family}.neigh.default.gc_thresh3 = \
-             {gc_thresh3}): connections past it will not pass traffic; raise gc_thresh1/2/3"
-        )
-    })
-}
-
 /// Runs `ip -force -batch -` with `netns <verb> <name>` for each name.
 pub(super) fn ip_batch(verb: &str, names: &[String]) -> std::io::Result<std::process::Output> {
     let mut child = std::process::Command::new("ip")
@@ -114,20 +90,4 @@ pub(super) fn ip_batch(verb: &str, names: &[String]) -> std::io::Result<std::pro
         stdin.write_all(script.as_bytes())?;
     }
     child.wait_with_output()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::neighbour_advice;
-
-    #[test]
-    fn a_run_larger_than_the_nodes_neighbour_table_is_told_which_sysctl_to_raise() {
-        assert_eq!(neighbour_advice("ipv4", 500, 1024), None);
-        let advice = neighbour_advice("ipv4", 1000, 1024).expect("2,000 entries > 1,024");
-        assert!(
-            advice.contains("net.ipv4.neigh.default.gc_thresh3 = 1024"),
-            "{advice}"
-        );
-        assert_eq!(neighbour_advice("ipv6", 1000, 16384), None);
-    }
 }

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use super::{Created, Side};
+use super::{with_peer_neighbours, Created, Side};
 use crate::apply::{update, Netlink};
 use crate::error::Result;
 use crate::netns::NetNs;
@@ -81,24 +81,20 @@ pub(crate) async fn adopt_with(
             }
         }
     }
-    let client_plan = bring_to(client_nl.as_ref(), &client).await?;
-    let endpoint_plan = bring_to(endpoint_nl.as_ref(), &endpoint).await?;
+    // As at creation, each end with permanent neighbours for the other's addresses;
+    // applying the plan sets the end's hardware address to its plan's.
+    let client_full = with_peer_neighbours(client.clone(), &endpoint, endpoint.mac());
+    let endpoint_full = with_peer_neighbours(endpoint.clone(), &client, client.mac());
+    let client_plan = bring_to(client_nl.as_ref(), &client_full).await?;
+    let endpoint_plan = bring_to(endpoint_nl.as_ref(), &endpoint_full).await?;
     info!(
         client = %client.ifname(), client_netns = client_nl.netns(),
         endpoint = %endpoint.ifname(), endpoint_netns = endpoint_nl.netns(),
         "veth pair adopted (left by a forwarder before this one)"
     );
     Ok(Some(Created {
-        client: Side {
-            netlink: client_nl,
-            plan: client_plan,
-            index: indexes[0],
-        },
-        endpoint: Side {
-            netlink: endpoint_nl,
-            plan: endpoint_plan,
-            index: indexes[1],
-        },
+        client: Side::new(client_nl, client_plan, indexes[0], client),
+        endpoint: Side::new(endpoint_nl, endpoint_plan, indexes[1], endpoint),
     }))
 }
 
