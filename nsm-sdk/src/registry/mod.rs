@@ -287,6 +287,9 @@ pub struct Registries {
 pub mod select;
 
 pub mod authorize;
+pub mod domain_names;
+pub mod interdomain_route;
+pub mod registry_proxy;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod expire;
@@ -296,6 +299,9 @@ pub mod query;
 pub mod validate;
 
 pub use authorize::{authorize, Authorize};
+pub use domain_names::DomainNames;
+pub use interdomain_route::{interdomain_route, InterdomainRoute};
+pub use registry_proxy::{registry_proxy, RegistryProxy, RemoteRegistries};
 #[cfg(feature = "etcd")]
 pub use etcd::{Etcd, EtcdConfig, EtcdResource, EtcdStore, EtcdTls};
 pub use expire::{expire, Expire, ExpiryCleanup, DEFAULT_EXPIRATION};

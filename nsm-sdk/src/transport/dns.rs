@@ -30,6 +30,8 @@ use tracing::debug;
 
 use crate::config::interdomain::{nsmgr_proxy_srv, registry_srv};
 use crate::core::Url;
+use crate::registry::{Registries, RegistryChain, RemoteRegistries};
+use crate::transport::{grpc_registry, Channels};
 use crate::{Error, Result};
 
 /// The default bound of one lookup.
@@ -172,6 +174,37 @@ impl DomainResolver {
         Ok(Url::Tcp {
             host: host.to_string(),
             port: srv.port,
+        })
+    }
+}
+
+/// The registries of other domains, found by DNS ([`DomainResolver::registry_url`]) and
+/// called over `channels` (mTLS when secure: the peer must chain to a bundle this side
+/// trusts, so domains that talk to each other federate their bundles).
+#[derive(Debug, Clone)]
+pub struct DnsRegistries {
+    dns: DomainResolver,
+    channels: Channels,
+}
+
+impl DnsRegistries {
+    /// Resolves with `dns`, calls over `channels`.
+    pub fn new(dns: DomainResolver, channels: Channels) -> Self {
+        DnsRegistries { dns, channels }
+    }
+}
+
+#[async_trait::async_trait]
+impl RemoteRegistries for DnsRegistries {
+    async fn registries(&self, domain: &str) -> Result<Registries> {
+        let url = self.dns.registry_url(domain).await?;
+        Ok(Registries {
+            ns: RegistryChain::builder()
+                .push(grpc_registry(self.channels.clone(), url.clone()))
+                .build(),
+            nse: RegistryChain::builder()
+                .push(grpc_registry(self.channels.clone(), url))
+                .build(),
         })
     }
 }
