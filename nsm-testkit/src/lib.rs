@@ -5,6 +5,7 @@
 //! - [`Ns`]: one pid-unique namespace (a "pod" or a "node") read through `ip -j`, and
 //!   [`underlay`]: two nodes joined by a veth underlay;
 //! - `etcd` (feature `etcd`): real etcd members on loopback for the registry's store;
+//! - [`dns`]: a real DNS server (dnsmasq) with the SRV records of interdomain meshes;
 //! - [`can_run`] / [`require_root!`]: whether the kernel tests can run here (root, `ip`,
 //!   `ping`), saying why they skip when not;
 //! - [`eventually`]: waiting for a condition, on tokio's clock (paused time works);
@@ -20,6 +21,7 @@
 
 mod answers;
 pub mod bench;
+pub mod dns;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod kernel;
@@ -30,6 +32,7 @@ mod skip;
 mod wait;
 
 pub use answers::Answers;
+pub use dns::DnsServer;
 pub use lab::{Lab, LabError, LabResult};
 pub use ns::{underlay, unique, Ns, UNDERLAY};
 pub use nsm_sdk::sandbox;

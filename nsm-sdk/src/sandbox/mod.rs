@@ -19,6 +19,7 @@
 //! # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
 //! ```
 
+pub mod interdomain;
 pub mod mesh;
 pub mod testing;
 
@@ -26,4 +27,5 @@ pub use mesh::{
     EndpointHandle, EndpointSpec, ForwarderMechanisms, Node, Sandbox, SandboxBuilder, Transport,
     ETCD_ENV,
 };
+pub use interdomain::{Domain, Interdomain, InterdomainBuilder};
 pub use testing::{counter, inject, Counter, Inject};
