@@ -6,7 +6,11 @@
 //! where dnsmasq is not installed.
 
 use nsm_proto::connection::Connection;
+use std::time::{Duration, Instant};
+
 use nsm_proto::networkservice::NetworkServiceRequest;
+use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
+use nsm_sdk::chains::client;
 use nsm_sdk::sandbox::{EndpointSpec, Interdomain, InterdomainBuilder};
 use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use nsm_testkit::dns::{dnsmasq, free_addr, DnsServer};
@@ -131,4 +135,300 @@ async fn interdomain_usecase_has_eight_segments_and_the_endpoint_sees_no_domain(
         &nse,
     )
     .await;
+}
+
+/// 58: `my-service@floating.domain` is found through the floating registry, where
+/// cluster2 registered its endpoint as `final-endpoint@floating.domain` serving
+/// `my-service`: 8 segments to it, refresh, Close.
+#[tokio::test]
+async fn floating_usecase_reaches_the_endpoint_through_the_floating_registry() {
+    let Some(mesh) = start(
+        Interdomain::builder()
+            .cluster("cluster1", 1)
+            .cluster("cluster2", 1)
+            .floating("floating.domain"),
+    )
+    .await
+    else {
+        return;
+    };
+    let nse = mesh
+        .domain("cluster2")
+        .node(0)
+        .endpoint(EndpointSpec::new("final-endpoint@floating.domain", "my-service"))
+        .await
+        .unwrap();
+    // cluster2's manager finds it (through the floating registry) by its full name.
+    let found = mesh
+        .domain("cluster2")
+        .node(0)
+        .registries()
+        .nse
+        .list(&mut Cx::client(), by_name("final-endpoint@floating.domain"))
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    request_refresh_close(
+        &mesh,
+        "my-service@floating.domain",
+        &path_of("cluster1", "cluster2", "final-endpoint@floating.domain"),
+        &nse,
+    )
+    .await;
+}
+
+/// 59: the same with the endpoint registered directly under floating names:
+/// `final-endpoint@floating.domain` serving `my-service@floating.domain`.
+#[tokio::test]
+async fn floating_usecase_with_a_floating_service_name_registration() {
+    let Some(mesh) = start(
+        Interdomain::builder()
+            .cluster("cluster1", 1)
+            .cluster("cluster2", 1)
+            .floating("floating.domain"),
+    )
+    .await
+    else {
+        return;
+    };
+    let nse = mesh
+        .domain("cluster2")
+        .node(0)
+        .endpoint(EndpointSpec::new(
+            "final-endpoint@floating.domain",
+            "my-service@floating.domain",
+        ))
+        .await
+        .unwrap();
+    let floating = mesh.domain("floating.domain").registries();
+    let services = floating
+        .ns
+        .list(&mut Cx::client(), NetworkService::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["my-service"],
+        "the floating registry holds the names without its domain"
+    );
+    request_refresh_close(
+        &mesh,
+        "my-service@floating.domain",
+        &path_of("cluster1", "cluster2", "final-endpoint@floating.domain"),
+        &nse,
+    )
+    .await;
+}
+
+fn by_name(name: &str) -> NetworkServiceEndpoint {
+    NetworkServiceEndpoint {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+/// 56: one endpoint registered in cluster2 (`final-endpoint`) and one moved to the
+/// floating domain (`final-endpoint@floating.domain`), both serving `my-service`. Each
+/// is only in its own registry, and `my-service@cluster2` and
+/// `my-service@floating.domain` each reach the right one (segment 7).
+#[tokio::test]
+async fn an_endpoint_moved_to_the_floating_domain_is_found_only_there() {
+    let Some(mesh) = start(
+        Interdomain::builder()
+            .cluster("cluster1", 1)
+            .cluster("cluster2", 1)
+            .floating("floating.domain"),
+    )
+    .await
+    else {
+        return;
+    };
+    let node = mesh.domain("cluster2").node(0);
+    let local = node
+        .endpoint(EndpointSpec::new("final-endpoint", "my-service"))
+        .await
+        .unwrap();
+    let moved = node
+        .endpoint(EndpointSpec::new("final-endpoint@floating.domain", "my-service"))
+        .await
+        .unwrap();
+    let count = |d: &str| {
+        let regs = mesh.domain(d).registries();
+        async move {
+            regs.nse
+                .list(&mut Cx::client(), by_name("final-endpoint"))
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!(count("cluster2").await, 1);
+    assert_eq!(count("cluster1").await, 0);
+    assert_eq!(count("floating.domain").await, 1);
+    request_refresh_close(
+        &mesh,
+        "my-service@cluster2",
+        &path_of("cluster1", "cluster2", "final-endpoint"),
+        &local,
+    )
+    .await;
+    request_refresh_close(
+        &mesh,
+        "my-service@floating.domain",
+        &path_of("cluster1", "cluster2", "final-endpoint@floating.domain"),
+        &moved,
+    )
+    .await;
+    assert_eq!(local.counter.requests(), 2, "the floating requests went elsewhere");
+}
+
+/// 57: one NSC reaches two network services of cluster2 (two nodes there), 8 segments
+/// each, with refresh.
+#[tokio::test]
+async fn one_client_reaches_two_services_of_another_domain() {
+    let Some(mesh) = start(
+        Interdomain::builder()
+            .cluster("cluster1", 1)
+            .cluster("cluster2", 2),
+    )
+    .await
+    else {
+        return;
+    };
+    let c2 = mesh.domain("cluster2");
+    let nse1 = c2
+        .node(0)
+        .endpoint(EndpointSpec::new("final-endpoint-1", "my-service-1"))
+        .await
+        .unwrap();
+    let nse2 = c2
+        .node(1)
+        .endpoint(EndpointSpec::new("final-endpoint-2", "my-service-2"))
+        .await
+        .unwrap();
+    let nsc = mesh.domain("cluster1").node(0).client("nsc");
+    let mut conns = Vec::new();
+    for (service, nse) in [("my-service-1", "final-endpoint-1"), ("my-service-2", "final-endpoint-2")] {
+        let conn = nsc
+            .request(&mut Cx::client(), request(&format!("{service}@cluster2")))
+            .await
+            .unwrap();
+        assert_eq!(names(&conn).len(), 8);
+        assert_eq!(names(&conn)[7], nse);
+        let again = nsc
+            .request(&mut Cx::client(), refresh(&conn))
+            .await
+            .unwrap();
+        assert_eq!(names(&again), names(&conn));
+        conns.push(again);
+    }
+    assert_eq!(names(&conns[1])[5], "nsmgr-1", "the second endpoint is on node 1");
+    for conn in conns {
+        nsc.close(&mut Cx::client(), conn).await.unwrap();
+    }
+    assert_eq!((nse1.counter.requests(), nse1.counter.closes()), (2, 1));
+    assert_eq!((nse2.counter.requests(), nse2.counter.closes()), (2, 1));
+}
+
+/// 60: four domains: two floating network services, one served from cluster2 and one
+/// from cluster3, both reached from cluster1.
+#[tokio::test]
+async fn floating_services_of_two_clusters_are_reached_from_a_third() {
+    let Some(mesh) = start(
+        Interdomain::builder()
+            .cluster("cluster1", 1)
+            .cluster("cluster2", 1)
+            .cluster("cluster3", 1)
+            .floating("floating.domain"),
+    )
+    .await
+    else {
+        return;
+    };
+    let nse2 = mesh
+        .domain("cluster2")
+        .node(0)
+        .endpoint(EndpointSpec::new(
+            "final-endpoint-2@floating.domain",
+            "my-service-2@floating.domain",
+        ))
+        .await
+        .unwrap();
+    let nse3 = mesh
+        .domain("cluster3")
+        .node(0)
+        .endpoint(EndpointSpec::new(
+            "final-endpoint-3@floating.domain",
+            "my-service-3@floating.domain",
+        ))
+        .await
+        .unwrap();
+    request_refresh_close(
+        &mesh,
+        "my-service-2@floating.domain",
+        &path_of("cluster1", "cluster2", "final-endpoint-2@floating.domain"),
+        &nse2,
+    )
+    .await;
+    request_refresh_close(
+        &mesh,
+        "my-service-3@floating.domain",
+        &path_of("cluster1", "cluster3", "final-endpoint-3@floating.domain"),
+        &nse3,
+    )
+    .await;
+}
+
+/// A domain DNS has no record for: the client gets NotFound naming the record, fast.
+#[tokio::test]
+async fn a_domain_without_dns_records_is_not_found_quickly() {
+    let Some(mesh) = start(
+        Interdomain::builder()
+            .cluster("cluster1", 1)
+            .cluster("cluster2", 1),
+    )
+    .await
+    else {
+        return;
+    };
+    // `cluster2` is a domain the server answers for, so an unknown name under it is
+    // NXDOMAIN at once.
+    let nsc = client(mesh.domain("cluster1").node(0).client_options("nsc").retry(None));
+    let started = Instant::now();
+    let err = nsc
+        .request(&mut Cx::client(), request("svc@nowhere.cluster2"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    assert!(
+        err.to_string().contains("registry.nsm-system.nowhere.cluster2"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+}
+
+/// The DNS server is down: the client gets Unavailable within the lookup bounds, not a
+/// hang.
+#[tokio::test]
+async fn a_dns_server_down_is_unavailable_quickly() {
+    let Some(mut mesh) = start(
+        Interdomain::builder()
+            .cluster("cluster1", 1)
+            .cluster("cluster2", 1)
+            .dns_timeout(Duration::from_millis(500)),
+    )
+    .await
+    else {
+        return;
+    };
+    mesh.dns.stop();
+    let nsc = client(mesh.domain("cluster1").node(0).client_options("nsc").retry(None));
+    let started = Instant::now();
+    let err = nsc
+        .request(&mut Cx::client(), request("svc@cluster2"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(err.to_string().contains("DNS"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
 }
