@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use nsm_sdk::chains::client;
+use nsm_sdk::handlers::{connect, passthrough};
 use nsm_sdk::sandbox::{EndpointSpec, Interdomain, InterdomainBuilder};
 use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use nsm_testkit::dns::{dnsmasq, free_addr, DnsServer};
@@ -431,4 +432,58 @@ async fn a_dns_server_down_is_unavailable_quickly() {
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     assert!(err.to_string().contains("DNS"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+}
+
+/// 61: five clusters; the endpoint of cluster i passes each connection through to the
+/// service of cluster i-1 (`svc-{i-1}@cluster{i-1}`). From cluster 5 the path has
+/// `8·(n−1)+4` segments, each endpoint at its place; refreshes keep it; the Close
+/// reaches all five endpoints.
+#[tokio::test]
+async fn a_passthrough_chain_crosses_five_domains() {
+    const N: usize = 5;
+    let mut builder = Interdomain::builder();
+    for i in 1..=N {
+        builder = builder.cluster(format!("cluster{i}"), 1);
+    }
+    let Some(mesh) = start(builder).await else {
+        return;
+    };
+    let mut nses = Vec::new();
+    for i in 1..=N {
+        let node = mesh.domain(&format!("cluster{i}")).node(0);
+        let name = format!("nse-{i}");
+        let mut spec = EndpointSpec::new(&name, format!("svc-{i}"));
+        if i > 1 {
+            let downstream = client(node.client_options(&format!("{name}-client")).retry(None));
+            spec = spec
+                .handler(passthrough().service(format!("svc-{}@cluster{}", i - 1, i - 1)))
+                .handler(connect(downstream));
+        }
+        nses.push(node.endpoint(spec).await.unwrap());
+    }
+    let nsc = mesh.domain(&format!("cluster{N}")).node(0).client("nsc");
+    let mut conn = nsc
+        .request(&mut Cx::client(), request(&format!("svc-{N}")))
+        .await
+        .unwrap();
+    let path = names(&conn);
+    assert_eq!(path.len(), 8 * (N - 1) + 4, "{path:?}");
+    for k in 0..N {
+        assert_eq!(path[3 + 8 * k], format!("nse-{}", N - k), "{path:?}");
+    }
+    assert_eq!(path[4], format!("nse-{N}-client"));
+    assert_eq!(path[7], format!("nsmgr-proxy-cluster{N}"));
+    assert_eq!(path[8], format!("nsmgr-proxy-cluster{}", N - 1));
+    for _ in 0..3 {
+        conn = nsc
+            .request(&mut Cx::client(), refresh(&conn))
+            .await
+            .unwrap();
+        assert_eq!(names(&conn), path);
+    }
+    nsc.close(&mut Cx::client(), conn).await.unwrap();
+    for nse in &nses {
+        assert_eq!(nse.counter.unique_requests(), 1, "{}", nse.name);
+        assert_eq!(nse.counter.closes(), 1, "{}", nse.name);
+    }
 }
