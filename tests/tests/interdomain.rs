@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use nsm_sdk::chains::client;
-use nsm_sdk::handlers::{connect, passthrough};
-use nsm_sdk::sandbox::{EndpointSpec, Interdomain, InterdomainBuilder};
+use nsm_sdk::handlers::{connect, heal, passthrough, HealOptions};
+use nsm_sdk::registry::RegistryChain;
+use nsm_sdk::sandbox::{EndpointSpec, Interdomain, InterdomainBuilder, Sandbox};
+use nsm_sdk::transport::grpc_registry;
 use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use nsm_testkit::dns::{dnsmasq, free_addr, DnsServer};
-use nsm_testkit::{names, refresh, request};
+use nsm_testkit::{eventually, names, refresh, request, Answers};
 
 /// A started mesh and the DNS server it finds its domains on.
 struct Mesh {
@@ -486,4 +488,131 @@ async fn a_passthrough_chain_crosses_five_domains() {
         assert_eq!(nse.counter.unique_requests(), 1, "{}", nse.name);
         assert_eq!(nse.counter.closes(), 1, "{}", nse.name);
     }
+}
+
+/// An NSC of cluster1 with `heal`, and the answers it got.
+fn healing_nsc(mesh: &Mesh) -> (nsm_sdk::Chain, Answers) {
+    let node = mesh.domain("cluster1").node(0);
+    let answers = Answers::default();
+    let chain = client(
+        node.client_options("nsc")
+            .handler(heal(HealOptions::new(node.channels())))
+            .handler(answers.clone()),
+    );
+    (chain, answers)
+}
+
+/// The endpoint in cluster2 dies (and is unregistered); heal reselects there: the
+/// connection moves to the other endpoint of the service, still 8 segments, and a
+/// Close reaches it.
+#[tokio::test]
+async fn the_remote_endpoint_dies_and_heal_reselects_in_its_domain() {
+    let Some(mesh) = start(
+        Interdomain::builder()
+            .cluster("cluster1", 1)
+            .cluster("cluster2", 1),
+    )
+    .await
+    else {
+        return;
+    };
+    let node = mesh.domain("cluster2").node(0);
+    let nse1 = node
+        .endpoint(EndpointSpec::new("nse-1", "svc"))
+        .await
+        .unwrap();
+    let (nsc, answers) = healing_nsc(&mesh);
+    let conn = nsc
+        .request(&mut Cx::client(), request("svc@cluster2"))
+        .await
+        .unwrap();
+    assert_eq!(conn.network_service_endpoint_name, "nse-1@cluster2");
+    nse1.kill();
+    nse1.unregister().await.unwrap();
+    let nse2 = node
+        .endpoint(EndpointSpec::new("nse-2", "svc"))
+        .await
+        .unwrap();
+    eventually("healed to nse-2", Duration::from_secs(10), || {
+        answers.last_endpoint() == "nse-2@cluster2"
+    })
+    .await;
+    assert_eq!(nse2.counter.unique_requests(), 1);
+    let conn = nsc
+        .request(&mut Cx::client(), refresh(&conn))
+        .await
+        .unwrap();
+    assert_eq!(names(&conn).len(), 8);
+    assert_eq!(names(&conn)[7], "nse-2");
+    nsc.close(&mut Cx::client(), conn).await.unwrap();
+    assert_eq!(nse2.counter.closes(), 1);
+}
+
+/// cluster2's nsmgr-proxy restarts (its state lost): the connection heals through the
+/// new one to the same endpoint, and later refreshes and the Close cross it.
+#[tokio::test]
+async fn an_nsmgr_proxy_restart_heals() {
+    let Some(mesh) = start(
+        Interdomain::builder()
+            .cluster("cluster1", 1)
+            .cluster("cluster2", 1),
+    )
+    .await
+    else {
+        return;
+    };
+    let nse = mesh
+        .domain("cluster2")
+        .node(0)
+        .endpoint(EndpointSpec::new("nse-1", "svc"))
+        .await
+        .unwrap();
+    let (nsc, answers) = healing_nsc(&mesh);
+    let conn = nsc
+        .request(&mut Cx::client(), request("svc@cluster2"))
+        .await
+        .unwrap();
+    let before = answers.count();
+    mesh.domain("cluster2").kill_nsmgr_proxy();
+    mesh.domain("cluster2").start_nsmgr_proxy().await.unwrap();
+    eventually("healed through the new proxy", Duration::from_secs(10), || {
+        answers.count() > before
+    })
+    .await;
+    let conn = nsc
+        .request(&mut Cx::client(), refresh(&conn))
+        .await
+        .unwrap();
+    assert_eq!(names(&conn).len(), 8);
+    assert_eq!(conn.network_service_endpoint_name, "nse-1@cluster2");
+    assert_eq!(nse.counter.unique_requests(), 1, "the same endpoint connection");
+    nsc.close(&mut Cx::client(), conn).await.unwrap();
+    assert!(nse.counter.closes() >= 1);
+}
+
+/// Security holds at the border: a component whose bundle does not hold cluster2's CA
+/// (a sandbox of a trust domain outside the federation) cannot even list cluster2's
+/// registry, while cluster1's federated identity can.
+#[tokio::test]
+async fn only_federated_domains_get_across_the_border() {
+    let Some(mesh) = start(
+        Interdomain::builder()
+            .cluster("cluster1", 1)
+            .cluster("cluster2", 1),
+    )
+    .await
+    else {
+        return;
+    };
+    let target = mesh.domain("cluster2").registry_url().clone();
+    let list = |channels: nsm_sdk::transport::Channels| {
+        let chain = RegistryChain::<NetworkServiceEndpoint>::builder()
+            .push(grpc_registry(channels, target.clone()))
+            .build();
+        async move { chain.list(&mut Cx::client(), by_name("x")).await }
+    };
+    assert!(list(mesh.domain("cluster1").channels()).await.is_ok());
+    let stranger = Sandbox::builder().build().await.unwrap();
+    let err = list(stranger.channels()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
 }
