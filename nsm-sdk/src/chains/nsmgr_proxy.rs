@@ -17,7 +17,6 @@
 
 use std::sync::Arc;
 
-use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use tokio_util::sync::CancellationToken;
 
 use super::security::{Secured, Security};
@@ -27,10 +26,9 @@ use crate::handlers::{
     authorize_client, authorize_server, connect, domain_border, monitor_relay, swap_ip, timeout,
     update_path, update_token, AddressMap, Monitor, SwapIp,
 };
-use crate::registry::{Registries, RegistryChain};
 use crate::security::PolicySet;
 use crate::transport::{
-    grpc_client, grpc_registry, Channels, DnsRegistries, DomainResolver, RegistryUrls, Services,
+    grpc_client, grpc_registries, Channels, DnsRegistries, DomainResolver, RegistryUrls, Services,
     Url,
 };
 
@@ -148,14 +146,7 @@ impl NsmgrProxy {
 /// The nsmgr-proxy.
 pub fn nsmgr_proxy(opts: NsmgrProxyOptions) -> NsmgrProxy {
     let channels = opts.sec.channels.clone();
-    let registries = Registries {
-        ns: RegistryChain::<NetworkService>::builder()
-            .push(grpc_registry(channels.clone(), opts.registry_urls.clone()))
-            .build(),
-        nse: RegistryChain::<NetworkServiceEndpoint>::builder()
-            .push(grpc_registry(channels.clone(), opts.registry_urls.clone()))
-            .build(),
-    };
+    let registries = grpc_registries(channels.clone(), opts.registry_urls.clone());
     let remote = Arc::new(DnsRegistries::new(opts.dns.clone(), channels.clone()));
     let monitor = Monitor::builder().shutdown(opts.root.clone()).build();
     let swap = swap_ip(opts.addresses);

@@ -37,6 +37,31 @@ use crate::Result;
 /// Internal -> public address of each node of the domain.
 pub type AddressMap = HashMap<IpAddr, IpAddr>;
 
+/// Parses an address map as programs take it (`NSM_ADDRESS_MAP`): comma-separated
+/// `internal=public` pairs, e.g. `10.0.0.2=198.51.100.2,10.0.0.3=198.51.100.3`; empty
+/// is an empty map.
+///
+/// Fails with [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the bad
+/// pair.
+pub fn parse_address_map(s: &str) -> Result<AddressMap> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let bad = || {
+                crate::Error::invalid(format!(
+                    "address map entry {pair:?}: expected internal=public addresses"
+                ))
+            };
+            let (i, p) = pair.split_once('=').ok_or_else(bad)?;
+            Ok((
+                i.trim().parse().map_err(|_| bad())?,
+                p.trim().parse().map_err(|_| bad())?,
+            ))
+        })
+        .collect()
+}
+
 /// See the [module docs](self).
 #[derive(Debug, Clone)]
 #[must_use]
@@ -207,6 +232,17 @@ mod tests {
         let closed = far.seen.lock().unwrap()[1].clone();
         assert_eq!(closed.parameters[SRC_IP], "198.51.100.2");
         assert_eq!(closed.parameters[DST_IP], "10.2.0.3");
+    }
+
+    #[test]
+    fn address_maps_parse_from_pairs() {
+        let m = parse_address_map(" 10.0.0.2=198.51.100.2, 10.0.0.3 = 198.51.100.3,").unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[&ip("10.0.0.3")], ip("198.51.100.3"));
+        assert!(parse_address_map("").unwrap().is_empty());
+        let err = parse_address_map("10.0.0.2").unwrap_err();
+        assert!(err.to_string().contains("10.0.0.2"), "{err}");
+        assert!(parse_address_map("10.0.0.2=x").is_err());
     }
 
     #[tokio::test]

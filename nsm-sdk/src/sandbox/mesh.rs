@@ -471,14 +471,7 @@ impl Drop for Sandbox {
 }
 
 pub(super) fn registries_at(channels: &Channels, url: &Url) -> Registries {
-    Registries {
-        ns: RegistryChain::<NetworkService>::builder()
-            .push(grpc_registry(channels.clone(), url.clone()))
-            .build(),
-        nse: RegistryChain::<NetworkServiceEndpoint>::builder()
-            .push(grpc_registry(channels.clone(), url.clone()))
-            .build(),
-    }
+    crate::transport::grpc_registries(channels.clone(), url.clone())
 }
 
 struct ForwarderEntry {

@@ -30,8 +30,8 @@ use tracing::debug;
 
 use crate::config::interdomain::{nsmgr_proxy_srv, registry_srv};
 use crate::core::Url;
-use crate::registry::{Registries, RegistryChain, RemoteRegistries};
-use crate::transport::{grpc_registry, Channels};
+use crate::registry::{Registries, RemoteRegistries};
+use crate::transport::{grpc_registries, Channels};
 use crate::{Error, Result};
 
 /// The default bound of one lookup.
@@ -83,14 +83,11 @@ impl DomainResolver {
         Ok(Self::build(config, None, DEFAULT_DNS_TIMEOUT))
     }
 
-    /// The server of `NSM_DNS_SERVER` (`ip:port`, port 53 when left out), else the
-    /// system's resolver.
-    ///
-    /// Fails with [`Error::InvalidArgument`](crate::Error::InvalidArgument) on a bad
-    /// address.
-    pub fn from_env() -> Result<Self> {
-        match std::env::var(DNS_SERVER_ENV).ok().filter(|v| !v.is_empty()) {
-            Some(v) => Ok(Self::with_server(parse_server(&v)?)),
+    /// The server at `server`, else the system's resolver: what programs take as
+    /// `NSM_DNS_SERVER`.
+    pub fn new(server: Option<SocketAddr>) -> Result<Self> {
+        match server {
+            Some(addr) => Ok(Self::with_server(addr)),
             None => Self::system(),
         }
     }
@@ -198,27 +195,8 @@ impl DnsRegistries {
 impl RemoteRegistries for DnsRegistries {
     async fn registries(&self, domain: &str) -> Result<Registries> {
         let url = self.dns.registry_url(domain).await?;
-        Ok(Registries {
-            ns: RegistryChain::builder()
-                .push(grpc_registry(self.channels.clone(), url.clone()))
-                .build(),
-            nse: RegistryChain::builder()
-                .push(grpc_registry(self.channels.clone(), url))
-                .build(),
-        })
+        Ok(grpc_registries(self.channels.clone(), url))
     }
-}
-
-/// The variable that names the DNS server interdomain programs ask (`ip:port`).
-pub const DNS_SERVER_ENV: &str = "NSM_DNS_SERVER";
-
-fn parse_server(v: &str) -> Result<SocketAddr> {
-    if let Ok(addr) = v.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    v.parse::<IpAddr>()
-        .map(|ip| SocketAddr::new(ip, 53))
-        .map_err(|_| Error::invalid(format!("{DNS_SERVER_ENV}={v:?}: expected ip or ip:port")))
 }
 
 fn dns_error(name: &str, what: &str, e: &NetError) -> Error {
@@ -232,19 +210,6 @@ fn dns_error(name: &str, what: &str, e: &NetError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn servers_parse_with_or_without_a_port() {
-        assert_eq!(
-            parse_server("127.0.0.1:5353").unwrap(),
-            "127.0.0.1:5353".parse().unwrap()
-        );
-        assert_eq!(
-            parse_server("127.0.0.1").unwrap(),
-            "127.0.0.1:53".parse().unwrap()
-        );
-        assert!(parse_server("nowhere").is_err());
-    }
 
     #[tokio::test]
     async fn a_server_that_does_not_answer_is_unavailable_within_the_bound() {

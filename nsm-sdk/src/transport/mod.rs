@@ -30,7 +30,7 @@ pub use crate::core::url::{ClientUrl, RegistryUrls, Url};
 pub use channels::{monitor_connections, Channels, DEFAULT_CONNECT_TIMEOUT};
 pub use client::{grpc_client, GrpcClient};
 pub use dns::{DnsRegistries, DomainResolver};
-pub use registry_client::{grpc_registry, GrpcRegistry};
+pub use registry_client::{grpc_registries, grpc_registry, GrpcRegistry};
 pub use server::{serve, Server, Services};
 pub use tls::Tls;
 
