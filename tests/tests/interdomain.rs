@@ -56,8 +56,7 @@ impl Handler for NoDomainSeen {
         next: Next,
     ) -> Result<Connection> {
         let conn = req.connection.clone().unwrap_or_default();
-        if conn.network_service.contains('@') || conn.network_service_endpoint_name.contains('@')
-        {
+        if conn.network_service.contains('@') || conn.network_service_endpoint_name.contains('@') {
             return Err(nsm_sdk::Error::invalid(format!(
                 "the endpoint saw {} / {}",
                 conn.network_service, conn.network_service_endpoint_name
@@ -107,7 +106,11 @@ async fn request_refresh_close(
     assert_eq!(nse.counter.requests(), before_req + 2);
     assert_eq!(nse.counter.unique_requests(), 1);
     nsc.close(&mut Cx::client(), again).await.unwrap();
-    assert_eq!(nse.counter.closes(), before_close + 1, "the Close crossed the border");
+    assert_eq!(
+        nse.counter.closes(),
+        before_close + 1,
+        "the Close crossed the border"
+    );
     conn
 }
 
@@ -158,7 +161,10 @@ async fn floating_usecase_reaches_the_endpoint_through_the_floating_registry() {
     let nse = mesh
         .domain("cluster2")
         .node(0)
-        .endpoint(EndpointSpec::new("final-endpoint@floating.domain", "my-service"))
+        .endpoint(EndpointSpec::new(
+            "final-endpoint@floating.domain",
+            "my-service",
+        ))
         .await
         .unwrap();
     // cluster2's manager finds it (through the floating registry) by its full name.
@@ -252,7 +258,10 @@ async fn an_endpoint_moved_to_the_floating_domain_is_found_only_there() {
         .await
         .unwrap();
     let moved = node
-        .endpoint(EndpointSpec::new("final-endpoint@floating.domain", "my-service"))
+        .endpoint(EndpointSpec::new(
+            "final-endpoint@floating.domain",
+            "my-service",
+        ))
         .await
         .unwrap();
     let count = |d: &str| {
@@ -282,7 +291,11 @@ async fn an_endpoint_moved_to_the_floating_domain_is_found_only_there() {
         &moved,
     )
     .await;
-    assert_eq!(local.counter.requests(), 2, "the floating requests went elsewhere");
+    assert_eq!(
+        local.counter.requests(),
+        2,
+        "the floating requests went elsewhere"
+    );
 }
 
 /// 57: one NSC reaches two network services of cluster2 (two nodes there), 8 segments
@@ -311,7 +324,10 @@ async fn one_client_reaches_two_services_of_another_domain() {
         .unwrap();
     let nsc = mesh.domain("cluster1").node(0).client("nsc");
     let mut conns = Vec::new();
-    for (service, nse) in [("my-service-1", "final-endpoint-1"), ("my-service-2", "final-endpoint-2")] {
+    for (service, nse) in [
+        ("my-service-1", "final-endpoint-1"),
+        ("my-service-2", "final-endpoint-2"),
+    ] {
         let conn = nsc
             .request(&mut Cx::client(), request(&format!("{service}@cluster2")))
             .await
@@ -325,7 +341,11 @@ async fn one_client_reaches_two_services_of_another_domain() {
         assert_eq!(names(&again), names(&conn));
         conns.push(again);
     }
-    assert_eq!(names(&conns[1])[5], "nsmgr-1", "the second endpoint is on node 1");
+    assert_eq!(
+        names(&conns[1])[5],
+        "nsmgr-1",
+        "the second endpoint is on node 1"
+    );
     for conn in conns {
         nsc.close(&mut Cx::client(), conn).await.unwrap();
     }
@@ -396,7 +416,12 @@ async fn a_domain_without_dns_records_is_not_found_quickly() {
     };
     // `cluster2` is a domain the server answers for, so an unknown name under it is
     // NXDOMAIN at once.
-    let nsc = client(mesh.domain("cluster1").node(0).client_options("nsc").retry(None));
+    let nsc = client(
+        mesh.domain("cluster1")
+            .node(0)
+            .client_options("nsc")
+            .retry(None),
+    );
     let started = Instant::now();
     let err = nsc
         .request(&mut Cx::client(), request("svc@nowhere.cluster2"))
@@ -404,10 +429,15 @@ async fn a_domain_without_dns_records_is_not_found_quickly() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
     assert!(
-        err.to_string().contains("registry.nsm-system.nowhere.cluster2"),
+        err.to_string()
+            .contains("registry.nsm-system.nowhere.cluster2"),
         "{err}"
     );
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// The DNS server is down: the client gets Unavailable within the lookup bounds, not a
@@ -425,7 +455,12 @@ async fn a_dns_server_down_is_unavailable_quickly() {
         return;
     };
     mesh.dns.stop();
-    let nsc = client(mesh.domain("cluster1").node(0).client_options("nsc").retry(None));
+    let nsc = client(
+        mesh.domain("cluster1")
+            .node(0)
+            .client_options("nsc")
+            .retry(None),
+    );
     let started = Instant::now();
     let err = nsc
         .request(&mut Cx::client(), request("svc@cluster2"))
@@ -433,7 +468,11 @@ async fn a_dns_server_down_is_unavailable_quickly() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     assert!(err.to_string().contains("DNS"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// 61: five clusters; the endpoint of cluster i passes each connection through to the
@@ -575,9 +614,11 @@ async fn an_nsmgr_proxy_restart_heals() {
     let before = answers.count();
     mesh.domain("cluster2").kill_nsmgr_proxy();
     mesh.domain("cluster2").start_nsmgr_proxy().await.unwrap();
-    eventually("healed through the new proxy", Duration::from_secs(10), || {
-        answers.count() > before
-    })
+    eventually(
+        "healed through the new proxy",
+        Duration::from_secs(10),
+        || answers.count() > before,
+    )
     .await;
     let conn = nsc
         .request(&mut Cx::client(), refresh(&conn))
@@ -585,7 +626,11 @@ async fn an_nsmgr_proxy_restart_heals() {
         .unwrap();
     assert_eq!(names(&conn).len(), 8);
     assert_eq!(conn.network_service_endpoint_name, "nse-1@cluster2");
-    assert_eq!(nse.counter.unique_requests(), 1, "the same endpoint connection");
+    assert_eq!(
+        nse.counter.unique_requests(),
+        1,
+        "the same endpoint connection"
+    );
     nsc.close(&mut Cx::client(), conn).await.unwrap();
     assert!(nse.counter.closes() >= 1);
 }

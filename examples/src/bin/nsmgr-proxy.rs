@@ -29,7 +29,12 @@ struct Args {
     domain: String,
 
     /// Where to listen, comma-separated (a tcp URL with a fixed port).
-    #[arg(long, env = "NSM_LISTEN_ON", value_name = "URL,...", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "NSM_LISTEN_ON",
+        value_name = "URL,...",
+        value_delimiter = ','
+    )]
     listen_on: Vec<Url>,
 
     /// The URL other domains reach this proxy at (what the SRV record
@@ -44,7 +49,12 @@ struct Args {
 
     /// Internal=public address of each node, comma-separated
     /// (`10.0.0.2=198.51.100.2,...`): VXLAN tunnel ends crossing the border swap.
-    #[arg(long, env = "NSM_ADDRESS_MAP", value_name = "IP=IP,...", default_value = "")]
+    #[arg(
+        long,
+        env = "NSM_ADDRESS_MAP",
+        value_name = "IP=IP,...",
+        default_value = ""
+    )]
     address_map: String,
 
     /// The DNS server to ask (ip:port); without it, the system's resolver.

@@ -20,10 +20,7 @@ pub fn registry_proxy_server(
     channels: Channels,
     nsmgr_proxy_url: Option<&Url>,
 ) -> RegistryServer {
-    registry_proxy_over(
-        Arc::new(DnsRegistries::new(dns, channels)),
-        nsmgr_proxy_url,
-    )
+    registry_proxy_over(Arc::new(DnsRegistries::new(dns, channels)), nsmgr_proxy_url)
 }
 
 /// [`registry_proxy_server`] over any way of finding other domains' registries.

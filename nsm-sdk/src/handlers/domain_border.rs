@@ -128,9 +128,12 @@ impl DomainBorder {
         };
         if domain == self.own {
             let local = target(name);
-            let nse = self.lookup(cx, &self.registries, local).await?.ok_or_else(|| {
-                Error::not_found(format!("endpoint {local} is not registered in {domain}"))
-            })?;
+            let nse = self
+                .lookup(cx, &self.registries, local)
+                .await?
+                .ok_or_else(|| {
+                    Error::not_found(format!("endpoint {local} is not registered in {domain}"))
+                })?;
             return Ok(Route {
                 url: parse_url(&nse)?,
                 strip: true,
@@ -364,8 +367,16 @@ mod tests {
         assert_eq!(conn.network_service_endpoint_name, "final@c2");
         chain.close(&mut Cx::server(), conn).await.unwrap();
         let seen = sink.0.lock().unwrap().clone();
-        let down = ("inmem://nsmgr-2".to_string(), "ns".to_string(), "final".to_string());
-        assert_eq!(seen, [down.clone(), down], "request and close go the same way");
+        let down = (
+            "inmem://nsmgr-2".to_string(),
+            "ns".to_string(),
+            "final".to_string(),
+        );
+        assert_eq!(
+            seen,
+            [down.clone(), down],
+            "request and close go the same way"
+        );
     }
 
     #[tokio::test]
@@ -387,7 +398,10 @@ mod tests {
         // The silent DNS server is Unavailable, not NotFound: the floating lookup is
         // only for a domain DNS says has no nsmgr-proxy.
         let err = chain
-            .request(&mut Cx::server(), request("1", "ns@floating", "final@floating"))
+            .request(
+                &mut Cx::server(),
+                request("1", "ns@floating", "final@floating"),
+            )
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
@@ -418,7 +432,10 @@ mod tests {
         let sink = Sink::default();
         let chain = Chain::builder().push(border).push(sink.clone()).build();
         chain
-            .request(&mut Cx::server(), request("1", "ns@floating", "final@floating"))
+            .request(
+                &mut Cx::server(),
+                request("1", "ns@floating", "final@floating"),
+            )
             .await
             .unwrap();
         let seen = sink.0.lock().unwrap().clone();

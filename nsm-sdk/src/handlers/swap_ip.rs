@@ -222,7 +222,10 @@ mod tests {
         };
         let conn = chain.request(&mut Cx::server(), req).await.unwrap();
         // Domain 2's forwarder saw domain 1's public address.
-        assert_eq!(far.seen.lock().unwrap()[0].parameters[SRC_IP], "198.51.100.2");
+        assert_eq!(
+            far.seen.lock().unwrap()[0].parameters[SRC_IP],
+            "198.51.100.2"
+        );
         // Domain 1's forwarder sees its own address and domain 2's public one.
         let m = conn.mechanism.clone().unwrap();
         assert_eq!(m.parameters[SRC_IP], "10.1.0.2");

@@ -107,10 +107,24 @@ mod tests {
         };
         chain.nse.register(cx, nse.clone()).await.unwrap();
         let names = |v: Vec<NetworkService>| v.into_iter().map(|n| n.name).collect::<Vec<_>>();
-        assert_eq!(names(local.ns.list(cx, Default::default()).await.unwrap()), ["here"]);
-        assert_eq!(names(proxy.ns.list(cx, Default::default()).await.unwrap()), ["there@c2"]);
-        assert_eq!(proxy.nse.list(cx, Default::default()).await.unwrap().len(), 1);
-        assert!(local.nse.list(cx, Default::default()).await.unwrap().is_empty());
+        assert_eq!(
+            names(local.ns.list(cx, Default::default()).await.unwrap()),
+            ["here"]
+        );
+        assert_eq!(
+            names(proxy.ns.list(cx, Default::default()).await.unwrap()),
+            ["there@c2"]
+        );
+        assert_eq!(
+            proxy.nse.list(cx, Default::default()).await.unwrap().len(),
+            1
+        );
+        assert!(local
+            .nse
+            .list(cx, Default::default())
+            .await
+            .unwrap()
+            .is_empty());
         // A Find by an interdomain service goes to the proxy, too.
         let q = NetworkServiceEndpoint {
             network_service_names: vec!["svc@floating".into()],
@@ -118,6 +132,11 @@ mod tests {
         };
         assert_eq!(chain.nse.list(cx, q).await.unwrap().len(), 1);
         chain.nse.unregister(cx, nse).await.unwrap();
-        assert!(proxy.nse.list(cx, Default::default()).await.unwrap().is_empty());
+        assert!(proxy
+            .nse
+            .list(cx, Default::default())
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

@@ -257,11 +257,7 @@ mod tests {
         assert_eq!(found[0].name, "final@c2");
         assert_eq!(found[0].network_service_names, ["ns@c2"]);
         assert_eq!(found[0].url, "tcp://198.51.100.1:5005", "our nsmgr-proxy");
-        let err = p1
-            .nse
-            .list(cx, nse("x@nowhere", "", ""))
-            .await
-            .unwrap_err();
+        let err = p1.nse.list(cx, nse("x@nowhere", "", "")).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound);
     }
 
@@ -281,16 +277,29 @@ mod tests {
         assert_eq!(stored[0].name, "final");
         assert_eq!(stored[0].url, "tcp://198.51.100.2:5005");
         // This domain gets its manager's URL back; another domain its own border.
-        let here = p2.nse.list(cx, nse("final@floating", "", "")).await.unwrap();
+        let here = p2
+            .nse
+            .list(cx, nse("final@floating", "", ""))
+            .await
+            .unwrap();
         assert_eq!(here[0].url, "inmem://nsmgr-2");
         let p1 = proxy_of(&[("floating", &floating)], "tcp://198.51.100.1:5005");
-        let there = p1.nse.list(cx, nse("final@floating", "", "")).await.unwrap();
+        let there = p1
+            .nse
+            .list(cx, nse("final@floating", "", ""))
+            .await
+            .unwrap();
         assert_eq!(there[0].url, "tcp://198.51.100.1:5005");
         p2.nse
             .unregister(cx, nse("final@floating", "ns", "inmem://nsmgr-2"))
             .await
             .unwrap();
-        assert!(floating.nse.list(cx, Default::default()).await.unwrap().is_empty());
+        assert!(floating
+            .nse
+            .list(cx, Default::default())
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     #[tokio::test]
@@ -308,7 +317,10 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(c2.ns.list(cx, Default::default()).await.unwrap()[0].name, "ns");
+        assert_eq!(
+            c2.ns.list(cx, Default::default()).await.unwrap()[0].name,
+            "ns"
+        );
         let mut watch = p1
             .nse
             .find(

@@ -261,7 +261,10 @@ impl Domain {
     pub async fn start_registry_proxy(&self) -> Result<()> {
         let (Some((url, component)), Some((public, _))) = (&self.registry_proxy, &self.nsmgr_proxy)
         else {
-            return Err(Error::invalid(format!("{} has no registry proxy", self.name)));
+            return Err(Error::invalid(format!(
+                "{} has no registry proxy",
+                self.name
+            )));
         };
         let server = registry_proxy_server(self.dns.clone(), self.sandbox.channels(), Some(public));
         let served = serve(url, self.sandbox.security().serve(server.services())).await?;

@@ -23,9 +23,9 @@ pub mod interdomain;
 pub mod mesh;
 pub mod testing;
 
+pub use interdomain::{Domain, Interdomain, InterdomainBuilder};
 pub use mesh::{
     EndpointHandle, EndpointSpec, ForwarderMechanisms, Node, Sandbox, SandboxBuilder, Transport,
     ETCD_ENV,
 };
-pub use interdomain::{Domain, Interdomain, InterdomainBuilder};
 pub use testing::{counter, inject, Counter, Inject};

@@ -97,7 +97,9 @@ impl DomainResolver {
             TokioResolver::builder_with_config(config.clone(), TokioRuntimeProvider::default());
         *builder.options_mut() = options(timeout);
         // Building fails only for options this module never sets (DNSSEC, TLS).
-        let resolver = builder.build().expect("a plain UDP/TCP resolver always builds");
+        let resolver = builder
+            .build()
+            .expect("a plain UDP/TCP resolver always builds");
         DomainResolver {
             resolver: Arc::new(resolver),
             config,
@@ -220,6 +222,10 @@ mod tests {
         let started = std::time::Instant::now();
         let err = dns.registry_url("cluster2").await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
