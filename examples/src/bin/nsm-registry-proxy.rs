@@ -3,14 +3,12 @@
 //! finds that domain's registry by DNS (SRV `registry.nsm-system.<domain>`), forwards
 //! with `@domain` stripped and adds it back to what comes back.
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use nsm_examples::metrics::MetricsArgs;
-use nsm_examples::{parse_duration, run, security, serve_all, shutdown_all, Common, Failure};
+use nsm_examples::{run, security, serve_all, shutdown_all, Common, DnsArgs};
 use nsm_sdk::chains::registry_proxy_server;
-use nsm_sdk::transport::{DomainResolver, Url};
+use nsm_sdk::transport::Url;
 use tracing::info;
 
 /// The registry proxy of a domain.
@@ -27,13 +25,8 @@ struct Args {
     #[arg(long, env = "NSM_NSMGR_PROXY_URL", value_name = "URL")]
     nsmgr_proxy_url: Option<Url>,
 
-    /// The DNS server to ask (ip:port); without it, the system's resolver.
-    #[arg(long, env = "NSM_DNS_SERVER", value_name = "IP:PORT")]
-    dns_server: Option<SocketAddr>,
-
-    /// The bound of each DNS lookup.
-    #[arg(long, env = "NSM_DNS_TIMEOUT", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
-    dns_timeout: Duration,
+    #[command(flatten)]
+    dns: DnsArgs,
 
     #[command(flatten)]
     metrics: MetricsArgs,
@@ -45,9 +38,7 @@ struct Args {
 fn main() -> ExitCode {
     run(|args: Args, stop| async move {
         let security = security()?;
-        let dns = DomainResolver::new(args.dns_server)
-            .map_err(|e| Failure::config(e.to_string()))?
-            .timeout(args.dns_timeout);
+        let dns = args.dns.resolver()?;
         info!(?dns, nsmgr_proxy = ?args.nsmgr_proxy_url, "starting the registry proxy");
         let _metrics = args.metrics.serve().await?;
         let proxy = registry_proxy_server(dns, security.channels(), args.nsmgr_proxy_url.as_ref());

@@ -4,15 +4,13 @@
 //! it (to the manager of the endpoint's node); tunnel addresses are swapped between the
 //! nodes' internal and public addresses on the way (`NSM_ADDRESS_MAP`).
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use nsm_examples::metrics::MetricsArgs;
-use nsm_examples::{parse_duration, run, security, serve_all, shutdown_all, Common, Failure};
+use nsm_examples::{run, security, serve_all, shutdown_all, Common, DnsArgs, Failure};
 use nsm_sdk::chains::{nsmgr_proxy, NsmgrProxyOptions};
 use nsm_sdk::handlers::parse_address_map;
-use nsm_sdk::transport::{DomainResolver, RegistryUrls, Url};
+use nsm_sdk::transport::{RegistryUrls, Url};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -57,13 +55,8 @@ struct Args {
     )]
     address_map: String,
 
-    /// The DNS server to ask (ip:port); without it, the system's resolver.
-    #[arg(long, env = "NSM_DNS_SERVER", value_name = "IP:PORT")]
-    dns_server: Option<SocketAddr>,
-
-    /// The bound of each DNS lookup.
-    #[arg(long, env = "NSM_DNS_TIMEOUT", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
-    dns_timeout: Duration,
+    #[command(flatten)]
+    dns: DnsArgs,
 
     #[command(flatten)]
     metrics: MetricsArgs,
@@ -85,9 +78,7 @@ fn main() -> ExitCode {
         };
         let addresses =
             parse_address_map(&args.address_map).map_err(|e| Failure::config(e.to_string()))?;
-        let dns = DomainResolver::new(args.dns_server)
-            .map_err(|e| Failure::config(e.to_string()))?
-            .timeout(args.dns_timeout);
+        let dns = args.dns.resolver()?;
         let security = security()?;
         let _metrics = args.metrics.serve().await?;
         info!(domain = %args.domain, %public_url, ?dns, "starting the nsmgr-proxy");

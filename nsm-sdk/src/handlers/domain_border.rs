@@ -253,26 +253,7 @@ mod tests {
     use super::*;
     use crate::core::Chain;
     use crate::handlers::begin;
-    use crate::registry::{memory, RegistryChain};
-
-    struct Domains(HashMap<String, Registries>);
-
-    #[async_trait]
-    impl RemoteRegistries for Domains {
-        async fn registries(&self, domain: &str) -> Result<Registries> {
-            self.0
-                .get(domain)
-                .cloned()
-                .ok_or_else(|| Error::not_found(format!("no domain {domain}")))
-        }
-    }
-
-    fn store() -> Registries {
-        Registries {
-            ns: RegistryChain::builder().push(memory()).build(),
-            nse: RegistryChain::builder().push(memory()).build(),
-        }
-    }
+    use crate::registry::registry_proxy::test_support::{store, Domains};
 
     /// Records the URL and names each call arrived with.
     #[derive(Clone, Default)]

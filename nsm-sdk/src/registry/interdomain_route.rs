@@ -62,15 +62,9 @@ impl<R: DomainNames> RegistryHandler<R> for InterdomainRoute {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{memory, RegistryChain};
+    use crate::registry::registry_proxy::test_support::store;
+    use crate::registry::RegistryChain;
     use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
-
-    fn store() -> Registries {
-        Registries {
-            ns: RegistryChain::builder().push(memory()).build(),
-            nse: RegistryChain::builder().push(memory()).build(),
-        }
-    }
 
     #[tokio::test]
     async fn interdomain_names_go_to_the_proxy_and_local_ones_stay() {

@@ -186,14 +186,19 @@ impl<R: Urls> RegistryHandler<R> for RegistryProxy {
     }
 }
 
+/// Test scaffolding shared with the border's tests: domains as in-process stores.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::registry::{memory, RegistryChain};
-    use crate::Error;
+pub(crate) mod test_support {
+    use std::collections::HashMap;
 
-    /// Domains as in-process stores.
-    struct Domains(HashMap<String, Registries>);
+    use async_trait::async_trait;
+
+    use super::RemoteRegistries;
+    use crate::registry::{memory, Registries, RegistryChain};
+    use crate::{Error, Result};
+
+    /// Domains by name, each a store.
+    pub(crate) struct Domains(pub(crate) HashMap<String, Registries>);
 
     #[async_trait]
     impl RemoteRegistries for Domains {
@@ -205,12 +210,20 @@ mod tests {
         }
     }
 
-    fn store() -> Registries {
+    /// A registry in memory.
+    pub(crate) fn store() -> Registries {
         Registries {
             ns: RegistryChain::builder().push(memory()).build(),
             nse: RegistryChain::builder().push(memory()).build(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{store, Domains};
+    use super::*;
+    use crate::registry::RegistryChain;
 
     fn proxy_of(domains: &[(&str, &Registries)], public: &str) -> Registries {
         let remote = Arc::new(Domains(
