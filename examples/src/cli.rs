@@ -31,6 +31,29 @@ pub struct Common {
     pub worker_threads: Option<usize>,
 }
 
+/// How an interdomain program finds other domains by DNS; put it in a program's
+/// arguments with `#[command(flatten)]` and call [`DnsArgs::resolver`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct DnsArgs {
+    /// The DNS server to ask (ip:port); without it, the system's resolver.
+    #[arg(long, env = "NSM_DNS_SERVER", value_name = "IP:PORT")]
+    pub dns_server: Option<std::net::SocketAddr>,
+
+    /// The bound of each DNS lookup.
+    #[arg(long, env = "NSM_DNS_TIMEOUT", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub dns_timeout: Duration,
+}
+
+impl DnsArgs {
+    /// The resolver these settings describe (exit 2 when the system's configuration
+    /// cannot be read).
+    pub fn resolver(&self) -> Result<nsm_sdk::transport::DomainResolver, crate::Failure> {
+        Ok(nsm_sdk::transport::DomainResolver::new(self.dns_server)
+            .map_err(|e| crate::Failure::config(e.to_string()))?
+            .timeout(self.dns_timeout))
+    }
+}
+
 /// Parses a number of worker threads: a whole number of at least 1.
 pub fn parse_worker_threads(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {

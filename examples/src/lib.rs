@@ -50,7 +50,7 @@ mod service_file;
 pub mod vpn_demo;
 
 pub use cli::{
-    parse_duration, parse_label, parse_labels, parse_worker_threads, program_name, Common,
+    parse_duration, parse_label, parse_labels, parse_worker_threads, program_name, Common, DnsArgs,
     DEFAULT_NSM_SOCKET,
 };
 pub use connections::{print_connection, print_connections, PrintConnections};

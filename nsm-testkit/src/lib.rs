@@ -6,6 +6,7 @@
 //!   [`underlay`]: two nodes joined by a veth underlay;
 //! - `dns` (feature `dns`): lookups through DNS configs with a real stub resolver;
 //! - `etcd` (feature `etcd`): real etcd members on loopback for the registry's store;
+//! - [`dnsmasq`]: a real DNS server (dnsmasq) with the SRV records of interdomain meshes;
 //! - [`can_run`] / [`require_root!`]: whether the kernel tests can run here (root, `ip`,
 //!   `ping`), saying why they skip when not;
 //! - [`eventually`]: waiting for a condition, on tokio's clock (paused time works);
@@ -23,6 +24,7 @@ mod answers;
 pub mod bench;
 #[cfg(feature = "dns")]
 pub mod dns;
+pub mod dnsmasq;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod kernel;
@@ -33,6 +35,7 @@ mod skip;
 mod wait;
 
 pub use answers::Answers;
+pub use dnsmasq::DnsServer;
 pub use lab::{Lab, LabError, LabResult};
 pub use ns::{underlay, unique, Ns, UNDERLAY};
 pub use nsm_sdk::sandbox;

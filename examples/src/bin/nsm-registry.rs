@@ -7,7 +7,7 @@ use std::time::Duration;
 use nsm_examples::metrics::MetricsArgs;
 use nsm_examples::{parse_duration, run, security, serve_all, shutdown_all, Common, Failure};
 use nsm_sdk::chains::Store;
-use nsm_sdk::transport::Url;
+use nsm_sdk::transport::{grpc_registries, Url};
 use tracing::info;
 
 /// The NSM registry: network services and endpoints in memory, or in etcd with
@@ -24,6 +24,11 @@ struct Args {
     /// How long an endpoint stays registered without a refresh (60s, 1m30s, ...).
     #[arg(long, env = "NSM_EXPIRE_AFTER", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     expire_after: Duration,
+
+    /// The domain's registry proxy: entries and queries naming another domain
+    /// (`name@domain`) go there.
+    #[arg(long, env = "NSM_REGISTRY_PROXY_URL", value_name = "URL")]
+    registry_proxy_url: Option<Url>,
 
     /// With NSM_ETCD_ENDPOINTS: how long etcd may take to answer at start.
     #[arg(long, env = "NSM_ETCD_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
@@ -71,7 +76,11 @@ fn main() -> ExitCode {
         let security = security()?;
         let store = store(args.etcd_connect_timeout).await?;
         let _metrics = args.metrics.serve().await?;
-        let registry = security.registry_server_on(store, args.expire_after);
+        let mut registry = security.registry_server_on(store, args.expire_after);
+        if let Some(proxy) = args.registry_proxy_url {
+            info!(%proxy, "interdomain names go to the registry proxy");
+            registry = registry.route_interdomain(grpc_registries(security.channels(), proxy));
+        }
         let services = security.serve(registry.services());
         let servers = serve_all(&[args.listen_on], &services).await?;
         stop.cancelled().await;

@@ -7,6 +7,10 @@
 //! or to the endpoint's manager (remote: the registry hands out the manager's URL for
 //! endpoints registered through it).
 //!
+//! Interdomain = `[nsc, nsmgr1, fwd1, proxy1, proxy2, nsmgr2, fwd2, nse]` (8): the
+//! registry proxy hands out the domain's nsmgr-proxy for other domains' endpoints, and
+//! the nsmgr-proxies carry the Request across the border ([`nsmgr_proxy`]).
+//!
 //! Insertion points: each chain's options take handlers of the application at named
 //! places (`after_begin`, `handler` after `monitor`, `before_connect`; see each
 //! options type), so a chain is extended without copying its body.
@@ -15,6 +19,8 @@ pub mod client;
 pub mod endpoint;
 pub mod forwarder;
 pub mod nsmgr;
+pub mod nsmgr_proxy;
+pub mod registry_proxy;
 pub mod registry_server;
 pub mod security;
 
@@ -22,6 +28,8 @@ pub use client::{client, ClientOptions};
 pub use endpoint::{endpoint, Endpoint, EndpointOptions};
 pub use forwarder::{forwarder, Forwarder, ForwarderOptions};
 pub use nsmgr::{nsmgr, Nsmgr, NsmgrOptions};
+pub use nsmgr_proxy::{nsmgr_proxy, NsmgrProxy, NsmgrProxyOptions};
+pub use registry_proxy::{registry_proxy_over, registry_proxy_server};
 pub use registry_server::{
     registry_server, registry_server_on, registry_server_with, RegistryServer, Store,
 };

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 
-use crate::registry::{authorize, expire, memory, validate, Registries, RegistryChain};
+use crate::registry::{
+    authorize, expire, interdomain_route, memory, validate, Registries, RegistryChain,
+};
 use crate::security::PolicySet;
 use crate::transport::Services;
 
@@ -28,9 +30,32 @@ pub struct RegistryServer {
 }
 
 impl RegistryServer {
+    /// A registry server made of these chains.
+    pub fn from_registries(registries: Registries) -> RegistryServer {
+        RegistryServer { registries }
+    }
+
     /// Both registry chains (to use in process).
     pub fn registries(&self) -> &Registries {
         &self.registries
+    }
+
+    /// This registry with [`interdomain_route`] first in both chains: entries and
+    /// queries naming another domain (`name@domain`) go to `proxy` (a client of the
+    /// domain's registry proxy, e.g. `grpc_registry` to `NSM_REGISTRY_PROXY_URL`).
+    pub fn route_interdomain(self, proxy: Registries) -> RegistryServer {
+        RegistryServer {
+            registries: Registries {
+                ns: RegistryChain::builder()
+                    .push(interdomain_route(proxy.clone()))
+                    .push(self.registries.ns)
+                    .build(),
+                nse: RegistryChain::builder()
+                    .push(interdomain_route(proxy))
+                    .push(self.registries.nse)
+                    .build(),
+            },
+        }
     }
 
     /// The gRPC services to serve: both registries.

@@ -55,6 +55,10 @@ pub mod filter_mechanisms;
 pub use filter_mechanisms::{filter_mechanisms, FilterMechanisms};
 pub mod authorize;
 pub use authorize::{authorize_client, authorize_server, Authorize};
+pub mod domain_border;
+pub use domain_border::{domain_border, DomainBorder};
+pub mod swap_ip;
+pub use swap_ip::{parse_address_map, swap_ip, AddressMap, SwapIp};
 
 /// What the tests of several handlers share.
 #[cfg(test)]

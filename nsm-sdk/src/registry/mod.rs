@@ -287,21 +287,27 @@ pub struct Registries {
 pub mod select;
 
 pub mod authorize;
+pub mod domain_names;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod expire;
+pub mod interdomain_route;
 pub mod local_bypass;
 pub mod memory;
 pub mod query;
+pub mod registry_proxy;
 pub mod validate;
 
 pub use authorize::{authorize, Authorize};
+pub use domain_names::DomainNames;
 #[cfg(feature = "etcd")]
 pub use etcd::{Etcd, EtcdConfig, EtcdResource, EtcdStore, EtcdTls};
 pub use expire::{expire, Expire, ExpiryCleanup, DEFAULT_EXPIRATION};
+pub use interdomain_route::{interdomain_route, InterdomainRoute};
 pub use local_bypass::{local_bypass, LocalBypass};
 pub use memory::{memory, Memory, Stored};
 pub use query::Matches;
+pub use registry_proxy::{registry_proxy, RegistryProxy, RemoteRegistries};
 pub use validate::{validate, Validate};
 pub mod registry_refresh;
 pub use registry_refresh::{registry_refresh, RegistryRefresh};

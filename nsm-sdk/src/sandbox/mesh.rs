@@ -75,6 +75,9 @@ pub struct SandboxBuilder {
     forwarder_mechanisms: Option<MechanismsFn>,
     secure: bool,
     store: Option<Store>,
+    security: Option<Security>,
+    registry_url: Option<Url>,
+    registry_proxy: Option<Url>,
 }
 
 impl Default for SandboxBuilder {
@@ -88,6 +91,9 @@ impl Default for SandboxBuilder {
             forwarder_mechanisms: None,
             secure: true,
             store: None,
+            security: None,
+            registry_url: None,
+            registry_proxy: None,
         }
     }
 }
@@ -138,6 +144,29 @@ impl SandboxBuilder {
         self
     }
 
+    /// Runs every component with `security` instead of a throw-away CA of its own: an
+    /// interdomain mesh gives each domain an identity of its own trust domain whose
+    /// bundle holds the CAs of the other domains (a federation).
+    pub fn security(mut self, security: Security) -> Self {
+        self.secure = security.is_secure();
+        self.security = Some(security);
+        self
+    }
+
+    /// Serves the registry at `url` (e.g. `tcp://127.0.0.1:<port>`, for a registry that
+    /// other domains find by DNS) instead of the transport's own address.
+    pub fn registry_url(mut self, url: Url) -> Self {
+        self.registry_url = Some(url);
+        self
+    }
+
+    /// Sends the registry's entries and queries that name other domains to the
+    /// registry proxy at `url` ([`RegistryServer::route_interdomain`](crate::chains::RegistryServer::route_interdomain)).
+    pub fn registry_proxy(mut self, url: Url) -> Self {
+        self.registry_proxy = Some(url);
+        self
+    }
+
     /// The transport (default in-memory).
     pub fn transport(mut self, t: Transport) -> Self {
         self.transport = t;
@@ -170,7 +199,9 @@ impl SandboxBuilder {
                 Some(dir)
             }
         };
-        let security = if self.secure {
+        let security = if let Some(security) = self.security {
+            security
+        } else if self.secure {
             let ca = DevCa::new(TRUST_DOMAIN)?;
             Security::with_identity(ca.identity("sandbox")?.fixed(), PolicySet::defaults()?)?
         } else {
@@ -190,8 +221,9 @@ impl SandboxBuilder {
             tokens: security.tokens(self.token_lifetime),
             security,
             forwarder_mechanisms: self.forwarder_mechanisms,
+            registry_proxy: self.registry_proxy,
         });
-        let registry_url = shared.url("registry");
+        let registry_url = self.registry_url.unwrap_or_else(|| shared.url("registry"));
         let registry = Component::new();
         let sandbox = Sandbox {
             shared: shared.clone(),
@@ -256,6 +288,8 @@ struct Shared {
     tokens: Arc<dyn crate::token::TokenGenerator>,
     security: Security,
     forwarder_mechanisms: Option<MechanismsFn>,
+    /// Where the registry sends what names other domains.
+    registry_proxy: Option<Url>,
 }
 
 impl Shared {
@@ -275,18 +309,18 @@ impl Shared {
 }
 
 /// A served component that can be killed and started again on the same URL.
-struct Component {
+pub(super) struct Component {
     running: Mutex<Option<(Server, CancellationToken)>>,
 }
 
 impl Component {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Component {
             running: Mutex::new(None),
         }
     }
 
-    fn set(&self, server: Server, token: CancellationToken) {
+    pub(super) fn set(&self, server: Server, token: CancellationToken) {
         let old = self
             .running
             .lock()
@@ -298,7 +332,7 @@ impl Component {
         }
     }
 
-    fn kill(&self) -> bool {
+    pub(super) fn kill(&self) -> bool {
         let old = self
             .running
             .lock()
@@ -357,6 +391,21 @@ impl Sandbox {
         self.shared.channels.clone()
     }
 
+    /// The token generator every component of the sandbox signs with.
+    pub(super) fn tokens(&self) -> Arc<dyn crate::token::TokenGenerator> {
+        self.shared.tokens.clone()
+    }
+
+    /// The token every component's tasks are owned under.
+    pub(super) fn root(&self) -> CancellationToken {
+        self.shared.root.clone()
+    }
+
+    /// Drops the pool's channel to `url` (a component the sandbox killed).
+    pub(super) fn forget(&self, url: &Url) {
+        self.shared.forget(url);
+    }
+
     /// The security every component of the sandbox runs with.
     pub fn security(&self) -> &Security {
         &self.shared.security
@@ -376,10 +425,13 @@ impl Sandbox {
     /// the entries it had on etcd.
     pub async fn start_registry(&self) -> Result<()> {
         let token = self.shared.root.child_token();
-        let reg = self
+        let mut reg = self
             .shared
             .security
             .registry_server_on(self.shared.store.clone(), self.shared.expiry);
+        if let Some(proxy) = &self.shared.registry_proxy {
+            reg = reg.route_interdomain(registries_at(&self.shared.channels, proxy));
+        }
         let server = serve(
             &self.registry_url,
             self.shared.security.serve(reg.services()),
@@ -418,15 +470,8 @@ impl Drop for Sandbox {
     }
 }
 
-fn registries_at(channels: &Channels, url: &Url) -> Registries {
-    Registries {
-        ns: RegistryChain::<NetworkService>::builder()
-            .push(grpc_registry(channels.clone(), url.clone()))
-            .build(),
-        nse: RegistryChain::<NetworkServiceEndpoint>::builder()
-            .push(grpc_registry(channels.clone(), url.clone()))
-            .build(),
-    }
+pub(super) fn registries_at(channels: &Channels, url: &Url) -> Registries {
+    crate::transport::grpc_registries(channels.clone(), url.clone())
 }
 
 struct ForwarderEntry {

@@ -19,9 +19,11 @@
 //! # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
 //! ```
 
+pub mod interdomain;
 pub mod mesh;
 pub mod testing;
 
+pub use interdomain::{Domain, Interdomain, InterdomainBuilder};
 pub use mesh::{
     EndpointHandle, EndpointSpec, ForwarderMechanisms, Node, Sandbox, SandboxBuilder, Transport,
     ETCD_ENV,

@@ -14,6 +14,7 @@ macro_rules! sized {
 
 pub mod channels;
 pub mod client;
+pub mod dns;
 mod edge;
 mod frames;
 mod listener;
@@ -28,7 +29,8 @@ pub mod tls;
 pub use crate::core::url::{ClientUrl, RegistryUrls, Url};
 pub use channels::{monitor_connections, Channels, DEFAULT_CONNECT_TIMEOUT};
 pub use client::{grpc_client, GrpcClient};
-pub use registry_client::{grpc_registry, GrpcRegistry};
+pub use dns::{DnsRegistries, DomainResolver};
+pub use registry_client::{grpc_registries, grpc_registry, GrpcRegistry};
 pub use server::{serve, Server, Services};
 pub use tls::Tls;
 

@@ -25,7 +25,9 @@ use tonic::{Code, Status};
 use super::channels::{answer, from_status, outgoing, Channels};
 use crate::core::url::{RegistryUrls, Url};
 use crate::core::Cx;
-use crate::registry::{FindStream, Found, Query, RegistryHandler, RegistryNext, Resource};
+use crate::registry::{
+    FindStream, Found, Query, Registries, RegistryChain, RegistryHandler, RegistryNext, Resource,
+};
 use crate::{Error, Result};
 
 /// How long one replica may take to answer when another is left to try
@@ -124,6 +126,20 @@ pub fn grpc_registry<R: Resource>(
         try_timeout: DEFAULT_TRY_TIMEOUT,
         probe_after: DEFAULT_PROBE_AFTER,
         _resource: PhantomData,
+    }
+}
+
+/// Both registries at `urls` ([`grpc_registry`] for network services and endpoints):
+/// a plain client of a registry, with nothing in front.
+pub fn grpc_registries(channels: Channels, urls: impl Into<RegistryUrls>) -> Registries {
+    let urls = urls.into();
+    Registries {
+        ns: RegistryChain::builder()
+            .push(grpc_registry(channels.clone(), urls.clone()))
+            .build(),
+        nse: RegistryChain::builder()
+            .push(grpc_registry(channels, urls))
+            .build(),
     }
 }
 
