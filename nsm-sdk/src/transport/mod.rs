@@ -19,6 +19,7 @@ mod frames;
 mod listener;
 pub mod memory;
 pub mod metadata;
+pub mod prefix_client;
 pub mod registry_client;
 pub mod server;
 pub mod tls;
@@ -29,6 +30,7 @@ pub use crate::core::url::{ClientUrl, RegistryUrls, Url};
 pub use channels::{monitor_connections, Channels, DEFAULT_CONNECT_TIMEOUT};
 pub use client::{grpc_client, GrpcClient};
 pub use registry_client::{grpc_registry, GrpcRegistry};
+pub use prefix_client::{prefix_client, PrefixClient};
 pub use server::{serve, Server, Services};
 pub use tls::Tls;
 
