@@ -55,6 +55,10 @@ pub mod filter_mechanisms;
 pub use filter_mechanisms::{filter_mechanisms, FilterMechanisms};
 pub mod authorize;
 pub use authorize::{authorize_client, authorize_server, Authorize};
+pub mod vl3_ipam;
+pub use vl3_ipam::{vl3_ipam, Vl3Ipam};
+pub mod vl3_client;
+pub use vl3_client::{vl3_client, Vl3Client};
 
 /// What the tests of several handlers share.
 #[cfg(test)]

@@ -33,6 +33,7 @@ mod options;
 mod registration;
 mod serve;
 mod signal;
+mod vl3_mesh;
 
 pub use options::{
     ServeOptions, DEFAULT_CALL_TIMEOUT, DEFAULT_MANAGER_URL, DEFAULT_SHUTDOWN_TIMEOUT,
@@ -41,6 +42,7 @@ pub use options::{
 pub use registration::{ensure_network_service, registry_client, retry_startup, Registration};
 pub use serve::{serve_endpoint, serve_forwarder};
 pub use signal::stop_on_signal;
+pub use vl3_mesh::Vl3Mesh;
 
 #[cfg(test)]
 mod tests;
