@@ -10,6 +10,8 @@
 //! | `nsmgr` | a node manager, also its node's registry front |
 //! | `nsm-forwarder` | a forwarder (KERNEL veth pairs, VXLAN to other nodes with `NSM_TUNNEL_IP`, NOOP), registered with its manager |
 //! | `nse-icmp-responder` | an endpoint with point-to-point IPAM, registered with its manager |
+//! | `nse-vl3` | a vL3 endpoint: a router in its pod, prefixes from `nsm-vl3-ipam`, linked to the other vL3 endpoints (docs/VL3.md) |
+//! | `nsm-vl3-ipam` | the vL3 prefix server (`IPAM.ManagePrefixes`) |
 //! | `nsc` | a client: requests NS URLs, prints each connection as a JSON line |
 //! | `hello-endpoint` | the smallest "write your own endpoint" program |
 //! | `embed-client` | an application using a network service through the SDK's client chain (guide) |

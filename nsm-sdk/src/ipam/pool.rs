@@ -278,6 +278,20 @@ impl PrefixServer {
         self.lock().listed()
     }
 
+    /// The children listed in the state file at start that nobody re-claimed yet.
+    pub fn reserved(&self) -> Vec<IpNet> {
+        self.lock()
+            .pools
+            .iter()
+            .flat_map(|p| {
+                p.held
+                    .iter()
+                    .filter(|(_, h)| matches!(h, Holder::Reserved(_)))
+                    .map(|(c, _)| *c)
+            })
+            .collect()
+    }
+
     /// A new session: what one `ManagePrefixes` stream holds.
     pub fn session(&self) -> PrefixSession {
         let id = {
@@ -561,6 +575,7 @@ mod tests {
         drop(first);
         let second = build();
         assert_eq!(second.held().len(), 2);
+        assert_eq!(second.reserved().len(), 2);
         // A newcomer gets neither reserved child; the old holder re-claims its own.
         let mut c = second.session();
         assert_eq!(c.handle(&alloc("", &[])).unwrap().prefix, "10.0.2.0/24");
@@ -569,6 +584,7 @@ mod tests {
             a2.handle(&alloc("10.0.0.0/24", &[])).unwrap().prefix,
             "10.0.0.0/24"
         );
+        assert_eq!(second.reserved(), ["10.0.1.0/24".parse::<IpNet>().unwrap()]);
         // Once the reservation runs out, a reserved child is free for anyone.
         let third = PrefixServer::builder("10.0.0.0/16".parse().unwrap(), 24)
             .state_file(&file)
