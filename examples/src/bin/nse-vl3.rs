@@ -4,9 +4,12 @@
 
 use std::collections::HashMap;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use ipnet::IpNet;
-use nsm_examples::{log_calls, parse_labels, run, security, serve_endpoint, EndpointArgs, Failure};
+use nsm_examples::{
+    log_calls, parse_duration, parse_labels, run, security, serve_endpoint, EndpointArgs, Failure,
+};
 use nsm_sdk::chains::{client, endpoint, ClientOptions, EndpointOptions};
 use nsm_sdk::handlers::{heal, vl3_client, vl3_ipam};
 use nsm_sdk::ipam::Vl3Prefixes;
@@ -55,6 +58,12 @@ struct Args {
     /// The vL3 prefix server.
     #[arg(long, env = "NSM_PREFIX_SERVER_URL", value_name = "URL")]
     prefix_server_url: Url,
+
+    /// How long the path tokens of its links to other vL3 endpoints live: when this
+    /// endpoint dies, the other end of each of its links (interface, routes) goes
+    /// within this time.
+    #[arg(long, env = "NSM_VL3_LINK_TOKEN_LIFETIME", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    link_token_lifetime: Duration,
 }
 
 /// Turns this namespace into a router: IPv4 and IPv6 forwarding on.
@@ -100,6 +109,7 @@ fn main() -> ExitCode {
             ClientOptions::new(name, args.endpoint.connect_to.clone())
                 .security(&security)
                 .channels(channels.clone())
+                .tokens(security.tokens(args.link_token_lifetime))
                 .mechanisms(vec![])
                 .handler(heal(mesh.heal_options(channels.clone())))
                 .handler(vl3_client(prefixes.clone()))

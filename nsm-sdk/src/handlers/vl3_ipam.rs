@@ -163,28 +163,32 @@ impl Handler for Vl3Ipam {
                 announced.push(net);
             }
         }
-        // Drop the vL3 routes of an earlier answer, then add the current ones.
-        let mut kept = Vec::with_capacity(ipc.src_routes.len());
-        for r in ipc.src_routes.drain(..) {
-            let net = parse_route("src_routes", &r)?;
-            let ours = !is_host(&net)
-                && (self.in_network(&net) || own.contains(&net));
-            if !ours {
-                kept.push(r);
-            }
-        }
-        ipc.src_routes = kept;
-        let routes = if announced.is_empty() {
+        // Keep the current vL3 routes where they are, drop those of an earlier answer,
+        // add the missing ones.
+        let wanted = if announced.is_empty() {
             self.client_routes(&own)
         } else {
             own.clone()
         };
-        for net in routes {
-            ipc.src_routes.push(Route {
-                prefix: net.to_string(),
-                ..Default::default()
-            });
+        let mut kept = Vec::with_capacity(ipc.src_routes.len() + wanted.len());
+        let mut present = Vec::new();
+        for r in ipc.src_routes.drain(..) {
+            let net = parse_route("src_routes", &r)?;
+            let vl3 = !is_host(&net) && (self.in_network(&net) || own.contains(&net));
+            if !vl3 || (wanted.contains(&net) && !present.contains(&net)) {
+                present.push(net);
+                kept.push(r);
+            }
         }
+        for net in wanted {
+            if !present.contains(&net) {
+                kept.push(Route {
+                    prefix: net.to_string(),
+                    ..Default::default()
+                });
+            }
+        }
+        ipc.src_routes = kept;
         ipam.request(cx, req, next).await
     }
 
