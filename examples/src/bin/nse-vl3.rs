@@ -66,13 +66,19 @@ struct Args {
     link_token_lifetime: Duration,
 }
 
-/// Turns this namespace into a router: IPv4 and IPv6 forwarding on.
+/// Turns this namespace into a router: IPv4 and IPv6 forwarding on, and no duplicate
+/// address detection on the interfaces to come.
 fn enable_forwarding() -> Result<(), Failure> {
+    // accept_dad is written 0, the others 1.
     for path in [
         "/proc/sys/net/ipv4/ip_forward",
         "/proc/sys/net/ipv6/conf/all/forwarding",
+        // Interfaces made later take `default`: no duplicate address detection on
+        // their link-local addresses, which would hold IPv6 back for a second or two.
+        "/proc/sys/net/ipv6/conf/default/accept_dad",
     ] {
-        std::fs::write(path, "1")
+        let value = if path.ends_with("accept_dad") { "0" } else { "1" };
+        std::fs::write(path, value)
             .map_err(|e| Failure::runtime(format!("cannot turn forwarding on ({path}): {e}")))?;
     }
     Ok(())
@@ -110,6 +116,9 @@ fn main() -> ExitCode {
                 .security(&security)
                 .channels(channels.clone())
                 .tokens(security.tokens(args.link_token_lifetime))
+                // The mesh retries a link itself, with a backoff, while its peer is
+                // registered: each attempt fails fast.
+                .retry(None)
                 .mechanisms(vec![])
                 .handler(heal(mesh.heal_options(channels.clone())))
                 .handler(vl3_client(prefixes.clone()))

@@ -88,6 +88,27 @@ impl PointToPoint {
         self
     }
 
+    /// Never hands out the first address of an IPv6 prefix (its Subnet-Router anycast
+    /// address, RFC 4291 2.6.1), as IPv4 prefixes never hand out their network address.
+    /// The vL3 IPAM wants it: a route to the vL3 network through an endpoint whose
+    /// address is the network's own would be installed without its next hop
+    /// (docs/KERNEL.md 2.2). Call it on a new IPAM, before any allocation.
+    pub fn skip_v6_network_address(self) -> Self {
+        {
+            let mut state = self.lock();
+            for pool in &mut state.pools {
+                if pool.range.family == Family::V6
+                    && pool.net.prefix_len() < 127
+                    && pool.next == Some(pool.range.lo)
+                {
+                    pool.range.lo += 1;
+                    pool.next = Some(pool.range.lo);
+                }
+            }
+        }
+        self
+    }
+
     /// The prefixes addresses come from.
     pub fn prefixes(&self) -> &[IpNet] {
         &self.prefixes

@@ -6,6 +6,10 @@
 //! from them through a strict [`point_to_point`](super::point_to_point) IPAM (`src` for
 //! the client, `dst` for the endpoint's end of the link) and adds the vL3 routes to
 //! `src_routes` (installed in the client's namespace via the endpoint's address):
+//! The first address of an IPv6 prefix is never handed out (as IPv4's network address
+//! is not): a client whose next hop were the vL3 network's own address would get its
+//! route to the network without that next hop (docs/KERNEL.md 2.2).
+//!
 //! - an ordinary client gets a route to each vL3 network (`172.16.0.0/16`): every
 //!   other member is reached through this endpoint, which routes;
 //! - another vL3 endpoint announces its own prefixes in `dst_routes` (see
@@ -95,7 +99,9 @@ impl Vl3Ipam {
             Some(p) if p.prefixes() == own => p.clone(),
             _ => {
                 debug!(prefixes = ?own, "vl3_ipam: new prefixes");
-                let p = point_to_point(own.to_vec()).strict(true);
+                let p = point_to_point(own.to_vec())
+                    .strict(true)
+                    .skip_v6_network_address();
                 *cur = Some(p.clone());
                 p
             }
@@ -244,8 +250,8 @@ mod tests {
             .await
             .unwrap();
         let ipc = ipc(&conn);
-        assert_eq!(ipc.src_ip_addrs, ["172.16.1.2/32", "fd10::101/128"]);
-        assert_eq!(ipc.dst_ip_addrs, ["172.16.1.1/32", "fd10::100/128"]);
+        assert_eq!(ipc.src_ip_addrs, ["172.16.1.2/32", "fd10::102/128"]);
+        assert_eq!(ipc.dst_ip_addrs, ["172.16.1.1/32", "fd10::101/128"]);
         // The v4 network, the v6 family's own prefix (no v6 network), the pair's routes.
         assert_eq!(
             routes(&ipc.src_routes),
@@ -253,10 +259,10 @@ mod tests {
                 "172.16.0.0/16",
                 "fd10::100/120",
                 "172.16.1.1/32",
-                "fd10::100/128"
+                "fd10::101/128"
             ]
         );
-        assert_eq!(routes(&ipc.dst_routes), ["172.16.1.2/32", "fd10::101/128"]);
+        assert_eq!(routes(&ipc.dst_routes), ["172.16.1.2/32", "fd10::102/128"]);
         // A refresh keeps everything, once.
         let again = chain
             .request(&mut Cx::server(), request("c1", ipc.clone()))

@@ -979,6 +979,7 @@ impl Node {
             let client = client(
                 self.client_options(&spec.name)
                     .root(root.child_token())
+                    .retry(None)
                     .handler(heal(mesh.heal_options(self.shared.channels.clone())))
                     .handler(vl3_client(v.prefixes.clone())),
             );

@@ -48,8 +48,10 @@ use crate::ipam::Vl3Prefixes;
 use crate::registry::{Query, RegistryChain};
 use crate::transport::Channels;
 
-/// How long one request or close of a link may take.
+/// How long one request of a link may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the Close of a link may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -220,8 +222,11 @@ async fn close_peer(client: &Chain, name: &str, p: Peer) {
             id: p.id.clone(),
             ..Default::default()
         });
-    let mut cx = Cx::client().with_timeout(CALL_TIMEOUT);
-    match client.close(&mut cx, conn).await {
+    let mut cx = Cx::client().with_timeout(CLOSE_TIMEOUT);
+    let closed = tokio::time::timeout(CLOSE_TIMEOUT, client.close(&mut cx, conn))
+        .await
+        .unwrap_or_else(|_| Err(crate::Error::DeadlineExceeded("closing a vL3 link".into())));
+    match closed {
         Ok(()) => info!(peer = %name, "vL3 link closed"),
         Err(e) => debug!(peer = %name, error = %e, "closing a vL3 link failed"),
     }
