@@ -217,7 +217,10 @@ async fn s49_vl3_endpoints_link_to_each_other() {
         mesh_a.links() == ["vl3-b"]
     })
     .await;
-    assert!(b.vl3_mesh().unwrap().links().is_empty(), "one link per pair");
+    assert!(
+        b.vl3_mesh().unwrap().links().is_empty(),
+        "one link per pair"
+    );
     // b saw one request from a: a's prefixes announced, b's own routed back.
     let link = b.counter.last().unwrap();
     assert_eq!(link.network_service_endpoint_name, "vl3-b");
@@ -230,7 +233,10 @@ async fn s49_vl3_endpoints_link_to_each_other() {
     // A client of b reaches a's clients through b: it routes to the whole network.
     let nsc = mesh.node(1).client("nsc");
     let mut req = request(SERVICE);
-    req.connection.as_mut().unwrap().network_service_endpoint_name = "vl3-b".into();
+    req.connection
+        .as_mut()
+        .unwrap()
+        .network_service_endpoint_name = "vl3-b".into();
     let conn = nsc.request(&mut Cx::client(), req).await.unwrap();
     assert_vl3_client(&conn, &pb);
     nsc.close(&mut Cx::client(), conn).await.unwrap();
@@ -274,7 +280,11 @@ async fn the_prefix_server_restarts_and_endpoints_reclaim_their_prefixes() {
 
     mesh.kill_prefix_server();
     let restarted = build();
-    assert_eq!(restarted.reserved().len(), 2, "the state file lists a's prefixes");
+    assert_eq!(
+        restarted.reserved().len(),
+        2,
+        "the state file lists a's prefixes"
+    );
     mesh.start_prefix_server(restarted.clone()).await.unwrap();
     let b = vl3_endpoint(&mesh, 0, "vl3-b").await;
     let pb = prefixes_of(&b).await;
@@ -309,7 +319,10 @@ async fn a_client_of_a_dead_vl3_endpoint_moves_to_another() {
             .handler(heal(HealOptions::new(mesh.channels()))),
     );
     let mut req = request(SERVICE);
-    req.connection.as_mut().unwrap().network_service_endpoint_name = "vl3-a".into();
+    req.connection
+        .as_mut()
+        .unwrap()
+        .network_service_endpoint_name = "vl3-a".into();
     let conn = nsc.request(&mut Cx::client(), req).await.unwrap();
     assert_vl3_client(&conn, &pa);
     a.kill();
@@ -341,6 +354,9 @@ async fn a_client_of_a_dead_vl3_endpoint_moves_to_another() {
         .chain(now.dst_routes.iter().map(|r| net(&r.prefix)))
         .filter(|a| pa.iter().any(|p| p.contains(a)))
         .collect();
-    assert!(left.is_empty(), "left of the dead endpoint's prefixes: {left:?}");
+    assert!(
+        left.is_empty(),
+        "left of the dead endpoint's prefixes: {left:?}"
+    );
     nsc.close(&mut Cx::client(), healed).await.unwrap();
 }

@@ -43,8 +43,23 @@ fn poll<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T 
     }
 }
 
-fn start(dir: &TempDir, pod: Option<&Pod>, program: &str, name: &str, env: &[(&str, &str)], stdout: bool) -> Proc {
-    nsm_tests::start_in(pod.map(|p| p.name.as_str()), dir, program, name, env, stdout, READY)
+fn start(
+    dir: &TempDir,
+    pod: Option<&Pod>,
+    program: &str,
+    name: &str,
+    env: &[(&str, &str)],
+    stdout: bool,
+) -> Proc {
+    nsm_tests::start_in(
+        pod.map(|p| p.name.as_str()),
+        dir,
+        program,
+        name,
+        env,
+        stdout,
+        READY,
+    )
 }
 
 /// The links of a namespace other than `lo` and the underlay.
@@ -61,7 +76,14 @@ fn addrs(conn: &Value, field: &str) -> Vec<String> {
         .as_array()
         .unwrap_or_else(|| panic!("no {field} in {conn}"))
         .iter()
-        .map(|a| a.as_str().unwrap_or_default().split('/').next().unwrap_or_default().to_string())
+        .map(|a| {
+            a.as_str()
+                .unwrap_or_default()
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
         .collect()
 }
 
@@ -75,7 +97,10 @@ struct Client {
 
 impl Client {
     fn take(&mut self, conn: &Value) {
-        self.endpoint = conn["networkServiceEndpointName"].as_str().unwrap_or_default().to_string();
+        self.endpoint = conn["networkServiceEndpointName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         self.addrs = addrs(conn, "srcIpAddrs");
         assert_eq!(self.addrs.len(), 2, "one v4 and one v6 address: {conn}");
     }
@@ -84,11 +109,11 @@ impl Client {
         let until = Instant::now() + within;
         loop {
             let left = until.saturating_duration_since(Instant::now());
-            let line = self
-                .nsc
-                .stdout_within(left)
-                .unwrap_or_else(|e| panic!("{}: no connection within {within:?}: {e}", self.nsc.name()));
-            let conn: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("no JSON ({e}): {line}"));
+            let line = self.nsc.stdout_within(left).unwrap_or_else(|e| {
+                panic!("{}: no connection within {within:?}: {e}", self.nsc.name())
+            });
+            let conn: Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("no JSON ({e}): {line}"));
             if pred(&conn) {
                 return conn;
             }
@@ -126,7 +151,12 @@ fn all_ping(clients: &[Client], within: Duration, what: &str) {
         if Instant::now() >= until {
             let bad: Vec<String> = pending
                 .iter()
-                .map(|(i, to)| format!("{} ({}) -> {to}", clients[*i].pod.name, clients[*i].endpoint))
+                .map(|(i, to)| {
+                    format!(
+                        "{} ({}) -> {to}",
+                        clients[*i].pod.name, clients[*i].endpoint
+                    )
+                })
                 .collect();
             panic!("{what}: not within {within:?}: {bad:#?}");
         }
@@ -154,7 +184,14 @@ fn a_kernel_vl3_on_two_nodes_pings_every_pair_heals_and_leaves_nothing() {
     let dir = TempDir::new("nsm-vl3", "mesh");
     let registry_url = dir.unix("registry.sock");
     let ipam_url = dir.unix("ipam.sock");
-    let mut registry = start(&dir, None, "nsm-registry", "registry", &[("NSM_LISTEN_ON", &registry_url)], false);
+    let mut registry = start(
+        &dir,
+        None,
+        "nsm-registry",
+        "registry",
+        &[("NSM_LISTEN_ON", &registry_url)],
+        false,
+    );
     registry.wait_for_log(&["serving", &registry_url]);
     let mut ipam = start(
         &dir,
@@ -179,7 +216,11 @@ fn a_kernel_vl3_on_two_nodes_pings_every_pair_heals_and_leaves_nothing() {
             Some(node),
             "nsmgr",
             &name,
-            &[("NSM_NAME", &name), ("NSM_LISTEN_ON", &url), ("NSM_REGISTRY_URL", &registry_url)],
+            &[
+                ("NSM_NAME", &name),
+                ("NSM_LISTEN_ON", &url),
+                ("NSM_REGISTRY_URL", &registry_url),
+            ],
             false,
         );
         nsmgr.wait_for_log(&["serving", &url]);
@@ -262,7 +303,11 @@ fn a_kernel_vl3_on_two_nodes_pings_every_pair_heals_and_leaves_nothing() {
         let conn = c.next_connection(READY, |_| true);
         c.take(&conn);
     }
-    eprintln!("{} clients connected in {:?}", clients.len(), started.elapsed());
+    eprintln!(
+        "{} clients connected in {:?}",
+        clients.len(),
+        started.elapsed()
+    );
     let per_endpoint: BTreeMap<&str, usize> = clients.iter().fold(BTreeMap::new(), |mut m, c| {
         *m.entry(c.endpoint.as_str()).or_default() += 1;
         m
@@ -274,11 +319,19 @@ fn a_kernel_vl3_on_two_nodes_pings_every_pair_heals_and_leaves_nothing() {
     }
     let pinging = Instant::now();
     all_ping(&clients, READY, "every pair pings");
-    eprintln!("every pair pinged {:?} after the connections", pinging.elapsed());
-    eprintln!("all {} ordered pairs ping, v4 and v6", clients.len() * (clients.len() - 1));
+    eprintln!(
+        "every pair pinged {:?} after the connections",
+        pinging.elapsed()
+    );
+    eprintln!(
+        "all {} ordered pairs ping, v4 and v6",
+        clients.len() * (clients.len() - 1)
+    );
 
     // Kill the vL3 endpoint with the most clients; they come back on the other one.
-    let victim = if per_endpoint.get("vl3-0").copied().unwrap_or(0) >= per_endpoint.get("vl3-1").copied().unwrap_or(0) {
+    let victim = if per_endpoint.get("vl3-0").copied().unwrap_or(0)
+        >= per_endpoint.get("vl3-1").copied().unwrap_or(0)
+    {
         0
     } else {
         1
@@ -288,7 +341,9 @@ fn a_kernel_vl3_on_two_nodes_pings_every_pair_heals_and_leaves_nothing() {
     nses[victim].kill9();
     for c in clients.iter_mut().filter(|c| c.endpoint == dead) {
         let alive = alive.clone();
-        let conn = c.next_connection(HEAL_WITHIN + Duration::from_secs(3), move |v| v["networkServiceEndpointName"] == alive.as_str());
+        let conn = c.next_connection(HEAL_WITHIN + Duration::from_secs(3), move |v| {
+            v["networkServiceEndpointName"] == alive.as_str()
+        });
         c.take(&conn);
     }
     all_ping(&clients, HEAL_WITHIN, "every pair pings after the heal");
@@ -296,25 +351,36 @@ fn a_kernel_vl3_on_two_nodes_pings_every_pair_heals_and_leaves_nothing() {
     assert!(clients.iter().all(|c| c.endpoint == alive));
     // The survivor's link to the dead endpoint goes when its token runs out.
     let survivor = &nse_pods[1 - victim];
-    poll(Duration::from_secs(20), "the link to the dead vL3 endpoint is gone", || {
-        (links(survivor).len() == clients.len()).then_some(())
-    });
+    poll(
+        Duration::from_secs(20),
+        "the link to the dead vL3 endpoint is gone",
+        || (links(survivor).len() == clients.len()).then_some(()),
+    );
     let dead_routes: Vec<String> = routes(survivor)
         .into_iter()
         .filter(|r| r.ends_with("/24") || r.ends_with("/120"))
         .collect();
-    assert!(dead_routes.is_empty(), "routes to other prefixes left: {dead_routes:?}");
+    assert!(
+        dead_routes.is_empty(),
+        "routes to other prefixes left: {dead_routes:?}"
+    );
 
     // Everything stops: nothing is left anywhere.
     for c in &mut clients {
         c.nsc.terminate();
     }
     for c in &clients {
-        poll(READY, &format!("{} empty", c.pod.name), || links(&c.pod).is_empty().then_some(()));
+        poll(READY, &format!("{} empty", c.pod.name), || {
+            links(&c.pod).is_empty().then_some(())
+        });
     }
     nses[1 - victim].terminate();
     for pod in &nse_pods {
-        poll(Duration::from_secs(20), &format!("{} empty", pod.name), || links(pod).is_empty().then_some(()));
+        poll(
+            Duration::from_secs(20),
+            &format!("{} empty", pod.name),
+            || links(pod).is_empty().then_some(()),
+        );
     }
     for (mut nsmgr, mut fwd) in control {
         fwd.terminate();

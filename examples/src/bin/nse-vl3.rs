@@ -77,7 +77,11 @@ fn enable_forwarding() -> Result<(), Failure> {
         // their link-local addresses, which would hold IPv6 back for a second or two.
         "/proc/sys/net/ipv6/conf/default/accept_dad",
     ] {
-        let value = if path.ends_with("accept_dad") { "0" } else { "1" };
+        let value = if path.ends_with("accept_dad") {
+            "0"
+        } else {
+            "1"
+        };
         std::fs::write(path, value)
             .map_err(|e| Failure::runtime(format!("cannot turn forwarding on ({path}): {e}")))?;
     }
@@ -128,7 +132,10 @@ fn main() -> ExitCode {
             links.clone(),
             RegistryChain::<NetworkServiceEndpoint>::builder()
                 .push(watch_reconnect())
-                .push(grpc_registry(channels.clone(), args.endpoint.connect_to.clone()))
+                .push(grpc_registry(
+                    channels.clone(),
+                    args.endpoint.connect_to.clone(),
+                ))
                 .build(),
             prefixes.clone(),
             &holding,

@@ -33,7 +33,12 @@ struct Args {
 
     /// The length of each endpoint's prefix, per network in the same order
     /// (comma-separated; default 24 for IPv4 and 112 for IPv6 networks).
-    #[arg(long, env = "NSM_VL3_PREFIX_LEN", value_name = "LEN,...", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "NSM_VL3_PREFIX_LEN",
+        value_name = "LEN,...",
+        value_delimiter = ','
+    )]
     prefix_len: Vec<u8>,
 
     /// A file that keeps the prefixes handed out, across restarts.

@@ -117,10 +117,7 @@ impl Vl3Ipam {
     fn client_routes(&self, own: &[IpNet]) -> Vec<IpNet> {
         let mut out: Vec<IpNet> = self.networks.to_vec();
         for p in own {
-            if !out
-                .iter()
-                .any(|n| n.max_prefix_len() == p.max_prefix_len())
-            {
+            if !out.iter().any(|n| n.max_prefix_len() == p.max_prefix_len()) {
                 out.push(*p);
             }
         }

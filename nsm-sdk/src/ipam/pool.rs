@@ -187,12 +187,15 @@ impl PrefixServerBuilder {
         if let Some(path) = &self.state_file {
             let until = Instant::now() + self.reserve_for;
             for p in read_state(path)? {
-                let pool = pools.iter_mut().find(|pool| pool.is_child(&p)).ok_or_else(|| {
-                    Error::internal(format!(
-                        "state file {}: {p} is no child of this server's networks",
-                        path.display()
-                    ))
-                })?;
+                let pool = pools
+                    .iter_mut()
+                    .find(|pool| pool.is_child(&p))
+                    .ok_or_else(|| {
+                        Error::internal(format!(
+                            "state file {}: {p} is no child of this server's networks",
+                            path.display()
+                        ))
+                    })?;
                 pool.held.insert(p, Holder::Reserved(until));
             }
             let n: usize = pools.iter().map(|p| p.held.len()).sum();
@@ -386,9 +389,8 @@ impl PrefixSession {
                 })?,
         };
         let pool = &mut s.pools[index];
-        let reclaim = wanted.filter(|w| {
-            pool.is_child(w) && pool.takable(w, self.id) && !overlaps_any(w, excluded)
-        });
+        let reclaim = wanted
+            .filter(|w| pool.is_child(w) && pool.takable(w, self.id) && !overlaps_any(w, excluded));
         let chosen = match reclaim {
             Some(p) => p,
             None => pool.first_free(excluded, now).ok_or_else(|| {
@@ -477,7 +479,10 @@ mod tests {
         let (mut a, mut b) = (srv.session(), srv.session());
         assert_eq!(a.handle(&alloc("", &[])).unwrap().prefix, "10.0.0.0/24");
         assert_eq!(b.handle(&alloc("", &[])).unwrap().prefix, "10.0.1.0/24");
-        assert_eq!(a.handle(&alloc("fd00::/64", &[])).unwrap().prefix, "fd00::/120");
+        assert_eq!(
+            a.handle(&alloc("fd00::/64", &[])).unwrap().prefix,
+            "fd00::/120"
+        );
         assert_eq!(
             b.handle(&alloc("fd00::/64", &[])).unwrap().prefix,
             "fd00::100/120"
@@ -546,7 +551,10 @@ mod tests {
         b.handle(&alloc("", &[])).unwrap();
         let err = s.handle(&alloc("", &[])).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
-        assert!(err.to_string().contains("no free /24 in 10.0.0.0/23"), "{err}");
+        assert!(
+            err.to_string().contains("no free /24 in 10.0.0.0/23"),
+            "{err}"
+        );
         assert!(PrefixServer::builder("10.0.0.0/24".parse().unwrap(), 24)
             .build()
             .is_err());

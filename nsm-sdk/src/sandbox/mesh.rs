@@ -416,8 +416,13 @@ impl Sandbox {
     /// on the same state file to keep what it handed out.
     pub async fn start_prefix_server(&self, server: PrefixServer) -> Result<Url> {
         let url = self.prefix_server_url();
-        let served = serve(&url, self.shared.security.serve(Services::new().ipam(server))).await?;
-        self.prefix_server.set(served, self.shared.root.child_token());
+        let served = serve(
+            &url,
+            self.shared.security.serve(Services::new().ipam(server)),
+        )
+        .await?;
+        self.prefix_server
+            .set(served, self.shared.root.child_token());
         Ok(url)
     }
 
@@ -689,7 +694,10 @@ impl EndpointHandle {
 
     /// A vL3 endpoint's mesh (`None` without one).
     pub fn vl3_mesh(&self) -> Option<&Vl3Mesh> {
-        self.vl3.as_ref().and_then(|v| v.mesh.as_ref()).map(|(m, _)| m)
+        self.vl3
+            .as_ref()
+            .and_then(|v| v.mesh.as_ref())
+            .map(|(m, _)| m)
     }
 
     /// Closes the links of a vL3 endpoint's mesh (as the endpoint does when it stops).

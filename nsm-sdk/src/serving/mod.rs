@@ -26,6 +26,9 @@
 //! # }
 //! ```
 //!
+//! [`Vl3Mesh`] keeps a vL3 endpoint linked to the other endpoints of its service
+//! (docs/VL3.md).
+//!
 //! A floor above [`chains`](crate::chains): it only assembles what the chains, the
 //! registry handlers and the transport provide.
 

@@ -91,10 +91,20 @@ impl fmt::Debug for Vl3Mesh {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.cancel.cancel();
-        if let Some(t) = self.task.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(t) = self
+            .task
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             t.abort();
         }
-        for (_, p) in self.peers.get_mut().unwrap_or_else(|p| p.into_inner()).drain() {
+        for (_, p) in self
+            .peers
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+        {
             p.task.abort();
         }
     }

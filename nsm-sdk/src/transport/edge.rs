@@ -7,9 +7,9 @@ use std::sync::Arc;
 use futures::stream::{self, BoxStream, StreamExt};
 use nsm_proto::connection::monitor_connection_server::MonitorConnection;
 use nsm_proto::connection::{Connection, ConnectionEvent, MonitorScopeSelector};
-use nsm_proto::networkservice::network_service_server::NetworkService as NetworkServiceRpc;
 use nsm_proto::ipam::ipam_server::Ipam;
 use nsm_proto::ipam::{PrefixRequest, PrefixResponse};
+use nsm_proto::networkservice::network_service_server::NetworkService as NetworkServiceRpc;
 use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::registry::network_service_endpoint_registry_server::NetworkServiceEndpointRegistry;
 use nsm_proto::registry::network_service_registry_server::NetworkServiceRegistry;
@@ -150,12 +150,10 @@ impl Ipam for IpamEdge {
                     debug!(status = %s, "ManagePrefixes stream broke");
                     None
                 }
-                Some(Ok(req)) => {
-                    match ipam_bounds(&req).and_then(|()| session.handle(&req)) {
-                        Ok(resp) => Some((Ok(resp), Some((incoming, session)))),
-                        Err(e) => Some((Err(Status::from(e)), None)),
-                    }
-                }
+                Some(Ok(req)) => match ipam_bounds(&req).and_then(|()| session.handle(&req)) {
+                    Ok(resp) => Some((Ok(resp), Some((incoming, session)))),
+                    Err(e) => Some((Err(Status::from(e)), None)),
+                },
             }
         });
         Ok(Response::new(until_shutdown(

@@ -29,8 +29,8 @@ pub mod tls;
 pub use crate::core::url::{ClientUrl, RegistryUrls, Url};
 pub use channels::{monitor_connections, Channels, DEFAULT_CONNECT_TIMEOUT};
 pub use client::{grpc_client, GrpcClient};
-pub use registry_client::{grpc_registry, GrpcRegistry};
 pub use prefix_client::{prefix_client, PrefixClient};
+pub use registry_client::{grpc_registry, GrpcRegistry};
 pub use server::{serve, Server, Services};
 pub use tls::Tls;
 
