@@ -53,7 +53,7 @@ pub mod vpn_demo;
 
 pub use cli::{
     parse_duration, parse_label, parse_labels, parse_worker_threads, program_name, Common,
-    DEFAULT_NSM_SOCKET,
+    Vl3Networks, DEFAULT_NSM_SOCKET,
 };
 pub use connections::{print_connection, print_connections, PrintConnections};
 pub use endpoint::{log_calls, serve_endpoint, EndpointArgs, LogCalls};

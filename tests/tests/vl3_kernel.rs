@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use nsm_testkit::{underlay, Ns as Pod, UNDERLAY};
-use nsm_tests::{Proc, TempDir};
+use nsm_tests::{poll, Proc, TempDir};
 use serde_json::Value;
 
 /// How long a process may take to get ready, or a step to happen.
@@ -31,17 +31,6 @@ const LINK_TOKEN: &str = "6s";
 const POLL: Duration = Duration::from_millis(50);
 const NETWORKS: &str = "172.16.0.0/16,fd10::/64";
 const CLIENTS_PER_NODE: usize = 3;
-
-fn poll<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let until = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < until, "{what}: not within {within:?}");
-        std::thread::sleep(POLL);
-    }
-}
 
 fn start(
     dir: &TempDir,

@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ipnet::IpNet;
 use nsm_examples::{
     log_calls, parse_duration, parse_labels, run, security, serve_endpoint, EndpointArgs, Failure,
+    Vl3Networks,
 };
 use nsm_sdk::chains::{client, endpoint, ClientOptions, EndpointOptions};
 use nsm_sdk::handlers::{heal, vl3_client, vl3_ipam};
@@ -44,16 +44,9 @@ struct Args {
     #[arg(long, env = "NSM_LABELS", value_name = "K=V,...", value_parser = parse_labels)]
     labels: Option<HashMap<String, String>>,
 
-    /// The vL3 networks, comma-separated (one per address family), as the prefix
-    /// server carves them.
-    #[arg(
-        long,
-        env = "NSM_VL3_NETWORKS",
-        value_name = "CIDR,...",
-        value_delimiter = ',',
-        required = true
-    )]
-    networks: Vec<IpNet>,
+    /// The vL3 networks, as the prefix server carves them.
+    #[command(flatten)]
+    networks: Vl3Networks,
 
     /// The vL3 prefix server.
     #[arg(long, env = "NSM_PREFIX_SERVER_URL", value_name = "URL")]
@@ -99,7 +92,7 @@ fn main() -> ExitCode {
         let _prefix_client = prefix_client(
             channels.clone(),
             args.prefix_server_url.clone(),
-            args.networks.clone(),
+            args.networks.networks.clone(),
             Vec::new(),
             prefixes.clone(),
             &holding,
@@ -110,7 +103,7 @@ fn main() -> ExitCode {
             EndpointOptions::new()
                 .security(&security)
                 .handler(log_calls())
-                .handler(vl3_ipam(prefixes.clone(), args.networks.clone()))
+                .handler(vl3_ipam(prefixes.clone(), args.networks.networks.clone()))
                 // A vL3 DNS plugs in here: after the IPAM, before the mechanisms.
                 .handler(endpoint_mechanisms(own_netns_url())),
         );

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use nsm_examples::{parse_duration, run, security, serve_all, shutdown_all, Common, Failure};
+use nsm_examples::{
+    parse_duration, run, security, serve_all, shutdown_all, Common, Failure, Vl3Networks,
+};
 use nsm_sdk::ipam::PrefixServer;
 use nsm_sdk::transport::{Services, Url};
 use tracing::info;
@@ -21,15 +23,8 @@ struct Args {
     #[arg(long, env = "NSM_LISTEN_ON", value_name = "URL")]
     listen_on: Url,
 
-    /// The vL3 networks, comma-separated (one per address family).
-    #[arg(
-        long,
-        env = "NSM_VL3_NETWORKS",
-        value_name = "CIDR,...",
-        value_delimiter = ',',
-        required = true
-    )]
-    networks: Vec<IpNet>,
+    #[command(flatten)]
+    networks: Vl3Networks,
 
     /// The length of each endpoint's prefix, per network in the same order
     /// (comma-separated; default 24 for IPv4 and 112 for IPv6 networks).
@@ -54,11 +49,11 @@ struct Args {
 }
 
 fn prefix_server(args: &Args) -> Result<PrefixServer, Failure> {
-    if !args.prefix_len.is_empty() && args.prefix_len.len() != args.networks.len() {
+    if !args.prefix_len.is_empty() && args.prefix_len.len() != args.networks.networks.len() {
         return Err(Failure::config(format!(
             "{} prefix lengths for {} networks",
             args.prefix_len.len(),
-            args.networks.len()
+            args.networks.networks.len()
         )));
     }
     let len = |i: usize, n: &IpNet| {
@@ -68,7 +63,7 @@ fn prefix_server(args: &Args) -> Result<PrefixServer, Failure> {
         })
     };
     let mut builder: Option<nsm_sdk::ipam::PrefixServerBuilder> = None;
-    for (i, n) in args.networks.iter().enumerate() {
+    for (i, n) in args.networks.networks.iter().enumerate() {
         builder = Some(match builder {
             None => PrefixServer::builder(*n, len(i, n)),
             Some(b) => b.network(*n, len(i, n)),

@@ -178,6 +178,24 @@ pub(crate) mod test_support {
         }
     }
 
+    /// A Request of the connection `id` carrying `ipc`.
+    pub(crate) fn request(
+        id: &str,
+        ipc: nsm_proto::connectioncontext::IpContext,
+    ) -> NetworkServiceRequest {
+        NetworkServiceRequest {
+            connection: Some(Connection {
+                id: id.into(),
+                context: Some(nsm_proto::connectioncontext::ConnectionContext {
+                    ip_context: Some(ipc),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
     /// Waits (in tokio time, 5 ms steps) until `check` holds; fails the test with
     /// `what` after 5 s.
     pub(crate) async fn eventually(what: &str, mut check: impl FnMut() -> bool) {

@@ -425,6 +425,14 @@ impl State {
     }
 }
 
+/// The IP context of `conn`, made empty where it is missing.
+pub(crate) fn ip_context_mut(conn: &mut Connection) -> &mut IpContext {
+    conn.context
+        .get_or_insert_with(Default::default)
+        .ip_context
+        .get_or_insert_with(Default::default)
+}
+
 fn parse_net(field: &str, s: &str) -> Result<IpNet> {
     s.parse::<IpNet>()
         .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
@@ -533,11 +541,7 @@ impl Handler for PointToPoint {
             ));
         }
         let id = conn.id.clone();
-        let ipc = conn
-            .context
-            .get_or_insert_with(Default::default)
-            .ip_context
-            .get_or_insert_with(Default::default);
+        let ipc = ip_context_mut(conn);
         let wanted = Wanted {
             src: parse_addrs("src_ip_addrs", &ipc.src_ip_addrs)?,
             dst: parse_addrs("dst_ip_addrs", &ipc.dst_ip_addrs)?,
@@ -595,24 +599,10 @@ impl PointToPoint {
 mod tests {
     use super::*;
     use crate::core::Chain;
-    use nsm_proto::connectioncontext::ConnectionContext;
+    use crate::handlers::test_support::request;
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|s| s.parse().unwrap()).collect()
-    }
-
-    fn request(id: &str, ipc: IpContext) -> NetworkServiceRequest {
-        NetworkServiceRequest {
-            connection: Some(Connection {
-                id: id.into(),
-                context: Some(ConnectionContext {
-                    ip_context: Some(ipc),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
     }
 
     async fn run(ipam: &PointToPoint, id: &str, ipc: IpContext) -> Result<IpContext> {

@@ -17,6 +17,7 @@ use nsm_proto::connection::Connection;
 use nsm_proto::connectioncontext::Route;
 use nsm_proto::networkservice::NetworkServiceRequest;
 
+use super::point_to_point::ip_context_mut;
 use crate::core::{Cx, Handler, Next};
 use crate::ipam::Vl3Prefixes;
 use crate::Result;
@@ -54,13 +55,7 @@ impl Handler for Vl3Client {
         next: Next,
     ) -> Result<Connection> {
         let own = self.prefixes.known(cx.deadline()).await?;
-        let ipc = req
-            .connection
-            .get_or_insert_with(Default::default)
-            .context
-            .get_or_insert_with(Default::default)
-            .ip_context
-            .get_or_insert_with(Default::default);
+        let ipc = ip_context_mut(req.connection.get_or_insert_with(Default::default));
         ipc.dst_routes.retain(|r| !is_prefix_route(r));
         for p in own {
             ipc.dst_routes.push(Route {

@@ -41,7 +41,7 @@ use nsm_proto::connectioncontext::Route;
 use nsm_proto::networkservice::NetworkServiceRequest;
 use tracing::debug;
 
-use super::point_to_point::{point_to_point, PointToPoint};
+use super::point_to_point::{ip_context_mut, point_to_point, PointToPoint};
 use crate::core::{Cx, Handler, Next};
 use crate::ipam::Vl3Prefixes;
 use crate::{Error, Result};
@@ -146,13 +146,7 @@ impl Handler for Vl3Ipam {
     ) -> Result<Connection> {
         let own = self.prefixes.known(cx.deadline()).await?;
         let ipam = self.ipam_for(&own);
-        let ipc = req
-            .connection
-            .get_or_insert_with(Default::default)
-            .context
-            .get_or_insert_with(Default::default)
-            .ip_context
-            .get_or_insert_with(Default::default);
+        let ipc = ip_context_mut(req.connection.get_or_insert_with(Default::default));
         // A peer router announces its prefixes as dst routes inside the network.
         let mut announced = Vec::new();
         for r in &ipc.dst_routes {
@@ -208,22 +202,9 @@ impl Handler for Vl3Ipam {
 mod tests {
     use super::*;
     use crate::core::Chain;
-    use nsm_proto::connectioncontext::{ConnectionContext, IpContext};
+    use crate::handlers::test_support::request;
+    use nsm_proto::connectioncontext::IpContext;
     use std::time::Duration;
-
-    fn request(id: &str, ipc: IpContext) -> NetworkServiceRequest {
-        NetworkServiceRequest {
-            connection: Some(Connection {
-                id: id.into(),
-                context: Some(ConnectionContext {
-                    ip_context: Some(ipc),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
 
     fn ipc(conn: &Connection) -> IpContext {
         conn.context.clone().unwrap().ip_context.unwrap()
