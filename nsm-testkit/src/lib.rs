@@ -3,7 +3,8 @@
 //! - [`lab`]: a lab of named network namespaces (pid-unique prefixes, veth links,
 //!   addresses, `ip netns exec`), deleted on drop even when a test fails;
 //! - [`Ns`]: one pid-unique namespace (a "pod" or a "node") read through `ip -j`, and
-//!   [`underlay`]: two nodes joined by a veth underlay;
+//!   [`underlay`]: two nodes joined by a veth underlay; [`switched_underlay`]: n nodes
+//!   on one bridge;
 //! - `etcd` (feature `etcd`): real etcd members on loopback for the registry's store;
 //! - [`can_run`] / [`require_root!`]: whether the kernel tests can run here (root, `ip`,
 //!   `ping`), saying why they skip when not;
@@ -31,7 +32,7 @@ mod wait;
 
 pub use answers::Answers;
 pub use lab::{Lab, LabError, LabResult};
-pub use ns::{underlay, unique, Ns, UNDERLAY};
+pub use ns::{switched_underlay, underlay, underlay_addr, unique, Ns, UNDERLAY};
 pub use nsm_sdk::sandbox;
 pub use req::{labels, names, refresh, request, request_labelled, request_with_context};
 pub use skip::can_run;

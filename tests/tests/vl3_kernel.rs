@@ -1,9 +1,10 @@
 //! A kernel vL3 with the example programs as processes, as root (docs/VL3.md).
 //!
-//! Two nodes (network namespaces joined by a veth underlay, `nsm_testkit::underlay`),
+//! Three nodes (network namespaces on one bridge, `nsm_testkit::switched_underlay`),
 //! each with its `nsmgr` and `nsm-forwarder` (VXLAN between the nodes); the registry and
 //! the vL3 prefix server (`nsm-vl3-ipam`) in the host namespace; a vL3 endpoint
-//! (`nse-vl3`) in a pod of each node and three client pods (`nsc`) per node. All talk
+//! (`nse-vl3`) in a pod of each of the first two nodes and two client pods (`nsc`) per
+//! node (the target: three nodes, two vL3 endpoints, six clients). All talk
 //! over unix sockets in the test's temp directory (files, reachable from every
 //! namespace). Only 172.16.0.0/16 and fd10::/64 addresses, only inside the test's
 //! namespaces.
@@ -18,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use nsm_testkit::{underlay, Ns as Pod, UNDERLAY};
+use nsm_testkit::{switched_underlay, underlay_addr, Ns as Pod};
 use nsm_tests::{poll, Proc, TempDir};
 use serde_json::Value;
 
@@ -30,7 +31,8 @@ const HEAL_WITHIN: Duration = Duration::from_secs(2);
 const LINK_TOKEN: &str = "6s";
 const POLL: Duration = Duration::from_millis(50);
 const NETWORKS: &str = "172.16.0.0/16,fd10::/64";
-const CLIENTS_PER_NODE: usize = 3;
+const NODES: usize = 3;
+const CLIENTS_PER_NODE: usize = 2;
 
 fn start(
     dir: &TempDir,
@@ -167,9 +169,9 @@ fn routes(ns: &Pod) -> Vec<String> {
 }
 
 #[test]
-fn a_kernel_vl3_on_two_nodes_pings_every_pair_heals_and_leaves_nothing() {
+fn a_kernel_vl3_on_three_nodes_pings_every_pair_heals_and_leaves_nothing() {
     nsm_testkit::require_root!("kernel vL3 process test");
-    let nodes = underlay();
+    let (_switch, nodes) = switched_underlay(NODES);
     let dir = TempDir::new("nsm-vl3", "mesh");
     let registry_url = dir.unix("registry.sock");
     let ipam_url = dir.unix("ipam.sock");
@@ -224,7 +226,7 @@ fn a_kernel_vl3_on_two_nodes_pings_every_pair_heals_and_leaves_nothing() {
                 ("NSM_NAME", &fname),
                 ("NSM_LISTEN_ON", &furl),
                 ("NSM_CONNECT_TO", &url),
-                ("NSM_TUNNEL_IP", UNDERLAY[i]),
+                ("NSM_TUNNEL_IP", &underlay_addr(i)),
             ],
             false,
         );
@@ -233,7 +235,7 @@ fn a_kernel_vl3_on_two_nodes_pings_every_pair_heals_and_leaves_nothing() {
         nsmgr_urls.push(url);
     }
 
-    // A vL3 endpoint per node, each in its pod.
+    // A vL3 endpoint on each of the first two nodes, each in its pod.
     let nse_pods = [Pod::new(), Pod::new()];
     let mut nses = Vec::new();
     for (i, pod) in nse_pods.iter().enumerate() {
