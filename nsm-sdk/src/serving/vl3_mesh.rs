@@ -185,7 +185,13 @@ impl Vl3Mesh {
                 tokio::select! {
                     _ = root.cancelled() => {}
                     _ = cancel.cancelled() => {}
-                    _ = run(weak, client, registry, prefixes, broken) => {}
+                    _ = run(weak.clone(), client, registry, prefixes, broken) => {}
+                }
+                // Stopped: no link is requested any more (close_all closes them).
+                if let Some(inner) = weak.upgrade() {
+                    for p in inner.lock_peers().values() {
+                        p.task.abort();
+                    }
                 }
             }
             .instrument(span),

@@ -168,3 +168,80 @@ async fn session(
         let _ = &tx;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::PrefixServer;
+    use crate::transport::{serve, Services};
+
+    fn server() -> PrefixServer {
+        PrefixServer::builder("10.9.0.0/16".parse().unwrap(), 24)
+            .network("fd09::/64".parse().unwrap(), 120)
+            .build()
+            .unwrap()
+    }
+
+    async fn until(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Plaintext on purpose: the transport's TLS is tested in `transport::tests::tls`,
+    /// and the sandbox's vL3 tests run this client over mTLS.
+    #[tokio::test]
+    async fn it_holds_a_prefix_per_network_reclaims_them_after_a_restart_and_frees_them() {
+        let url = Url::Memory(format!("prefix-client-{}", uuid::Uuid::new_v4()));
+        let first = server();
+        let served = serve(&url, Services::new().ipam(first.clone()))
+            .await
+            .unwrap();
+        let prefixes = Vl3Prefixes::new();
+        let root = CancellationToken::new();
+        let client = prefix_client(
+            Channels::new(),
+            url.clone(),
+            first.networks(),
+            vec!["10.9.0.0/24".parse().unwrap()],
+            prefixes.clone(),
+            &root,
+        );
+        let held = prefixes.known(None).await.unwrap();
+        until("both families", || prefixes.get().len() == 2).await;
+        let held = if held.len() == 2 {
+            held
+        } else {
+            prefixes.get()
+        };
+        assert_eq!(
+            held,
+            [
+                "10.9.1.0/24".parse::<IpNet>().unwrap(),
+                "fd09::/120".parse().unwrap()
+            ],
+            "the excluded prefix is skipped"
+        );
+        assert_eq!(first.held().len(), 2);
+
+        // The server dies and a new one (no state) starts: the client re-claims.
+        served.kill();
+        let second = server();
+        let _served = serve(&url, Services::new().ipam(second.clone()))
+            .await
+            .unwrap();
+        until("re-claimed", || second.held().len() == 2).await;
+        let mut again = second.held();
+        again.sort();
+        let mut want = held.clone();
+        want.sort();
+        assert_eq!(again, want);
+        assert_eq!(prefixes.get(), held);
+
+        // Stopping the client ends the stream: the server frees its prefixes.
+        drop(client);
+        until("freed", || second.held().is_empty()).await;
+    }
+}
