@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/connection.proto",
         "proto/networkservice.proto",
         "proto/registry.proto",
+        "proto/ipam.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

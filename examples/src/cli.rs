@@ -272,3 +272,17 @@ mod tests {
         );
     }
 }
+
+/// The vL3 networks, a setting of `nse-vl3` and `nsm-vl3-ipam` (docs/VL3.md).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Vl3Networks {
+    /// The vL3 networks, comma-separated (one per address family).
+    #[arg(
+        long,
+        env = "NSM_VL3_NETWORKS",
+        value_name = "CIDR,...",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub networks: Vec<ipnet::IpNet>,
+}

@@ -10,6 +10,8 @@
 //! | `nsmgr` | a node manager, also its node's registry front |
 //! | `nsm-forwarder` | a forwarder (KERNEL veth pairs, VXLAN to other nodes with `NSM_TUNNEL_IP`, NOOP), registered with its manager |
 //! | `nse-icmp-responder` | an endpoint with point-to-point IPAM, registered with its manager |
+//! | `nse-vl3` | a vL3 endpoint: a router in its pod, prefixes from `nsm-vl3-ipam`, linked to the other vL3 endpoints (docs/VL3.md) |
+//! | `nsm-vl3-ipam` | the vL3 prefix server (`IPAM.ManagePrefixes`) |
 //! | `nsc` | a client: requests NS URLs, prints each connection as a JSON line |
 //! | `hello-endpoint` | the smallest "write your own endpoint" program |
 //! | `embed-client` | an application using a network service through the SDK's client chain (guide) |
@@ -51,7 +53,7 @@ pub mod vpn_demo;
 
 pub use cli::{
     parse_duration, parse_label, parse_labels, parse_worker_threads, program_name, Common, DnsArgs,
-    DEFAULT_NSM_SOCKET,
+    Vl3Networks, DEFAULT_NSM_SOCKET,
 };
 pub use connections::{print_connection, print_connections, PrintConnections};
 pub use endpoint::{log_calls, serve_endpoint, EndpointArgs, LogCalls};

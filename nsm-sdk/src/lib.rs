@@ -9,7 +9,8 @@
 //! payloads), [`security`] (SPIFFE identities, mTLS configs, signed path tokens, Rego
 //! policies), [`core`] (the handler trait, chains, context, per-connection handles, the
 //! runtime layer `core::rt`, URLs, tower adapters), [`config`] (NS URLs and
-//! NetworkService files), [`token`] (token generators), [`registry`], [`transport`],
+//! NetworkService files), [`token`] (token generators), [`registry`], [`ipam`] (vL3
+//! prefixes), [`transport`],
 //! [`handlers`], [`chains`], [`serving`] (running an endpoint or a forwarder as a
 //! program), and `sandbox` (feature `sandbox`). A floor uses only the floors below it;
 //! `cargo nextest run -p nsm-sdk --test layers` checks it, and that no two modules at the
@@ -23,6 +24,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod handlers;
+pub mod ipam;
 pub mod registry;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;

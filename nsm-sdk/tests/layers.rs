@@ -21,6 +21,7 @@ const FLOORS: &[&str] = &[
     "config",
     "token",
     "registry",
+    "ipam",
     "transport",
     "handlers",
     "chains",

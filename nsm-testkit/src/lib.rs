@@ -3,7 +3,8 @@
 //! - [`lab`]: a lab of named network namespaces (pid-unique prefixes, veth links,
 //!   addresses, `ip netns exec`), deleted on drop even when a test fails;
 //! - [`Ns`]: one pid-unique namespace (a "pod" or a "node") read through `ip -j`, and
-//!   [`underlay`]: two nodes joined by a veth underlay;
+//!   [`underlay`]: two nodes joined by a veth underlay; [`switched_underlay`]: n nodes
+//!   on one bridge;
 //! - `dns` (feature `dns`): lookups through DNS configs with a real stub resolver;
 //! - `etcd` (feature `etcd`): real etcd members on loopback for the registry's store;
 //! - [`dnsmasq`]: a real DNS server (dnsmasq) with the SRV records of interdomain meshes;
@@ -37,7 +38,7 @@ mod wait;
 pub use answers::Answers;
 pub use dnsmasq::DnsServer;
 pub use lab::{Lab, LabError, LabResult};
-pub use ns::{underlay, unique, Ns, UNDERLAY};
+pub use ns::{switched_underlay, underlay, underlay_addr, unique, Ns, UNDERLAY};
 pub use nsm_sdk::sandbox;
 pub use req::{
     client_without_refresh, labels, names, refresh, request, request_labelled, request_with_context,

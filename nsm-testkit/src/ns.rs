@@ -291,6 +291,47 @@ pub fn underlay() -> [Ns; 2] {
     nodes
 }
 
+/// The underlay address of node `i` (from 0) of [`switched_underlay`]: `192.0.2.<i+1>`.
+pub fn underlay_addr(i: usize) -> String {
+    format!("192.0.2.{}", i + 1)
+}
+
+/// `n` nodes (at most 250) on one switch: a namespace holding a bridge, and from each
+/// node a veth `ul0` (MTU 1500, addressed [`underlay_addr`]`/24`) plugged into it.
+/// Returns the switch (keep it: dropping it cuts the underlay) and the nodes.
+pub fn switched_underlay(n: usize) -> (Ns, Vec<Ns>) {
+    assert!(n <= 250, "at most 250 nodes on one switch");
+    let switch = Ns::new();
+    switch.ip(&["link", "add", "br0", "type", "bridge"]);
+    switch.ip(&["link", "set", "br0", "up"]);
+    let nodes: Vec<Ns> = (0..n).map(|_| Ns::new()).collect();
+    for (i, node) in nodes.iter().enumerate() {
+        let port = format!("port{i}");
+        node.ip(&[
+            "link",
+            "add",
+            "ul0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &switch.name,
+        ]);
+        switch.ip(&["link", "set", &port, "master", "br0", "up"]);
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", underlay_addr(i)),
+            "dev",
+            "ul0",
+        ]);
+        node.ip(&["link", "set", "ul0", "mtu", "1500", "up"]);
+    }
+    (switch, nodes)
+}
+
 impl Default for Ns {
     fn default() -> Self {
         Ns::new()
@@ -321,6 +362,17 @@ mod tests {
         assert_eq!(a.addresses("ul0"), ["192.0.2.1/24"]);
         assert_eq!(b.link("ul0")["mtu"], 1500);
         assert!(a.ping_with(&[UNDERLAY[1]]));
+    }
+
+    #[test]
+    fn a_switched_underlay_joins_three_nodes() {
+        if !crate::can_run("kit namespace tests") {
+            return;
+        }
+        let (_switch, nodes) = switched_underlay(3);
+        assert_eq!(nodes[2].addresses("ul0"), ["192.0.2.3/24"]);
+        assert!(nodes[0].ping_with(&["-W2", &underlay_addr(2)]));
+        assert!(nodes[2].ping_with(&["-W2", &underlay_addr(1)]));
     }
 
     #[test]

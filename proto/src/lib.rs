@@ -1,5 +1,5 @@
 //! The Network Service Mesh API v1 on the wire: prost messages and tonic stubs for the
-//! packages `connection`, `connectioncontext`, `networkservice` and `registry`, written
+//! packages `connection`, `connectioncontext`, `networkservice`, `registry` and `ipam`, written
 //! field for field from the project's wire contract (`docs/WIRE.md`).
 //!
 //! Module names are the proto package names. The protobuf JSON mapping of any message is
@@ -30,6 +30,13 @@ pub mod networkservice {
 #[allow(missing_docs, unreachable_pub)]
 pub mod registry {
     include!(concat!(env!("OUT_DIR"), "/registry.rs"));
+}
+
+/// Package `ipam` (optional in NSM API v1): the vL3 prefix server's `IPAM` service
+/// (`ManagePrefixes`), as NSM's `ipam-vl3` speaks it.
+#[allow(missing_docs, unreachable_pub)]
+pub mod ipam {
+    include!(concat!(env!("OUT_DIR"), "/ipam.rs"));
 }
 
 pub mod codec;

@@ -1169,3 +1169,62 @@ fn json_uses_lower_camel_case_names_and_enum_names() {
         "{json}"
     );
 }
+
+// ---------------------------------------------------------------------------------
+// ipam (optional): the vL3 prefix server
+// ---------------------------------------------------------------------------------
+
+/// `PrefixRequest { 1: Type type; 2: prefix; 3: repeated exclude_prefixes }` and
+/// `PrefixResponse { 2: prefix; 3: repeated exclude_prefixes }` (no field 1), the
+/// `Type` values, the service name and the JSON names.
+#[test]
+fn ipam_prefix_messages_and_service() {
+    use nsm_proto::ipam::ipam_server::IpamServer;
+    use nsm_proto::ipam::{PrefixRequest, PrefixResponse, Type};
+    use tonic::server::NamedService;
+
+    assert_eq!(Type::Undefined as i32, 0);
+    assert_eq!(Type::Allocate as i32, 1);
+    assert_eq!(Type::Delete as i32, 2);
+    assert_eq!(Type::Allocate.as_str_name(), "ALLOCATE");
+    check(
+        &PrefixRequest {
+            r#type: Type::Delete as i32,
+            prefix: "p".into(),
+            exclude_prefixes: vec!["a".into(), "b".into()],
+        },
+        &[
+            0x08, 0x02, 0x12, 0x01, b'p', 0x1a, 0x01, b'a', 0x1a, 0x01, b'b',
+        ],
+    );
+    check(
+        &PrefixResponse {
+            prefix: "p".into(),
+            exclude_prefixes: vec!["e".into()],
+        },
+        &[0x12, 0x01, b'p', 0x1a, 0x01, b'e'],
+    );
+    struct Never;
+    #[tonic::async_trait]
+    impl nsm_proto::ipam::ipam_server::Ipam for Never {
+        type ManagePrefixesStream = tonic::codegen::BoxStream<PrefixResponse>;
+        async fn manage_prefixes(
+            &self,
+            _: tonic::Request<tonic::Streaming<PrefixRequest>>,
+        ) -> Result<tonic::Response<Self::ManagePrefixesStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("never"))
+        }
+    }
+    assert_eq!(<IpamServer<Never> as NamedService>::NAME, "ipam.IPAM");
+    let json = nsm_proto::json::to_json(
+        "ipam.PrefixRequest",
+        &PrefixRequest {
+            r#type: Type::Allocate as i32,
+            prefix: "10.0.0.0/24".into(),
+            exclude_prefixes: vec!["10.0.1.0/24".into()],
+        },
+    )
+    .unwrap();
+    assert!(json.contains("\"excludePrefixes\""), "{json}");
+    assert!(json.contains("\"ALLOCATE\""), "{json}");
+}

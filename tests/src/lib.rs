@@ -396,3 +396,18 @@ impl Drop for Proc {
         }
     }
 }
+
+/// Polls `f` every 50 ms until it gives `Some`, for at most `within`.
+///
+/// # Panics
+/// With `what` when it does not within `within`.
+pub fn poll<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < until, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

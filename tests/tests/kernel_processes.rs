@@ -21,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nsm_testkit::Ns as Pod;
-use nsm_tests::{Proc, TempDir};
+use nsm_tests::{poll, Proc, TempDir};
 use serde_json::Value;
 
 /// How long a process may take to get ready, or to do what a step waits for.
@@ -29,8 +29,6 @@ const READY: Duration = Duration::from_secs(15);
 /// How long a process may take to exit after SIGTERM.
 /// How long a heal may take before the test fails.
 const HEAL_WITHIN: Duration = Duration::from_secs(10);
-/// How often the kernel's state is polled while waiting.
-const POLL: Duration = Duration::from_millis(50);
 
 const SERVICE_URL: &str = "kernel://icmp-responder/nsm-1";
 
@@ -38,18 +36,6 @@ macro_rules! require_root {
     () => {
         nsm_testkit::require_root!("kernel process tests")
     };
-}
-
-/// Polls `f` every [`POLL`] until it gives `Some`, for at most `within`.
-fn poll<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let until = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < until, "{what}: not within {within:?}");
-        std::thread::sleep(POLL);
-    }
 }
 
 /// What these tests read of a pod beyond what the kit's [`Pod`] reads.

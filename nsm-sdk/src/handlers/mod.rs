@@ -59,6 +59,10 @@ pub mod domain_border;
 pub use domain_border::{domain_border, DomainBorder};
 pub mod swap_ip;
 pub use swap_ip::{parse_address_map, swap_ip, AddressMap, SwapIp};
+pub mod vl3_ipam;
+pub use vl3_ipam::{vl3_ipam, Vl3Ipam};
+pub mod vl3_client;
+pub use vl3_client::{vl3_client, Vl3Client};
 
 /// What the tests of several handlers share.
 #[cfg(test)]
@@ -175,6 +179,24 @@ pub(crate) mod test_support {
         async fn close(&self, cx: &mut Cx, conn: Connection, next: Next) -> Result<()> {
             self.closes.fetch_add(1, Ordering::SeqCst);
             next.close(cx, conn).await
+        }
+    }
+
+    /// A Request of the connection `id` carrying `ipc`.
+    pub(crate) fn request(
+        id: &str,
+        ipc: nsm_proto::connectioncontext::IpContext,
+    ) -> NetworkServiceRequest {
+        NetworkServiceRequest {
+            connection: Some(Connection {
+                id: id.into(),
+                context: Some(nsm_proto::connectioncontext::ConnectionContext {
+                    ip_context: Some(ipc),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
         }
     }
 

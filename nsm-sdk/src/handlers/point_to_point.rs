@@ -88,6 +88,27 @@ impl PointToPoint {
         self
     }
 
+    /// Never hands out the first address of an IPv6 prefix (its Subnet-Router anycast
+    /// address, RFC 4291 2.6.1), as IPv4 prefixes never hand out their network address.
+    /// The vL3 IPAM wants it: a route to the vL3 network through an endpoint whose
+    /// address is the network's own would be installed without its next hop
+    /// (docs/KERNEL.md 2.2). Call it on a new IPAM, before any allocation.
+    pub fn skip_v6_network_address(self) -> Self {
+        {
+            let mut state = self.lock();
+            for pool in &mut state.pools {
+                if pool.range.family == Family::V6
+                    && pool.net.prefix_len() < 127
+                    && pool.next == Some(pool.range.lo)
+                {
+                    pool.range.lo += 1;
+                    pool.next = Some(pool.range.lo);
+                }
+            }
+        }
+        self
+    }
+
     /// The prefixes addresses come from.
     pub fn prefixes(&self) -> &[IpNet] {
         &self.prefixes
@@ -404,6 +425,14 @@ impl State {
     }
 }
 
+/// The IP context of `conn`, made empty where it is missing.
+pub(crate) fn ip_context_mut(conn: &mut Connection) -> &mut IpContext {
+    conn.context
+        .get_or_insert_with(Default::default)
+        .ip_context
+        .get_or_insert_with(Default::default)
+}
+
 fn parse_net(field: &str, s: &str) -> Result<IpNet> {
     s.parse::<IpNet>()
         .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
@@ -512,11 +541,7 @@ impl Handler for PointToPoint {
             ));
         }
         let id = conn.id.clone();
-        let ipc = conn
-            .context
-            .get_or_insert_with(Default::default)
-            .ip_context
-            .get_or_insert_with(Default::default);
+        let ipc = ip_context_mut(conn);
         let wanted = Wanted {
             src: parse_addrs("src_ip_addrs", &ipc.src_ip_addrs)?,
             dst: parse_addrs("dst_ip_addrs", &ipc.dst_ip_addrs)?,
@@ -574,24 +599,10 @@ impl PointToPoint {
 mod tests {
     use super::*;
     use crate::core::Chain;
-    use nsm_proto::connectioncontext::ConnectionContext;
+    use crate::handlers::test_support::request;
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|s| s.parse().unwrap()).collect()
-    }
-
-    fn request(id: &str, ipc: IpContext) -> NetworkServiceRequest {
-        NetworkServiceRequest {
-            connection: Some(Connection {
-                id: id.into(),
-                context: Some(ConnectionContext {
-                    ip_context: Some(ipc),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
     }
 
     async fn run(ipam: &PointToPoint, id: &str, ipc: IpContext) -> Result<IpContext> {

@@ -19,9 +19,16 @@ use crate::chains::{
     NsmgrOptions,
 };
 use crate::core::{Chain, Cx, Handler};
-use crate::handlers::{connect, mechanisms, noop_server, passthrough, point_to_point, Mechanisms};
-use crate::registry::{Registries, RegistryChain};
-use crate::transport::{grpc_registry, serve, Channels, Server, Url};
+use crate::handlers::{
+    connect, heal, mechanisms, noop_server, passthrough, point_to_point, vl3_client, vl3_ipam,
+    Mechanisms,
+};
+use crate::ipam::{PrefixServer, Vl3Prefixes};
+use crate::registry::{watch_reconnect, Registries, RegistryChain};
+use crate::serving::Vl3Mesh;
+use crate::transport::{
+    grpc_registry, prefix_client, serve, Channels, PrefixClient, Server, Services, Url,
+};
 use crate::wire::types;
 use crate::{Error, Result};
 
@@ -229,6 +236,7 @@ impl SandboxBuilder {
             shared: shared.clone(),
             registry_url: registry_url.clone(),
             registry,
+            prefix_server: Component::new(),
             nodes: (0..self.nodes)
                 .map(|i| Node::new(shared.clone(), i, registry_url.clone()))
                 .collect(),
@@ -354,6 +362,7 @@ pub struct Sandbox {
     shared: Arc<Shared>,
     registry_url: Url,
     registry: Component,
+    prefix_server: Component,
     nodes: Vec<Node>,
 }
 
@@ -447,12 +456,40 @@ impl Sandbox {
         self.registry.kill();
         self.shared.forget(&self.registry_url);
     }
+
+    /// The URL of the sandbox's vL3 prefix server (`IPAM.ManagePrefixes`), which the
+    /// vL3 endpoints of [`Vl3Spec::new`] hold their prefixes from.
+    pub fn prefix_server_url(&self) -> Url {
+        self.shared.url("prefix-server")
+    }
+
+    /// Serves `server` (again) as the sandbox's vL3 prefix server, with the sandbox's
+    /// security (mTLS when secure). A restarted server is a new process: pass one built
+    /// on the same state file to keep what it handed out.
+    pub async fn start_prefix_server(&self, server: PrefixServer) -> Result<Url> {
+        let url = self.prefix_server_url();
+        let served = serve(
+            &url,
+            self.shared.security.serve(Services::new().ipam(server)),
+        )
+        .await?;
+        self.prefix_server
+            .set(served, self.shared.root.child_token());
+        Ok(url)
+    }
+
+    /// Kills the vL3 prefix server (its streams break, as when its process dies).
+    pub fn kill_prefix_server(&self) {
+        self.prefix_server.kill();
+        self.shared.forget(&self.prefix_server_url());
+    }
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.shared.root.cancel();
         self.registry.kill();
+        self.prefix_server.kill();
         for n in &self.nodes {
             n.nsmgr.kill();
             for f in n
@@ -516,6 +553,47 @@ pub struct EndpointSpec {
     handlers: Vec<Arc<dyn Handler>>,
     register: bool,
     serve: bool,
+    vl3: Option<Vl3Spec>,
+}
+
+/// What makes a sandbox endpoint a vL3 endpoint ([`EndpointSpec::vl3`]): the
+/// [`vl3_ipam`] over its prefixes instead of a fixed IPAM, the prefixes held from the
+/// sandbox's prefix server (or given by the test), and the [`Vl3Mesh`] linking it to
+/// the other endpoints of its service.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Vl3Spec {
+    networks: Vec<IpNet>,
+    prefixes: Vl3Prefixes,
+    from_server: bool,
+    mesh: bool,
+}
+
+impl Vl3Spec {
+    /// A vL3 endpoint in `networks` (one per family) holding one prefix of each from
+    /// the sandbox's prefix server ([`Sandbox::start_prefix_server`]), linked to the
+    /// service's other vL3 endpoints.
+    pub fn new(networks: Vec<IpNet>) -> Self {
+        Vl3Spec {
+            networks,
+            prefixes: Vl3Prefixes::new(),
+            from_server: true,
+            mesh: true,
+        }
+    }
+
+    /// Its prefixes are `prefixes`, set by the test (no prefix server).
+    pub fn prefixes(mut self, prefixes: Vl3Prefixes) -> Self {
+        self.prefixes = prefixes;
+        self.from_server = false;
+        self
+    }
+
+    /// Whether it links to the other vL3 endpoints of its service (default yes).
+    pub fn mesh(mut self, yes: bool) -> Self {
+        self.mesh = yes;
+        self
+    }
 }
 
 impl std::fmt::Debug for EndpointSpec {
@@ -564,6 +642,14 @@ impl EndpointSpec {
         self
     }
 
+    /// Makes it a vL3 endpoint (see [`Vl3Spec`]); its IPAM is then the vL3 one, and
+    /// handlers appended with [`handler`](Self::handler) (a vL3 DNS, say) come after
+    /// it.
+    pub fn vl3(mut self, vl3: Vl3Spec) -> Self {
+        self.vl3 = Some(vl3);
+        self
+    }
+
     /// Appends an application handler (after IPAM and the mechanism).
     pub fn handler(mut self, h: impl Handler) -> Self {
         self.handlers.push(Arc::new(h));
@@ -598,6 +684,14 @@ pub struct EndpointHandle {
     component: Component,
     front: Registries,
     root: CancellationToken,
+    vl3: Option<Vl3Parts>,
+}
+
+/// The vL3 parts of an endpoint.
+struct Vl3Parts {
+    prefixes: Vl3Prefixes,
+    _prefix_client: Option<PrefixClient>,
+    mesh: Option<(Vl3Mesh, Chain)>,
 }
 
 impl std::fmt::Debug for EndpointHandle {
@@ -636,6 +730,26 @@ impl EndpointHandle {
             .nse
             .unregister(&mut Cx::client(), self.registration.clone())
             .await
+    }
+
+    /// A vL3 endpoint's prefixes (`None` for another endpoint).
+    pub fn vl3_prefixes(&self) -> Option<&Vl3Prefixes> {
+        self.vl3.as_ref().map(|v| &v.prefixes)
+    }
+
+    /// A vL3 endpoint's mesh (`None` without one).
+    pub fn vl3_mesh(&self) -> Option<&Vl3Mesh> {
+        self.vl3
+            .as_ref()
+            .and_then(|v| v.mesh.as_ref())
+            .map(|(m, _)| m)
+    }
+
+    /// Closes the links of a vL3 endpoint's mesh (as the endpoint does when it stops).
+    pub async fn close_vl3_links(&self) {
+        if let Some((mesh, client)) = self.vl3.as_ref().and_then(|v| v.mesh.as_ref()) {
+            mesh.close_all(client).await;
+        }
     }
 
     /// Kills it as a process dies: the server stops at once, open connections break,
@@ -871,6 +985,25 @@ impl Node {
         if let Some(p) = spec.prefix {
             opts = opts.handler(point_to_point(vec![p]));
         }
+        let mut vl3 = None;
+        if let Some(v) = &spec.vl3 {
+            opts = opts.handler(vl3_ipam(v.prefixes.clone(), v.networks.clone()));
+            let client = v.from_server.then(|| {
+                prefix_client(
+                    self.shared.channels.clone(),
+                    self.shared.url("prefix-server"),
+                    v.networks.clone(),
+                    Vec::new(),
+                    v.prefixes.clone(),
+                    &root,
+                )
+            });
+            vl3 = Some(Vl3Parts {
+                prefixes: v.prefixes.clone(),
+                _prefix_client: client,
+                mesh: None,
+            });
+        }
         opts = opts.handler(
             spec.mechanisms
                 .unwrap_or_else(|| mechanisms().with(types::NOOP, noop_server())),
@@ -893,6 +1026,30 @@ impl Node {
             url: url.to_string(),
             ..Default::default()
         };
+        if let (Some(parts), Some(v)) = (vl3.as_mut(), spec.vl3.as_ref().filter(|v| v.mesh)) {
+            let service = spec.services.first().cloned().unwrap_or_default();
+            let mesh = Vl3Mesh::new(spec.name.clone(), service);
+            let client = client(
+                self.client_options(&spec.name)
+                    .root(root.child_token())
+                    .retry(None)
+                    .handler(heal(mesh.heal_options(self.shared.channels.clone())))
+                    .handler(vl3_client(v.prefixes.clone())),
+            );
+            mesh.start(
+                client.clone(),
+                RegistryChain::<NetworkServiceEndpoint>::builder()
+                    .push(watch_reconnect())
+                    .push(grpc_registry(
+                        self.shared.channels.clone(),
+                        self.nsmgr_url.clone(),
+                    ))
+                    .build(),
+                v.prefixes.clone(),
+                &root,
+            );
+            parts.mesh = Some((mesh, client));
+        }
         let handle = EndpointHandle {
             name: spec.name.clone(),
             url,
@@ -903,6 +1060,7 @@ impl Node {
             component: Component::new(),
             front: self.registration_front(),
             root,
+            vl3,
         };
         if spec.serve {
             handle.serve().await?;

@@ -26,6 +26,6 @@ pub mod testing;
 pub use interdomain::{Domain, Interdomain, InterdomainBuilder};
 pub use mesh::{
     EndpointHandle, EndpointSpec, ForwarderMechanisms, Node, Sandbox, SandboxBuilder, Transport,
-    ETCD_ENV,
+    Vl3Spec, ETCD_ENV,
 };
 pub use testing::{counter, inject, Counter, Inject};

@@ -26,6 +26,9 @@
 //! # }
 //! ```
 //!
+//! [`Vl3Mesh`] keeps a vL3 endpoint linked to the other endpoints of its service
+//! (docs/VL3.md).
+//!
 //! A floor above [`chains`](crate::chains): it only assembles what the chains, the
 //! registry handlers and the transport provide.
 
@@ -33,6 +36,7 @@ mod options;
 mod registration;
 mod serve;
 mod signal;
+mod vl3_mesh;
 
 pub use options::{
     ServeOptions, DEFAULT_CALL_TIMEOUT, DEFAULT_MANAGER_URL, DEFAULT_SHUTDOWN_TIMEOUT,
@@ -41,6 +45,7 @@ pub use options::{
 pub use registration::{ensure_network_service, registry_client, retry_startup, Registration};
 pub use serve::{serve_endpoint, serve_forwarder};
 pub use signal::stop_on_signal;
+pub use vl3_mesh::Vl3Mesh;
 
 #[cfg(test)]
 mod tests;

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use futures::stream::{self, BoxStream, StreamExt};
 use nsm_proto::connection::monitor_connection_server::MonitorConnection;
 use nsm_proto::connection::{Connection, ConnectionEvent, MonitorScopeSelector};
+use nsm_proto::ipam::ipam_server::Ipam;
+use nsm_proto::ipam::{PrefixRequest, PrefixResponse};
 use nsm_proto::networkservice::network_service_server::NetworkService as NetworkServiceRpc;
 use nsm_proto::networkservice::NetworkServiceRequest;
 use nsm_proto::registry::network_service_endpoint_registry_server::NetworkServiceEndpointRegistry;
@@ -16,12 +18,13 @@ use nsm_proto::registry::{
     NetworkServiceEndpointResponse, NetworkServiceQuery, NetworkServiceResponse,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, Instrument};
 
 use super::listener::ConnInfo;
 use super::metadata;
 use crate::core::{Chain, Cx, MonitorSource, Peer};
+use crate::ipam::PrefixServer;
 use crate::registry::{Query, RegistryChain, Resource};
 use crate::wire::bounds;
 use crate::Result;
@@ -90,6 +93,74 @@ fn until_shutdown<T: Send + 'static>(
             item = s.next() => item.map(|item| (item, Some((s, graceful)))),
         }
     }))
+}
+
+/// The `ipam.IPAM` service: each `ManagePrefixes` stream is one
+/// [`PrefixSession`](crate::ipam::PrefixSession), answered request by request and
+/// dropped (its prefixes freed) when the stream ends or breaks. A request that fails
+/// ends the stream with its status.
+pub(crate) struct IpamEdge {
+    pub(crate) server: PrefixServer,
+    pub(crate) graceful: CancellationToken,
+}
+
+/// The most prefixes an IPAM request may exclude, and the longest prefix string.
+const MAX_EXCLUDED: usize = 1024;
+const MAX_PREFIX_LEN: usize = 64;
+
+fn ipam_bounds(req: &PrefixRequest) -> Result<()> {
+    if req.exclude_prefixes.len() > MAX_EXCLUDED {
+        return Err(crate::Error::invalid(format!(
+            "exclude_prefixes: {} entries, at most {MAX_EXCLUDED}",
+            req.exclude_prefixes.len()
+        )));
+    }
+    if let Some(long) = std::iter::once(&req.prefix)
+        .chain(&req.exclude_prefixes)
+        .find(|p| p.len() > MAX_PREFIX_LEN)
+    {
+        return Err(crate::Error::invalid(format!(
+            "a prefix of {} bytes, at most {MAX_PREFIX_LEN}",
+            long.len()
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Ipam for IpamEdge {
+    type ManagePrefixesStream = BoxStream<'static, Result<PrefixResponse, Status>>;
+
+    async fn manage_prefixes(
+        &self,
+        request: Request<Streaming<PrefixRequest>>,
+    ) -> Result<Response<Self::ManagePrefixesStream>, Status> {
+        let peer = request
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|i| i.identity.as_ref().map(|id| id.id.as_str().to_string()));
+        debug!(peer = ?peer, "ManagePrefixes stream opened");
+        let incoming = request.into_inner();
+        let session = self.server.session();
+        let answers = stream::unfold(Some((incoming, session)), |state| async move {
+            let (mut incoming, mut session) = state?;
+            match incoming.next().await {
+                None => None,
+                Some(Err(s)) => {
+                    debug!(status = %s, "ManagePrefixes stream broke");
+                    None
+                }
+                Some(Ok(req)) => match ipam_bounds(&req).and_then(|()| session.handle(&req)) {
+                    Ok(resp) => Some((Ok(resp), Some((incoming, session)))),
+                    Err(e) => Some((Err(Status::from(e)), None)),
+                },
+            }
+        });
+        Ok(Response::new(until_shutdown(
+            Box::pin(answers),
+            self.graceful.clone(),
+        )))
+    }
 }
 
 pub(crate) struct NetworkServiceEdge {

@@ -22,6 +22,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use nsm_proto::connection::monitor_connection_server::MonitorConnectionServer;
+use nsm_proto::ipam::ipam_server::IpamServer;
 use nsm_proto::networkservice::network_service_server::NetworkServiceServer;
 use nsm_proto::registry::network_service_endpoint_registry_server::NetworkServiceEndpointRegistryServer;
 use nsm_proto::registry::network_service_registry_server::NetworkServiceRegistryServer;
@@ -31,11 +32,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tracing::{debug, info, warn, Instrument};
 
-use super::edge::{MonitorEdge, NetworkServiceEdge, RegistryEdge};
+use super::edge::{IpamEdge, MonitorEdge, NetworkServiceEdge, RegistryEdge};
 use super::listener::{bind, lock, Incoming, Listener};
 use super::tls::Tls;
 use crate::core::url::Url;
 use crate::core::{Chain, MonitorSource};
+use crate::ipam::PrefixServer;
 use crate::registry::{Registries, RegistryChain};
 use crate::Result;
 
@@ -56,6 +58,7 @@ pub struct Services {
     monitor: Option<Arc<dyn MonitorSource>>,
     ns_registry: Option<RegistryChain<NetworkService>>,
     nse_registry: Option<RegistryChain<NetworkServiceEndpoint>>,
+    ipam: Option<PrefixServer>,
     tls: Option<Tls>,
 }
 
@@ -66,6 +69,7 @@ impl fmt::Debug for Services {
             .field("monitor", &self.monitor.is_some())
             .field("ns_registry", &self.ns_registry)
             .field("nse_registry", &self.nse_registry)
+            .field("ipam", &self.ipam)
             .field("tls", &self.tls.is_some())
             .finish()
     }
@@ -98,6 +102,12 @@ impl Services {
     /// Answers `registry.NetworkServiceEndpointRegistry` with `chain`.
     pub fn nse_registry(mut self, chain: RegistryChain<NetworkServiceEndpoint>) -> Self {
         self.nse_registry = Some(chain);
+        self
+    }
+
+    /// Answers `ipam.IPAM` (`ManagePrefixes`, the vL3 prefix server) from `server`.
+    pub fn ipam(mut self, server: PrefixServer) -> Self {
+        self.ipam = Some(server);
         self
     }
 
@@ -217,6 +227,13 @@ pub async fn serve(url: &Url, services: Services) -> Result<Server> {
                 graceful: graceful.clone(),
             }
         )));
+    }
+
+    if let Some(server) = services.ipam {
+        routes = routes.add_service(sized!(IpamServer::new(IpamEdge {
+            server,
+            graceful: graceful.clone(),
+        })));
     }
 
     let secure = services.tls.is_some();

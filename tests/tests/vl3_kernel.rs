@@ -1,0 +1,385 @@
+//! A kernel vL3 with the example programs as processes, as root (docs/VL3.md).
+//!
+//! Three nodes (network namespaces on one bridge, `nsm_testkit::switched_underlay`),
+//! each with its `nsmgr` and `nsm-forwarder` (VXLAN between the nodes); the registry and
+//! the vL3 prefix server (`nsm-vl3-ipam`) in the host namespace; a vL3 endpoint
+//! (`nse-vl3`) in a pod of each of the first two nodes and two client pods (`nsc`) per
+//! node (the target: three nodes, two vL3 endpoints, six clients). All talk
+//! over unix sockets in the test's temp directory (files, reachable from every
+//! namespace). Only 172.16.0.0/16 and fd10::/64 addresses, only inside the test's
+//! namespaces.
+//!
+//! Checked: every ordered pair of clients pings, IPv4 and IPv6 (through at most two vL3
+//! endpoints); a vL3 endpoint killed (SIGKILL), its clients come back on the other one
+//! (new addresses from its prefix) and ping again within [`HEAL_WITHIN`]; the other
+//! endpoint loses its link to the dead one (interface and route) when the link's token
+//! runs out; after every program stopped, only `lo` (and the underlay) is left in
+//! every namespace. Without root (or `ip`/`ping`) it prints a skip line and passes.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nsm_testkit::{switched_underlay, underlay_addr, Ns as Pod};
+use nsm_tests::{poll, Proc, TempDir};
+use serde_json::Value;
+
+/// How long a process may take to get ready, or a step to happen.
+const READY: Duration = Duration::from_secs(20);
+/// How long the clients of a dead vL3 endpoint may take to ping again.
+const HEAL_WITHIN: Duration = Duration::from_secs(2);
+/// The token lifetime of the links between vL3 endpoints.
+const LINK_TOKEN: &str = "6s";
+const POLL: Duration = Duration::from_millis(50);
+const NETWORKS: &str = "172.16.0.0/16,fd10::/64";
+const NODES: usize = 3;
+const CLIENTS_PER_NODE: usize = 2;
+
+fn start(
+    dir: &TempDir,
+    pod: Option<&Pod>,
+    program: &str,
+    name: &str,
+    env: &[(&str, &str)],
+    stdout: bool,
+) -> Proc {
+    nsm_tests::start_in(
+        pod.map(|p| p.name.as_str()),
+        dir,
+        program,
+        name,
+        env,
+        stdout,
+        READY,
+    )
+}
+
+/// The links of a namespace other than `lo` and the underlay.
+fn links(ns: &Pod) -> Vec<String> {
+    ns.links()
+        .into_iter()
+        .filter(|l| l != "lo" && l != "ul0")
+        .collect()
+}
+
+/// The addresses (without length) of `field` in a connection nsc printed.
+fn addrs(conn: &Value, field: &str) -> Vec<String> {
+    conn["context"]["ipContext"][field]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {field} in {conn}"))
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .unwrap_or_default()
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+/// A client: its pod, its process, the endpoint it is on and its addresses.
+struct Client {
+    pod: Pod,
+    nsc: Proc,
+    endpoint: String,
+    addrs: Vec<String>,
+}
+
+impl Client {
+    fn take(&mut self, conn: &Value) {
+        self.endpoint = conn["networkServiceEndpointName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        self.addrs = addrs(conn, "srcIpAddrs");
+        assert_eq!(self.addrs.len(), 2, "one v4 and one v6 address: {conn}");
+    }
+
+    fn next_connection(&mut self, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let until = Instant::now() + within;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let line = self.nsc.stdout_within(left).unwrap_or_else(|e| {
+                panic!("{}: no connection within {within:?}: {e}", self.nsc.name())
+            });
+            let conn: Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("no JSON ({e}): {line}"));
+            if pred(&conn) {
+                return conn;
+            }
+        }
+    }
+}
+
+/// One echo request from `pod` to `to`, waiting at most 300 ms.
+fn ping(pod: &Pod, to: &str) -> bool {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &pod.name, "ping", "-c1", "-W0.3", to])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Waits until every ordered pair of clients pinged, both families (each pair until
+/// it answers once); fails with the pairs that never did.
+fn all_ping(clients: &[Client], within: Duration, what: &str) {
+    let until = Instant::now() + within;
+    let mut pending: Vec<(usize, String)> = Vec::new();
+    for i in 0..clients.len() {
+        for (j, b) in clients.iter().enumerate() {
+            if i != j {
+                pending.extend(b.addrs.iter().map(|to| (i, to.clone())));
+            }
+        }
+    }
+    loop {
+        pending.retain(|(i, to)| !ping(&clients[*i].pod, to));
+        if pending.is_empty() {
+            return;
+        }
+        if Instant::now() >= until {
+            let bad: Vec<String> = pending
+                .iter()
+                .map(|(i, to)| {
+                    format!(
+                        "{} ({}) -> {to}",
+                        clients[*i].pod.name, clients[*i].endpoint
+                    )
+                })
+                .collect();
+            panic!("{what}: not within {within:?}: {bad:#?}");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The prefixes routed in a namespace, as `ip route` prints them (v4 and v6).
+fn routes(ns: &Pod) -> Vec<String> {
+    let mut out = Vec::new();
+    for family in ["-4", "-6"] {
+        out.extend(
+            ns.ip(&[family, "route", "show"])
+                .lines()
+                .map(|l| l.split_whitespace().next().unwrap_or_default().to_string()),
+        );
+    }
+    out
+}
+
+#[test]
+fn a_kernel_vl3_on_three_nodes_pings_every_pair_heals_and_leaves_nothing() {
+    nsm_testkit::require_root!("kernel vL3 process test");
+    let (_switch, nodes) = switched_underlay(NODES);
+    let dir = TempDir::new("nsm-vl3", "mesh");
+    let registry_url = dir.unix("registry.sock");
+    let ipam_url = dir.unix("ipam.sock");
+    let mut registry = start(
+        &dir,
+        None,
+        "nsm-registry",
+        "registry",
+        &[("NSM_LISTEN_ON", &registry_url)],
+        false,
+    );
+    registry.wait_for_log(&["serving", &registry_url]);
+    let mut ipam = start(
+        &dir,
+        None,
+        "nsm-vl3-ipam",
+        "vl3-ipam",
+        &[
+            ("NSM_LISTEN_ON", &ipam_url),
+            ("NSM_VL3_NETWORKS", NETWORKS),
+            ("NSM_VL3_PREFIX_LEN", "24,120"),
+        ],
+        false,
+    );
+    ipam.wait_for_log(&["serving", &ipam_url]);
+
+    let mut control = Vec::new();
+    let mut nsmgr_urls = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let (name, url) = (format!("nsmgr-{i}"), dir.unix(&format!("nsmgr-{i}.sock")));
+        let mut nsmgr = start(
+            &dir,
+            Some(node),
+            "nsmgr",
+            &name,
+            &[
+                ("NSM_NAME", &name),
+                ("NSM_LISTEN_ON", &url),
+                ("NSM_REGISTRY_URL", &registry_url),
+            ],
+            false,
+        );
+        nsmgr.wait_for_log(&["serving", &url]);
+        let fname = format!("forwarder-{i}");
+        let furl = dir.unix(&format!("{fname}.sock"));
+        let mut fwd = start(
+            &dir,
+            Some(node),
+            "nsm-forwarder",
+            &fname,
+            &[
+                ("NSM_NAME", &fname),
+                ("NSM_LISTEN_ON", &furl),
+                ("NSM_CONNECT_TO", &url),
+                ("NSM_TUNNEL_IP", &underlay_addr(i)),
+            ],
+            false,
+        );
+        fwd.wait_for_log(&["registered endpoint", &format!("name={fname}")]);
+        control.push((nsmgr, fwd));
+        nsmgr_urls.push(url);
+    }
+
+    // A vL3 endpoint on each of the first two nodes, each in its pod.
+    let nse_pods = [Pod::new(), Pod::new()];
+    let mut nses = Vec::new();
+    for (i, pod) in nse_pods.iter().enumerate() {
+        let name = format!("vl3-{i}");
+        let listen = dir.unix(&format!("{name}.sock"));
+        let mut nse = start(
+            &dir,
+            Some(pod),
+            "nse-vl3",
+            &name,
+            &[
+                ("NSM_NAME", &name),
+                ("NSM_LISTEN_ON", &listen),
+                ("NSM_CONNECT_TO", &nsmgr_urls[i]),
+                ("NSM_SERVICE_NAMES", "vl3"),
+                ("NSM_VL3_NETWORKS", NETWORKS),
+                ("NSM_PREFIX_SERVER_URL", &ipam_url),
+                ("NSM_VL3_LINK_TOKEN_LIFETIME", LINK_TOKEN),
+            ],
+            false,
+        );
+        nse.wait_for_log(&["registered endpoint", &format!("name={name}")]);
+        nses.push(nse);
+    }
+    // vl3-0 links to vl3-1 (its name sorts first).
+    nses[0].wait_for_log(&["vL3 link up", "peer=vl3-1"]);
+
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for (i, url) in nsmgr_urls.iter().enumerate() {
+        for c in 0..CLIENTS_PER_NODE {
+            let pod = Pod::new();
+            let name = format!("nsc-{i}-{c}");
+            let nsc = start(
+                &dir,
+                Some(&pod),
+                "nsc",
+                &name,
+                &[
+                    ("NSM_NAME", &name),
+                    ("NSM_CONNECT_TO", url),
+                    ("NSM_NETWORK_SERVICES", "kernel://vl3/nsm-1"),
+                    ("NSM_REQUEST_TIMEOUT", "15s"),
+                ],
+                true,
+            );
+            clients.push(Client {
+                pod,
+                nsc,
+                endpoint: String::new(),
+                addrs: Vec::new(),
+            });
+        }
+    }
+    for c in &mut clients {
+        let conn = c.next_connection(READY, |_| true);
+        c.take(&conn);
+    }
+    eprintln!(
+        "{} clients connected in {:?}",
+        clients.len(),
+        started.elapsed()
+    );
+    let per_endpoint: BTreeMap<&str, usize> = clients.iter().fold(BTreeMap::new(), |mut m, c| {
+        *m.entry(c.endpoint.as_str()).or_default() += 1;
+        m
+    });
+    eprintln!("clients per vL3 endpoint: {per_endpoint:?}");
+    let all: Vec<&String> = clients.iter().flat_map(|c| &c.addrs).collect();
+    for (i, a) in all.iter().enumerate() {
+        assert!(!all[..i].contains(a), "{a} handed out twice");
+    }
+    let pinging = Instant::now();
+    all_ping(&clients, READY, "every pair pings");
+    eprintln!(
+        "every pair pinged {:?} after the connections",
+        pinging.elapsed()
+    );
+    eprintln!(
+        "all {} ordered pairs ping, v4 and v6",
+        clients.len() * (clients.len() - 1)
+    );
+
+    // Kill the vL3 endpoint with the most clients; they come back on the other one.
+    let victim = if per_endpoint.get("vl3-0").copied().unwrap_or(0)
+        >= per_endpoint.get("vl3-1").copied().unwrap_or(0)
+    {
+        0
+    } else {
+        1
+    };
+    let (dead, alive) = (format!("vl3-{victim}"), format!("vl3-{}", 1 - victim));
+    let killed = Instant::now();
+    nses[victim].kill9();
+    for c in clients.iter_mut().filter(|c| c.endpoint == dead) {
+        let alive = alive.clone();
+        let conn = c.next_connection(HEAL_WITHIN + Duration::from_secs(3), move |v| {
+            v["networkServiceEndpointName"] == alive.as_str()
+        });
+        c.take(&conn);
+    }
+    all_ping(&clients, HEAL_WITHIN, "every pair pings after the heal");
+    eprintln!("heal time (vL3 endpoint killed): {:?}", killed.elapsed());
+    assert!(clients.iter().all(|c| c.endpoint == alive));
+    // The survivor's link to the dead endpoint goes when its token runs out.
+    let survivor = &nse_pods[1 - victim];
+    poll(
+        Duration::from_secs(20),
+        "the link to the dead vL3 endpoint is gone",
+        || (links(survivor).len() == clients.len()).then_some(()),
+    );
+    let dead_routes: Vec<String> = routes(survivor)
+        .into_iter()
+        .filter(|r| r.ends_with("/24") || r.ends_with("/120"))
+        .collect();
+    assert!(
+        dead_routes.is_empty(),
+        "routes to other prefixes left: {dead_routes:?}"
+    );
+
+    // Everything stops: nothing is left anywhere.
+    for c in &mut clients {
+        c.nsc.terminate();
+    }
+    for c in &clients {
+        poll(READY, &format!("{} empty", c.pod.name), || {
+            links(&c.pod).is_empty().then_some(())
+        });
+    }
+    nses[1 - victim].terminate();
+    for pod in &nse_pods {
+        poll(
+            Duration::from_secs(20),
+            &format!("{} empty", pod.name),
+            || links(pod).is_empty().then_some(()),
+        );
+    }
+    for (mut nsmgr, mut fwd) in control {
+        fwd.terminate();
+        nsmgr.terminate();
+    }
+    for node in &nodes {
+        assert!(links(node).is_empty(), "left on a node: {:?}", node.links());
+    }
+    ipam.terminate();
+    registry.terminate();
+}
