@@ -16,12 +16,5 @@ pub enum Error {
     },
 }
 
-impl Error {
-    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
-        let context = context.into();
-        move |source| Error::Io { context, source }
-    }
-}
-
 /// The result of nsm-k8s operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -32,6 +32,8 @@
 use std::collections::BTreeMap;
 
 use base64::Engine;
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
     CSIVolumeSource, Container, EnvVar, EnvVarSource, HostPathVolumeSource, ObjectFieldSelector,
     ResourceRequirements, SecretVolumeSource, Volume, VolumeMount,
@@ -155,7 +157,7 @@ pub fn mutate(request: &AdmissionRequest, config: &InjectConfig) -> AdmissionRes
     match patch(request, config) {
         Ok(None) => {}
         Ok(Some(ops)) => {
-            let bytes = serde_json::to_vec(&Value::Array(ops)).unwrap_or_default();
+            let bytes = serde_json::to_vec(&Patch(ops)).unwrap_or_default();
             response.patch = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
             response.patch_type = Some("JSONPatch".to_string());
         }
@@ -171,26 +173,39 @@ pub fn mutate(request: &AdmissionRequest, config: &InjectConfig) -> AdmissionRes
     response
 }
 
-/// Where the pod spec of an object of this kind is, as a JSON pointer.
-fn pod_spec_pointer(group: &str, kind: &str) -> Option<&'static str> {
+/// Where the pod spec of an object of this kind is: the tokens of its JSON pointer.
+fn pod_spec_pointer(group: &str, kind: &str) -> Option<&'static [&'static str]> {
     match (group, kind) {
-        ("", "Pod") => Some("/spec"),
+        ("", "Pod") => Some(&["spec"]),
         ("apps", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet") | ("batch", "Job") => {
-            Some("/spec/template/spec")
+            Some(&["spec", "template", "spec"])
         }
         _ => None,
     }
 }
 
+/// An `add` of `value` at the pod spec's `field` (then `index`: `-` or `0`).
+fn add(spec: &[&str], field: &str, index: Option<&str>, value: Value) -> PatchOperation {
+    let tokens = spec.iter().copied().chain([field]).chain(index);
+    PatchOperation::Add(AddOperation {
+        path: PointerBuf::from_tokens(tokens),
+        value,
+    })
+}
+
 /// The JSON patch operations for a request, `None` when nothing is to be done, or the
 /// refusal's message.
-fn patch(request: &AdmissionRequest, config: &InjectConfig) -> Result<Option<Vec<Value>>, String> {
+fn patch(
+    request: &AdmissionRequest,
+    config: &InjectConfig,
+) -> Result<Option<Vec<PatchOperation>>, String> {
     if !matches!(request.operation.as_str(), "CREATE" | "UPDATE") {
         return Ok(None);
     }
-    let Some(pointer) = pod_spec_pointer(&request.kind.group, &request.kind.kind) else {
+    let Some(tokens) = pod_spec_pointer(&request.kind.group, &request.kind.kind) else {
         return Ok(None);
     };
+    let pointer = PointerBuf::from_tokens(tokens.iter().copied()).to_string();
     let namespace = request.namespace.as_deref().unwrap_or_default();
     if config.excluded_namespaces.iter().any(|n| n == namespace) {
         return Ok(None);
@@ -210,13 +225,11 @@ fn patch(request: &AdmissionRequest, config: &InjectConfig) -> Result<Option<Vec
         return Ok(None);
     };
     let Some(annotation) = annotation.as_str() else {
-        return Err(format!(
-            "annotation {ANNOTATION:?} of {what}: not a string"
-        ));
+        return Err(format!("annotation {ANNOTATION:?} of {what}: not a string"));
     };
     let services = parse_annotation(annotation)
         .map_err(|fault| format!("annotation {ANNOTATION:?} of {what}: {fault}"))?;
-    let Some(spec) = object.pointer(pointer).and_then(Value::as_object) else {
+    let Some(spec) = object.pointer(&pointer).and_then(Value::as_object) else {
         return Err(format!("{what} has no pod spec at {pointer}"));
     };
     let names = |field: &str| -> Vec<String> {
@@ -232,7 +245,10 @@ fn patch(request: &AdmissionRequest, config: &InjectConfig) -> Result<Option<Vec
             .unwrap_or_default()
     };
     let containers: Vec<String> = [names("initContainers"), names("containers")].concat();
-    if containers.iter().any(|n| n == INIT_CONTAINER || n == SIDECAR) {
+    if containers
+        .iter()
+        .any(|n| n == INIT_CONTAINER || n == SIDECAR)
+    {
         // Already injected (a re-invocation, or an UPDATE of a patched template).
         return Ok(None);
     }
@@ -248,19 +264,18 @@ fn patch(request: &AdmissionRequest, config: &InjectConfig) -> Result<Option<Vec
     let volumes = json_of(&volumes(config));
     if spec.contains_key("volumes") {
         for v in volumes.as_array().into_iter().flatten() {
-            ops.push(json!({"op": "add", "path": format!("{pointer}/volumes/-"), "value": v}));
+            ops.push(add(tokens, "volumes", Some("-"), v.clone()));
         }
     } else {
-        ops.push(json!({"op": "add", "path": format!("{pointer}/volumes"), "value": volumes}));
+        ops.push(add(tokens, "volumes", None, volumes));
     }
     let init = json_of(&container(INIT_CONTAINER, &services, true, config));
     let sidecar = json_of(&container(SIDECAR, &services, false, config));
     if spec.contains_key("initContainers") {
-        let at = format!("{pointer}/initContainers/0");
-        ops.push(json!({"op": "add", "path": at, "value": sidecar}));
-        ops.push(json!({"op": "add", "path": at, "value": init}));
+        ops.push(add(tokens, "initContainers", Some("0"), sidecar));
+        ops.push(add(tokens, "initContainers", Some("0"), init));
     } else {
-        ops.push(json!({"op": "add", "path": format!("{pointer}/initContainers"), "value": [init, sidecar]}));
+        ops.push(add(tokens, "initContainers", None, json!([init, sidecar])));
     }
     Ok(Some(ops))
 }
@@ -272,7 +287,11 @@ fn describe(request: &AdmissionRequest, object: &Value) -> String {
         .as_deref()
         .filter(|n| !n.is_empty())
         .or_else(|| object.pointer("/metadata/name").and_then(Value::as_str))
-        .or_else(|| object.pointer("/metadata/generateName").and_then(Value::as_str))
+        .or_else(|| {
+            object
+                .pointer("/metadata/generateName")
+                .and_then(Value::as_str)
+        })
         .unwrap_or("(unnamed)");
     match request.namespace.as_deref() {
         Some(ns) if !ns.is_empty() => format!("{} {ns}/{name}", request.kind.kind),
@@ -448,7 +467,11 @@ mod tests {
     fn an_annotated_pod_gets_init_and_sidecar_first() {
         let config = InjectConfig::default();
         let r = mutate(
-            &request(("", "Pod"), "default", pod(Some(" kernel://vpn-gateway/nsm-1?app=web , noop://x "))),
+            &request(
+                ("", "Pod"),
+                "default",
+                pod(Some(" kernel://vpn-gateway/nsm-1?app=web , noop://x ")),
+            ),
             &config,
         );
         assert!(r.allowed && r.status.is_none());
@@ -456,7 +479,10 @@ mod tests {
         assert_eq!(r.patch_type.as_deref(), Some("JSONPatch"));
         let ops = ops(&r);
         assert_eq!(ops[0]["path"], "/spec/volumes");
-        assert_eq!(ops[0]["value"][0]["hostPath"]["path"], "/var/lib/networkservicemesh");
+        assert_eq!(
+            ops[0]["value"][0]["hostPath"]["path"],
+            "/var/lib/networkservicemesh"
+        );
         assert_eq!(ops[0]["value"][1]["csi"]["driver"], DEFAULT_SVID_CSI_DRIVER);
         assert_eq!(ops[1]["path"], "/spec/initContainers");
         let [init, sidecar] = ops[1]["value"].as_array().unwrap().as_slice() else {
@@ -467,7 +493,12 @@ mod tests {
         assert_eq!(sidecar["restartPolicy"], "Always");
         assert!(init.get("restartPolicy").is_none());
         let env = |c: &Value, name: &str| {
-            c["env"].as_array().unwrap().iter().find(|e| e["name"] == name).cloned()
+            c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name)
+                .cloned()
         };
         assert_eq!(
             env(init, "NSM_NETWORK_SERVICES").unwrap()["value"],
@@ -475,8 +506,14 @@ mod tests {
         );
         assert_eq!(env(init, "NSM_INIT").unwrap()["value"], "true");
         assert!(env(sidecar, "NSM_INIT").is_none());
-        assert_eq!(env(sidecar, "NSM_CONNECT_TO").unwrap()["value"], config.manager_url);
-        assert_eq!(env(sidecar, "NSM_TLS_CA").unwrap()["value"], "/var/run/nsm/svid/ca.crt");
+        assert_eq!(
+            env(sidecar, "NSM_CONNECT_TO").unwrap()["value"],
+            config.manager_url
+        );
+        assert_eq!(
+            env(sidecar, "NSM_TLS_CA").unwrap()["value"],
+            "/var/run/nsm/svid/ca.crt"
+        );
         assert_eq!(
             env(sidecar, "NSM_NAME").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
             "metadata.name"
@@ -496,12 +533,18 @@ mod tests {
         let paths: Vec<&str> = ops.iter().map(|o| o["path"].as_str().unwrap()).collect();
         assert_eq!(
             paths,
-            ["/spec/volumes/-", "/spec/initContainers/0", "/spec/initContainers/0"]
+            [
+                "/spec/volumes/-",
+                "/spec/initContainers/0",
+                "/spec/initContainers/0"
+            ]
         );
         assert_eq!(ops[1]["value"]["name"], SIDECAR);
         assert_eq!(ops[2]["value"]["name"], INIT_CONTAINER);
         let env = ops[2]["value"]["env"].as_array().unwrap();
-        assert!(env.iter().any(|e| e["name"] == "NSM_INSECURE" && e["value"] == "true"));
+        assert!(env
+            .iter()
+            .any(|e| e["name"] == "NSM_INSECURE" && e["value"] == "true"));
         assert!(!env.iter().any(|e| e["name"] == "NSM_TLS_CERT"));
     }
 
@@ -520,12 +563,19 @@ mod tests {
                 &request(kind, "default", json!({"spec": {"template": template}})),
                 &InjectConfig::default(),
             );
-            assert_eq!(ops(&r)[1]["path"], "/spec/template/spec/initContainers", "{kind:?}");
+            assert_eq!(
+                ops(&r)[1]["path"],
+                "/spec/template/spec/initContainers",
+                "{kind:?}"
+            );
         }
         // The annotation on the workload itself counts too.
         let object = json!({"metadata": {"annotations": {ANNOTATION: "kernel://x"}},
             "spec": {"template": {"spec": {"containers": []}}}});
-        let r = mutate(&request(("apps", "Deployment"), "d", object), &InjectConfig::default());
+        let r = mutate(
+            &request(("apps", "Deployment"), "d", object),
+            &InjectConfig::default(),
+        );
         assert!(r.patch.is_some());
     }
 
@@ -534,15 +584,27 @@ mod tests {
         let config = InjectConfig::default();
         let annotated = pod(Some("kernel://vpn-gateway"));
         let untouched = |r: AdmissionResponse| r.allowed && r.patch.is_none() && r.status.is_none();
-        assert!(untouched(mutate(&request(("", "Pod"), "default", pod(None)), &config)));
-        assert!(untouched(mutate(&request(("", "Pod"), "kube-system", annotated.clone()), &config)));
-        assert!(untouched(mutate(&request(("", "Service"), "default", annotated.clone()), &config)));
+        assert!(untouched(mutate(
+            &request(("", "Pod"), "default", pod(None)),
+            &config
+        )));
+        assert!(untouched(mutate(
+            &request(("", "Pod"), "kube-system", annotated.clone()),
+            &config
+        )));
+        assert!(untouched(mutate(
+            &request(("", "Service"), "default", annotated.clone()),
+            &config
+        )));
         let mut delete = request(("", "Pod"), "default", annotated.clone());
         delete.operation = "DELETE".to_string();
         assert!(untouched(mutate(&delete, &config)));
         let mut patched = annotated;
         patched["spec"]["initContainers"] = json!([{"name": INIT_CONTAINER}]);
-        assert!(untouched(mutate(&request(("", "Pod"), "default", patched), &config)));
+        assert!(untouched(mutate(
+            &request(("", "Pod"), "default", patched),
+            &config
+        )));
     }
 
     #[test]
@@ -556,10 +618,16 @@ mod tests {
             status.message
         };
         let m = refused(pod(Some("kernel://vpn-gateway,,noop://x")));
-        assert!(m.contains("networkservicemesh.io") && m.contains("item 2 is empty"), "{m}");
+        assert!(
+            m.contains("networkservicemesh.io") && m.contains("item 2 is empty"),
+            "{m}"
+        );
         assert!(m.contains("Pod default/web"), "{m}");
         let m = refused(pod(Some("kernel://vpn-gateway/far-too-long-for-linux")));
-        assert!(m.contains("item 1: ") && m.contains("far-too-long-for-linux"), "{m}");
+        assert!(
+            m.contains("item 1: ") && m.contains("far-too-long-for-linux"),
+            "{m}"
+        );
         let m = refused(pod(Some("  ")));
         assert!(m.contains("empty"), "{m}");
         let m = refused(json!({"metadata": {"annotations": {ANNOTATION: "kernel://x"}}}));
@@ -574,7 +642,9 @@ mod tests {
     fn svid_sources_and_namespace_labels() {
         assert_eq!(
             "csi:x.io".parse::<SvidSource>(),
-            Ok(SvidSource::Csi { driver: "x.io".into() })
+            Ok(SvidSource::Csi {
+                driver: "x.io".into()
+            })
         );
         assert_eq!(
             "secret:s".parse::<SvidSource>(),

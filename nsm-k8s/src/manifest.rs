@@ -55,11 +55,18 @@ pub enum Manifest {
     NetworkServiceEndpoint(Box<NetworkServiceEndpoint>),
 }
 
-/// `value` as a `T`, refusing any field `T` does not know (named by its path).
+/// `value` as a `T`, refusing any field `T` does not know (named by its path). The
+/// top-level `apiVersion` and `kind`, which kube's custom resource types take as given
+/// by the type, are not counted (the k8s-openapi types check them).
 pub fn strict<T: DeserializeOwned>(value: &Value) -> Result<T, String> {
     let mut unknown = Vec::new();
-    let parsed: T = serde_ignored::deserialize(value, |path| unknown.push(path.to_string()))
-        .map_err(|e| e.to_string())?;
+    let parsed: T = serde_ignored::deserialize(value, |path| {
+        let path = dotted(&path);
+        if path != "apiVersion" && path != "kind" {
+            unknown.push(path);
+        }
+    })
+    .map_err(|e| e.to_string())?;
     if unknown.is_empty() {
         Ok(parsed)
     } else {
@@ -67,9 +74,30 @@ pub fn strict<T: DeserializeOwned>(value: &Value) -> Result<T, String> {
     }
 }
 
+/// `spec.template.spec.containers.0.imagee`: serde_ignored's path without its markers
+/// of options and newtypes.
+fn dotted(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    let join = |parent: &Path<'_>, segment: String| match dotted(parent) {
+        p if p.is_empty() => segment,
+        p => format!("{p}.{segment}"),
+    };
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => join(parent, index.to_string()),
+        Path::Map { parent, key } => join(parent, key.clone()),
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => dotted(parent),
+    }
+}
+
 /// `Deployment nsm-system/webhook`, for messages.
 fn describe(doc: &Value) -> String {
-    let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("(no kind)");
+    let kind = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("(no kind)");
     let name = doc
         .pointer("/metadata/name")
         .and_then(Value::as_str)
@@ -91,7 +119,9 @@ pub fn parse(doc: &Value) -> Result<Manifest, ManifestError> {
     let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
     macro_rules! as_ {
         ($variant:ident) => {
-            strict(doc).map(|m| Manifest::$variant(Box::new(m))).map_err(fail)
+            strict(doc)
+                .map(|m| Manifest::$variant(Box::new(m)))
+                .map_err(fail)
         };
     }
     match (api_version, kind) {
@@ -132,10 +162,7 @@ pub fn parse_yaml(text: &str) -> Result<Vec<Manifest>, ManifestError> {
         what: "YAML".to_string(),
         reason: e.to_string(),
     })?;
-    docs.iter()
-        .filter(|d| !d.is_null())
-        .map(parse)
-        .collect()
+    docs.iter().filter(|d| !d.is_null()).map(parse).collect()
 }
 
 #[cfg(test)]
@@ -154,7 +181,10 @@ mod tests {
         });
         let e = parse(&doc).unwrap_err();
         assert_eq!(e.what, "Deployment default/web");
-        assert!(e.reason.contains("spec.template.spec.containers.0.imagee"), "{e}");
+        assert!(
+            e.reason.contains("spec.template.spec.containers.0.imagee"),
+            "{e}"
+        );
         let mut good = doc.clone();
         good["spec"]["template"]["spec"]["containers"][0] = json!({"name": "c", "image": "x"});
         assert!(matches!(parse(&good), Ok(Manifest::Deployment(_))));
@@ -175,10 +205,18 @@ mod tests {
         let ns = json!({"apiVersion": "networkservicemesh.io/v1", "kind": "NetworkService",
             "metadata": {"name": "vpn-gateway"},
             "spec": {"payload": "IP", "matches": [{"routes": [{"destination_selector": {"app": "vpng"}}]}]}});
-        assert!(matches!(parse(&ns), Ok(Manifest::NetworkService(_))));
+        let parsed = parse(&ns);
+        assert!(
+            matches!(parsed, Ok(Manifest::NetworkService(_))),
+            "{parsed:?}"
+        );
         let mut bad = ns.clone();
         bad["spec"]["matches"][0]["routes"][0]["destinationSelector"] = json!({"app": "x"});
         let e = parse(&bad).unwrap_err();
-        assert!(e.reason.contains("spec.matches.0.routes.0.destinationSelector"), "{e}");
+        assert!(
+            e.reason
+                .contains("spec.matches.0.routes.0.destinationSelector"),
+            "{e}"
+        );
     }
 }

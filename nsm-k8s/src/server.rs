@@ -52,8 +52,7 @@ pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
     }
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| Error::Tls(format!("key {}: {e}", key.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(nsm_sdk::security::crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Tls(e.to_string()))?
         .with_no_client_auth()
@@ -130,7 +129,9 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     if let Ok(v) = content_type.parse() {
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, v);
     }
     response
 }
@@ -151,9 +152,11 @@ async fn handle(req: Request<Incoming>, config: &InjectConfig) -> Response<Full<
             };
             review(&body, config)
         }
-        (_, "/mutate" | "/healthz") => {
-            reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n")
-        }
+        (_, "/mutate" | "/healthz") => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n",
+        ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }

@@ -52,8 +52,8 @@ fn manifests() -> Vec<(PathBuf, Vec<Manifest>)> {
         .into_iter()
         .filter(|p| !p.ends_with("kustomization.yaml"))
         .map(|p| {
-            let parsed = manifest::parse_yaml(&read(&p))
-                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let parsed =
+                manifest::parse_yaml(&read(&p)).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             assert!(!parsed.is_empty(), "{}: no manifest", p.display());
             (p, parsed)
         })
@@ -105,8 +105,8 @@ fn every_manifest_parses_strictly_and_every_kustomization_lists_its_files() {
     let mut listed = BTreeSet::new();
     for k in &kustomizations {
         let docs = nsm_k8s::yaml::yaml_documents(&read(k)).unwrap();
-        let kustomization: Kustomization =
-            serde_json::from_value(docs[0].clone()).unwrap_or_else(|e| panic!("{}: {e}", k.display()));
+        let kustomization: Kustomization = serde_json::from_value(docs[0].clone())
+            .unwrap_or_else(|e| panic!("{}: {e}", k.display()));
         assert_eq!(kustomization.api_version, "kustomize.config.k8s.io/v1beta1");
         assert_eq!(kustomization.kind, "Kustomization");
         let dir = k.parent().unwrap();
@@ -117,7 +117,10 @@ fn every_manifest_parses_strictly_and_every_kustomization_lists_its_files() {
         }
     }
     let all: BTreeSet<PathBuf> = parsed.into_iter().map(|(p, _)| p).collect();
-    assert_eq!(listed, all, "manifests that no kustomization lists, or the reverse");
+    assert_eq!(
+        listed, all,
+        "manifests that no kustomization lists, or the reverse"
+    );
 }
 
 /// A NetworkService file's JSON (protobuf JSON names) as a custom resource: the field
@@ -141,7 +144,8 @@ fn to_custom_resource(file: &Value) -> Value {
             Value::Object(m) if !labels => Value::Object(
                 m.iter()
                     .map(|(k, v)| {
-                        let is_map = k.ends_with("Selector") || k.ends_with("_selector") || k == "labels";
+                        let is_map =
+                            k.ends_with("Selector") || k.ends_with("_selector") || k == "labels";
                         (snake(k), convert(v, is_map))
                     })
                     .collect::<Map<_, _>>(),
@@ -194,7 +198,10 @@ fn the_crd_schema_accepts_the_network_service_files_of_examples_config() {
             // And it reads strictly as the Rust type, every field known.
             let parsed: NetworkService = strict(&cr).unwrap();
             assert_eq!(parsed.spec.name.as_deref(), doc["name"].as_str());
-            assert_eq!(parsed.spec.matches.len(), doc["matches"].as_array().map_or(0, Vec::len));
+            assert_eq!(
+                parsed.spec.matches.len(),
+                doc["matches"].as_array().map_or(0, Vec::len)
+            );
         }
     }
     // The check can fail: wrong types are refused.
@@ -242,7 +249,14 @@ fn the_vpn_example_s_service_file_says_what_its_network_service_says() {
 /// Every `NSM_*` string of the workspace's sources: the variables programs read.
 fn known_variables() -> BTreeSet<String> {
     let mut known = BTreeSet::new();
-    for dir in ["examples/src", "nsm-sdk/src", "nsm-sdk-kernel/src", "nsm-sdk-vxlan/src", "nsm-sdk-dns/src", "nsm-k8s/src"] {
+    for dir in [
+        "examples/src",
+        "nsm-sdk/src",
+        "nsm-sdk-kernel/src",
+        "nsm-sdk-vxlan/src",
+        "nsm-sdk-dns/src",
+        "nsm-k8s/src",
+    ] {
         for file in files(&root().join(dir), &[".rs"]) {
             let text = read(&file);
             for (i, _) in text.match_indices("\"NSM_") {
@@ -270,8 +284,8 @@ fn the_images_and_variables_the_manifests_name_exist() {
     for (path, ms) in manifests() {
         for m in ms {
             let spec = match &m {
-                Manifest::Deployment(d) => d.spec.as_ref().and_then(|s| s.template.spec.clone()),
-                Manifest::DaemonSet(d) => d.spec.as_ref().and_then(|s| s.template.spec.clone()),
+                Manifest::Deployment(d) => d.spec.template.spec.clone(),
+                Manifest::DaemonSet(d) => d.spec.template.spec.clone(),
                 _ => None,
             };
             for c in spec.into_iter().flat_map(|s| s.containers) {
@@ -280,8 +294,19 @@ fn the_images_and_variables_the_manifests_name_exist() {
                     continue;
                 }
                 images.insert(image);
-                for e in c.env.iter().flatten().filter(|e| e.name.starts_with("NSM_")) {
-                    assert!(known.contains(&e.name), "{}: {} reads no {}", path.display(), c.name, e.name);
+                for e in c
+                    .env
+                    .iter()
+                    .flatten()
+                    .filter(|e| e.name.starts_with("NSM_"))
+                {
+                    assert!(
+                        known.contains(&e.name),
+                        "{}: {} reads no {}",
+                        path.display(),
+                        c.name,
+                        e.name
+                    );
                     checked += 1;
                 }
             }
@@ -289,14 +314,23 @@ fn the_images_and_variables_the_manifests_name_exist() {
     }
     assert!(checked > 20, "{checked}");
     for image in &images {
-        let program = image.trim_start_matches("nsm-rs/").split(':').next().unwrap();
+        let program = image
+            .trim_start_matches("nsm-rs/")
+            .split(':')
+            .next()
+            .unwrap();
         assert!(
             dockerfile.contains(&format!("FROM runtime AS {program}\n"))
-                && dockerfile.contains(&format!("COPY --from=build /out/{program} /usr/local/bin/{program}"))
+                && dockerfile.contains(&format!(
+                    "COPY --from=build /out/{program} /usr/local/bin/{program}"
+                ))
                 && dockerfile.contains(&format!("--bin {program}"))
                 && dockerfile.contains(&format!("target/release/{program}")),
             "{image}: no target in deploy/docker/Dockerfile"
         );
-        assert!(bins.contains(&format!("name = \"{program}\"")), "{program} is no program of the workspace");
+        assert!(
+            bins.contains(&format!("name = \"{program}\"")),
+            "{program} is no program of the workspace"
+        );
     }
 }

@@ -51,7 +51,8 @@ fn write_certs(dir: &Path) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "webhook test CA");
+    ca.distinguished_name
+        .push(DnType::CommonName, "webhook test CA");
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca, ca_key);
     let key = KeyPair::generate().unwrap();
@@ -69,7 +70,7 @@ fn write_certs(dir: &Path) {
 struct Webhook {
     addr: std::net::SocketAddr,
     connector: TlsConnector,
-    stop: tokio_util::sync::DropGuard,
+    _stop: tokio_util::sync::DropGuard,
 }
 
 impl Webhook {
@@ -78,23 +79,27 @@ impl Webhook {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, Some(tls), Arc::new(config), stop.clone().cancelled_owned()));
+        tokio::spawn(serve(
+            listener,
+            Some(tls),
+            Arc::new(config),
+            stop.clone().cancelled_owned(),
+        ));
         let mut roots = rustls::RootCertStore::empty();
         let ca = std::fs::read(dir.join("ca.crt")).unwrap();
         for cert in rustls_pemfile_certs(&ca) {
             roots.add(cert).unwrap();
         }
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let client =
+            rustls::ClientConfig::builder_with_provider(nsm_sdk::security::crypto_provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         Webhook {
             addr,
             connector: TlsConnector::from(Arc::new(client)),
-            stop: stop.drop_guard(),
+            _stop: stop.drop_guard(),
         }
     }
 
@@ -115,7 +120,13 @@ impl Webhook {
             .unwrap();
         let resp = sender.send_request(req).await.unwrap();
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
         (status, body)
     }
 
@@ -141,7 +152,9 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'st
 }
 
 fn fixture(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
@@ -158,7 +171,12 @@ fn patched(fixture: &Value, response: &nsm_k8s::admission::AdmissionResponse) ->
 }
 
 fn env<'a>(c: &'a k8s_openapi::api::core::v1::Container, name: &str) -> Option<&'a str> {
-    c.env.as_ref()?.iter().find(|e| e.name == name)?.value.as_deref()
+    c.env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .as_deref()
 }
 
 /// What the injection must have added to a pod spec whose only container was `web`.
@@ -199,7 +217,10 @@ fn assert_injected(spec: &PodSpec) {
         "/var/lib/networkservicemesh"
     );
     let svid = volumes.iter().find(|v| v.name == "nsm-svid").unwrap();
-    assert_eq!(svid.csi.as_ref().unwrap().driver, "spiffe.csi.cert-manager.io");
+    assert_eq!(
+        svid.csi.as_ref().unwrap().driver,
+        "spiffe.csi.cert-manager.io"
+    );
 }
 
 #[tokio::test]
@@ -214,7 +235,11 @@ async fn a_pod_gets_nsc_and_the_patched_pod_is_left_as_it_is() {
     let spec = pod.spec.unwrap();
     assert_injected(&spec);
     // The service account volume the API server had added is still there.
-    assert!(spec.volumes.unwrap().iter().any(|v| v.name == "kube-api-access-x7k2p"));
+    assert!(spec
+        .volumes
+        .unwrap()
+        .iter()
+        .any(|v| v.name == "kube-api-access-x7k2p"));
 
     // The already-patched pod (a pod of a patched template, or a re-invocation).
     let patched = fixture("pod-patched.json");
@@ -224,7 +249,10 @@ async fn a_pod_gets_nsc_and_the_patched_pod_is_left_as_it_is() {
         "pod-patched.json is pod.json as patched"
     );
     let again = webhook.review(&patched).await;
-    assert!(again.allowed && again.patch.is_none() && again.status.is_none(), "{again:?}");
+    assert!(
+        again.allowed && again.patch.is_none() && again.status.is_none(),
+        "{again:?}"
+    );
 }
 
 #[tokio::test]
@@ -236,7 +264,7 @@ async fn a_deployment_s_template_gets_nsc() {
     let response = webhook.review(&review).await;
     assert!(response.allowed, "{response:?}");
     let deployment: Deployment = strict(&patched(&review, &response)).unwrap();
-    let template = deployment.spec.unwrap().template;
+    let template = deployment.spec.template;
     assert_injected(template.spec.as_ref().unwrap());
     assert_eq!(
         template.metadata.unwrap().annotations.unwrap()["networkservicemesh.io"],
@@ -264,7 +292,10 @@ async fn a_malformed_annotation_is_refused_with_its_fault_never_a_500() {
     );
 
     // Bodies that are no AdmissionReview: 400 with the reason, not 500.
-    for body in [&b"{"[..], b"{\"apiVersion\":\"admission.k8s.io/v1\",\"kind\":\"AdmissionReview\"}"] {
+    for body in [
+        &b"{"[..],
+        b"{\"apiVersion\":\"admission.k8s.io/v1\",\"kind\":\"AdmissionReview\"}",
+    ] {
         let (status, text) = webhook.call("POST", "/mutate", body.to_vec()).await;
         assert_eq!(status, 400, "{}", String::from_utf8_lossy(&text));
     }
@@ -303,20 +334,30 @@ async fn namespaces_without_the_label_or_excluded_are_left_alone() {
         assert_eq!(by_selector, inject::namespace_opted_in(&labels));
         by_selector
     };
-    assert!(!selects(&strict(&fixture("namespace-without-label.json")).unwrap()));
-    assert!(selects(&strict(&fixture("namespace-with-label.json")).unwrap()));
+    assert!(!selects(
+        &strict(&fixture("namespace-without-label.json")).unwrap()
+    ));
+    assert!(selects(
+        &strict(&fixture("namespace-with-label.json")).unwrap()
+    ));
 
     // And the webhook itself leaves the mesh's and the system's namespaces alone.
     let scratch = Scratch::new("namespaces");
     write_certs(&scratch.0);
     let webhook = Webhook::start(&scratch.0, InjectConfig::default()).await;
-    let response = webhook.review(&fixture("pod-namespace-excluded.json")).await;
+    let response = webhook
+        .review(&fixture("pod-namespace-excluded.json"))
+        .await;
     assert!(response.allowed && response.patch.is_none() && response.status.is_none());
 }
 
 #[tokio::test]
 async fn the_certificate_of_webhook_certs_sh_is_what_the_api_server_accepts() {
-    if std::process::Command::new("openssl").arg("version").output().is_err() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
         eprintln!("skipped: deploy/webhook-certs.sh needs openssl");
         return;
     }
@@ -328,7 +369,11 @@ async fn the_certificate_of_webhook_certs_sh_is_what_the_api_server_accepts() {
         .arg(&scratch.0)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let webhook = Webhook::start(&scratch.0, InjectConfig::default()).await;
     let response = webhook.review(&fixture("pod.json")).await;
     assert!(response.allowed && response.patch.is_some());

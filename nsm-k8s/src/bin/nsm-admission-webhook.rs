@@ -18,7 +18,12 @@ use tracing::{info, warn};
 #[command(version)]
 struct Args {
     /// Address to listen on.
-    #[arg(long, env = "NSM_WEBHOOK_LISTEN_ON", value_name = "ADDR", default_value = "0.0.0.0:8443")]
+    #[arg(
+        long,
+        env = "NSM_WEBHOOK_LISTEN_ON",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:8443"
+    )]
     listen_on: String,
 
     /// The server's certificate chain (PEM, leaf first): tls.crt of its Secret.
@@ -34,11 +39,21 @@ struct Args {
     insecure: bool,
 
     /// The image with nsc for the injected containers.
-    #[arg(long, env = "NSM_WEBHOOK_NSC_IMAGE", value_name = "IMAGE", default_value = "nsm-rs/nsc:latest")]
+    #[arg(
+        long,
+        env = "NSM_WEBHOOK_NSC_IMAGE",
+        value_name = "IMAGE",
+        default_value = "nsm-rs/nsc:latest"
+    )]
     nsc_image: String,
 
     /// The injected containers' image pull policy.
-    #[arg(long, env = "NSM_WEBHOOK_PULL_POLICY", value_name = "POLICY", default_value = "IfNotPresent")]
+    #[arg(
+        long,
+        env = "NSM_WEBHOOK_PULL_POLICY",
+        value_name = "POLICY",
+        default_value = "IfNotPresent"
+    )]
     pull_policy: String,
 
     /// The node's manager as the injected nsc reaches it (a unix:// URL in the hostPath
@@ -47,11 +62,22 @@ struct Args {
     manager_url: String,
 
     /// The SVID source of the injected nsc: csi:<driver>, secret:<name> or insecure.
-    #[arg(long, env = "NSM_WEBHOOK_SVID_SOURCE", value_name = "SOURCE", default_value = "csi:spiffe.csi.cert-manager.io")]
+    #[arg(
+        long,
+        env = "NSM_WEBHOOK_SVID_SOURCE",
+        value_name = "SOURCE",
+        default_value = "csi:spiffe.csi.cert-manager.io"
+    )]
     svid_source: SvidSource,
 
     /// Namespaces never patched (comma-separated).
-    #[arg(long, env = "NSM_WEBHOOK_EXCLUDED_NAMESPACES", value_name = "NS,...", value_delimiter = ',', default_value = "kube-system,kube-public,nsm-system")]
+    #[arg(
+        long,
+        env = "NSM_WEBHOOK_EXCLUDED_NAMESPACES",
+        value_name = "NS,...",
+        value_delimiter = ',',
+        default_value = "kube-system,kube-public,nsm-system"
+    )]
     excluded_namespaces: Vec<String>,
 
     #[command(flatten)]
