@@ -144,6 +144,14 @@ impl Webhook {
     }
 }
 
+/// The webhook with the default configuration and a certificate of [`write_certs`].
+async fn with_test_ca(name: &str) -> (Scratch, Webhook) {
+    let scratch = Scratch::new(name);
+    write_certs(&scratch.0);
+    let webhook = Webhook::start(&scratch.0, InjectConfig::default()).await;
+    (scratch, webhook)
+}
+
 fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     use rustls::pki_types::pem::PemObject;
     rustls::pki_types::CertificateDer::pem_slice_iter(pem)
@@ -225,9 +233,7 @@ fn assert_injected(spec: &PodSpec) {
 
 #[tokio::test]
 async fn a_pod_gets_nsc_and_the_patched_pod_is_left_as_it_is() {
-    let scratch = Scratch::new("pod");
-    write_certs(&scratch.0);
-    let webhook = Webhook::start(&scratch.0, InjectConfig::default()).await;
+    let (_scratch, webhook) = with_test_ca("pod").await;
     let review = fixture("pod.json");
     let response = webhook.review(&review).await;
     assert!(response.allowed, "{response:?}");
@@ -257,9 +263,7 @@ async fn a_pod_gets_nsc_and_the_patched_pod_is_left_as_it_is() {
 
 #[tokio::test]
 async fn a_deployment_s_template_gets_nsc() {
-    let scratch = Scratch::new("deployment");
-    write_certs(&scratch.0);
-    let webhook = Webhook::start(&scratch.0, InjectConfig::default()).await;
+    let (_scratch, webhook) = with_test_ca("deployment").await;
     let review = fixture("deployment.json");
     let response = webhook.review(&review).await;
     assert!(response.allowed, "{response:?}");
@@ -274,9 +278,7 @@ async fn a_deployment_s_template_gets_nsc() {
 
 #[tokio::test]
 async fn a_malformed_annotation_is_refused_with_its_fault_never_a_500() {
-    let scratch = Scratch::new("malformed");
-    write_certs(&scratch.0);
-    let webhook = Webhook::start(&scratch.0, InjectConfig::default()).await;
+    let (_scratch, webhook) = with_test_ca("malformed").await;
     let response = webhook.review(&fixture("pod-malformed.json")).await;
     assert!(!response.allowed);
     assert!(response.patch.is_none());
@@ -342,9 +344,7 @@ async fn namespaces_without_the_label_or_excluded_are_left_alone() {
     ));
 
     // And the webhook itself leaves the mesh's and the system's namespaces alone.
-    let scratch = Scratch::new("namespaces");
-    write_certs(&scratch.0);
-    let webhook = Webhook::start(&scratch.0, InjectConfig::default()).await;
+    let (_scratch, webhook) = with_test_ca("namespaces").await;
     let response = webhook
         .review(&fixture("pod-namespace-excluded.json"))
         .await;
