@@ -16,6 +16,8 @@ command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 # The interdomain scenarios' DNS server (tests/tests/interdomain.rs).
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
+# nsm-k8s's tests run deploy/webhook-certs.sh, which makes the webhook's certificate.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
   echo "installing: ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -28,7 +30,7 @@ rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup compon
 
 cargo fmt --all -- --check
 # The shell scripts parse (the optimised build is not run here: it takes 25 minutes).
-for script in run-demo.sh run-tests.sh examples/build-optimized.sh .ci/check-external-endpoint.sh .ci/sandbox-on-etcd.sh; do bash -n "$script"; done
+for script in run-demo.sh run-tests.sh deploy/webhook-certs.sh examples/build-optimized.sh .ci/check-external-endpoint.sh .ci/sandbox-on-etcd.sh; do bash -n "$script"; done
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 # The library crates are packageable for crates.io (metadata, readme, file list), and
 # the README's guide programs build as a crate of their own outside the workspace,

@@ -132,6 +132,28 @@ pub fn from_json(text: &str) -> Result<Vec<NetworkService>> {
 /// The network services of a YAML text: each document an object or a list of objects.
 #[cfg(feature = "yaml")]
 pub fn from_yaml(text: &str) -> Result<Vec<NetworkService>> {
+    let docs = yaml_documents(text)?;
+    let mut out = Vec::new();
+    for (i, value) in docs.iter().enumerate() {
+        let at = if docs.len() > 1 {
+            format!("document {}: ", i + 1)
+        } else {
+            String::new()
+        };
+        out.extend(services(value, "").map_err(|mut e| {
+            e.field = format!("{at}{}", e.field);
+            e
+        })?);
+    }
+    Ok(out)
+}
+
+/// The documents of a YAML text (separated by `---`) as JSON values: what other YAML
+/// files of the project (Kubernetes manifests) are read with. Failure handled: a syntax
+/// error (line and column), a key that is not a string, an alias or a bad number, named
+/// by its path (`document 2: spec.template`).
+#[cfg(feature = "yaml")]
+pub fn yaml_documents(text: &str) -> Result<Vec<Value>> {
     use yaml_rust2::YamlLoader;
     let docs = YamlLoader::load_from_str(text).map_err(|e| {
         let m = e.marker();
@@ -145,25 +167,18 @@ pub fn from_yaml(text: &str) -> Result<Vec<NetworkService>> {
             ),
         )
     })?;
-    let mut out = Vec::new();
-    for (i, doc) in docs.iter().enumerate() {
-        let prefix = if docs.len() > 1 {
-            format!("document {}", i + 1)
-        } else {
-            String::new()
-        };
-        let value = yaml_to_json(doc, &prefix)?;
-        let at = if prefix.is_empty() {
-            prefix
-        } else {
-            format!("{prefix}: ")
-        };
-        out.extend(services(&value, "").map_err(|mut e| {
-            e.field = format!("{at}{}", e.field);
-            e
-        })?);
-    }
-    Ok(out)
+    let many = docs.len() > 1;
+    docs.iter()
+        .enumerate()
+        .map(|(i, doc)| {
+            let prefix = if many {
+                format!("document {}", i + 1)
+            } else {
+                String::new()
+            };
+            yaml_to_json(doc, &prefix)
+        })
+        .collect()
 }
 
 /// Without the `yaml` feature a YAML text is refused.

@@ -37,6 +37,8 @@ pub mod dev_ca;
 mod crypto;
 mod error;
 
+/// The rustls crypto provider (ring) every TLS config of the project is built with.
+pub use crypto::provider as crypto_provider;
 pub use error::SecurityError;
 pub use identity::{SpiffeId, Svid, TrustBundle};
 pub use policy::PolicySet;
