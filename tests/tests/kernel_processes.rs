@@ -820,3 +820,76 @@ mod attacker {
         );
     }
 }
+
+/// Kubernetes' init container and sidecar (docs/NSC-INIT.md): `nsc --init` requests,
+/// writes the connection to the hand-over file and exits 0 leaving a working
+/// interface; a sidecar `nsc` with the same name and file takes the connection over
+/// (the same id: every hop sees a refresh, the pod keeps the same `nsm-1` and no second
+/// interface appears) and keeps it past the init container's token lifetime (4 s here:
+/// without the sidecar's refreshes the manager would close it then); its SIGTERM closes
+/// it and removes the file.
+#[test]
+fn nsc_init_leaves_the_connection_and_the_sidecar_takes_it_over() {
+    require_root!();
+    let (nsc_pod, nse_pod) = (Pod::new(), Pod::new());
+    let mesh = Mesh::new("init");
+    let (_registry, _nsmgr) = mesh.control_plane();
+    let _fwd = mesh.forwarder("forwarder");
+    let _nse = mesh.nse("nse", &nse_pod, "172.16.83.0/24");
+    let file = mesh.dir.0.join("connections.jsonl");
+    let file_env = file.to_str().expect("utf-8 path");
+    let handover = [
+        ("NSM_CONNECTIONS_FILE", file_env),
+        ("NSM_TOKEN_LIFETIME", "4s"),
+    ];
+
+    let mut init_env = vec![
+        ("NSM_NAME", "nsc"),
+        ("NSM_CONNECT_TO", mesh.nsmgr_url.as_str()),
+        ("NSM_NETWORK_SERVICES", SERVICE_URL),
+        ("NSM_REQUEST_TIMEOUT", "10s"),
+        ("NSM_INIT", "true"),
+    ];
+    init_env.extend_from_slice(&handover);
+    let mut init = mesh.start("nsc", "nsc-init", Some(&nsc_pod), &init_env, true);
+    let conn = init.next_connection();
+    let (_, dst) = check_kernel_connection(&conn, &init, "nse", "172.16.83.");
+    let status = init.wait_exit(READY);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "nsc --init: {status}:\n{}",
+        init.log()
+    );
+    let index = nsc_pod
+        .index_of("nsm-1")
+        .expect("nsm-1 left by the init container");
+    assert!(
+        nsc_pod.ping_with(&[host(&dst)]),
+        "ping after the init container"
+    );
+    let saved = std::fs::read_to_string(&file).expect("the hand-over file");
+    let id = conn["id"].as_str().expect("connection id");
+    assert!(saved.contains(id), "{saved}");
+
+    let mut sidecar = mesh.nsc(&nsc_pod, SERVICE_URL, &handover);
+    let taken = sidecar.next_connection();
+    assert_eq!(taken["id"], conn["id"], "the same connection: {taken}");
+    // Its mechanism now names the sidecar's namespace URL (the same namespace).
+    check_kernel_connection(&taken, &sidecar, "nse", "172.16.83.");
+    assert_eq!(
+        nsc_pod.mesh_links(),
+        [("nsm-1".to_string(), index)],
+        "the same interface, no second one"
+    );
+    // Past the init container's token lifetime: the sidecar's refreshes keep it.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(nsc_pod.mesh_links(), [("nsm-1".to_string(), index)]);
+    assert!(nsc_pod.ping_with(&[host(&dst)]), "ping after the takeover");
+    assert!(sidecar.running());
+
+    sidecar.terminate();
+    nsc_pod.until_empty("after the sidecar's SIGTERM");
+    nse_pod.until_empty("after the sidecar's SIGTERM");
+    assert!(!file.exists(), "the hand-over file is removed after Close");
+}

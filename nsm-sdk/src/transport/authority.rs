@@ -33,7 +33,7 @@ use tonic::codegen::http::uri::Authority;
 use tracing::debug;
 
 /// The client connection preface (RFC 9113, 3.4).
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
@@ -219,13 +219,19 @@ impl<T> FixAuthority<T> {
     }
 
     fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-        let len = payload.len() as u32;
-        self.output.extend_from_slice(&len.to_be_bytes()[1..]);
-        self.output.push(kind);
-        self.output.push(flags);
-        self.output.extend_from_slice(&stream.to_be_bytes());
-        self.output.extend_from_slice(payload);
+        self.output.extend(frame(kind, flags, stream, payload));
     }
+}
+
+/// An HTTP/2 frame: its 9-byte header, then `payload`.
+pub(crate) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = Vec::with_capacity(FRAME_HEADER + payload.len());
+    f.extend_from_slice(&len.to_be_bytes()[1..]);
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
 }
 
 /// The priority fields and the header block fragment of a HEADERS payload, padding
@@ -329,14 +335,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FixAuthority<T> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        f.extend_from_slice(&[kind, flags]);
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
 
     /// Runs `input` through the rewriter and returns what h2 would read.
     async fn through(input: Vec<u8>) -> io::Result<Vec<u8>> {
