@@ -247,6 +247,11 @@ impl Mesh {
 
     /// `nsc` inside `pod`, requesting `url`, with `extra` settings.
     fn nsc(&self, pod: &Pod, url: &str, extra: &[(&str, &str)]) -> Proc {
+        self.nsc_as("nsc", pod, url, extra)
+    }
+
+    /// [`Mesh::nsc`] whose log is `<log>.log` (its name and identity stay `nsc`).
+    fn nsc_as(&self, log: &str, pod: &Pod, url: &str, extra: &[(&str, &str)]) -> Proc {
         let mut env = vec![
             ("NSM_NAME", "nsc"),
             ("NSM_CONNECT_TO", self.nsmgr_url.as_str()),
@@ -254,7 +259,7 @@ impl Mesh {
             ("NSM_REQUEST_TIMEOUT", "10s"),
         ];
         env.extend_from_slice(extra);
-        self.start("nsc", "nsc", Some(pod), &env, true)
+        self.start("nsc", log, Some(pod), &env, true)
     }
 }
 
@@ -843,15 +848,9 @@ fn nsc_init_leaves_the_connection_and_the_sidecar_takes_it_over() {
         ("NSM_TOKEN_LIFETIME", "4s"),
     ];
 
-    let mut init_env = vec![
-        ("NSM_NAME", "nsc"),
-        ("NSM_CONNECT_TO", mesh.nsmgr_url.as_str()),
-        ("NSM_NETWORK_SERVICES", SERVICE_URL),
-        ("NSM_REQUEST_TIMEOUT", "10s"),
-        ("NSM_INIT", "true"),
-    ];
+    let mut init_env = vec![("NSM_INIT", "true")];
     init_env.extend_from_slice(&handover);
-    let mut init = mesh.start("nsc", "nsc-init", Some(&nsc_pod), &init_env, true);
+    let mut init = mesh.nsc_as("nsc-init", &nsc_pod, SERVICE_URL, &init_env);
     let conn = init.next_connection();
     let (_, dst) = check_kernel_connection(&conn, &init, "nse", "172.16.83.");
     let status = init.wait_exit(READY);
