@@ -18,9 +18,18 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
 # nsm-k8s's tests run deploy/webhook-certs.sh, which makes the webhook's certificate.
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# tests/tests/other_languages.rs: a Python gRPC client (grpcio from PyPI, below).
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
 if [ ${#need_apt[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
   echo "installing: ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# gRPC C-core's Python client and its protoc plugin, for tests/tests/other_languages.rs
+# (Debian's own python3 refuses plain pip installs: the second form says it may).
+if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+  echo "installing grpcio grpcio-tools"
+  python3 -m pip install --quiet grpcio grpcio-tools \
+    || python3 -m pip install --quiet --break-system-packages grpcio grpcio-tools
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest"

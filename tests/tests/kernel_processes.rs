@@ -233,6 +233,11 @@ impl Mesh {
 
     /// `nsc` inside `pod`, requesting `url`, with `extra` settings.
     fn nsc(&self, pod: &Pod, url: &str, extra: &[(&str, &str)]) -> Proc {
+        self.nsc_as("nsc", pod, url, extra)
+    }
+
+    /// [`Mesh::nsc`] whose log is `<log>.log` (its name and identity stay `nsc`).
+    fn nsc_as(&self, log: &str, pod: &Pod, url: &str, extra: &[(&str, &str)]) -> Proc {
         let mut env = vec![
             ("NSM_NAME", "nsc"),
             ("NSM_CONNECT_TO", self.nsmgr_url.as_str()),
@@ -240,7 +245,7 @@ impl Mesh {
             ("NSM_REQUEST_TIMEOUT", "10s"),
         ];
         env.extend_from_slice(extra);
-        self.start("nsc", "nsc", Some(pod), &env, true)
+        self.start("nsc", log, Some(pod), &env, true)
     }
 }
 
@@ -805,4 +810,71 @@ mod attacker {
             monitor_shows(&channels, &forwarder).await,
         );
     }
+}
+
+/// Kubernetes' init container and sidecar (docs/NSC-INIT.md): `nsc --init` requests,
+/// writes the connection to the hand-over file and exits 0 leaving a working
+/// interface; a sidecar `nsc` with the same name and file takes the connection over
+/// (the same id: every hop sees a refresh, the pod keeps the same `nsm-1` and no second
+/// interface appears) and keeps it past the init container's token lifetime (4 s here:
+/// without the sidecar's refreshes the manager would close it then); its SIGTERM closes
+/// it and removes the file.
+#[test]
+fn nsc_init_leaves_the_connection_and_the_sidecar_takes_it_over() {
+    require_root!();
+    let (nsc_pod, nse_pod) = (Pod::new(), Pod::new());
+    let mesh = Mesh::new("init");
+    let (_registry, _nsmgr) = mesh.control_plane();
+    let _fwd = mesh.forwarder("forwarder");
+    let _nse = mesh.nse("nse", &nse_pod, "172.16.83.0/24");
+    let file = mesh.dir.0.join("connections.jsonl");
+    let file_env = file.to_str().expect("utf-8 path");
+    let handover = [
+        ("NSM_CONNECTIONS_FILE", file_env),
+        ("NSM_TOKEN_LIFETIME", "4s"),
+    ];
+
+    let mut init_env = vec![("NSM_INIT", "true")];
+    init_env.extend_from_slice(&handover);
+    let mut init = mesh.nsc_as("nsc-init", &nsc_pod, SERVICE_URL, &init_env);
+    let conn = init.next_connection();
+    let (_, dst) = check_kernel_connection(&conn, &init, "nse", "172.16.83.");
+    let status = init.wait_exit(READY);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "nsc --init: {status}:\n{}",
+        init.log()
+    );
+    let index = nsc_pod
+        .index_of("nsm-1")
+        .expect("nsm-1 left by the init container");
+    assert!(
+        nsc_pod.ping_with(&[host(&dst)]),
+        "ping after the init container"
+    );
+    let saved = std::fs::read_to_string(&file).expect("the hand-over file");
+    let id = conn["id"].as_str().expect("connection id");
+    assert!(saved.contains(id), "{saved}");
+
+    let mut sidecar = mesh.nsc(&nsc_pod, SERVICE_URL, &handover);
+    let taken = sidecar.next_connection();
+    assert_eq!(taken["id"], conn["id"], "the same connection: {taken}");
+    // Its mechanism now names the sidecar's namespace URL (the same namespace).
+    check_kernel_connection(&taken, &sidecar, "nse", "172.16.83.");
+    assert_eq!(
+        nsc_pod.mesh_links(),
+        [("nsm-1".to_string(), index)],
+        "the same interface, no second one"
+    );
+    // Past the init container's token lifetime: the sidecar's refreshes keep it.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(nsc_pod.mesh_links(), [("nsm-1".to_string(), index)]);
+    assert!(nsc_pod.ping_with(&[host(&dst)]), "ping after the takeover");
+    assert!(sidecar.running());
+
+    sidecar.terminate();
+    nsc_pod.until_empty("after the sidecar's SIGTERM");
+    nse_pod.until_empty("after the sidecar's SIGTERM");
+    assert!(!file.exists(), "the hand-over file is removed after Close");
 }

@@ -1,5 +1,6 @@
 //! `nsc`: a network service client.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -10,8 +11,10 @@ use nsm_sdk::chains::{client, ClientOptions};
 use nsm_sdk::config::NsUrl;
 use nsm_sdk::handlers::{heal, HealOptions};
 use nsm_sdk::proto::connection::Connection;
+use nsm_sdk::proto::json::{connection_to_json, from_json};
 use nsm_sdk::proto::networkservice::NetworkServiceRequest;
 use nsm_sdk::transport::Url;
+use nsm_sdk::wire::params;
 use nsm_sdk::{Chain, Cx};
 use nsm_sdk_dns::{dns_context, ResolvConf};
 use nsm_sdk_kernel::mechanism::own_netns_url;
@@ -78,6 +81,26 @@ struct Args {
     #[arg(long, env = "NSM_DNS_NETNS", value_name = "NAME")]
     dns_netns: Option<String>,
 
+    /// Init mode (an init container): request, print, write the connections to
+    /// NSM_CONNECTIONS_FILE, then exit 0 leaving them in place, without Close. The
+    /// connections live until their tokens expire (NSM_TOKEN_LIFETIME) unless a sidecar
+    /// `nsc` takes them over (docs/NSC-INIT.md).
+    #[arg(long, env = "NSM_INIT")]
+    init: bool,
+
+    /// The file that hands connections over from the init container to the sidecar
+    /// (a shared volume): `nsc --init` writes its connections there, one JSON line each;
+    /// a sidecar `nsc` with the same NSM_NAME and NSM_NETWORK_SERVICES re-requests those
+    /// connections (same id and path: a refresh for every hop, no second interface),
+    /// keeps the file up to date, and removes it once it has closed them.
+    #[arg(long, env = "NSM_CONNECTIONS_FILE", value_name = "PATH")]
+    connections_file: Option<PathBuf>,
+
+    /// How long this client's path tokens live: a connection that nobody refreshes (the
+    /// init container exited, no sidecar took it over) is closed by the mesh after that.
+    #[arg(long, env = "NSM_TOKEN_LIFETIME", value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    token_lifetime: Duration,
+
     #[command(flatten)]
     common: Common,
 }
@@ -101,6 +124,7 @@ fn main() -> ExitCode {
         }
         let mut options = ClientOptions::new(&args.name, args.connect_to)
             .security(&security)
+            .tokens(security.tokens(args.token_lifetime))
             .channels(channels)
             .retry(Some(args.request_timeout))
             .timeout(args.request_timeout)
@@ -115,8 +139,18 @@ fn main() -> ExitCode {
         let nsc = client(options);
         let timeout = args.request_timeout;
         let mut connections = Vec::new();
+        let mut saved = match &args.connections_file {
+            Some(path) if !args.init => read_connections(path)?,
+            _ => Vec::new(),
+        };
         for url in &args.network_services {
-            let req = request_for(url, args.mechanism);
+            let req = match take_saved(&mut saved, url) {
+                Some(conn) => {
+                    info!(url = %url, connection_id = %conn.id, "taking over the connection");
+                    takeover_request(url, args.mechanism, conn)
+                }
+                None => request_for(url, args.mechanism),
+            };
             let pending = Connection {
                 id: req
                     .connection
@@ -145,8 +179,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        if let Some(path) = &args.connections_file {
+            write_connections(path, &connections)?;
+        }
+        if args.init && !stop.is_cancelled() {
+            info!("init mode: connections left in place");
+            return Ok(());
+        }
         stop.cancelled().await;
         close_all(&nsc, connections, timeout).await;
+        if let Some(path) = &args.connections_file {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!(path = %path.display(), error = %e, "cannot remove the connections file");
+            }
+        }
         Ok(())
     })
 }
@@ -160,6 +206,74 @@ fn request_for(url: &NsUrl, choice: MechanismChoice) -> NetworkServiceRequest {
         conn.id = uuid::Uuid::new_v4().to_string();
     }
     req
+}
+
+/// The connections an init container left in `path` (none when it does not exist).
+fn read_connections(path: &Path) -> Result<Vec<Connection>, Failure> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(Failure::config(format!(
+                "cannot read the connections file {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            from_json::<Connection>("connection.Connection", l)
+                .map_err(|e| Failure::config(format!("connections file {}: {e}", path.display())))
+        })
+        .collect()
+}
+
+/// Writes `connections` to `path`, one JSON line each, through a temporary file renamed
+/// into place (a reader never sees half a file).
+fn write_connections(path: &Path, connections: &[Connection]) -> Result<(), Failure> {
+    let mut text = String::new();
+    for conn in connections {
+        text.push_str(&connection_to_json(conn));
+        text.push('\n');
+    }
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(".tmp");
+    std::fs::write(&staging, text)
+        .and_then(|()| std::fs::rename(&staging, path))
+        .map_err(|e| {
+            Failure::runtime(format!(
+                "cannot write the connections file {}: {e}",
+                path.display()
+            ))
+        })
+}
+
+/// The saved connection for `url`: the first left of its network service.
+fn take_saved(saved: &mut Vec<Connection>, url: &NsUrl) -> Option<Connection> {
+    let service = url.to_request().connection?.network_service;
+    let at = saved.iter().position(|c| c.network_service == service)?;
+    Some(saved.remove(at))
+}
+
+/// The request that takes over `conn` (made by another process of this pod): the same
+/// id and path, so every hop sees a refresh; its KERNEL mechanism names this process's
+/// namespace (the same namespace: the init process that named it is gone).
+fn takeover_request(
+    url: &NsUrl,
+    choice: MechanismChoice,
+    mut conn: Connection,
+) -> NetworkServiceRequest {
+    if let Some(m) = conn.mechanism.as_mut() {
+        if m.parameters.contains_key(params::INODE_URL) {
+            m.parameters
+                .insert(params::INODE_URL.into(), own_netns_url());
+        }
+    }
+    NetworkServiceRequest {
+        connection: Some(conn),
+        mechanism_preferences: preferences(url, choice),
+    }
 }
 
 async fn close_all(nsc: &Chain, connections: Vec<Connection>, timeout: Duration) {

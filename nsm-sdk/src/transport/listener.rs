@@ -25,6 +25,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 use tracing::{debug, info, warn};
 
+use super::authority::FixAuthority;
 use super::frames::Unvectored;
 use super::memory::{self, MemoryListener};
 use super::tls::Tls;
@@ -210,7 +211,7 @@ impl Incoming {
                         .as_pathname()
                         .map(|p| format!("unix://{}", p.display()));
                     let process = peer_process(&s);
-                    Ok(Accepted::new(Box::new(s), remote, process, true))
+                    Ok(Accepted::new(Box::new(s), remote, process, true).unix())
                 }
                 Err(e) => Err(e),
             },
@@ -238,6 +239,9 @@ struct Accepted {
     /// Unix sockets and memory pipes go without vectored writes (one write per gRPC
     /// message, see `frames`); TCP as it is.
     local: bool,
+    /// A unix socket: header blocks go through [`FixAuthority`] (clients of other gRPC
+    /// stacks send the socket path as `:authority`).
+    unix: bool,
 }
 
 impl Accepted {
@@ -254,15 +258,36 @@ impl Accepted {
             process,
         };
         debug!(conn = info.id, remote = ?info.remote, "connection accepted");
-        Accepted { io, info, local }
+        Accepted {
+            io,
+            info,
+            local,
+            unix: false,
+        }
+    }
+
+    fn unix(mut self) -> Self {
+        self.unix = true;
+        self
+    }
+
+    /// The connection as h2 reads it: unvectored when local, authorities fixed on a
+    /// unix socket.
+    fn finish(io: Box<dyn Io>, local: bool, unix: bool) -> Box<dyn Io> {
+        let io: Box<dyn Io> = if unix {
+            Box::new(FixAuthority::new(io))
+        } else {
+            io
+        };
+        if local {
+            Box::new(Unvectored(io))
+        } else {
+            io
+        }
     }
 
     fn plain(self, killed: &CancellationToken) -> ServerIo {
-        let io: Box<dyn Io> = if self.local {
-            Box::new(Unvectored(self.io))
-        } else {
-            self.io
-        };
+        let io = Self::finish(self.io, self.local, self.unix);
         ServerIo::new(io, self.info, killed)
     }
 
@@ -274,6 +299,7 @@ impl Accepted {
                 io,
                 mut info,
                 local,
+                unix,
             } = self;
             let handshake = tokio::select! {
                 _ = killed.cancelled() => return None,
@@ -283,11 +309,7 @@ impl Accepted {
                 Ok((stream, peer)) => {
                     debug!(conn = info.id, peer = %peer.id, "TLS peer verified");
                     info.identity = Some(peer);
-                    let io: Box<dyn Io> = if local {
-                        Box::new(Unvectored(stream))
-                    } else {
-                        Box::new(stream)
-                    };
+                    let io = Self::finish(Box::new(stream), local, unix);
                     Some(ServerIo::new(io, info, &killed))
                 }
                 Err(e) => {

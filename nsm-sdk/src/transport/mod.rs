@@ -12,6 +12,7 @@ macro_rules! sized {
     };
 }
 
+mod authority;
 pub mod channels;
 pub mod client;
 pub mod dns;

@@ -268,3 +268,92 @@ async fn after_a_server_restarts_with_a_new_certificate_the_answer_names_the_new
     // of the handshake the answer came over, not the one known before the call.
     assert_eq!(leaf_of(&cx), Some(second_leaf));
 }
+
+/// What gRPC C-core and grpc-java send over a unix socket: the socket path as
+/// `:authority` (`transport::authority`). A raw HTTP/2 client over mTLS sends a Request
+/// with that authority; the server's chain answers it (grpc-status 0) and saw the
+/// caller's SPIFFE ID: the rewrite happens after the handshake, mTLS stays on.
+#[tokio::test]
+async fn a_socket_path_authority_is_answered_over_mtls() {
+    use loona_hpack::{Decoder, Encoder};
+    use prost::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::transport::authority::{frame, PREFACE};
+
+    let ca = DevCa::new("example.org").unwrap();
+    let sock = TempSocket::new();
+    let echo = Echo::default();
+    let server = secure_server(&ca, &sock.url(), &echo).await;
+    let Url::Unix(path) = server.url().clone() else {
+        unreachable!("a unix URL")
+    };
+    let io = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let (mut io, _) = tls(ca.identity("client").unwrap())
+        .connect(io)
+        .await
+        .unwrap();
+
+    // As grpcio writes it: the path without its leading slash, percent-encoded.
+    let authority = path
+        .to_str()
+        .unwrap()
+        .trim_start_matches('/')
+        .replace('/', "%2F");
+    let block = Encoder::new().encode(vec![
+        (&b":method"[..], &b"POST"[..]),
+        (b":scheme", b"http"),
+        (b":path", b"/networkservice.NetworkService/Request"),
+        (b":authority", authority.as_bytes()),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]);
+    let message = request_with("c-1", &[]).encode_to_vec();
+    let mut body = vec![0];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    out.extend(frame(0x1, 0x4, 1, &block));
+    out.extend(frame(0x0, 0x1, 1, &body));
+    io.write_all(&out).await.unwrap();
+
+    // Frames until the response's trailers (HEADERS with END_STREAM on stream 1).
+    let mut decoder = Decoder::new();
+    let trailers = timeout(Duration::from_secs(10), async {
+        loop {
+            let mut head = [0u8; 9];
+            io.read_exact(&mut head).await.unwrap();
+            let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
+            let mut payload = vec![0; len];
+            io.read_exact(&mut payload).await.unwrap();
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+            match head[3] {
+                0x3 => panic!("RST_STREAM {payload:?}: the authority was refused"),
+                0x7 => panic!("GOAWAY {payload:?}"),
+                0x4 if head[4] & 0x1 == 0 => io.write_all(&frame(0x4, 0x1, 0, &[])).await.unwrap(),
+                0x1 => {
+                    let headers = decoder.decode(&payload).unwrap();
+                    if stream == 1 && head[4] & 0x1 != 0 {
+                        return headers;
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("an answer");
+    let status = trailers
+        .iter()
+        .find(|(n, _)| n == b"grpc-status")
+        .map(|(_, v)| v.clone());
+    assert_eq!(status.as_deref(), Some(&b"0"[..]), "{trailers:?}");
+    let seen = echo.last();
+    assert_eq!(seen.id, "c-1");
+    assert_eq!(
+        seen.peer.identity.expect("mTLS").id,
+        id("spiffe://example.org/client")
+    );
+    drop(server);
+}
