@@ -15,9 +15,11 @@
 //!   completes;
 //!
 //! both with the environment (`NSM_NAME` = the pod's name, `NSM_NETWORK_SERVICES` = the
-//! annotation, `NSM_CONNECT_TO` = the node's manager socket, the SVID files), the
-//! hostPath volume of the manager's socket directory and the volume of the SVID
-//! source ([`SvidSource`]).
+//! annotation, `NSM_CONNECT_TO` = the node's manager socket, `NSM_CONNECTIONS_FILE` =
+//! [`CONNECTIONS_FILE`], the SVID files), the hostPath volume of the manager's socket
+//! directory, the `emptyDir` through which `nsm-init` hands its connections to
+//! `nsm-sidecar` (which re-requests them: a refresh, the same interfaces; see
+//! docs/NSC-INIT.md) and the volume of the SVID source ([`SvidSource`]).
 //!
 //! State: none; the [`InjectConfig`] is read-only. Failures handled: an annotation that
 //! does not parse (an empty item, a bad NS URL) or an object that is not what its kind
@@ -35,8 +37,8 @@ use base64::Engine;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    CSIVolumeSource, Container, EnvVar, EnvVarSource, HostPathVolumeSource, ObjectFieldSelector,
-    ResourceRequirements, SecretVolumeSource, Volume, VolumeMount,
+    CSIVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostPathVolumeSource,
+    ObjectFieldSelector, ResourceRequirements, SecretVolumeSource, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use nsm_sdk::config::NsUrl;
@@ -58,6 +60,13 @@ pub const SIDECAR: &str = "nsm-sidecar";
 pub const SOCKET_VOLUME: &str = "nsm-socket";
 /// The volume of the SVID files.
 pub const SVID_VOLUME: &str = "nsm-svid";
+/// The volume (an `emptyDir`) where `nsm-init` leaves its connections for `nsm-sidecar`.
+pub const CONNECTIONS_VOLUME: &str = "nsm-connections";
+/// Where [`CONNECTIONS_VOLUME`] is mounted in both injected containers.
+pub const CONNECTIONS_DIR: &str = "/var/lib/nsm-connections";
+/// `NSM_CONNECTIONS_FILE` of both injected containers: the hand-over of the
+/// connections from `nsm-init` to `nsm-sidecar` (docs/NSC-INIT.md).
+pub const CONNECTIONS_FILE: &str = "/var/lib/nsm-connections/connections.jsonl";
 /// Where the SVID files are mounted in the injected containers.
 pub const SVID_DIR: &str = "/var/run/nsm/svid";
 /// The CSI driver of cert-manager's csi-driver-spiffe: SVID files (`tls.crt`,
@@ -254,7 +263,7 @@ fn patch(
     }
     if let Some(taken) = names("volumes")
         .into_iter()
-        .find(|n| n == SOCKET_VOLUME || n == SVID_VOLUME)
+        .find(|n| n == SOCKET_VOLUME || n == SVID_VOLUME || n == CONNECTIONS_VOLUME)
     {
         return Err(format!(
             "{what} already has a volume named {taken:?}, which the injected nsc needs"
@@ -352,7 +361,12 @@ fn volumes(config: &InjectConfig) -> Vec<Volume> {
         }),
         SvidSource::Insecure => None,
     };
-    std::iter::once(socket).chain(svid).collect()
+    let connections = Volume {
+        name: CONNECTIONS_VOLUME.to_string(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    };
+    [socket, connections].into_iter().chain(svid).collect()
 }
 
 fn env(name: &str, value: &str) -> EnvVar {
@@ -378,15 +392,23 @@ fn container(name: &str, services: &str, init: bool, config: &InjectConfig) -> C
         },
         env("NSM_NETWORK_SERVICES", services),
         env("NSM_CONNECT_TO", &config.manager_url),
+        env("NSM_CONNECTIONS_FILE", CONNECTIONS_FILE),
     ];
     if init {
         envs.push(env("NSM_INIT", "true"));
     }
-    let mut mounts = vec![VolumeMount {
-        name: SOCKET_VOLUME.to_string(),
-        mount_path: config.socket_dir.clone(),
-        ..VolumeMount::default()
-    }];
+    let mut mounts = vec![
+        VolumeMount {
+            name: SOCKET_VOLUME.to_string(),
+            mount_path: config.socket_dir.clone(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: CONNECTIONS_VOLUME.to_string(),
+            mount_path: CONNECTIONS_DIR.to_string(),
+            ..VolumeMount::default()
+        },
+    ];
     if config.svid == SvidSource::Insecure {
         envs.push(env("NSM_INSECURE", "true"));
     } else {
@@ -483,7 +505,9 @@ mod tests {
             ops[0]["value"][0]["hostPath"]["path"],
             "/var/lib/networkservicemesh"
         );
-        assert_eq!(ops[0]["value"][1]["csi"]["driver"], DEFAULT_SVID_CSI_DRIVER);
+        assert_eq!(ops[0]["value"][1]["name"], CONNECTIONS_VOLUME);
+        assert_eq!(ops[0]["value"][1]["emptyDir"], json!({}));
+        assert_eq!(ops[0]["value"][2]["csi"]["driver"], DEFAULT_SVID_CSI_DRIVER);
         assert_eq!(ops[1]["path"], "/spec/initContainers");
         let [init, sidecar] = ops[1]["value"].as_array().unwrap().as_slice() else {
             panic!("{ops:?}")
@@ -505,6 +529,17 @@ mod tests {
             "kernel://vpn-gateway/nsm-1?app=web,noop://x"
         );
         assert_eq!(env(init, "NSM_INIT").unwrap()["value"], "true");
+        for c in [init, sidecar] {
+            assert_eq!(
+                env(c, "NSM_CONNECTIONS_FILE").unwrap()["value"],
+                CONNECTIONS_FILE,
+                "the hand-over file of docs/NSC-INIT.md"
+            );
+            let mounts = c["volumeMounts"].as_array().unwrap();
+            assert!(mounts
+                .iter()
+                .any(|m| m["name"] == CONNECTIONS_VOLUME && m["mountPath"] == CONNECTIONS_DIR));
+        }
         assert!(env(sidecar, "NSM_INIT").is_none());
         assert_eq!(
             env(sidecar, "NSM_CONNECT_TO").unwrap()["value"],
@@ -535,13 +570,14 @@ mod tests {
             paths,
             [
                 "/spec/volumes/-",
+                "/spec/volumes/-",
                 "/spec/initContainers/0",
                 "/spec/initContainers/0"
             ]
         );
-        assert_eq!(ops[1]["value"]["name"], SIDECAR);
-        assert_eq!(ops[2]["value"]["name"], INIT_CONTAINER);
-        let env = ops[2]["value"]["env"].as_array().unwrap();
+        assert_eq!(ops[2]["value"]["name"], SIDECAR);
+        assert_eq!(ops[3]["value"]["name"], INIT_CONTAINER);
+        let env = ops[3]["value"]["env"].as_array().unwrap();
         assert!(env
             .iter()
             .any(|e| e["name"] == "NSM_INSECURE" && e["value"] == "true"));

@@ -211,7 +211,19 @@ fn assert_injected(spec: &PodSpec) {
             .flatten()
             .map(|m| m.mount_path.as_str())
             .collect();
-        assert_eq!(mounts, ["/var/lib/networkservicemesh", "/var/run/nsm/svid"]);
+        assert_eq!(
+            mounts,
+            [
+                "/var/lib/networkservicemesh",
+                "/var/lib/nsm-connections",
+                "/var/run/nsm/svid"
+            ]
+        );
+        // The hand-over of docs/NSC-INIT.md: the same file in both containers.
+        assert_eq!(
+            env(c, "NSM_CONNECTIONS_FILE"),
+            Some("/var/lib/nsm-connections/connections.jsonl")
+        );
     }
     assert_eq!(env(&inits[0], "NSM_INIT"), Some("true"));
     assert_eq!(env(&inits[1], "NSM_INIT"), None);
@@ -224,6 +236,11 @@ fn assert_injected(spec: &PodSpec) {
         socket.host_path.as_ref().unwrap().path,
         "/var/lib/networkservicemesh"
     );
+    let handover = volumes
+        .iter()
+        .find(|v| v.name == "nsm-connections")
+        .unwrap();
+    assert!(handover.empty_dir.is_some(), "{handover:?}");
     let svid = volumes.iter().find(|v| v.name == "nsm-svid").unwrap();
     assert_eq!(
         svid.csi.as_ref().unwrap().driver,
