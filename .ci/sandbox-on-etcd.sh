@@ -51,5 +51,5 @@ healthy 2>/dev/null || { echo "etcd not healthy within 30 s:"; cat "$data/etcd.l
 
 echo "sandbox suites with the registry on etcd at http://127.0.0.1:$client_port"
 NSM_SANDBOX_ETCD="http://127.0.0.1:$client_port" cargo nextest run --workspace --all-features \
-  -E 'binary(usecases) | binary(reselect) | binary(lifecycle) | binary(selection) | binary(upstream) | binary(vl3)' \
+  -E 'binary(usecases) | binary(reselect) | binary(lifecycle) | binary(selection) | binary(upstream) | binary(vl3) | binary(interdomain)' \
   "$@"
