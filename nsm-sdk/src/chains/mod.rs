@@ -35,6 +35,19 @@ pub use registry_server::{
 };
 pub use security::Security;
 
+/// What every hop serves: its chain as NetworkService and its monitor as
+/// MonitorConnection, filtered per subscriber when policies are configured (the caller
+/// adds what else it serves, then secures the whole).
+fn chain_services(
+    chain: &crate::core::Chain,
+    monitor: &crate::handlers::Monitor,
+    policies: Option<&std::sync::Arc<crate::security::PolicySet>>,
+) -> crate::transport::Services {
+    crate::transport::Services::new()
+        .network_service(chain.clone())
+        .monitor(monitor_source(monitor, policies))
+}
+
 /// What a hop serves as MonitorConnection: its monitor, filtered per subscriber when
 /// policies are configured.
 fn monitor_source(

@@ -178,11 +178,8 @@ impl Nsmgr {
     /// The gRPC services to serve: NetworkService, MonitorConnection and both
     /// registries.
     pub fn services(&self) -> Services {
-        let source = super::monitor_source(&self.monitor, self.policies.as_ref());
         self.security.serve(
-            Services::new()
-                .network_service(self.chain.clone())
-                .monitor(source)
+            super::chain_services(&self.chain, &self.monitor, self.policies.as_ref())
                 .ns_registry(self.registries.ns.clone())
                 .nse_registry(self.registries.nse.clone()),
         )

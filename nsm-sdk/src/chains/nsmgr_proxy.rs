@@ -134,12 +134,11 @@ impl NsmgrProxy {
 
     /// The gRPC services to serve: NetworkService and MonitorConnection.
     pub fn services(&self) -> Services {
-        let source = super::monitor_source(&self.monitor, self.policies.as_ref());
-        self.security.serve(
-            Services::new()
-                .network_service(self.chain.clone())
-                .monitor(source),
-        )
+        self.security.serve(super::chain_services(
+            &self.chain,
+            &self.monitor,
+            self.policies.as_ref(),
+        ))
     }
 }
 
