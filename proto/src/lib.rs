@@ -39,6 +39,7 @@ pub mod ipam {
     include!(concat!(env!("OUT_DIR"), "/ipam.rs"));
 }
 
+mod access;
 pub mod codec;
 pub mod json;
 

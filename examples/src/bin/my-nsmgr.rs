@@ -39,11 +39,7 @@ impl Handler for CountPerService {
         req: NetworkServiceRequest,
         next: Next,
     ) -> Result<Connection> {
-        let service = req
-            .connection
-            .as_ref()
-            .map(|c| c.network_service.clone())
-            .unwrap_or_default();
+        let service = req.conn().network_service.clone();
         let requests = {
             let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
             let n = counts.entry(service.clone()).or_default();

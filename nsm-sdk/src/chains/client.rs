@@ -15,16 +15,15 @@ use std::time::Duration;
 use nsm_proto::connection::Mechanism;
 use tokio_util::sync::CancellationToken;
 
-use super::security::{Secured, Security};
+use super::security::Secured;
+
 use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::noop_mechanism;
 use crate::handlers::{
     authorize_client, client_url, mechanism_preferences, refresh, retry, update_path, update_token,
 };
-use crate::security::PolicySet;
-use crate::token::TokenGenerator;
-use crate::transport::{grpc_client, Channels, Url};
+use crate::transport::{grpc_client, Url};
 
 /// What a client chain is made of.
 #[derive(Clone)]
@@ -71,10 +70,10 @@ impl ClientOptions {
         }
     }
 
-    /// Shares this channel pool (one gRPC channel per peer in the process).
-    pub fn channels(mut self, channels: Channels) -> Self {
-        self.sec.channels = channels;
-        self
+    secured_setters! {
+        policies: "`authorize_client` last before the manager's URL and the gRPC client, checking the path the manager returns",
+        security: "a new channel pool (mTLS when secure; to share a pool, pass one made by [`Security::channels`](crate::chains::Security::channels) to `.channels` after this), signed path tokens, and the authorize policies",
+        channels
     }
 
     /// The mechanisms offered, in order of preference.
@@ -95,54 +94,17 @@ impl ClientOptions {
         self
     }
 
-    /// Adds an application handler (after `begin`, before the mechanisms).
-    pub fn handler(mut self, handler: impl Handler) -> Self {
-        self.handlers.push(Arc::new(handler));
-        self
-    }
-
-    /// Inserts a handler right after `begin`: it sees each Request and Close that
-    /// `begin` lets through (with the connection's handle in [`Cx::conn`](crate::Cx::conn)),
-    /// before the chain's own handlers; handlers inserted here run in the order added.
-    pub fn after_begin(mut self, handler: impl Handler) -> Self {
-        self.after_begin.push(Arc::new(handler));
-        self
-    }
-
-    /// Inserts a handler right before the request leaves for the manager (after
-    /// `update_token` and the mechanism preferences): it sees the request as sent, and
-    /// the manager's answer first.
-    pub fn before_connect(mut self, handler: impl Handler) -> Self {
-        self.before_connect.push(Arc::new(handler));
-        self
-    }
-
-    /// The token generator that signs this hop's path segment (default: unsigned tokens
-    /// that live 10 minutes).
-    pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
-        self.sec.tokens = tokens;
-        self
-    }
-
-    /// Secures the component with `security` ([`Security`]): a new channel pool (mTLS
-    /// when secure; to share a pool, pass one made by [`Security::channels`] to
-    /// `.channels` after this), signed path tokens, and the authorize policies.
-    pub fn security(mut self, security: &Security) -> Self {
-        self.sec.set(security);
-        self
-    }
-
-    /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_client` last before the manager's URL and the gRPC client, checking the path the manager returns. Without
-    /// them (the default) nothing is checked (insecure mode).
-    pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
-        self.sec.policies = Some(policies);
-        self
-    }
-
-    /// Owns every task of the client's connections under this token.
-    pub fn root(mut self, root: CancellationToken) -> Self {
-        self.root = root;
-        self
+    handler_setters! {
+        /// Adds an application handler (after `begin`, before the mechanisms).
+        handler => handlers,
+        /// Inserts a handler right after `begin`: it sees each Request and Close that
+        /// `begin` lets through (with the connection's handle in [`Cx::conn`](crate::Cx::conn)),
+        /// before the chain's own handlers; handlers inserted here run in the order added.
+        after_begin => after_begin,
+        /// Inserts a handler right before the request leaves for the manager (after
+        /// `update_token` and the mechanism preferences): it sees the request as sent, and
+        /// the manager's answer first.
+        before_connect => before_connect,
     }
 }
 

@@ -11,12 +11,11 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::security::{Secured, Security};
+use super::security::Secured;
+use super::Served;
 use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::{authorize_server, timeout, update_path, update_token, Monitor};
-use crate::security::PolicySet;
-use crate::token::TokenGenerator;
 use crate::transport::Services;
 
 /// What an endpoint chain is made of.
@@ -54,50 +53,23 @@ impl EndpointOptions {
         Self::default()
     }
 
-    /// The token generator that signs this hop's path segment (default: unsigned tokens
-    /// that live 10 minutes).
-    pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
-        self.sec.tokens = tokens;
-        self
+    handler_setters! {
+        /// Inserts a handler right after `begin`: it sees each Request and Close that
+        /// `begin` lets through (with the connection's handle in [`Cx::conn`](crate::Cx::conn)),
+        /// before the chain's own handlers; handlers inserted here run in the order added.
+        after_begin => after_begin,
+        /// Appends an application handler (after `monitor`, the end of the chain).
+        handler => handlers,
     }
 
-    /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_server` after `update_token`, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`). Without
-    /// them (the default) nothing is checked (insecure mode).
-    pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
-        self.sec.policies = Some(policies);
-        self
-    }
-
-    /// Inserts a handler right after `begin`: it sees each Request and Close that
-    /// `begin` lets through (with the connection's handle in [`Cx::conn`](crate::Cx::conn)),
-    /// before the chain's own handlers; handlers inserted here run in the order added.
-    pub fn after_begin(mut self, handler: impl Handler) -> Self {
-        self.after_begin.push(Arc::new(handler));
-        self
-    }
-
-    /// Appends an application handler (after `monitor`, the end of the chain).
-    pub fn handler(mut self, handler: impl Handler) -> Self {
-        self.handlers.push(Arc::new(handler));
-        self
+    secured_setters! {
+        policies: "`authorize_server` after `update_token`, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`)",
+        security: "signed path tokens, mTLS on its servers ([`Endpoint::services`]) and the authorize policies"
     }
 
     /// Appends a shared application handler.
     pub fn handler_arc(mut self, handler: Arc<dyn Handler>) -> Self {
         self.handlers.push(handler);
-        self
-    }
-
-    /// Secures the endpoint with `security` ([`Security`]): signed path tokens, mTLS on
-    /// its servers ([`Endpoint::services`]) and the authorize policies.
-    pub fn security(mut self, security: &Security) -> Self {
-        self.sec.set(security);
-        self
-    }
-
-    /// Owns every task of the endpoint's connections under this token.
-    pub fn root(mut self, root: CancellationToken) -> Self {
-        self.root = root;
         self
     }
 }
@@ -107,10 +79,7 @@ impl EndpointOptions {
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     name: String,
-    chain: Chain,
-    monitor: Monitor,
-    security: Security,
-    policies: Option<Arc<PolicySet>>,
+    served: Served,
 }
 
 impl Endpoint {
@@ -121,21 +90,17 @@ impl Endpoint {
 
     /// The NetworkService chain.
     pub fn chain(&self) -> &Chain {
-        &self.chain
+        &self.served.chain
     }
 
     /// The monitor of the endpoint's connections.
     pub fn monitor(&self) -> &Monitor {
-        &self.monitor
+        &self.served.monitor
     }
 
     /// The gRPC services to serve: NetworkService and MonitorConnection.
     pub fn services(&self) -> Services {
-        self.security.serve(super::chain_services(
-            &self.chain,
-            &self.monitor,
-            self.policies.as_ref(),
-        ))
+        self.served.services_with(|s| s)
     }
 }
 
@@ -147,7 +112,7 @@ pub fn endpoint(name: impl Into<String>, opts: EndpointOptions) -> Endpoint {
         .push(update_path(name.clone()).trim_tail(true))
         .push(begin().root(opts.root))
         .extend(opts.after_begin)
-        .push(update_token(opts.sec.tokens))
+        .push(update_token(opts.sec.tokens.clone()))
         .push_opt(opts.sec.policies.clone().map(authorize_server))
         .push(timeout())
         .push(monitor.clone())
@@ -155,9 +120,6 @@ pub fn endpoint(name: impl Into<String>, opts: EndpointOptions) -> Endpoint {
         .build();
     Endpoint {
         name,
-        chain,
-        monitor,
-        security: opts.sec.security,
-        policies: opts.sec.policies,
+        served: Served::new(chain, monitor, &opts.sec),
     }
 }

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint, NetworkServiceLabels};
 use tokio_util::sync::CancellationToken;
 
-use super::security::{Secured, Security};
+use super::security::Secured;
+use super::Served;
 use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::{
@@ -34,9 +35,7 @@ use crate::handlers::{
 };
 use crate::registry::select::FORWARDER_SERVICE;
 use crate::registry::{find_cache, watch_reconnect, Registries, RegistryChain};
-use crate::security::PolicySet;
-use crate::token::TokenGenerator;
-use crate::transport::{grpc_client, grpc_registry, Channels, Services, Url};
+use crate::transport::{grpc_client, grpc_registry, Services, Url};
 use crate::wire::types;
 
 /// What a forwarder is made of.
@@ -83,38 +82,10 @@ impl ForwarderOptions {
         }
     }
 
-    /// Shares this channel pool.
-    pub fn channels(mut self, channels: Channels) -> Self {
-        self.sec.channels = channels;
-        self
-    }
-
-    /// The token generator that signs this hop's path segment (default: unsigned tokens
-    /// that live 10 minutes).
-    pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
-        self.sec.tokens = tokens;
-        self
-    }
-
-    /// Secures the component with `security` ([`Security`]): a new channel pool (mTLS
-    /// when secure; to share a pool, pass one made by [`Security::channels`] to
-    /// `.channels` after this), signed path tokens, mTLS on its servers ([`Forwarder::services`]), and the authorize policies.
-    pub fn security(mut self, security: &Security) -> Self {
-        self.sec.set(security);
-        self
-    }
-
-    /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_server` after `update_token`, `authorize_client` before the gRPC client of its client half, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`). Without
-    /// them (the default) nothing is checked (insecure mode).
-    pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
-        self.sec.policies = Some(policies);
-        self
-    }
-
-    /// Owns every task of the forwarder under this token.
-    pub fn root(mut self, root: CancellationToken) -> Self {
-        self.root = root;
-        self
+    secured_setters! {
+        policies: "`authorize_server` after `update_token`, `authorize_client` before the gRPC client of its client half, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`)",
+        security: "a new channel pool (mTLS when secure; to share a pool, pass one made by [`Security::channels`](crate::chains::Security::channels) to `.channels` after this), signed path tokens, mTLS on its servers ([`Forwarder::services`]), and the authorize policies",
+        channels
     }
 
     /// The server-side mechanisms (what the forwarder can make for its caller).
@@ -135,28 +106,19 @@ impl ForwarderOptions {
         self
     }
 
-    /// Inserts a handler right after `begin`: it sees each Request and Close that
-    /// `begin` lets through (with the connection's handle in [`Cx::conn`](crate::Cx::conn)),
-    /// before the chain's own handlers; handlers inserted here run in the order added.
-    pub fn after_begin(mut self, handler: impl Handler) -> Self {
-        self.after_begin.push(Arc::new(handler));
-        self
-    }
-
-    /// Inserts a handler right before `connect`: it sees the request once
-    /// `round_robin` has picked the endpoint (its URL in [`Cx::ext`](crate::Cx::ext) as
-    /// [`ClientUrl`](crate::transport::ClientUrl)), once per candidate tried.
-    pub fn before_connect(mut self, handler: impl Handler) -> Self {
-        self.before_connect.push(Arc::new(handler));
-        self
-    }
-
-    /// Appends a server-side handler right after `monitor` (before the mechanisms):
-    /// it sees every Request and Close this forwarder's `begin` lets through (a test
-    /// counter, say).
-    pub fn handler(mut self, handler: impl Handler) -> Self {
-        self.handlers.push(Arc::new(handler));
-        self
+    handler_setters! {
+        /// Inserts a handler right after `begin`: it sees each Request and Close that
+        /// `begin` lets through (with the connection's handle in [`Cx::conn`](crate::Cx::conn)),
+        /// before the chain's own handlers; handlers inserted here run in the order added.
+        after_begin => after_begin,
+        /// Inserts a handler right before `connect`: it sees the request once
+        /// `round_robin` has picked the endpoint (its URL in [`Cx::ext`](crate::Cx::ext) as
+        /// [`ClientUrl`](crate::transport::ClientUrl)), once per candidate tried.
+        before_connect => before_connect,
+        /// Appends a server-side handler right after `monitor` (before the mechanisms):
+        /// it sees every Request and Close this forwarder's `begin` lets through (a test
+        /// counter, say).
+        handler => handlers,
     }
 }
 
@@ -164,12 +126,9 @@ impl ForwarderOptions {
 #[derive(Debug, Clone)]
 pub struct Forwarder {
     name: String,
-    chain: Chain,
-    monitor: Monitor,
-    policies: Option<Arc<PolicySet>>,
+    served: Served,
     registries: Registries,
     labels: HashMap<String, String>,
-    security: Security,
 }
 
 impl Forwarder {
@@ -180,7 +139,7 @@ impl Forwarder {
 
     /// The NetworkService chain.
     pub fn chain(&self) -> &Chain {
-        &self.chain
+        &self.served.chain
     }
 
     /// The registries it uses (its manager's front).
@@ -206,11 +165,7 @@ impl Forwarder {
 
     /// The gRPC services to serve: NetworkService and MonitorConnection.
     pub fn services(&self) -> Services {
-        self.security.serve(super::chain_services(
-            &self.chain,
-            &self.monitor,
-            self.policies.as_ref(),
-        ))
+        self.served.services_with(|s| s)
     }
 }
 
@@ -263,11 +218,8 @@ pub fn forwarder(opts: ForwarderOptions) -> Forwarder {
         .build();
     Forwarder {
         name: opts.name,
-        chain,
-        monitor,
+        served: Served::new(chain, monitor, &opts.sec),
         registries,
         labels: opts.labels,
-        security: opts.sec.security,
-        policies: opts.sec.policies,
     }
 }

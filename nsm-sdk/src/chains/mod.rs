@@ -15,6 +15,9 @@
 //! places (`after_begin`, `handler` after `monitor`, `before_connect`; see each
 //! options type), so a chain is extended without copying its body.
 
+#[macro_use]
+mod setters;
+
 pub mod client;
 pub mod endpoint;
 pub mod forwarder;
@@ -34,6 +37,43 @@ pub use registry_server::{
     registry_server, registry_server_on, registry_server_with, RegistryServer, Store,
 };
 pub use security::Security;
+
+/// What an assembled hop serves: its chain, the monitor behind its MonitorConnection
+/// service, and how both are secured.
+#[derive(Debug, Clone)]
+struct Served {
+    chain: crate::core::Chain,
+    monitor: crate::handlers::Monitor,
+    security: Security,
+    policies: Option<std::sync::Arc<crate::security::PolicySet>>,
+}
+
+impl Served {
+    fn new(
+        chain: crate::core::Chain,
+        monitor: crate::handlers::Monitor,
+        sec: &security::Secured,
+    ) -> Self {
+        Served {
+            chain,
+            monitor,
+            security: sec.security.clone(),
+            policies: sec.policies.clone(),
+        }
+    }
+
+    /// NetworkService and MonitorConnection, plus what `more` adds, secured.
+    fn services_with(
+        &self,
+        more: impl FnOnce(crate::transport::Services) -> crate::transport::Services,
+    ) -> crate::transport::Services {
+        self.security.serve(more(chain_services(
+            &self.chain,
+            &self.monitor,
+            self.policies.as_ref(),
+        )))
+    }
+}
 
 /// What every hop serves: its chain as NetworkService and its monitor as
 /// MonitorConnection, filtered per subscriber when policies are configured (the caller

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use nsm_proto::registry::{NetworkService, NetworkServiceEndpoint};
 use tokio_util::sync::CancellationToken;
 
-use super::security::{Secured, Security};
+use super::security::Secured;
+use super::Served;
 use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::{
@@ -35,9 +36,7 @@ use crate::registry::{
     authorize as registry_authorize, find_cache, local_bypass, validate, watch_reconnect,
     Registries, RegistryChain,
 };
-use crate::security::PolicySet;
-use crate::token::TokenGenerator;
-use crate::transport::{grpc_client, grpc_registry, Channels, RegistryUrls, Services, Url};
+use crate::transport::{grpc_client, grpc_registry, RegistryUrls, Services, Url};
 
 /// What a manager is made of.
 #[derive(Clone)]
@@ -82,63 +81,25 @@ impl NsmgrOptions {
         }
     }
 
-    /// Shares this channel pool.
-    pub fn channels(mut self, channels: Channels) -> Self {
-        self.sec.channels = channels;
-        self
+    secured_setters! {
+        policies: "`authorize_server` after `update_token`, `authorize_client` before the gRPC client of its client half, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`)",
+        security: "a new channel pool (mTLS when secure; to share a pool, pass one made by [`Security::channels`](crate::chains::Security::channels) to `.channels` after this), signed path tokens, mTLS on its servers ([`Nsmgr::services`]), and the authorize policies",
+        channels
     }
 
-    /// The token generator that signs this hop's path segment (default: unsigned tokens
-    /// that live 10 minutes).
-    pub fn tokens(mut self, tokens: Arc<dyn TokenGenerator>) -> Self {
-        self.sec.tokens = tokens;
-        self
-    }
-
-    /// Authorizes with these policies (e.g. [`PolicySet::from_env`]): `authorize_server` after `update_token`, `authorize_client` before the gRPC client of its client half, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`). Without
-    /// them (the default) nothing is checked (insecure mode).
-    pub fn policies(mut self, policies: Arc<PolicySet>) -> Self {
-        self.sec.policies = Some(policies);
-        self
-    }
-
-    /// Inserts a handler right after `begin`: it sees each Request and Close that
-    /// `begin` lets through (with the connection's handle in [`Cx::conn`](crate::Cx::conn)),
-    /// before the chain's own handlers; handlers inserted here run in the order added.
-    pub fn after_begin(mut self, handler: impl Handler) -> Self {
-        self.after_begin.push(Arc::new(handler));
-        self
-    }
-
-    /// Appends a handler right after `monitor` (before the forwarder is picked): it
-    /// sees every Request and Close of the manager's connections, with this hop's path
-    /// segment and token in place.
-    pub fn handler(mut self, handler: impl Handler) -> Self {
-        self.handlers.push(Arc::new(handler));
-        self
-    }
-
-    /// Inserts a handler right before `connect`: it sees the request once
-    /// `discover_forwarder` has picked a forwarder (its URL in [`Cx::ext`](crate::Cx::ext)
-    /// as [`ClientUrl`](crate::transport::ClientUrl)).
-    pub fn before_connect(mut self, handler: impl Handler) -> Self {
-        self.before_connect.push(Arc::new(handler));
-        self
-    }
-
-    /// Secures the manager with `security` ([`Security`]): a new channel pool (mTLS
-    /// when secure; to share a pool, pass one made by [`Security::channels`] to
-    /// `.channels` after this), signed path tokens, mTLS on its servers
-    /// ([`Nsmgr::services`]), and the authorize policies.
-    pub fn security(mut self, security: &Security) -> Self {
-        self.sec.set(security);
-        self
-    }
-
-    /// Owns every task of the manager under this token.
-    pub fn root(mut self, root: CancellationToken) -> Self {
-        self.root = root;
-        self
+    handler_setters! {
+        /// Inserts a handler right after `begin`: it sees each Request and Close that
+        /// `begin` lets through (with the connection's handle in [`Cx::conn`](crate::Cx::conn)),
+        /// before the chain's own handlers; handlers inserted here run in the order added.
+        after_begin => after_begin,
+        /// Appends a handler right after `monitor` (before the forwarder is picked): it
+        /// sees every Request and Close of the manager's connections, with this hop's path
+        /// segment and token in place.
+        handler => handlers,
+        /// Inserts a handler right before `connect`: it sees the request once
+        /// `discover_forwarder` has picked a forwarder (its URL in [`Cx::ext`](crate::Cx::ext)
+        /// as [`ClientUrl`](crate::transport::ClientUrl)).
+        before_connect => before_connect,
     }
 }
 
@@ -147,11 +108,8 @@ impl NsmgrOptions {
 pub struct Nsmgr {
     name: String,
     url: Url,
-    chain: Chain,
-    monitor: Monitor,
+    served: Served,
     registries: Registries,
-    security: Security,
-    policies: Option<Arc<PolicySet>>,
 }
 
 impl Nsmgr {
@@ -167,7 +125,7 @@ impl Nsmgr {
 
     /// The NetworkService chain.
     pub fn chain(&self) -> &Chain {
-        &self.chain
+        &self.served.chain
     }
 
     /// The node's registry front (what local NSEs and forwarders register with).
@@ -178,11 +136,10 @@ impl Nsmgr {
     /// The gRPC services to serve: NetworkService, MonitorConnection and both
     /// registries.
     pub fn services(&self) -> Services {
-        self.security.serve(
-            super::chain_services(&self.chain, &self.monitor, self.policies.as_ref())
-                .ns_registry(self.registries.ns.clone())
-                .nse_registry(self.registries.nse.clone()),
-        )
+        self.served.services_with(|s| {
+            s.ns_registry(self.registries.ns.clone())
+                .nse_registry(self.registries.nse.clone())
+        })
     }
 }
 
@@ -245,10 +202,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
     Nsmgr {
         name: opts.name,
         url: opts.url,
-        chain,
-        monitor,
+        served: Served::new(chain, monitor, &opts.sec),
         registries,
-        security: opts.sec.security,
-        policies: opts.sec.policies,
     }
 }

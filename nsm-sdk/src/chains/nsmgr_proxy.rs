@@ -19,17 +19,16 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::security::{Secured, Security};
+use super::security::Secured;
+use super::Served;
 use crate::core::rt::begin;
 use crate::core::Chain;
 use crate::handlers::{
     authorize_client, authorize_server, connect, domain_border, monitor_relay, swap_ip, timeout,
     update_path, update_token, AddressMap, Monitor, SwapIp,
 };
-use crate::security::PolicySet;
 use crate::transport::{
-    grpc_client, grpc_registries, Channels, DnsRegistries, DomainResolver, RegistryUrls, Services,
-    Url,
+    grpc_client, grpc_registries, DnsRegistries, DomainResolver, RegistryUrls, Services, Url,
 };
 
 /// What an nsmgr-proxy is made of.
@@ -78,35 +77,15 @@ impl NsmgrProxyOptions {
         }
     }
 
+    secured_setters! {
+        policies: "`authorize_server` after `update_token`, `authorize_client` before the gRPC client of its client half, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`)",
+        security: "mTLS on its server and its channel pool (its bundle must hold the CAs of the domains it talks to), signed path tokens, the authorize policies",
+        channels
+    }
+
     /// The internal -> public address of each node of the domain (`swap_ip`).
     pub fn addresses(mut self, map: AddressMap) -> Self {
         self.addresses = map;
-        self
-    }
-
-    /// Secures the proxy ([`Security`]): mTLS on its server and its channel pool (its
-    /// bundle must hold the CAs of the domains it talks to), signed path tokens, the
-    /// authorize policies.
-    pub fn security(mut self, security: &Security) -> Self {
-        self.sec.set(security);
-        self
-    }
-
-    /// Shares this channel pool.
-    pub fn channels(mut self, channels: Channels) -> Self {
-        self.sec.channels = channels;
-        self
-    }
-
-    /// The token generator that signs this hop's path segment.
-    pub fn tokens(mut self, tokens: Arc<dyn crate::token::TokenGenerator>) -> Self {
-        self.sec.tokens = tokens;
-        self
-    }
-
-    /// Owns every task of the proxy under this token.
-    pub fn root(mut self, root: CancellationToken) -> Self {
-        self.root = root;
         self
     }
 }
@@ -114,17 +93,14 @@ impl NsmgrProxyOptions {
 /// An assembled nsmgr-proxy.
 #[derive(Debug, Clone)]
 pub struct NsmgrProxy {
-    chain: Chain,
-    monitor: Monitor,
+    served: Served,
     swap: SwapIp,
-    security: Security,
-    policies: Option<Arc<PolicySet>>,
 }
 
 impl NsmgrProxy {
     /// The NetworkService chain.
     pub fn chain(&self) -> &Chain {
-        &self.chain
+        &self.served.chain
     }
 
     /// The address map, to replace while running.
@@ -134,11 +110,7 @@ impl NsmgrProxy {
 
     /// The gRPC services to serve: NetworkService and MonitorConnection.
     pub fn services(&self) -> Services {
-        self.security.serve(super::chain_services(
-            &self.chain,
-            &self.monitor,
-            self.policies.as_ref(),
-        ))
+        self.served.services_with(|s| s)
     }
 }
 
@@ -174,10 +146,7 @@ pub fn nsmgr_proxy(opts: NsmgrProxyOptions) -> NsmgrProxy {
         .push(connect(client))
         .build();
     NsmgrProxy {
-        chain,
-        monitor,
+        served: Served::new(chain, monitor, &opts.sec),
         swap,
-        security: opts.sec.security,
-        policies: opts.sec.policies,
     }
 }

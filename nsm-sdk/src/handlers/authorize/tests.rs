@@ -133,6 +133,15 @@ fn nse(me: &IssuedSvid) -> Nse {
     Nse { chain, begin, hop }
 }
 
+impl Nse {
+    /// A first Request from `nsc` (one segment) in `cx`.
+    async fn first_request(&self, cx: &mut Cx) -> Result<Connection> {
+        self.chain
+            .request(cx, arriving(vec![segment("nsc", "c", "")]))
+            .await
+    }
+}
+
 fn assert_denied<T: fmt::Debug>(r: Result<T>, policy: &str) {
     match r {
         Err(Error::PermissionDenied(m)) => assert!(m.contains(policy), "{policy}: {m}"),
@@ -167,10 +176,7 @@ async fn a_caller_without_a_verified_identity_is_refused() {
     let t = token(&nsc, &me);
     let mut cx = from(&nsc, &t);
     cx.peer_mut().identity = None;
-    let r = nse
-        .chain
-        .request(&mut cx, arriving(vec![segment("nsc", "c", "")]))
-        .await;
+    let r = nse.first_request(&mut cx).await;
     assert_denied(r, "no verified identity");
     assert_eq!((nse.hop.attempts(), nse.begin.len()), (0, 0));
 }
@@ -182,10 +188,7 @@ async fn a_token_that_is_no_jwt_is_refused_by_tokens_valid() {
     let nse = nse(&me);
     let mut cx = from(&nsc, &token(&nsc, &me));
     cx.peer_mut().token = Some("nsm-rs".into());
-    let r = nse
-        .chain
-        .request(&mut cx, arriving(vec![segment("nsc", "c", "")]))
-        .await;
+    let r = nse.first_request(&mut cx).await;
     assert_denied(r, "tokens_valid");
     assert_eq!(nse.hop.attempts(), 0);
 }
@@ -202,13 +205,7 @@ async fn a_token_signed_by_another_key_is_refused_by_prev_token_signed() {
         jwt::decode_unverified(&token(&nsc, &me).token).unwrap()
     );
     let nse = nse(&me);
-    let r = nse
-        .chain
-        .request(
-            &mut from(&nsc, &forged),
-            arriving(vec![segment("nsc", "c", "")]),
-        )
-        .await;
+    let r = nse.first_request(&mut from(&nsc, &forged)).await;
     assert_denied(r, "prev_token_signed");
     assert_eq!(nse.hop.attempts(), 0);
 }
@@ -226,13 +223,7 @@ async fn an_expired_token_is_refused_by_tokens_expired() {
     )
     .unwrap();
     let nse = nse(&me);
-    let r = nse
-        .chain
-        .request(
-            &mut from(&nsc, &old),
-            arriving(vec![segment("nsc", "c", "")]),
-        )
-        .await;
+    let r = nse.first_request(&mut from(&nsc, &old)).await;
     assert_denied(r, "tokens_expired");
     assert_eq!(nse.hop.attempts(), 0);
 }
@@ -272,13 +263,7 @@ async fn a_token_replayed_from_another_path_is_refused() {
     let nse = nse(&me);
     // A valid identity of its own sends nsc's token, taken from nsc's path, as its own.
     let stolen = token(&nsc, &me);
-    let r = nse
-        .chain
-        .request(
-            &mut from(&evil, &stolen),
-            arriving(vec![segment("nsc", "c", "")]),
-        )
-        .await;
+    let r = nse.first_request(&mut from(&evil, &stolen)).await;
     assert_denied(r, "prev_token_signed");
     // Or signs its own and puts nsc's segment (made for nsmgr) before it.
     let req = arriving(vec![

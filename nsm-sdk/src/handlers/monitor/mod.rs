@@ -507,11 +507,7 @@ impl Handler for Monitor {
         req: NetworkServiceRequest,
         next: Next,
     ) -> Result<Connection> {
-        let id = req
-            .connection
-            .as_ref()
-            .map(|c| c.id.clone())
-            .unwrap_or_default();
+        let id = req.conn().id.clone();
         cx.ext_mut().insert(self.clone());
         match next.request(cx, req).await {
             Ok(conn) => {
