@@ -1,8 +1,11 @@
 //! Scenario and end-to-end tests for nsm-rs, and what their process-level suites share:
 //! finding the example binaries, a temporary directory per test, reading a child's
-//! output line by line, and a running program ([`Proc`]).
+//! output line by line, a running program ([`Proc`]) and the kernel vL3 as processes
+//! ([`vl3`]).
 
 #![deny(missing_docs)]
+
+pub mod vl3;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
