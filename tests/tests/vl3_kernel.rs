@@ -15,12 +15,17 @@
 //! endpoint loses its link to the dead one (interface and route) when the link's token
 //! runs out; after every program stopped, only `lo` (and the underlay) is left in
 //! every namespace. Without root (or `ip`/`ping`) it prints a skip line and passes.
+//!
+//! The second test runs the vL3 bench (`benches/vl3.rs`) at a tiny size on two nodes:
+//! joins, pings through the routers and by hand, iperf3 both ways, clean pods after
+//! Close (no timing asserted).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use nsm_testkit::{switched_underlay, Ns as Pod};
 use nsm_tests::vl3::{start_vl3, Vl3Mesh, Vl3Options};
+use nsm_tests::vl3_bench::{self, Sizes};
 use nsm_tests::{poll, Proc, TempDir};
 use serde_json::Value;
 
@@ -280,4 +285,32 @@ fn a_kernel_vl3_on_three_nodes_pings_every_pair_heals_and_leaves_nothing() {
     for node in &nodes {
         assert!(links(node).is_empty(), "left on a node: {:?}", node.links());
     }
+}
+
+/// The vL3 bench (`benches/vl3.rs`) at a tiny size: every client joins with its
+/// interface, address and route (checked by the run), the probes ping each other
+/// through the two routers and by hand, iperf3 moves data both ways, every pod is
+/// clean after Close. No timing is asserted. Skips without iperf3.
+#[test]
+fn the_vl3_bench_runs_at_a_tiny_size() {
+    nsm_testkit::require_root!("kernel vL3 bench test");
+    if !nsm_testkit::lab::run("iperf3", &["--version"]).0 {
+        eprintln!("skipped: iperf3 is not installed (apt-get install -y iperf3)");
+        return;
+    }
+    let rt = nsm_testkit::bench::runtime("multi_thread_2").expect("a runtime");
+    let sizes = Sizes {
+        clients: 3,
+        concurrency: 3,
+        pings: 10,
+        seconds: 1,
+        runs: 1,
+    };
+    let report = vl3_bench::run(&rt, sizes).unwrap_or_else(|e| panic!("the bench: {e}"));
+    assert_eq!(report.joins_one_at_a_time.len(), 3);
+    assert_eq!(report.joins_concurrently.len(), 3);
+    assert_eq!(report.per_endpoint.iter().sum::<usize>(), 6);
+    assert_eq!([report.rtt[0].n, report.rtt[1].n], [10, 10]);
+    assert!(report.throughput_ratio > 0.0, "{report:?}");
+    assert_eq!(report.closes.len(), 8, "6 clients and the 2 probes");
 }
