@@ -1,8 +1,12 @@
 //! Scenario and end-to-end tests for nsm-rs, and what their process-level suites share:
 //! finding the example binaries, a temporary directory per test, reading a child's
-//! output line by line, and a running program ([`Proc`]).
+//! output line by line, a running program ([`Proc`]), the kernel vL3 as processes
+//! ([`vl3`]) and its bench ([`vl3_bench`]).
 
 #![deny(missing_docs)]
+
+pub mod vl3;
+pub mod vl3_bench;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};

@@ -15,11 +15,17 @@
 //! endpoint loses its link to the dead one (interface and route) when the link's token
 //! runs out; after every program stopped, only `lo` (and the underlay) is left in
 //! every namespace. Without root (or `ip`/`ping`) it prints a skip line and passes.
+//!
+//! The second test runs the vL3 bench (`benches/vl3.rs`) at a tiny size on two nodes:
+//! joins, pings through the routers and by hand, iperf3 both ways, clean pods after
+//! Close (no timing asserted).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use nsm_testkit::{switched_underlay, underlay_addr, Ns as Pod};
+use nsm_testkit::{switched_underlay, Ns as Pod};
+use nsm_tests::vl3::{start_vl3, Vl3Mesh, Vl3Options};
+use nsm_tests::vl3_bench::{self, Sizes};
 use nsm_tests::{poll, Proc, TempDir};
 use serde_json::Value;
 
@@ -30,28 +36,8 @@ const HEAL_WITHIN: Duration = Duration::from_secs(2);
 /// The token lifetime of the links between vL3 endpoints.
 const LINK_TOKEN: &str = "6s";
 const POLL: Duration = Duration::from_millis(50);
-const NETWORKS: &str = "172.16.0.0/16,fd10::/64";
 const NODES: usize = 3;
 const CLIENTS_PER_NODE: usize = 2;
-
-fn start(
-    dir: &TempDir,
-    pod: Option<&Pod>,
-    program: &str,
-    name: &str,
-    env: &[(&str, &str)],
-    stdout: bool,
-) -> Proc {
-    nsm_tests::start_in(
-        pod.map(|p| p.name.as_str()),
-        dir,
-        program,
-        name,
-        env,
-        stdout,
-        READY,
-    )
-}
 
 /// The links of a namespace other than `lo` and the underlay.
 fn links(ns: &Pod) -> Vec<String> {
@@ -173,103 +159,24 @@ fn a_kernel_vl3_on_three_nodes_pings_every_pair_heals_and_leaves_nothing() {
     nsm_testkit::require_root!("kernel vL3 process test");
     let (_switch, nodes) = switched_underlay(NODES);
     let dir = TempDir::new("nsm-vl3", "mesh");
-    let registry_url = dir.unix("registry.sock");
-    let ipam_url = dir.unix("ipam.sock");
-    let mut registry = start(
+    let mut mesh = Vl3Mesh::start(
         &dir,
-        None,
-        "nsm-registry",
-        "registry",
-        &[("NSM_LISTEN_ON", &registry_url)],
-        false,
+        &nodes,
+        Vl3Options {
+            endpoints: 2,
+            link_token: LINK_TOKEN,
+            ready: READY,
+            ..Vl3Options::default()
+        },
     );
-    registry.wait_for_log(&["serving", &registry_url]);
-    let mut ipam = start(
-        &dir,
-        None,
-        "nsm-vl3-ipam",
-        "vl3-ipam",
-        &[
-            ("NSM_LISTEN_ON", &ipam_url),
-            ("NSM_VL3_NETWORKS", NETWORKS),
-            ("NSM_VL3_PREFIX_LEN", "24,120"),
-        ],
-        false,
-    );
-    ipam.wait_for_log(&["serving", &ipam_url]);
-
-    let mut control = Vec::new();
-    let mut nsmgr_urls = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        let (name, url) = (format!("nsmgr-{i}"), dir.unix(&format!("nsmgr-{i}.sock")));
-        let mut nsmgr = start(
-            &dir,
-            Some(node),
-            "nsmgr",
-            &name,
-            &[
-                ("NSM_NAME", &name),
-                ("NSM_LISTEN_ON", &url),
-                ("NSM_REGISTRY_URL", &registry_url),
-            ],
-            false,
-        );
-        nsmgr.wait_for_log(&["serving", &url]);
-        let fname = format!("forwarder-{i}");
-        let furl = dir.unix(&format!("{fname}.sock"));
-        let mut fwd = start(
-            &dir,
-            Some(node),
-            "nsm-forwarder",
-            &fname,
-            &[
-                ("NSM_NAME", &fname),
-                ("NSM_LISTEN_ON", &furl),
-                ("NSM_CONNECT_TO", &url),
-                ("NSM_TUNNEL_IP", &underlay_addr(i)),
-            ],
-            false,
-        );
-        fwd.wait_for_log(&["registered endpoint", &format!("name={fname}")]);
-        control.push((nsmgr, fwd));
-        nsmgr_urls.push(url);
-    }
-
-    // A vL3 endpoint on each of the first two nodes, each in its pod.
-    let nse_pods = [Pod::new(), Pod::new()];
-    let mut nses = Vec::new();
-    for (i, pod) in nse_pods.iter().enumerate() {
-        let name = format!("vl3-{i}");
-        let listen = dir.unix(&format!("{name}.sock"));
-        let mut nse = start(
-            &dir,
-            Some(pod),
-            "nse-vl3",
-            &name,
-            &[
-                ("NSM_NAME", &name),
-                ("NSM_LISTEN_ON", &listen),
-                ("NSM_CONNECT_TO", &nsmgr_urls[i]),
-                ("NSM_SERVICE_NAMES", "vl3"),
-                ("NSM_VL3_NETWORKS", NETWORKS),
-                ("NSM_PREFIX_SERVER_URL", &ipam_url),
-                ("NSM_VL3_LINK_TOKEN_LIFETIME", LINK_TOKEN),
-            ],
-            false,
-        );
-        nse.wait_for_log(&["registered endpoint", &format!("name={name}")]);
-        nses.push(nse);
-    }
-    // vl3-0 links to vl3-1 (its name sorts first).
-    nses[0].wait_for_log(&["vL3 link up", "peer=vl3-1"]);
 
     let started = Instant::now();
     let mut clients = Vec::new();
-    for (i, url) in nsmgr_urls.iter().enumerate() {
+    for (i, url) in mesh.nsmgr_urls.iter().enumerate() {
         for c in 0..CLIENTS_PER_NODE {
             let pod = Pod::new();
             let name = format!("nsc-{i}-{c}");
-            let nsc = start(
+            let nsc = start_vl3(
                 &dir,
                 Some(&pod),
                 "nsc",
@@ -281,6 +188,7 @@ fn a_kernel_vl3_on_three_nodes_pings_every_pair_heals_and_leaves_nothing() {
                     ("NSM_REQUEST_TIMEOUT", "15s"),
                 ],
                 true,
+                READY,
             );
             clients.push(Client {
                 pod,
@@ -329,7 +237,7 @@ fn a_kernel_vl3_on_three_nodes_pings_every_pair_heals_and_leaves_nothing() {
     };
     let (dead, alive) = (format!("vl3-{victim}"), format!("vl3-{}", 1 - victim));
     let killed = Instant::now();
-    nses[victim].kill9();
+    mesh.endpoints[victim].kill9();
     for c in clients.iter_mut().filter(|c| c.endpoint == dead) {
         let alive = alive.clone();
         let conn = c.next_connection(HEAL_WITHIN + Duration::from_secs(3), move |v| {
@@ -341,7 +249,7 @@ fn a_kernel_vl3_on_three_nodes_pings_every_pair_heals_and_leaves_nothing() {
     eprintln!("heal time (vL3 endpoint killed): {:?}", killed.elapsed());
     assert!(clients.iter().all(|c| c.endpoint == alive));
     // The survivor's link to the dead endpoint goes when its token runs out.
-    let survivor = &nse_pods[1 - victim];
+    let survivor = &mesh.endpoint_pods[1 - victim];
     poll(
         Duration::from_secs(20),
         "the link to the dead vL3 endpoint is gone",
@@ -365,21 +273,44 @@ fn a_kernel_vl3_on_three_nodes_pings_every_pair_heals_and_leaves_nothing() {
             links(&c.pod).is_empty().then_some(())
         });
     }
-    nses[1 - victim].terminate();
-    for pod in &nse_pods {
+    mesh.endpoints[1 - victim].terminate();
+    for pod in &mesh.endpoint_pods {
         poll(
             Duration::from_secs(20),
             &format!("{} empty", pod.name),
             || links(pod).is_empty().then_some(()),
         );
     }
-    for (mut nsmgr, mut fwd) in control {
-        fwd.terminate();
-        nsmgr.terminate();
-    }
+    mesh.stop();
     for node in &nodes {
         assert!(links(node).is_empty(), "left on a node: {:?}", node.links());
     }
-    ipam.terminate();
-    registry.terminate();
+}
+
+/// The vL3 bench (`benches/vl3.rs`) at a tiny size: every client joins with its
+/// interface, address and route (checked by the run), the probes ping each other
+/// through the two routers and by hand, iperf3 moves data both ways, every pod is
+/// clean after Close. No timing is asserted. Skips without iperf3.
+#[test]
+fn the_vl3_bench_runs_at_a_tiny_size() {
+    nsm_testkit::require_root!("kernel vL3 bench test");
+    if !nsm_testkit::lab::run("iperf3", &["--version"]).0 {
+        eprintln!("skipped: iperf3 is not installed (apt-get install -y iperf3)");
+        return;
+    }
+    let rt = nsm_testkit::bench::runtime("multi_thread_2").expect("a runtime");
+    let sizes = Sizes {
+        clients: 3,
+        concurrency: 3,
+        pings: 10,
+        seconds: 1,
+        runs: 1,
+    };
+    let report = vl3_bench::run(&rt, sizes).unwrap_or_else(|e| panic!("the bench: {e}"));
+    assert_eq!(report.joins_one_at_a_time.len(), 3);
+    assert_eq!(report.joins_concurrently.len(), 3);
+    assert_eq!(report.per_endpoint.iter().sum::<usize>(), 6);
+    assert_eq!([report.rtt[0].n, report.rtt[1].n], [10, 10]);
+    assert!(report.throughput_ratio > 0.0, "{report:?}");
+    assert_eq!(report.closes.len(), 8, "6 clients and the 2 probes");
 }
