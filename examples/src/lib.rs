@@ -49,6 +49,7 @@ pub mod load;
 pub mod metrics;
 mod process;
 mod service_file;
+mod vl3;
 pub mod vpn_demo;
 
 pub use cli::{
@@ -69,3 +70,4 @@ pub use process::{
     Failure, SHUTDOWN_TIMEOUT,
 };
 pub use service_file::{register_services, ServiceFileArgs};
+pub use vl3::{Vl3Endpoint, Vl3EndpointOptions, DEFAULT_DNS_LISTEN_ON};
