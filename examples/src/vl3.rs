@@ -106,7 +106,8 @@ impl Vl3Endpoint {
     /// The pod cannot be opened or made a router (runtime), the DNS address cannot be
     /// bound (configuration).
     pub async fn start(opts: Vl3EndpointOptions, security: &Security) -> Result<Self, Failure> {
-        let netns = NetNs::from_url(&opts.netns_url).map_err(|e| Failure::runtime(e.to_string()))?;
+        let netns =
+            NetNs::from_url(&opts.netns_url).map_err(|e| Failure::runtime(e.to_string()))?;
         let in_pod = |e: nsm_sdk_kernel::Error| Failure::runtime(e.to_string());
         netns
             .run(enable_forwarding)

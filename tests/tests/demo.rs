@@ -74,3 +74,64 @@ async fn the_firewall_on_the_other_node_filters_the_same_and_heals() {
         .await
         .unwrap();
 }
+
+/// `demo --vl3` (the vL3 act, as root): three nodes, two vL3 endpoints, six pods that
+/// all ping each other over IPv4 and IPv6, every pod resolving every other by name, an
+/// HTTP GET by name from a pod on another node; it exits 0 and leaves no namespace and
+/// no resolv.conf. Without root it says so and exits 1; the test then skips.
+#[test]
+fn the_vl3_demo_pings_every_pair_and_gets_a_page_by_name() {
+    if let Err(why) = nsm_testkit::lab::can_build() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let started = Instant::now();
+    let child = Command::new(bin("demo"))
+        .arg("--vl3")
+        .env_remove("NSM_LOG_LEVEL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the demo");
+    let lab = format!("nsmvl3-{}-", child.id());
+    let out = child.wait_with_output().expect("the demo's output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the vL3 demo failed ({}):\n{stderr}",
+        out.status
+    );
+    eprintln!("{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    for line in [
+        "[7/7]",
+        "ok: vl3-a linked to vl3-b",
+        "ok: 30 ordered pairs, 60 pings answered",
+        "ok: every pod resolves the 5 others",
+        "< HTTP/1.0 200 OK",
+        "by its name",
+        "ok: pod pod-3b: no interface and no resolv.conf left",
+        "ok: pod vl3-b: no interface left",
+        "done in",
+    ] {
+        assert!(stderr.contains(line), "missing {line:?} in:\n{stderr}");
+    }
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&netns.stdout);
+    assert!(
+        !list.lines().any(|l| l.starts_with(&lab)),
+        "lab namespaces left: {list}"
+    );
+    let etc = std::fs::read_dir("/etc/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&lab))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(etc, 0, "/etc/netns/{lab}* left");
+}
