@@ -7,6 +7,11 @@
 //! of its service through its own client chain, and a DNS server in its pod serving
 //! `<client>.<service>` with a fanout to the linked endpoints
 //! ([`nsm_sdk_dns::vl3_dns`], docs/DNS.md).
+//!
+//! The DNS server runs on a thread of its own that lives in the pod's namespace (a
+//! current-thread runtime there): the sockets its fanout makes for each query are then
+//! in the pod too, which matters when the endpoint runs in a process outside its pod
+//! (the demo).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -68,7 +73,10 @@ pub struct Vl3Endpoint {
     mesh: Vl3Mesh,
     links: Chain,
     dns: Vl3Dns,
-    server: DnsServer,
+    dns_addr: SocketAddr,
+    /// Cancelled: the DNS server's thread stops it and ends.
+    dns_stop: CancellationToken,
+    dns_thread: Option<tokio::task::JoinHandle<()>>,
     holding: CancellationToken,
     _prefix_client: PrefixClient,
 }
@@ -77,8 +85,66 @@ impl std::fmt::Debug for Vl3Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vl3Endpoint")
             .field("mesh", &self.mesh)
-            .field("dns", &self.server)
+            .field("dns", &self.dns_addr)
             .finish()
+    }
+}
+
+impl Drop for Vl3Endpoint {
+    fn drop(&mut self) {
+        self.dns_stop.cancel();
+        self.holding.cancel();
+    }
+}
+
+/// Serves DNS for the vL3 `service` on `addr` in `netns`, on a thread of its own in
+/// that namespace; runs until `stop`. The vL3 DNS over it and where it listens.
+async fn pod_dns(
+    netns: NetNs,
+    addr: SocketAddr,
+    ttl: u32,
+    service: String,
+    stop: CancellationToken,
+) -> Result<(Vl3Dns, SocketAddr, tokio::task::JoinHandle<()>), Failure> {
+    let (ready, started) = tokio::sync::oneshot::channel();
+    let thread = tokio::spawn(async move {
+        let served = netns
+            .run(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready.send(Err(Failure::runtime(format!("DNS runtime: {e}"))));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match DnsServer::builder(Records::new()).ttl(ttl).bind(addr).await {
+                        Ok(server) => {
+                            let _ =
+                                ready.send(Ok((vl3_dns(&server, &service), server.local_addr())));
+                            stop.cancelled().await;
+                            server.shutdown().await;
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(Failure::config(e.to_string())));
+                        }
+                    }
+                });
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "the DNS server's thread could not enter the pod");
+        }
+    });
+    match started.await {
+        Ok(Ok((dns, addr))) => Ok((dns, addr, thread)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Failure::runtime(
+            "the DNS server's thread could not enter the pod",
+        )),
     }
 }
 
@@ -114,22 +180,15 @@ impl Vl3Endpoint {
             .await
             .map_err(in_pod)?
             .map_err(Failure::runtime)?;
-        let addr = opts.dns_listen_on;
-        let (udp, tcp) = netns
-            .run(move || {
-                Ok::<_, std::io::Error>((
-                    std::net::UdpSocket::bind(addr)?,
-                    std::net::TcpListener::bind(addr)?,
-                ))
-            })
-            .await
-            .map_err(in_pod)?
-            .map_err(|e| Failure::config(format!("DNS server on {addr}: {e}")))?;
-        let server = DnsServer::builder(Records::new())
-            .ttl(opts.dns_ttl)
-            .serve(udp, tcp)
-            .map_err(|e| Failure::config(e.to_string()))?;
-        let dns = vl3_dns(&server, &opts.service);
+        let dns_stop = CancellationToken::new();
+        let (dns, dns_addr, dns_thread) = pod_dns(
+            netns,
+            opts.dns_listen_on,
+            opts.dns_ttl,
+            opts.service.clone(),
+            dns_stop.clone(),
+        )
+        .await?;
 
         let channels = security.channels();
         let prefixes = Vl3Prefixes::new();
@@ -176,13 +235,15 @@ impl Vl3Endpoint {
             prefixes,
             &holding,
         );
-        info!(dns = %server.local_addr(), service = %opts.service, "vL3 endpoint started");
+        info!(dns = %dns_addr, service = %opts.service, "vL3 endpoint started");
         Ok(Vl3Endpoint {
             endpoint,
             mesh,
             links,
             dns,
-            server,
+            dns_addr,
+            dns_stop,
+            dns_thread: Some(dns_thread),
             holding,
             _prefix_client: prefix_client,
         })
@@ -205,14 +266,17 @@ impl Vl3Endpoint {
 
     /// Where its DNS server listens.
     pub fn dns_addr(&self) -> SocketAddr {
-        self.server.local_addr()
+        self.dns_addr
     }
 
     /// Closes its links, gives its prefixes back and stops its DNS server.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.mesh.close_all(&self.links).await;
         self.holding.cancel();
-        self.server.shutdown().await;
+        self.dns_stop.cancel();
+        if let Some(thread) = self.dns_thread.take() {
+            let _ = thread.await;
+        }
         info!("vL3 links closed, prefixes given back");
     }
 }
