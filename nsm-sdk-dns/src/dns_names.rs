@@ -255,19 +255,7 @@ mod tests {
         }
     }
 
-    fn req(id: &str, pod: Option<&str>) -> NetworkServiceRequest {
-        NetworkServiceRequest {
-            connection: Some(Connection {
-                id: id.into(),
-                network_service: "vl3".into(),
-                labels: pod
-                    .map(|p| [("podName".to_string(), p.to_string())].into())
-                    .unwrap_or_default(),
-                ..Default::default()
-            }),
-            mechanism_preferences: vec![],
-        }
-    }
+    use crate::test_support::request as req;
 
     fn chain(names: &DnsNames, ipam: &Ipam) -> Chain {
         Chain::builder()

@@ -118,6 +118,29 @@ pub(crate) fn fqdn(name: &str) -> Result<hickory_proto::rr::Name> {
     Ok(n.to_lowercase())
 }
 
+/// What the handlers' unit tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use nsm_proto::connection::Connection;
+    use nsm_proto::networkservice::NetworkServiceRequest;
+
+    /// A Request of connection `id` to the service `vl3`, labelled `podName=pod` when
+    /// given.
+    pub(crate) fn request(id: &str, pod: Option<&str>) -> NetworkServiceRequest {
+        NetworkServiceRequest {
+            connection: Some(Connection {
+                id: id.into(),
+                network_service: "vl3".into(),
+                labels: pod
+                    .map(|p| [("podName".to_string(), p.to_string())].into())
+                    .unwrap_or_default(),
+                ..Default::default()
+            }),
+            mechanism_preferences: vec![],
+        }
+    }
+}
+
 /// The README's example, compiled as a doc test.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

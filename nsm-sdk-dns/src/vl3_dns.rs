@@ -238,38 +238,28 @@ mod tests {
         }
     }
 
+    /// A Request of `id` (of pod `pod`), announcing a prefix (a link) or not, carrying
+    /// an earlier endpoint's DNS config or not.
     fn req(
         id: &str,
         pod: Option<&str>,
         announce: bool,
         stale: Option<DnsConfig>,
     ) -> NetworkServiceRequest {
-        NetworkServiceRequest {
-            connection: Some(Connection {
-                id: id.into(),
-                network_service: "vl3".into(),
-                labels: pod
-                    .map(|p| [("podName".to_string(), p.to_string())].into())
-                    .unwrap_or_default(),
-                context: Some(ConnectionContext {
-                    ip_context: Some(IpContext {
-                        dst_routes: if announce {
-                            vec![Route {
-                                prefix: "172.16.2.0/24".into(),
-                                ..Default::default()
-                            }]
-                        } else {
-                            vec![]
-                        },
-                        ..Default::default()
-                    }),
-                    dns_context: stale.map(|c| DnsContext { configs: vec![c] }),
-                    ..Default::default()
-                }),
+        let mut r = crate::test_support::request(id, pod);
+        let routes = announce.then(|| Route {
+            prefix: "172.16.2.0/24".into(),
+            ..Default::default()
+        });
+        r.connection.as_mut().unwrap().context = Some(ConnectionContext {
+            ip_context: Some(IpContext {
+                dst_routes: routes.into_iter().collect(),
                 ..Default::default()
             }),
-            mechanism_preferences: vec![],
-        }
+            dns_context: stale.map(|c| DnsContext { configs: vec![c] }),
+            ..Default::default()
+        });
+        r
     }
 
     async fn server() -> DnsServer {
