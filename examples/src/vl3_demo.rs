@@ -105,9 +105,20 @@ async fn http_server(lab: &Lab, pod: &str) -> Result<tokio::task::JoinHandle<()>
         while let Ok((mut stream, peer)) = listener.accept().await {
             let me = me.clone();
             tokio::spawn(async move {
-                // The request line and headers: read what comes first, answer once.
+                // The request line and headers, up to the empty line (a client may
+                // write them in pieces: answering and closing before the rest came
+                // would reset the connection under it). 8 KiB and 5 s at most.
+                let mut request = Vec::new();
                 let mut buf = [0u8; 1024];
-                let _ = stream.read(&mut buf).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                })
+                .await;
                 let body = format!("hello from {me}, you are {}\n", peer.ip());
                 let answer = format!(
                     "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
@@ -390,9 +401,22 @@ pub async fn run() -> Result<(), DemoError> {
     let script = format!(
         "exec 3<>/dev/tcp/{host}/{HTTP_PORT} && printf 'GET / HTTP/1.0\\r\\nHost: {host}\\r\\n\\r\\n' >&3 && timeout 5 cat <&3"
     );
-    let got = lab.exec(&caller.name, "bash", &["-c", &script]);
+    let ns = lab.full(&caller.name);
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "bash", "-c", &script])
+        .output()
+        .map_err(|e| mesh_err("bash", e));
     server.abort();
-    let got = got?;
+    let out = out?;
+    let got = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(DemoError::Check(format!(
+            "GET from {}: {} ({got:?}, {:?})",
+            caller.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
     for line in got.lines().filter(|l| !l.trim().is_empty()) {
         eprintln!("        < {}", line.trim_end());
     }
