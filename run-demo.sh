@@ -3,6 +3,7 @@
 # node 2, through a firewall, over VXLAN (network namespaces made and removed by the
 # demo); the gateway dies and the connection heals. Without root: the same mesh in
 # one process with the NOOP mechanism. Installs what it needs (as root) when missing.
+# Arguments go to the demo: `--vl3` runs the vL3 act (three nodes, six pods, names).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -14,4 +15,4 @@ if [ ${#need_apt[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
   echo "installing: ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
-exec cargo run --quiet -p nsm-examples --bin demo
+exec cargo run --quiet -p nsm-examples --bin demo -- "$@"

@@ -18,7 +18,7 @@
 //! | `my-nsmgr` | the manager chain with a request counter inserted (guide) |
 //! | `nse-firewall` | a service-chain firewall: bridges each connection, filters it with nftables |
 //! | `nse-vpn-gateway` | a VPN gateway NSE: addresses, a route to the corporate networks, NAT |
-//! | `demo` | the README's first command: firewall + VPN gateway across two nodes ([`vpn_demo`]) |
+//! | `demo` | the README's first command: firewall + VPN gateway across two nodes ([`vpn_demo`]); `demo --vl3`: a vL3 network on three nodes with names ([`vl3_demo`]) |
 //! | `nsm-load` | a load tool: N connections set up, refreshed and closed, measured ([`load`]) |
 //!
 //! `nsmgr`, `nsm-forwarder` and `nsm-registry` serve their process metrics (RSS, fds,
@@ -49,6 +49,8 @@ pub mod load;
 pub mod metrics;
 mod process;
 mod service_file;
+mod vl3;
+pub mod vl3_demo;
 pub mod vpn_demo;
 
 pub use cli::{
@@ -69,3 +71,4 @@ pub use process::{
     Failure, SHUTDOWN_TIMEOUT,
 };
 pub use service_file::{register_services, ServiceFileArgs};
+pub use vl3::{Vl3Endpoint, Vl3EndpointOptions, DEFAULT_DNS_LISTEN_ON};

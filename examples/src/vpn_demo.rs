@@ -68,7 +68,8 @@ pub enum DemoError {
     Check(String),
 }
 
-fn check(ok: bool, what: impl Into<String>) -> Result<(), DemoError> {
+/// Prints `ok: <what>` when `ok`, else fails the demo with `what`.
+pub(crate) fn check(ok: bool, what: impl Into<String>) -> Result<(), DemoError> {
     if ok {
         eprintln!("      ok: {}", what.into());
         Ok(())
@@ -78,10 +79,16 @@ fn check(ok: bool, what: impl Into<String>) -> Result<(), DemoError> {
 }
 
 fn step(n: usize, what: &str) {
-    eprintln!("\n[{n}/{STEPS}] {what}");
+    announce(n, STEPS, what);
 }
 
-fn mesh_err(what: &str, e: impl std::fmt::Display) -> DemoError {
+/// Prints the heading of step `n` of `steps`.
+pub(crate) fn announce(n: usize, steps: usize, what: &str) {
+    eprintln!("\n[{n}/{steps}] {what}");
+}
+
+/// A failure of the mesh while doing `what`.
+pub(crate) fn mesh_err(what: &str, e: impl std::fmt::Display) -> DemoError {
     DemoError::Mesh(nsm_sdk::Error::internal(format!("{what}: {e}")))
 }
 

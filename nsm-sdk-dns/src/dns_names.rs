@@ -46,7 +46,8 @@ pub struct DnsNames {
     records: Records,
     template: NameTemplate,
     server_ips: Vec<String>,
-    on_dst: bool,
+    /// The port of the server on the connection's destination addresses, if named.
+    on_dst: Option<u16>,
     search_domains: Vec<String>,
     names: Arc<Mutex<HashMap<String, String>>>,
 }
@@ -68,7 +69,7 @@ pub fn dns_names(records: Records) -> DnsNames {
         records,
         template: NameTemplate::default(),
         server_ips: Vec::new(),
-        on_dst: false,
+        on_dst: None,
         search_domains: Vec::new(),
         names: Arc::default(),
     }
@@ -90,8 +91,15 @@ impl DnsNames {
 
     /// Also names each connection's destination addresses (the endpoint's end of the
     /// connection) as its DNS servers, port 53.
-    pub fn server_on_connection_dst(mut self) -> Self {
-        self.on_dst = true;
+    pub fn server_on_connection_dst(self) -> Self {
+        self.server_on_connection_dst_port(53)
+    }
+
+    /// [`server_on_connection_dst`](Self::server_on_connection_dst) on another port
+    /// (named `ip:port`, which a resolv.conf cannot hold: for clients that resolve
+    /// through the config themselves).
+    pub fn server_on_connection_dst_port(mut self, port: u16) -> Self {
+        self.on_dst = Some(port);
         self
     }
 
@@ -113,11 +121,15 @@ impl DnsNames {
     /// The DNS config of `conn`, or `None` when it names no server.
     fn config(&self, conn: &Connection) -> Option<DnsConfig> {
         let mut servers = self.server_ips.clone();
-        if self.on_dst {
+        if let Some(port) = self.on_dst {
             let ip = conn.context.as_ref().and_then(|c| c.ip_context.as_ref());
             for a in ip.map(|ip| ip.dst_ip_addrs.as_slice()).unwrap_or_default() {
                 if let Some(a) = host(a) {
-                    servers.push(a.to_string());
+                    servers.push(if port == 53 {
+                        a.to_string()
+                    } else {
+                        std::net::SocketAddr::new(a, port).to_string()
+                    });
                 }
             }
         }
@@ -148,7 +160,7 @@ impl DnsNames {
 }
 
 /// The address of `a.b.c.d/len` (or of a bare address).
-fn host(s: &str) -> Option<IpAddr> {
+pub(crate) fn host(s: &str) -> Option<IpAddr> {
     s.parse::<IpNet>()
         .map(|n| n.addr())
         .or_else(|_| s.parse::<IpAddr>())
@@ -243,19 +255,7 @@ mod tests {
         }
     }
 
-    fn req(id: &str, pod: Option<&str>) -> NetworkServiceRequest {
-        NetworkServiceRequest {
-            connection: Some(Connection {
-                id: id.into(),
-                network_service: "vl3".into(),
-                labels: pod
-                    .map(|p| [("podName".to_string(), p.to_string())].into())
-                    .unwrap_or_default(),
-                ..Default::default()
-            }),
-            mechanism_preferences: vec![],
-        }
-    }
+    use crate::test_support::request as req;
 
     fn chain(names: &DnsNames, ipam: &Ipam) -> Chain {
         Chain::builder()

@@ -17,6 +17,8 @@
 //!   configs of all the client's connections and applies them to the client's pod as a
 //!   resolv.conf ([`ResolvConf`]: `/etc/netns/<pod>/resolv.conf` for a named network
 //!   namespace, which `ip netns exec` bind-mounts over `/etc/resolv.conf`).
+//! - [`vl3_dns`] ([`mod@vl3_dns`]): names in a vL3 network: `dns_names` for the
+//!   endpoint's clients, and a fanout to every vL3 endpoint it is linked with.
 //!
 //! docs/DNS.md in the repository says what a pod sees and the limits.
 //!
@@ -36,6 +38,7 @@ pub mod records;
 pub mod resolv_conf;
 pub mod server;
 pub mod template;
+pub mod vl3_dns;
 
 pub use cache::Cache;
 pub use dns_context::{dns_context, DnsContext};
@@ -45,6 +48,7 @@ pub use records::Records;
 pub use resolv_conf::{parse_server, ResolvConf};
 pub use server::{DnsServer, DnsServerBuilder};
 pub use template::NameTemplate;
+pub use vl3_dns::{vl3_dns, Vl3Dns, Vl3DnsLinks};
 
 /// The DNS messages of the NSM API (`connectioncontext.DNSConfig`, `DNSContext`).
 pub use nsm_proto::connectioncontext::{DnsConfig, DnsContext as DnsContextMsg};
@@ -112,6 +116,29 @@ pub(crate) fn fqdn(name: &str) -> Result<hickory_proto::rr::Name> {
     let mut n = hickory_proto::rr::Name::from_ascii(name).map_err(|e| bad(e.to_string()))?;
     n.set_fqdn(true);
     Ok(n.to_lowercase())
+}
+
+/// What the handlers' unit tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use nsm_proto::connection::Connection;
+    use nsm_proto::networkservice::NetworkServiceRequest;
+
+    /// A Request of connection `id` to the service `vl3`, labelled `podName=pod` when
+    /// given.
+    pub(crate) fn request(id: &str, pod: Option<&str>) -> NetworkServiceRequest {
+        NetworkServiceRequest {
+            connection: Some(Connection {
+                id: id.into(),
+                network_service: "vl3".into(),
+                labels: pod
+                    .map(|p| [("podName".to_string(), p.to_string())].into())
+                    .unwrap_or_default(),
+                ..Default::default()
+            }),
+            mechanism_preferences: vec![],
+        }
+    }
 }
 
 /// The README's example, compiled as a doc test.

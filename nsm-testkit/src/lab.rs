@@ -280,12 +280,14 @@ impl Lab {
         Ok((n("rx"), n("tx")))
     }
 
-    /// Deletes every namespace of the lab now.
+    /// Deletes every namespace of the lab now (and its `/etc/netns/<name>/`).
     pub fn teardown(&mut self) {
         for ns in self.made.drain(..) {
             if let Err(e) = sh("ip", &["netns", "del", &ns]) {
                 tracing::warn!(namespace = %ns, error = %e, "could not delete a lab namespace");
             }
+            // Its resolv.conf, when a client of the lab left one.
+            let _ = std::fs::remove_dir_all(format!("/etc/netns/{ns}"));
         }
     }
 }

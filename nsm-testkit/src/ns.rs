@@ -90,15 +90,30 @@ impl Ns {
     /// # Panics
     /// When `ip` cannot be started.
     pub fn getent_hosts(&self, host: &str) -> Option<Vec<String>> {
+        self.getent("hosts", host)
+    }
+
+    /// `ip netns exec <name> getent <database> <key>` (e.g. `ahostsv4`, IPv4 only,
+    /// where `hosts` prefers IPv6): the first column of each line, de-duplicated, or
+    /// `None` when the key is not found. As [`getent_hosts`](Self::getent_hosts).
+    ///
+    /// # Panics
+    /// When `ip` cannot be started.
+    pub fn getent(&self, database: &str, key: &str) -> Option<Vec<String>> {
         let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.name, "getent", "hosts", host])
+            .args(["netns", "exec", &self.name, "getent", database, key])
             .output()
             .unwrap_or_else(|e| panic!("ip netns exec {}: {e}", self.name));
         out.status.success().then(|| {
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| l.split_whitespace().next().map(String::from))
-                .collect()
+            let mut v: Vec<String> = Vec::new();
+            for l in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some(a) = l.split_whitespace().next() {
+                    if !v.iter().any(|x| x == a) {
+                        v.push(a.to_string());
+                    }
+                }
+            }
+            v
         })
     }
 
@@ -346,6 +361,8 @@ impl Drop for Ns {
             let _ = run("kill", &["-KILL", pid]);
         }
         let _ = run("ip", &["netns", "del", &self.name]);
+        // Its resolv.conf and other files, when a program killed above left them.
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
     }
 }
 

@@ -31,6 +31,9 @@ pub struct Vl3Options<'a> {
     /// The prefix length each endpoint gets, per family (`NSM_VL3_PREFIX_LEN`): the
     /// number of clients an endpoint can serve.
     pub prefix_len: &'a str,
+    /// How long the endpoints' DNS answers live (`NSM_DNS_TTL`): how long a closed
+    /// client's name may still resolve from another endpoint's cache.
+    pub dns_ttl: &'a str,
     /// How long a program may take to get ready.
     pub ready: Duration,
 }
@@ -41,6 +44,7 @@ impl Default for Vl3Options<'_> {
             endpoints: 2,
             link_token: "60s",
             prefix_len: "24,120",
+            dns_ttl: "10s",
             ready: Duration::from_secs(20),
         }
     }
@@ -181,6 +185,7 @@ impl Vl3Mesh {
                     ("NSM_VL3_NETWORKS", NETWORKS),
                     ("NSM_PREFIX_SERVER_URL", &ipam_url),
                     ("NSM_VL3_LINK_TOKEN_LIFETIME", opts.link_token),
+                    ("NSM_DNS_TTL", opts.dns_ttl),
                 ],
                 false,
                 ready,

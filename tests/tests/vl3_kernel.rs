@@ -19,6 +19,14 @@
 //! The second test runs the vL3 bench (`benches/vl3.rs`) at a tiny size on two nodes:
 //! joins, pings through the routers and by hand, iperf3 both ways, clean pods after
 //! Close (no timing asserted).
+//!
+//! DNS (docs/VL3.md, docs/DNS.md): each client is `nsc-<node>-<n>.vl3` (its `podName`),
+//! served by its vL3 endpoint, and `nsc` writes its pod's resolv.conf. glibc in every
+//! pod (`getent`) resolves every other client, the clients of the other endpoint through
+//! the fanout: the short name (the search domain) to the IPv6 address (AAAA) and
+//! `ahostsv4` to the IPv4 one (A), each the address the pings use; a client that
+//! closes stops resolving from all the others (within the names' TTL) and its pod's
+//! resolv.conf is gone; after the heal every name resolves to the new address.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -38,6 +46,8 @@ const LINK_TOKEN: &str = "6s";
 const POLL: Duration = Duration::from_millis(50);
 const NODES: usize = 3;
 const CLIENTS_PER_NODE: usize = 2;
+/// The TTL of the vL3 names: how long the other endpoint may answer a closed client.
+const DNS_TTL: Duration = Duration::from_secs(2);
 
 /// The links of a namespace other than `lo` and the underlay.
 fn links(ns: &Pod) -> Vec<String> {
@@ -64,8 +74,10 @@ fn addrs(conn: &Value, field: &str) -> Vec<String> {
         .collect()
 }
 
-/// A client: its pod, its process, the endpoint it is on and its addresses.
+/// A client: its name, its pod, its process, the endpoint it is on and its addresses
+/// (v4, v6).
 struct Client {
+    name: String,
     pod: Pod,
     nsc: Proc,
     endpoint: String,
@@ -141,6 +153,55 @@ fn all_ping(clients: &[Client], within: Duration, what: &str) {
     }
 }
 
+/// Waits until every client resolves every other's name, both families, to the
+/// address the pings use; fails with the lookups that never did.
+fn all_resolve(clients: &[Client], within: Duration, what: &str) {
+    let until = Instant::now() + within;
+    let mut pending: Vec<(usize, usize, &str)> = Vec::new();
+    for i in 0..clients.len() {
+        for j in (0..clients.len()).filter(|j| *j != i) {
+            // The short name through the search domain: AAAA first (`hosts`).
+            pending.push((i, j, "hosts"));
+            pending.push((i, j, "ahostsv4"));
+        }
+    }
+    let lookup = |i: usize, j: usize, db: &str| {
+        let (name, want) = match db {
+            "hosts" => (clients[j].name.clone(), &clients[j].addrs[1]),
+            _ => (format!("{}.vl3", clients[j].name), &clients[j].addrs[0]),
+        };
+        let got = clients[i].pod.getent(db, &name);
+        (
+            got.as_deref() == Some(std::slice::from_ref(want)),
+            name,
+            got,
+        )
+    };
+    loop {
+        pending.retain(|(i, j, db)| !lookup(*i, *j, db).0);
+        if pending.is_empty() {
+            return;
+        }
+        if Instant::now() >= until {
+            let bad: Vec<String> = pending
+                .iter()
+                .map(|(i, j, db)| {
+                    let (_, name, got) = lookup(*i, *j, db);
+                    format!(
+                        "{} ({}): getent {db} {name} = {got:?}, want {:?} ({})",
+                        clients[*i].name,
+                        clients[*i].endpoint,
+                        clients[*j].addrs,
+                        clients[*j].endpoint
+                    )
+                })
+                .collect();
+            panic!("{what}: not within {within:?}: {bad:#?}");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
 /// The prefixes routed in a namespace, as `ip route` prints them (v4 and v6).
 fn routes(ns: &Pod) -> Vec<String> {
     let mut out = Vec::new();
@@ -165,6 +226,7 @@ fn a_kernel_vl3_on_three_nodes_pings_every_pair_heals_and_leaves_nothing() {
         Vl3Options {
             endpoints: 2,
             link_token: LINK_TOKEN,
+            dns_ttl: "2s",
             ready: READY,
             ..Vl3Options::default()
         },
@@ -184,13 +246,18 @@ fn a_kernel_vl3_on_three_nodes_pings_every_pair_heals_and_leaves_nothing() {
                 &[
                     ("NSM_NAME", &name),
                     ("NSM_CONNECT_TO", url),
-                    ("NSM_NETWORK_SERVICES", "kernel://vl3/nsm-1"),
+                    (
+                        "NSM_NETWORK_SERVICES",
+                        &format!("kernel://vl3/nsm-1?podName={name}"),
+                    ),
                     ("NSM_REQUEST_TIMEOUT", "15s"),
+                    ("NSM_DNS_NETNS", &pod.name),
                 ],
                 true,
                 READY,
             );
             clients.push(Client {
+                name,
                 pod,
                 nsc,
                 endpoint: String::new(),
@@ -227,6 +294,42 @@ fn a_kernel_vl3_on_three_nodes_pings_every_pair_heals_and_leaves_nothing() {
         clients.len() * (clients.len() - 1)
     );
 
+    // DNS: every pod resolves every other client, v4 and v6.
+    let resolving = Instant::now();
+    all_resolve(&clients, Duration::from_secs(5), "every name resolves");
+    eprintln!(
+        "every pod resolved the {} others' names (A and AAAA) in {:?}",
+        clients.len() - 1,
+        resolving.elapsed()
+    );
+    // A client closes: its name goes (from the other endpoint's cache within the
+    // TTL), and so does its pod's resolv.conf.
+    let mut leaving = clients.pop().expect("six clients");
+    let resolv_conf = format!("/etc/netns/{}/resolv.conf", leaving.pod.name);
+    assert!(std::path::Path::new(&resolv_conf).exists(), "{resolv_conf}");
+    leaving.nsc.terminate();
+    assert!(
+        !std::path::Path::new(&resolv_conf).exists(),
+        "{resolv_conf} left after Close"
+    );
+    let name = format!("{}.vl3", leaving.name);
+    poll(
+        DNS_TTL + Duration::from_secs(3),
+        &format!("{name} stops resolving everywhere"),
+        || {
+            clients
+                .iter()
+                .all(|c| c.pod.getent("ahostsv4", &name).is_none())
+                .then_some(())
+        },
+    );
+    eprintln!("{name} ({}) closed: no pod resolves it", leaving.endpoint);
+    all_resolve(&clients, Duration::from_secs(5), "the others still resolve");
+    let per_endpoint: BTreeMap<&str, usize> = clients.iter().fold(BTreeMap::new(), |mut m, c| {
+        *m.entry(c.endpoint.as_str()).or_default() += 1;
+        m
+    });
+
     // Kill the vL3 endpoint with the most clients; they come back on the other one.
     let victim = if per_endpoint.get("vl3-0").copied().unwrap_or(0)
         >= per_endpoint.get("vl3-1").copied().unwrap_or(0)
@@ -248,6 +351,12 @@ fn a_kernel_vl3_on_three_nodes_pings_every_pair_heals_and_leaves_nothing() {
     all_ping(&clients, HEAL_WITHIN, "every pair pings after the heal");
     eprintln!("heal time (vL3 endpoint killed): {:?}", killed.elapsed());
     assert!(clients.iter().all(|c| c.endpoint == alive));
+    // The names follow the new addresses; no resolv.conf names the dead endpoint.
+    all_resolve(
+        &clients,
+        Duration::from_secs(5),
+        "every name resolves after the heal",
+    );
     // The survivor's link to the dead endpoint goes when its token runs out.
     let survivor = &mesh.endpoint_pods[1 - victim];
     poll(

@@ -7,6 +7,10 @@
 //! node 1, a client on node 0, the NOOP mechanism; it prints the connection path and
 //! the addresses, then refreshes and closes the connection.
 //!
+//! `demo --vl3` runs the vL3 act instead ([`nsm_examples::vl3_demo`]): three nodes, two
+//! vL3 endpoints, six client pods that all ping each other, and an HTTP server in one
+//! pod reached by name from a pod on another node. It needs root and `ip`.
+//!
 //! Exit status 0 when every check passed, 1 otherwise.
 
 use std::time::Instant;
@@ -23,6 +27,9 @@ fn step(n: usize, what: &str) {
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().skip(1).any(|a| a == "--vl3") {
+        return vl3().await;
+    }
     let kernel = nsm_testkit::lab::can_build().and_then(|()| {
         nsm_testkit::lab::sh("nft", &["--version"])
             .map(|_| ())
@@ -44,6 +51,21 @@ async fn main() {
         }
     };
     if let Err(e) = outcome {
+        eprintln!("demo failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The vL3 act, as root only.
+async fn vl3() {
+    if let Err(why) = nsm_testkit::lab::can_build() {
+        eprintln!("the vL3 demo needs root and ip: {why}");
+        std::process::exit(1);
+    }
+    eprintln!(
+        "nsm-rs demo, vL3 act: six pods on three nodes in one flat IPv4/IPv6 network, with names"
+    );
+    if let Err(e) = nsm_examples::vl3_demo::run().await {
         eprintln!("demo failed: {e}");
         std::process::exit(1);
     }

@@ -1,32 +1,30 @@
 //! `nse-vl3`: a vL3 endpoint on the kernel data plane: a router in its pod that gives
-//! each client an address from its vL3 prefix and routes to the whole vL3 network, and
-//! links to the other vL3 endpoints of its service (docs/VL3.md).
+//! each client an address from its vL3 prefix and routes to the whole vL3 network,
+//! links to the other vL3 endpoints of its service, and serves the names of its clients
+//! in DNS (docs/VL3.md).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use nsm_examples::{
-    log_calls, parse_duration, parse_labels, run, security, serve_endpoint, EndpointArgs, Failure,
-    Vl3Networks,
+    parse_duration, parse_labels, run, security, serve_endpoint, EndpointArgs, Vl3Endpoint,
+    Vl3EndpointOptions, Vl3Networks, DEFAULT_DNS_LISTEN_ON,
 };
-use nsm_sdk::chains::{client, endpoint, ClientOptions, EndpointOptions};
-use nsm_sdk::handlers::{heal, vl3_client, vl3_ipam};
-use nsm_sdk::ipam::Vl3Prefixes;
-use nsm_sdk::proto::registry::NetworkServiceEndpoint;
-use nsm_sdk::registry::{watch_reconnect, RegistryChain};
-use nsm_sdk::serving::Vl3Mesh;
-use nsm_sdk::transport::{grpc_registry, prefix_client, Url};
-use nsm_sdk_kernel::kernel_client;
-use nsm_sdk_kernel::mechanism::{endpoint_mechanisms, own_netns_url};
-use tokio_util::sync::CancellationToken;
-use tracing::info;
+use nsm_sdk::transport::Url;
+use nsm_sdk_kernel::mechanism::own_netns_url;
 
 /// A vL3 endpoint: it holds one prefix of each vL3 network from the prefix server
 /// (`nsm-vl3-ipam`), gives each client a /32 (/128) pair from it and routes to the
 /// networks (forwarding on in its namespace, IPv4 and IPv6), and links to every other
 /// endpoint of its service (found by a watching Find through its manager) so that any
 /// client reaches any other through at most two of them.
+///
+/// DNS: it serves `<podName>.<service>` (A and AAAA) for its clients on port 53 of its
+/// namespace, asks the endpoints it is linked with for the names it does not hold, and
+/// gives each client its end of the connection as DNS server, with the service as
+/// search domain (docs/DNS.md).
 ///
 /// Mechanisms: KERNEL (its end of each connection in this process's network namespace)
 /// and NOOP.
@@ -57,95 +55,47 @@ struct Args {
     /// within this time.
     #[arg(long, env = "NSM_VL3_LINK_TOKEN_LIFETIME", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     link_token_lifetime: Duration,
-}
 
-/// Turns this namespace into a router: IPv4 and IPv6 forwarding on, and no duplicate
-/// address detection on the interfaces to come.
-fn enable_forwarding() -> Result<(), Failure> {
-    // accept_dad is written 0, the others 1.
-    for path in [
-        "/proc/sys/net/ipv4/ip_forward",
-        "/proc/sys/net/ipv6/conf/all/forwarding",
-        // Interfaces made later take `default`: no duplicate address detection on
-        // their link-local addresses, which would hold IPv6 back for a second or two.
-        "/proc/sys/net/ipv6/conf/default/accept_dad",
-    ] {
-        let value = if path.ends_with("accept_dad") {
-            "0"
-        } else {
-            "1"
-        };
-        std::fs::write(path, value)
-            .map_err(|e| Failure::runtime(format!("cannot turn forwarding on ({path}): {e}")))?;
-    }
-    Ok(())
+    /// Where its DNS server listens (UDP and TCP); `[::]:53` answers on every address
+    /// of its namespace, IPv4 and IPv6. The clients are told port 53.
+    #[arg(long, env = "NSM_DNS_LISTEN_ON", value_name = "ADDR:PORT", default_value = DEFAULT_DNS_LISTEN_ON)]
+    dns_listen_on: SocketAddr,
+
+    /// The TTL of the names it serves: how long the other vL3 endpoints may keep
+    /// answering a name after its client left.
+    #[arg(long, env = "NSM_DNS_TTL", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    dns_ttl: Duration,
 }
 
 fn main() -> ExitCode {
     run(|args: Args, stop| async move {
         let security = security()?;
-        enable_forwarding()?;
-        let channels = security.channels();
-        let prefixes = Vl3Prefixes::new();
-        // Held until the end: the prefix server frees them when the stream closes.
-        let holding = CancellationToken::new();
-        let _prefix_client = prefix_client(
-            channels.clone(),
-            args.prefix_server_url.clone(),
-            args.networks.networks.clone(),
-            Vec::new(),
-            prefixes.clone(),
-            &holding,
-        );
-        let name = &args.endpoint.name;
-        let nse = endpoint(
-            name,
-            EndpointOptions::new()
-                .security(&security)
-                .handler(log_calls())
-                .handler(vl3_ipam(prefixes.clone(), args.networks.networks.clone()))
-                // A vL3 DNS plugs in here: after the IPAM, before the mechanisms.
-                .handler(endpoint_mechanisms(own_netns_url())),
-        );
-        let mesh = Vl3Mesh::new(name, &args.service_names);
-        let links = client(
-            ClientOptions::new(name, args.endpoint.connect_to.clone())
-                .security(&security)
-                .channels(channels.clone())
-                .tokens(security.tokens(args.link_token_lifetime))
-                // The mesh retries a link itself, with a backoff, while its peer is
-                // registered: each attempt fails fast.
-                .retry(None)
-                .mechanisms(vec![])
-                .handler(heal(mesh.heal_options(channels.clone())))
-                .handler(vl3_client(prefixes.clone()))
-                .handler(kernel_client(own_netns_url())),
-        );
-        mesh.start(
-            links.clone(),
-            RegistryChain::<NetworkServiceEndpoint>::builder()
-                .push(watch_reconnect())
-                .push(grpc_registry(
-                    channels.clone(),
-                    args.endpoint.connect_to.clone(),
-                ))
-                .build(),
-            prefixes.clone(),
-            &holding,
-        );
+        let vl3 = Vl3Endpoint::start(
+            Vl3EndpointOptions {
+                name: args.endpoint.name.clone(),
+                service: args.service_names.clone(),
+                networks: args.networks.networks.clone(),
+                prefix_server: args.prefix_server_url.clone(),
+                connect_to: args.endpoint.connect_to.clone(),
+                netns_url: own_netns_url(),
+                dns_listen_on: args.dns_listen_on,
+                dns_ttl: u32::try_from(args.dns_ttl.as_secs()).unwrap_or(u32::MAX),
+                link_token_lifetime: args.link_token_lifetime,
+            },
+            &security,
+        )
+        .await?;
         let labels = args.labels.unwrap_or_default();
         let served = serve_endpoint(
             &args.endpoint,
-            &nse,
+            vl3.endpoint(),
             std::slice::from_ref(&args.service_names),
             &labels,
             &security,
             stop,
         )
         .await;
-        mesh.close_all(&links).await;
-        holding.cancel();
-        info!("vL3 links closed, prefixes given back");
+        vl3.stop().await;
         served
     })
 }

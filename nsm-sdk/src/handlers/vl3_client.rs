@@ -46,6 +46,22 @@ fn is_prefix_route(r: &Route) -> bool {
         .is_ok_and(|n| n.prefix_len() != n.max_prefix_len())
 }
 
+/// Whether `conn` is a link from another vL3 endpoint: its `dst_routes` carry prefix
+/// routes (not host routes), the announcement [`vl3_client`] puts there. An ordinary
+/// client's request carries none.
+///
+/// ```
+/// use nsm_proto::connection::Connection;
+/// use nsm_sdk::handlers::vl3_client::announces_prefixes;
+/// assert!(!announces_prefixes(&Connection::default()));
+/// ```
+pub fn announces_prefixes(conn: &Connection) -> bool {
+    conn.context
+        .as_ref()
+        .and_then(|c| c.ip_context.as_ref())
+        .is_some_and(|ip| ip.dst_routes.iter().any(is_prefix_route))
+}
+
 #[async_trait]
 impl Handler for Vl3Client {
     async fn request(
@@ -114,5 +130,34 @@ mod tests {
             .map(|r| r.prefix)
             .collect();
         assert_eq!(got, ["172.16.2.2/32", "172.16.3.0/24", "fd10::/120"]);
+    }
+
+    #[test]
+    fn a_link_is_told_from_a_client_by_its_prefix_routes() {
+        let with = |routes: &[&str]| Connection {
+            context: Some(ConnectionContext {
+                ip_context: Some(IpContext {
+                    dst_routes: routes
+                        .iter()
+                        .map(|p| Route {
+                            prefix: p.to_string(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(announces_prefixes(&with(&[
+            "172.16.2.2/32",
+            "172.16.3.0/24"
+        ])));
+        assert!(!announces_prefixes(&with(&[
+            "172.16.2.2/32",
+            "fd10::2/128"
+        ])));
+        assert!(!announces_prefixes(&with(&["junk"])));
     }
 }
