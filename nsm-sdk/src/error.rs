@@ -49,6 +49,26 @@ pub enum Error {
 }
 
 impl Error {
+    /// The same error (same kind, same gRPC code) with `prefix` put in front of its
+    /// message: `"network service icmp: "` + `"no forwarder"`.
+    pub fn prefixed(self, prefix: &str) -> Error {
+        let with = |m: String| format!("{prefix}{m}");
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(with(m)),
+            Error::NotFound(m) => Error::NotFound(with(m)),
+            Error::Unavailable(m) => Error::Unavailable(with(m)),
+            Error::DeadlineExceeded(m) => Error::DeadlineExceeded(with(m)),
+            Error::PermissionDenied(m) => Error::PermissionDenied(with(m)),
+            Error::Unimplemented(m) => Error::Unimplemented(with(m)),
+            Error::Cancelled(m) => Error::Cancelled(with(m)),
+            Error::Internal(m) => Error::Internal(with(m)),
+            Error::Remote { code, message } => Error::Remote {
+                code,
+                message: with(message),
+            },
+        }
+    }
+
     /// The gRPC status code this error is reported with.
     pub fn code(&self) -> Code {
         match self {
@@ -121,6 +141,23 @@ impl From<tonic::transport::Error> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefixed_error_keeps_its_kind_and_code() {
+        let e = Error::not_found("no forwarder").prefixed("network service icmp: ");
+        assert_eq!(e.code(), Code::NotFound);
+        assert_eq!(
+            e.to_string(),
+            "not found: network service icmp: no forwarder"
+        );
+        let remote = Error::Remote {
+            code: Code::Aborted,
+            message: "gone".into(),
+        }
+        .prefixed("hop: ");
+        assert_eq!(remote.code(), Code::Aborted);
+        assert!(remote.to_string().ends_with("hop: gone"), "{remote}");
+    }
 
     #[test]
     fn codes_survive_a_round_trip_through_status() {

@@ -72,20 +72,7 @@ pub(crate) fn prefix_error(e: Error, prefix: &str) -> Error {
     if already {
         return e;
     }
-    match e {
-        Error::InvalidArgument(m) => Error::InvalidArgument(format!("{prefix}{m}")),
-        Error::NotFound(m) => Error::NotFound(format!("{prefix}{m}")),
-        Error::Unavailable(m) => Error::Unavailable(format!("{prefix}{m}")),
-        Error::DeadlineExceeded(m) => Error::DeadlineExceeded(format!("{prefix}{m}")),
-        Error::PermissionDenied(m) => Error::PermissionDenied(format!("{prefix}{m}")),
-        Error::Unimplemented(m) => Error::Unimplemented(format!("{prefix}{m}")),
-        Error::Cancelled(m) => Error::Cancelled(format!("{prefix}{m}")),
-        Error::Internal(m) => Error::Internal(format!("{prefix}{m}")),
-        Error::Remote { code, message } => Error::Remote {
-            code,
-            message: format!("{prefix}{message}"),
-        },
-    }
+    e.prefixed(prefix)
 }
 
 /// Labels as `{a=1, b=2}`, sorted, for messages.

@@ -224,47 +224,33 @@ impl Inner {
     }
 }
 
-#[async_trait]
-impl RegistryHandler<NetworkService> for Authorize {
-    async fn register(
-        &self,
-        cx: &mut Cx,
-        r: NetworkService,
-        next: RegistryNext<NetworkService>,
-    ) -> Result<NetworkService> {
-        self.inner.register(cx, r, next).await
-    }
+/// The same checks for both resources: one impl per resource type, written once.
+macro_rules! authorize_registry_handler {
+    ($($resource:ty),*) => {$(
+        #[async_trait]
+        impl RegistryHandler<$resource> for Authorize {
+            async fn register(
+                &self,
+                cx: &mut Cx,
+                r: $resource,
+                next: RegistryNext<$resource>,
+            ) -> Result<$resource> {
+                self.inner.register(cx, r, next).await
+            }
 
-    async fn unregister(
-        &self,
-        cx: &mut Cx,
-        r: NetworkService,
-        next: RegistryNext<NetworkService>,
-    ) -> Result<()> {
-        self.inner.unregister(cx, r, next).await
-    }
+            async fn unregister(
+                &self,
+                cx: &mut Cx,
+                r: $resource,
+                next: RegistryNext<$resource>,
+            ) -> Result<()> {
+                self.inner.unregister(cx, r, next).await
+            }
+        }
+    )*};
 }
 
-#[async_trait]
-impl RegistryHandler<NetworkServiceEndpoint> for Authorize {
-    async fn register(
-        &self,
-        cx: &mut Cx,
-        r: NetworkServiceEndpoint,
-        next: RegistryNext<NetworkServiceEndpoint>,
-    ) -> Result<NetworkServiceEndpoint> {
-        self.inner.register(cx, r, next).await
-    }
-
-    async fn unregister(
-        &self,
-        cx: &mut Cx,
-        r: NetworkServiceEndpoint,
-        next: RegistryNext<NetworkServiceEndpoint>,
-    ) -> Result<()> {
-        self.inner.unregister(cx, r, next).await
-    }
-}
+authorize_registry_handler!(NetworkService, NetworkServiceEndpoint);
 
 #[cfg(test)]
 mod tests {

@@ -55,20 +55,7 @@ pub fn registry_client(channels: &Channels, url: &Url) -> Registries {
 
 /// `e` with `what` in front of its message, of the same kind (same gRPC code).
 pub(crate) fn context(e: Error, what: &str) -> Error {
-    match e {
-        Error::InvalidArgument(m) => Error::InvalidArgument(format!("{what}: {m}")),
-        Error::NotFound(m) => Error::NotFound(format!("{what}: {m}")),
-        Error::Unavailable(m) => Error::Unavailable(format!("{what}: {m}")),
-        Error::DeadlineExceeded(m) => Error::DeadlineExceeded(format!("{what}: {m}")),
-        Error::PermissionDenied(m) => Error::PermissionDenied(format!("{what}: {m}")),
-        Error::Unimplemented(m) => Error::Unimplemented(format!("{what}: {m}")),
-        Error::Cancelled(m) => Error::Cancelled(format!("{what}: {m}")),
-        Error::Internal(m) => Error::Internal(format!("{what}: {m}")),
-        Error::Remote { code, message } => Error::Remote {
-            code,
-            message: format!("{what}: {message}"),
-        },
-    }
+    e.prefixed(&format!("{what}: "))
 }
 
 /// Runs `call` until it succeeds, fails with an error that is not retryable, or
