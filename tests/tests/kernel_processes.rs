@@ -926,14 +926,26 @@ fn a_client_in_its_own_pid_namespace_gets_its_interface_in_its_pod() {
 
     let mut nsc = mesh.nsc_in_own_pid_namespace(&nsc_pod, SERVICE_URL);
     let conn = nsc.next_connection();
-    assert_eq!(path_names(&conn), ["nsc", "nsmgr", "forwarder", "nse"], "{conn}");
+    assert_eq!(
+        path_names(&conn),
+        ["nsc", "nsmgr", "forwarder", "nse"],
+        "{conn}"
+    );
     let m = &conn["mechanism"]["parameters"];
     // The client's own view comes back: pid 1 of its pid namespace, its inode.
     assert_eq!(m["inodeURL"], "file:///proc/1/ns/net", "{conn}");
     assert_eq!(m["netnsInode"], netns_inode(&nsc_pod).to_string(), "{conn}");
     let (src, dst) = (address(&conn, "srcIpAddrs"), address(&conn, "dstIpAddrs"));
-    assert_eq!(nsc_pod.addresses("nsm-1"), [src], "{:?}", nsc_pod.mesh_links());
-    assert!(nsc_pod.ping_with(&[host(&dst)]), "ping {dst} from the client's pod");
+    assert_eq!(
+        nsc_pod.addresses("nsm-1"),
+        [src],
+        "{:?}",
+        nsc_pod.mesh_links()
+    );
+    assert!(
+        nsc_pod.ping_with(&[host(&dst)]),
+        "ping {dst} from the client's pod"
+    );
 
     // Another pod's client, in its own pid namespace too, naming nsc's namespace.
     let plan = serde_json::json!({
@@ -946,7 +958,12 @@ fn a_client_in_its_own_pid_namespace_gets_its_interface_in_its_pod() {
     cmd.args(["netns", "exec", &other_pod.name])
         .args(OWN_PID_NAMESPACE)
         .arg(std::env::current_exe().expect("the test binary"))
-        .args(["pidns_attacker_process", "--exact", "--ignored", "--nocapture"])
+        .args([
+            "pidns_attacker_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
         .env(PIDNS_PLAN, plan.to_string())
         .envs(mesh.dir.identity("attacker"))
         .stdin(Stdio::null());
@@ -970,7 +987,11 @@ fn a_client_in_its_own_pid_namespace_gets_its_interface_in_its_pod() {
     expect("victim-inode", "PermissionDenied");
     expect("victim-host-url", "PermissionDenied");
     expect("pid-1-url-alone", "PermissionDenied");
-    assert!(other_pod.mesh_links().is_empty(), "{:?}", other_pod.mesh_links());
+    assert!(
+        other_pod.mesh_links().is_empty(),
+        "{:?}",
+        other_pod.mesh_links()
+    );
     assert_eq!(nsc_pod.mesh_links().len(), 1, "{:?}", nsc_pod.mesh_links());
 
     // SIGTERM to nsc itself (the wrapper does not pass signals on): Close.

@@ -11,18 +11,21 @@
 //! The same client over mTLS, with an X.509-SVID of the test's dev CA
 //! (`nsm_sdk::security::DevCa`) and the bundle in `grpc.ssl_channel_credentials`, over
 //! the unix socket and over TCP. grpcio checks the server's certificate against a
-//! target name, and an SVID carries no DNS name, only its SPIFFE ID as a URI SAN:
-//! gRPC C-core matches the target name against every subject alternative name, URI
-//! ones included, so the channel option `grpc.ssl_target_name_override` set to the
-//! manager's SPIFFE ID (`spiffe://nsm.test/nsmgr`) is what verifies it; the test also
-//! shows that without the option the handshake fails. The manager answers from its
-//! chain (`NOT_FOUND`, no forwarder), past its policies, which a client without path
-//! tokens passes as a first hop does.
+//! target name, which it also sends as SNI; an SVID carries only its SPIFFE ID (a URI
+//! SAN). C-core would match a target name equal to the SPIFFE ID
+//! (`grpc.ssl_target_name_override`), but the SNI `spiffe://...` is no host name and
+//! rustls refuses the handshake (`ServerNameMustContainOneHostName`). So the manager's
+//! SVID carries a DNS name as well (opt-in, `DevCa::issue_with_dns_names`; SPIRE:
+//! the registration entry's DNS names), and the client names it with
+//! `grpc.ssl_target_name_override`; without the option the handshake fails. The manager
+//! answers from its chain (`NOT_FOUND`, no forwarder).
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use nsm_sdk::security::{jwt, SpiffeId, Svid};
+use nsm_sdk::transport::metadata::format_rfc3339;
 use nsm_tests::TempDir;
 
 const READY: Duration = Duration::from_secs(15);
@@ -93,11 +96,12 @@ fn check_answers(stdout: &str, stderr: &str) {
     );
 }
 
-/// A registry and a manager on `nsmgr_url` with `env` (security settings).
+/// A registry and a manager on `nsmgr_url` with `env` (security settings: the
+/// registry takes only `NSM_INSECURE` of them, else its own identity).
 fn control_plane(dir: &TempDir, nsmgr_url: &str, env: &[(&str, &str)]) -> [nsm_tests::Proc; 2] {
     let registry_url = dir.unix("registry.sock");
     let mut reg_env = vec![("NSM_LISTEN_ON", registry_url.as_str())];
-    reg_env.extend_from_slice(env);
+    reg_env.extend(env.iter().filter(|(k, _)| *k == "NSM_INSECURE"));
     let mut registry = nsm_tests::start(dir, "nsm-registry", "registry", &reg_env, false, READY);
     registry.wait_for_log(&["serving", &registry_url]);
     let mut mgr_env = vec![
@@ -150,11 +154,13 @@ fn a_grpcio_client_with_default_options_is_answered_over_the_managers_socket() {
 
 /// The Python client over mTLS: `argv` = target, stubs directory, certificate, key,
 /// bundle, the target name to verify (`-` for none: grpcio's default, the target's
-/// host). Prints as [`CLIENT`] does, or `handshake failed <code>` when the channel
-/// never got ready.
+/// host), its path token for the manager and the token's expiry (the metadata
+/// `nsm-client-token` and `nsm-client-token-expires`, as every NSM client sends them).
+/// Prints as [`CLIENT`] does, or `handshake failed` when the channel never got ready.
 const MTLS_CLIENT: &str = r#"
 import sys, grpc
-target, stubs, cert, key, ca, name = sys.argv[1:7]
+target, stubs, cert, key, ca, name, token, expires = sys.argv[1:9]
+md = [("nsm-client-token", token), ("nsm-client-token-expires", expires)]
 sys.path.insert(0, stubs)
 import connection_pb2, networkservice_pb2, networkservice_pb2_grpc
 read = lambda p: open(p, "rb").read()
@@ -163,7 +169,7 @@ creds = grpc.ssl_channel_credentials(
 options = [] if name == "-" else [("grpc.ssl_target_name_override", name)]
 channel = grpc.secure_channel(target, creds, options=options)
 try:
-    grpc.channel_ready_future(channel).result(timeout=5)
+    grpc.channel_ready_future(channel).result(timeout=3)
 except grpc.FutureTimeoutError:
     print("handshake failed", flush=True)
     sys.exit(0)
@@ -173,10 +179,10 @@ conn = connection_pb2.Connection(
     network_service="icmp-responder",
     path=connection_pb2.Path(index=0, path_segments=[connection_pb2.PathSegment(name="py", id="py-1")]),
 )
-stub.Close(conn, timeout=10)
+stub.Close(conn, timeout=10, metadata=md)
 print("close ok", flush=True)
 try:
-    stub.Request(networkservice_pb2.NetworkServiceRequest(connection=conn), timeout=10)
+    stub.Request(networkservice_pb2.NetworkServiceRequest(connection=conn), timeout=10, metadata=md)
     print("request ok", flush=True)
 except grpc.RpcError as e:
     print("request error", e.code().name, e.details(), flush=True)
@@ -190,10 +196,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// grpcio with an SVID of the mesh's CA, verifying the manager by its SPIFFE ID
-/// (`grpc.ssl_target_name_override`), over the unix socket and over TCP: answered by
-/// the manager's chain. Without the option the handshake fails (no DNS name in an
-/// SVID).
+/// grpcio with an SVID of the mesh's CA, verifying the manager by the DNS name its
+/// SVID carries beside its SPIFFE ID (`grpc.ssl_target_name_override`), over the unix
+/// socket and over TCP: answered by the manager's chain. Without the option (the
+/// target's host is checked) the handshake fails.
 #[test]
 fn a_grpcio_client_with_an_svid_is_answered_over_mtls() {
     if !python_with_grpc() {
@@ -202,13 +208,40 @@ fn a_grpcio_client_with_an_svid_is_answered_over_mtls() {
     let dir = TempDir::new("nsm-grpcio", "grpcio-mtls");
     generate_stubs(&dir.0);
     let stubs = dir.0.to_str().expect("utf-8 path");
-    let client = dir.ca().write_identity(&dir.0, "py").expect("the client's SVID");
+    let client = dir
+        .ca()
+        .write_identity(&dir.0, "py")
+        .expect("the client's SVID");
     let files = [&client.cert, &client.key, &client.ca].map(|p| p.to_str().expect("utf-8 path"));
-    let nsmgr_id = format!("spiffe://{}/nsmgr", nsm_tests::TRUST_DOMAIN);
+    // The manager's SVID: its SPIFFE ID, and a DNS name for grpcio to check.
+    let dns_name = format!("nsmgr.{}", nsm_tests::TRUST_DOMAIN);
+    let nsmgr_id = SpiffeId::parse(&format!("spiffe://{}/nsmgr", nsm_tests::TRUST_DOMAIN))
+        .expect("a SPIFFE ID");
+    let nsmgr_svid = dir
+        .ca()
+        .issue_with_dns_names(&nsmgr_id, &[&dns_name], Duration::from_secs(3600))
+        .expect("the manager's SVID")
+        .write(&dir.0, "nsmgr-dns")
+        .expect("its files")
+        .env();
+    // The client's path token for the manager, signed with its SVID's key (what a
+    // Python client of a mesh does with a JWT library; minted here with the SDK).
+    let svid = Svid::load(&client.cert, &client.key).expect("the client's SVID");
+    let token = jwt::sign(&svid, &nsmgr_id, None, Duration::from_secs(600)).expect("a token");
+    let expires = format_rfc3339(token.expires);
     let args = |target: &str, name: &str| -> Vec<String> {
-        [target, stubs, files[0], files[1], files[2], name]
-            .map(String::from)
-            .to_vec()
+        [
+            target,
+            stubs,
+            files[0],
+            files[1],
+            files[2],
+            name,
+            &token.token,
+            &expires,
+        ]
+        .map(String::from)
+        .to_vec()
     };
     let run = |nsmgr: &nsm_tests::Proc, target: &str, name: &str| {
         let a = args(target, name);
@@ -216,23 +249,27 @@ fn a_grpcio_client_with_an_svid_is_answered_over_mtls() {
         python(MTLS_CLIENT, &a, nsmgr)
     };
 
+    let nsmgr_env: Vec<(&str, &str)> = nsmgr_svid.iter().map(|(k, v)| (*k, v.as_str())).collect();
     for over in ["unix", "tcp"] {
         let nsmgr_url = match over {
             "unix" => dir.unix(&format!("nsmgr-{over}.sock")),
             _ => format!("tcp://127.0.0.1:{}", free_port()),
         };
-        // The programs' identities come from the same CA (the harness's default).
-        let [mut registry, mut nsmgr] = control_plane(&dir, &nsmgr_url, &[]);
+        let [mut registry, mut nsmgr] = control_plane(&dir, &nsmgr_url, &nsmgr_env);
         let target = match over {
             "unix" => format!("unix:{}", nsmgr_url.trim_start_matches("unix://")),
             _ => nsmgr_url.trim_start_matches("tcp://").to_string(),
         };
-        let (stdout, stderr) = run(&nsmgr, &target, &nsmgr_id);
+        let (stdout, stderr) = run(&nsmgr, &target, &dns_name);
         check_answers(&stdout, &stderr);
         eprintln!("grpcio over mTLS ({over}): {stdout}");
         // grpcio's default target name (the host) is in no SVID.
         let (stdout, stderr) = run(&nsmgr, &target, "-");
-        assert_eq!(stdout.trim(), "handshake failed", "{over}: {stdout}\n{stderr}");
+        assert_eq!(
+            stdout.trim(),
+            "handshake failed",
+            "{over}: {stdout}\n{stderr}"
+        );
         nsmgr.terminate();
         registry.terminate();
     }

@@ -211,7 +211,9 @@ mod tests {
     /// What the chain below `netns_inode` was handed (the echo answers it) and what
     /// the caller got back.
     async fn run(peer: Peer, req: NetworkServiceRequest) -> Result<Connection> {
-        chain().request(&mut Cx::server().with_peer(peer), req).await
+        chain()
+            .request(&mut Cx::server().with_peer(peer), req)
+            .await
     }
 
     fn url_of(conn: &Connection) -> &str {
@@ -293,7 +295,10 @@ mod tests {
         };
         let err = run(
             peer,
-            kernel("file:///proc/999999999/ns/net", Some(own_inode().to_string())),
+            kernel(
+                "file:///proc/999999999/ns/net",
+                Some(own_inode().to_string()),
+            ),
         )
         .await
         .unwrap_err();
