@@ -620,20 +620,8 @@ fn a_local_attacker_with_its_own_svid_can_neither_close_nor_plant_nor_take_over_
         .stdin(Stdio::null())
         .output()
         .expect("setpriv runs the attacker");
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the attacker failed: {said}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let results: std::collections::HashMap<&str, &str> = said
-        .lines()
-        .filter_map(|l| l.strip_prefix("ATTACK "))
-        .filter_map(|l| l.split_once(' '))
-        .collect();
-    let expect = |what: &str, outcome: &str| {
-        assert_eq!(results.get(what).copied(), Some(outcome), "{what}: {said}")
-    };
+    let said = Attack::of(out);
+    let expect = |what: &str, outcome: &str| said.expect(what, outcome);
     // The attacker is unprivileged, and its credentials are good: its own name is its.
     expect("capabilities", "0");
     expect("register-own-name", "Ok");
@@ -662,18 +650,59 @@ fn a_local_attacker_with_its_own_svid_can_neither_close_nor_plant_nor_take_over_
     nsc_pod.until_empty("after nsc's SIGTERM");
 }
 
-/// The attacker of the test above, run by it as a separate process (it does nothing
-/// without the plan). Prints `ATTACK <what> <outcome>` lines.
-#[test]
-#[ignore = "the attacker process of a_local_attacker_with_its_own_svid_..."]
-fn attacker_process() {
-    let Ok(plan) = std::env::var(ATTACK_PLAN) else {
+/// What an attacker process printed: its `ATTACK <what> <outcome>` lines, and all of
+/// its stdout.
+struct Attack {
+    results: std::collections::HashMap<String, String>,
+    said: String,
+}
+
+impl Attack {
+    /// Reads the output of an attacker that must have exited 0.
+    fn of(out: std::process::Output) -> Attack {
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "the attacker failed: {said}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let results = said
+            .lines()
+            .filter_map(|l| l.strip_prefix("ATTACK "))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(what, outcome)| (what.to_string(), outcome.to_string()))
+            .collect();
+        Attack { results, said }
+    }
+
+    /// Asserts the outcome of `what`.
+    fn expect(&self, what: &str, outcome: &str) {
+        assert_eq!(
+            self.results.get(what).map(String::as_str),
+            Some(outcome),
+            "{what}: {}",
+            self.said
+        );
+    }
+}
+
+/// Runs `attack` with the plan in the environment variable `var`; nothing without one.
+fn with_plan<F: std::future::Future<Output = ()>>(var: &str, attack: impl FnOnce(Value) -> F) {
+    let Ok(plan) = std::env::var(var) else {
         return;
     };
     let plan: Value = serde_json::from_str(&plan).expect("the plan");
     tokio::runtime::Runtime::new()
         .expect("a runtime")
-        .block_on(attacker::run(plan));
+        .block_on(attack(plan));
+}
+
+/// The attacker of the test above, run by it as a separate process (it does nothing
+/// without the plan). Prints `ATTACK <what> <outcome>` lines.
+#[test]
+#[ignore = "the attacker process of a_local_attacker_with_its_own_svid_..."]
+fn attacker_process() {
+    with_plan(ATTACK_PLAN, attacker::run);
 }
 
 mod attacker {
@@ -968,20 +997,8 @@ fn a_client_in_its_own_pid_namespace_gets_its_interface_in_its_pod() {
         .envs(mesh.dir.identity("attacker"))
         .stdin(Stdio::null());
     let out = cmd.output().expect("the attacker runs");
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the attacker failed: {said}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let results: std::collections::HashMap<&str, &str> = said
-        .lines()
-        .filter_map(|l| l.strip_prefix("ATTACK "))
-        .filter_map(|l| l.split_once(' '))
-        .collect();
-    let expect = |what: &str, outcome: &str| {
-        assert_eq!(results.get(what).copied(), Some(outcome), "{what}: {said}")
-    };
+    let said = Attack::of(out);
+    let expect = |what: &str, outcome: &str| said.expect(what, outcome);
     expect("pid", "1");
     expect("capabilities", "0");
     expect("victim-inode", "PermissionDenied");
@@ -1013,13 +1030,7 @@ const PIDNS_PLAN: &str = "NSM_TEST_PIDNS_PLAN";
 #[test]
 #[ignore = "the attacker process of a_client_in_its_own_pid_namespace_..."]
 fn pidns_attacker_process() {
-    let Ok(plan) = std::env::var(PIDNS_PLAN) else {
-        return;
-    };
-    let plan: Value = serde_json::from_str(&plan).expect("the plan");
-    tokio::runtime::Runtime::new()
-        .expect("a runtime")
-        .block_on(attacker::run_in_own_pid_namespace(plan));
+    with_plan(PIDNS_PLAN, attacker::run_in_own_pid_namespace);
 }
 
 /// Kubernetes' init container and sidecar (docs/NSC-INIT.md): `nsc --init` requests,
