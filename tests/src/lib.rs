@@ -152,15 +152,35 @@ pub fn start_in(
     capture_stdout: bool,
     ready: Duration,
 ) -> Proc {
+    start_wrapped(pod, &[], dir, program, name, env, capture_stdout, ready)
+}
+
+/// [`start_in`] with the program run by `wrapper` (a command and its arguments that
+/// take the program's path last, e.g. `unshare --pid --fork ...`); the child is the
+/// wrapper's first command (when it forks, the program is its child).
+///
+/// # Panics
+/// When the program cannot be started.
+#[allow(clippy::too_many_arguments)]
+pub fn start_wrapped(
+    pod: Option<&str>,
+    wrapper: &[&str],
+    dir: &TempDir,
+    program: &str,
+    name: &str,
+    env: &[(&str, &str)],
+    capture_stdout: bool,
+    ready: Duration,
+) -> Proc {
     let stderr = dir.0.join(format!("{name}.log"));
-    let mut cmd = match pod {
-        Some(pod) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", pod]).arg(bin(program));
-            c
-        }
-        None => Command::new(bin(program)),
-    };
+    let mut line: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(pod) = pod {
+        line.extend(["ip", "netns", "exec", pod].map(Into::into));
+    }
+    line.extend(wrapper.iter().map(Into::into));
+    line.push(bin(program).into());
+    let mut cmd = Command::new(&line[0]);
+    cmd.args(&line[1..]);
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("NSM_")) {
         cmd.env_remove(k);
     }

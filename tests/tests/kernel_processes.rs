@@ -249,6 +249,65 @@ impl Mesh {
     }
 }
 
+/// What runs a program as in a Kubernetes pod without privileges: in a pid namespace
+/// of its own (its pid is 1 there, with its own `/proc`), with root's uid but every
+/// capability dropped. `--kill-child`: the program dies with the wrapper.
+const OWN_PID_NAMESPACE: &[&str] = &[
+    "unshare",
+    "--pid",
+    "--fork",
+    "--kill-child",
+    "--mount-proc",
+    "setpriv",
+    "--no-new-privs",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+    "--",
+];
+
+impl Mesh {
+    /// [`Mesh::nsc`] in a pid namespace of its own, unprivileged ([`OWN_PID_NAMESPACE`]).
+    fn nsc_in_own_pid_namespace(&self, pod: &Pod, url: &str) -> Proc {
+        let env = [
+            ("NSM_NAME", "nsc"),
+            ("NSM_CONNECT_TO", self.nsmgr_url.as_str()),
+            ("NSM_NETWORK_SERVICES", url),
+            ("NSM_REQUEST_TIMEOUT", "10s"),
+        ];
+        nsm_tests::start_wrapped(
+            Some(&pod.name),
+            OWN_PID_NAMESPACE,
+            &self.dir,
+            "nsc",
+            "nsc",
+            &env,
+            true,
+            READY,
+        )
+    }
+}
+
+/// The pid (in the test's pid namespace) of the program `wrapper` runs as its child.
+fn wrapped_pid(wrapper: &Proc) -> u32 {
+    let children = format!("/proc/{0}/task/{0}/children", wrapper.pid());
+    poll(READY, "the wrapped program", || {
+        std::fs::read_to_string(&children)
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// The inode of a pod's network namespace.
+fn netns_inode(pod: &Pod) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/run/netns/{}", pod.name))
+        .expect("the pod's namespace file")
+        .ino()
+}
+
 /// The names of the connection's path segments.
 fn path_names(conn: &Value) -> Vec<String> {
     conn["path"]["pathSegments"]
@@ -561,20 +620,8 @@ fn a_local_attacker_with_its_own_svid_can_neither_close_nor_plant_nor_take_over_
         .stdin(Stdio::null())
         .output()
         .expect("setpriv runs the attacker");
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the attacker failed: {said}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let results: std::collections::HashMap<&str, &str> = said
-        .lines()
-        .filter_map(|l| l.strip_prefix("ATTACK "))
-        .filter_map(|l| l.split_once(' '))
-        .collect();
-    let expect = |what: &str, outcome: &str| {
-        assert_eq!(results.get(what).copied(), Some(outcome), "{what}: {said}")
-    };
+    let said = Attack::of(out);
+    let expect = |what: &str, outcome: &str| said.expect(what, outcome);
     // The attacker is unprivileged, and its credentials are good: its own name is its.
     expect("capabilities", "0");
     expect("register-own-name", "Ok");
@@ -603,18 +650,59 @@ fn a_local_attacker_with_its_own_svid_can_neither_close_nor_plant_nor_take_over_
     nsc_pod.until_empty("after nsc's SIGTERM");
 }
 
-/// The attacker of the test above, run by it as a separate process (it does nothing
-/// without the plan). Prints `ATTACK <what> <outcome>` lines.
-#[test]
-#[ignore = "the attacker process of a_local_attacker_with_its_own_svid_..."]
-fn attacker_process() {
-    let Ok(plan) = std::env::var(ATTACK_PLAN) else {
+/// What an attacker process printed: its `ATTACK <what> <outcome>` lines, and all of
+/// its stdout.
+struct Attack {
+    results: std::collections::HashMap<String, String>,
+    said: String,
+}
+
+impl Attack {
+    /// Reads the output of an attacker that must have exited 0.
+    fn of(out: std::process::Output) -> Attack {
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "the attacker failed: {said}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let results = said
+            .lines()
+            .filter_map(|l| l.strip_prefix("ATTACK "))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(what, outcome)| (what.to_string(), outcome.to_string()))
+            .collect();
+        Attack { results, said }
+    }
+
+    /// Asserts the outcome of `what`.
+    fn expect(&self, what: &str, outcome: &str) {
+        assert_eq!(
+            self.results.get(what).map(String::as_str),
+            Some(outcome),
+            "{what}: {}",
+            self.said
+        );
+    }
+}
+
+/// Runs `attack` with the plan in the environment variable `var`; nothing without one.
+fn with_plan<F: std::future::Future<Output = ()>>(var: &str, attack: impl FnOnce(Value) -> F) {
+    let Ok(plan) = std::env::var(var) else {
         return;
     };
     let plan: Value = serde_json::from_str(&plan).expect("the plan");
     tokio::runtime::Runtime::new()
         .expect("a runtime")
-        .block_on(attacker::run(plan));
+        .block_on(attack(plan));
+}
+
+/// The attacker of the test above, run by it as a separate process (it does nothing
+/// without the plan). Prints `ATTACK <what> <outcome>` lines.
+#[test]
+#[ignore = "the attacker process of a_local_attacker_with_its_own_svid_..."]
+fn attacker_process() {
+    with_plan(ATTACK_PLAN, attacker::run);
 }
 
 mod attacker {
@@ -736,16 +824,52 @@ mod attacker {
         }
     }
 
-    pub(super) async fn run(plan: Value) {
-        let caps = std::fs::read_to_string("/proc/self/status")
+    /// The pid-namespace attacks: a request for an interface in the victim's namespace
+    /// named by its inode with this process's own pid-1 URL, by the URL the host sees
+    /// with the inode, and by the pid-1 URL alone (which names the host's namespace in
+    /// the manager's pid namespace).
+    pub(super) async fn run_in_own_pid_namespace(plan: Value) {
+        say("pid", std::process::id());
+        say("capabilities", capabilities());
+        let security = Security::from_env().expect("the attacker's own SVID");
+        let channels = security.channels();
+        let nsmgr = url(&plan, "nsmgr");
+        let service = plan["service"].as_str().unwrap_or_default();
+        let inode = plan["victim_inode"].as_str().unwrap_or_default();
+        let own_view = "file:///proc/1/ns/net";
+        let host_view = plan["victim_url"].as_str().unwrap_or_default();
+        for (what, netns, inode) in [
+            ("victim-inode", own_view, Some(inode)),
+            ("victim-host-url", host_view, Some(inode)),
+            ("pid-1-url-alone", own_view, None),
+        ] {
+            let mut req = plant(&serde_json::json!({ "netns": netns }), service);
+            if let Some(inode) = inode {
+                req.mechanism_preferences[0]
+                    .parameters
+                    .insert(params::NETNS_INODE.into(), inode.into());
+            }
+            let r = raw(&security, &channels, nsmgr.clone())
+                .request(&mut Cx::client(), req)
+                .await;
+            say(what, outcome(&r));
+        }
+    }
+
+    /// The effective capabilities of this process.
+    fn capabilities() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
             .ok()
             .and_then(|s| {
                 s.lines()
                     .find_map(|l| l.strip_prefix("CapEff:"))
                     .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
             })
-            .unwrap_or(u64::MAX);
-        say("capabilities", caps);
+            .unwrap_or(u64::MAX)
+    }
+
+    pub(super) async fn run(plan: Value) {
+        say("capabilities", capabilities());
         let security = Security::from_env().expect("the attacker's own SVID");
         let channels = security.channels();
         let (nsmgr, forwarder, registry) = (
@@ -810,6 +934,103 @@ mod attacker {
             monitor_shows(&channels, &forwarder).await,
         );
     }
+}
+
+/// Kubernetes' pods (docs/KUBERNETES.md): the client runs in a pid namespace of its own
+/// and without capabilities, the manager and the forwarder in the host's. `nsc` names
+/// its namespace `file:///proc/1/ns/net`, which in the manager's pid namespace is
+/// another process's (the host's namespace), and its inode (`netnsInode`): the manager
+/// finds the namespace from the client's process (`netns_inode`), the interface lands
+/// in the client's pod, the ping crosses, and SIGTERM's Close removes it. A client in
+/// its own pid namespace naming another pod's namespace (by the inode, by the URL the
+/// host sees, or by its pid-1 URL alone) is PermissionDenied.
+#[test]
+fn a_client_in_its_own_pid_namespace_gets_its_interface_in_its_pod() {
+    require_root!();
+    let (nsc_pod, nse_pod, other_pod) = (Pod::new(), Pod::new(), Pod::new());
+    let mesh = Mesh::new("pidns");
+    let (_registry, _nsmgr) = mesh.control_plane();
+    let _fwd = mesh.forwarder("forwarder");
+    let _nse = mesh.nse("nse", &nse_pod, "172.16.84.0/24");
+
+    let mut nsc = mesh.nsc_in_own_pid_namespace(&nsc_pod, SERVICE_URL);
+    let conn = nsc.next_connection();
+    assert_eq!(
+        path_names(&conn),
+        ["nsc", "nsmgr", "forwarder", "nse"],
+        "{conn}"
+    );
+    let m = &conn["mechanism"]["parameters"];
+    // The client's own view comes back: pid 1 of its pid namespace, its inode.
+    assert_eq!(m["inodeURL"], "file:///proc/1/ns/net", "{conn}");
+    assert_eq!(m["netnsInode"], netns_inode(&nsc_pod).to_string(), "{conn}");
+    let (src, dst) = (address(&conn, "srcIpAddrs"), address(&conn, "dstIpAddrs"));
+    assert_eq!(
+        nsc_pod.addresses("nsm-1"),
+        [src],
+        "{:?}",
+        nsc_pod.mesh_links()
+    );
+    assert!(
+        nsc_pod.ping_with(&[host(&dst)]),
+        "ping {dst} from the client's pod"
+    );
+
+    // Another pod's client, in its own pid namespace too, naming nsc's namespace.
+    let plan = serde_json::json!({
+        "nsmgr": mesh.nsmgr_url,
+        "service": "icmp-responder",
+        "victim_inode": netns_inode(&nsc_pod).to_string(),
+        "victim_url": format!("file:///run/netns/{}", nsc_pod.name),
+    });
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &other_pod.name])
+        .args(OWN_PID_NAMESPACE)
+        .arg(std::env::current_exe().expect("the test binary"))
+        .args([
+            "pidns_attacker_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(PIDNS_PLAN, plan.to_string())
+        .envs(mesh.dir.identity("attacker"))
+        .stdin(Stdio::null());
+    let out = cmd.output().expect("the attacker runs");
+    let said = Attack::of(out);
+    let expect = |what: &str, outcome: &str| said.expect(what, outcome);
+    expect("pid", "1");
+    expect("capabilities", "0");
+    expect("victim-inode", "PermissionDenied");
+    expect("victim-host-url", "PermissionDenied");
+    expect("pid-1-url-alone", "PermissionDenied");
+    assert!(
+        other_pod.mesh_links().is_empty(),
+        "{:?}",
+        other_pod.mesh_links()
+    );
+    assert_eq!(nsc_pod.mesh_links().len(), 1, "{:?}", nsc_pod.mesh_links());
+
+    // SIGTERM to nsc itself (the wrapper does not pass signals on): Close.
+    let status = Command::new("kill")
+        .args(["-TERM", &wrapped_pid(&nsc).to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    nsc_pod.until_empty("after nsc's SIGTERM");
+    nse_pod.until_empty("after nsc's SIGTERM");
+    assert_eq!(nsc.wait_exit(READY).code(), Some(0), "{}", nsc.log());
+}
+
+/// What the pid-namespace attacker is told (environment variable, JSON).
+const PIDNS_PLAN: &str = "NSM_TEST_PIDNS_PLAN";
+
+/// The attacker of the test above, run by it in a pod and a pid namespace of its own
+/// (it does nothing without the plan). Prints `ATTACK <what> <outcome>` lines.
+#[test]
+#[ignore = "the attacker process of a_client_in_its_own_pid_namespace_..."]
+fn pidns_attacker_process() {
+    with_plan(PIDNS_PLAN, attacker::run_in_own_pid_namespace);
 }
 
 /// Kubernetes' init container and sidecar (docs/NSC-INIT.md): `nsc --init` requests,

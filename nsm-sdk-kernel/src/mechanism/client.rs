@@ -2,7 +2,9 @@
 //!
 //! What it does: on a first Request (the connection has no mechanism yet) it makes the
 //! request offer `{cls: LOCAL, type: KERNEL}` with `inodeURL` = the client's network
-//! namespace and `name` = the interface it wants: the name set with
+//! namespace, `netnsInode` = that namespace's inode (when this process can read it: the
+//! manager finds the namespace by it when the client runs in a pid namespace of its own,
+//! `nsm_sdk::handlers::netns_inode`) and `name` = the interface it wants: the name set with
 //! [`KernelClient::ifname`], else the `name` the request's KERNEL preference already
 //! carries (an NS URL `kernel://service/nsm-1` puts it there), else a generated one
 //! ([`generate_ifname`] of the network service). A KERNEL
@@ -95,6 +97,14 @@ impl ChosenName {
     }
 }
 
+/// The inode of the namespace file a `file://` URL names, as this process sees it;
+/// `None` when it cannot be read.
+pub fn netns_inode_of(url: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let path = url::Url::parse(url).ok()?.to_file_path().ok()?;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
 pub(super) fn check_netns_url(url: &str) -> Result<()> {
     match url::Url::parse(url) {
         Ok(u) if u.scheme() == "file" => Ok(()),
@@ -145,6 +155,15 @@ impl Handler for KernelClient {
         pref.parameters.insert(params::NAME.into(), name);
         pref.parameters
             .insert(params::INODE_URL.into(), self.netns_url.clone());
+        match netns_inode_of(&self.netns_url) {
+            Some(inode) => {
+                pref.parameters
+                    .insert(params::NETNS_INODE.into(), inode.to_string());
+            }
+            None => {
+                pref.parameters.remove(params::NETNS_INODE);
+            }
+        }
         if self.bridged {
             pref.parameters.insert(super::BRIDGED.into(), "true".into());
         }
@@ -200,6 +219,27 @@ mod tests {
             name.starts_with("icmp-respo-") && name.len() == 15,
             "{name}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_inode_of_a_readable_namespace_goes_with_its_url() {
+        use std::os::unix::fs::MetadataExt;
+        let seen = offered(kernel_client(own_netns_url()), req("svc", vec![]))
+            .await
+            .unwrap();
+        let inode = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+        assert_eq!(
+            seen.prefs[0].parameters[params::NETNS_INODE],
+            inode.to_string()
+        );
+        // A namespace this process cannot read: the URL alone.
+        let seen = offered(
+            kernel_client("file:///run/netns/nsm-no-such-ns"),
+            req("svc", vec![]),
+        )
+        .await
+        .unwrap();
+        assert!(!seen.prefs[0].parameters.contains_key(params::NETNS_INODE));
     }
 
     #[tokio::test]

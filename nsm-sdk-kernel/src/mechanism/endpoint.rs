@@ -3,7 +3,8 @@
 //!
 //! What it does: the forwarder offers an empty KERNEL mechanism; this handler writes the
 //! endpoint's own side into the connection's mechanism before passing the Request on —
-//! `inodeURL` = the endpoint's network namespace, `name` = the endpoint's interface for
+//! `inodeURL` = the endpoint's network namespace (with `netnsInode`, its inode, when
+//! readable: the forwarder checks what it opens against it), `name` = the endpoint's interface for
 //! this connection — so the forwarder reads both from the answer and creates the
 //! endpoint's end there (docs/KERNEL.md 1.5). The name is the one set with
 //! [`KernelEndpoint::ifname`] (then the endpoint serves one connection at a time: a
@@ -171,6 +172,15 @@ impl Handler for KernelEndpoint {
         mechanism
             .parameters
             .insert(params::INODE_URL.into(), self.netns_url.clone());
+        // Its inode too: the forwarder checks the namespace it opens against it, so an
+        // endpoint whose URL names another namespace there (a pid namespace of its own)
+        // gets an error, not an interface in someone else's namespace.
+        match super::netns_inode_of(&self.netns_url) {
+            Some(inode) => mechanism
+                .parameters
+                .insert(params::NETNS_INODE.into(), inode.to_string()),
+            None => mechanism.parameters.remove(params::NETNS_INODE),
+        };
         if self.bridged {
             mechanism
                 .parameters

@@ -163,7 +163,7 @@ impl ClientEnd {
                 Some(Mtu::new(n)?)
             }
         };
-        let netns = NetNs::from_url(url)?;
+        let netns = open_netns(m, url)?;
         Ok(ClientEnd(Arc::new(ClientEndInner {
             rerequest,
             netns,
@@ -293,7 +293,32 @@ fn endpoint_end(out: &Connection) -> Result<(NetNs, IfName, bool)> {
     let url = param(m, params::INODE_URL).ok_or_else(|| {
         nsm_sdk::Error::internal("the endpoint's KERNEL mechanism has no inodeURL")
     })?;
-    Ok((NetNs::from_url(url)?, IfName::new(name)?, is_bridged(m)))
+    Ok((open_netns(m, url)?, IfName::new(name)?, is_bridged(m)))
+}
+
+/// Opens the namespace `url` names; when the mechanism also names its inode
+/// (`netnsInode`), the namespace opened must have it. A `/proc/<pid>/ns/net` URL names
+/// a process, which may have exited since the mechanism was made and its pid been
+/// reused: PermissionDenied then, never an interface in another namespace.
+fn open_netns(m: &Mechanism, url: &str) -> Result<NetNs> {
+    let netns = NetNs::from_url(url)?;
+    let Some(named) = param(m, params::NETNS_INODE) else {
+        return Ok(netns);
+    };
+    let inode = named.parse::<u64>().map_err(|_| {
+        nsm_sdk::Error::invalid(format!(
+            "KERNEL mechanism parameter {} {named:?} is not an inode number",
+            params::NETNS_INODE
+        ))
+    })?;
+    if netns.inode() != inode {
+        return Err(nsm_sdk::Error::PermissionDenied(format!(
+            "network namespace {url} has inode {}, not {inode} as its mechanism names: \
+             the process it named is gone",
+            netns.inode()
+        )));
+    }
+    Ok(netns)
 }
 
 /// What names the connection in the aliases of its veth ends: the id of the first path
@@ -594,7 +619,25 @@ mod tests {
 
     #[tokio::test]
     async fn a_bad_client_mechanism_is_refused_before_the_endpoint_is_called() {
-        let cases: [(&[(&str, &str)], Code); 6] = [
+        let cases: [(&[(&str, &str)], Code); 8] = [
+            // A namespace that is not the one the mechanism names by its inode (the
+            // process its URL named is gone, its pid reused).
+            (
+                &[
+                    (params::NAME, "nsm-1"),
+                    (params::INODE_URL, HERE),
+                    (params::NETNS_INODE, "1"),
+                ],
+                Code::PermissionDenied,
+            ),
+            (
+                &[
+                    (params::NAME, "nsm-1"),
+                    (params::INODE_URL, HERE),
+                    (params::NETNS_INODE, "x"),
+                ],
+                Code::InvalidArgument,
+            ),
             (&[(params::INODE_URL, HERE)], Code::InvalidArgument),
             (&[(params::NAME, "nsm-1")], Code::InvalidArgument),
             (

@@ -60,7 +60,7 @@ pub mod forwarder;
 pub mod preferences;
 pub mod xconnect;
 
-pub use client::{kernel_client, own_netns_url, KernelClient};
+pub use client::{kernel_client, netns_inode_of, own_netns_url, KernelClient};
 pub use endpoint::{endpoint_mechanisms, kernel_endpoint, KernelEndpoint};
 pub use forwarder::{
     kernel_forwarder_client, kernel_forwarder_mechanisms, kernel_forwarder_server, KernelClientEnd,

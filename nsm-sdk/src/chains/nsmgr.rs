@@ -16,8 +16,10 @@
 //!
 //! With [`policies`](NsmgrOptions::policies), `authorize_server` follows `update_token`, `authorize_client` precedes the client half's gRPC client, MonitorConnection shows each subscriber only its own connections, and the registry front keeps each endpoint name for the identity that registered it (`registry::authorize`; network services are registered by every endpoint that serves them and stay shared).
 //!
-//! `netns_owner` follows (`authorize_server`): a local client may name in a KERNEL
-//! mechanism only a network namespace it is in or could enter itself.
+//! `netns_inode` and `netns_owner` follow (`authorize_server`): a local client in a pid
+//! namespace of its own has its namespace found by its inode (`netnsInode`), and a
+//! local client may name in a KERNEL mechanism only a network namespace it is in or
+//! could enter itself.
 
 use std::sync::Arc;
 
@@ -30,7 +32,7 @@ use crate::core::rt::begin;
 use crate::core::{Chain, Handler};
 use crate::handlers::{
     authorize_client, authorize_server, connect, discover_forwarder, filter_mechanisms,
-    monitor_relay, netns_owner, timeout, update_path, update_token, Monitor,
+    monitor_relay, netns_inode, netns_owner, timeout, update_path, update_token, Monitor,
 };
 use crate::registry::{
     authorize as registry_authorize, find_cache, local_bypass, validate, watch_reconnect,
@@ -190,6 +192,7 @@ pub fn nsmgr(opts: NsmgrOptions) -> Nsmgr {
         .extend(opts.after_begin)
         .push(update_token(opts.sec.tokens.clone()))
         .push_opt(opts.sec.policies.clone().map(authorize_server))
+        .push(netns_inode())
         .push(netns_owner())
         .push(timeout())
         .push(monitor.clone())

@@ -46,6 +46,45 @@ pub struct PeerProcess {
     pub uid: u32,
     /// Its effective group id when it connected.
     pub gid: u32,
+    /// When it started ([`process_start_time`]), read when the connection was accepted
+    /// while the process was proven alive (its `SO_PEERPIDFD`, where the kernel has
+    /// it): with `pid`, what names this very process, so [`PeerProcess::still_there`]
+    /// tells whether `pid` now names another one (the peer exited and its pid was
+    /// reused). `None` when it could not be read.
+    pub start_time: Option<u64>,
+}
+
+impl PeerProcess {
+    /// A process of this pid namespace, by its pid; its start time is read now.
+    pub fn of_pid(pid: i32, uid: u32, gid: u32) -> Self {
+        PeerProcess {
+            pid: Some(pid),
+            uid,
+            gid,
+            start_time: process_start_time(pid),
+        }
+    }
+
+    /// Whether `pid` still names the process that connected: it started when the
+    /// connection recorded. What a handler reads in `/proc/<pid>/` before this says
+    /// yes belongs to the peer (a pid is reused only after its process is gone, and the
+    /// new process has a later start time). Unknown pid or start time: no.
+    pub fn still_there(&self) -> bool {
+        match (self.pid, self.start_time) {
+            (Some(pid), Some(t)) => process_start_time(pid) == Some(t),
+            _ => false,
+        }
+    }
+}
+
+/// When process `pid` (of this process's pid namespace) started, in clock ticks after
+/// boot: field 22 of `/proc/<pid>/stat`. `None` when it does not exist.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything, even ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts with field 3 (the state): field 22 is its 20th word.
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// The per-call context handed to every handler.

@@ -15,7 +15,7 @@ pub use conn::{
     live_handles, live_tasks, spawn_owned, ConnEvent, ConnHandle, EventOutcome, EventReceipt,
     EventSink,
 };
-pub use cx::{Cx, Peer, PeerProcess, Side};
+pub use cx::{process_start_time, Cx, Peer, PeerProcess, Side};
 pub use extensions::Extensions;
 pub use handler::{Chain, ChainBuilder, Cursor, Handler, Next};
 pub use monitor::MonitorSource;

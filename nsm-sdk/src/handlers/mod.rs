@@ -35,6 +35,8 @@ pub mod passthrough;
 pub use passthrough::{passthrough, Passthrough};
 pub mod refresh;
 pub use refresh::{refresh, Refresh};
+pub mod netns_inode;
+pub use netns_inode::{netns_inode, NetnsInode};
 pub mod netns_owner;
 pub use netns_owner::{netns_owner, NetnsOwner};
 pub mod timeout;

@@ -130,7 +130,7 @@ impl NetnsOwner {
 }
 
 /// The `inodeURL`s of the KERNEL mechanisms a request names.
-fn named(req: &NetworkServiceRequest) -> Vec<&str> {
+pub(crate) fn named(req: &NetworkServiceRequest) -> Vec<&str> {
     let current = req.connection.as_ref().and_then(|c| c.mechanism.as_ref());
     req.mechanism_preferences
         .iter()
@@ -140,7 +140,7 @@ fn named(req: &NetworkServiceRequest) -> Vec<&str> {
 }
 
 /// The `inodeURL` of a local KERNEL mechanism, if it names one.
-fn netns_url(m: &Mechanism) -> Option<&str> {
+pub(crate) fn netns_url(m: &Mechanism) -> Option<&str> {
     (m.r#type == types::KERNEL && m.cls != cls::REMOTE)
         .then(|| m.parameters.get(params::INODE_URL))
         .flatten()
@@ -178,15 +178,15 @@ pub fn check_answer(peer: &Peer, out: &Connection) -> Result<()> {
 
 /// A namespace as the kernel names it: the device and inode of its nsfs file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct NsId(u64, u64);
+pub(crate) struct NsId(pub(crate) u64, pub(crate) u64);
 
-fn ns_id(path: &Path) -> std::io::Result<NsId> {
+pub(crate) fn ns_id(path: &Path) -> std::io::Result<NsId> {
     let m = std::fs::metadata(path)?;
     Ok(NsId(m.dev(), m.ino()))
 }
 
 /// The namespace a `file://` URL names, as this process sees it.
-fn named_ns(url: &str) -> Result<NsId> {
+pub(crate) fn named_ns(url: &str) -> Result<NsId> {
     let path = url
         .strip_prefix("file://")
         .map(PathBuf::from)
@@ -208,26 +208,45 @@ fn named_ns(url: &str) -> Result<NsId> {
     })
 }
 
-/// Whether `process` may have an interface put into the namespace of `url`.
-fn owns(process: &PeerProcess, url: &str) -> Result<()> {
-    let wanted = named_ns(url)?;
-    let pid = process.pid.ok_or_else(|| {
+/// The pid of `process` in this hop's pid namespace; PermissionDenied when the kernel
+/// could not name it here.
+pub(crate) fn visible_pid(process: &PeerProcess, url: &str) -> Result<i32> {
+    process.pid.ok_or_else(|| {
         Error::PermissionDenied(format!(
             "the caller (uid {}) is in another pid namespace: its network namespace cannot \
              be compared with {}",
             process.uid,
             Shown(url)
         ))
-    })?;
-    if may_enter_any(pid) {
-        return Ok(());
-    }
+    })
+}
+
+/// The network namespace `process` is in, read from `/proc/<pid>/ns/net` and then
+/// proven to be the caller's: its pid still names the process that connected
+/// ([`PeerProcess::still_there`]), so a pid reused by another process since is refused.
+pub(crate) fn process_netns(process: &PeerProcess, pid: i32) -> Result<NsId> {
     let own = ns_id(Path::new(&format!("/proc/{pid}/ns/net"))).map_err(|e| {
         Error::PermissionDenied(format!(
             "the network namespace of the caller (pid {pid}) cannot be read: {e}"
         ))
     })?;
-    if own == wanted {
+    if !process.still_there() {
+        return Err(Error::PermissionDenied(format!(
+            "the caller (pid {pid}, uid {}) is gone: pid {pid} may name another process now",
+            process.uid
+        )));
+    }
+    Ok(own)
+}
+
+/// Whether `process` may have an interface put into the namespace of `url`.
+fn owns(process: &PeerProcess, url: &str) -> Result<()> {
+    let wanted = named_ns(url)?;
+    let pid = visible_pid(process, url)?;
+    if may_enter_any(pid) && process.still_there() {
+        return Ok(());
+    }
+    if process_netns(process, pid)? == wanted {
         Ok(())
     } else {
         Err(Error::PermissionDenied(format!(
@@ -323,11 +342,7 @@ mod tests {
     }
 
     fn process(pid: u32, uid: u32) -> PeerProcess {
-        PeerProcess {
-            pid: Some(pid as i32),
-            uid,
-            gid: uid,
-        }
+        PeerProcess::of_pid(pid as i32, uid, uid)
     }
 
     /// A peer with this process and a real certificate for `id` (`spiffe://t/...`).
@@ -442,6 +457,18 @@ mod tests {
         }
         let _ = other.kill();
         let _ = other.wait();
+    }
+
+    #[tokio::test]
+    async fn a_caller_whose_pid_names_another_process_now_is_refused() {
+        let mut me = process(std::process::id(), 0);
+        // As if the caller had exited and this process got its pid.
+        me.start_time = me.start_time.map(|t| t + 1);
+        let err = run(netns_owner(), peer(Some(me), None), request(&own()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        assert!(err.to_string().contains("is gone"), "{err}");
     }
 
     #[tokio::test]

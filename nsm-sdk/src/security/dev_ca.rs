@@ -138,6 +138,25 @@ impl DevCa {
         let now = OffsetDateTime::now_utc();
         self.issue_between(
             &[id.as_str()],
+            &[],
+            now - time::Duration::minutes(1),
+            now + lifetime,
+        )
+    }
+
+    /// Issues an SVID for `id` that also carries `dns_names` as DNS SANs (opt-in, for
+    /// a server that clients of TLS stacks checking a host name reach, such as gRPC
+    /// C-core's: docs/KUBERNETES.md); the SPIFFE ID stays its only URI SAN.
+    pub fn issue_with_dns_names(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[&str],
+        lifetime: Duration,
+    ) -> Result<IssuedSvid, SecurityError> {
+        let now = OffsetDateTime::now_utc();
+        self.issue_between(
+            &[id.as_str()],
+            dns_names,
             now - time::Duration::minutes(1),
             now + lifetime,
         )
@@ -164,6 +183,7 @@ impl DevCa {
         let now = OffsetDateTime::now_utc();
         self.issue_between(
             &[id.as_str()],
+            &[],
             now - time::Duration::hours(1),
             now - time::Duration::minutes(1),
         )
@@ -177,12 +197,13 @@ impl DevCa {
         lifetime: Duration,
     ) -> Result<IssuedSvid, SecurityError> {
         let now = OffsetDateTime::now_utc();
-        self.issue_between(uris, now - time::Duration::minutes(1), now + lifetime)
+        self.issue_between(uris, &[], now - time::Duration::minutes(1), now + lifetime)
     }
 
     fn issue_between(
         &self,
         uris: &[&str],
+        dns_names: &[&str],
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<IssuedSvid, SecurityError> {
@@ -191,6 +212,10 @@ impl DevCa {
         for uri in uris {
             let ia5 = (*uri).try_into().map_err(rcgen_err)?;
             params.subject_alt_names.push(SanType::URI(ia5));
+        }
+        for name in dns_names {
+            let ia5 = (*name).try_into().map_err(rcgen_err)?;
+            params.subject_alt_names.push(SanType::DnsName(ia5));
         }
         params
             .distinguished_name
@@ -292,6 +317,32 @@ mod tests {
             .duration_since(std::time::SystemTime::now())
             .unwrap();
         assert!(left <= Duration::from_secs(600) && left > Duration::from_secs(590));
+    }
+
+    #[test]
+    fn an_svid_with_dns_names_keeps_its_spiffe_id_and_carries_the_names() {
+        let ca = DevCa::new("dev.local").unwrap();
+        let id = SpiffeId::parse("spiffe://dev.local/nsmgr").unwrap();
+        let issued = ca
+            .issue_with_dns_names(&id, &["nsmgr.dev.local"], Duration::from_secs(600))
+            .unwrap();
+        let svid = Svid::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+        assert_eq!(svid.id(), &id);
+        use rustls_pki_types::pem::PemObject;
+        let der =
+            rustls_pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let dns: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dns, ["nsmgr.dev.local"]);
     }
 
     #[test]

@@ -361,19 +361,44 @@ impl Drop for Incoming {
     }
 }
 
-/// The credentials the kernel recorded for the peer of a unix socket.
+/// The credentials the kernel recorded for the peer of a unix socket, with the start
+/// time of the process its pid names.
+///
+/// The pid is the one the peer had when it connected; it may have exited since and its
+/// pid be reused. Where the kernel gives the peer's pidfd (`SO_PEERPIDFD`, Linux 6.5),
+/// the start time is read and then the pidfd polled: a pidfd becomes readable when its
+/// process exits, so a pidfd not readable after the read proves the start time was the
+/// peer's own. Without it (older kernels) the start time is read at once, which leaves
+/// only the moment between the peer's `connect` and this accept.
 pub(crate) fn peer_process(s: &tokio::net::UnixStream) -> Option<PeerProcess> {
-    match s.peer_cred() {
-        Ok(c) => Some(PeerProcess {
-            pid: c.pid(),
-            uid: c.uid(),
-            gid: c.gid(),
-        }),
+    let c = match s.peer_cred() {
+        Ok(c) => c,
         Err(e) => {
             debug!(error = %e, "cannot read the peer credentials of a unix socket");
-            None
+            return None;
+        }
+    };
+    let pidfd = nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerPidfd).ok();
+    let mut start_time = c.pid().and_then(crate::core::process_start_time);
+    if let Some(fd) = &pidfd {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        let exited = match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) => n > 0,
+            Err(_) => true,
+        };
+        if exited {
+            debug!(pid = ?c.pid(), "the peer of a unix socket exited before it was accepted");
+            start_time = None;
         }
     }
+    Some(PeerProcess {
+        pid: c.pid(),
+        uid: c.uid(),
+        gid: c.gid(),
+        start_time,
+    })
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -485,5 +510,31 @@ impl Connected for ServerIo {
 
     fn connect_info(&self) -> ConnInfo {
         self.info.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A unix-socket peer is recorded with its pid and start time, which prove it is
+    /// still there; a start time that is not its own (a reused pid) does not.
+    #[tokio::test]
+    async fn a_unix_peer_is_recorded_with_its_start_time() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let p = peer_process(&a).unwrap();
+        assert_eq!(p.pid, Some(std::process::id() as i32));
+        assert!(p.start_time.is_some());
+        assert_eq!(
+            p.start_time,
+            crate::core::process_start_time(std::process::id() as i32)
+        );
+        assert!(p.still_there());
+        let reused = PeerProcess {
+            start_time: p.start_time.map(|t| t + 1),
+            ..p
+        };
+        assert!(!reused.still_there());
+        assert_eq!(crate::core::process_start_time(i32::MAX), None);
     }
 }
