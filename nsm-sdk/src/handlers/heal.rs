@@ -149,7 +149,8 @@ pub struct HealOptions {
     backoff: Backoff,
     subscribe_timeout: Duration,
     observer: Option<HealObserver>,
-    wake_spread: Duration,
+    /// `None`: no wake-ups.
+    wake_spread: Option<Duration>,
     wake_concurrency: usize,
 }
 
@@ -181,7 +182,7 @@ impl HealOptions {
             backoff: Backoff::new(DEFAULT_BACKOFF_START, DEFAULT_BACKOFF_MAX),
             subscribe_timeout: DEFAULT_SUBSCRIBE_TIMEOUT,
             observer: None,
-            wake_spread: DEFAULT_WAKE_SPREAD,
+            wake_spread: Some(DEFAULT_WAKE_SPREAD),
             wake_concurrency: DEFAULT_WAKE_CONCURRENCY,
         }
     }
@@ -242,8 +243,15 @@ impl HealOptions {
     /// [`DEFAULT_WAKE_SPREAD`], [`DEFAULT_WAKE_CONCURRENCY`]; see the module docs,
     /// "wake-up").
     pub fn wake_up(mut self, spread: Duration, concurrency: usize) -> Self {
-        self.wake_spread = spread;
+        self.wake_spread = Some(spread);
         self.wake_concurrency = concurrency.max(1);
+        self
+    }
+
+    /// No wake-ups: each connection waits out its whole pause, whatever heals (for
+    /// comparison; see the module docs, "wake-up").
+    pub fn no_wake_up(mut self) -> Self {
+        self.wake_spread = None;
         self
     }
 
@@ -559,9 +567,13 @@ impl Task {
         };
         let pause = self.opts.backoff.wait(attempt);
         debug!(connection.id = %self.id(), ?pause, "heal: backing off");
+        let Some(spread) = self.opts.wake_spread else {
+            tokio::time::sleep(pause).await;
+            return None;
+        };
         let mut heals = self.wake.heals.subscribe();
         let woken = async {
-            tokio::time::sleep(pause.min(self.opts.wake_spread)).await;
+            tokio::time::sleep(pause.min(spread)).await;
             if heals.wait_for(|n| *n != seen).await.is_err() {
                 futures::future::pending::<()>().await;
             }
@@ -570,7 +582,7 @@ impl Task {
             _ = tokio::time::sleep(pause) => return None,
             _ = woken => {}
         }
-        let spread = self.opts.wake_spread.mul_f64(rand::random_range(0.0..1.0));
+        let spread = spread.mul_f64(rand::random_range(0.0..1.0));
         debug!(connection.id = %self.id(), ?spread, "heal: another connection healed, trying again");
         tokio::time::sleep(spread).await;
         self.wake.permits.clone().acquire_owned().await.ok()
