@@ -168,24 +168,6 @@ async fn undo_removes_addresses_and_routes_and_down_removes_the_pair() {
     assert_eq!(b.links(), ["lo"]);
 }
 
-/// `ip neigh show dev nsm-1` of `ns`, one `address lladdr state` line each.
-fn neighbours(ns: &Ns) -> Vec<String> {
-    let mut v: Vec<String> = ns
-        .ip(&["neigh", "show", "dev", "nsm-1"])
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
-    v.sort();
-    v
-}
-
-fn lladdr(ns: &Ns) -> String {
-    let v: serde_json::Value =
-        serde_json::from_str(&ns.ip(&["-j", "link", "show", "dev", "nsm-1"])).unwrap();
-    v[0]["address"].as_str().unwrap_or_default().to_string()
-}
-
 #[tokio::test]
 async fn each_pod_knows_the_other_end_permanently_so_the_pair_works_without_arp_even_after_a_refresh_moves_it(
 ) {
@@ -195,16 +177,16 @@ async fn each_pod_knows_the_other_end_permanently_so_the_pair_works_without_arp_
     let mut created = kernel_side_up(&a.open(), &b.open(), client, endpoint)
         .await
         .unwrap();
-    let (mac_a, mac_b) = (lladdr(&a), lladdr(&b));
+    let (mac_a, mac_b) = (a.lladdr("nsm-1"), b.lladdr("nsm-1"));
     assert_eq!(
-        neighbours(&a),
+        a.neighbours("nsm-1"),
         [
             format!("172.16.1.1 lladdr {mac_b} PERMANENT"),
             format!("2001:db8:1::1 lladdr {mac_b} PERMANENT"),
         ]
     );
     assert_eq!(
-        neighbours(&b),
+        b.neighbours("nsm-1"),
         [
             format!("172.16.1.2 lladdr {mac_a} PERMANENT"),
             format!("2001:db8:1::2 lladdr {mac_a} PERMANENT"),
@@ -212,24 +194,8 @@ async fn each_pod_knows_the_other_end_permanently_so_the_pair_works_without_arp_
     );
     // With ARP and neighbour solicitations dropped only those entries can carry a
     // packet.
-    for ns in [&a, &b] {
-        let (ok, out) = run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &ns.name,
-                "nft",
-                "add table arp noarp; \
-                 add chain arp noarp in { type filter hook input priority 0; policy drop; }; \
-                 add chain arp noarp out { type filter hook output priority 0; policy drop; }; \
-                 add table ip6 nond; \
-                 add chain ip6 nond out { type filter hook output priority 0; }; \
-                 add rule ip6 nond out icmpv6 type nd-neighbor-solicit drop",
-            ],
-        );
-        assert!(ok, "nft: {out}");
-    }
+    a.drop_neighbour_discovery();
+    b.drop_neighbour_discovery();
     assert!(
         a.ping_with(&["172.16.1.1"]),
         "client -> endpoint without ARP"
@@ -247,16 +213,19 @@ async fn each_pod_knows_the_other_end_permanently_so_the_pair_works_without_arp_
     assert_ne!(client.mac(), created.plan(PodSide::Client).mac());
     created.refresh(PodSide::Client, client).await.unwrap();
     created.refresh(PodSide::Endpoint, endpoint).await.unwrap();
-    assert_eq!((lladdr(&a), lladdr(&b)), (mac_a.clone(), mac_b.clone()));
     assert_eq!(
-        neighbours(&a),
+        (a.lladdr("nsm-1"), b.lladdr("nsm-1")),
+        (mac_a.clone(), mac_b.clone())
+    );
+    assert_eq!(
+        a.neighbours("nsm-1"),
         [
             format!("172.16.9.1 lladdr {mac_b} PERMANENT"),
             format!("2001:db8:9::1 lladdr {mac_b} PERMANENT"),
         ]
     );
     assert_eq!(
-        neighbours(&b),
+        b.neighbours("nsm-1"),
         [
             format!("172.16.9.2 lladdr {mac_a} PERMANENT"),
             format!("2001:db8:9::2 lladdr {mac_a} PERMANENT"),
