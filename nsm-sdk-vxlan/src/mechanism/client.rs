@@ -256,7 +256,7 @@ impl VxlanForwarderClient {
             end.bridged(),
             dst_mac,
         )?;
-        if let Some(mac) = own_mac(&end, out) {
+        if let Some(mac) = own_mac(end, out) {
             plan = plan.with_mac(mac);
         }
         let spec = VxlanSpec::new(vni, self.tunnel.ip(), dst_ip, mtu).with_port(self.tunnel.port());
