@@ -245,13 +245,13 @@ async fn a_remote_connection_gets_a_device_in_each_pod_with_one_vni_and_the_smal
 
 #[tokio::test]
 async fn each_pod_gets_permanent_neighbours_on_the_hardware_address_the_other_node_said() {
-    let (n1, n2) = (Node::new(N1, 1450), Node::new(N2, 1450));
-    let nse = FakeNse::default();
-    let chain = remote(&n1, &n2, &nse);
-    let conn = chain
-        .request(&mut Cx::server(), nsc_request())
-        .await
-        .unwrap();
+    let Clashed {
+        n1,
+        n2,
+        chain,
+        conn,
+        ..
+    } = connect_after_clashes(0, 0).await;
     let (_, p1) = n1.devices.only();
     let (_, p2) = n2.devices.only();
     // The client's device: the connection's address, said before it existed.
