@@ -81,7 +81,7 @@ use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
 use nsm_proto::connection::{Connection, State};
 use nsm_proto::networkservice::NetworkServiceRequest;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::monitor_relay::{NextHop, DEFAULT_SUBSCRIBE_TIMEOUT};
@@ -325,6 +325,10 @@ struct HealInner {
     healing: bool,
     /// The request of heal's own attempt in flight.
     own: Option<NetworkServiceRequest>,
+    /// Heal's attempt in flight follows a wake-up: it takes a permit once its turn
+    /// comes (not while it waits behind the connection's other operations, which
+    /// would hold a permit that others could use).
+    own_woken: bool,
     /// The last good request, with the connection the chain returned.
     last: Option<NetworkServiceRequest>,
     /// Failed attempts since the path was last healthy: the next pause's attempt.
@@ -484,7 +488,7 @@ impl Task {
                 }
                 Err(e) => {
                     warn!(connection.id = %self.id(), next = %hop.url, error = %e, "heal: cannot follow the next hop");
-                    drop(self.pause().await);
+                    self.pause().await;
                     return Some(Trigger::Broken);
                 }
             }
@@ -532,7 +536,7 @@ impl Task {
             }
         }
         if !healthy {
-            drop(self.pause().await);
+            self.pause().await;
         }
         Some(Trigger::Broken)
     }
@@ -557,8 +561,9 @@ impl Task {
     /// Sleeps the current backoff and counts the failure. A heal of another
     /// connection of the handler since this one's last attempt cuts the pause short
     /// (not before the wake-up spread has passed): then it waits a random part of the
-    /// spread and returns a permit to hold while it attempts.
-    async fn pause(&self) -> Option<OwnedSemaphorePermit> {
+    /// spread and says it was woken (its attempt then takes a permit once its turn
+    /// comes).
+    async fn pause(&self) -> bool {
         let (attempt, seen) = {
             let mut inner = self.state.lock();
             let attempt = inner.failures;
@@ -569,7 +574,7 @@ impl Task {
         debug!(connection.id = %self.id(), ?pause, "heal: backing off");
         let Some(spread) = self.opts.wake_spread else {
             tokio::time::sleep(pause).await;
-            return None;
+            return false;
         };
         let mut heals = self.wake.heals.subscribe();
         let woken = async {
@@ -579,13 +584,13 @@ impl Task {
             }
         };
         tokio::select! {
-            _ = tokio::time::sleep(pause) => return None,
+            _ = tokio::time::sleep(pause) => return false,
             _ = woken => {}
         }
         let spread = spread.mul_f64(rand::random_range(0.0..1.0));
         debug!(connection.id = %self.id(), ?spread, "heal: another connection healed, trying again");
         tokio::time::sleep(spread).await;
-        self.wake.permits.clone().acquire_owned().await.ok()
+        true
     }
 
     /// Re-requests (unless `trigger` says reselect at once), then reselects until a
@@ -600,8 +605,8 @@ impl Task {
         }
         self.opts.tell(HealEvent::Broken, self.id());
         let mut reselect = trigger == Trigger::Dead;
-        // Held while a woken attempt is in flight.
-        let mut permit: Option<OwnedSemaphorePermit> = None;
+        // Whether the next attempt follows a wake-up.
+        let mut woken = false;
         loop {
             let req = {
                 let mut inner = self.state.lock();
@@ -617,6 +622,7 @@ impl Task {
                         State::ReselectRequested as i32;
                 }
                 inner.own = Some(req.clone());
+                inner.own_woken = woken;
                 inner.seen_heals = self.wake.count();
                 req
             };
@@ -628,7 +634,6 @@ impl Task {
             // The same as `request_event(None)` for a re-request (the last good request
             // is what begin would replay), but heal can recognise its own attempt.
             let outcome = self.handle.request_event(Some(req)).await;
-            drop(permit.take());
             {
                 let mut inner = self.state.lock();
                 if inner.task.is_current(self.generation) {
@@ -644,12 +649,12 @@ impl Task {
                     }
                     warn!(connection.id = %self.id(), error = %e, reselect, "heal: attempt failed");
                     if reselect {
-                        permit = self.pause().await;
+                        woken = self.pause().await;
                     } else if self.opts.liveness.is_some() {
                         // While the data plane works only the control plane is broken:
                         // re-request the same path again, and reselect only once the
                         // check says the data plane is dead too.
-                        permit = self.pause().await;
+                        woken = self.pause().await;
                         if self.alive().await {
                             continue;
                         }
@@ -678,7 +683,15 @@ impl Handler for Heal {
         // (a refresh of an unchanged connection) is the caller's. `own` stays set until
         // heal's task has the outcome, so whichever identical event runs first, heal's
         // own comes back to it past retry.
-        let own = cx.ext().get::<FromEvent>().is_some() && state.lock().own.as_ref() == Some(&req);
+        let (own, woken) = {
+            let inner = state.lock();
+            let own = cx.ext().get::<FromEvent>().is_some() && inner.own.as_ref() == Some(&req);
+            (own, own && inner.own_woken)
+        };
+        let _permit = match woken {
+            true => self.wake.permits.clone().acquire_owned().await.ok(),
+            false => None,
+        };
         match next.request(cx, req.clone()).await {
             Ok(conn) => {
                 self.established(cx, &handle, &state, req, &conn);
