@@ -131,15 +131,16 @@ pub use crate::mechanism::{
 pub use crate::netns::NetNs;
 pub use crate::on_demand::OnDemandNetlink;
 pub use crate::plan::{
-    plan_from_context, policy_from_context, stable_mac, Family, IfName, Mtu, Neighbour, Op, Plan,
-    PodSide, Policy, PortRange, Route, RouteScope, Rule, MAIN_TABLE, MAX_ALIAS_LEN,
-    POLICY_TABLE_BASE,
+    fmt_mac, parse_mac, plan_from_context, policy_from_context, stable_mac, Family, IfName, Mtu,
+    Neighbour, Op, Plan, PodSide, Policy, PortRange, Route, RouteScope, Rule, MAIN_TABLE,
+    MAX_ALIAS_LEN, POLICY_TABLE_BASE,
 };
 pub use crate::reaper::groups_in_use;
 pub use crate::recorder::Recorder;
 pub use crate::rtnl::RtNetlink;
 pub use crate::veth::{
-    down, kernel_side_adopt, kernel_side_up, veth_alias, veth_up, Created, VethEnd,
+    down, kernel_side_adopt, kernel_side_up, veth_alias, veth_up, with_peer_neighbours, Created,
+    VethEnd,
 };
 
 /// The rtnetlink crate this one is built on (0.24), for operations not wrapped here.

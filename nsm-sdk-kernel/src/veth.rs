@@ -533,7 +533,7 @@ async fn delete_pair(created: &Created) -> Result<()> {
 mod adopt;
 pub use adopt::kernel_side_adopt;
 mod neighbours;
-use neighbours::with_peer_neighbours;
+pub use neighbours::with_peer_neighbours;
 
 #[cfg(test)]
 mod tests;

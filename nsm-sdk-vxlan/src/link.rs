@@ -134,6 +134,8 @@ pub struct VxlanLink {
     plan: Plan,
     index: u32,
     spec: VxlanSpec,
+    /// The hardware address the device was born with (its first plan's).
+    mac: Option<[u8; 6]>,
 }
 
 impl VxlanLink {
@@ -150,6 +152,13 @@ impl VxlanLink {
     /// The tunnel the device was created with.
     pub fn spec(&self) -> &VxlanSpec {
         &self.spec
+    }
+
+    /// The hardware address the device was given at its birth (the first plan's
+    /// [`Plan::mac`]); a refresh never changes it. `None` when that plan had none
+    /// (the kernel's random one).
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        self.mac
     }
 
     /// The netlink handle inside the pod.
@@ -253,6 +262,7 @@ pub async fn vxlan_up(
             info!(ifname = %name, netns = %pod, vni = %spec.vni, local = %spec.local, remote = %spec.remote, port = spec.port, "VXLAN device up");
             Ok(VxlanLink {
                 netlink: Arc::new(pod_nl),
+                mac: plan.mac(),
                 plan,
                 index,
                 spec: spec.clone(),

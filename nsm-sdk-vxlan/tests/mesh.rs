@@ -252,6 +252,59 @@ async fn kernel2vxlan2kernel_pings_across_the_underlay_at_the_tunnel_mtu_and_lea
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_pod_knows_the_other_device_permanently_so_the_tunnel_works_without_arp() {
+    require_root!();
+    let nodes = underlay();
+    let (nsc, nse) = (Ns::new(), Ns::new());
+    let mut mesh = Mesh::start(&nodes, [None, None]).await;
+    mesh.add_nse(1, "nse", "vx-nd", &nse, "172.16.61.0/24")
+        .await;
+    let chain = mesh.client(0, &nsc, "nsm-1");
+    let conn = chain
+        .request(&mut Cx::client(), request("vx-nd"))
+        .await
+        .unwrap();
+    let (client_addr, endpoint_addr) = addrs(&conn);
+    let (client_ip, endpoint_ip) = (ip_of(&client_addr), ip_of(&endpoint_addr));
+    let nse_if = nse.mesh_link();
+    let (client_mac, endpoint_mac) = (nsc.lladdr("nsm-1"), nse.lladdr(&nse_if));
+    // Each pod has the other device's real hardware address, told across the nodes.
+    assert_eq!(
+        nsc.neighbours("nsm-1"),
+        [format!("{endpoint_ip} lladdr {endpoint_mac} PERMANENT")]
+    );
+    assert_eq!(
+        nse.neighbours(&nse_if),
+        [format!("{client_ip} lladdr {client_mac} PERMANENT")]
+    );
+    // With ARP dropped in both pods only those entries can carry a packet.
+    nsc.drop_neighbour_discovery();
+    nse.drop_neighbour_discovery();
+    assert!(
+        nsc.ping(endpoint_ip).await,
+        "client -> endpoint without ARP"
+    );
+    assert!(nse.ping(client_ip).await, "endpoint -> client without ARP");
+    // A refresh keeps them (the devices keep their hardware addresses).
+    let again = chain
+        .request(&mut Cx::client(), refresh(&conn))
+        .await
+        .unwrap();
+    assert_eq!(nsc.lladdr("nsm-1"), client_mac);
+    assert_eq!(
+        nsc.neighbours("nsm-1"),
+        [format!("{endpoint_ip} lladdr {endpoint_mac} PERMANENT")]
+    );
+    assert!(
+        nsc.ping(endpoint_ip).await,
+        "after the refresh, without ARP"
+    );
+    chain.close(&mut Cx::client(), again).await.unwrap();
+    assert_eq!(nsc.links(), ["lo"]);
+    assert!(mesh.allocators_empty(), "VNIs freed on both nodes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_in_both_directions_ping_with_distinct_vnis_and_close_cleanly() {
     require_root!();
     let nodes = underlay();

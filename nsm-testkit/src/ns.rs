@@ -245,6 +245,52 @@ impl Ns {
         )
     }
 
+    /// `ip neigh show dev <dev>`: one `address lladdr <mac> <STATE>` line per entry,
+    /// sorted.
+    pub fn neighbours(&self, dev: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .ip(&["neigh", "show", "dev", dev])
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The hardware address of `dev` (`aa:bb:cc:dd:ee:ff`).
+    pub fn lladdr(&self, dev: &str) -> String {
+        self.link(dev)["address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Drops every ARP packet and every IPv6 neighbour solicitation this namespace
+    /// sends or receives (nftables), so only permanent neighbour entries can carry a
+    /// packet. The tables go with the namespace.
+    ///
+    /// # Panics
+    /// When `nft` fails (`run-tests.sh` installs nftables).
+    pub fn drop_neighbour_discovery(&self) {
+        let (ok, out) = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "nft",
+                "add table arp noarp; \
+                 add chain arp noarp in { type filter hook input priority 0; policy drop; }; \
+                 add chain arp noarp out { type filter hook output priority 0; policy drop; }; \
+                 add table ip6 nond; \
+                 add chain ip6 nond out { type filter hook output priority 0; }; \
+                 add rule ip6 nond out icmpv6 type nd-neighbor-solicit drop",
+            ],
+        );
+        assert!(ok, "nft in {}: {out}", self.name);
+    }
+
     /// Runs `ping -c1 -W1 <args...>` inside the namespace (blocking); whether it was
     /// answered. `args` ends with the address; flags before it (`-6`, `-s 1422`, a
     /// longer `-W`) go to `ping` as they are.

@@ -22,7 +22,7 @@ use futures::future::BoxFuture;
 use nsm_proto::connection::{Connection, State};
 use nsm_sdk::chains::client;
 use nsm_sdk::core::live_tasks;
-use nsm_sdk::handlers::{default_reselect, heal, HealOptions, LivenessFn};
+use nsm_sdk::handlers::{default_reselect, heal, HealEvent, HealOptions, LivenessFn};
 use nsm_sdk::sandbox::{counter, Counter, EndpointHandle, EndpointSpec, Node, Sandbox};
 use nsm_sdk::{Chain, Cx};
 use nsm_testkit::Answers;
@@ -509,5 +509,100 @@ fn a_healthy_data_plane_keeps_the_connection_on_its_endpoint_when_the_control_pl
         healed_to(&nsc, "nse-2", since, "24: data plane reported dead").await;
         nsc.chain.close(&mut Cx::client(), conn).await.unwrap();
         assert_eq!(nse2.counter.closes(), 1);
+    });
+}
+
+/// Issue 16: the forwarder dies under several connections and stays away while every
+/// connection's heal fails and pauses for longer than the test (each pause at least
+/// 48 s). A new forwarder comes; once one connection heals (its caller refreshes it),
+/// the others, still in their pauses, are woken and heal too, each with one more
+/// attempt, told by heal's observer.
+#[test]
+fn a_heal_wakes_the_connections_waiting_for_the_forwarder() {
+    scenario(false, async {
+        let mesh = Sandbox::builder().nodes(1).build().await.unwrap();
+        let node = mesh.node(0);
+        let nse = endpoint(node, "nse").await;
+        let healed = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let broken = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let (h, b) = (healed.clone(), broken.clone());
+        let long = Duration::from_secs(60);
+        let nsc = nsc(
+            node,
+            heal_options(node)
+                .backoff(long, long)
+                .observer(move |e, id| match e {
+                    HealEvent::Healed => {
+                        h.lock().unwrap().insert(id.to_string());
+                    }
+                    HealEvent::Broken => {
+                        b.lock().unwrap().insert(id.to_string());
+                    }
+                    _ => {}
+                }),
+        );
+        let mut conns = Vec::new();
+        for _ in 0..6 {
+            let c = nsc
+                .chain
+                .request(&mut Cx::client(), request("icmp"))
+                .await
+                .unwrap();
+            conns.push(c);
+        }
+        // A refresh each, which their watches see: heal knows the path worked, so it
+        // heals at once when it breaks (no pause first).
+        for c in &mut conns {
+            *c = nsc
+                .chain
+                .request(&mut Cx::client(), refresh(c))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(node.kill_forwarder("forwarder-0-0"));
+        eventually("every connection broke", Duration::from_secs(8), || {
+            broken.lock().unwrap().len() == conns.len()
+        })
+        .await;
+        // Each re-requests, then reselects (no forwarder: both fail), then pauses.
+        eventually("every attempt failed", Duration::from_secs(8), || {
+            nsc.attempts.requests() >= conns.len() * 3
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = nsc.attempts.requests();
+        assert!(healed.lock().unwrap().is_empty());
+        node.add_forwarder("forwarder-0-1", HashMap::new())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(nsc.attempts.requests(), before, "all still pausing");
+        let first = nsc
+            .chain
+            .request(&mut Cx::client(), refresh(&conns[0]))
+            .await
+            .unwrap();
+        assert_eq!(names(&first)[2], "forwarder-0-1");
+        eventually("every connection healed", Duration::from_secs(8), || {
+            healed.lock().unwrap().len() == conns.len()
+        })
+        .await;
+        assert_eq!(
+            nsc.attempts.requests(),
+            before + conns.len(),
+            "one attempt each after the forwarder came back"
+        );
+        let closes = nse.counter.closes();
+        let n = conns.len();
+        nsc.chain.close(&mut Cx::client(), first).await.unwrap();
+        for c in conns.into_iter().skip(1) {
+            nsc.chain.close(&mut Cx::client(), c).await.unwrap();
+        }
+        assert_eq!(
+            nse.counter.closes(),
+            closes + n,
+            "each Close reached the endpoint"
+        );
     });
 }

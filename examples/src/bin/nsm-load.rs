@@ -120,6 +120,11 @@ struct Args {
     #[arg(long)]
     no_heal: bool,
 
+    /// Heal without wake-ups: each broken connection waits out its whole backoff even
+    /// after another one healed (to compare with the default).
+    #[arg(long)]
+    no_heal_wake_up: bool,
+
     /// The mechanism: noop, or kernel (an interface nsm-1 in a namespace of each
     /// client's own, nsmt-<pid>-<n>, made and deleted by this program; needs root and
     /// ip; with --processes the endpoint gets a namespace too; not with --sandbox).
@@ -246,6 +251,7 @@ fn main() -> ExitCode {
             labels: args.labels.unwrap_or_default(),
             request_timeout: args.request_timeout,
             heal: !args.no_heal,
+            heal_wake_up: !args.no_heal_wake_up,
             mechanism: args.mechanism,
             metrics: args.metrics,
             progress: !args.no_progress,

@@ -118,7 +118,11 @@ pub(super) fn with_handlers(
     }
     if opts.heal {
         let c = counts.clone();
-        o = o.handler(heal(HealOptions::new(channels).observer(move |e, id| {
+        let mut h = HealOptions::new(channels);
+        if !opts.heal_wake_up {
+            h = h.no_wake_up();
+        }
+        o = o.handler(heal(h.observer(move |e, id| {
             let n = match e {
                 HealEvent::Broken => {
                     c.heals.broken(id);

@@ -69,6 +69,9 @@ pub struct LoadOptions {
     pub request_timeout: Duration,
     /// Whether the client chain heals.
     pub heal: bool,
+    /// Whether a heal wakes the other connections waiting out their backoff
+    /// (`HealOptions::no_wake_up` when not; for before/after comparisons).
+    pub heal_wake_up: bool,
     /// The mechanism the clients ask for.
     pub mechanism: LoadMechanism,
     /// Metrics endpoints to sample, by process name (added to those of spawned
@@ -123,6 +126,7 @@ impl LoadOptions {
             labels: HashMap::new(),
             request_timeout: Duration::from_secs(15),
             heal: true,
+            heal_wake_up: true,
             mechanism: LoadMechanism::Noop,
             metrics: Vec::new(),
             progress: false,
@@ -152,7 +156,7 @@ pub(super) fn options_json(o: &LoadOptions) -> Value {
         "mode": mode, "target": target, "mechanism": o.mechanism.name(),
         "clients": o.clients, "concurrency": o.concurrency,
         "duration_s": o.duration.as_secs_f64(), "token_lifetime_s": o.token_lifetime.as_secs_f64(),
-        "network_service": o.network_service, "heal": o.heal,
+        "network_service": o.network_service, "heal": o.heal, "heal_wake_up": o.heal_wake_up,
         "request_timeout_s": o.request_timeout.as_secs_f64(),
         "sample_every_s": o.sample_every.map(|d| d.as_secs_f64()),
         "mesh_log_level": o.mesh_log_level, "mesh_worker_threads": o.mesh_worker_threads,

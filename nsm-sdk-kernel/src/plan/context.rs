@@ -208,8 +208,9 @@ fn parse_neighbours(list: &[IpNeighbor]) -> Result<Vec<Neighbour>> {
         .collect()
 }
 
-/// `aa:bb:cc:dd:ee:ff` or `aa-bb-cc-dd-ee-ff`.
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
+/// A hardware address written `aa:bb:cc:dd:ee:ff` or `aa-bb-cc-dd-ee-ff`; `None` for
+/// anything else.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = s.split([':', '-']);
     for byte in &mut mac {

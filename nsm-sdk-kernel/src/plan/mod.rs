@@ -45,11 +45,11 @@ mod diff;
 mod policy;
 mod types;
 
-pub use context::{plan_from_context, policy_from_context};
+pub use context::{parse_mac, plan_from_context, policy_from_context};
 pub use diff::{stable_mac, Op};
 pub use policy::{Family, Policy, PortRange, Rule};
 pub use types::{
-    IfName, Mtu, Neighbour, PodSide, Route, RouteScope, MAIN_TABLE, MAX_ALIAS_LEN,
+    fmt_mac, IfName, Mtu, Neighbour, PodSide, Route, RouteScope, MAIN_TABLE, MAX_ALIAS_LEN,
     POLICY_TABLE_BASE,
 };
 

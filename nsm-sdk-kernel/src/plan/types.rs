@@ -208,7 +208,7 @@ impl fmt::Display for Neighbour {
 }
 
 /// `aa:bb:cc:dd:ee:ff`, as `ip` prints a hardware address.
-pub(super) fn fmt_mac(m: &[u8; 6]) -> String {
+pub fn fmt_mac(m: &[u8; 6]) -> String {
     format!(
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         m[0], m[1], m[2], m[3], m[4], m[5]

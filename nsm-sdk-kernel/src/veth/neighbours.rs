@@ -1,4 +1,6 @@
-//! Permanent neighbour entries between the two ends of a veth pair.
+//! Permanent neighbour entries between the two ends of a point-to-point link: a veth
+//! pair, or the two VXLAN devices of a remote connection (nsm-sdk-vxlan, which learns
+//! the other end's hardware address from the mechanism).
 //!
 //! Why: the ARP and neighbour-discovery caches are one table each for the whole node,
 //! every namespace's learnt entries counted against `gc_thresh3` (1,024 by default).
@@ -25,7 +27,7 @@ use crate::plan::{Neighbour, Plan};
 /// `plan` with a permanent neighbour for each address of `peer` (the other end's
 /// plan) on `peer_mac`, the other end's hardware address, unless `plan` already has a
 /// neighbour for that address. Without `peer_mac`, `plan` as it is.
-pub(crate) fn with_peer_neighbours(plan: Plan, peer: &Plan, peer_mac: Option<[u8; 6]>) -> Plan {
+pub fn with_peer_neighbours(plan: Plan, peer: &Plan, peer_mac: Option<[u8; 6]>) -> Plan {
     let Some(mac) = peer_mac else {
         return plan;
     };

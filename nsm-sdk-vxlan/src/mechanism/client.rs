@@ -10,7 +10,9 @@
 //!   creates the device in the client's pod — `local` = this node's tunnel IP, `remote`
 //!   = `dst_ip`, the answer's `vni`, the smaller of the two tunnel MTUs — programmed
 //!   from the answered context for [`PodSide::Client`], and lowers `context.MTU` to the
-//!   tunnel MTU. The VNI is recorded in the node's allocator under this hop's
+//!   tunnel MTU. The device's hardware address is [`client_mac`] of the connection,
+//!   offered as [`SRC_MAC`]; with the answer's [`DST_MAC`] the pod gets permanent
+//!   neighbour entries for the endpoint's addresses. The VNI is recorded in the node's allocator under this hop's
 //!   connection id. An answer of another mechanism (a local endpoint answered KERNEL)
 //!   is left to the kernel handler.
 //! - **The endpoint's node** (the server side is VXLAN: the remote end from
@@ -18,7 +20,9 @@
 //!   an empty KERNEL preference to the local endpoint and, when it answers KERNEL,
 //!   creates the device in the endpoint's pod (`local` = this node's tunnel IP,
 //!   `remote` = `src_ip`), programmed for [`PodSide::Endpoint`] (an end whose mechanism
-//!   says `bridged` gets name and MTU only).
+//!   says `bridged` gets name and MTU only), with permanent neighbour entries for the
+//!   client's addresses when the request said [`SRC_MAC`]; its hardware address goes
+//!   back as [`DST_MAC`].
 //!
 //! A refresh brings the device to the new plan ([`VxlanLink::refresh`](crate::VxlanLink::refresh));
 //! a changed VNI, peer, MTU, pod or interface name deletes it and makes a new one, and
@@ -52,8 +56,9 @@ use tracing::{debug, info, warn};
 
 use super::tunnel::Device;
 use super::{
-    is_kernel, is_vxlan, lower_context_mtu, min_mtu, optional, param, parse_ip, parse_mtu,
-    parse_port, parse_vni, pod_plan, required, set, vxlan_mechanism, RemoteEnd, Tunnel,
+    client_mac, connection_key, is_kernel, is_vxlan, lower_context_mtu, min_mtu, optional, param,
+    parse_ip, parse_mac, parse_mtu, parse_port, parse_vni, pod_plan, required, set, set_mac,
+    vxlan_mechanism, RemoteEnd, Tunnel, DST_MAC, SRC_MAC,
 };
 use crate::error::Error;
 use crate::link::VxlanSpec;
@@ -108,6 +113,14 @@ impl DeviceSlot {
     }
     fn put(&self, held: Held) {
         *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
+    }
+    /// The hardware address the connection's device was born with.
+    fn mac(&self) -> Option<[u8; 6]> {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|h| h.device.mac())
     }
     fn set_recorded(&self, key: Option<String>) -> Option<String> {
         std::mem::replace(
@@ -212,6 +225,7 @@ impl VxlanForwarderClient {
         let dst_port = optional(m, params::DST_PORT, parse_port).map_err(|e| bad_answer(e.0))?;
         let vni = required(m, params::VNI, parse_vni).map_err(|e| bad_answer(e.0))?;
         let answered_mtu = optional(m, params::MTU, parse_mtu).map_err(|e| bad_answer(e.0))?;
+        let dst_mac = optional(m, DST_MAC, parse_mac).map_err(|e| bad_answer(e.0))?;
         if dst_port.is_some_and(|p| p != self.tunnel.port()) {
             return Err(bad_answer(format!(
                 "dst_port {dst_port:?} differs from this node's port {}",
@@ -235,7 +249,16 @@ impl VxlanForwarderClient {
         }
         let mtu = min_mtu(self.tunnel.mtu(), answered_mtu);
         lower_context_mtu(out, mtu);
-        let plan = pod_plan(out, PodSide::Client, end.ifname().as_str(), end.bridged())?;
+        let mut plan = pod_plan(
+            out,
+            PodSide::Client,
+            end.ifname().as_str(),
+            end.bridged(),
+            dst_mac,
+        )?;
+        if let Some(mac) = own_mac(end, out) {
+            plan = plan.with_mac(mac);
+        }
         let spec = VxlanSpec::new(vni, self.tunnel.ip(), dst_ip, mtu).with_port(self.tunnel.port());
         match self.place(slot, end.netns(), spec, plan).await {
             Ok(()) => Ok(()),
@@ -267,13 +290,14 @@ impl VxlanForwarderClient {
             .as_ref()
             .and_then(|c| nsm_sdk_kernel::Mtu::new(c.mtu).ok());
         let offer_mtu = min_mtu(min_mtu(self.tunnel.mtu(), end.mtu()), ctx_mtu);
+        let mac = own_mac(&end, conn);
         match conn.mechanism.as_mut() {
-            Some(m) if is_vxlan(m) => self.fill_offer(m, offer_mtu),
+            Some(m) if is_vxlan(m) => self.fill_offer(m, offer_mtu, mac),
             Some(_) => {}
             None => {
                 if !req.mechanism_preferences.iter().any(is_vxlan) {
                     let mut m = vxlan_mechanism();
-                    self.fill_offer(&mut m, offer_mtu);
+                    self.fill_offer(&mut m, offer_mtu, mac);
                     req.mechanism_preferences.push(m);
                 }
             }
@@ -329,10 +353,16 @@ impl VxlanForwarderClient {
         }
     }
 
-    fn fill_offer(&self, m: &mut nsm_sdk::proto::connection::Mechanism, mtu: nsm_sdk_kernel::Mtu) {
+    fn fill_offer(
+        &self,
+        m: &mut nsm_sdk::proto::connection::Mechanism,
+        mtu: nsm_sdk_kernel::Mtu,
+        mac: Option<[u8; 6]>,
+    ) {
         set(m, params::SRC_IP, self.tunnel.ip());
         set(m, params::SRC_PORT, self.tunnel.port());
         set(m, params::MTU, mtu.get());
+        set_mac(m, SRC_MAC, mac);
     }
 
     /// A failed first request leaves nothing behind: the device and the VNI record go,
@@ -369,14 +399,17 @@ impl VxlanForwarderClient {
         let (ifname, bridged) = (name.to_string(), is_bridged(m));
         let pod = NetNs::from_url(url)?;
         lower_context_mtu(out, remote.0.mtu);
-        let plan = pod_plan(out, PodSide::Endpoint, &ifname, bridged)?;
+        let plan = pod_plan(out, PodSide::Endpoint, &ifname, bridged, remote.0.peer_mac)?;
         let mut clashes = 0;
         loop {
             let vni = remote.vni();
             let spec = VxlanSpec::new(vni, self.tunnel.ip(), remote.0.peer, remote.0.mtu)
                 .with_port(self.tunnel.port());
             match self.place(slot, &pod, spec, plan.clone()).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    remote.set_own_mac(slot.mac());
+                    return Ok(());
+                }
                 Err(Error::VniClash { .. }) if clashes < ENDPOINT_CLASH_RETRIES => {
                     clashes += 1;
                     let new = self
@@ -419,6 +452,12 @@ impl VxlanForwarderClient {
             }
         }
     }
+}
+
+/// The hardware address of the client's device of `conn` ([`client_mac`]); none for a
+/// bridged end, whose device does not answer for the client's addresses.
+fn own_mac(end: &KernelClientEnd, conn: &Connection) -> Option<[u8; 6]> {
+    (!end.bridged()).then(|| client_mac(connection_key(conn)))
 }
 
 fn slot(cx: &Cx) -> Result<std::sync::Arc<DeviceSlot>> {

@@ -58,9 +58,11 @@ impl Devices for FakeDevices {
             return Err(clash());
         }
         s.ups += 1;
+        let mac = plan.mac();
         s.live.insert(spec.vni.get(), (spec.clone(), plan));
         Ok(Box::new(FakeDevice {
             spec: spec.clone(),
+            mac,
             devices: self.clone(),
         }))
     }
@@ -69,6 +71,7 @@ impl Devices for FakeDevices {
 #[derive(Debug)]
 struct FakeDevice {
     spec: VxlanSpec,
+    mac: Option<[u8; 6]>,
     devices: FakeDevices,
 }
 
@@ -76,6 +79,9 @@ struct FakeDevice {
 impl Device for FakeDevice {
     fn spec(&self) -> &VxlanSpec {
         &self.spec
+    }
+    fn mac(&self) -> Option<[u8; 6]> {
+        self.mac
     }
     async fn refresh(&mut self, plan: Plan) -> Result<()> {
         let mut s = self.devices.state();

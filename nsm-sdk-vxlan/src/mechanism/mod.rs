@@ -24,6 +24,17 @@
 //! underlay; it is programmed from the connection context like a veth end
 //! ([`end_plan`], the alias naming the connection as [`veth_alias`] does).
 //!
+//! **Neighbours.** As with a veth pair, each pod gets a permanent neighbour entry for
+//! every address of the other end (learnt entries count against the node-wide
+//! `gc_thresh3`, docs/KERNEL.md §8), which needs the other device's hardware address.
+//! Each forwarder says what its own pod's device has, in parameters of this SDK that
+//! NSM does not define ([`SRC_MAC`] in the request, [`DST_MAC`] in the answer): the
+//! client's device gets an address derived from the connection ([`client_mac`]) so
+//! fwd1 can name it before the device exists, the endpoint's device the one of its
+//! plan ([`stable_mac`](nsm_sdk_kernel::stable_mac) of its first address), kept for
+//! its life. A forwarder of another implementation sends neither and ignores them: its
+//! peer then gets no entries and the pods learn by ARP/ND as before.
+//!
 //! **VNI clashes.** The kernel refuses a second device with one VNI on one port in a
 //! namespace (`EEXIST`, [`Error::VniClash`](crate::Error::VniClash)). On the endpoint's
 //! node, fwd2 marks the VNI reserved and takes another itself; the final VNI reaches
@@ -67,12 +78,14 @@ pub use client::{vxlan_forwarder_client, VxlanForwarderClient, CLIENT_CLASH_RETR
 pub use server::{vxlan_forwarder_server, VxlanForwarderServer};
 pub use tunnel::{Tunnel, TunnelBuilder};
 
+use nsm_sdk_kernel::parse_mac;
+
 use nsm_sdk::handlers::{mechanisms, noop_client, noop_server, Mechanisms};
 use nsm_sdk::proto::connection::{Connection, Mechanism};
 use nsm_sdk::wire::{cls, types};
 use nsm_sdk::Handler;
 use nsm_sdk_kernel::mechanism::{end_plan, kernel_forwarder_client, kernel_forwarder_server};
-use nsm_sdk_kernel::{veth_alias, Mtu};
+use nsm_sdk_kernel::{plan_from_context, veth_alias, with_peer_neighbours, Mtu};
 
 use crate::vni::Vni;
 
@@ -82,6 +95,30 @@ pub const ORIG_SRC_IP: &str = "orig_src_ip";
 /// Mechanism parameter of NAT-aware setups: the server node's address before NAT,
 /// used instead of `dst_ip` for the VNI parity when present.
 pub const ORIG_DST_IP: &str = "orig_dst_ip";
+
+/// Mechanism parameter of this SDK (not NSM's): the hardware address of the VXLAN
+/// device in the client's pod, set by the client's node (`aa:bb:cc:dd:ee:ff`).
+pub const SRC_MAC: &str = "nsm-rs.src_mac";
+/// Mechanism parameter of this SDK (not NSM's): the hardware address of the VXLAN
+/// device in the endpoint's pod, set by the endpoint's node in its answer.
+pub const DST_MAC: &str = "nsm-rs.dst_mac";
+
+/// The hardware address of the client's VXLAN device of the connection named `key`
+/// (the first path segment's id): locally administered unicast `06:` followed by five
+/// bytes of the key's FNV-1a hash. Derived from the connection and not from its
+/// addresses (unlike [`stable_mac`](nsm_sdk_kernel::stable_mac), whose `02:fe:`
+/// space it never meets), because the client's node names it in its first request,
+/// before the endpoint gave any address; the same connection gets the same one after
+/// a heal or a forwarder restart.
+pub fn client_mac(key: &str) -> [u8; 6] {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let h = key
+        .bytes()
+        .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+        .to_be_bytes();
+    [0x06, h[0], h[1], h[2], h[3], h[4]]
+}
 
 /// A forwarder's KERNEL and VXLAN mechanisms on the node of `tunnel`: the server-side
 /// dispatcher (KERNEL for local pods, VXLAN for another node's forwarder) and the
@@ -185,6 +222,16 @@ fn parse_vni(s: &str) -> Option<Vni> {
     Vni::parse(s).ok()
 }
 
+/// Sets `key` to `mac`, or removes it without one.
+fn set_mac(m: &mut Mechanism, key: &str, mac: Option<[u8; 6]>) {
+    match mac {
+        Some(mac) => set(m, key, nsm_sdk_kernel::fmt_mac(&mac)),
+        None => {
+            m.parameters.remove(key);
+        }
+    }
+}
+
 fn set(m: &mut Mechanism, key: &str, value: impl ToString) {
     m.parameters.insert(key.to_string(), value.to_string());
 }
@@ -234,16 +281,28 @@ struct RemoteEndInner {
     /// The agreed tunnel MTU.
     mtu: Mtu,
     vni: Mutex<Vni>,
+    /// The hardware address of the client's device ([`SRC_MAC`]), when told.
+    peer_mac: Option<[u8; 6]>,
+    /// The hardware address of the endpoint's device, once it is up.
+    own_mac: Mutex<Option<[u8; 6]>>,
 }
 
 impl RemoteEnd {
-    fn new(key: String, peer: IpAddr, mtu: Mtu, vni: Vni) -> RemoteEnd {
+    fn new(key: String, peer: IpAddr, mtu: Mtu, vni: Vni, peer_mac: Option<[u8; 6]>) -> RemoteEnd {
         RemoteEnd(Arc::new(RemoteEndInner {
             key,
             peer,
             mtu,
             vni: Mutex::new(vni),
+            peer_mac,
+            own_mac: Mutex::new(None),
         }))
+    }
+    fn own_mac(&self) -> Option<[u8; 6]> {
+        *self.0.own_mac.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn set_own_mac(&self, mac: Option<[u8; 6]>) {
+        *self.0.own_mac.lock().unwrap_or_else(|p| p.into_inner()) = mac;
     }
     fn vni(&self) -> Vni {
         *self.0.vni.lock().unwrap_or_else(|p| p.into_inner())
@@ -253,13 +312,26 @@ impl RemoteEnd {
     }
 }
 
-/// The plan of a pod's end: [`end_plan`] plus the connection's alias.
+/// The plan of a pod's end: [`end_plan`] plus the connection's alias and, unless the
+/// end is bridged, a permanent neighbour entry on `peer_mac` (the other device's
+/// hardware address, when known) for each address of the other end.
 fn pod_plan(
     conn: &Connection,
     side: nsm_sdk_kernel::PodSide,
     ifname: &str,
     bridged: bool,
+    peer_mac: Option<[u8; 6]>,
 ) -> nsm_sdk::Result<nsm_sdk_kernel::Plan> {
     let ctx = conn.context.clone().unwrap_or_default();
-    Ok(end_plan(&ctx, side, ifname, bridged)?.with_alias(veth_alias(side, connection_key(conn))))
+    let plan =
+        end_plan(&ctx, side, ifname, bridged)?.with_alias(veth_alias(side, connection_key(conn)));
+    if bridged || peer_mac.is_none() {
+        return Ok(plan);
+    }
+    let other = match side {
+        nsm_sdk_kernel::PodSide::Client => nsm_sdk_kernel::PodSide::Endpoint,
+        nsm_sdk_kernel::PodSide::Endpoint => nsm_sdk_kernel::PodSide::Client,
+    };
+    let peer = plan_from_context(&ctx, other, ifname)?;
+    Ok(with_peer_neighbours(plan, &peer, peer_mac))
 }

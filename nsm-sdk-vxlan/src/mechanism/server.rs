@@ -8,9 +8,10 @@
 //! to the smaller of the client's and this node's tunnel MTU and lowers `context.MTU`
 //! to it; and hands the remote end (peer IP, VNI, MTU) to the client chain through
 //! [`Cx::ext`](nsm_sdk::Cx::ext), where [`vxlan_forwarder_client`](super::vxlan_forwarder_client)
-//! makes the endpoint's device. After the endpoint answered it writes the VNI the
-//! client chain settled on (another one after a clash in the endpoint's pod) into its
-//! answer.
+//! makes the endpoint's device (with the client device's hardware address, [`SRC_MAC`],
+//! when the client's node said it). After the endpoint answered it writes the VNI the
+//! client chain settled on (another one after a clash in the endpoint's pod) and the
+//! hardware address of the endpoint's device ([`DST_MAC`]) into its answer.
 //!
 //! The VNI of a connection is kept across refreshes: the same connection gets the same
 //! VNI back; a request that carries a VNI (a refresh, or a heal after this forwarder
@@ -23,7 +24,8 @@
 //! State: the VNIs in the node's allocator, keyed by this hop's connection id; per
 //! connection (needs `begin`), whether the connection was established.
 //!
-//! Failure handled: a missing or malformed `src_ip`, `src_port`, `MTU` or `vni`, a
+//! Failure handled: a missing or malformed `src_ip`, `src_port`, `MTU`, `vni` or
+//! [`SRC_MAC`], a
 //! `src_port` other than this node's port (a kernel VXLAN device sends to and listens
 //! on one port) or a `src_ip` of another address family is InvalidArgument naming the
 //! parameter, before anything is allocated. A failed first request frees the VNI;
@@ -40,8 +42,9 @@ use nsm_sdk::{async_trait, Cx, Handler, Next, Result};
 use tracing::{debug, warn};
 
 use super::{
-    is_vxlan, lower_context_mtu, min_mtu, optional, parse_ip, parse_mtu, parse_port, parse_vni,
-    required, set, BadParam, RemoteEnd, Tunnel, ORIG_DST_IP, ORIG_SRC_IP,
+    is_vxlan, lower_context_mtu, min_mtu, optional, parse_ip, parse_mac, parse_mtu, parse_port,
+    parse_vni, required, set, set_mac, BadParam, RemoteEnd, Tunnel, DST_MAC, ORIG_DST_IP,
+    ORIG_SRC_IP, SRC_MAC,
 };
 use crate::error::Error;
 use crate::vni::{parity_for, Parity, Vni};
@@ -70,6 +73,7 @@ fn invalid(e: BadParam) -> nsm_sdk::Error {
 /// What the client's side of the mechanism says.
 struct Offer {
     src_ip: IpAddr,
+    src_mac: Option<[u8; 6]>,
     mtu: Option<nsm_sdk_kernel::Mtu>,
     vni: Option<Vni>,
     parity: Parity,
@@ -81,6 +85,7 @@ impl VxlanForwarderServer {
         let src_port = required(m, params::SRC_PORT, parse_port).map_err(invalid)?;
         let mtu = optional(m, params::MTU, parse_mtu).map_err(invalid)?;
         let vni = optional(m, params::VNI, parse_vni).map_err(invalid)?;
+        let src_mac = optional(m, SRC_MAC, parse_mac).map_err(invalid)?;
         let own = self.tunnel.ip();
         if src_ip.is_ipv4() != own.is_ipv4() {
             return Err(nsm_sdk::Error::invalid(format!(
@@ -99,6 +104,7 @@ impl VxlanForwarderServer {
         let parity = parity_for(orig_src.unwrap_or(src_ip), orig_dst.unwrap_or(own));
         Ok(Offer {
             src_ip,
+            src_mac,
             mtu,
             vni,
             parity,
@@ -162,7 +168,7 @@ impl Handler for VxlanForwarderServer {
         }
         lower_context_mtu(conn, mtu);
         debug!(src_ip = %offer.src_ip, %vni, mtu = mtu.get(), "remote side of VXLAN");
-        let remote = RemoteEnd::new(key.clone(), offer.src_ip, mtu, vni);
+        let remote = RemoteEnd::new(key.clone(), offer.src_ip, mtu, vni, offer.src_mac);
         cx.ext_mut().insert(remote.clone());
         match next.request(cx, req).await {
             Ok(mut out) => {
@@ -170,6 +176,7 @@ impl Handler for VxlanForwarderServer {
                 if let Some(m) = out.mechanism.as_mut().filter(|m| is_vxlan(m)) {
                     set(m, params::VNI, vni);
                     set(m, params::MTU, mtu.get());
+                    set_mac(m, DST_MAC, remote.own_mac());
                 }
                 lower_context_mtu(&mut out, mtu);
                 established.0.store(true, Ordering::SeqCst);

@@ -243,6 +243,87 @@ async fn a_remote_connection_gets_a_device_in_each_pod_with_one_vni_and_the_smal
     }
 }
 
+#[tokio::test]
+async fn each_pod_gets_permanent_neighbours_on_the_hardware_address_the_other_node_said() {
+    let Clashed {
+        n1,
+        n2,
+        chain,
+        conn,
+        ..
+    } = connect_after_clashes(0, 0).await;
+    let (_, p1) = n1.devices.only();
+    let (_, p2) = n2.devices.only();
+    // The client's device: the connection's address, said before it existed.
+    let client = client_mac("c");
+    assert_eq!(p1.mac(), Some(client));
+    assert_eq!(client[0], 0x06, "locally administered unicast");
+    assert_eq!(
+        client,
+        client_mac("c"),
+        "the same connection, the same address"
+    );
+    assert_ne!(client, client_mac("d"));
+    // The endpoint's device: its plan's, from its first address.
+    let endpoint = nsm_sdk_kernel::stable_mac("172.16.1.2".parse().unwrap());
+    assert_eq!(p2.mac(), Some(endpoint));
+    let entry = |ip: &str, mac| nsm_sdk_kernel::Neighbour {
+        ip: ip.parse().unwrap(),
+        mac,
+    };
+    assert_eq!(p1.neighbours(), [entry("172.16.1.2", endpoint)]);
+    assert_eq!(p2.neighbours(), [entry("172.16.1.1", client)]);
+
+    // A refresh keeps them.
+    let again = chain
+        .request(&mut Cx::server(), refresh(&conn))
+        .await
+        .unwrap();
+    assert_eq!(n1.devices.only().1.neighbours(), p1.neighbours());
+    assert_eq!(n2.devices.only().1.neighbours(), p2.neighbours());
+    chain.close(&mut Cx::server(), again).await.unwrap();
+}
+
+#[tokio::test]
+async fn without_the_hardware_addresses_of_this_sdk_the_pods_learn_their_neighbours() {
+    // fwd2 of another implementation: it answers without DST_MAC.
+    struct Strip(Chain);
+    #[async_trait]
+    impl Handler for Strip {
+        async fn request(
+            &self,
+            _cx: &mut Cx,
+            mut req: NetworkServiceRequest,
+            _next: Next,
+        ) -> Result<Connection> {
+            let said = req
+                .mechanism_preferences
+                .iter_mut()
+                .filter_map(|m| m.parameters.remove(SRC_MAC))
+                .count();
+            assert_eq!(said, 1, "fwd1 said its MAC in its VXLAN offer");
+            let mut out = self.0.request(&mut Cx::server(), req).await?;
+            if let Some(m) = out.mechanism.as_mut() {
+                assert!(m.parameters.remove(DST_MAC).is_some(), "fwd2 said its MAC");
+            }
+            Ok(out)
+        }
+        async fn close(&self, _cx: &mut Cx, conn: Connection, _next: Next) -> Result<()> {
+            self.0.close(&mut Cx::server(), conn).await
+        }
+    }
+    let (n1, n2) = (Node::new(N1, 1450), Node::new(N2, 1450));
+    let nse = FakeNse::default();
+    let chain = client_node(&n1, Strip(endpoint_node(&n2, nse.clone())));
+    let conn = chain
+        .request(&mut Cx::server(), nsc_request())
+        .await
+        .unwrap();
+    assert!(n1.devices.only().1.neighbours().is_empty());
+    assert!(n2.devices.only().1.neighbours().is_empty());
+    chain.close(&mut Cx::server(), conn).await.unwrap();
+}
+
 /// A remote connection made while the client's node refuses its next `clashes1` VNIs
 /// and the endpoint's node its next `clashes2`.
 struct Clashed {
@@ -439,6 +520,7 @@ async fn a_bad_vxlan_offer_is_refused_naming_the_parameter_before_anything_is_al
         (with(&[(params::VNI, "0")]), params::VNI),
         (with(&[(params::VNI, "16777216")]), params::VNI),
         (with(&[(ORIG_SRC_IP, "x")]), ORIG_SRC_IP),
+        (with(&[(SRC_MAC, "06:01:02")]), SRC_MAC),
     ] {
         let err = chain
             .request(&mut Cx::server(), remote_request("r", m.clone()))
@@ -527,12 +609,14 @@ async fn the_offer_carries_this_nodes_tunnel_and_a_kernel_answer_is_left_to_the_
         .insert(params::MTU.into(), "1400".into());
     chain.request(&mut Cx::server(), req).await.unwrap();
     let offered = nse.prefs.lock().unwrap()[0].clone();
+    let mac = nsm_sdk_kernel::fmt_mac(&client_mac("c"));
     assert_eq!(
         offered,
         [vxlan(&[
             (params::SRC_IP, N1),
             (params::SRC_PORT, "4789"),
             (params::MTU, "1400"),
+            (SRC_MAC, &mac),
         ])]
     );
     assert!(n1.devices.state().live.is_empty());

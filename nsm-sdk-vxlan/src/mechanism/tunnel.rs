@@ -231,6 +231,8 @@ pub(crate) trait Devices: Send + Sync {
 pub(crate) trait Device: Send + Sync + fmt::Debug {
     /// The tunnel it was made with.
     fn spec(&self) -> &VxlanSpec;
+    /// The hardware address it was born with, if its plan gave it one.
+    fn mac(&self) -> Option<[u8; 6]>;
     /// Brings its configuration to `plan`.
     async fn refresh(&mut self, plan: Plan) -> Result<()>;
     /// Deletes it.
@@ -280,6 +282,9 @@ impl KernelDevices {
 impl Device for VxlanLink {
     fn spec(&self) -> &VxlanSpec {
         VxlanLink::spec(self)
+    }
+    fn mac(&self) -> Option<[u8; 6]> {
+        VxlanLink::mac(self)
     }
     async fn refresh(&mut self, plan: Plan) -> Result<()> {
         VxlanLink::refresh(self, plan).await

@@ -42,6 +42,16 @@
 //!   path before sending it (guarantee 6), so every hop selects afresh. Failed reselects
 //!   are tried again after a backoff with jitter (100 ms doubling to 5 s by default).
 //!   A success starts a new watch of the new path.
+//! - **wake-up**: connections that broke together (a forwarder or a manager that died)
+//!   wait out their backoffs one by one, up to the longest pause (5 s) after the path
+//!   works again. So when a connection of this handler heals (its path works again),
+//!   every connection of the same handler that is waiting out a pause cuts it short
+//!   (no sooner than the wake-up spread, [`HealOptions::wake_up`], 250 ms by default,
+//!   after the pause began), waits a random part of the spread and tries again, at
+//!   most 32 such attempts at a time. Nothing wakes a connection while nothing heals,
+//!   so a path that stays down is tried only at the backoff's pace; a connection
+//!   broken for another reason (its endpoint is gone) is tried again at most once per
+//!   spread while others keep healing, not once per heal.
 //!
 //! Heal publishes nothing; the caller keeps its connection. A Request that the caller
 //! makes while heal is healing goes through as usual, and if it succeeds the connection
@@ -50,7 +60,10 @@
 //! State: per connection (in `begin`'s handle): the last good request (with the
 //! connection the chain returned), the running watch/heal task and a generation number
 //! fencing off replaced tasks, the request of heal's attempt in flight (to recognise
-//! it), and the current backoff. The task is owned by the connection: Close ends it.
+//! it), the current backoff and how many heals the wake-up had counted at its last
+//! attempt. Per handler: the count of heals (a watch channel the waiting connections
+//! follow) and the permits of woken attempts. The task is owned by the connection:
+//! Close ends it.
 //!
 //! Failure handled: the next hop, a hop further down or the endpoint dying or
 //! restarting; a data plane that stops working (with a liveness check); a next hop that
@@ -68,6 +81,7 @@ use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
 use nsm_proto::connection::{Connection, State};
 use nsm_proto::networkservice::NetworkServiceRequest;
+use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::monitor_relay::{NextHop, DEFAULT_SUBSCRIBE_TIMEOUT};
@@ -108,6 +122,11 @@ pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_BACKOFF_START: Duration = Duration::from_millis(100);
 /// Default longest pause between two failed heal attempts.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Default spread of the attempts of woken connections (see the module docs,
+/// "wake-up"): each waits a random part of it.
+pub const DEFAULT_WAKE_SPREAD: Duration = Duration::from_millis(250);
+/// Default number of woken connections that may be attempting at once.
+pub const DEFAULT_WAKE_CONCURRENCY: usize = 32;
 
 /// The default reselect: forget the endpoint and the mechanism, so the forwarder and
 /// the endpoint are selected afresh, and say RESELECT_REQUESTED.
@@ -130,6 +149,9 @@ pub struct HealOptions {
     backoff: Backoff,
     subscribe_timeout: Duration,
     observer: Option<HealObserver>,
+    /// `None`: no wake-ups.
+    wake_spread: Option<Duration>,
+    wake_concurrency: usize,
 }
 
 impl fmt::Debug for HealOptions {
@@ -141,6 +163,8 @@ impl fmt::Debug for HealOptions {
             .field("backoff", &self.backoff)
             .field("subscribe_timeout", &self.subscribe_timeout)
             .field("observer", &self.observer.is_some())
+            .field("wake_spread", &self.wake_spread)
+            .field("wake_concurrency", &self.wake_concurrency)
             .finish_non_exhaustive()
     }
 }
@@ -158,6 +182,8 @@ impl HealOptions {
             backoff: Backoff::new(DEFAULT_BACKOFF_START, DEFAULT_BACKOFF_MAX),
             subscribe_timeout: DEFAULT_SUBSCRIBE_TIMEOUT,
             observer: None,
+            wake_spread: Some(DEFAULT_WAKE_SPREAD),
+            wake_concurrency: DEFAULT_WAKE_CONCURRENCY,
         }
     }
 
@@ -212,6 +238,23 @@ impl HealOptions {
         self
     }
 
+    /// When a connection heals, the connections waiting out a pause try again after a
+    /// random part of `spread`, at most `concurrency` (at least 1) at a time (defaults
+    /// [`DEFAULT_WAKE_SPREAD`], [`DEFAULT_WAKE_CONCURRENCY`]; see the module docs,
+    /// "wake-up").
+    pub fn wake_up(mut self, spread: Duration, concurrency: usize) -> Self {
+        self.wake_spread = Some(spread);
+        self.wake_concurrency = concurrency.max(1);
+        self
+    }
+
+    /// No wake-ups: each connection waits out its whole pause, whatever heals (for
+    /// comparison; see the module docs, "wake-up").
+    pub fn no_wake_up(mut self) -> Self {
+        self.wake_spread = None;
+        self
+    }
+
     fn tell(&self, event: HealEvent, connection: &str) {
         if let Some(f) = &self.observer {
             f(event, connection);
@@ -223,6 +266,26 @@ impl HealOptions {
 #[derive(Clone)]
 pub struct Heal {
     opts: Arc<HealOptions>,
+    wake: Arc<WakeUp>,
+}
+
+/// What wakes the connections of one handler that wait out a pause: see the module
+/// docs, "wake-up".
+struct WakeUp {
+    /// How many connections of the handler healed so far.
+    heals: watch::Sender<u64>,
+    /// One per woken attempt in flight.
+    permits: Arc<Semaphore>,
+}
+
+impl WakeUp {
+    fn healed(&self) {
+        self.heals.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn count(&self) -> u64 {
+        *self.heals.borrow()
+    }
 }
 
 impl fmt::Debug for Heal {
@@ -233,8 +296,13 @@ impl fmt::Debug for Heal {
 
 /// The `heal` handler.
 pub fn heal(options: HealOptions) -> Heal {
+    let wake = Arc::new(WakeUp {
+        heals: watch::Sender::new(0),
+        permits: Arc::new(Semaphore::new(options.wake_concurrency)),
+    });
     Heal {
         opts: Arc::new(options),
+        wake,
     }
 }
 
@@ -257,10 +325,17 @@ struct HealInner {
     healing: bool,
     /// The request of heal's own attempt in flight.
     own: Option<NetworkServiceRequest>,
+    /// Heal's attempt in flight follows a wake-up: it takes a permit once its turn
+    /// comes (not while it waits behind the connection's other operations, which
+    /// would hold a permit that others could use).
+    own_woken: bool,
     /// The last good request, with the connection the chain returned.
     last: Option<NetworkServiceRequest>,
     /// Failed attempts since the path was last healthy: the next pause's attempt.
     failures: u32,
+    /// The handler's count of heals when this connection's last attempt started: a
+    /// heal after it wakes the connection from its pause.
+    seen_heals: u64,
 }
 
 impl HealState {
@@ -320,6 +395,7 @@ impl Heal {
         if was_healing {
             info!(connection.id = %conn.id, "heal: connection healed");
             self.opts.tell(HealEvent::Healed, handle.id());
+            self.wake.healed();
         }
         self.spawn(handle, state, &mut inner, hop, Start::Watch);
     }
@@ -332,9 +408,11 @@ impl Heal {
         hop: Option<NextHop>,
         start: Start,
     ) {
+        inner.seen_heals = self.wake.count();
         let task = |generation| {
             Task {
                 opts: self.opts.clone(),
+                wake: self.wake.clone(),
                 handle: handle.clone(),
                 state: state.clone(),
                 generation,
@@ -349,6 +427,7 @@ impl Heal {
 /// One watch-then-heal task of a connection.
 struct Task {
     opts: Arc<HealOptions>,
+    wake: Arc<WakeUp>,
     handle: ConnHandle,
     state: Arc<HealState>,
     generation: u64,
@@ -479,17 +558,39 @@ impl Task {
         )
     }
 
-    /// Sleeps the current backoff and counts the failure.
-    async fn pause(&self) {
-        let attempt = {
+    /// Sleeps the current backoff and counts the failure. A heal of another
+    /// connection of the handler since this one's last attempt cuts the pause short
+    /// (not before the wake-up spread has passed): then it waits a random part of the
+    /// spread and says it was woken (its attempt then takes a permit once its turn
+    /// comes).
+    async fn pause(&self) -> bool {
+        let (attempt, seen) = {
             let mut inner = self.state.lock();
             let attempt = inner.failures;
             inner.failures = inner.failures.saturating_add(1);
-            attempt
+            (attempt, inner.seen_heals)
         };
         let pause = self.opts.backoff.wait(attempt);
         debug!(connection.id = %self.id(), ?pause, "heal: backing off");
-        tokio::time::sleep(pause).await;
+        let Some(spread) = self.opts.wake_spread else {
+            tokio::time::sleep(pause).await;
+            return false;
+        };
+        let mut heals = self.wake.heals.subscribe();
+        let woken = async {
+            tokio::time::sleep(pause.min(spread)).await;
+            if heals.wait_for(|n| *n != seen).await.is_err() {
+                futures::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => return false,
+            _ = woken => {}
+        }
+        let spread = spread.mul_f64(rand::random_range(0.0..1.0));
+        debug!(connection.id = %self.id(), ?spread, "heal: another connection healed, trying again");
+        tokio::time::sleep(spread).await;
+        true
     }
 
     /// Re-requests (unless `trigger` says reselect at once), then reselects until a
@@ -504,6 +605,8 @@ impl Task {
         }
         self.opts.tell(HealEvent::Broken, self.id());
         let mut reselect = trigger == Trigger::Dead;
+        // Whether the next attempt follows a wake-up.
+        let mut woken = false;
         loop {
             let req = {
                 let mut inner = self.state.lock();
@@ -519,6 +622,8 @@ impl Task {
                         State::ReselectRequested as i32;
                 }
                 inner.own = Some(req.clone());
+                inner.own_woken = woken;
+                inner.seen_heals = self.wake.count();
                 req
             };
             if reselect {
@@ -544,12 +649,12 @@ impl Task {
                     }
                     warn!(connection.id = %self.id(), error = %e, reselect, "heal: attempt failed");
                     if reselect {
-                        self.pause().await;
+                        woken = self.pause().await;
                     } else if self.opts.liveness.is_some() {
                         // While the data plane works only the control plane is broken:
                         // re-request the same path again, and reselect only once the
                         // check says the data plane is dead too.
-                        self.pause().await;
+                        woken = self.pause().await;
                         if self.alive().await {
                             continue;
                         }
@@ -578,7 +683,15 @@ impl Handler for Heal {
         // (a refresh of an unchanged connection) is the caller's. `own` stays set until
         // heal's task has the outcome, so whichever identical event runs first, heal's
         // own comes back to it past retry.
-        let own = cx.ext().get::<FromEvent>().is_some() && state.lock().own.as_ref() == Some(&req);
+        let (own, woken) = {
+            let inner = state.lock();
+            let own = cx.ext().get::<FromEvent>().is_some() && inner.own.as_ref() == Some(&req);
+            (own, own && inner.own_woken)
+        };
+        let _permit = match woken {
+            true => self.wake.permits.clone().acquire_owned().await.ok(),
+            false => None,
+        };
         match next.request(cx, req.clone()).await {
             Ok(conn) => {
                 self.established(cx, &handle, &state, req, &conn);
@@ -638,14 +751,20 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     fn nsc(url: &Url, opts: HealOptions) -> Chain {
+        nsc_backing_off(
+            url,
+            opts,
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+        )
+    }
+
+    fn nsc_backing_off(url: &Url, opts: HealOptions, start: Duration, max: Duration) -> Chain {
         Chain::builder()
             .push(update_path("nsc"))
             .push(begin())
             .push(retry())
-            .push(heal(opts.backoff(
-                Duration::from_millis(10),
-                Duration::from_millis(50),
-            )))
+            .push(heal(opts.backoff(start, max)))
             .push(client_url(url.clone()))
             .push(grpc_client(Channels::new()))
             .build()
@@ -781,6 +900,80 @@ mod tests {
         assert_eq!(nse.closes(), 1, "the old path closed once");
         chain.close(&mut Cx::client(), conn).await.unwrap();
         assert_eq!(nse.closes(), 2, "Close reached the new path");
+    }
+
+    #[tokio::test]
+    async fn a_heal_wakes_the_connections_waiting_out_their_backoff() {
+        let u = memory_url("heal-test");
+        let nse = Arc::new(TestHop::default());
+        let (_server, monitor) = serve_nse(&u, &nse).await;
+        let healed = Arc::new(Mutex::new(std::collections::HashSet::new()));
+        let seen = healed.clone();
+        // Every pause is at least 48 s: within the test only a wake-up heals.
+        let long = Duration::from_secs(60);
+        let chain = nsc_backing_off(
+            &u,
+            HealOptions::new(Channels::new())
+                .wake_up(Duration::from_millis(50), 2)
+                .observer(move |e, id| {
+                    if e == HealEvent::Healed {
+                        seen.lock().unwrap().insert(id.to_string());
+                    }
+                }),
+            long,
+            long,
+        );
+        let mut conns = Vec::new();
+        for n in 0..6 {
+            let mut req = request();
+            req.connection.as_mut().unwrap().id = format!("conn-{n}");
+            conns.push(chain.request(&mut Cx::client(), req).await.unwrap());
+        }
+        eventually("heal subscribed", || monitor.subscriber_count() == 1).await;
+        // The path breaks under every connection (each saw it work first, so none
+        // pauses before its first attempt) and stays broken for a while.
+        nse.fail.store(true, Ordering::SeqCst);
+        for conn in &conns {
+            let nse_id = conn.path.as_ref().unwrap().path_segments[1].id.clone();
+            let up = monitor.get(&nse_id).unwrap();
+            monitor.publish(ConnectionEventType::Update, up.clone());
+            let mut down = up;
+            down.state = State::Down as i32;
+            monitor.publish(ConnectionEventType::Update, down);
+        }
+        // Each re-requests, then reselects (closing its old path), fails and pauses.
+        eventually("every reselect failed", || {
+            nse.attempts_where(is_reselect) == conns.len()
+        })
+        .await;
+        let before = nse.attempts();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(nse.attempts(), before, "nothing tries while nothing heals");
+        // The path works again; one connection heals by its caller's own request.
+        nse.fail.store(false, Ordering::SeqCst);
+        let first = chain
+            .request(
+                &mut Cx::client(),
+                NetworkServiceRequest {
+                    connection: Some(conns[0].clone()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        eventually("the others healed too", || {
+            healed.lock().unwrap().len() == conns.len()
+        })
+        .await;
+        assert_eq!(
+            nse.attempts(),
+            before + conns.len(),
+            "one attempt per connection after the path came back"
+        );
+        chain.close(&mut Cx::client(), first).await.unwrap();
+        for conn in conns.into_iter().skip(1) {
+            chain.close(&mut Cx::client(), conn).await.unwrap();
+        }
     }
 
     #[tokio::test]
