@@ -74,3 +74,56 @@ async fn the_firewall_on_the_other_node_filters_the_same_and_heals() {
         .await
         .unwrap();
 }
+
+/// `demo --interdomain` (the interdomain act, as root): a pod of cluster-a reaches the
+/// corporate network behind a VPN gateway of cluster-b over VXLAN through the public
+/// addresses, the 8-segment path printed, a heal to the second gateway; the program
+/// checks each step and exits 0, and leaves no namespace behind.
+#[test]
+fn the_interdomain_act_crosses_the_border_heals_and_exits_0() {
+    if let Err(why) = nsm_testkit::lab::can_build() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    if nsm_testkit::lab::sh("nft", &["--version"]).is_err() {
+        eprintln!("skipped: no nft");
+        return;
+    }
+    if nsm_testkit::dnsmasq::dnsmasq("the interdomain demo").is_none() {
+        return;
+    }
+    let child = Command::new(bin("demo"))
+        .arg("--interdomain")
+        .env_remove("NSM_LOG_LEVEL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the demo");
+    let lab = format!("nsmdemo-{}-", child.id());
+    let out = child.wait_with_output().expect("the demo's output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the demo failed ({}):\n{stderr}",
+        out.status
+    );
+    for line in [
+        "[8/8]",
+        "path (8 segments):",
+        "ok: 8 segments, from the client across both borders to gw-1",
+        "ok: the client's side: its node's internal address, gw-1's node's public one",
+        "ok: the pings crossed the public link encapsulated",
+        "healed: gw-2 has its tunnel",
+        "ok: the client's tunnel now goes to gw-2's node's public address",
+        "ok: nsc: nothing left",
+        "done in",
+    ] {
+        assert!(stderr.contains(line), "missing {line:?} in:\n{stderr}");
+    }
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&netns.stdout);
+    assert!(
+        !list.lines().any(|l| l.starts_with(&lab)),
+        "lab namespaces left: {list}"
+    );
+}

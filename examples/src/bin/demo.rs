@@ -7,6 +7,11 @@
 //! node 1, a client on node 0, the NOOP mechanism; it prints the connection path and
 //! the addresses, then refreshes and closes the connection.
 //!
+//! `demo --interdomain` is the interdomain act instead (see
+//! [`nsm_examples::interdomain_demo`]): a pod of one cluster uses a VPN gateway of
+//! another over VXLAN through public addresses; it needs root, `ip`, `nft` and
+//! `dnsmasq`.
+//!
 //! Exit status 0 when every check passed, 1 otherwise.
 
 use std::time::Instant;
@@ -23,6 +28,9 @@ fn step(n: usize, what: &str) {
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().skip(1).any(|a| a == "--interdomain") {
+        return interdomain().await;
+    }
     let kernel = nsm_testkit::lab::can_build().and_then(|()| {
         nsm_testkit::lab::sh("nft", &["--version"])
             .map(|_| ())
@@ -44,6 +52,22 @@ async fn main() {
         }
     };
     if let Err(e) = outcome {
+        eprintln!("demo failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn interdomain() {
+    if let Err(why) = nsm_testkit::lab::can_build().and_then(|()| {
+        nsm_testkit::lab::sh("nft", &["--version"])
+            .map(|_| ())
+            .map_err(|e| format!("no usable `nft` command ({e})"))
+    }) {
+        eprintln!("the interdomain demo needs root, ip, nft and dnsmasq: {why}");
+        std::process::exit(1);
+    }
+    eprintln!("nsm-rs interdomain demo: a pod of cluster-a reaches a corporate network behind a VPN gateway of cluster-b");
+    if let Err(e) = nsm_examples::interdomain_demo::run().await {
         eprintln!("demo failed: {e}");
         std::process::exit(1);
     }

@@ -39,6 +39,7 @@ pub struct NsmgrProxyOptions {
     name: String,
     domain: String,
     public_url: Url,
+    internal_urls: Vec<Url>,
     registry_urls: RegistryUrls,
     dns: DomainResolver,
     addresses: AddressMap,
@@ -70,12 +71,21 @@ impl NsmgrProxyOptions {
             name: name.into(),
             domain: domain.into(),
             public_url,
+            internal_urls: Vec::new(),
             registry_urls: registry.into(),
             dns,
             addresses: AddressMap::new(),
             root: CancellationToken::new(),
             sec: Secured::default(),
         }
+    }
+
+    /// The other URLs the proxy listens on inside its domain (what its registry proxy
+    /// hands out as `NSM_NSMGR_PROXY_URL` when that is not the public URL), so
+    /// `domain_border` knows them as its own.
+    pub fn internal_urls(mut self, urls: Vec<Url>) -> Self {
+        self.internal_urls = urls;
+        self
     }
 
     /// The internal -> public address of each node of the domain (`swap_ip`).
@@ -164,13 +174,10 @@ pub fn nsmgr_proxy(opts: NsmgrProxyOptions) -> NsmgrProxy {
         .push(timeout())
         .push(monitor.clone())
         .push(swap.clone())
-        .push(domain_border(
-            opts.domain,
-            &opts.public_url,
-            registries,
-            opts.dns,
-            remote,
-        ))
+        .push(
+            domain_border(opts.domain, &opts.public_url, registries, opts.dns, remote)
+                .internal_urls(&opts.internal_urls),
+        )
         .push(connect(client))
         .build();
     NsmgrProxy {
