@@ -281,7 +281,13 @@ pub async fn run() -> Result<(), DemoError> {
         .unwrap_or_default();
     eprintln!("      path ({} segments):", names.len());
     for (i, n) in names.iter().enumerate() {
-        eprintln!("        {i}. {n}");
+        let side = match i {
+            0 => "cluster-a, pod nsc",
+            1..=3 => "cluster-a",
+            7 => "cluster-b, pod gw1",
+            _ => "cluster-b",
+        };
+        eprintln!("        {i}. {n:<24} ({side})");
     }
     check(
         names.len() == 8 && names[0] == "nsc" && names[7] == "gw-1",

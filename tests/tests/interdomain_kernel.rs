@@ -21,6 +21,11 @@
 //! to that node's public address) and ping crosses again; after the client's SIGTERM,
 //! no interface NSM made is left in any namespace. Without root (or `ip`, `ping`,
 //! `nft`, `dnsmasq`) it prints a skip line and passes.
+//!
+//! The bench (BENCHMARKS.md, "interdomain"), ignored by default, runs on the same
+//! network: `cargo nextest run --release -p nsm-tests --test interdomain_kernel
+//! --run-ignored only --no-capture` (after `cargo build --release -p nsm-examples
+//! --bins`).
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
@@ -208,20 +213,29 @@ fn dst(conn: &Value) -> String {
     a.split('/').next().unwrap_or(a).to_string()
 }
 
-#[test]
-fn a_kernel_client_reaches_another_cluster_over_vxlan_through_public_addresses_and_heals() {
-    nsm_testkit::require_root!("interdomain kernel process test");
+/// The two clusters running, DNS included; dropped, every process stops and the lab
+/// goes.
+struct World {
+    domains: [Domain; 2],
+    _dns: DnsServer,
+    dir: TempDir,
+    lab: Lab,
+}
+
+/// Builds the network and starts both clusters; `None` (after a skip line) when this
+/// machine cannot run it.
+fn world() -> Option<World> {
+    if !nsm_testkit::can_run("the interdomain kernel process tests") {
+        return None;
+    }
     if nsm_testkit::lab::sh("nft", &["--version"]).is_err() {
         eprintln!("skipped: interdomain kernel process test: no nft");
-        return;
+        return None;
     }
-    let Some(program) = dnsmasq("the interdomain kernel process test") else {
-        return;
-    };
-    let started = Instant::now();
+    let program = dnsmasq("the interdomain kernel process test")?;
     let mut lab = Lab::new(nsm_testkit::unique("nsmid"));
     let [net_a, net_b] = two_clusters(&mut lab, ["a", "b"], 2).expect("two clusters");
-    for pod in ["nsc", "nse1", "nse2"] {
+    for pod in ["nsc", "nse1", "nse2", "nse-a"] {
         lab.add(pod).expect("pod");
     }
     // The border is real: cluster-b reaches cluster-a's node by its public address only.
@@ -250,22 +264,35 @@ fn a_kernel_client_reaches_another_cluster_over_vxlan_through_public_addresses_a
             ]
         })
         .collect();
-    let _dns = DnsServer::start(&program, dns_addr, &records, &DOMAINS.map(String::from))
+    let dns = DnsServer::start(&program, dns_addr, &records, &DOMAINS.map(String::from))
         .expect("dnsmasq");
     for d in &mut domains {
         d.start(&dir, &lab, dns_addr);
     }
-    let [a, b] = &domains;
-    let nse = |name: &str, node: usize, prefix: &str| {
+    Some(World {
+        domains,
+        _dns: dns,
+        dir,
+        lab,
+    })
+}
+
+impl World {
+    /// `nse-icmp-responder` `name` in the pod of that name, on node `node` of domain
+    /// `domain` (0 or 1), handing out `prefix`, registered.
+    fn nse(&self, domain: usize, name: &str, node: usize, prefix: &str) -> Proc {
         let mut p = nsm_tests::start_in(
-            Some(&lab.full(name)),
-            &dir,
+            Some(&self.lab.full(name)),
+            &self.dir,
             "nse-icmp-responder",
             name,
             &[
                 ("NSM_NAME", name),
-                ("NSM_LISTEN_ON", &dir.unix(&format!("{name}.sock"))),
-                ("NSM_CONNECT_TO", &b.nsmgr_url(&dir, node)),
+                ("NSM_LISTEN_ON", &self.dir.unix(&format!("{name}.sock"))),
+                (
+                    "NSM_CONNECT_TO",
+                    &self.domains[domain].nsmgr_url(&self.dir, node),
+                ),
                 ("NSM_SERVICE_NAMES", SERVICE),
                 ("NSM_CIDR_PREFIX", prefix),
             ],
@@ -274,28 +301,40 @@ fn a_kernel_client_reaches_another_cluster_over_vxlan_through_public_addresses_a
         );
         p.wait_for_log(&["registered endpoint", &format!("name={name}")]);
         p
+    }
+
+    /// `nsc` in the pod `nsc` on cluster-a's node 0, requesting `service`.
+    fn nsc(&self, log: &str, service: &str) -> Proc {
+        nsm_tests::start_in(
+            Some(&self.lab.full("nsc")),
+            &self.dir,
+            "nsc",
+            log,
+            &[
+                ("NSM_NAME", "nsc"),
+                ("NSM_CONNECT_TO", &self.domains[0].nsmgr_url(&self.dir, 0)),
+                ("NSM_NETWORK_SERVICES", &format!("kernel://{service}/nsm-1")),
+                ("NSM_REQUEST_TIMEOUT", "15s"),
+            ],
+            true,
+            READY,
+        )
+    }
+}
+
+#[test]
+fn a_kernel_client_reaches_another_cluster_over_vxlan_through_public_addresses_and_heals() {
+    let started = Instant::now();
+    let Some(w) = world() else {
+        return;
     };
-    let mut nse1 = nse("nse1", 0, "172.16.101.0/24");
+    let lab = &w.lab;
+    let [a, b] = &w.domains;
+    let mut nse1 = w.nse(1, "nse1", 0, "172.16.101.0/24");
     eprintln!("two clusters up in {:?}", started.elapsed());
 
     let requested = Instant::now();
-    let mut nsc = nsm_tests::start_in(
-        Some(&lab.full("nsc")),
-        &dir,
-        "nsc",
-        "nsc",
-        &[
-            ("NSM_NAME", "nsc"),
-            ("NSM_CONNECT_TO", &a.nsmgr_url(&dir, 0)),
-            (
-                "NSM_NETWORK_SERVICES",
-                &format!("kernel://{SERVICE}@cluster-b/nsm-1"),
-            ),
-            ("NSM_REQUEST_TIMEOUT", "15s"),
-        ],
-        true,
-        READY,
-    );
+    let mut nsc = w.nsc("nsc", &format!("{SERVICE}@cluster-b"));
     let conn = next_connection(&mut nsc, READY, |_| true);
     eprintln!("connected in {:?}", requested.elapsed());
     assert_eq!(
@@ -317,16 +356,16 @@ fn a_kernel_client_reaches_another_cluster_over_vxlan_through_public_addresses_a
     // Each side's tunnel: its own internal address, the other node's public one.
     let (a0, b0, b1) = (&a.net.nodes[0], &b.net.nodes[0], &b.net.nodes[1]);
     assert_eq!(
-        tunnel_ends(&lab, "nsc"),
+        tunnel_ends(lab, "nsc"),
         (a0.internal.clone(), b0.public.clone())
     );
     assert_eq!(
-        tunnel_ends(&lab, "nse1"),
+        tunnel_ends(lab, "nse1"),
         (b0.internal.clone(), a0.public.clone())
     );
     let to = dst(&conn);
     poll(READY, &format!("ping {to} across the clusters"), || {
-        ping(&lab, "nsc", &to).then_some(())
+        ping(lab, "nsc", &to).then_some(())
     });
     let (_, tx) = lab.packets(&a.net.gateway, "pub0").expect("counters");
     assert!(tx > 0, "the pings crossed the public link");
@@ -334,7 +373,7 @@ fn a_kernel_client_reaches_another_cluster_over_vxlan_through_public_addresses_a
     // The endpoint dies (still registered); another one on cluster-b's other node.
     let killed = Instant::now();
     nse1.kill9();
-    let _nse2 = nse("nse2", 1, "172.16.102.0/24");
+    let _nse2 = w.nse(1, "nse2", 1, "172.16.102.0/24");
     let healed = next_connection(&mut nsc, HEAL_WITHIN, |c| {
         c["networkServiceEndpointName"] == "nse2@cluster-b"
     });
@@ -345,32 +384,173 @@ fn a_kernel_client_reaches_another_cluster_over_vxlan_through_public_addresses_a
     );
     let to = dst(&healed);
     poll(HEAL_WITHIN, &format!("ping {to} after the heal"), || {
-        ping(&lab, "nsc", &to).then_some(())
+        ping(lab, "nsc", &to).then_some(())
     });
     eprintln!("heal time (remote endpoint killed): {:?}", killed.elapsed());
     assert_eq!(
-        tunnel_ends(&lab, "nsc"),
+        tunnel_ends(lab, "nsc"),
         (a0.internal.clone(), b1.public.clone())
     );
     assert_eq!(
-        tunnel_ends(&lab, "nse2"),
+        tunnel_ends(lab, "nse2"),
         (b1.internal.clone(), a0.public.clone())
     );
     poll(READY, "the dead endpoint's device is deleted", || {
-        mesh_links(&lab, "nse1").is_empty().then_some(())
+        mesh_links(lab, "nse1").is_empty().then_some(())
     });
 
     // Close: nothing NSM made is left anywhere.
     nsc.terminate();
     let mut all: Vec<String> = ["nsc", "nse1", "nse2"].map(String::from).to_vec();
-    for d in &domains {
+    for d in &w.domains {
         all.push(d.net.gateway.clone());
         all.extend(d.net.nodes.iter().map(|n| n.ns.clone()));
     }
     for ns in &all {
         poll(READY, &format!("{ns}: nothing left after Close"), || {
-            mesh_links(&lab, ns).is_empty().then_some(())
+            mesh_links(lab, ns).is_empty().then_some(())
         });
     }
     eprintln!("done in {:?}", started.elapsed());
+}
+
+/// Request + Close timings of one KERNEL client chain in this process (in the `nsc`
+/// pod, at cluster-a's node 0) for `service`, `n` after `warm_up`; (Request, Close).
+async fn request_times(
+    w: &World,
+    service: &str,
+    warm_up: usize,
+    n: usize,
+) -> (Vec<Duration>, Vec<Duration>) {
+    use nsm_sdk::chains::{client, ClientOptions, Security};
+    use nsm_sdk::config::NsUrl;
+    use nsm_sdk::security::PolicySet;
+    use nsm_sdk::Cx;
+
+    let identity = w.dir.ca().identity("bench").expect("an identity");
+    let security = Security::with_identity(identity.fixed(), PolicySet::defaults().unwrap())
+        .expect("security");
+    let nsmgr: nsm_sdk::transport::Url = w.domains[0].nsmgr_url(&w.dir, 0).parse().expect("a URL");
+    let chain = client(
+        ClientOptions::new("bench", nsmgr)
+            .security(&security)
+            .retry(None)
+            .mechanisms(vec![])
+            .handler(nsm_sdk_kernel::kernel_client(w.lab.url("nsc")).ifname("nsm-1")),
+    );
+    let url = NsUrl::parse(&format!("kernel://{service}/nsm-1")).expect("an NS URL");
+    let (mut req, mut close) = (Vec::new(), Vec::new());
+    for i in 0..warm_up + n {
+        let t = Instant::now();
+        let conn = chain
+            .request(&mut Cx::client(), url.to_request())
+            .await
+            .unwrap_or_else(|e| panic!("request {i} for {service}: {e}"));
+        let r = t.elapsed();
+        let t = Instant::now();
+        chain
+            .close(&mut Cx::client(), conn)
+            .await
+            .unwrap_or_else(|e| panic!("close {i} for {service}: {e}"));
+        if i >= warm_up {
+            req.push(r);
+            close.push(t.elapsed());
+        }
+    }
+    (req, close)
+}
+
+/// The bench: interdomain KERNEL Request (8 segments, VXLAN through the public
+/// addresses) beside the same Request inside cluster-a (6 segments, VXLAN between its
+/// two nodes), alternating in rounds; then the heal time after the remote endpoint
+/// dies (SIGKILL), from the kill to the first ping through the other endpoint, with
+/// the nsc program.
+#[test]
+#[ignore = "a bench: run with --run-ignored only --no-capture, in release"]
+fn bench_interdomain_kernel_request_and_heal() {
+    let Some(w) = world() else {
+        return;
+    };
+    let samples: usize = std::env::var("NSM_BENCH_SAMPLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let heals: usize = std::env::var("NSM_BENCH_HEALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    eprintln!("machine: {}", nsm_testkit::bench::machine());
+    let _local = w.nse(0, "nse-a", 1, "172.16.103.0/24");
+    let mut nses = [
+        Some(w.nse(1, "nse1", 0, "172.16.101.0/24")),
+        Some(w.nse(1, "nse2", 1, "172.16.102.0/24")),
+    ];
+    let rt = tokio::runtime::Runtime::new().expect("a runtime");
+    let (mut remote, mut local) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    let rounds = 4;
+    for _ in 0..rounds {
+        let (r, c) = rt.block_on(request_times(
+            &w,
+            &format!("{SERVICE}@cluster-b"),
+            10,
+            samples / rounds,
+        ));
+        remote.0.extend(r);
+        remote.1.extend(c);
+        // Only nse-a serves the service inside cluster-a.
+        let (r, c) = rt.block_on(request_times(&w, SERVICE, 10, samples / rounds));
+        local.0.extend(r);
+        local.1.extend(c);
+    }
+    use nsm_testkit::bench::Stats;
+    eprintln!(
+        "interdomain Request (8 segments): {}",
+        Stats::of(&remote.0).line()
+    );
+    eprintln!(
+        "interdomain Close (8 segments): {}",
+        Stats::of(&remote.1).line()
+    );
+    eprintln!("local Request (6 segments): {}", Stats::of(&local.0).line());
+    eprintln!("local Close (6 segments): {}", Stats::of(&local.1).line());
+    eprintln!(
+        "loadavg after the Requests: {}",
+        nsm_testkit::bench::loadavg()
+    );
+
+    let mut nsc = w.nsc("nsc-heal", &format!("{SERVICE}@cluster-b"));
+    let mut conn = next_connection(&mut nsc, READY, |_| true);
+    let mut times = Vec::new();
+    for i in 0..heals {
+        let victim = if conn["networkServiceEndpointName"] == "nse1@cluster-b" {
+            0
+        } else {
+            1
+        };
+        let other = format!("nse{}@cluster-b", 2 - victim);
+        let killed = Instant::now();
+        if let Some(mut p) = nses[victim].take() {
+            p.kill9();
+        }
+        conn = next_connection(&mut nsc, HEAL_WITHIN, |c| {
+            c["networkServiceEndpointName"] == other.as_str()
+        });
+        let to = dst(&conn);
+        poll(HEAL_WITHIN, &format!("heal {i}: ping {to}"), || {
+            ping(&w.lab, "nsc", &to).then_some(())
+        });
+        times.push(killed.elapsed());
+        let (name, node, prefix) = if victim == 0 {
+            ("nse1", 0, "172.16.101.0/24")
+        } else {
+            ("nse2", 1, "172.16.102.0/24")
+        };
+        nses[victim] = Some(w.nse(1, name, node, prefix));
+    }
+    eprintln!(
+        "heal after the remote endpoint died (kill to first ping): {}",
+        Stats::of(&times).line()
+    );
+    eprintln!("loadavg at the end: {}", nsm_testkit::bench::loadavg());
+    nsc.terminate();
 }
