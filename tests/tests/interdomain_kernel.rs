@@ -23,9 +23,9 @@
 //! `nft`, `dnsmasq`) it prints a skip line and passes.
 //!
 //! The bench (BENCHMARKS.md, "interdomain"), ignored by default, runs on the same
-//! network: `cargo nextest run --release -p nsm-tests --test interdomain_kernel
-//! --run-ignored only --no-capture` (after `cargo build --release -p nsm-examples
-//! --bins`).
+//! network against the release programs (`cargo build --release -p nsm-examples
+//! --bins`): `NSM_TEST_BIN_DIR=target/release cargo nextest run -p nsm-tests
+//! --all-features --test interdomain_kernel --run-ignored only --no-capture`.
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
