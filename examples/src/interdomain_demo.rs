@@ -32,11 +32,10 @@ use nsm_sdk_vxlan::mechanism::{vxlan_forwarder_mechanisms, Tunnel};
 use nsm_testkit::clusters::two_clusters;
 use nsm_testkit::dnsmasq::{dnsmasq, free_addr, DnsServer};
 use nsm_testkit::lab::Lab;
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::{route_to_corporate, vpn_gateway};
-use crate::vpn_demo::DemoError;
+use crate::vpn_demo::{check, wait_for_heal, DemoError};
 
 const SERVICE: &str = "vpn-gateway";
 const CORPORATE: &str = "10.60.0.0/24";
@@ -46,35 +45,12 @@ const STEPS: usize = 8;
 /// The two domains of the act.
 pub const DOMAINS: [&str; 2] = ["cluster-a", "cluster-b"];
 
-fn check(ok: bool, what: impl Into<String>) -> Result<(), DemoError> {
-    if ok {
-        eprintln!("      ok: {}", what.into());
-        Ok(())
-    } else {
-        Err(DemoError::Check(what.into()))
-    }
-}
-
 fn step(n: usize, what: &str) {
     eprintln!("\n[{n}/{STEPS}] {what}");
 }
 
 fn fail(what: &str, e: impl std::fmt::Display) -> DemoError {
     DemoError::Check(format!("{what}: {e}"))
-}
-
-/// `(local, remote)` of the VXLAN device in a lab namespace, if it has one.
-fn tunnel_ends(lab: &Lab, ns: &str) -> Result<Option<(String, String)>, DemoError> {
-    let out = lab.ip(ns, &["-j", "-d", "link", "show"])?;
-    let links: Vec<Value> = serde_json::from_str(&out).map_err(|e| fail("ip -j", e))?;
-    Ok(links
-        .iter()
-        .find(|l| l["linkinfo"]["info_kind"] == "vxlan")
-        .map(|l| {
-            let d = &l["linkinfo"]["info_data"];
-            let s = |k: &str| d[k].as_str().unwrap_or_default().to_string();
-            (s("local"), s("remote"))
-        }))
 }
 
 /// The gateways' servers, their tasks and their socket directory.
@@ -298,13 +274,13 @@ pub async fn run() -> Result<(), DemoError> {
         "the client sees gw-1@cluster-b; gw-1 never sees @cluster-b",
     )?;
     let (a0, b0, b1) = (&net_a.nodes[0], &net_b.nodes[0], &net_b.nodes[1]);
-    let ends = tunnel_ends(&lab, "nsc")?;
+    let ends = lab.vxlan_ends("nsc")?;
     eprintln!("      the client's VXLAN device (local, remote): {ends:?}");
     check(
         ends == Some((a0.internal.clone(), b0.public.clone())),
         "the client's side: its node's internal address, gw-1's node's public one",
     )?;
-    let ends = tunnel_ends(&lab, "gw1")?;
+    let ends = lab.vxlan_ends("gw1")?;
     eprintln!("      gw-1's VXLAN device (local, remote): {ends:?}");
     check(
         ends == Some((b0.internal.clone(), a0.public.clone())),
@@ -337,28 +313,16 @@ pub async fn run() -> Result<(), DemoError> {
     server.kill();
     root.cancel();
     eprintln!("      gw-1 killed (its server and tasks stopped; still registered)");
-    let mut rewired = None;
-    let healed = loop {
-        if rewired.is_none() && tunnel_ends(&lab, "gw2")?.is_some() {
-            rewired = Some(killed.elapsed());
-        }
-        if rewired.is_some() && lab.ping("nsc", CORPORATE_HOST, 1).is_ok() {
-            break Some(killed.elapsed());
-        }
-        if killed.elapsed() > Duration::from_secs(60) {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let (Some(rewired), Some(healed)) = (rewired, healed) else {
-        return Err(DemoError::Check("no heal to gw-2 within 60 s".into()));
-    };
+    let (rewired, healed) = wait_for_heal(&lab, killed, CORPORATE_HOST, |lab| {
+        Ok(lab.vxlan_ends("gw2")?.is_some())
+    })
+    .await?;
     eprintln!(
         "      healed: gw-2 has its tunnel after {} ms; the client reaches {CORPORATE_HOST} again after {} ms",
         rewired.as_millis(),
         healed.as_millis()
     );
-    let ends = tunnel_ends(&lab, "nsc")?;
+    let ends = lab.vxlan_ends("nsc")?;
     eprintln!("      the client's VXLAN device now (local, remote): {ends:?}");
     check(
         ends == Some((a0.internal.clone(), b1.public.clone())),

@@ -68,12 +68,38 @@ pub enum DemoError {
     Check(String),
 }
 
-fn check(ok: bool, what: impl Into<String>) -> Result<(), DemoError> {
+/// Prints `ok: <what>` when `ok`, else fails the demo with `what`.
+pub(crate) fn check(ok: bool, what: impl Into<String>) -> Result<(), DemoError> {
     if ok {
         eprintln!("      ok: {}", what.into());
         Ok(())
     } else {
         Err(DemoError::Check(what.into()))
+    }
+}
+
+/// Waits (60 s at most) after `killed` until `rewired` says the mesh made the new
+/// end, then until the pod `nsc` pings `target`; the times of both.
+pub(crate) async fn wait_for_heal(
+    lab: &Lab,
+    killed: Instant,
+    target: &str,
+    rewired: impl Fn(&Lab) -> Result<bool, DemoError>,
+) -> Result<(Duration, Duration), DemoError> {
+    let mut made = None;
+    loop {
+        if made.is_none() && rewired(lab)? {
+            made = Some(killed.elapsed());
+        }
+        if let Some(made) = made {
+            if lab.ping("nsc", target, 1).is_ok() {
+                return Ok((made, killed.elapsed()));
+            }
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            return Err(DemoError::Check("no heal to gw-2 within 60 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -469,27 +495,13 @@ pub async fn run_with(fw_node: FirewallNode) -> Result<(), DemoError> {
     eprintln!("      gw-1 killed (its server and tasks stopped; its pod keeps what the mesh made)");
     // Control plane healed: gw-2's pod has its end (VXLAN or veth). Data plane healed: the
     // client's ping crosses again.
-    let mut rewired = None;
-    let healed = loop {
-        if rewired.is_none()
-            && lab
-                .links("gw2")?
-                .iter()
-                .any(|(name, kind)| name != "corp0" && (kind == "vxlan" || kind == "veth"))
-        {
-            rewired = Some(killed.elapsed());
-        }
-        if rewired.is_some() && lab.ping("nsc", CORPORATE_HOST, 1).is_ok() {
-            break Some(killed.elapsed());
-        }
-        if killed.elapsed() > Duration::from_secs(60) {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let (Some(rewired), Some(healed)) = (rewired, healed) else {
-        return Err(DemoError::Check("no heal to gw-2 within 60 s".into()));
-    };
+    let (rewired, healed) = wait_for_heal(&lab, killed, CORPORATE_HOST, |lab| {
+        Ok(lab
+            .links("gw2")?
+            .iter()
+            .any(|(name, kind)| name != "corp0" && (kind == "vxlan" || kind == "veth")))
+    })
+    .await?;
     eprintln!(
         "      healed: the mesh rewired the firewall to gw-2 after {} ms; the client reaches {CORPORATE_HOST} again after {} ms",
         rewired.as_millis(),

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use nsm_tests::bin;
 
-#[test]
-fn the_demo_runs_every_step_and_exits_0() {
-    let started = Instant::now();
+/// Runs `demo` with `args` to its end; asserts it exited 0 and returns what it printed
+/// on stderr and the prefix of its lab's namespaces.
+fn run_demo(args: &[&str]) -> (String, String) {
     let child = Command::new(bin("demo"))
+        .args(args)
         .env_remove("NSM_LOG_LEVEL")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -21,12 +22,29 @@ fn the_demo_runs_every_step_and_exits_0() {
         .expect("run the demo");
     let lab = format!("nsmdemo-{}-", child.id());
     let out = child.wait_with_output().expect("the demo's output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         out.status.success(),
         "the demo failed ({}):\n{stderr}",
         out.status
     );
+    (stderr, lab)
+}
+
+/// Asserts no namespace of the lab `prefix` is left (other tests' may be there).
+fn no_lab_left(prefix: &str) {
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&netns.stdout);
+    assert!(
+        !list.lines().any(|l| l.starts_with(prefix)),
+        "lab namespaces left: {list}"
+    );
+}
+
+#[test]
+fn the_demo_runs_every_step_and_exits_0() {
+    let started = Instant::now();
+    let (stderr, lab) = run_demo(&[]);
     assert!(
         started.elapsed() < Duration::from_secs(120),
         "took {:?}",
@@ -48,13 +66,7 @@ fn the_demo_runs_every_step_and_exits_0() {
     ] {
         assert!(stderr.contains(line), "missing {line:?} in:\n{stderr}");
     }
-    // Its lab is gone (other tests' namespaces may be there).
-    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    let list = String::from_utf8_lossy(&netns.stdout);
-    assert!(
-        !list.lines().any(|l| l.starts_with(&lab)),
-        "lab namespaces left: {list}"
-    );
+    no_lab_left(&lab);
 }
 
 /// The same chain with the firewall on the gateway's node: VXLAN from the client to
@@ -92,21 +104,7 @@ fn the_interdomain_act_crosses_the_border_heals_and_exits_0() {
     if nsm_testkit::dnsmasq::dnsmasq("the interdomain demo").is_none() {
         return;
     }
-    let child = Command::new(bin("demo"))
-        .arg("--interdomain")
-        .env_remove("NSM_LOG_LEVEL")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run the demo");
-    let lab = format!("nsmdemo-{}-", child.id());
-    let out = child.wait_with_output().expect("the demo's output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the demo failed ({}):\n{stderr}",
-        out.status
-    );
+    let (stderr, lab) = run_demo(&["--interdomain"]);
     for line in [
         "[8/8]",
         "path (8 segments):",
@@ -120,10 +118,5 @@ fn the_interdomain_act_crosses_the_border_heals_and_exits_0() {
     ] {
         assert!(stderr.contains(line), "missing {line:?} in:\n{stderr}");
     }
-    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    let list = String::from_utf8_lossy(&netns.stdout);
-    assert!(
-        !list.lines().any(|l| l.starts_with(&lab)),
-        "lab namespaces left: {list}"
-    );
+    no_lab_left(&lab);
 }

@@ -154,18 +154,11 @@ impl Domain {
     }
 }
 
-/// `(local, remote)` of the VXLAN device of a pod (its only link but `lo`).
+/// `(local, remote)` of the VXLAN device of a pod, which must have one.
 fn tunnel_ends(lab: &Lab, pod: &str) -> (String, String) {
-    let out = lab.ip(pod, &["-j", "-d", "link", "show"]).expect("ip link");
-    let links: Vec<Value> = serde_json::from_str(&out).expect("ip -j");
-    let vxlan: Vec<&Value> = links
-        .iter()
-        .filter(|l| l["linkinfo"]["info_kind"] == "vxlan")
-        .collect();
-    assert_eq!(vxlan.len(), 1, "one VXLAN device in {pod}: {out}");
-    let data = &vxlan[0]["linkinfo"]["info_data"];
-    let s = |k: &str| data[k].as_str().unwrap_or_default().to_string();
-    (s("local"), s("remote"))
+    lab.vxlan_ends(pod)
+        .expect("ip link")
+        .unwrap_or_else(|| panic!("no VXLAN device in {pod}: {:?}", lab.links(pod)))
 }
 
 /// The links of a namespace but `lo` and the lab's own (`eth0`, `n<i>`, `pub0`).
