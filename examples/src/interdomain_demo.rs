@@ -15,7 +15,6 @@
 //! Each check is an assertion: the act returns an error (and the program exits 1) when
 //! one fails, so CI runs it as a test (`tests/tests/demo.rs`).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -23,7 +22,6 @@ use ipnet::IpNet;
 use nsm_sdk::chains::{client, EndpointOptions};
 use nsm_sdk::config::NsUrl;
 use nsm_sdk::handlers::{heal, parse_address_map, HealOptions};
-use nsm_sdk::proto::registry::{NetworkServiceEndpoint, NetworkServiceLabels};
 use nsm_sdk::sandbox::{Interdomain, Transport};
 use nsm_sdk::transport::{serve, Server, Url};
 use nsm_sdk::{Chain, Cx};
@@ -35,11 +33,12 @@ use nsm_testkit::lab::Lab;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::{route_to_corporate, vpn_gateway};
-use crate::vpn_demo::{check, wait_for_heal, DemoError};
+use crate::vpn_demo::{
+    check, corporate_network, gateway_registration, wait_for_heal, DemoError, CORPORATE_HOST,
+    SERVICE,
+};
 
-const SERVICE: &str = "vpn-gateway";
 const CORPORATE: &str = "10.60.0.0/24";
-const CORPORATE_HOST: &str = "10.60.0.10";
 const CLIENT_CIDR: &str = "172.16.90.0/24";
 const STEPS: usize = 8;
 /// The two domains of the act.
@@ -102,19 +101,7 @@ async fn start_gateway(
     b.node(node)
         .registration_front()
         .nse
-        .register(
-            &mut Cx::client(),
-            NetworkServiceEndpoint {
-                name: name.into(),
-                network_service_names: vec![SERVICE.into()],
-                network_service_labels: HashMap::from([(
-                    SERVICE.to_string(),
-                    NetworkServiceLabels::default(),
-                )]),
-                url: url.to_string(),
-                ..Default::default()
-            },
-        )
+        .register(&mut Cx::client(), gateway_registration(name, &url, &[]))
         .await?;
     Ok(())
 }
@@ -147,17 +134,7 @@ pub async fn run() -> Result<(), DemoError> {
     for ns in ["nsc", "gw1", "gw2", "corp"] {
         lab.add(ns)?;
     }
-    lab.ip("corp", &["link", "add", "br0", "type", "bridge"])?;
-    lab.ip(
-        "corp",
-        &["addr", "add", &format!("{CORPORATE_HOST}/24"), "dev", "br0"],
-    )?;
-    lab.ip("corp", &["link", "set", "br0", "up"])?;
-    for (gw, addr) in [("gw1", "10.60.0.1/24"), ("gw2", "10.60.0.2/24")] {
-        let port = format!("to-{gw}");
-        lab.link((gw, "corp0", addr), ("corp", &port, ""))?;
-        lab.ip("corp", &["link", "set", &port, "master", "br0"])?;
-    }
+    corporate_network(&lab)?;
     for c in [&net_a, &net_b] {
         for n in &c.nodes {
             eprintln!(

@@ -74,12 +74,8 @@ fn the_demo_runs_every_step_and_exits_0() {
 /// on the same node as the client and on the other node"). In process, as root only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_firewall_on_the_other_node_filters_the_same_and_heals() {
-    if let Err(why) = nsm_testkit::lab::can_build() {
+    if let Err(why) = nsm_examples::vpn_demo::can_run() {
         eprintln!("skipped: {why}");
-        return;
-    }
-    if nsm_testkit::lab::sh("nft", &["--version"]).is_err() {
-        eprintln!("skipped: no nft");
         return;
     }
     nsm_examples::vpn_demo::run_with(nsm_examples::vpn_demo::FirewallNode::WithGateway)
@@ -93,12 +89,8 @@ async fn the_firewall_on_the_other_node_filters_the_same_and_heals() {
 /// checks each step and exits 0, and leaves no namespace behind.
 #[test]
 fn the_interdomain_act_crosses_the_border_heals_and_exits_0() {
-    if let Err(why) = nsm_testkit::lab::can_build() {
+    if let Err(why) = nsm_examples::vpn_demo::can_run() {
         eprintln!("skipped: {why}");
-        return;
-    }
-    if nsm_testkit::lab::sh("nft", &["--version"]).is_err() {
-        eprintln!("skipped: no nft");
         return;
     }
     if nsm_testkit::dnsmasq::dnsmasq("the interdomain demo").is_none() {

@@ -31,12 +31,7 @@ async fn main() {
     if std::env::args().skip(1).any(|a| a == "--interdomain") {
         return interdomain().await;
     }
-    let kernel = nsm_testkit::lab::can_build().and_then(|()| {
-        nsm_testkit::lab::sh("nft", &["--version"])
-            .map(|_| ())
-            .map_err(|e| format!("no usable `nft` command ({e})"))
-    });
-    let outcome = match kernel {
+    let outcome = match nsm_examples::vpn_demo::can_run() {
         Ok(()) => {
             eprintln!("nsm-rs demo: a pod on node 1 reaches a corporate network behind a VPN gateway on node 2, through a firewall");
             nsm_examples::vpn_demo::run()
@@ -58,11 +53,7 @@ async fn main() {
 }
 
 async fn interdomain() {
-    if let Err(why) = nsm_testkit::lab::can_build().and_then(|()| {
-        nsm_testkit::lab::sh("nft", &["--version"])
-            .map(|_| ())
-            .map_err(|e| format!("no usable `nft` command ({e})"))
-    }) {
+    if let Err(why) = nsm_examples::vpn_demo::can_run() {
         eprintln!("the interdomain demo needs root, ip, nft and dnsmasq: {why}");
         std::process::exit(1);
     }
