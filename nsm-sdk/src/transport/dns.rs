@@ -22,7 +22,10 @@
 //! target without an address) is [`Error::NotFound`] naming the record, so a client
 //! learns quickly which domain could not be found instead of hanging.
 
-use std::net::{IpAddr, SocketAddr};
+#[cfg(feature = "dns")]
+use std::net::IpAddr;
+use std::net::SocketAddr;
+#[cfg(feature = "dns")]
 use std::sync::Arc;
 use std::time::Duration;
 
