@@ -18,7 +18,7 @@
 //! | `my-nsmgr` | the manager chain with a request counter inserted (guide) |
 //! | `nse-firewall` | a service-chain firewall: bridges each connection, filters it with nftables |
 //! | `nse-vpn-gateway` | a VPN gateway NSE: addresses, a route to the corporate networks, NAT |
-//! | `demo` | the README's first command: firewall + VPN gateway across two nodes ([`vpn_demo`]); `demo --vl3`: a vL3 network on three nodes with names ([`vl3_demo`]) |
+//! | `demo` | the README's first command: firewall + VPN gateway across two nodes ([`vpn_demo`]); `demo --vl3`: a vL3 network on three nodes with names ([`vl3_demo`]); `demo --interdomain`: a VPN gateway of another cluster ([`interdomain_demo`]) |
 //! | `nsm-load` | a load tool: N connections set up, refreshed and closed, measured ([`load`]) |
 //!
 //! `nsmgr`, `nsm-forwarder` and `nsm-registry` serve their process metrics (RSS, fds,
@@ -45,6 +45,7 @@ mod connections;
 mod endpoint;
 mod firewall;
 mod gateway;
+pub mod interdomain_demo;
 pub mod load;
 pub mod metrics;
 mod process;

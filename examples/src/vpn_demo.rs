@@ -46,9 +46,11 @@ pub const SERVICE_FILE: &str = include_str!("../config/vpn-gateway.json");
 /// The firewall's ACL in the demo.
 pub const ACL: &str = "allow icmp; allow tcp 80; deny tcp 8080; default allow";
 
-const SERVICE: &str = "vpn-gateway";
+/// The demo's network service.
+pub(crate) const SERVICE: &str = "vpn-gateway";
 const CORPORATE: &str = "10.60.0.0/24";
-const CORPORATE_HOST: &str = "10.60.0.10";
+/// The corporate host behind the gateways.
+pub(crate) const CORPORATE_HOST: &str = "10.60.0.10";
 const CLIENT_CIDR: &str = "172.16.80.0/24";
 const STEPS: usize = 9;
 /// The trust domain of the demo's throw-away CA.
@@ -75,6 +77,59 @@ pub(crate) fn check(ok: bool, what: impl Into<String>) -> Result<(), DemoError> 
         Ok(())
     } else {
         Err(DemoError::Check(what.into()))
+    }
+}
+
+/// Whether this machine can run the kernel demos: root, `ip` and `nft`; else why not.
+pub fn can_run() -> Result<(), String> {
+    nsm_testkit::lab::can_build().and_then(|()| {
+        nsm_testkit::lab::sh("nft", &["--version"])
+            .map(|_| ())
+            .map_err(|e| format!("no usable `nft` command ({e})"))
+    })
+}
+
+/// The corporate network behind the gateway pods `gw1` and `gw2` (both made
+/// already): the lab namespace `corp` (made already) with a bridge holding the
+/// corporate host's address, and a link from each gateway (`corp0`, `10.60.0.1` and
+/// `.2`) plugged into it.
+pub(crate) fn corporate_network(lab: &Lab) -> Result<(), DemoError> {
+    lab.ip("corp", &["link", "add", "br0", "type", "bridge"])?;
+    lab.ip(
+        "corp",
+        &["addr", "add", &format!("{CORPORATE_HOST}/24"), "dev", "br0"],
+    )?;
+    lab.ip("corp", &["link", "set", "br0", "up"])?;
+    for (gw, addr) in [("gw1", "10.60.0.1/24"), ("gw2", "10.60.0.2/24")] {
+        let port = format!("to-{gw}");
+        lab.link((gw, "corp0", addr), ("corp", &port, ""))?;
+        lab.ip("corp", &["link", "set", &port, "master", "br0"])?;
+    }
+    Ok(())
+}
+
+/// Waits (60 s at most) after `killed` until `rewired` says the mesh made the new
+/// end, then until the pod `nsc` pings `target`; the times of both.
+pub(crate) async fn wait_for_heal(
+    lab: &Lab,
+    killed: Instant,
+    target: &str,
+    rewired: impl Fn(&Lab) -> Result<bool, DemoError>,
+) -> Result<(Duration, Duration), DemoError> {
+    let mut made = None;
+    loop {
+        if made.is_none() && rewired(lab)? {
+            made = Some(killed.elapsed());
+        }
+        if let Some(made) = made {
+            if lab.ping("nsc", target, 1).is_ok() {
+                return Ok((made, killed.elapsed()));
+            }
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            return Err(DemoError::Check("no heal to gw-2 within 60 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -140,27 +195,34 @@ impl Mesh {
         url: &Url,
         labels: &[(&str, &str)],
     ) -> Result<(), DemoError> {
-        let labels = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
         self.nodes[node]
             .front_nse
-            .register(
-                &mut Cx::client(),
-                NetworkServiceEndpoint {
-                    name: name.into(),
-                    network_service_names: vec![SERVICE.into()],
-                    network_service_labels: HashMap::from([(
-                        SERVICE.to_string(),
-                        NetworkServiceLabels { labels },
-                    )]),
-                    url: url.to_string(),
-                    ..Default::default()
-                },
-            )
+            .register(&mut Cx::client(), gateway_registration(name, url, labels))
             .await?;
         Ok(())
+    }
+}
+
+/// The registration of an endpoint `name` of the demo's service at `url`, with
+/// `labels` for that service.
+pub(crate) fn gateway_registration(
+    name: &str,
+    url: &Url,
+    labels: &[(&str, &str)],
+) -> NetworkServiceEndpoint {
+    let labels = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    NetworkServiceEndpoint {
+        name: name.into(),
+        network_service_names: vec![SERVICE.into()],
+        network_service_labels: HashMap::from([(
+            SERVICE.to_string(),
+            NetworkServiceLabels { labels },
+        )]),
+        url: url.to_string(),
+        ..Default::default()
     }
 }
 
@@ -209,17 +271,7 @@ pub async fn run_with(fw_node: FirewallNode) -> Result<(), DemoError> {
         ("node1", "eth0", "192.0.2.1/24"),
         ("node2", "eth0", "192.0.2.2/24"),
     )?;
-    lab.ip("corp", &["link", "add", "br0", "type", "bridge"])?;
-    lab.ip(
-        "corp",
-        &["addr", "add", &format!("{CORPORATE_HOST}/24"), "dev", "br0"],
-    )?;
-    lab.ip("corp", &["link", "set", "br0", "up"])?;
-    for (gw, addr) in [("gw1", "10.60.0.1/24"), ("gw2", "10.60.0.2/24")] {
-        let port = format!("to-{gw}");
-        lab.link((gw, "corp0", addr), ("corp", &port, ""))?;
-        lab.ip("corp", &["link", "set", &port, "master", "br0"])?;
-    }
+    corporate_network(&lab)?;
     for port in [80u16, 8080] {
         let addr: SocketAddr = format!("{CORPORATE_HOST}:{port}")
             .parse()
@@ -476,27 +528,13 @@ pub async fn run_with(fw_node: FirewallNode) -> Result<(), DemoError> {
     eprintln!("      gw-1 killed (its server and tasks stopped; its pod keeps what the mesh made)");
     // Control plane healed: gw-2's pod has its end (VXLAN or veth). Data plane healed: the
     // client's ping crosses again.
-    let mut rewired = None;
-    let healed = loop {
-        if rewired.is_none()
-            && lab
-                .links("gw2")?
-                .iter()
-                .any(|(name, kind)| name != "corp0" && (kind == "vxlan" || kind == "veth"))
-        {
-            rewired = Some(killed.elapsed());
-        }
-        if rewired.is_some() && lab.ping("nsc", CORPORATE_HOST, 1).is_ok() {
-            break Some(killed.elapsed());
-        }
-        if killed.elapsed() > Duration::from_secs(60) {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let (Some(rewired), Some(healed)) = (rewired, healed) else {
-        return Err(DemoError::Check("no heal to gw-2 within 60 s".into()));
-    };
+    let (rewired, healed) = wait_for_heal(&lab, killed, CORPORATE_HOST, |lab| {
+        Ok(lab
+            .links("gw2")?
+            .iter()
+            .any(|(name, kind)| name != "corp0" && (kind == "vxlan" || kind == "veth")))
+    })
+    .await?;
     eprintln!(
         "      healed: the mesh rewired the firewall to gw-2 after {} ms; the client reaches {CORPORATE_HOST} again after {} ms",
         rewired.as_millis(),

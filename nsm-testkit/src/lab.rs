@@ -223,6 +223,21 @@ impl Lab {
             .collect())
     }
 
+    /// `(local, remote)` of the VXLAN device in a namespace (the first one), if it has
+    /// one.
+    pub fn vxlan_ends(&self, ns: &str) -> LabResult<Option<(String, String)>> {
+        let out = self.ip(ns, &["-j", "-d", "link", "show"])?;
+        let json = json_array(&out)?;
+        Ok(json
+            .iter()
+            .find(|l| l["linkinfo"]["info_kind"] == "vxlan")
+            .map(|l| {
+                let d = &l["linkinfo"]["info_data"];
+                let s = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+                (s("local"), s("remote"))
+            }))
+    }
+
     /// The IPv4 addresses of one interface, as `a.b.c.d/len`.
     pub fn addresses(&self, ns: &str, ifname: &str) -> LabResult<Vec<String>> {
         let out = self.ip(ns, &["-j", "-4", "addr", "show", "dev", ifname])?;

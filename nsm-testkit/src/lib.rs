@@ -2,6 +2,8 @@
 //!
 //! - [`lab`]: a lab of named network namespaces (pid-unique prefixes, veth links,
 //!   addresses, `ip netns exec`), deleted on drop even when a test fails;
+//! - [`clusters`]: two clusters of nodes joined only by a public link (1:1 NAT), for
+//!   the interdomain kernel tests and demo;
 //! - [`Ns`]: one pid-unique namespace (a "pod" or a "node") read through `ip -j`, and
 //!   [`underlay`]: two nodes joined by a veth underlay; [`switched_underlay`]: n nodes
 //!   on one bridge;
@@ -23,6 +25,7 @@
 
 mod answers;
 pub mod bench;
+pub mod clusters;
 #[cfg(feature = "dns")]
 pub mod dns;
 pub mod dnsmasq;

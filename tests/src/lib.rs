@@ -18,11 +18,18 @@ use std::time::{Duration, Instant};
 
 use nsm_sdk::security::dev_ca::DevCa;
 
-/// The path of the example binary `name`, built once if it is missing.
+/// The path of the example binary `name`, built once if it is missing; from the
+/// directory `NSM_TEST_BIN_DIR` instead when set (e.g. `target/release`, for a bench
+/// against optimised programs).
 ///
 /// # Panics
 /// When the binary cannot be found or built (the test cannot run).
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("NSM_TEST_BIN_DIR") {
+        let path = Path::new(&dir).join(name);
+        assert!(path.exists(), "{} is missing", path.display());
+        return path;
+    }
     static BUILT: Mutex<bool> = Mutex::new(false);
     let exe = std::env::current_exe().expect("the test knows its path");
     // target/<profile>/deps/<test>-<hash> -> target/<profile>/

@@ -11,6 +11,11 @@
 //! vL3 endpoints, six client pods that all ping each other, and an HTTP server in one
 //! pod reached by name from a pod on another node. It needs root and `ip`.
 //!
+//! `demo --interdomain` is the interdomain act instead (see
+//! [`nsm_examples::interdomain_demo`]): a pod of one cluster uses a VPN gateway of
+//! another over VXLAN through public addresses; it needs root, `ip`, `nft` and
+//! `dnsmasq`.
+//!
 //! Exit status 0 when every check passed, 1 otherwise.
 
 use std::time::Instant;
@@ -30,12 +35,10 @@ async fn main() {
     if std::env::args().skip(1).any(|a| a == "--vl3") {
         return vl3().await;
     }
-    let kernel = nsm_testkit::lab::can_build().and_then(|()| {
-        nsm_testkit::lab::sh("nft", &["--version"])
-            .map(|_| ())
-            .map_err(|e| format!("no usable `nft` command ({e})"))
-    });
-    let outcome = match kernel {
+    if std::env::args().skip(1).any(|a| a == "--interdomain") {
+        return interdomain().await;
+    }
+    let outcome = match nsm_examples::vpn_demo::can_run() {
         Ok(()) => {
             eprintln!("nsm-rs demo: a pod on node 1 reaches a corporate network behind a VPN gateway on node 2, through a firewall");
             nsm_examples::vpn_demo::run()
@@ -66,6 +69,19 @@ async fn vl3() {
         "nsm-rs demo, vL3 act: six pods on three nodes in one flat IPv4/IPv6 network, with names"
     );
     if let Err(e) = nsm_examples::vl3_demo::run().await {
+        eprintln!("demo failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The interdomain act, as root only.
+async fn interdomain() {
+    if let Err(why) = nsm_examples::vpn_demo::can_run() {
+        eprintln!("the interdomain demo needs root, ip, nft and dnsmasq: {why}");
+        std::process::exit(1);
+    }
+    eprintln!("nsm-rs interdomain demo: a pod of cluster-a reaches a corporate network behind a VPN gateway of cluster-b");
+    if let Err(e) = nsm_examples::interdomain_demo::run().await {
         eprintln!("demo failed: {e}");
         std::process::exit(1);
     }

@@ -17,9 +17,16 @@ use tracing::info;
 #[derive(Debug, clap::Parser)]
 #[command(version)]
 struct Args {
-    /// Where to listen: tcp://host:port or unix:///path.
-    #[arg(long, env = "NSM_LISTEN_ON", value_name = "URL")]
-    listen_on: Url,
+    /// Where to listen: tcp://host:port or unix:///path, or several comma-separated
+    /// (e.g. a unix socket for the nodes and a TCP port for other domains).
+    #[arg(
+        long,
+        env = "NSM_LISTEN_ON",
+        value_name = "URL,...",
+        value_delimiter = ',',
+        required = true
+    )]
+    listen_on: Vec<Url>,
 
     /// How long an endpoint stays registered without a refresh (60s, 1m30s, ...).
     #[arg(long, env = "NSM_EXPIRE_AFTER", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
@@ -82,7 +89,7 @@ fn main() -> ExitCode {
             registry = registry.route_interdomain(grpc_registries(security.channels(), proxy));
         }
         let services = security.serve(registry.services());
-        let servers = serve_all(&[args.listen_on], &services).await?;
+        let servers = serve_all(&args.listen_on, &services).await?;
         stop.cancelled().await;
         shutdown_all(servers).await;
         Ok(())

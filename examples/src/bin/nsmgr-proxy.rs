@@ -85,6 +85,7 @@ fn main() -> ExitCode {
         let root = CancellationToken::new();
         let proxy = nsmgr_proxy(
             NsmgrProxyOptions::new(&args.name, &args.domain, public_url, args.registry_url, dns)
+                .internal_urls(args.listen_on.clone())
                 .addresses(addresses)
                 .security(&security)
                 .root(root.clone()),

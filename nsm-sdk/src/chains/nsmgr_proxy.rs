@@ -38,6 +38,7 @@ pub struct NsmgrProxyOptions {
     name: String,
     domain: String,
     public_url: Url,
+    internal_urls: Vec<Url>,
     registry_urls: RegistryUrls,
     dns: DomainResolver,
     addresses: AddressMap,
@@ -69,6 +70,7 @@ impl NsmgrProxyOptions {
             name: name.into(),
             domain: domain.into(),
             public_url,
+            internal_urls: Vec::new(),
             registry_urls: registry.into(),
             dns,
             addresses: AddressMap::new(),
@@ -81,6 +83,14 @@ impl NsmgrProxyOptions {
         policies: "`authorize_server` after `update_token`, `authorize_client` before the gRPC client of its client half, and a MonitorConnection service that shows each subscriber only its own connections (`monitor::authorized`)",
         security: "mTLS on its server and its channel pool (its bundle must hold the CAs of the domains it talks to), signed path tokens, the authorize policies",
         channels
+    }
+
+    /// The other URLs the proxy listens on inside its domain (what its registry proxy
+    /// hands out as `NSM_NSMGR_PROXY_URL` when that is not the public URL), so
+    /// `domain_border` knows them as its own.
+    pub fn internal_urls(mut self, urls: Vec<Url>) -> Self {
+        self.internal_urls = urls;
+        self
     }
 
     /// The internal -> public address of each node of the domain (`swap_ip`).
@@ -136,13 +146,10 @@ pub fn nsmgr_proxy(opts: NsmgrProxyOptions) -> NsmgrProxy {
         .push(timeout())
         .push(monitor.clone())
         .push(swap.clone())
-        .push(domain_border(
-            opts.domain,
-            &opts.public_url,
-            registries,
-            opts.dns,
-            remote,
-        ))
+        .push(
+            domain_border(opts.domain, &opts.public_url, registries, opts.dns, remote)
+                .internal_urls(&opts.internal_urls),
+        )
         .push(connect(client))
         .build();
     NsmgrProxy {

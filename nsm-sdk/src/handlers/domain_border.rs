@@ -11,7 +11,9 @@
 //! - else, the full name is looked up through this domain's registry (which asks its
 //!   registry proxy): an endpoint that this domain registered into a floating registry
 //!   comes back with its manager's URL, and the request goes there, names unchanged
-//!   (it comes in from another domain, for one of ours).
+//!   (it comes in from another domain, for one of ours). An endpoint handed out at one
+//!   of this proxy's own URLs (its public one, or one its domain's forwarders reach it
+//!   at: [`DomainBorder::internal_urls`]) is another domain's and goes on below.
 //! - otherwise the request goes out: to `D`'s nsmgr-proxy found by DNS
 //!   (`nsmgr-proxy.nsm-system.<D>`), or, when `D` has none (a floating domain), to the
 //!   URL `D`'s registry holds for the endpoint (the nsmgr-proxy of the domain that
@@ -49,6 +51,7 @@ use crate::{Error, Result};
 pub struct DomainBorder {
     own: String,
     public_url: String,
+    internal_urls: Vec<String>,
     registries: Registries,
     dns: DomainResolver,
     remote: Arc<dyn RemoteRegistries>,
@@ -76,9 +79,24 @@ pub fn domain_border(
     DomainBorder {
         own: own.into(),
         public_url: public_url.to_string(),
+        internal_urls: Vec::new(),
         registries,
         dns,
         remote,
+    }
+}
+
+impl DomainBorder {
+    /// The other URLs this proxy is reached at inside its domain (e.g. a unix socket
+    /// its forwarders dial, which the registry proxy hands out for other domains'
+    /// endpoints): an endpoint found at one of them is not one of ours.
+    pub fn internal_urls(mut self, urls: &[Url]) -> Self {
+        self.internal_urls = urls.iter().map(Url::to_string).collect();
+        self
+    }
+
+    fn is_own_url(&self, url: &str) -> bool {
+        url == self.public_url || self.internal_urls.iter().any(|u| u == url)
     }
 }
 
@@ -140,7 +158,7 @@ impl DomainBorder {
             });
         }
         if let Some(nse) = self.lookup(cx, &self.registries, name).await? {
-            if nse.url != self.public_url {
+            if !self.is_own_url(&nse.url) {
                 return Ok(Route {
                     url: parse_url(&nse)?,
                     strip: false,
@@ -396,6 +414,32 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+        assert!(sink.0.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_handed_out_at_our_internal_url_goes_out_to_its_domain() {
+        // The registry proxy hands other domains' endpoints out at the unix socket our
+        // forwarders dial, not at the public URL.
+        let internal = "unix:///run/nsm/nsmgr-proxy.sock";
+        let own = store();
+        register(&own, "final@c2", internal).await;
+        let border = domain_border(
+            "c1",
+            &"tcp://198.51.100.1:5005".parse().unwrap(),
+            own,
+            no_dns(),
+            Arc::new(Domains(HashMap::new())),
+        )
+        .internal_urls(&[internal.parse().unwrap()]);
+        let sink = Sink::default();
+        let chain = Chain::builder().push(border).push(sink.clone()).build();
+        // Out by DNS (the silent server: Unavailable), never back to ourselves.
+        let err = chain
+            .request(&mut Cx::server(), request("1", "ns@c2", "final@c2"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
         assert!(sink.0.lock().unwrap().is_empty());
     }
 

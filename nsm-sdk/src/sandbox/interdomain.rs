@@ -11,8 +11,10 @@
 //! The registries and proxies listen on TCP loopback ports (DNS hands out
 //! `tcp://127.0.0.1:<port>`); the rest of each domain is on the in-memory transport.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Deref;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -21,20 +23,38 @@ use super::mesh::Component;
 use super::{Sandbox, SandboxBuilder};
 use crate::chains::{nsmgr_proxy, registry_proxy_server, NsmgrProxyOptions, Security};
 use crate::config::interdomain::{nsmgr_proxy_srv, registry_srv};
+use crate::handlers::AddressMap;
 use crate::security::dev_ca::DevCa;
 use crate::security::{PolicySet, TrustBundle};
 use crate::transport::{serve, DomainResolver, Url};
 use crate::{Error, Result};
 
+/// What a cluster's sandbox gets beyond the defaults ([`InterdomainBuilder::cluster_with`]).
+type Configure = Arc<dyn Fn(SandboxBuilder) -> SandboxBuilder + Send + Sync>;
+
 /// Builds an [`Interdomain`] mesh.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct InterdomainBuilder {
     clusters: Vec<(String, usize)>,
+    configure: HashMap<String, Configure>,
+    addresses: HashMap<String, AddressMap>,
     floating: Vec<String>,
     dns: Option<SocketAddr>,
     dns_timeout: Duration,
     secure: bool,
+}
+
+impl std::fmt::Debug for InterdomainBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InterdomainBuilder")
+            .field("clusters", &self.clusters)
+            .field("floating", &self.floating)
+            .field("addresses", &self.addresses)
+            .field("dns", &self.dns)
+            .field("secure", &self.secure)
+            .finish()
+    }
 }
 
 /// A set of domains; see the [module docs](self).
@@ -56,6 +76,7 @@ pub struct Domain {
     name: String,
     sandbox: Sandbox,
     dns: DomainResolver,
+    addresses: AddressMap,
     registry_proxy: Option<(Url, Component)>,
     nsmgr_proxy: Option<(Url, Component)>,
 }
@@ -99,6 +120,8 @@ impl Interdomain {
     pub fn builder() -> InterdomainBuilder {
         InterdomainBuilder {
             clusters: Vec::new(),
+            configure: HashMap::new(),
+            addresses: HashMap::new(),
             floating: Vec::new(),
             dns: None,
             dns_timeout: Duration::from_secs(1),
@@ -143,6 +166,27 @@ impl InterdomainBuilder {
     /// A cluster `name` with `nodes` nodes, a registry proxy and an nsmgr-proxy.
     pub fn cluster(mut self, name: impl Into<String>, nodes: usize) -> Self {
         self.clusters.push((name.into(), nodes));
+        self
+    }
+
+    /// A cluster `name` with `nodes` nodes whose sandbox `configure` sets up beyond the
+    /// security and the registry the mesh gives it (a transport, forwarder mechanisms:
+    /// e.g. the KERNEL data plane with a VXLAN tunnel in each node's namespace).
+    pub fn cluster_with(
+        mut self,
+        name: impl Into<String>,
+        nodes: usize,
+        configure: impl Fn(SandboxBuilder) -> SandboxBuilder + Send + Sync + 'static,
+    ) -> Self {
+        let name = name.into();
+        self.configure.insert(name.clone(), Arc::new(configure));
+        self.cluster(name, nodes)
+    }
+
+    /// The address map (internal -> public address of each node) of the nsmgr-proxy
+    /// of the cluster `name` (`swap_ip`); none by default.
+    pub fn addresses(mut self, name: impl Into<String>, map: AddressMap) -> Self {
+        self.addresses.insert(name.into(), map);
         self
     }
 
@@ -204,7 +248,11 @@ impl InterdomainBuilder {
             let security = security_of(i)?;
             let cluster = self.clusters.iter().find(|(n, _)| n == name);
             let registry_url = free_tcp_url()?;
-            let mut builder: SandboxBuilder = Sandbox::builder()
+            let mut builder: SandboxBuilder = Sandbox::builder();
+            if let Some(configure) = self.configure.get(*name) {
+                builder = configure(builder);
+            }
+            builder = builder
                 .security(security.clone())
                 .registry_url(registry_url)
                 .nodes(cluster.map_or(0, |(_, n)| *n));
@@ -221,6 +269,7 @@ impl InterdomainBuilder {
                 name: name.to_string(),
                 sandbox,
                 dns: dns.clone(),
+                addresses: self.addresses.get(*name).cloned().unwrap_or_default(),
                 registry_proxy: None,
                 nsmgr_proxy: None,
             };
@@ -289,6 +338,7 @@ impl Domain {
             .security(self.sandbox.security())
             .channels(self.sandbox.channels())
             .tokens(self.sandbox.tokens())
+            .addresses(self.addresses.clone())
             .root(root.clone()),
         );
         let served = serve(url, proxy.services()).await?;

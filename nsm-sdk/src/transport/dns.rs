@@ -11,20 +11,33 @@
 //! State: the hickory resolver (no answer cache: a proxy that moved is found at its new
 //! address on the next lookup).
 //!
+//! The lookups need nsm-sdk's `dns` feature (hickory-resolver). Built without it, the
+//! resolver still builds, but every lookup fails with [`Error::Unimplemented`] naming
+//! the record and the missing feature, so a `name@domain` request gets a clear error
+//! instead of a hang or a panic.
+//!
 //! Failure handled: every lookup is bounded ([`DomainResolver::timeout`], 2 s by
 //! default, one attempt per server): a server that does not answer or cannot be
 //! reached is [`Error::Unavailable`]; a name with no record (NXDOMAIN, no SRV data, a
 //! target without an address) is [`Error::NotFound`] naming the record, so a client
 //! learns quickly which domain could not be found instead of hanging.
 
-use std::net::{IpAddr, SocketAddr};
+#[cfg(feature = "dns")]
+use std::net::IpAddr;
+use std::net::SocketAddr;
+#[cfg(feature = "dns")]
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "dns")]
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+#[cfg(feature = "dns")]
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+#[cfg(feature = "dns")]
 use hickory_resolver::net::NetError;
+#[cfg(feature = "dns")]
 use hickory_resolver::proto::rr::RData;
+#[cfg(feature = "dns")]
 use hickory_resolver::TokioResolver;
 use tracing::debug;
 
@@ -40,7 +53,9 @@ pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(2);
 /// See the [module docs](self). Cheap to clone.
 #[derive(Clone)]
 pub struct DomainResolver {
+    #[cfg(feature = "dns")]
     resolver: Arc<TokioResolver>,
+    #[cfg(feature = "dns")]
     config: ResolverConfig,
     timeout: Duration,
     server: Option<SocketAddr>,
@@ -55,6 +70,7 @@ impl std::fmt::Debug for DomainResolver {
     }
 }
 
+#[cfg(feature = "dns")]
 fn options(timeout: Duration) -> ResolverOpts {
     let mut opts = ResolverOpts::default();
     opts.timeout = timeout;
@@ -65,6 +81,7 @@ fn options(timeout: Duration) -> ResolverOpts {
 
 impl DomainResolver {
     /// Asks the DNS server at `server` (UDP, and TCP for long answers).
+    #[cfg(feature = "dns")]
     pub fn with_server(server: SocketAddr) -> Self {
         let mut ns = NameServerConfig::udp_and_tcp(server.ip());
         for c in &mut ns.connections {
@@ -74,9 +91,28 @@ impl DomainResolver {
         Self::build(config, Some(server), DEFAULT_DNS_TIMEOUT)
     }
 
+    /// Asks the DNS server at `server` (UDP, and TCP for long answers).
+    #[cfg(not(feature = "dns"))]
+    pub fn with_server(server: SocketAddr) -> Self {
+        DomainResolver {
+            timeout: DEFAULT_DNS_TIMEOUT,
+            server: Some(server),
+        }
+    }
+
+    /// Asks the system's resolver (`/etc/resolv.conf`).
+    #[cfg(not(feature = "dns"))]
+    pub fn system() -> Result<Self> {
+        Ok(DomainResolver {
+            timeout: DEFAULT_DNS_TIMEOUT,
+            server: None,
+        })
+    }
+
     /// Asks the system's resolver (`/etc/resolv.conf`).
     ///
     /// Fails with [`Error::Internal`] when the system configuration cannot be read.
+    #[cfg(feature = "dns")]
     pub fn system() -> Result<Self> {
         let (config, _) = hickory_resolver::system_conf::read_system_conf()
             .map_err(|e| Error::internal(format!("reading the system's DNS configuration: {e}")))?;
@@ -92,6 +128,7 @@ impl DomainResolver {
         }
     }
 
+    #[cfg(feature = "dns")]
     fn build(config: ResolverConfig, server: Option<SocketAddr>, timeout: Duration) -> Self {
         let mut builder =
             TokioResolver::builder_with_config(config.clone(), TokioRuntimeProvider::default());
@@ -111,7 +148,10 @@ impl DomainResolver {
     /// Bounds each lookup by `timeout` (default [`DEFAULT_DNS_TIMEOUT`]).
     #[must_use]
     pub fn timeout(self, timeout: Duration) -> Self {
-        Self::build(self.config, self.server, timeout)
+        #[cfg(feature = "dns")]
+        return Self::build(self.config, self.server, timeout);
+        #[cfg(not(feature = "dns"))]
+        DomainResolver { timeout, ..self }
     }
 
     /// The URL of `domain`'s registry (`registry.nsm-system.<domain>`).
@@ -139,6 +179,12 @@ impl DomainResolver {
         found
     }
 
+    #[cfg(not(feature = "dns"))]
+    async fn srv_inner(&self, fq: &str) -> Result<Url> {
+        Err(without_dns(fq.trim_end_matches('.')))
+    }
+
+    #[cfg(feature = "dns")]
     async fn srv_inner(&self, fq: &str) -> Result<Url> {
         let name = fq.trim_end_matches('.');
         let lookup = self
@@ -201,6 +247,15 @@ impl RemoteRegistries for DnsRegistries {
     }
 }
 
+/// What a lookup answers when nsm-sdk was built without its `dns` feature.
+#[cfg(any(test, not(feature = "dns")))]
+fn without_dns(name: &str) -> Error {
+    Error::Unimplemented(format!(
+        "cannot look up {name}: names of other domains (name@domain) need nsm-sdk's `dns` feature, which this program was built without"
+    ))
+}
+
+#[cfg(feature = "dns")]
 fn dns_error(name: &str, what: &str, e: &NetError) -> Error {
     if e.is_no_records_found() || e.is_nx_domain() {
         Error::not_found(format!("no {what} record for {name}"))
@@ -213,6 +268,32 @@ fn dns_error(name: &str, what: &str, e: &NetError) -> Error {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_error_without_the_dns_feature_is_unimplemented_and_says_why() {
+        let err = without_dns("registry.nsm-system.cluster2");
+        assert_eq!(err.code(), tonic::Code::Unimplemented);
+        let msg = err.to_string();
+        assert!(msg.contains("registry.nsm-system.cluster2"), "{msg}");
+        assert!(msg.contains("`dns` feature"), "{msg}");
+    }
+
+    /// Built without the feature (`cargo test -p nsm-sdk --lib without_the_dns_feature`):
+    /// a lookup fails at once with Unimplemented.
+    #[cfg(not(feature = "dns"))]
+    #[tokio::test]
+    async fn lookups_without_the_dns_feature_are_unimplemented() {
+        let dns = DomainResolver::new(None)
+            .unwrap()
+            .timeout(Duration::from_millis(200));
+        let err = dns.nsmgr_proxy_url("cluster2").await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
+        assert!(
+            err.to_string().contains("nsmgr-proxy.nsm-system.cluster2"),
+            "{err}"
+        );
+    }
+
+    #[cfg(feature = "dns")]
     #[tokio::test]
     async fn a_server_that_does_not_answer_is_unavailable_within_the_bound() {
         // A UDP socket that never answers: the lookup must end on its own bound.
